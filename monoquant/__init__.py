@@ -1,0 +1,33 @@
+"""monoquant: a small PyTorch quantization library.
+
+>>> import monoquant as mq
+>>> report = mq.quantize_(model, mq.Int4(group_size=128))   # doctest: +SKIP
+"""
+
+from .config import BFloat16, Float16, Int4, Int8, QuantConfig, WeightSpec
+from .errors import (
+    AccuracyError,
+    CalibrationError,
+    ConfigError,
+    InferenceOnlyError,
+    ModelError,
+    MonoQuantError,
+    NonFiniteWeightError,
+    SerializationError,
+)
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .observers import MinMaxObserver, Observer
+from .qtypes import PerChannel, PerGroup, PerTensor, QType
+from .quantize import dequantize_, quantize_
+from .report import AccuracyWarning, LayerReport, NothingQuantizedWarning, QuantReport
+from .rules import SkipRules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccuracyError", "AccuracyWarning", "BFloat16", "CalibrationError", "ConfigError", "Float16",
+    "InferenceOnlyError", "Int4", "Int8", "LayerReport", "MinMaxObserver", "ModelError", "MonoQuantError",
+    "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup", "PerTensor", "QType",
+    "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule", "QuantReport",
+    "SerializationError", "SkipRules", "WeightSpec", "dequantize_", "quantize_",
+]

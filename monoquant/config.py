@@ -1,0 +1,204 @@
+"""User-facing configuration: weight/activation specs (:class:`Int8`, :class:`Int4`, :class:`Float16`,
+:class:`BFloat16`) and :class:`QuantConfig` which bundles them with skip rules.
+
+Specs are frozen dataclasses: hashable, comparable, and safe to share between layers. An ``observer``
+given to a spec is a *prototype*: each layer gets its own deep copy (or a fresh instance when a factory
+callable is given).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from .errors import ConfigError
+from .qtypes import PerChannel, PerGroup, PerTensor, QType
+
+if TYPE_CHECKING:
+    from .observers import Observer
+    from .rules import SkipRules
+
+ObserverLike = Any  # an Observer instance (used as a prototype) or a zero-argument factory returning one
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+"""Group sizes the packed INT4 kernels accept, largest first."""
+
+METHODS = ("rtn", "mse", "gptq")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Base class of all specs. Subclasses describe storage; :mod:`monoquant.schemes` implements it."""
+
+    @property
+    def kind(self) -> str:  # "int8", "int4", "float16", "bfloat16"
+        raise NotImplementedError
+
+    def describe(self, group_size: int | None = None) -> str:
+        return self.kind
+
+    def make_observer(self) -> Observer:
+        """A fresh observer for one tensor: a copy of the prototype, or the default (min/max)."""
+        from .observers import MinMaxObserver
+
+        proto = getattr(self, "observer", None)
+        if proto is None:
+            return MinMaxObserver()
+        if isinstance(proto, torch.nn.Module):
+            return copy.deepcopy(proto)
+        if callable(proto):
+            return proto()
+        raise ConfigError(f"observer must be an Observer instance or a factory, got {type(proto).__name__}")
+
+
+@dataclass(frozen=True)
+class Int8(WeightSpec):
+    """8-bit integers. As a weight spec: per-output-channel (default) or per-tensor, symmetric by default.
+
+    As an activation spec: per-tensor, affine by default (``symmetric=False``); ``dynamic=True`` computes
+    per-token scales on the fly instead of calibrating.
+    """
+
+    symmetric: bool | None = None
+    granularity: Literal["channel", "tensor"] = "channel"
+    observer: ObserverLike = field(default=None, compare=False)
+    method: str = "rtn"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("channel", "tensor"):
+            raise ConfigError(f"Int8 granularity must be 'channel' or 'tensor', got {self.granularity!r}")
+        _check_method(self.method)
+
+    @property
+    def kind(self) -> str:
+        return "int8"
+
+    def weight_qtype(self) -> QType:
+        return QType(8, symmetric=True if self.symmetric is None else self.symmetric)
+
+    def activation_qtype(self) -> QType:
+        return QType(8, symmetric=False if self.symmetric is None else self.symmetric)
+
+    def weight_granularity(self) -> PerTensor | PerChannel:
+        return PerChannel(0) if self.granularity == "channel" else PerTensor()
+
+    def describe(self, group_size: int | None = None) -> str:
+        return f"int8-{'sym' if self.weight_qtype().symmetric else 'affine'}-{self.granularity}"
+
+
+@dataclass(frozen=True)
+class Int4(WeightSpec):
+    """4-bit weights, group-wise along the input dimension, packed two per byte, affine by default.
+
+    ``group_size`` must be positive. When a layer's input size is not a multiple of it, the group is chosen
+    by :meth:`resolve_group_size`: one group per row if the row is no longer than ``group_size``; else the
+    largest of ``group_size/2, group_size/4, ...`` (down to 32) that divides the row; else the layer is
+    skipped and reported.
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    observer: ObserverLike = field(default=None, compare=False)
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        PerGroup(self.group_size)  # validates
+        _check_method(self.method)
+
+    @property
+    def kind(self) -> str:
+        return "int4"
+
+    def weight_qtype(self) -> QType:
+        return QType(4, symmetric=self.symmetric)
+
+    def resolve_group_size(self, cols: int) -> int | None:
+        """The group size used for rows of length ``cols``, or ``None`` if no acceptable group exists."""
+        if cols % self.group_size == 0:
+            return self.group_size
+        if cols <= self.group_size:
+            return cols
+        g = self.group_size // 2
+        while g >= 32:
+            if cols % g == 0:
+                return g
+            g //= 2
+        return None
+
+    def describe(self, group_size: int | None = None) -> str:
+        return f"int4-{'sym' if self.symmetric else 'affine'}-g{group_size or self.group_size}"
+
+
+@dataclass(frozen=True)
+class Float16(WeightSpec):
+    """Weights stored as IEEE half precision (no scales)."""
+
+    @property
+    def kind(self) -> str:
+        return "float16"
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.float16
+
+
+@dataclass(frozen=True)
+class BFloat16(WeightSpec):
+    """Weights stored as bfloat16 (no scales)."""
+
+    @property
+    def kind(self) -> str:
+        return "bfloat16"
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        weights: the weight spec (``Int8()``, ``Int4(group_size=...)``, ``Float16()``, ``BFloat16()``).
+        activations: optional activation spec (``Int8(...)``) for static or dynamic activation quantization.
+        skip: :class:`~monoquant.SkipRules`; ``None`` means ``SkipRules.defaults()``.
+        compute_dtype: ``None`` lets the kernel table choose (bf16 where a low-bit kernel or a fast bf16
+            GEMM exists); ``torch.float32`` forces float32 compute everywhere.
+    """
+
+    weights: WeightSpec
+    activations: Int8 | None = None
+    skip: SkipRules | None = None
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, WeightSpec):
+            raise ConfigError(
+                f"weights must be a spec such as mq.Int8() or mq.Int4(group_size=128), got {self.weights!r}"
+            )
+        if self.activations is not None and not isinstance(self.activations, Int8):
+            raise ConfigError(f"activations must be mq.Int8(...) or None, got {self.activations!r}")
+        if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                              f"got {self.compute_dtype!r}")
+
+
+def as_config(config: QuantConfig | WeightSpec) -> QuantConfig:
+    """Accept a full :class:`QuantConfig` or a bare weight spec (meaning weight-only quantization)."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, WeightSpec):
+        return QuantConfig(weights=config)
+    raise ConfigError(
+        f"expected mq.QuantConfig(...) or a weight spec such as mq.Int4(), got {type(config).__name__}"
+    )

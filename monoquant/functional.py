@@ -1,0 +1,108 @@
+"""Pure tensor math for quantization: one place for every formula, no modules, no state.
+
+Conventions (used everywhere in monoquant):
+
+* ``q = clamp(round(x / scale) + zero_point, qmin, qmax)`` and ``x_hat = (q - zero_point) * scale``.
+* Symmetric qtypes: ``scale = absmax / qmax`` and ``zero_point = 0``.
+* Affine qtypes: the range is widened to include 0, ``scale = (max - min) / (qmax - qmin)`` and
+  ``zero_point = clamp(round(qmin - min / scale), qmin, qmax)`` so that 0.0 is exactly representable.
+* Scales are computed in float64 and never smaller than ``SCALE_EPS``; rounding is half-to-even.
+* Group-wise tensors are viewed as ``[rows, cols // group, group]`` with qparams of shape ``[rows, cols // group]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qtypes import PerChannel, PerGroup, PerTensor, QType
+
+SCALE_EPS = torch.finfo(torch.float32).eps
+"""Smallest scale produced (float32 machine epsilon, as in ``torch.ao.quantization``)."""
+
+
+def qparams_from_minmax(
+    min_val: torch.Tensor, max_val: torch.Tensor, qtype: QType
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float64) and zero-point (int64) that cover ``[min_val, max_val]`` elementwise."""
+    min_val = min_val.double()
+    max_val = max_val.double()
+    if qtype.symmetric:
+        absmax = torch.maximum(min_val.abs(), max_val.abs())
+        scale = (absmax / qtype.qmax).clamp_min(SCALE_EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int64)
+    lo = torch.clamp(min_val, max=0.0)
+    hi = torch.clamp(max_val, min=0.0)
+    scale = ((hi - lo) / (qtype.qmax - qtype.qmin)).clamp_min(SCALE_EPS)
+    zero = torch.clamp(torch.round(qtype.qmin - lo / scale), qtype.qmin, qtype.qmax).to(torch.int64)
+    return scale, zero
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qtype: QType
+) -> torch.Tensor:
+    """Integer codes (int64 values in ``[qmin, qmax]``) of ``x``; qparams broadcast against ``x``."""
+    q = torch.round(x.double() / scale.double())
+    if isinstance(zero_point, torch.Tensor) or zero_point != 0:
+        q = q + zero_point
+    return q.clamp_(qtype.qmin, qtype.qmax).to(torch.int64)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in ``dtype``; qparams broadcast against ``q``."""
+    x = q.to(dtype)
+    if zero_point is not None and (isinstance(zero_point, torch.Tensor) or zero_point != 0):
+        x = x - torch.as_tensor(zero_point, device=q.device).to(dtype)
+    return x * scale.to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qtype: QType
+) -> torch.Tensor:
+    """Quantize then dequantize, returning ``x``'s dtype: the values a quantized tensor really holds."""
+    return dequantize(quantize(x, scale, zero_point, qtype), scale, zero_point, torch.float64).to(x.dtype)
+
+
+def group_view(x: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) -> torch.Tensor:
+    """View a 2-D tensor so that reducing over the last dim gives one value per qparam.
+
+    Per-tensor -> ``[1, numel]``; per-channel (axis 0) -> ``[rows, cols]``; per-group -> ``[rows, cols//g, g]``.
+    """
+    if isinstance(granularity, PerTensor):
+        return x.reshape(1, -1)
+    if isinstance(granularity, PerChannel):
+        return x.movedim(granularity.axis, 0).reshape(x.shape[granularity.axis], -1)
+    rows, cols = x.shape[0], x[0].numel()
+    return x.reshape(rows, cols // granularity.size, granularity.size)
+
+
+def minmax(x: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``x`` per qparam slot (see :func:`group_view` for the shapes)."""
+    view = group_view(x, granularity)
+    mn, mx = torch.aminmax(view, dim=-1)
+    if isinstance(granularity, PerTensor):
+        return mn.reshape(()), mx.reshape(())
+    return mn, mx
+
+
+def expand_qparam(p: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) -> torch.Tensor:
+    """Reshape a qparam tensor so it broadcasts against :func:`group_view` of its tensor."""
+    if isinstance(granularity, PerTensor):
+        return p.reshape(1, 1)
+    return p.unsqueeze(-1)
+
+
+def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``.
+
+    ``inf`` when the two are identical; ``-inf`` when the reference is all zeros but the approximation is not.
+    """
+    ref = reference.detach().double()
+    noise = (ref - approximation.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return float(10.0 * torch.log10(signal / noise))

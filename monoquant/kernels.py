@@ -1,0 +1,186 @@
+"""Picks the fastest correct matmul for a quantized layer, and runs it.
+
+The table (first matching row wins; "rows" is the number of input rows, ``x.numel() // in_features``):
+
+=================  =====================================================================  ==============
+kernel             applies when                                                           computes in
+=================  =====================================================================  ==============
+``int4pack_cuda``  Int4, CUDA, group in 32..256, N % 8 == 0, K % 128 == 0                  bf16
+``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
+                   rows <= ``PACKED_MAX_ROWS``
+``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS``                        bf16
+``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), otherwise large batches   bf16
+``dequant``        everything else: dequantize, then ``F.linear`` in the input's dtype     input dtype
+=================  =====================================================================  ==============
+
+Packed kernels and bf16 compute are skipped when ``compute_dtype=torch.float32`` is forced, when the
+input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op
+is missing from this torch build. Measured on a 2-core AVX512 CPU (``benchmarks/bench_linear.py``):
+the packed kernels are ~3x faster than float32 at 1 row but grow linearly with rows and lose to a
+dequantize + bf16 GEMM beyond ~16 rows, hence ``PACKED_MAX_ROWS``. The dequantize is done in chunks of
+output rows so its scratch memory stays small (and is reused by the allocator) however large the layer.
+
+Kernel-specific weight layouts are derived from the stored (canonical) buffers at first use and cached
+on the module (``module._kernel_cache``), never stored in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import Int4, Int8
+from .packing import unpack_int4
+
+PACKED_MAX_ROWS = 16
+"""Largest row count sent to the packed CPU kernels; above it dequantize + bf16 GEMM is faster."""
+
+DEQUANT_CHUNK_ELEMENTS = 1 << 21
+"""Weights dequantized at a time (2M -> 4 MiB of bf16 scratch per chunk)."""
+
+_HAS = {
+    "int4pack_cpu": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+    "int4pack_cuda": hasattr(torch.ops.aten, "_weight_int4pack_mm"),
+    "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+}
+CUDA_INNER_K_TILES = 8
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU runs bf16 GEMMs natively (AMX or AVX512-BF16), so bf16 beats float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool) -> str:
+    """Name of the kernel the table above picks for ``module`` on ``device`` for ``rows`` input rows."""
+    spec = module.spec
+    forced_fp32 = module.compute_dtype == torch.float32
+    n, k = module.weight2d_shape
+    lowbit_ok = not forced_fp32 and not needs_grad
+    if lowbit_ok and isinstance(spec, Int4):
+        g = module.group_size
+        group_ok = g in (32, 64, 128, 256) and k % g == 0
+        if device.type == "cuda" and _HAS["int4pack_cuda"] and group_ok and n % 8 == 0 and k % 128 == 0:
+            return "int4pack_cuda"
+        if device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0 and rows <= PACKED_MAX_ROWS:
+            return "int4pack_cpu"
+    if (lowbit_ok and isinstance(spec, Int8) and spec.weight_qtype().symmetric and device.type == "cpu"
+            and _HAS["int8pack"] and rows <= PACKED_MAX_ROWS):
+        return "int8pack_cpu"
+    if (not forced_fp32 and device.type == "cpu" and cpu_has_fast_bf16()
+            and module.compute_dtype in (None, torch.bfloat16)):
+        return "dequant_bf16"
+    return "dequant"
+
+
+def linear(module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
+    rows = x.numel() // max(1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    name = choose_linear_kernel(module, x.device, rows, needs_grad)
+    module.last_kernel = name
+    return _LINEAR[name](module, x)
+
+
+def _cache(module, key: str, make: Callable[[], object]):
+    cache = module._kernel_cache
+    if key not in cache:
+        with torch.inference_mode(False), torch.no_grad():
+            cache[key] = make()
+    return cache[key]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int4_scale_and_zeros(module, dtype: torch.dtype) -> torch.Tensor:
+    """``[K/g, N, 2]`` (scale, offset) with ``w = (q - 8) * scale + offset`` as the int4pack kernels want."""
+    scale = module.scale.float()
+    if module.zero_point is None:
+        offset = torch.zeros_like(scale)
+    else:
+        offset = (8.0 - module.zero_point.float()) * scale
+    return torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _int4pack_cpu(module, x: torch.Tensor) -> torch.Tensor:
+    _n, k = module.weight2d_shape
+
+    def make():
+        codes = unpack_int4(module.qweight, k).to(torch.int32)
+        return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+                _int4_scale_and_zeros(module, torch.bfloat16))
+
+    packed, sz = _cache(module, "int4pack_cpu", make)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), packed, module.group_size, sz)
+    return _finish(module, y, x)
+
+
+def _int4pack_cuda(module, x: torch.Tensor) -> torch.Tensor:
+    _n, k = module.weight2d_shape
+
+    def make():
+        codes = unpack_int4(module.qweight, k)
+        even_high = (codes[:, 0::2] << 4) | codes[:, 1::2]  # the CUDA op wants the even column high
+        return (torch.ops.aten._convert_weight_to_int4pack(even_high.contiguous(), CUDA_INNER_K_TILES),
+                _int4_scale_and_zeros(module, torch.bfloat16))
+
+    packed, sz = _cache(module, "int4pack_cuda", make)
+    y = torch.ops.aten._weight_int4pack_mm(_flat(x).to(torch.bfloat16), packed, module.group_size, sz)
+    return _finish(module, y, x)
+
+
+def _int8pack_cpu(module, x: torch.Tensor) -> torch.Tensor:
+    n, _ = module.weight2d_shape
+
+    def make():
+        return module.scale.expand(n).to(torch.bfloat16).contiguous()
+
+    scales = _cache(module, "int8pack_scales", make)
+    y = torch.ops.aten._weight_int8pack_mm(_flat(x).to(torch.bfloat16), module.qweight, scales)
+    return _finish(module, y, x)
+
+
+def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize ``chunk`` output rows at a time into ``dtype`` and multiply; memory stays O(chunk)."""
+    n, k = module.weight2d_shape
+    xf = _flat(x).to(dtype)
+    chunk = max(16, DEQUANT_CHUNK_ELEMENTS // max(1, k))
+    if chunk >= n:
+        return _finish(module, F.linear(xf, module.dequantize_weight(dtype, flat=True)), x)
+    outs = [F.linear(xf, module.dequantize_weight(dtype, flat=True, rows=slice(r, r + chunk)))
+            for r in range(0, n, chunk)]
+    return _finish(module, torch.cat(outs, dim=-1), x)
+
+
+def _dequant_bf16(module, x: torch.Tensor) -> torch.Tensor:
+    return _dequant_chunked(module, x, torch.bfloat16)
+
+
+def _dequant(module, x: torch.Tensor) -> torch.Tensor:
+    dtype = module.compute_dtype or x.dtype
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return _dequant_chunked(module, x, dtype)
+
+
+_LINEAR: dict[str, Callable] = {
+    "int4pack_cuda": _int4pack_cuda,
+    "int4pack_cpu": _int4pack_cpu,
+    "int8pack_cpu": _int8pack_cpu,
+    "dequant_bf16": _dequant_bf16,
+    "dequant": _dequant,
+}
+KERNELS = tuple(_LINEAR)

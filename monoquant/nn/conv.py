@@ -1,0 +1,148 @@
+"""``QuantConv1d/2d/3d``: drop-in replacements for ``nn.Conv1d/2d/3d`` with quantized kernels.
+
+Weights are viewed as ``[out_channels, in_channels/groups * prod(kernel_size)]`` for quantization, so
+INT4 groups run along the flattened (input channel x kernel) dimension. PyTorch has no low-bit conv
+kernel, so ``forward`` dequantizes the (small) kernel and calls ``F.conv*`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
+
+from ..config import Int8, QuantConfig, WeightSpec
+from ..observers import Observer
+from .module import QuantModule
+
+
+class _QuantConvNd(QuantModule):
+    _dims: int
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        spec: WeightSpec | None = None,
+        *,
+        group_size: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        tup = _ntuple(self._dims)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self.padding_mode = padding_mode
+        self._reversed_padding_repeated_twice = self._reverse_padding()
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_quant(shape, spec or Int8(), bias=bias, group_size=group_size, compute_dtype=compute_dtype,
+                         device=device, dtype=dtype)
+
+    def _reverse_padding(self) -> list[int]:
+        if not isinstance(self.padding, str):
+            return list(_reverse_repeat_tuple(self.padding, 2))
+        pads = [0, 0] * self._dims
+        if self.padding == "same":
+            for d, k, i in zip(self.dilation, self.kernel_size, range(self._dims - 1, -1, -1)):
+                total = d * (k - 1)
+                pads[2 * i] = total // 2
+                pads[2 * i + 1] = total - total // 2
+        return pads
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        config: QuantConfig | WeightSpec | None = None,
+        *,
+        name: str = "",
+        observer: Observer | None = None,
+        group_size: int | None = None,
+    ) -> _QuantConvNd:
+        """Quantize a float conv's kernel with ``config`` (a weight spec or full config; default ``Int8()``)."""
+        cls._check_float(module, name)
+        spec, compute_dtype = cls._spec_of(config or Int8())
+        q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.bias is not None, module.padding_mode, spec,
+                group_size=group_size, compute_dtype=compute_dtype, device=module.weight.device,
+                dtype=module.weight.dtype)
+        q._load_float_weight(module.weight, observer)
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        q.train(module.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        self.last_kernel = "dequant_conv"
+        weight = self.dequantize_weight(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        x_in = x.to(dtype)
+        if self.padding_mode != "zeros":
+            x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding: Any = 0
+        else:
+            padding = self.padding
+        return self._conv(x_in, weight, bias, self.stride, padding, self.dilation, self.groups).to(x.dtype)
+
+    def to_float(self) -> nn.Module:
+        conv = self.float_module_type(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.bias is not None, self.padding_mode, device=self.qweight.device, dtype=self.float_dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dequantize_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+             f", padding={self.padding}")
+        if self.dilation != (1,) * self._dims:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + super().extra_repr()
+
+
+class QuantConv1d(_QuantConvNd):
+    """Quantized ``nn.Conv1d``."""
+
+    float_module_type = nn.Conv1d
+    _dims = 1
+    _conv = staticmethod(F.conv1d)
+
+
+class QuantConv2d(_QuantConvNd):
+    """Quantized ``nn.Conv2d``."""
+
+    float_module_type = nn.Conv2d
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+
+class QuantConv3d(_QuantConvNd):
+    """Quantized ``nn.Conv3d``."""
+
+    float_module_type = nn.Conv3d
+    _dims = 3
+    _conv = staticmethod(F.conv3d)

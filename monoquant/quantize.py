@@ -1,0 +1,165 @@
+"""``quantize_`` and ``dequantize_``: swap layers in place, and back."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import functional as F
+from . import kernels
+from .config import QuantConfig, WeightSpec, as_config
+from .errors import ModelError, NonFiniteWeightError
+from .nn import QuantModule, quant_class_for
+from .report import LayerReport, NothingQuantizedWarning, QuantReport
+from .rules import Decision, SkipRules
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+@dataclass
+class _Planned:
+    name: str
+    module: nn.Module
+    decision: Decision
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself "
+                         "(for a Lightning module or a wrapper, pass the nn.Module that holds the layers)")
+    return model
+
+
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(child) -> [(parent, attribute name), ...]`` over every place a module is registered."""
+    where: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and (parent, attr) not in where[id(child)]:
+                where[id(child)].append((parent, attr))
+    return where
+
+
+def _structural_skip(name: str, module: nn.Module, model: nn.Module,
+                     weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
+    """Reasons a layer must stay float whatever the rules say."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
+                "so no low-bit kernel could run")
+    for owner_name, owner in weight_owners.get(id(module.weight), []):
+        if quant_class_for(owner) is None:
+            return f"weight is tied to {owner_name} ({type(owner).__name__}), which stays float"
+    return None
+
+
+def _kernel_summary(q: QuantModule) -> str:
+    if not hasattr(q, "in_features"):
+        return "dequant_conv"
+    device = q.qweight.device
+    small = kernels.choose_linear_kernel(q, device, 1, needs_grad=False)
+    large = kernels.choose_linear_kernel(q, device, 4096, needs_grad=False)
+    return small if small == large else f"{small}/{large}"
+
+
+def _float_bytes(module: nn.Module) -> int:
+    tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_(model: nn.Module, config: QuantConfig | WeightSpec, *, progress: bool | None = None) -> QuantReport:
+    """Replace every eligible ``nn.Linear`` / ``nn.Conv1d/2d/3d`` in ``model`` by its quantized twin, in place.
+
+    Args:
+        model: any ``nn.Module``; nested containers, modules used twice and tied weights are handled.
+        config: a :class:`QuantConfig`, or a bare weight spec such as ``mq.Int4()`` (weight-only).
+        progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
+
+    Returns:
+        A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
+
+    Raises:
+        ModelError: ``model`` is not an ``nn.Module``.
+        NonFiniteWeightError: a weight holds NaN/Inf (checked for every layer before anything is changed).
+    """
+    model = _check_model(model)
+    cfg = as_config(config)
+    rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
+    rules.start()
+    report = QuantReport()
+
+    weight_owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            weight_owners[id(w)].append((name, module))
+
+    plan: list[_Planned] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            report.layers.append(LayerReport(name, type(module).__name__, module.scheme(), skipped=True,
+                                             reason=f"already quantized ({module.scheme()})",
+                                             bytes_before=module.storage_bytes(), bytes_after=module.storage_bytes()))
+            continue
+        if quant_class_for(module) is None:
+            continue
+        row = LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module))
+        reason = _structural_skip(name, module, model, weight_owners)
+        decision = Decision(False, reason) if reason else rules.decide(name, module, cfg.weights)
+        if not decision.quantize:
+            row.skipped, row.reason = True, decision.reason
+            report.layers.append(row)
+            continue
+        if not torch.isfinite(module.weight.detach()).all():
+            raise NonFiniteWeightError(
+                f"layer {name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep the "
+                f"layer float with SkipRules(exclude=[{name!r}])"
+            )
+        report.layers.append(row)
+        plan.append(_Planned(name, module, decision))
+
+    parents = _parents(model)
+    done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
+    rows = {r.name: r for r in report.layers}
+    for item in tqdm(plan, desc="quantizing", unit="layer", disable=(not progress) if progress is not None else None):
+        module, qcls = item.module, quant_class_for(item.module)
+        q = qcls.from_float(module, cfg, name=item.name, group_size=item.decision.group_size)
+        twin = done.get(id(module.weight))
+        if twin is not None and type(twin) is qcls and twin.weight_shape == q.weight_shape:
+            for buf in ("qweight", "scale", "zero_point"):
+                q._buffers[buf] = twin._buffers[buf]
+        done.setdefault(id(module.weight), q)
+        for hooks in _HOOK_DICTS:
+            if hasattr(module, hooks):
+                setattr(q, hooks, getattr(module, hooks))
+        for parent, attr in parents[id(module)]:
+            setattr(parent, attr, q)
+        row = rows[item.name]
+        row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
+        with torch.no_grad():
+            row.weight_sqnr_db = F.sqnr(module.weight, q.dequantize_weight(torch.float32))
+
+    report.unmatched_rules = rules.unmatched()
+    if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
+        warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
+                      f"({len(report.layers)} candidates, all skipped); see the report for reasons",
+                      NothingQuantizedWarning, stacklevel=2)
+    return report
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every quantized module in ``model`` by a plain float ``nn.Linear``/``nn.Conv*``, in place."""
+    model = _check_model(model)
+    parents = _parents(model)
+    floats: dict[int, nn.Module] = {}
+    for _, module in list(model.named_modules()):
+        if isinstance(module, QuantModule) and id(module) not in floats:
+            floats[id(module)] = f = module.to_float()
+            for parent, attr in parents[id(module)]:
+                setattr(parent, attr, f)
+    return model

@@ -1,0 +1,127 @@
+"""``QuantReport``: what ``quantize_`` did to each layer, measured, never estimated."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class AccuracyWarning(UserWarning):
+    """Quantization hurt accuracy past a threshold (see the report for the numbers)."""
+
+
+class NothingQuantizedWarning(UserWarning):
+    """``quantize_`` found no layer to quantize."""
+
+
+@dataclass
+class LayerReport:
+    """One row of the report."""
+
+    name: str
+    module_type: str
+    scheme: str = ""
+    kernel: str = ""
+    bytes_before: int = 0
+    bytes_after: int = 0
+    weight_sqnr_db: float | None = None
+    output_sqnr_db: float | None = None
+    skipped: bool = False
+    reason: str = ""
+    method: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return not self.skipped
+
+
+def _fmt_db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) and x > 0 else f"{x:.1f}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class QuantReport:
+    """Per-layer rows, totals, unmatched skip patterns and any accuracy warnings raised."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    unmatched_rules: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    end_to_end: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [row for row in self.layers if not row.skipped]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{layer name: reason}`` for every layer left in float."""
+        return {row.name: row.reason for row in self.layers if row.skipped}
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(row.bytes_before for row in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(row.bytes_after if row.quantized else row.bytes_before for row in self.layers)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def row(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def warn(self, message: str, category: type[Warning] = AccuracyWarning, stacklevel: int = 3) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, category, stacklevel=stacklevel)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (for loggers)."""
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "unmatched_rules": list(self.unmatched_rules),
+            "warnings": list(self.warnings),
+            "end_to_end": dict(self.end_to_end),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "size_ratio": self.size_ratio,
+        }
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "scheme", "kernel", "before", "after", "W SQNR dB", "out SQNR dB", "note")
+        rows = [head]
+        for r in self.layers:
+            rows.append((
+                r.name or "<root>", r.module_type, r.scheme if r.quantized else "float", r.kernel or "-",
+                _fmt_bytes(r.bytes_before), _fmt_bytes(r.bytes_after if r.quantized else r.bytes_before),
+                _fmt_db(r.weight_sqnr_db), _fmt_db(r.output_sqnr_db),
+                ("skipped: " + r.reason) if r.skipped else (r.method or ""),
+            ))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept float; "
+                     f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
+        for key, value in self.end_to_end.items():
+            lines.append(f"end-to-end {key}: {value:.4g}")
+        for rule in self.unmatched_rules:
+            lines.append(f"rule matched no layer (typo?): {rule}")
+        for w in self.warnings:
+            lines.append(f"WARNING: {w}")
+        return "\n".join(lines)

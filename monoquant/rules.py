@@ -1,0 +1,121 @@
+"""``SkipRules``: which layers to leave in float, each decision with a reason.
+
+Name patterns are shell globs (``"encoder.*.fc1"``, matched with :func:`fnmatch.fnmatchcase` against the
+full module name) or compiled regular expressions (``re.compile(r"layers\\.\\d+\\.attn")``, matched with
+``search``). A pattern that matches no layer is reported in :attr:`QuantReport.unmatched_rules`, since it
+is probably a typo.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import Int4, WeightSpec
+
+Pattern = str | re.Pattern
+
+DEFAULT_MIN_PARAMS = 1024
+"""``SkipRules.defaults()`` leaves layers with fewer weights than this in float: they cost little memory
+and time, and tiny layers (first convs, small projections) are the most sensitive to quantization."""
+
+HEAD_NAMES = ("lm_head", "*.lm_head", "head", "*.head", "classifier", "*.classifier", "output", "*.output")
+"""Names that ``SkipRules.defaults(skip_head=True)`` treats as output heads."""
+
+
+def _matches(pattern: Pattern, name: str) -> bool:
+    if isinstance(pattern, re.Pattern):
+        return pattern.search(name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _describe(pattern: Pattern) -> str:
+    return f"re:{pattern.pattern}" if isinstance(pattern, re.Pattern) else pattern
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether one layer is quantized; ``reason`` says why not (empty when it is)."""
+
+    quantize: bool
+    reason: str = ""
+    group_size: int | None = None
+
+
+@dataclass
+class SkipRules:
+    """Rules that keep layers in float.
+
+    Args:
+        include: if given, only layers whose name matches one of these patterns are quantized.
+        exclude: layers whose name matches one of these patterns stay float.
+        exclude_types: layers that are instances of these types stay float.
+        predicate: ``(name, module) -> bool``; ``True`` keeps the layer in float.
+        min_params: layers with fewer weight elements stay float.
+        skip_head: keep output heads (names in :data:`HEAD_NAMES`) in float.
+    """
+
+    include: Sequence[Pattern] = ()
+    exclude: Sequence[Pattern] = ()
+    exclude_types: tuple[type, ...] = ()
+    predicate: Callable[[str, nn.Module], bool] | None = None
+    min_params: int = 0
+    skip_head: bool = False
+    _used: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    @classmethod
+    def defaults(cls, *, skip_head: bool = False, min_params: int = DEFAULT_MIN_PARAMS, **kwargs) -> SkipRules:
+        """Sensible protection: tiny layers (< ``min_params`` weights) stay float; output heads optionally."""
+        return cls(min_params=min_params, skip_head=skip_head, **kwargs)
+
+    @classmethod
+    def none(cls) -> SkipRules:
+        """Quantize every eligible layer."""
+        return cls()
+
+    def start(self) -> None:
+        """Forget which patterns matched (called at the start of every ``quantize_``)."""
+        self._used = set()
+
+    def _first_match(self, patterns: Sequence[Pattern], name: str) -> Pattern | None:
+        for p in patterns:
+            if _matches(p, name):
+                self._used.add(_describe(p))
+                return p
+        return None
+
+    def decide(self, name: str, module: nn.Module, spec: WeightSpec) -> Decision:
+        """Quantize ``module`` (called ``name``) with ``spec``, or keep it float and say why."""
+        if self.include and self._first_match(self.include, name) is None:
+            return Decision(False, "not matched by include patterns")
+        hit = self._first_match(self.exclude, name)
+        if hit is not None:
+            return Decision(False, f"excluded by name pattern {_describe(hit)!r}")
+        for t in self.exclude_types:
+            if isinstance(module, t):
+                self._used.add(t.__name__)
+                return Decision(False, f"excluded by type {t.__name__}")
+        if self.predicate is not None and self.predicate(name, module):
+            return Decision(False, "excluded by predicate")
+        if self.skip_head and any(fnmatch.fnmatchcase(name, p) for p in HEAD_NAMES):
+            return Decision(False, "output head (skip_head=True)")
+        n_weights = module.weight.numel()
+        if n_weights < self.min_params:
+            return Decision(False, f"too small: {n_weights} weights < min_params={self.min_params}")
+        if isinstance(spec, Int4):
+            cols = module.weight[0].numel()
+            g = spec.resolve_group_size(cols)
+            if g is None:
+                return Decision(False, f"input size {cols} has no INT4 group size <= {spec.group_size} "
+                                       "(>= 32) dividing it; pass Int4(group_size=...) that divides it")
+            return Decision(True, group_size=g)
+        return Decision(True)
+
+    def unmatched(self) -> list[str]:
+        """Patterns and types that matched no layer in the last run (probably typos)."""
+        names = [_describe(p) for p in (*self.include, *self.exclude)] + [t.__name__ for t in self.exclude_types]
+        return [n for n in names if n not in self._used]
