@@ -4,6 +4,7 @@
 >>> report = mq.quantize_(model, mq.Int4(group_size=128))   # doctest: +SKIP
 """
 
+from . import functional
 from .config import BFloat16, Float16, Int4, Int8, QuantConfig, WeightSpec
 from .errors import (
     AccuracyError,
@@ -29,5 +30,5 @@ __all__ = [
     "InferenceOnlyError", "Int4", "Int8", "LayerReport", "MinMaxObserver", "ModelError", "MonoQuantError",
     "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup", "PerTensor", "QType",
     "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule", "QuantReport",
-    "SerializationError", "SkipRules", "WeightSpec", "dequantize_", "quantize_",
+    "SerializationError", "SkipRules", "WeightSpec", "dequantize_", "functional", "quantize_",
 ]
