@@ -4,7 +4,8 @@
 >>> report = mq.quantize_(model, mq.Int4(group_size=128))   # doctest: +SKIP
 """
 
-from . import functional
+from . import accuracy, functional
+from .accuracy import Comparison, LayerSensitivity, Thresholds, compare, sensitivity
 from .config import BFloat16, Float16, Int4, Int8, QuantConfig, WeightSpec
 from .errors import (
     AccuracyError,
@@ -26,9 +27,10 @@ from .rules import SkipRules
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccuracyError", "AccuracyWarning", "BFloat16", "CalibrationError", "ConfigError", "Float16",
-    "InferenceOnlyError", "Int4", "Int8", "LayerReport", "MinMaxObserver", "ModelError", "MonoQuantError",
-    "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup", "PerTensor", "QType",
-    "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule", "QuantReport",
-    "SerializationError", "SkipRules", "WeightSpec", "dequantize_", "functional", "quantize_",
+    "AccuracyError", "AccuracyWarning", "BFloat16", "CalibrationError", "Comparison", "ConfigError", "Float16",
+    "InferenceOnlyError", "Int4", "Int8", "LayerReport", "LayerSensitivity", "MinMaxObserver", "ModelError",
+    "MonoQuantError", "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup",
+    "PerTensor", "QType", "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule",
+    "QuantReport", "SerializationError", "SkipRules", "Thresholds", "WeightSpec", "accuracy", "compare",
+    "dequantize_", "functional", "quantize_", "sensitivity",
 ]

@@ -12,6 +12,8 @@ Conventions (used everywhere in monoquant):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
@@ -93,16 +95,48 @@ def expand_qparam(p: torch.Tensor, granularity: PerTensor | PerChannel | PerGrou
     return p.unsqueeze(-1)
 
 
+def sqnr_from_powers(signal: float | torch.Tensor, noise: float | torch.Tensor) -> float:
+    """SQNR in dB from summed signal power ``sum(ref^2)`` and noise power ``sum((ref - approx)^2)``.
+
+    Lets callers accumulate the two sums over many batches and convert once. ``inf`` when ``noise`` is 0;
+    ``-inf`` when ``signal`` is 0 but ``noise`` is not.
+    """
+    signal, noise = float(signal), float(noise)
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+def signal_noise_powers(reference: torch.Tensor, approximation: torch.Tensor) -> tuple[float, float]:
+    """``(sum(ref^2), sum((ref - approx)^2))`` in float64, the two terms of :func:`sqnr`."""
+    ref = reference.detach().double()
+    noise = (ref - approximation.detach().double()).pow(2).sum()
+    return float(ref.pow(2).sum()), float(noise)
+
+
 def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``.
 
     ``inf`` when the two are identical; ``-inf`` when the reference is all zeros but the approximation is not.
     """
-    ref = reference.detach().double()
-    noise = (ref - approximation.detach().double()).pow(2).sum()
-    signal = ref.pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return float(10.0 * torch.log10(signal / noise))
+    return sqnr_from_powers(*signal_noise_powers(reference, approximation))
+
+
+def top1_matches(reference: torch.Tensor, approximation: torch.Tensor) -> tuple[int, int]:
+    """``(agreeing, total)``: how many rows have the same arg-max over the last dim in both tensors.
+
+    Every leading position counts as one prediction (``[batch, classes]`` -> batch predictions,
+    ``[batch, tokens, vocab]`` -> batch * tokens). Ties resolve to the first maximum in both.
+    """
+    if reference.shape != approximation.shape:
+        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(approximation.shape)}")
+    agree = reference.argmax(dim=-1) == approximation.argmax(dim=-1)
+    return int(agree.sum()), agree.numel()
+
+
+def top1_agreement(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Fraction of predictions (arg-max over the last dim) on which the two tensors agree, in ``[0, 1]``."""
+    agree, total = top1_matches(reference, approximation)
+    return agree / total if total else float("nan")

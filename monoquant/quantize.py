@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import accuracy, kernels
 from . import functional as F
-from . import kernels
 from .config import QuantConfig, WeightSpec, as_config
-from .errors import ModelError, NonFiniteWeightError
+from .data import DEFAULT_MAX_BATCHES, ForwardFn
+from .errors import ConfigError, ModelError, NonFiniteWeightError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
@@ -72,12 +75,40 @@ def _float_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def quantize_(model: nn.Module, config: QuantConfig | WeightSpec, *, progress: bool | None = None) -> QuantReport:
+def _weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
+    with torch.no_grad():
+        return F.sqnr(float_module.weight, q.dequantize_weight(torch.float32))
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig | WeightSpec,
+    *,
+    calibration_data: Iterable[Any] | None = None,
+    forward_fn: ForwardFn | None = None,
+    max_batches: int | None = DEFAULT_MAX_BATCHES,
+    target_sqnr: float | None = None,
+    on_failure: str = "warn",
+    thresholds: accuracy.Thresholds | Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> QuantReport:
     """Replace every eligible ``nn.Linear`` / ``nn.Conv1d/2d/3d`` in ``model`` by its quantized twin, in place.
 
     Args:
         model: any ``nn.Module``; nested containers, modules used twice and tied weights are handled.
         config: a :class:`QuantConfig`, or a bare weight spec such as ``mq.Int4()`` (weight-only).
+        calibration_data: batches (see :mod:`monoquant.data`). When given, the float model's outputs on the
+            first :data:`~monoquant.accuracy.MEASURE_BATCHES` batches are recorded, and after quantization the
+            report gets each layer's output SQNR on the same real inputs and the end-to-end output SQNR and
+            top-1 agreement. The float layers are kept alive only until that measurement ends.
+        forward_fn: ``(model, batch) -> output`` for batches ``model(batch)`` cannot take.
+        max_batches: use at most this many batches of ``calibration_data`` (``None``: all).
+        target_sqnr: end-to-end output SQNR (dB) to reach (needs ``calibration_data``): the layers whose
+            quantization costs most are kept at INT8, then float, until it is met; the report says which.
+        on_failure: what to do when a measurement falls below ``thresholds``: ``"warn"`` (an
+            :class:`AccuracyWarning` each), ``"raise"`` (:class:`AccuracyError` with the report attached) or
+            ``"ignore"`` (only listed in ``report.warnings``).
+        thresholds: :class:`~monoquant.Thresholds` or a dict overriding some of its fields.
         progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
 
     Returns:
@@ -86,9 +117,16 @@ def quantize_(model: nn.Module, config: QuantConfig | WeightSpec, *, progress: b
     Raises:
         ModelError: ``model`` is not an ``nn.Module``.
         NonFiniteWeightError: a weight holds NaN/Inf (checked for every layer before anything is changed).
+        AccuracyError: ``on_failure="raise"`` and a threshold was crossed (the model stays quantized).
     """
     model = _check_model(model)
     cfg = as_config(config)
+    if on_failure not in accuracy.ON_FAILURE:
+        raise ConfigError(f"on_failure must be one of {accuracy.ON_FAILURE}, got {on_failure!r}")
+    limits = accuracy.Thresholds.coerce(thresholds)
+    if target_sqnr is not None and calibration_data is None:
+        raise ConfigError("target_sqnr needs calibration_data=... to measure the model output on")
+    data = accuracy.materialize(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
     rules.start()
     report = QuantReport()
@@ -123,6 +161,18 @@ def quantize_(model: nn.Module, config: QuantConfig | WeightSpec, *, progress: b
         report.layers.append(row)
         plan.append(_Planned(name, module, decision))
 
+    references = None
+    if data is not None:
+        measure_batches = min(max_batches or accuracy.MEASURE_BATCHES, accuracy.MEASURE_BATCHES)
+        references = accuracy.record_outputs(model, data, forward_fn, measure_batches)
+        if not references:
+            raise ConfigError("calibration_data gave no batch; pass a non-empty iterable of batches")
+        report.calibration_samples = accuracy.count_samples(data, max_batches)
+        if report.calibration_samples is None and len(references) < measure_batches:
+            report.calibration_samples = sum(n for _, n in references)  # data ran out: this is all of it
+
+    order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
+    swapped: dict[str, accuracy.Swapped] = {}  # float originals, kept only while measuring
     parents = _parents(model)
     done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
     rows = {r.name: r for r in report.layers}
@@ -139,17 +189,41 @@ def quantize_(model: nn.Module, config: QuantConfig | WeightSpec, *, progress: b
                 setattr(q, hooks, getattr(module, hooks))
         for parent, attr in parents[id(module)]:
             setattr(parent, attr, q)
+        if references is not None:
+            swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
         row = rows[item.name]
         row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
-        with torch.no_grad():
-            row.weight_sqnr_db = F.sqnr(module.weight, q.dequantize_weight(torch.float32))
+        row.weight_sqnr_db = _weight_sqnr(module, q)
+    del plan
+
+    if references is not None:
+        if target_sqnr is not None:
+            report.end_to_end["target_sqnr_db"] = float(target_sqnr)
+            result, _ = accuracy.measure(model, data, references, forward_fn)
+            result = accuracy.meet_target(model, report, swapped, cfg, target_sqnr, result, data, references,
+                                          forward_fn, progress)
+        result, layer_sqnr = accuracy.measure(model, data, references, forward_fn, swapped)
+        swapped.clear()  # the float layers can go now
+        for name, value in layer_sqnr.items():
+            report.row(name).output_sqnr_db = value
+        report.end_to_end["sqnr_db"] = result.sqnr_db
+        if result.top1_agreement is not None:
+            report.end_to_end["top1_agreement"] = result.top1_agreement
+        report.end_to_end["batches"] = result.batches
+        report.end_to_end["samples"] = result.samples
 
     report.unmatched_rules = rules.unmatched()
     if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
         warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
                       f"({len(report.layers)} candidates, all skipped); see the report for reasons",
                       NothingQuantizedWarning, stacklevel=2)
+    kinds = {r.name: _kind_of(r.scheme) for r in report.quantized}
+    accuracy.check(report, limits, kinds, order, on_failure, stacklevel=4)
     return report
+
+
+def _kind_of(scheme: str) -> str:
+    return scheme.split("-", 1)[0]
 
 
 def dequantize_(model: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ class LayerReport:
     skipped: bool = False
     reason: str = ""
     method: str = ""
+    note: str = ""
 
     @property
     def quantized(self) -> bool:
@@ -59,6 +60,7 @@ class QuantReport:
     unmatched_rules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     end_to_end: dict[str, float] = field(default_factory=dict)
+    calibration_samples: int | None = None
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -92,36 +94,62 @@ class QuantReport:
         warnings.warn(message, category, stacklevel=stacklevel)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (for loggers)."""
-        return {
+        """Plain JSON-able data for loggers: ``json.dumps(report.to_dict(), allow_nan=False)`` works.
+
+        An infinite SQNR (exact reconstruction) becomes the string ``"inf"``; ``None`` means not measured.
+        """
+        return _jsonable({
             "layers": [asdict(r) for r in self.layers],
             "unmatched_rules": list(self.unmatched_rules),
             "warnings": list(self.warnings),
             "end_to_end": dict(self.end_to_end),
+            "calibration_samples": self.calibration_samples,
+            "quantized": len(self.quantized),
+            "kept_float": len(self.skipped),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "size_ratio": self.size_ratio,
-        }
+        })
 
     def __str__(self) -> str:
         head = ("layer", "type", "scheme", "kernel", "before", "after", "W SQNR dB", "out SQNR dB", "note")
+        right = {4, 5, 6, 7}  # numbers are right-aligned
         rows = [head]
         for r in self.layers:
+            note = ("skipped: " + r.reason) if r.skipped else "; ".join(x for x in (r.method, r.note) if x)
             rows.append((
                 r.name or "<root>", r.module_type, r.scheme if r.quantized else "float", r.kernel or "-",
                 _fmt_bytes(r.bytes_before), _fmt_bytes(r.bytes_after if r.quantized else r.bytes_before),
-                _fmt_db(r.weight_sqnr_db), _fmt_db(r.output_sqnr_db),
-                ("skipped: " + r.reason) if r.skipped else (r.method or ""),
+                _fmt_db(r.weight_sqnr_db), _fmt_db(r.output_sqnr_db), note,
             ))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                           for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept float; "
                      f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
-        for key, value in self.end_to_end.items():
-            lines.append(f"end-to-end {key}: {value:.4g}")
+        e2e = self.end_to_end
+        if "sqnr_db" in e2e:
+            line = f"model output vs float: SQNR {_fmt_db(e2e['sqnr_db'])} dB"
+            if "top1_agreement" in e2e:
+                line += f", top-1 agreement {e2e['top1_agreement']:.1%}"
+            if "batches" in e2e:
+                line += f" ({e2e['batches']:.0f} batches, {e2e['samples']:.0f} samples)"
+            if "target_sqnr_db" in e2e:
+                line += f"; target {e2e['target_sqnr_db']:g} dB"
+            lines.append(line)
         for rule in self.unmatched_rules:
             lines.append(f"rule matched no layer (typo?): {rule}")
         for w in self.warnings:
             lines.append(f"WARNING: {w}")
         return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

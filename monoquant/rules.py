@@ -12,10 +12,14 @@ import fnmatch
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .config import Int4, WeightSpec
+
+if TYPE_CHECKING:
+    from .accuracy import LayerSensitivity
 
 Pattern = str | re.Pattern
 
@@ -76,6 +80,17 @@ class SkipRules:
     def none(cls) -> SkipRules:
         """Quantize every eligible layer."""
         return cls()
+
+    @classmethod
+    def from_sensitivity(
+        cls, results: Sequence[LayerSensitivity], *, min_sqnr_db: float | None = None, top: int | None = None,
+        base: SkipRules | None = None,
+    ) -> SkipRules:
+        """Keep float the ``top`` most damaging layers of :func:`monoquant.sensitivity` results and/or those whose
+        output SQNR (quantized alone) is below ``min_sqnr_db``, on top of ``base`` (default: :meth:`defaults`)."""
+        from .accuracy import rules_from_sensitivity
+
+        return rules_from_sensitivity(results, min_sqnr_db=min_sqnr_db, top=top, base=base)
 
     def start(self) -> None:
         """Forget which patterns matched (called at the start of every ``quantize_``)."""
