@@ -58,7 +58,8 @@ class Thresholds:
         top1_agreement: minimum fraction of arg-max predictions shared with the float model, for
             classification-like outputs (``[batch, classes]`` tensors or a ``logits`` entry).
         min_calibration_samples: warn when calibration data hold fewer samples than this.
-        int4_first_and_last: warn when both the first and the last quantizable layer are INT4.
+        int4_first_and_last: warn when both the first and the last quantizable layer (in ``named_modules``
+            order, models with at least three of them) are INT4.
     """
 
     weight_sqnr_db: dict[str, float | None] = field(
@@ -449,7 +450,7 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
     if thresholds.min_calibration_samples is not None and n is not None and n < thresholds.min_calibration_samples:
         problems.append(f"calibration data hold only {n} samples (< {thresholds.min_calibration_samples}); "
                         "measurements and activation ranges are unreliable: pass more batches")
-    if thresholds.int4_first_and_last and len(order) >= 2 and all(kinds.get(n) == "int4" for n in (order[0],
+    if thresholds.int4_first_and_last and len(order) >= 3 and all(kinds.get(n) == "int4" for n in (order[0],
                                                                                                      order[-1])):
         problems.append(f"the first ({order[0]!r}) and last ({order[-1]!r}) layers are both INT4, which usually "
                         "costs most accuracy; keep one at INT8/float with "
