@@ -129,16 +129,21 @@ def _logits(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor | None:
     return None
 
 
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+    for v in values:
+        t = _first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
 def batch_size(batch: Any) -> int:
-    """Samples in a batch: the leading dim of its first tensor (1 when it holds none)."""
-    tensors = _output_tensors(batch) if not isinstance(batch, torch.Tensor) else [("", batch)]
-    if not tensors:
-        for v in (batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []):
-            if isinstance(v, torch.Tensor) and v.dim():
-                return int(v.shape[0])
-        return 1
-    t = tensors[0][1]
-    return int(t.shape[0]) if t.dim() else 1
+    """Samples in a batch: the leading dim of its first tensor (1 when it holds none, or a 0-d one)."""
+    t = _first_tensor(batch)
+    return int(t.shape[0]) if t is not None and t.dim() else 1
 
 
 @dataclass

@@ -8,6 +8,7 @@ from _accuracy_models import Net, batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import monoquant as mq
 from monoquant import functional as F
@@ -234,3 +235,19 @@ def test_threshold_overrides():
 def test_target_without_data_is_an_error():
     with pytest.raises(mq.ConfigError, match="calibration_data"):
         mq.quantize_(Net(), mq.Int4(), target_sqnr=20)
+
+
+def test_loaders_keyword_batches_and_convs():
+    loader = DataLoader(TensorDataset(torch.randn(40, 64)), batch_size=8)
+    report = mq.quantize_(Net().eval(), _cfg(mq.Int8()), calibration_data=loader, max_batches=5)
+    assert report.calibration_samples == 40 and report.end_to_end["batches"] == 5
+    assert report.end_to_end["samples"] == 40
+    assert mq.accuracy.batch_size({"input_ids": torch.zeros(5, 7, dtype=torch.long), "mask": None}) == 5
+    assert mq.accuracy.batch_size([torch.tensor(3.0)]) == 1
+    cnn = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.Flatten(), nn.LazyLinear(10))
+    cnn(torch.randn(1, 3, 12, 12))
+    report = mq.quantize_(cnn.eval(), mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()),
+                          calibration_data=[torch.randn(16, 3, 12, 12) for _ in range(2)])
+    assert [r.module_type for r in report.quantized] == ["Conv2d", "Conv2d", "Linear"]
+    assert all(30 < r.output_sqnr_db < 80 for r in report.quantized)
+    assert report.warnings == []
