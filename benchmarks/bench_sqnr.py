@@ -68,6 +68,19 @@ def heavy_tailed_mlp() -> nn.Module:
     return model
 
 
+def damaged_mlp() -> nn.Module:
+    """The random-init MLP with one damaged layer: a weight 1000x the others on an input that is always 0.
+
+    The float function is unchanged, but every INT4 group / INT8 row holding the outlier rounds its other
+    weights to ~0: the weight SQNR (dominated by the outlier) looks fine, the output SQNR does not."""
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -10.0  # unit 0 of the first layer never fires (GELU(-10) ~ 1e-22)
+        model[2].weight[:, 0] = 1000.0 * model[2].weight.std()
+    return model
+
+
 SCHEMES = {"INT8": mq.Int8(), "INT4-g32": mq.Int4(group_size=32), "INT4-g128": mq.Int4(group_size=128),
            "FP16": mq.Float16(), "BF16": mq.BFloat16()}
 
@@ -92,6 +105,7 @@ def main() -> None:
         "MLP random init": (mlp().eval(), vec),
         "MLP trained (Adam)": (trained_mlp().eval(), vec),
         "MLP Student-t weights": (heavy_tailed_mlp().eval(), vec),
+        "MLP, one damaged layer": (damaged_mlp().eval(), vec),
     }
     head = ("model", "scheme", "W min", "W med", "out min", "out med", "e2e SQNR", "top-1")
     print(" | ".join(head))

@@ -34,15 +34,17 @@ def build_model(dim: int = 256, depth: int = 4, classes: int = 10) -> nn.Module:
 def main() -> None:
     model = build_model().eval()
     reference = copy.deepcopy(model)
-    x = torch.randn(32, 64)
+    batches = [torch.randn(32, 64) for _ in range(4)]  # stand-in for a few batches of real inputs
     for name, spec in (("INT8", mq.Int8()), ("INT4-g128", mq.Int4(group_size=128))):
         quantized = copy.deepcopy(model)
-        report = mq.quantize_(quantized, mq.QuantConfig(spec, skip=mq.SkipRules.defaults(skip_head=True)))
-        with torch.inference_mode():
-            sqnr = mq.functional.sqnr(reference(x), quantized(x))
+        # with calibration_data the report also has each layer's output SQNR and the model-output comparison
+        # the output head is entry "5" of the Sequential (skip_head=True only knows names like "head")
+        report = mq.quantize_(quantized, mq.QuantConfig(spec, skip=mq.SkipRules.defaults(exclude=["5"])),
+                              calibration_data=batches)
         print(f"\n== {name} ==")
         print(report)
-        print(f"model output SQNR vs float: {sqnr:.1f} dB")
+        result = mq.compare(reference, quantized, [torch.randn(32, 64)])  # on data it did not see
+        print(f"held-out batch: output SQNR {result.sqnr_db:.1f} dB, top-1 agreement {result.top1_agreement:.1%}")
 
 
 if __name__ == "__main__":
