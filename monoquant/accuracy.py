@@ -40,8 +40,10 @@ ON_FAILURE = ("warn", "raise", "ignore")
 class Thresholds:
     """When :func:`~monoquant.quantize_` raises :class:`~monoquant.AccuracyWarning` (or ``AccuracyError``).
 
-    Floors are in dB and keyed by the weight kind (``"int8"``, ``"int4"``, ``"float16"``, ``"bfloat16"``);
-    ``None`` (or a missing kind) disables a check. Defaults were chosen from the measurements printed by
+    Floors are in dB and keyed by the weight kind (``"int8"``, ``"int4"``, ``"float16"``, ``"bfloat16"``); a
+    dict overrides only the kinds it names, a single number sets every kind, ``None`` disables the check.
+
+    Defaults were chosen from the measurements printed by
     ``benchmarks/bench_sqnr.py`` (random-init, Adam-trained and Student-t-weight MLPs, a small CNN and the
     example model): well-behaved layers sit 5-20 dB above them (INT8 weights 36-48 dB, INT4-g128 17-24 dB,
     layer outputs likewise, model outputs 34-49 dB at INT8 and 13-31 dB at INT4, top-1 agreement >= 0.82 even
@@ -72,6 +74,21 @@ class Thresholds:
     min_calibration_samples: int | None = 32
     int4_first_and_last: bool = True
 
+    def __post_init__(self) -> None:
+        # a dict given for a floor field overrides only the kinds it names; a number sets every kind
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_sqnr_db"):
+                default = f.default_factory()  # type: ignore[misc]
+                if isinstance(value, Mapping):
+                    value = {**default, **value}
+                elif value is None or isinstance(value, (int, float)):
+                    value = dict.fromkeys(default, None if value is None else float(value))
+                else:
+                    raise ConfigError(f"{f.name} must be a dict of dB floors per kind, a number or None, "
+                                      f"got {value!r}")
+                setattr(self, f.name, value)
+
     @classmethod
     def coerce(cls, value: Thresholds | Mapping[str, Any] | None) -> Thresholds:
         """``None`` -> defaults; a mapping overrides only the fields it names (dict fields are merged)."""
@@ -85,17 +102,7 @@ class Thresholds:
         unknown = sorted(set(value) - names)
         if unknown:
             raise ConfigError(f"unknown threshold(s) {unknown}; valid names: {sorted(names)}")
-        out = cls()
-        for key, v in value.items():
-            current = getattr(out, key)
-            if isinstance(current, dict) and isinstance(v, Mapping):
-                v = {**current, **v}
-            elif isinstance(current, dict) and v is not None:
-                v = dict.fromkeys(current, float(v))  # one number for every kind
-            elif isinstance(current, dict):
-                v = dict.fromkeys(current)
-            setattr(out, key, v)
-        return out
+        return cls(**value)
 
 
 def _floor(table: dict[str, float | None], kind: str) -> float | None:
@@ -297,6 +304,49 @@ def record_outputs(model: nn.Module, data: Iterable[Any], forward_fn: ForwardFn 
     with evaluating(model):
         return [(run_batch(model, b, forward_fn), batch_size(b))
                 for b in iter_batches(data, max_batches, desc="float reference", progress=False)]
+
+
+def record_reference(model: nn.Module, report: QuantReport, data: Iterable[Any] | None,
+                     forward_fn: ForwardFn | None, max_batches: int | None) -> list[tuple[Any, int]] | None:
+    """Record the float model's outputs on the first (up to :data:`MEASURE_BATCHES`) batches of ``data`` and
+    set ``report.calibration_samples``; ``None`` when there are no data."""
+    if data is None:
+        return None
+    measure_batches = min(max_batches or MEASURE_BATCHES, MEASURE_BATCHES)
+    references = record_outputs(model, data, forward_fn, measure_batches)
+    if not references:
+        raise ConfigError("calibration_data gave no batch; pass a non-empty iterable of batches")
+    report.calibration_samples = count_samples(data, max_batches)
+    if report.calibration_samples is None and len(references) < measure_batches:
+        report.calibration_samples = sum(n for _, n in references)  # data ran out: this is all of it
+    return references
+
+
+def measure_into(
+    report: QuantReport,
+    model: nn.Module,
+    swapped: dict[str, Swapped],
+    cfg: QuantConfig,
+    data: Iterable[Any],
+    references: list[tuple[Any, int]],
+    forward_fn: ForwardFn | None,
+    target_sqnr: float | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Fill ``report`` with each swapped layer's output SQNR and the end-to-end comparison, first keeping
+    layers at higher precision until ``target_sqnr`` is met when one is given (see :func:`meet_target`)."""
+    if target_sqnr is not None:
+        report.end_to_end["target_sqnr_db"] = float(target_sqnr)
+        result, _ = measure(model, data, references, forward_fn)
+        meet_target(model, report, swapped, cfg, target_sqnr, result, data, references, forward_fn, progress)
+    result, layer_sqnr = measure(model, data, references, forward_fn, swapped)
+    for name, value in layer_sqnr.items():
+        report.row(name).output_sqnr_db = value
+    report.end_to_end["sqnr_db"] = result.sqnr_db
+    if result.top1_agreement is not None:
+        report.end_to_end["top1_agreement"] = result.top1_agreement
+    report.end_to_end["batches"] = result.batches
+    report.end_to_end["samples"] = result.samples
 
 
 def measure(

@@ -161,15 +161,8 @@ def quantize_(
         report.layers.append(row)
         plan.append(_Planned(name, module, decision))
 
-    references = None
-    if data is not None:
-        measure_batches = min(max_batches or accuracy.MEASURE_BATCHES, accuracy.MEASURE_BATCHES)
-        references = accuracy.record_outputs(model, data, forward_fn, measure_batches)
-        if not references:
-            raise ConfigError("calibration_data gave no batch; pass a non-empty iterable of batches")
-        report.calibration_samples = accuracy.count_samples(data, max_batches)
-        if report.calibration_samples is None and len(references) < measure_batches:
-            report.calibration_samples = sum(n for _, n in references)  # data ran out: this is all of it
+    # the float model's outputs on the first few batches, recorded before anything changes
+    references = accuracy.record_reference(model, report, data, forward_fn, max_batches)
 
     order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
     swapped: dict[str, accuracy.Swapped] = {}  # float originals, kept only while measuring
@@ -196,21 +189,9 @@ def quantize_(
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan
 
-    if references is not None:
-        if target_sqnr is not None:
-            report.end_to_end["target_sqnr_db"] = float(target_sqnr)
-            result, _ = accuracy.measure(model, data, references, forward_fn)
-            result = accuracy.meet_target(model, report, swapped, cfg, target_sqnr, result, data, references,
-                                          forward_fn, progress)
-        result, layer_sqnr = accuracy.measure(model, data, references, forward_fn, swapped)
+    if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked
+        accuracy.measure_into(report, model, swapped, cfg, data, references, forward_fn, target_sqnr, progress)
         swapped.clear()  # the float layers can go now
-        for name, value in layer_sqnr.items():
-            report.row(name).output_sqnr_db = value
-        report.end_to_end["sqnr_db"] = result.sqnr_db
-        if result.top1_agreement is not None:
-            report.end_to_end["top1_agreement"] = result.top1_agreement
-        report.end_to_end["batches"] = result.batches
-        report.end_to_end["samples"] = result.samples
 
     report.unmatched_rules = rules.unmatched()
     if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):

@@ -224,6 +224,9 @@ def test_threshold_overrides():
     assert t.top1_agreement is None
     assert set(mq.Thresholds.coerce({"output_sqnr_db": 5}).output_sqnr_db.values()) == {5.0}
     assert set(mq.Thresholds.coerce({"output_sqnr_db": None}).output_sqnr_db.values()) == {None}
+    assert mq.Thresholds(output_sqnr_db={"int4": 15.0}).output_sqnr_db["int8"] == 25.0
+    with pytest.raises(mq.ConfigError, match="dict of dB floors"):
+        mq.Thresholds(weight_sqnr_db="high")
     with pytest.raises(mq.ConfigError, match="unknown threshold"):
         mq.Thresholds.coerce({"weight_snr": 3})
     with pytest.warns(mq.AccuracyWarning) as record:
