@@ -298,16 +298,35 @@ def count_samples(data: Iterable[Any], max_batches: int | None) -> int | None:
     return min(n, max_batches * size) if max_batches is not None and size else n
 
 
+@dataclass
+class Reference:
+    """The batches a measurement uses and the float model's outputs on them.
+
+    The batches themselves are kept (not re-read from the data), so a shuffling loader or random
+    augmentation cannot make the float and quantized passes see different inputs."""
+
+    batches: list[Any]
+    outputs: list[Any]
+    samples: list[int]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def record_outputs(model: nn.Module, data: Iterable[Any], forward_fn: ForwardFn | None,
-                   max_batches: int) -> list[tuple[Any, int]]:
-    """The float model's outputs (and batch sizes) on the first ``max_batches`` batches."""
+                   max_batches: int | None) -> Reference:
+    """The first ``max_batches`` batches of ``data`` and the float model's outputs on them."""
+    ref = Reference([], [], [])
     with evaluating(model):
-        return [(run_batch(model, b, forward_fn), batch_size(b))
-                for b in iter_batches(data, max_batches, desc="float reference", progress=False)]
+        for batch in iter_batches(data, max_batches, desc="float reference", progress=False):
+            ref.batches.append(batch)
+            ref.outputs.append(run_batch(model, batch, forward_fn))
+            ref.samples.append(batch_size(batch))
+    return ref
 
 
 def record_reference(model: nn.Module, report: QuantReport, data: Iterable[Any] | None,
-                     forward_fn: ForwardFn | None, max_batches: int | None) -> list[tuple[Any, int]] | None:
+                     forward_fn: ForwardFn | None, max_batches: int | None) -> Reference | None:
     """Record the float model's outputs on the first (up to :data:`MEASURE_BATCHES`) batches of ``data`` and
     set ``report.calibration_samples``; ``None`` when there are no data."""
     if data is None:
@@ -318,7 +337,7 @@ def record_reference(model: nn.Module, report: QuantReport, data: Iterable[Any] 
         raise ConfigError("calibration_data gave no batch; pass a non-empty iterable of batches")
     report.calibration_samples = count_samples(data, max_batches)
     if report.calibration_samples is None and len(references) < measure_batches:
-        report.calibration_samples = sum(n for _, n in references)  # data ran out: this is all of it
+        report.calibration_samples = sum(references.samples)  # data ran out: this is all of it
     return references
 
 
@@ -327,8 +346,7 @@ def measure_into(
     model: nn.Module,
     swapped: dict[str, Swapped],
     cfg: QuantConfig,
-    data: Iterable[Any],
-    references: list[tuple[Any, int]],
+    references: Reference,
     forward_fn: ForwardFn | None,
     target_sqnr: float | None = None,
     progress: bool | None = None,
@@ -337,9 +355,9 @@ def measure_into(
     layers at higher precision until ``target_sqnr`` is met when one is given (see :func:`meet_target`)."""
     if target_sqnr is not None:
         report.end_to_end["target_sqnr_db"] = float(target_sqnr)
-        result, _ = measure(model, data, references, forward_fn)
-        meet_target(model, report, swapped, cfg, target_sqnr, result, data, references, forward_fn, progress)
-    result, layer_sqnr = measure(model, data, references, forward_fn, swapped)
+        result, _ = measure(model, references, forward_fn)
+        meet_target(model, report, swapped, cfg, target_sqnr, result, references, forward_fn, progress)
+    result, layer_sqnr = measure(model, references, forward_fn, swapped)
     for name, value in layer_sqnr.items():
         report.row(name).output_sqnr_db = value
     report.end_to_end["sqnr_db"] = result.sqnr_db
@@ -351,8 +369,7 @@ def measure_into(
 
 def measure(
     model: nn.Module,
-    data: Iterable[Any],
-    references: list[tuple[Any, int]],
+    references: Reference,
     forward_fn: ForwardFn | None,
     layers: Mapping[str, Swapped] | None = None,
 ) -> tuple[Comparison, dict[str, float]]:
@@ -375,7 +392,7 @@ def measure(
     stats = _OutputStats()
     try:
         with evaluating(model):
-            for batch, (ref, samples) in zip(iter_batches(data, len(references), progress=False), references):
+            for batch, ref, samples in zip(references.batches, references.outputs, references.samples):
                 stats.add(ref, run_batch(model, batch, forward_fn), samples)
     finally:
         for h in handles:
@@ -423,8 +440,7 @@ def meet_target(
     cfg: QuantConfig,
     target_sqnr: float,
     current: Comparison,
-    data: Iterable[Any],
-    references: list[tuple[Any, int]],
+    references: Reference,
     forward_fn: ForwardFn | None,
     progress: bool | None = None,
 ) -> Comparison:
@@ -442,7 +458,7 @@ def meet_target(
     for name, sw in tqdm(swapped.items(), desc="ranking layers", unit="layer",
                          disable=(not progress) if progress is not None else None):
         sw.put(sw.float_module)
-        gains[name] = measure(model, data, references, forward_fn)[0].sqnr_db - current.sqnr_db
+        gains[name] = measure(model, references, forward_fn)[0].sqnr_db - current.sqnr_db
         sw.put(sw.quant_module)
     for name in sorted(gains, key=lambda n: -gains[n]):
         if current.sqnr_db >= target_sqnr:
@@ -450,11 +466,11 @@ def meet_target(
         sw = swapped[name]
         why = f"to meet target_sqnr={target_sqnr:g} dB: model output SQNR {current.sqnr_db:.1f} -> "
         sw.put(sw.float_module)
-        as_float = measure(model, data, references, forward_fn)[0]
+        as_float = measure(model, references, forward_fn)[0]
         if isinstance(cfg.weights, Int4):
             q8 = _int8_twin(name, sw, cfg)
             sw.put(q8)
-            as_int8 = measure(model, data, references, forward_fn)[0]
+            as_int8 = measure(model, references, forward_fn)[0]
             if as_int8.sqnr_db >= min(target_sqnr, as_float.sqnr_db - INT8_TOLERANCE_DB):
                 sw.quant_module = q8
                 _fill_row(report, name, q8, f"kept at int8 {why}{as_int8.sqnr_db:.1f} dB")
@@ -555,8 +571,7 @@ def sensitivity(
 
     cfg = as_config(config)
     _check_data(data)
-    data = materialize(data, max_batches)
-    references = record_outputs(model, data, forward_fn, max_batches)  # type: ignore[arg-type]
+    references = record_outputs(model, data, forward_fn, max_batches)
     if not references:
         raise ConfigError("data gave no batch to measure on")
     parents = _parents(model)
@@ -574,7 +589,7 @@ def sensitivity(
         if not report.quantized:
             continue
         try:
-            result = measure(model, data, references, forward_fn)[0]  # type: ignore[arg-type]
+            result = measure(model, references, forward_fn)[0]  # type: ignore[arg-type]
         finally:
             for parent, attr in parents[id(module)]:
                 setattr(parent, attr, module)

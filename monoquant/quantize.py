@@ -190,7 +190,7 @@ def quantize_(
     del plan
 
     if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked
-        accuracy.measure_into(report, model, swapped, cfg, data, references, forward_fn, target_sqnr, progress)
+        accuracy.measure_into(report, model, swapped, cfg, references, forward_fn, target_sqnr, progress)
         swapped.clear()  # the float layers can go now
 
     report.unmatched_rules = rules.unmatched()

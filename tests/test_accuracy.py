@@ -245,6 +245,9 @@ def test_loaders_keyword_batches_and_convs():
     report = mq.quantize_(Net().eval(), _cfg(mq.Int8()), calibration_data=loader, max_batches=5)
     assert report.calibration_samples == 40 and report.end_to_end["batches"] == 5
     assert report.end_to_end["samples"] == 40
+    shuffled = DataLoader(TensorDataset(torch.randn(64, 64)), batch_size=8, shuffle=True)
+    report = mq.quantize_(Net().eval(), _cfg(mq.Int8()), calibration_data=shuffled)
+    assert report.end_to_end["sqnr_db"] > 35  # float and quantized passes saw the same (stored) batches
     assert mq.accuracy.batch_size({"input_ids": torch.zeros(5, 7, dtype=torch.long), "mask": None}) == 5
     assert mq.accuracy.batch_size([torch.tensor(3.0)]) == 1
     cnn = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.Flatten(), nn.LazyLinear(10))
