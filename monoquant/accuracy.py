@@ -582,10 +582,12 @@ def sensitivity(
     for name, module in tqdm(candidates, desc="sensitivity", unit="layer",
                              disable=(not progress) if progress is not None else None):
         rules = _only(base, name)
+        # activation quantization needs its observers calibrated: give it the measurement batches
+        calib = {"calibration_data": references.batches} if cfg.activations is not None else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NothingQuantizedWarning)
             report = quantize_(model, QuantConfig(cfg.weights, cfg.activations, rules, cfg.compute_dtype),
-                               progress=False, on_failure="ignore")
+                               progress=False, on_failure="ignore", forward_fn=forward_fn, **calib)
         if not report.quantized:
             continue
         try:
