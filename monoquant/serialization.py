@@ -1,0 +1,334 @@
+"""``save(model, path)`` / ``load(model, path)``: quantized models in one self-describing safetensors file.
+
+File layout (format version 1):
+
+* tensors: every entry of ``model.state_dict()`` under its usual name, stored exactly (INT4 codes packed as in
+  :mod:`monoquant.packing`, float32 scales, uint8 zero-points, biases, activation qparams, observer buffers,
+  float layers). A tensor that is the same tensor as an earlier one (tied weights, a module used twice) is
+  stored once and listed in the ``aliases`` map.
+* string metadata: ``format`` = ``"monoquant"``, ``format_version``, ``monoquant_version``, ``torch_version``,
+  ``aliases`` (JSON ``{name: stored name}``) and ``modules``: JSON ``{layer name: entry}`` describing each
+  quantized layer: ``class`` (``QuantLinear``, ``QuantConv2d``...), ``spec`` (kind and fields of the weight
+  spec), ``scheme``, ``group_size``, ``weight_shape``, ``bias``, ``float_dtype``, ``compute_dtype``, ``layout``
+  and, when written by :func:`save`, ``geometry`` (the constructor arguments, checked against the model).
+
+:func:`load` takes the float model (built normally, or under ``torch.device("meta")`` so that no float weight
+is ever allocated), validates the whole file against it, and only then swaps in the quantized layers and
+loads the tensors. Files written by ``monoquant quantize`` (the CLI) have the same layout, without
+``geometry``: the layer geometry (stride, padding...) then comes from the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import safetensors_io as stio
+from .config import BFloat16, Float16, Int4, Int8, WeightSpec
+from .errors import SerializationError
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .quantize import _HOOK_DICTS, _check_model, _parents
+
+FORMAT = "monoquant"
+FORMAT_VERSION = 1
+"""Bumped whenever a file written by this version could be misread by an older one."""
+
+QUANT_CLASSES: dict[str, type[QuantModule]] = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d,
+                                                                          QuantConv3d)}
+SPEC_CLASSES: dict[str, type[WeightSpec]] = {"int8": Int8, "int4": Int4, "float16": Float16, "bfloat16": BFloat16}
+LAYOUTS = {"int8": "int8-rowmajor", "int4": "int4-packed-low-nibble-even-column", "float16": "float16-rowmajor",
+           "bfloat16": "bfloat16-rowmajor"}
+"""Stored weight layout per spec kind (see :mod:`monoquant.schemes` and :mod:`monoquant.packing`)."""
+
+_LINEAR_GEOMETRY = ("in_features", "out_features")
+_CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode")
+
+
+# ---- header pieces (shared with the CLI) ------------------------------------------------------------------
+def spec_to_dict(spec: WeightSpec) -> dict[str, Any]:
+    """The storage-relevant fields of a weight spec (observers are not stored: they only matter when quantizing)."""
+    fields = {f: getattr(spec, f) for f in getattr(spec, "__dataclass_fields__", {})
+              if spec.__dataclass_fields__[f].compare}
+    return {"kind": spec.kind, **fields}
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> WeightSpec:
+    """Inverse of :func:`spec_to_dict`."""
+    fields = dict(d)
+    kind = fields.pop("kind", None)
+    if kind not in SPEC_CLASSES:
+        raise SerializationError(f"unknown weight spec kind {kind!r} (known: {sorted(SPEC_CLASSES)}); "
+                                 "was the file written by a newer monoquant?")
+    try:
+        return SPEC_CLASSES[kind](**fields)
+    except (TypeError, ValueError) as e:
+        raise SerializationError(f"invalid {kind} spec {dict(d)}: {e}") from e
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype_from(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SerializationError(f"unknown dtype {name!r} in file header")
+    return dtype
+
+
+def _geometry(module: nn.Module) -> dict[str, Any]:
+    names = _LINEAR_GEOMETRY if hasattr(module, "in_features") else _CONV_GEOMETRY
+    return {n: list(v) if isinstance(v, tuple) else v for n, v in ((n, getattr(module, n)) for n in names)}
+
+
+def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
+    """The header entry that describes quantized layer ``q`` (``geometry=False`` when it is unknown)."""
+    entry: dict[str, Any] = {
+        "class": type(q).__name__, "spec": spec_to_dict(q.spec), "scheme": q.scheme(), "group_size": q.group_size,
+        "weight_shape": list(q.weight_shape), "bias": q.bias is not None,
+        "float_dtype": _dtype_name(q.float_dtype), "compute_dtype": _dtype_name(q.compute_dtype),
+        "layout": LAYOUTS[q.spec.kind],
+    }
+    if geometry:
+        entry["geometry"] = _geometry(q)
+    return entry
+
+
+def file_metadata(modules: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
+    """The string metadata of a monoquant file."""
+    from . import __version__
+
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "monoquant_version": __version__,
+            "torch_version": torch.__version__, "modules": json.dumps(modules, sort_keys=True),
+            "aliases": json.dumps(aliases, sort_keys=True)}
+
+
+def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(modules, aliases)`` from a monoquant file's metadata, after checking its format and version."""
+    meta, path = header.metadata, header.path
+    if meta.get("format") != FORMAT:
+        raise SerializationError(f"{path} is a safetensors file but not a monoquant file (no monoquant header); "
+                                 "load plain safetensors with safetensors.torch.load_file + model.load_state_dict")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+        raise SerializationError(f"{path} has format version {version!r}, this monoquant reads 1..{FORMAT_VERSION}; "
+                                 "upgrade monoquant to read it")
+    try:
+        modules, aliases = json.loads(meta.get("modules", "{}")), json.loads(meta.get("aliases", "{}"))
+    except json.JSONDecodeError as e:
+        raise SerializationError(f"{path} has a corrupt monoquant header: {e}") from e
+    if not isinstance(modules, dict) or not isinstance(aliases, dict):
+        raise SerializationError(f"{path} has a corrupt monoquant header (modules/aliases are not maps)")
+    for alias, target in aliases.items():
+        if target not in header.tensors:
+            raise SerializationError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
+    return modules, aliases
+
+
+# ---- save -------------------------------------------------------------------------------------------------
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model`` (quantized or not) to one safetensors file at ``path``, readable by :func:`load`.
+
+    Every tensor of ``model.state_dict()`` is stored bit-exactly; tensors shared between several names are
+    stored once. The file is written to a temporary name and renamed, so ``path`` is never left half-written.
+
+    Raises:
+        ModelError: ``model`` is not an ``nn.Module``.
+        SerializationError: a tensor is on the meta device, or ``path`` cannot be written.
+    """
+    model = _check_model(model)
+    state = model.state_dict()
+    modules = {name: module_entry(m) for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    stored: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    table: list[tuple[str, torch.Tensor]] = []
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise SerializationError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; "
+                                     "safetensors files hold tensors only")
+        if t.device.type == "meta":
+            raise SerializationError(f"tensor {name!r} is on the meta device (no data); load or compute the "
+                                     "model's weights before saving")
+        key = _identity(t)
+        if key in stored:
+            aliases[name] = stored[key]
+        else:
+            stored[key] = name
+            table.append((name, t))
+    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in table],
+                           file_metadata(modules, aliases)) as writer:
+        for name, t in table:
+            writer.write(name, t)
+
+
+# ---- load -------------------------------------------------------------------------------------------------
+def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModule:
+    """An empty (meta-device) quantized layer for ``entry``, shaped like the model's layer ``current``."""
+    cls = QUANT_CLASSES.get(entry.get("class"))
+    if cls is None:
+        raise SerializationError(f"layer {name!r}: unknown class {entry.get('class')!r} in file "
+                                 f"(known: {sorted(QUANT_CLASSES)})")
+    if not isinstance(current, (cls, cls.float_module_type)):
+        raise SerializationError(f"layer {name!r} is {type(current).__name__} in the model but {cls.__name__} in "
+                                 "the file: the file was saved from another architecture")
+    spec = spec_from_dict(entry.get("spec", {}))
+    if entry.get("layout") != LAYOUTS[spec.kind]:
+        raise SerializationError(f"layer {name!r}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
+                                 "was the file written by a newer monoquant?")
+    geometry = entry.get("geometry")
+    if geometry is not None and geometry != _geometry(current):
+        raise SerializationError(f"layer {name!r}: the file's layer is {geometry} but the model's is "
+                                 f"{_geometry(current)}: the file was saved from another architecture")
+    common = dict(group_size=entry.get("group_size"), compute_dtype=_dtype_from(entry.get("compute_dtype")),
+                  device="meta", dtype=_dtype_from(entry.get("float_dtype")))
+    bias = bool(entry.get("bias"))
+    try:
+        if cls is QuantLinear:
+            q = cls(current.in_features, current.out_features, bias, spec, **common)
+        else:
+            q = cls(current.in_channels, current.out_channels, current.kernel_size, current.stride, current.padding,
+                    current.dilation, current.groups, bias, current.padding_mode, spec, **common)
+    except (ValueError, TypeError) as e:
+        raise SerializationError(f"layer {name!r}: cannot rebuild {cls.__name__} from the file: {e}") from e
+    if list(q.weight_shape) != list(entry.get("weight_shape", [])):
+        raise SerializationError(f"layer {name!r}: weight shape {entry.get('weight_shape')} in the file, "
+                                 f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
+    q.train(current.training)
+    return q
+
+
+def _expected_state(module: nn.Module, swaps: Mapping[int, nn.Module], prefix: str = "",
+                    out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What ``module.state_dict()`` would hold (keys -> tensors, meta ones included) once ``swaps`` are applied."""
+    out = {} if out is None else out
+    module = swaps.get(id(module), module)
+    for name, p in module._parameters.items():
+        if p is not None:
+            out[prefix + name] = p
+    for name, b in module._buffers.items():
+        if b is not None and name not in module._non_persistent_buffers_set:
+            out[prefix + name] = b
+    for name, child in module._modules.items():
+        if child is not None:
+            _expected_state(child, swaps, f"{prefix}{name}.", out)
+    return out
+
+
+def _first(names: set[str]) -> str:
+    s = sorted(names)
+    return f"{s[0]!r}" + (f" and {len(s) - 1} more" if len(s) > 1 else "")
+
+
+def _check_tensors(header: stio.Header, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> None:
+    in_file = set(header.tensors) | set(aliases)
+    missing, unexpected = set(expected) - in_file, in_file - set(expected)
+    path = header.path
+    if missing:
+        raise SerializationError(f"{path} lacks {len(missing)} tensor(s) the model needs: {_first(missing)}; "
+                                 "is it from another architecture, or was it written from part of the model?")
+    if unexpected:
+        raise SerializationError(f"{path} has {len(unexpected)} tensor(s) the model has no place for: "
+                                 f"{_first(unexpected)}; build the same architecture the file was saved from")
+    for name in sorted(expected):
+        info, want = header.tensors[aliases.get(name, name)], expected[name]
+        if info.shape != tuple(want.shape) or info.dtype != want.dtype:
+            raise SerializationError(
+                f"{path}: tensor {name!r} is {info.dtype} {list(info.shape)} in the file but the model expects "
+                f"{want.dtype} {list(want.shape)}; build the same architecture (and dtype, e.g. model.to(dtype)) "
+                "the file was saved from")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
+    """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
+
+    ``model`` is the float architecture the file was saved from, built normally or on the meta device
+    (``with torch.device("meta"): model = MyNet()``): quantized layers are built directly from the file's
+    header, so their float weights are never allocated. Its layers are swapped for the file's quantized ones
+    (in every place a layer is registered; hooks and train/eval mode are kept) and every tensor is loaded
+    exactly, so outputs are bit-identical to the saved model's. ``model`` may also already be quantized
+    (a twin of the saved model).
+
+    All or nothing: the file is checked against the model (format version, every key, shape and dtype, layer
+    types) before anything is changed; on error ``model`` is left untouched.
+
+    Args:
+        device: where loaded tensors go; default: the device of the model's first real tensor, else CPU.
+
+    Raises:
+        SerializationError: the file is missing, truncated, not a monoquant file, of an unknown format
+            version, or does not match the model (its message names the first problem).
+
+    Non-persistent buffers (absent from ``state_dict``) are not in the file: a meta-device model keeps them
+    on the meta device, so recreate them after loading if the model has any.
+    """
+    model = _check_model(model)
+    header = stio.read_header(path)
+    modules, aliases = parse_metadata(header)
+
+    swaps: dict[int, QuantModule] = {}
+    currents: dict[int, nn.Module] = {}
+    for name in sorted(modules):
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise SerializationError(f"{header.path}: the file has a quantized layer {name!r} that the model "
+                                     "lacks: the file was saved from another architecture") from None
+        q = _build(name, modules[name], current)
+        if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
+            if type(current) is not type(q):
+                raise SerializationError(f"{header.path} holds a single {type(q).__name__}; the model must be one "
+                                         f"too (it is {type(current).__name__}), or wrap the layer in a container")
+            continue
+        swaps[id(current)], currents[id(current)] = q, current
+    expected = _expected_state(model, swaps)
+    _check_tensors(header, aliases, expected)
+
+    target = torch.device(device) if device is not None else _device_of(model)
+    state = stio.read_tensors(header, device=target)
+    state.update({alias: state[stored] for alias, stored in aliases.items()})
+
+    # float parameters tied in the model (same Parameter under several names) are tied again after loading
+    ties: dict[int, list[str]] = {}
+    for key, t in expected.items():
+        if isinstance(t, nn.Parameter):
+            ties.setdefault(id(t), []).append(key)
+
+    parents = _parents(model)
+    for key, q in swaps.items():
+        current = currents[key]
+        for hooks in _HOOK_DICTS:
+            if hasattr(current, hooks):
+                setattr(q, hooks, getattr(current, hooks))
+        for parent, attr in parents[id(current)]:
+            setattr(parent, attr, q)
+    model.load_state_dict(state, strict=True, assign=True)
+    for keys in ties.values():
+        first_mod, first_attr = _owner(model, keys[0])
+        for key in keys[1:]:
+            mod, attr = _owner(model, key)
+            mod._parameters[attr] = first_mod._parameters[first_attr]
+    return model
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = key.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), attr
