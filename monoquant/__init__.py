@@ -23,6 +23,7 @@ from .qtypes import PerChannel, PerGroup, PerTensor, QType
 from .quantize import dequantize_, quantize_
 from .report import AccuracyWarning, LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import SkipRules
+from .serialization import load, save
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "MonoQuantError", "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup",
     "PerTensor", "QType", "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule",
     "QuantReport", "SerializationError", "SkipRules", "Thresholds", "WeightSpec", "accuracy", "compare",
-    "dequantize_", "functional", "quantize_", "sensitivity",
+    "dequantize_", "functional", "load", "quantize_", "save", "sensitivity",
 ]

@@ -1,0 +1,346 @@
+"""The ``monoquant`` command (also ``python -m monoquant``).
+
+``monoquant quantize IN OUT --bits 4|8 [--group-size 128] [--skip PATTERN ...] [--symmetric|--affine]``
+    Quantizes a checkpoint without the model's code: every floating-point tensor named ``*.weight`` (or
+    ``weight``) with 2 dimensions becomes a ``QuantLinear`` and with 3, 4 or 5 a ``QuantConv1d/2d/3d``,
+    unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size that divides
+    its rows. Everything else (biases, norms, embeddings, buffers) is copied unchanged. Input: a
+    ``.safetensors`` file, a sharded ``*.safetensors.index.json`` with its shards, or a torch state-dict
+    file (read with ``weights_only=True``). Safetensors input is read one tensor at a time and the output
+    written as it is produced, so memory stays near the largest tensor, not the checkpoint's size.
+    The output is the same format :func:`monoquant.save` writes: load it with
+    ``mq.load(FloatModel(), OUT)``.
+
+    Which 2-D ``*.weight`` tensors are *not* ``nn.Linear`` weights cannot be told from a checkpoint alone.
+    The default skip patterns ``*embed*`` and ``*norm*`` (globs on the layer name, i.e. the tensor name
+    without ``.weight``) keep the usual embedding and normalisation tables in float; add ``--skip`` for
+    others (``wte``, ``shared``, a transposed GPT-2 ``Conv1D``...). If one slips through, ``mq.load`` names it.
+
+``monoquant inspect FILE``
+    Prints the header of a monoquant file: versions, each quantized layer's class, scheme, weight shape and
+    stored bytes, and totals.
+
+Errors (bad arguments, unreadable or corrupt files) print one line to stderr and exit with status 1 (2 for
+usage errors); there is no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import safetensors_io as stio
+from . import schemes
+from .config import Int4, Int8, WeightSpec
+from .errors import ConfigError, MonoQuantError, SerializationError
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .rules import DEFAULT_MIN_PARAMS
+from .serialization import file_metadata, module_entry, parse_metadata
+
+DEFAULT_SKIP = ("*embed*", "*norm*")
+"""Layer-name globs that ``monoquant quantize`` keeps in float unless ``--no-default-skip`` is given."""
+
+CHUNK_ELEMENTS = 1 << 22
+"""Weights are quantized this many elements (whole rows) at a time, to bound temporary memory."""
+
+_QUANT_BY_DIM: dict[int, type[QuantModule]] = {2: QuantLinear, 3: QuantConv1d, 4: QuantConv2d, 5: QuantConv3d}
+
+
+# ---- reading checkpoints -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+def _safetensors_tensors(headers: Sequence[stio.Header]) -> Iterator[_Tensor]:
+    for header in headers:
+        fh = open(header.path, "rb", buffering=0)  # noqa: SIM115 - one handle per shard, closed when exhausted
+        try:
+            for name, info in header.tensors.items():
+                yield _Tensor(name, info.dtype, info.shape, lambda info=info, fh=fh: stio.read_tensor(fh, info))
+        finally:
+            fh.close()
+
+
+Table = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def _open_checkpoint(path: Path) -> tuple[Table, Callable[[], Iterator[_Tensor]]]:
+    """The checkpoint's tensor table, and a function that yields its tensors one at a time."""
+    if not path.exists():
+        raise SerializationError(f"{path}: no such file")
+    if path.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            shards = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SerializationError(f"{path} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
+        headers = [stio.read_header(path.parent / shard) for shard in shards]
+    elif path.suffix == ".safetensors":
+        headers = [stio.read_header(path)]
+    else:
+        state = _torch_state_dict(path)
+        table = [(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+        return table, lambda: (_Tensor(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items())
+    seen: set[str] = set()
+    for h in headers:
+        dup = seen.intersection(h.tensors)
+        if dup:
+            raise SerializationError(f"{h.path}: tensor {sorted(dup)[0]!r} appears in more than one shard")
+        seen.update(h.tensors)
+    table = [(n, i.dtype, i.shape) for h in headers for n, i in h.tensors.items()]
+    return table, lambda: _safetensors_tensors(headers)
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # old (non-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "not a readable state dict"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SerializationError(f"{path} is neither safetensors nor a torch state-dict file readable with "
+                       f"weights_only=True: {first}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise SerializationError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+# ---- planning ------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    name: str
+    shape: tuple[int, ...]
+    layer: str = ""
+    quant: QuantModule | None = None  # an empty meta-device layer: buffer names, shapes, dtypes
+    reason: str = ""
+
+
+def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpec, skip: Sequence[str],
+          has_bias: bool) -> _Plan:
+    plan = _Plan(name, shape)
+    if not (name == "weight" or name.endswith(".weight")):
+        plan.reason = "not a weight"
+        return plan
+    layer = name[: -len("weight")].rstrip(".")
+    if not dtype.is_floating_point or len(shape) not in _QUANT_BY_DIM:
+        plan.reason = f"{len(shape)}-D {str(dtype).removeprefix('torch.')}"
+        return plan
+    hit = next((p for p in skip if fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(name, p)), None)
+    if hit is not None:
+        plan.reason = f"skipped by pattern {hit!r}"
+        return plan
+    numel = math.prod(shape)
+    if numel < DEFAULT_MIN_PARAMS:
+        plan.reason = f"too small ({numel} < {DEFAULT_MIN_PARAMS} weights)"
+        return plan
+    cls = _QUANT_BY_DIM[len(shape)]
+    cols = math.prod(shape[1:])
+    group_size = None
+    if isinstance(spec, Int4):
+        group_size = spec.resolve_group_size(cols)
+        if group_size is None:
+            plan.reason = f"no INT4 group size <= {spec.group_size} divides {cols}"
+            return plan
+    common = dict(group_size=group_size, device="meta", dtype=dtype)
+    if cls is QuantLinear:
+        q = cls(shape[1], shape[0], has_bias, spec, **common)
+    else:
+        q = cls(shape[1], shape[0], shape[2:], 1, 0, 1, 1, has_bias, "zeros", spec, **common)
+    plan.layer, plan.quant = layer, q
+    return plan
+
+
+def _outputs(plan: _Plan, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    if plan.quant is None:
+        return [(plan.name, dtype, plan.shape)]
+    prefix = f"{plan.layer}." if plan.layer else ""
+    return [(prefix + k, t.dtype, tuple(t.shape)) for k, t in plan.quant.state_dict().items() if k != "bias"]
+
+
+def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+    """Stored buffers of ``weight`` (quantized a few rows at a time) and its SQNR in dB."""
+    q = plan.quant
+    w2d = weight.reshape(weight.shape[0], -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, w2d.shape[1]))
+    parts, signal, noise = [], 0.0, 0.0
+    for i in range(0, w2d.shape[0], step):
+        chunk = w2d[i:i + step]
+        stored = schemes.quantize_weight(q.spec, chunk, q.group_size)
+        approx = schemes.dequantize_weight(q.spec, stored, w2d.shape[1], q.group_size, torch.float64)
+        ref = chunk.double()
+        signal += float(ref.pow(2).sum())
+        noise += float((ref - approx).pow(2).sum())
+        parts.append(stored)
+    tensors = [torch.cat([getattr(p, f) for p in parts]) for f in schemes.StoredWeight._fields
+               if getattr(parts[0], f) is not None]
+    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
+    return tensors, sqnr
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _spec(args: argparse.Namespace) -> WeightSpec:
+    symmetric = True if args.symmetric else (False if args.affine else None)
+    if args.bits == 8:
+        return Int8(symmetric=symmetric)
+    return Int4(group_size=args.group_size, symmetric=bool(symmetric))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    src, out = Path(args.input), Path(args.output)
+    if out.exists() and src.exists() and os.path.samefile(src, out):
+        raise ConfigError("OUT must differ from IN (the input is read while the output is written)")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"OUT must end in .safetensors, got {out.name!r}")
+    spec = _spec(args)
+    skip = [*(() if args.no_default_skip else DEFAULT_SKIP), *args.skip]
+    table, tensors = _open_checkpoint(src)
+    names = {n for n, _, _ in table}
+    plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names)
+             for n, d, s in table]
+    out_table = [o for p, (_, d, _) in zip(plans, table) for o in _outputs(p, d)]
+    modules = {p.layer: module_entry(p.quant, geometry=False) for p in plans if p.quant is not None}
+    total = sum(math.prod(s) * d.itemsize for _, d, s in table)
+    rows: list[tuple[str, str, str, str, int, int]] = []
+    with stio.StreamWriter(out, out_table, file_metadata(modules, {})) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="quantizing", file=sys.stderr,
+                 disable=True if args.no_progress else None) as bar:
+        for plan, t in zip(plans, tensors()):
+            value = t.load()
+            before = value.numel() * value.element_size()
+            if plan.quant is None:
+                writer.write(plan.name, value)
+                rows.append((plan.name, "x".join(map(str, t.shape)), "float (" + plan.reason + ")", "", before, before))
+            else:
+                stored, sqnr = _quantize(plan, value)
+                after = 0
+                for (name, _, _), s in zip(_outputs(plan, t.dtype), stored):
+                    writer.write(name, s)
+                    after += s.numel() * s.element_size()
+                rows.append((plan.name, "x".join(map(str, t.shape)), plan.quant.scheme(), f"{sqnr:.1f}", before, after))
+            del value
+            bar.update(before)
+    _print_summary(rows, out)
+    return 0
+
+
+def _print_summary(rows: list[tuple[str, str, str, str, int, int]], out: Path) -> None:
+    head = ("tensor", "shape", "scheme", "SQNR dB", "bytes before", "bytes after")
+    body = [(n, s, sc, q, _fmt_bytes(b), _fmt_bytes(a)) for n, s, sc, q, b, a in rows]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    for r in [head, *body]:
+        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    before, after = sum(r[4] for r in rows), sum(r[5] for r in rows)
+    n_quant = sum(1 for r in rows if r[3])
+    print(f"{n_quant} of {len(rows)} tensors quantized; {_fmt_bytes(before)} -> {_fmt_bytes(after)} "
+          f"({after / max(before, 1):.3f}x); wrote {out}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    header = stio.read_header(args.file)
+    modules, aliases = parse_metadata(header)
+    meta = header.metadata
+    size = header.path.stat().st_size
+    print(f"{header.path}: {_fmt_bytes(size)}, {len(header.tensors)} tensors ({len(aliases)} aliases)")
+    print(f"format {meta['format']} v{meta['format_version']}, written by monoquant {meta.get('monoquant_version')} "
+          f"with torch {meta.get('torch_version')}")
+    layer_bytes = {}
+    for name in modules:
+        prefix = f"{name}." if name else ""
+        layer_bytes[name] = sum(i.nbytes for k, i in header.tensors.items()
+                                if k.startswith(prefix) and "." not in k[len(prefix):])
+    head = ("layer", "class", "scheme", "weight shape", "bytes")
+    body = [(n or "<model>", e.get("class", "?"), e.get("scheme", "?"), "x".join(map(str, e.get("weight_shape", []))),
+             _fmt_bytes(layer_bytes[n])) for n, e in sorted(modules.items())]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    for r in [head, *body]:
+        print("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    quant = sum(layer_bytes.values())
+    other = sum(i.nbytes for i in header.tensors.values()) - quant
+    print(f"{len(modules)} quantized layers: {_fmt_bytes(quant)}; other tensors: {_fmt_bytes(other)}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="monoquant", description="Quantize checkpoints and inspect monoquant files.")
+    parser.add_argument("--version", action="version", version=f"monoquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    q = sub.add_parser("quantize", help="quantize the weight matrices and conv kernels of a checkpoint",
+                       description="Quantize every 2-D weight matrix and 3-5-D conv kernel (*.weight) of a "
+                                   "checkpoint without model code. Load the result with mq.load(FloatModel(), OUT).")
+    q.add_argument("input", metavar="IN", help="a .safetensors file, a *.safetensors.index.json (sharded), or a "
+                                               "torch state-dict file")
+    q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
+    q.add_argument("--bits", type=int, choices=(4, 8), required=True, help="4: INT4 group-wise; 8: INT8 per channel")
+    q.add_argument("--group-size", type=int, default=128, help="INT4 group size along the input dimension "
+                                                              "(default 128)")
+    q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="keep layers whose name (or tensor name) matches this glob in float; repeatable")
+    q.add_argument("--no-default-skip", action="store_true",
+                   help=f"do not add the default skip patterns {' '.join(DEFAULT_SKIP)}")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points "
+                                                              "(default for --bits 8)")
+    sym.add_argument("--affine", action="store_true", help="scales and zero-points (default for --bits 4)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
+    i = sub.add_parser("inspect", help="print the header of a monoquant file",
+                       description="Print versions, each quantized layer's scheme and size, and totals.")
+    i.add_argument("file", metavar="FILE")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``monoquant`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "group_size", 1) <= 0:
+        print(f"monoquant: error: --group-size must be positive, got {args.group_size}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (MonoQuantError, OSError) as e:
+        msg = str(e) if isinstance(e, MonoQuantError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
+        print(f"monoquant: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("monoquant: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["DEFAULT_SKIP", "build_parser", "main"]
