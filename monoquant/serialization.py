@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 from . import safetensors_io as stio
 from .config import BFloat16, Float16, Int4, Int8, WeightSpec
 from .errors import SerializationError
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, quant_class_for
 from .quantize import _HOOK_DICTS, _check_model, _parents
 
 FORMAT = "monoquant"
@@ -182,7 +183,8 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModu
                                  f"(known: {sorted(QUANT_CLASSES)})")
     if not isinstance(current, (cls, cls.float_module_type)):
         raise SerializationError(f"layer {name!r} is {type(current).__name__} in the model but {cls.__name__} in "
-                                 "the file: the file was saved from another architecture")
+                                 "the file: the file was saved from another architecture (if it was written by "
+                                 f"`monoquant quantize`, rerun that with --skip '{name}')")
     spec = spec_from_dict(entry.get("spec", {}))
     if entry.get("layout") != LAYOUTS[spec.kind]:
         raise SerializationError(f"layer {name!r}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
@@ -231,23 +233,84 @@ def _first(names: set[str]) -> str:
     return f"{s[0]!r}" + (f" and {len(s) - 1} more" if len(s) > 1 else "")
 
 
-def _check_tensors(header: stio.Header, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> None:
-    in_file = set(header.tensors) | set(aliases)
+def _check_tensors(source: _Source, expected: Mapping[str, torch.Tensor]) -> None:
+    in_file = set(source.tensors) | set(source.aliases)
     missing, unexpected = set(expected) - in_file, in_file - set(expected)
-    path = header.path
+    where = source.where
     if missing:
-        raise SerializationError(f"{path} lacks {len(missing)} tensor(s) the model needs: {_first(missing)}; "
+        raise SerializationError(f"{where} lacks {len(missing)} tensor(s) the model needs: {_first(missing)}; "
                                  "is it from another architecture, or was it written from part of the model?")
     if unexpected:
-        raise SerializationError(f"{path} has {len(unexpected)} tensor(s) the model has no place for: "
+        raise SerializationError(f"{where} has {len(unexpected)} tensor(s) the model has no place for: "
                                  f"{_first(unexpected)}; build the same architecture the file was saved from")
     for name in sorted(expected):
-        info, want = header.tensors[aliases.get(name, name)], expected[name]
-        if info.shape != tuple(want.shape) or info.dtype != want.dtype:
+        info, want = source.tensors[source.aliases.get(name, name)], expected[name]
+        if tuple(info.shape) != tuple(want.shape) or info.dtype != want.dtype:
             raise SerializationError(
-                f"{path}: tensor {name!r} is {info.dtype} {list(info.shape)} in the file but the model expects "
+                f"{where}: tensor {name!r} is {info.dtype} {list(info.shape)} there but the model expects "
                 f"{want.dtype} {list(want.shape)}; build the same architecture (and dtype, e.g. model.to(dtype)) "
-                "the file was saved from")
+                "it was saved from")
+
+
+@dataclass
+class _Source:
+    """What :func:`load` reads from: a monoquant file, or a state dict in memory."""
+
+    where: str
+    tensors: Mapping[str, Any]  # name -> anything with .dtype and .shape
+    aliases: dict[str, str]
+    modules: dict[str, Any]
+    read: Callable[[torch.device], dict[str, torch.Tensor]]
+
+
+def _file_source(path: str | os.PathLike) -> _Source:
+    header = stio.read_header(path)
+    modules, aliases = parse_metadata(header)
+    return _Source(str(header.path), header.tensors, aliases, modules,
+                   lambda device: stio.read_tensors(header, device=device))
+
+
+def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Module,
+                 cls: type[QuantModule]) -> dict[str, Any]:
+    """The header entry of a quantized layer, worked out from its tensors and the model's layer."""
+    shape = current.weight_shape if isinstance(current, QuantModule) else current.weight.shape
+    cols = int(torch.Size(shape[1:]).numel())
+    qweight, scale = state[prefix + "qweight"], state.get(prefix + "scale")
+    zero, bias = state.get(prefix + "zero_point"), state.get(prefix + "bias")
+    group_size = None
+    if qweight.dtype in (torch.float16, torch.bfloat16):
+        spec: WeightSpec = Float16() if qweight.dtype == torch.float16 else BFloat16()
+    elif qweight.dtype not in (torch.int8, torch.uint8) or scale is None:
+        raise SerializationError(f"{prefix}qweight is {qweight.dtype}{'' if scale is not None else ' without a scale'}"
+                                 ": not a monoquant quantized weight")
+    elif qweight.dtype == torch.uint8 and scale.dim() == 2:
+        if not scale.shape[1] or cols % scale.shape[1]:
+            raise SerializationError(f"{prefix}scale has shape {list(scale.shape)}, which does not split {cols} "
+                                     "input columns into equal INT4 groups")
+        group_size = cols // scale.shape[1]
+        spec = Int4(group_size=group_size, symmetric=zero is None)
+    else:
+        spec = Int8(symmetric=qweight.dtype == torch.int8, granularity="channel" if scale.dim() else "tensor")
+    float_dtype = bias.dtype if bias is not None else (
+        current.float_dtype if isinstance(current, QuantModule) else current.weight.dtype)
+    compute_dtype = current.compute_dtype if isinstance(current, QuantModule) else None
+    return {"class": cls.__name__, "spec": spec_to_dict(spec), "group_size": group_size, "weight_shape": list(shape),
+            "bias": bias is not None, "float_dtype": _dtype_name(float_dtype),
+            "compute_dtype": _dtype_name(compute_dtype), "layout": LAYOUTS[spec.kind]}
+
+
+def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise SerializationError(f"state dict entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    modules = {}
+    for name, current in model.named_modules():
+        prefix = f"{name}." if name else ""
+        cls = type(current) if isinstance(current, QuantModule) else quant_class_for(current)
+        if cls is not None and prefix + "qweight" in state:
+            modules[name] = _infer_entry(prefix, state, current, cls)
+    return _Source("the state dict", state, {}, modules,
+                   lambda device: {k: v.to(device) for k, v in state.items()})
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -257,7 +320,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
+def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
+         device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
 
     ``model`` is the float architecture the file was saved from, built normally or on the meta device
@@ -270,6 +334,13 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: torch.device | st
     All or nothing: the file is checked against the model (format version, every key, shape and dtype, layer
     types) before anything is changed; on error ``model`` is left untouched.
 
+    ``path`` may also be a quantized model's ``state_dict()`` (e.g. from ``torch.load(f, weights_only=True)``):
+    each layer's scheme is then worked out from its tensors (``qweight`` dtype, ``scale`` and ``zero_point``
+    shapes); ``compute_dtype`` is not part of a state dict and is left to the kernel table. This is how to
+    load a quantized state dict into a *float* model, which ``model.load_state_dict`` cannot do (PyTorch
+    reports the ``qweight``/``scale`` keys as unexpected). Loaded tensors are used as they are (not copied)
+    when already on ``device``.
+
     Args:
         device: where loaded tensors go; default: the device of the model's first real tensor, else CPU.
 
@@ -281,8 +352,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: torch.device | st
     on the meta device, so recreate them after loading if the model has any.
     """
     model = _check_model(model)
-    header = stio.read_header(path)
-    modules, aliases = parse_metadata(header)
+    source = _state_dict_source(path, model) if isinstance(path, Mapping) else _file_source(path)
+    modules = source.modules
 
     swaps: dict[int, QuantModule] = {}
     currents: dict[int, nn.Module] = {}
@@ -290,21 +361,21 @@ def load(model: nn.Module, path: str | os.PathLike, *, device: torch.device | st
         try:
             current = model.get_submodule(name)
         except AttributeError:
-            raise SerializationError(f"{header.path}: the file has a quantized layer {name!r} that the model "
-                                     "lacks: the file was saved from another architecture") from None
+            raise SerializationError(f"{source.where} has a quantized layer {name!r} that the model lacks: it "
+                                     "was saved from another architecture") from None
         q = _build(name, modules[name], current)
         if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
             if type(current) is not type(q):
-                raise SerializationError(f"{header.path} holds a single {type(q).__name__}; the model must be one "
+                raise SerializationError(f"{source.where} holds a single {type(q).__name__}; the model must be one "
                                          f"too (it is {type(current).__name__}), or wrap the layer in a container")
             continue
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
-    _check_tensors(header, aliases, expected)
+    _check_tensors(source, expected)
 
     target = torch.device(device) if device is not None else _device_of(model)
-    state = stio.read_tensors(header, device=target)
-    state.update({alias: state[stored] for alias, stored in aliases.items()})
+    state = source.read(target)
+    state.update({alias: state[stored] for alias, stored in source.aliases.items()})
 
     # float parameters tied in the model (same Parameter under several names) are tied again after loading
     ties: dict[int, list[str]] = {}
