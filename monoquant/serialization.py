@@ -10,7 +10,8 @@ File layout (format version 1):
   ``aliases`` (JSON ``{name: stored name}``) and ``modules``: JSON ``{layer name: entry}`` describing each
   quantized layer: ``class`` (``QuantLinear``, ``QuantConv2d``...), ``spec`` (kind and fields of the weight
   spec), ``scheme``, ``group_size``, ``weight_shape``, ``bias``, ``float_dtype``, ``compute_dtype``, ``layout``
-  and, when written by :func:`save`, ``geometry`` (the constructor arguments, checked against the model).
+  ``activations`` (the input quantizer's spec, for layers that quantize their inputs) and, when written by
+  :func:`save`, ``geometry`` (the constructor arguments, checked against the model).
 
 :func:`load` takes the float model (built normally, or under ``torch.device("meta")`` so that no float weight
 is ever allocated), validates the whole file against it, and only then swaps in the quantized layers and
@@ -100,7 +101,32 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
     }
     if geometry:
         entry["geometry"] = _geometry(q)
+    act = getattr(q, "input_quantizer", None)
+    if act is not None:
+        entry["activations"] = spec_to_dict(act.spec)
     return entry
+
+
+def _check_saveable(name: str, q: QuantModule) -> None:
+    """Calibration state in progress cannot be saved faithfully: ask for ``mq.freeze`` first."""
+    act = getattr(q, "input_quantizer", None)
+    if getattr(q, "gptq", None) is not None or (act is not None and not act.ready):
+        raise SerializationError(f"layer {name!r} is still being calibrated (its activation qparams or GPTQ "
+                                 "weights are not fixed yet); run calibration batches, then mq.freeze(model), "
+                                 "then save")
+
+
+def _attach_activations(name: str, q: QuantModule, entry: Mapping[str, Any]) -> None:
+    """Give a rebuilt layer the (empty, meta-device) input quantizer its header entry describes."""
+    if entry.get("activations") is None:
+        return
+    try:
+        from .nn.activation import ActivationQuantizer
+    except ImportError:
+        raise SerializationError(f"layer {name!r} quantizes its inputs, which this monoquant version cannot load; "
+                                 "upgrade monoquant") from None
+    with torch.device("meta"):
+        q.input_quantizer = ActivationQuantizer(spec_from_dict(entry["activations"]), name)
 
 
 def file_metadata(modules: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
@@ -147,11 +173,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     Raises:
         ModelError: ``model`` is not an ``nn.Module``.
-        SerializationError: a tensor is on the meta device, or ``path`` cannot be written.
+        SerializationError: a tensor is on the meta device, a layer is still being calibrated (call
+            ``mq.freeze(model)`` first), or ``path`` cannot be written.
     """
     model = _check_model(model)
     state = model.state_dict()
     modules = {name: module_entry(m) for name, m in model.named_modules() if isinstance(m, QuantModule)}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            _check_saveable(name, m)
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     table: list[tuple[str, torch.Tensor]] = []
@@ -162,7 +192,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         if t.device.type == "meta":
             raise SerializationError(f"tensor {name!r} is on the meta device (no data); load or compute the "
                                      "model's weights before saving")
-        key = _identity(t)
+        key = _identity(t) if t.numel() else (name,)
         if key in stored:
             aliases[name] = stored[key]
         else:
@@ -207,6 +237,7 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModu
     if list(q.weight_shape) != list(entry.get("weight_shape", [])):
         raise SerializationError(f"layer {name!r}: weight shape {entry.get('weight_shape')} in the file, "
                                  f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
+    _attach_activations(name, q, entry)
     q.train(current.training)
     return q
 

@@ -401,3 +401,35 @@ def test_stream_writer_aborts_without_leaving_a_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
     q = mq.QuantLinear(64, 8, True, mq.Int8(), device="meta")
     assert file_metadata({"x": module_entry(q, geometry=False)}, {})["format"] == "monoquant"
+
+
+def test_float_model_file_loads_into_a_meta_skeleton(tmp_path):
+    model = Net("conv2d").eval()
+    mq.save(model, tmp_path / "f.safetensors")
+    with torch.device("meta"):
+        fresh = Net("conv2d").eval()
+    mq.load(fresh, tmp_path / "f.safetensors")
+    _assert_same_state(model, fresh)
+    assert isinstance(fresh.layer, nn.Conv2d)
+
+
+def test_activation_quantized_layers_round_trip(tmp_path):
+    pytest.importorskip("monoquant.nn.activation")
+    model = Net("linear").eval()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(), skip=mq.SkipRules.none()))
+    x = model.example()
+    with pytest.raises(mq.SerializationError, match="mq.freeze"):
+        mq.save(model, tmp_path / "a.safetensors")
+    with mq.calibrate(model):
+        model(x)
+    mq.freeze(model)
+    mq.save(model, tmp_path / "a.safetensors")
+    entry = json.loads(stio.read_header(tmp_path / "a.safetensors").metadata["modules"])["layer"]
+    assert entry["activations"] == {"kind": "int8", "symmetric": None, "granularity": "channel", "method": "rtn",
+                                    "dynamic": False}
+    with torch.device("meta"):
+        fresh = Net("linear").eval()
+    mq.load(fresh, tmp_path / "a.safetensors")
+    _assert_same_state(model, fresh)
+    with torch.inference_mode():
+        assert torch.equal(model(x), fresh(x))
