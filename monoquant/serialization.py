@@ -127,6 +127,7 @@ def _attach_activations(name: str, q: QuantModule, entry: Mapping[str, Any]) -> 
                                  "upgrade monoquant") from None
     with torch.device("meta"):
         q.input_quantizer = ActivationQuantizer(spec_from_dict(entry["activations"]), name)
+    q.input_quantizer.observer = None  # files hold frozen (or dynamic) quantizers only: see _check_saveable
 
 
 def file_metadata(modules: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
