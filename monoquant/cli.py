@@ -50,7 +50,7 @@ from .serialization import file_metadata, module_entry, parse_metadata
 DEFAULT_SKIP = ("*embed*", "*norm*")
 """Layer-name globs that ``monoquant quantize`` keeps in float unless ``--no-default-skip`` is given."""
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 """Weights are quantized this many elements (whole rows) at a time, to bound temporary memory."""
 
 _QUANT_BY_DIM: dict[int, type[QuantModule]] = {2: QuantLinear, 3: QuantConv1d, 4: QuantConv2d, 5: QuantConv3d}
