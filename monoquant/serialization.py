@@ -179,10 +179,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """
     model = _check_model(model)
     state = model.state_dict()
-    modules = {name: module_entry(m) for name, m in model.named_modules() if isinstance(m, QuantModule)}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantModule):
-            _check_saveable(name, m)
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
+    for name, m in quantized:
+        _check_saveable(name, m)
+    modules = {name: module_entry(m) for name, m in quantized}
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     table: list[tuple[str, torch.Tensor]] = []

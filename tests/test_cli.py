@@ -134,6 +134,15 @@ def test_help_lists_the_commands():
     assert r.returncode == 0 and "--group-size" in r.stdout and "--skip PATTERN" in r.stdout
 
 
+def test_console_script_is_the_same_command():
+    script = Path(sys.executable).parent / "monoquant"
+    if not script.exists():
+        pytest.skip("package not installed (no console script next to the interpreter)")
+    r = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == f"monoquant {mq.__version__}"
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list, int, str]]:
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
     torch.save([1, 2, 3], tmp_path / "list.pt")
