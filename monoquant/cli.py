@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import functional as F
 from . import safetensors_io as stio
 from . import schemes
 from .config import Int4, Int8, WeightSpec
@@ -184,14 +185,12 @@ def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], fl
         chunk = w2d[i:i + step]
         stored = schemes.quantize_weight(q.spec, chunk, q.group_size)
         approx = schemes.dequantize_weight(q.spec, stored, w2d.shape[1], q.group_size, torch.float64)
-        ref = chunk.double()
-        signal += float(ref.pow(2).sum())
-        noise += float((ref - approx).pow(2).sum())
+        s, n = F.signal_noise_powers(chunk, approx)
+        signal, noise = signal + s, noise + n
         parts.append(stored)
     tensors = [torch.cat([getattr(p, f) for p in parts]) for f in schemes.StoredWeight._fields
                if getattr(parts[0], f) is not None]
-    sqnr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10 * math.log10(signal / noise))
-    return tensors, sqnr
+    return tensors, F.sqnr_from_powers(signal, noise)
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
