@@ -5,10 +5,10 @@ The table (first matching row wins; "rows" is the number of input rows, ``x.nume
 =================  =====================================================================  ==============
 kernel             applies when                                                           computes in
 =================  =====================================================================  ==============
-``int4pack_cuda``  Int4, CUDA, group in 32..256, N % 8 == 0, K % 128 == 0                  bf16
+``int4pack_cuda``  Int4, CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
 ``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
-                   rows <= ``PACKED_MAX_ROWS``
-``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS``                        bf16
+                   rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
+``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS["int8"]`` (24)            bf16
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), otherwise large batches   bf16
 ``dequant``        everything else: dequantize, then ``F.linear`` in the input's dtype     input dtype
 =================  =====================================================================  ==============
@@ -16,9 +16,10 @@ kernel             applies when                                                 
 Packed kernels and bf16 compute are skipped when ``compute_dtype=torch.float32`` is forced, when the
 input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op
 is missing from this torch build. Measured on a 2-core AVX512 CPU (``benchmarks/bench_linear.py``):
-the packed kernels are ~3x faster than float32 at 1 row but grow linearly with rows and lose to a
-dequantize + bf16 GEMM beyond ~16 rows, hence ``PACKED_MAX_ROWS``. The dequantize is done in chunks of
-output rows so its scratch memory stays small (and is reused by the allocator) however large the layer.
+the packed kernels are ~2.5-3x faster than float32 at 1 row but grow linearly with rows and lose to a
+dequantize + bf16 GEMM beyond 24-48 rows, hence ``PACKED_MAX_ROWS``. The dequantize is done in chunks of
+output rows into per-thread buffers that are reused across calls (fresh large allocations page-fault
+every time), so its scratch memory stays small however large the layer.
 
 Kernel-specific weight layouts are derived from the stored (canonical) buffers at first use and cached
 on the module (``module._kernel_cache``), never stored in ``state_dict``.
@@ -27,6 +28,7 @@ on the module (``module._kernel_cache``), never stored in ``state_dict``.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -35,11 +37,15 @@ import torch.nn.functional as F
 from .config import Int4, Int8
 from .packing import unpack_int4
 
-PACKED_MAX_ROWS = 16
-"""Largest row count sent to the packed CPU kernels; above it dequantize + bf16 GEMM is faster."""
+PACKED_MAX_ROWS = {"int4": 48, "int8": 24}
+"""Largest row count sent to the packed CPU kernels, per weight kind. The packed kernels' time grows
+linearly with rows while a dequantize + bf16 GEMM costs a near-constant dequantize (4096x4096, 2 threads:
+INT4 ~11 ms, INT8 ~5 ms) plus a cheap GEMM, so they cross at about 48 (INT4) and 24 (INT8) rows
+whatever the layer's size (measured with ``benchmarks/bench_linear.py``)."""
 
-DEQUANT_CHUNK_ELEMENTS = 1 << 21
-"""Weights dequantized at a time (2M -> 4 MiB of bf16 scratch per chunk)."""
+DEQUANT_CHUNK_ELEMENTS = 1 << 22
+"""Weights dequantized at a time (4M: 8 MiB of reused bf16 scratch per thread; 1M and 16M measured slower
+at 2048 rows, 256K slower everywhere)."""
 
 _HAS = {
     "int4pack_cpu": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
@@ -47,6 +53,8 @@ _HAS = {
     "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
 }
 CUDA_INNER_K_TILES = 8
+"""``innerKTiles`` of the CUDA int4pack layout (2, 4 or 8 are valid; 8 is what torchao uses; K must be a multiple
+of ``16 * innerKTiles``). The CPU op ignores the argument (its layout does not tile K), so 1 is passed there."""
 
 
 @functools.cache
@@ -54,6 +62,12 @@ def cpu_has_fast_bf16() -> bool:
     """True when this CPU runs bf16 GEMMs natively (AMX or AVX512-BF16), so bf16 beats float32."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@functools.cache
+def cuda_supports_int4pack(device: torch.device) -> bool:
+    """The CUDA ``_weight_int4pack_mm`` kernel uses bf16 tensor-core MMA, available from compute capability 8.0."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool) -> str:
@@ -65,12 +79,14 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
     if lowbit_ok and isinstance(spec, Int4):
         g = module.group_size
         group_ok = g in (32, 64, 128, 256) and k % g == 0
-        if device.type == "cuda" and _HAS["int4pack_cuda"] and group_ok and n % 8 == 0 and k % 128 == 0:
+        if (device.type == "cuda" and _HAS["int4pack_cuda"] and group_ok and n % 8 == 0
+                and k % (16 * CUDA_INNER_K_TILES) == 0 and cuda_supports_int4pack(device)):
             return "int4pack_cuda"
-        if device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0 and rows <= PACKED_MAX_ROWS:
+        if (device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0
+                and rows <= PACKED_MAX_ROWS["int4"]):
             return "int4pack_cpu"
     if (lowbit_ok and isinstance(spec, Int8) and spec.weight_qtype().symmetric and device.type == "cpu"
-            and _HAS["int8pack"] and rows <= PACKED_MAX_ROWS):
+            and _HAS["int8pack"] and rows <= PACKED_MAX_ROWS["int8"]):
         return "int8pack_cpu"
     if (not forced_fp32 and device.type == "cpu" and cpu_has_fast_bf16()
             and module.compute_dtype in (None, torch.bfloat16)):
@@ -101,7 +117,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if module.bias is not None:
-        y = y + module.bias.to(y.dtype)
+        y = torch.add(y, module.bias.to(y.dtype))
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -153,16 +169,61 @@ def _int8pack_cpu(module, x: torch.Tensor) -> torch.Tensor:
     return _finish(module, y, x)
 
 
+class _Scratch(threading.local):
+    """Per-thread reusable buffers for the chunked dequantize (fresh large allocations page-fault on every
+    call, which measured slower than the dequantize itself)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):
+                buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+
+_SCRATCH = _Scratch()
+
+
+def dequant_chunk_rows(k: int) -> int:
+    """Output rows dequantized at a time for rows of length ``k`` (``DEQUANT_CHUNK_ELEMENTS`` weights)."""
+    return max(16, DEQUANT_CHUNK_ELEMENTS // max(1, k))
+
+
 def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize ``chunk`` output rows at a time into ``dtype`` and multiply; memory stays O(chunk)."""
+    """Dequantize a chunk of output rows at a time into a reused buffer and multiply; memory stays O(chunk).
+
+    With an input that needs a gradient the differentiable ``F.linear`` is used on fresh chunks instead.
+    """
     n, k = module.weight2d_shape
     xf = _flat(x).to(dtype)
-    chunk = max(16, DEQUANT_CHUNK_ELEMENTS // max(1, k))
-    if chunk >= n:
-        return _finish(module, F.linear(xf, module.dequantize_weight(dtype, flat=True)), x)
-    outs = [F.linear(xf, module.dequantize_weight(dtype, flat=True, rows=slice(r, r + chunk)))
-            for r in range(0, n, chunk)]
-    return _finish(module, torch.cat(outs, dim=-1), x)
+    chunk = min(n, dequant_chunk_rows(k))
+    if torch.is_grad_enabled() and xf.requires_grad:
+        outs = [F.linear(xf, module.dequantize_weight(dtype, flat=True, rows=slice(r, r + chunk)))
+                for r in range(0, n, chunk)]
+        return _finish(module, torch.cat(outs, dim=-1), x)
+    wbuf = _SCRATCH.get("weight", chunk * k, dtype, xf.device).view(chunk, k)
+    codes = _SCRATCH.get("codes", chunk * (k + 1), torch.uint8, xf.device)
+    if chunk == n:  # one chunk: a single addmm with the bias fused
+        w = module.dequantize_into(wbuf, 0, codes)
+        bias = None if module.bias is None else module.bias.to(dtype)
+        y = F.linear(xf, w, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    rows = xf.shape[0]
+    if rows <= 256:  # few rows: write y transposed, so that each chunk's output is contiguous
+        y_t = torch.empty(n, rows, dtype=dtype, device=xf.device)
+        for r in range(0, n, chunk):
+            w = module.dequantize_into(wbuf[: min(chunk, n - r)], r, codes)
+            torch.mm(w, xf.t(), out=y_t[r:r + w.shape[0]])
+        return _finish(module, y_t.t().contiguous(), x)
+    y = torch.empty(rows, n, dtype=dtype, device=xf.device)  # many rows: x @ w.T is the faster GEMM shape
+    for r in range(0, n, chunk):
+        w = module.dequantize_into(wbuf[: min(chunk, n - r)], r, codes)
+        y[:, r:r + w.shape[0]] = F.linear(xf, w)
+    return _finish(module, y, x)
 
 
 def _dequant_bf16(module, x: torch.Tensor) -> torch.Tensor:

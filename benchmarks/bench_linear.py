@@ -1,0 +1,142 @@
+"""Latency and resident-memory ratios of QuantLinear / QuantConv2d against float32 PyTorch.
+
+Run: python benchmarks/bench_linear.py [--threads 2] [--quick]
+
+Everything is measured in one process on ``--threads`` threads under ``torch.inference_mode()``; each
+figure is the median of several runs after warm-up. Ratios are ``fp32 time / quantized time`` (higher is
+faster) and ``quantized bytes / fp32 bytes`` (lower is smaller). The targets are those of issue 2; a
+FAIL is printed as such, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import monoquant as mq
+
+
+def median_ms(fn: Callable[[], object], *, reps: int, budget_s: float = 2.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds (2 warm-up calls; stops early past ``budget_s``)."""
+    fn()
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module`` (what it keeps resident)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantized(module: nn.Module, spec: mq.WeightSpec) -> nn.Module:
+    cls = mq.QuantLinear if isinstance(module, nn.Linear) else mq.QuantConv2d
+    return cls.from_float(module, spec)
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, ...]] = []
+        self.failures = 0
+
+    def add(self, case: str, what: str, fp32_ms: float | None, q_ms: float | None, value: float, target: str,
+            ok: bool, kernel: str = "") -> None:
+        self.failures += not ok
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        self.rows.append((case, what, fmt(fp32_ms), fmt(q_ms), f"{value:.3f}x", target, kernel,
+                          "PASS" if ok else "FAIL"))
+
+    def print(self) -> None:
+        head = ("case", "metric", "fp32 ms", "quant ms", "value", "target", "kernel", "result")
+        rows = [head, *self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for i, r in enumerate(rows):
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+
+
+def bench_linear(table: Table, reps: int) -> None:
+    specs = {"INT8": mq.Int8(), "INT4-g128": mq.Int4(group_size=128)}
+    speed_targets = {("INT4-g128", 1): 6.0, ("INT4-g128", 32): 2.5, ("INT8", 1): 6.0}
+    byte_targets = {"INT4-g128": 0.14, "INT8": 0.26}
+    for in_f, out_f in ((4096, 4096), (4096, 11008)):
+        lin = nn.Linear(in_f, out_f)
+        qs = {name: quantized(lin, spec) for name, spec in specs.items()}
+        case = f"Linear {in_f}->{out_f}"
+        for name, q in qs.items():
+            ratio = module_bytes(q) / module_bytes(lin)
+            target = byte_targets[name]
+            table.add(case, f"{name} bytes", None, None, ratio, f"<= {target}x", ratio <= target)
+        for batch in (1, 8, 32):
+            x = torch.randn(batch, in_f)
+            fp32 = median_ms(functools.partial(lin, x), reps=reps)
+            for name, q in qs.items():
+                ms = median_ms(functools.partial(q, x), reps=reps)
+                speedup = fp32 / ms
+                target = speed_targets.get((name, batch))
+                table.add(f"{case} batch {batch}", f"{name} speedup", fp32, ms, speedup,
+                          f">= {target}x" if target else "(none)", target is None or speedup >= target,
+                          q.last_kernel or "")
+
+
+def bench_large_batch(table: Table, reps: int) -> None:
+    for in_f, out_f in ((384, 1536), (4096, 4096)):
+        lin = nn.Linear(in_f, out_f)
+        x = torch.randn(2048, in_f)
+        fp32 = median_ms(functools.partial(lin, x), reps=reps)
+        for name, spec in (("INT8", mq.Int8()), ("INT4-g128", mq.Int4(group_size=128))):
+            q = quantized(lin, spec)
+            ms = median_ms(functools.partial(q, x), reps=reps)
+            table.add(f"Linear {in_f}->{out_f} 2048 rows", f"{name} speedup", fp32, ms, fp32 / ms, ">= 2.0x",
+                      fp32 / ms >= 2.0, q.last_kernel or "")
+
+
+def bench_conv(table: Table, reps: int) -> None:
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(8, 64, 56, 56)
+    q = quantized(conv, mq.Int8())
+    fp32 = median_ms(lambda: conv(x), reps=reps)
+    ms = median_ms(lambda: q(x), reps=reps)
+    case = "Conv2d 64->64 3x3 56x56 batch 8"
+    table.add(case, "INT8 time ratio", fp32, ms, ms / fp32, "<= 1.3x", ms / fp32 <= 1.3, q.last_kernel or "")
+    ratio = module_bytes(q) / module_bytes(conv)
+    table.add(case, "INT8 bytes", None, None, ratio, "<= 0.26x", ratio <= 0.26)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15, help="timed runs per figure (median reported)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fast bf16 CPU: {mq.kernels.cpu_has_fast_bf16()}")
+    table = Table()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        bench_linear(table, args.reps)
+        bench_large_batch(table, max(3, args.reps // 3))
+        bench_conv(table, args.reps)
+    table.print()
+    print(f"{table.failures} target(s) missed; {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
