@@ -39,4 +39,4 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     out = torch.empty(packed.shape[0], packed.shape[1], 2, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(packed, 0xF, out=out[..., 0])
     torch.bitwise_right_shift(packed, 4, out=out[..., 1])
-    return out.reshape(packed.shape[0], -1)[:, :cols]
+    return out.reshape(packed.shape[0], 2 * packed.shape[1])[:, :cols]

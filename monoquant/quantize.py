@@ -128,7 +128,8 @@ def quantize_(
         raise ConfigError("target_sqnr needs calibration_data=... to measure the model output on")
     data = accuracy.materialize(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
-    rules.start()
+    rules.start([(n, m) for n, m in model.named_modules()
+                 if quant_class_for(m) is not None and not isinstance(m, QuantModule)])
     report = QuantReport()
 
     weight_owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)

@@ -28,7 +28,11 @@ DEFAULT_MIN_PARAMS = 1024
 and time, and tiny layers (first convs, small projections) are the most sensitive to quantization."""
 
 HEAD_NAMES = ("lm_head", "*.lm_head", "head", "*.head", "classifier", "*.classifier", "output", "*.output")
-"""Names that ``SkipRules.defaults(skip_head=True)`` treats as output heads."""
+"""Names that ``skip_head=True`` treats as output heads. When no candidate layer has such a name (e.g. a plain
+``nn.Sequential``), the last ``nn.Linear`` in registration order is taken as the head instead."""
+
+HEAD_REASON = "output head (skip_head=True)"
+LAST_LINEAR_HEAD_REASON = "output head: the model's last nn.Linear (skip_head=True; no layer is named like a head)"
 
 
 def _matches(pattern: Pattern, name: str) -> bool:
@@ -60,7 +64,11 @@ class SkipRules:
         exclude_types: layers that are instances of these types stay float.
         predicate: ``(name, module) -> bool``; ``True`` keeps the layer in float.
         min_params: layers with fewer weight elements stay float.
-        skip_head: keep output heads (names in :data:`HEAD_NAMES`) in float.
+        skip_head: keep output heads in float: layers named like :data:`HEAD_NAMES`, or, when none is, the
+            model's last ``nn.Linear`` (in registration order).
+
+    Rules are checked in this order and the first that applies gives the reason: include, exclude, types,
+    predicate, head, size, then shapes the spec cannot handle (see :meth:`Int4.resolve_group_size`).
     """
 
     include: Sequence[Pattern] = ()
@@ -70,6 +78,7 @@ class SkipRules:
     min_params: int = 0
     skip_head: bool = False
     _used: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    _heads: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def defaults(cls, *, skip_head: bool = False, min_params: int = DEFAULT_MIN_PARAMS, **kwargs) -> SkipRules:
@@ -92,9 +101,25 @@ class SkipRules:
 
         return rules_from_sensitivity(results, min_sqnr_db=min_sqnr_db, top=top, base=base)
 
-    def start(self) -> None:
-        """Forget which patterns matched (called at the start of every ``quantize_``)."""
+    def start(self, candidates: Sequence[tuple[str, nn.Module]] | None = None) -> None:
+        """Forget which patterns matched; called by ``quantize_`` with every candidate ``(name, layer)``.
+
+        With ``candidates``, output heads are found once for the whole model (see ``skip_head``); without,
+        only names are used.
+        """
         self._used = set()
+        self._heads = None
+        if candidates is not None and self.skip_head:
+            named = [n for n, _ in candidates if self._is_head_name(n)]
+            linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+            if named:
+                self._heads = dict.fromkeys(named, HEAD_REASON)
+            else:
+                self._heads = {linears[-1]: LAST_LINEAR_HEAD_REASON} if linears else {}
+
+    @staticmethod
+    def _is_head_name(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in HEAD_NAMES)
 
     def _first_match(self, patterns: Sequence[Pattern], name: str) -> Pattern | None:
         for p in patterns:
@@ -109,15 +134,18 @@ class SkipRules:
             return Decision(False, "not matched by include patterns")
         hit = self._first_match(self.exclude, name)
         if hit is not None:
-            return Decision(False, f"excluded by name pattern {_describe(hit)!r}")
+            return Decision(False, f"excluded by name pattern '{_describe(hit)}'")
         for t in self.exclude_types:
             if isinstance(module, t):
                 self._used.add(t.__name__)
                 return Decision(False, f"excluded by type {t.__name__}")
         if self.predicate is not None and self.predicate(name, module):
             return Decision(False, "excluded by predicate")
-        if self.skip_head and any(fnmatch.fnmatchcase(name, p) for p in HEAD_NAMES):
-            return Decision(False, "output head (skip_head=True)")
+        if self.skip_head:
+            if self._heads is not None and name in self._heads:
+                return Decision(False, self._heads[name])
+            if self._heads is None and self._is_head_name(name):
+                return Decision(False, HEAD_REASON)
         n_weights = module.weight.numel()
         if n_weights < self.min_params:
             return Decision(False, f"too small: {n_weights} weights < min_params={self.min_params}")

@@ -1,0 +1,137 @@
+"""The kernel table, and each kernel's numbers against ``F.linear`` on the dequantized weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import monoquant as mq
+from monoquant import kernels
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def q_linear(k, n, spec, **cfg):
+    return mq.QuantLinear.from_float(nn.Linear(k, n), mq.QuantConfig(spec, **cfg))
+
+
+@pytest.fixture
+def no_fast_bf16(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: False)
+
+
+@pytest.fixture
+def fast_bf16(monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: True)
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_table_on_cpu(monkeypatch, bf16):
+    monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: bf16)
+    big = "dequant_bf16" if bf16 else "dequant"
+    lim4, lim8 = kernels.PACKED_MAX_ROWS["int4"], kernels.PACKED_MAX_ROWS["int8"]
+    cases = [
+        (q_linear(256, 32, mq.Int4(group_size=128)), 1, False, "int4pack_cpu"),
+        (q_linear(256, 32, mq.Int4(group_size=128)), lim4, False, "int4pack_cpu"),
+        (q_linear(256, 32, mq.Int4(group_size=128)), lim4 + 1, False, big),
+        (q_linear(256, 32, mq.Int4(group_size=128)), 1, True, big),  # input needs grad
+        (q_linear(256, 24, mq.Int4(group_size=128)), 1, False, big),  # N % 16 != 0
+        (q_linear(480, 32, mq.Int4(group_size=96)), 1, False, big),  # group the kernel can't do
+        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 1, False, "dequant"),
+        (q_linear(256, 24, mq.Int8()), lim8, False, "int8pack_cpu"),
+        (q_linear(256, 24, mq.Int8(granularity="tensor")), 1, False, "int8pack_cpu"),
+        (q_linear(256, 24, mq.Int8()), lim8 + 1, False, big),
+        (q_linear(256, 24, mq.Int8(symmetric=False)), 1, False, big),
+        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float32), 1, False, "dequant"),
+        (q_linear(256, 24, mq.Float16()), 1, False, big),
+        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 1, False, "int8pack_cpu"),
+        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 64, False, "dequant"),
+    ]
+    got = [kernels.choose_linear_kernel(q, CPU, rows, grad) for q, rows, grad, _ in cases]
+    assert got == [want for *_, want in cases]
+
+
+def _check(q, x, tol):
+    with torch.no_grad():
+        y = q(x)
+        ref = F.linear(x.double(), q.dequantize_weight(torch.float64, flat=True), q.bias.double())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert rel_err(y, ref) <= tol, (q.last_kernel, rel_err(y, ref))
+    return q.last_kernel
+
+
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=g, symmetric=s) for g in (32, 64, 128, 256)
+                                  for s in (False, True)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("n", [16, 48])
+def test_int4pack_cpu_matches_dequantized_reference(spec, n):
+    q = q_linear(512, n, spec)
+    assert _check(q, torch.randn(3, 512), 1e-2) == "int4pack_cpu"
+    assert _check(q, torch.randn(2, 4, 512), 1e-2) == "int4pack_cpu"  # leading dims kept
+
+
+def test_int4pack_cpu_with_small_groups_and_rows():
+    q = q_linear(96, 16, mq.Int4(group_size=32))
+    assert _check(q, torch.randn(1, 96), 1e-2) == "int4pack_cpu"
+
+
+def test_int4pack_cpu_error_is_bf16_rounding_only():
+    """Against the same product with the input rounded to bf16, the packed kernel's error is tiny."""
+    q = q_linear(1024, 64, mq.Int4(group_size=128))
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        y = q(x)
+        ref = F.linear(x.bfloat16().double(), q.dequantize_weight(torch.float64, flat=True), q.bias.double())
+    assert q.last_kernel == "int4pack_cpu" and rel_err(y, ref) < 5e-3
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int8(granularity="tensor")], ids=["channel", "tensor"])
+def test_int8pack_cpu_matches_dequantized_reference(spec):
+    q = q_linear(384, 40, spec)
+    assert _check(q, torch.randn(5, 384), 1e-2) == "int8pack_cpu"
+
+
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=32), mq.Int4(group_size=64, symmetric=True), mq.Int8(),
+                                  mq.Int8(symmetric=False), mq.Int8(granularity="tensor", symmetric=False),
+                                  mq.Float16(), mq.BFloat16()], ids=lambda s: s.describe())
+@pytest.mark.parametrize("k, n", [(64, 40), (96, 3000)])  # one chunk; five chunks (see the monkeypatch)
+def test_dequant_paths_match_reference(monkeypatch, spec, k, n):
+    monkeypatch.setattr(kernels, "DEQUANT_CHUNK_ELEMENTS", 96 * 700)  # several chunks with a ragged last one
+    q = q_linear(k, n, spec)
+    for rows in (3, 300):
+        x = torch.randn(rows, k)
+        monkeypatch.setattr(kernels, "PACKED_MAX_ROWS", {"int4": 0, "int8": 0})
+        assert _check(q, x, 1e-2) in ("dequant_bf16", "dequant")
+        q32 = q_linear(k, n, spec, compute_dtype=torch.float32)
+        q32.load_state_dict(q.state_dict())
+        assert _check(q32, x, 1e-5) == "dequant"
+
+
+def test_bf16_dequantize_into_is_rounded_once():
+    q = q_linear(256, 64, mq.Int4(group_size=64))
+    w64 = q.dequantize_weight(torch.float64, flat=True)
+    wb = q.dequantize_weight(torch.bfloat16, flat=True, rows=slice(8, 40))
+    # (q - z) is exact in bf16; only the scale and the product are rounded: within 2 bf16 ulps
+    assert torch.allclose(wb.double(), w64[8:40], rtol=2 * 2**-8, atol=0)
+
+
+def test_input_dtypes_are_kept(fast_bf16):
+    q = q_linear(128, 32, mq.Int4(group_size=32))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for rows in (2, 200):
+            with torch.no_grad():
+                y = q(torch.randn(rows, 128, dtype=dtype))
+            assert y.dtype == dtype
+
+
+def test_kernel_cache_is_dropped_on_set_stored_and_to():
+    q = q_linear(128, 32, mq.Int4(group_size=32))
+    with torch.no_grad():
+        q(torch.randn(1, 128))
+    assert "int4pack_cpu" in q._kernel_cache
+    q.to(torch.float64)
+    assert q._kernel_cache == {}
