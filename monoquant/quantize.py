@@ -25,6 +25,17 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
+MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
+                       "so no low-bit kernel could run")
+
+
+TRANSFORMER_FAST_PATH_NOTE = " (eval fast path: dequant)"
+"""Appended to the kernel of ``nn.TransformerEncoderLayer.linear1/linear2``: in eval mode without grad, PyTorch's
+fused encoder fast path reads their ``.weight`` instead of calling them, which rebuilds the float weight per call
+(correct, but not the low-bit kernel). Training mode, or ``torch.backends.mha.set_fastpath_enabled(False)``,
+calls the layers and so their kernels."""
+
+
 @dataclass
 class _Planned:
     name: str
@@ -53,8 +64,7 @@ def _structural_skip(name: str, module: nn.Module, model: nn.Module,
                      weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
-                "so no low-bit kernel could run")
+        return MHA_OUT_PROJ_REASON
     for owner_name, owner in weight_owners.get(id(module.weight), []):
         if quant_class_for(owner) is None:
             return f"weight is tied to {owner_name} ({type(owner).__name__}), which stays float"
@@ -187,6 +197,9 @@ def quantize_(
             swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
         row = rows[item.name]
         row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
+        if any(isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2")
+               for parent, attr in parents[id(module)]):
+            row.kernel += TRANSFORMER_FAST_PATH_NOTE
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan
 
