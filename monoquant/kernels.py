@@ -9,12 +9,13 @@ kernel             applies when                                                 
 ``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
                    rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
 ``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS["int8"]`` (24)            bf16
-``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), otherwise large batches   bf16
-``dequant``        everything else: dequantize, then ``F.linear`` in the input's dtype     input dtype
+``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
+``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
+                                                                                          else input dtype
 =================  =====================================================================  ==============
 
-Packed kernels and bf16 compute are skipped when ``compute_dtype=torch.float32`` is forced, when the
-input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op
+Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
+``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op
 is missing from this torch build. Measured on a 2-core AVX512 CPU (``benchmarks/bench_linear.py``):
 the packed kernels are ~2.5-3x faster than float32 at 1 row but grow linearly with rows and lose to a
 dequantize + bf16 GEMM beyond 24-48 rows, hence ``PACKED_MAX_ROWS``. The dequantize is done in chunks of
@@ -75,7 +76,7 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
     spec = module.spec
     forced_fp32 = module.compute_dtype == torch.float32
     n, k = module.weight2d_shape
-    lowbit_ok = not forced_fp32 and not needs_grad
+    lowbit_ok = module.compute_dtype in (None, torch.bfloat16) and not needs_grad  # packed kernels are bf16
     if lowbit_ok and isinstance(spec, Int4):
         g = module.group_size
         group_ok = g in (32, 64, 128, 256) and k % g == 0
@@ -115,6 +116,11 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous bf16 ``[rows, K]``, the activations the packed kernels take."""
+    return _flat(x).to(torch.bfloat16).contiguous()
+
+
 def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if module.bias is not None:
         y = torch.add(y, module.bias.to(y.dtype))
@@ -140,7 +146,7 @@ def _int4pack_cpu(module, x: torch.Tensor) -> torch.Tensor:
                 _int4_scale_and_zeros(module, torch.bfloat16))
 
     packed, sz = _cache(module, "int4pack_cpu", make)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_flat(x).to(torch.bfloat16), packed, module.group_size, sz)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16_rows(x), packed, module.group_size, sz)
     return _finish(module, y, x)
 
 
@@ -154,7 +160,7 @@ def _int4pack_cuda(module, x: torch.Tensor) -> torch.Tensor:
                 _int4_scale_and_zeros(module, torch.bfloat16))
 
     packed, sz = _cache(module, "int4pack_cuda", make)
-    y = torch.ops.aten._weight_int4pack_mm(_flat(x).to(torch.bfloat16), packed, module.group_size, sz)
+    y = torch.ops.aten._weight_int4pack_mm(_bf16_rows(x), packed, module.group_size, sz)
     return _finish(module, y, x)
 
 
@@ -165,7 +171,7 @@ def _int8pack_cpu(module, x: torch.Tensor) -> torch.Tensor:
         return module.scale.expand(n).to(torch.bfloat16).contiguous()
 
     scales = _cache(module, "int8pack_scales", make)
-    y = torch.ops.aten._weight_int8pack_mm(_flat(x).to(torch.bfloat16), module.qweight, scales)
+    y = torch.ops.aten._weight_int8pack_mm(_bf16_rows(x), module.qweight, scales)
     return _finish(module, y, x)
 
 

@@ -49,8 +49,9 @@ def test_table_on_cpu(monkeypatch, bf16):
         (q_linear(256, 24, mq.Int8(symmetric=False)), 1, False, big),
         (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float32), 1, False, "dequant"),
         (q_linear(256, 24, mq.Float16()), 1, False, big),
-        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 1, False, "int8pack_cpu"),
-        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 64, False, "dequant"),
+        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 1, False, "dequant"),
+        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.bfloat16), 1, False, "int4pack_cpu"),
+        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.bfloat16), 64, False, big),
     ]
     got = [kernels.choose_linear_kernel(q, CPU, rows, grad) for q, rows, grad, _ in cases]
     assert got == [want for *_, want in cases]
@@ -135,3 +136,18 @@ def test_kernel_cache_is_dropped_on_set_stored_and_to():
     assert "int4pack_cpu" in q._kernel_cache
     q.to(torch.float64)
     assert q._kernel_cache == {}
+
+
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=64), mq.Int8()], ids=["int4", "int8"])
+def test_packed_kernels_accept_non_contiguous_inputs(spec):
+    q = q_linear(256, 32, spec)
+    x = torch.randn(256, 3).t()
+    assert not x.is_contiguous()
+    assert _check(q, x, 1e-2).endswith("pack_cpu")
+
+
+def test_cpu_int4pack_layout_ignores_inner_k_tiles():
+    """Why 1 is passed as innerKTiles on CPU: the CPU layout does not depend on it."""
+    codes = torch.randint(0, 16, (32, 256), dtype=torch.int32)
+    op = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    assert torch.equal(op(codes, 1), op(codes, 8))
