@@ -16,11 +16,12 @@ kernel             applies when                                                 
 
 Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
 ``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are
-differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core AVX512 CPU (``benchmarks/bench_linear.py``):
-the packed kernels are ~2.5-3x faster than float32 at 1 row but grow linearly with rows and lose to a
-dequantize + bf16 GEMM beyond 24-48 rows, hence ``PACKED_MAX_ROWS``. The dequantize is done in chunks of
-output rows into per-thread buffers that are reused across calls (fresh large allocations page-fault
-every time), so its scratch memory stays small however large the layer.
+differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
+AVX512 + AMX CPU (``benchmarks/bench_linear.py``): the packed kernels are ~2.5-3x faster than float32 at
+1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-48 rows, hence
+``PACKED_MAX_ROWS``. The dequantize is done in chunks of output rows into per-thread buffers that are
+reused across calls (fresh large allocations page-fault every time), so its scratch memory stays small
+(``DEQUANT_CHUNK_ELEMENTS``) however large the layer.
 
 Kernel-specific weight layouts are derived from the stored (canonical) buffers at first use and cached
 on the module (``module._kernel_cache``), never stored in ``state_dict``.
