@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import monoquant as mq
@@ -151,3 +153,26 @@ def test_cpu_int4pack_layout_ignores_inner_k_tiles():
     codes = torch.randint(0, 16, (32, 256), dtype=torch.int32)
     op = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     assert torch.equal(op(codes, 1), op(codes, 8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), groups=st.integers(1, 3), group=st.sampled_from([3, 7, 32]), sym=st.booleans(),
+       start=st.integers(0, 39), chunk_rows=st.integers(16, 64))
+def test_dequantize_into_any_shape(n, groups, group, sym, start, chunk_rows):
+    """Odd row lengths, ragged chunks and any row window: bf16 dequantize equals the float64 one, rounded."""
+    k = groups * group
+    q = mq.QuantLinear(k, n, spec=mq.Int4(group_size=group, symmetric=sym), group_size=group)
+    q.set_stored(mq.schemes.quantize_weight(q.spec, torch.randn(n, k), group))
+    start = min(start, n - 1)
+    w64 = q.dequantize_weight(torch.float64, flat=True)[start:]
+    wb = q.dequantize_weight(torch.bfloat16, flat=True, rows=slice(start, None))
+    assert torch.allclose(wb.double(), w64, rtol=2 * 2**-8, atol=0)
+    scratch = torch.full((wb.numel() + n,), 255, dtype=torch.uint8)  # reused scratch with stale bytes
+    out = torch.empty(n - start, k, dtype=torch.float32)
+    assert torch.equal(q.dequantize_into(out, start, scratch), w64.float())  # exact, rounded once
+    x = torch.randn(5, k)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "DEQUANT_CHUNK_ELEMENTS", chunk_rows * k)
+        ref = F.linear(x.double(), q.dequantize_weight(torch.float64, flat=True), q.bias.double())
+        q.compute_dtype = torch.float32
+        assert rel_err(q(x), ref) <= 1e-5
