@@ -213,7 +213,7 @@ def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
                 for r in range(0, n, chunk)]
         return _finish(module, torch.cat(outs, dim=-1), x)
     wbuf = _SCRATCH.get("weight", chunk * k, dtype, xf.device).view(chunk, k)
-    codes = _SCRATCH.get("codes", chunk * (k + 1), torch.uint8, xf.device)
+    codes = _SCRATCH.get("codes", 2 * chunk * (k + 1), torch.uint8, xf.device)
     if chunk == n:  # one chunk: a single addmm with the bias fused
         w = module.dequantize_into(wbuf, 0, codes)
         bias = None if module.bias is None else module.bias.to(dtype)

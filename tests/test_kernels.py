@@ -167,7 +167,7 @@ def test_dequantize_into_any_shape(n, groups, group, sym, start, chunk_rows):
     w64 = q.dequantize_weight(torch.float64, flat=True)[start:]
     wb = q.dequantize_weight(torch.bfloat16, flat=True, rows=slice(start, None))
     assert torch.allclose(wb.double(), w64, rtol=2 * 2**-8, atol=0)
-    scratch = torch.full((wb.numel() + n,), 255, dtype=torch.uint8)  # reused scratch with stale bytes
+    scratch = torch.full((2 * n * (k + 1),), 255, dtype=torch.uint8)  # reused scratch with stale bytes
     out = torch.empty(n - start, k, dtype=torch.float32)
     assert torch.equal(q.dequantize_into(out, start, scratch), w64.float())  # exact, rounded once
     x = torch.randn(5, k)

@@ -312,3 +312,17 @@ def test_bare_spec_means_weight_only_with_default_rules():
     model = nn.Sequential(nn.Linear(64, 64))
     report = mq.quantize_(model, mq.Int8())
     assert isinstance(model[0], mq.QuantLinear) and report.unmatched_rules == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_model_dtype_is_preserved(dtype):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Conv1d(64, 32, 1)).to(dtype)
+    ref = copy.deepcopy(model)
+    mq.quantize_(model, cfg(mq.Int4(group_size=32)))
+    assert model[0].bias.dtype == dtype and model[0].float_dtype == dtype and model[0].scale.dtype == torch.float32
+    assert model[0].dequantize_weight().dtype == dtype and model[0].to_float().weight.dtype == dtype
+    x = torch.randn(3, 64, 64, dtype=dtype)  # Linear over the last dim, then Conv1d over 64 channels
+    with torch.no_grad():
+        y = model(x)
+        assert y.dtype == dtype
+        assert sqnr(ref(x), y) > 15
