@@ -71,6 +71,13 @@ def _structural_skip(name: str, module: nn.Module, model: nn.Module,
     return None
 
 
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the very hook dicts of ``src``, so existing handles' ``remove()`` keeps working."""
+    for hooks in _HOOK_DICTS:
+        if hasattr(src, hooks):
+            setattr(dst, hooks, getattr(src, hooks))
+
+
 def _kernel_summary(q: QuantModule) -> str:
     if not hasattr(q, "in_features"):
         return "dequant_conv"
@@ -144,7 +151,7 @@ def quantize_(
 
     weight_owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
     for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
+        w = None if isinstance(module, QuantModule) else getattr(module, "weight", None)  # (would dequantize)
         if isinstance(w, torch.Tensor):
             weight_owners[id(w)].append((name, module))
 
@@ -188,9 +195,7 @@ def quantize_(
             for buf in ("qweight", "scale", "zero_point"):
                 q._buffers[buf] = twin._buffers[buf]
         done.setdefault(id(module.weight), q)
-        for hooks in _HOOK_DICTS:
-            if hasattr(module, hooks):
-                setattr(q, hooks, getattr(module, hooks))
+        _move_hooks(module, q)
         for parent, attr in parents[id(module)]:
             setattr(parent, attr, q)
         if references is not None:
@@ -222,13 +227,22 @@ def _kind_of(scheme: str) -> str:
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every quantized module in ``model`` by a plain float ``nn.Linear``/``nn.Conv*``, in place."""
+    """Replace every quantized module in ``model`` by a plain float ``nn.Linear``/``nn.Conv*``, in place.
+
+    Hooks, train/eval flags, device and dtype carry over; layers that shared quantized weights (tied
+    Linears) share one float weight ``Parameter`` again. Returns ``model``.
+    """
     model = _check_model(model)
     parents = _parents(model)
     floats: dict[int, nn.Module] = {}
+    tied: dict[int, nn.Parameter] = {}  # id(qweight) -> float weight already made from it
     for _, module in list(model.named_modules()):
         if isinstance(module, QuantModule) and id(module) not in floats:
             floats[id(module)] = f = module.to_float()
+            twin = tied.setdefault(id(module.qweight), f.weight)
+            if twin is not f.weight and twin.shape == f.weight.shape:
+                f.weight = twin
+            _move_hooks(module, f)
             for parent, attr in parents[id(module)]:
                 setattr(parent, attr, f)
     return model

@@ -116,6 +116,8 @@ def test_tied_linears_share_quantized_buffers():
     assert model[0].qweight is model[1].qweight and model[0].scale is model[1].scale
     assert model[0].bias is not model[1].bias
     assert torch.equal(model[0].dequantize_weight(), model[1].dequantize_weight())
+    mq.dequantize_(model)
+    assert type(model[1]) is nn.Linear and model[0].weight is model[1].weight  # tied again
 
 
 def test_nested_containers():
@@ -237,6 +239,8 @@ def test_no_grad_and_inference_mode_agree_and_input_gradients_flow():
 def test_dequantize_restores_float_modules():
     model = nn.Sequential(nn.Linear(64, 32), nn.Conv2d(4, 8, 3, padding="same", padding_mode="reflect"))
     model[0].train(False)
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
     mq.quantize_(model, cfg(mq.Int4(group_size=32)))
     expected = model[0].dequantize_weight()
     assert mq.dequantize_(model) is model
@@ -244,6 +248,8 @@ def test_dequantize_restores_float_modules():
     assert torch.equal(model[0].weight, expected) and not model[0].training
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad
     assert model[1].padding_mode == "reflect"
+    model[0](torch.randn(1, 64))
+    assert seen == ["Linear"]  # the hook moved back with the layer
     with pytest.raises(mq.ModelError):
         mq.dequantize_([model])
 
