@@ -1,6 +1,6 @@
 """Latency and resident-memory ratios of QuantLinear / QuantConv2d against float32 PyTorch.
 
-Run: python benchmarks/bench_linear.py [--threads 2] [--quick]
+Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover]
 
 Everything is measured in one process on ``--threads`` threads under ``torch.inference_mode()``; each
 figure is the median of several runs after warm-up. Ratios are ``fp32 time / quantized time`` (higher is
@@ -118,10 +118,32 @@ def bench_conv(table: Table, reps: int) -> None:
     table.add(case, "INT8 bytes", None, None, ratio, "<= 0.26x", ratio <= 0.26)
 
 
+def crossover(reps: int) -> None:
+    """Packed kernel vs dequantize + GEMM vs fp32 by row count (4096x4096): where PACKED_MAX_ROWS should be."""
+    lin = nn.Linear(4096, 4096)
+    limits = dict(mq.kernels.PACKED_MAX_ROWS)
+    print(f"\ncrossover, Linear 4096->4096 (current PACKED_MAX_ROWS={limits})")
+    print("rows  fp32 ms  " + "  ".join(f"{n} packed ms  {n} dequant ms" for n in ("INT8", "INT4")))
+    qs = [quantized(lin, mq.Int8()), quantized(lin, mq.Int4(group_size=128))]
+    try:
+        for rows in (8, 16, 24, 32, 48, 64, 96):
+            x = torch.randn(rows, 4096)
+            cells = [f"{rows:<4}  {median_ms(functools.partial(lin, x), reps=reps):7.3f}"]
+            for q in qs:
+                for limit in (10**9, 0):
+                    mq.kernels.PACKED_MAX_ROWS = {"int4": limit, "int8": limit}
+                    cells.append(f"{median_ms(functools.partial(q, x), reps=reps):14.3f}")
+            print("  ".join(cells))
+    finally:
+        mq.kernels.PACKED_MAX_ROWS = limits
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15, help="timed runs per figure (median reported)")
+    parser.add_argument("--crossover", action="store_true",
+                        help="also time packed kernels against dequantize + GEMM by row count")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -135,6 +157,9 @@ def main() -> int:
         bench_conv(table, args.reps)
     table.print()
     print(f"{table.failures} target(s) missed; {time.perf_counter() - start:.0f} s")
+    if args.crossover:
+        with torch.inference_mode():
+            crossover(max(3, args.reps // 3))
     return 0
 
 
