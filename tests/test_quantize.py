@@ -332,3 +332,18 @@ def test_model_dtype_is_preserved(dtype):
         y = model(x)
         assert y.dtype == dtype
         assert sqnr(ref(x), y) > 15
+
+
+def test_quantized_under_inference_mode_still_works_outside_it():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.inference_mode():
+        mq.quantize_(model, cfg(mq.Int4(group_size=32)))
+    x = torch.randn(2, 64, requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (2, 64)
+    twin = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    mq.quantize_(twin, cfg(mq.Int4(group_size=32)))
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
