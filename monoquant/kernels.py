@@ -7,7 +7,7 @@ kernel             applies when                                                 
 =================  =====================================================================  ==============
 ``int4pack_cuda``  Int4, CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
 ``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
-                   rows <= ``PACKED_MAX_ROWS["int4"]`` (40)
+                   rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
 ``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS["int8"]`` (24)            bf16
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
 ``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
@@ -18,7 +18,7 @@ Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (f
 ``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are
 differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
 AVX512 + AMX CPU (``benchmarks/bench_linear.py``): the packed kernels are ~2.5-3x faster than float32 at
-1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-40 rows, hence
+1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-48 rows, hence
 ``PACKED_MAX_ROWS``. The dequantize is done in chunks of output rows into per-thread buffers that are
 reused across calls (fresh large allocations page-fault every time), so its scratch memory stays small
 (``DEQUANT_CHUNK_ELEMENTS``) however large the layer.
@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from .config import Int4, Int8
 from .packing import unpack_int4
 
-PACKED_MAX_ROWS = {"int4": 40, "int8": 24}
+PACKED_MAX_ROWS = {"int4": 48, "int8": 24}
 """Largest row count sent to the packed CPU kernels, per weight kind. The packed kernels' time grows
 linearly with rows while a dequantize + bf16 GEMM costs a near-constant dequantize plus a cheap GEMM.
-Measured (``bench_linear.py --crossover``, 4096x4096, 1 thread, AVX512 + AMX): INT8 packed 9.6 ms vs
-dequantize 10.1 ms at 24 rows, 13.0 vs 10.6 at 32; INT4 packed 12.7 vs 16.2 at 32, 18.8 vs 17.6 at 48.
+Measured with ``bench_linear.py --crossover`` (4096x4096, AVX512 + AMX), packed vs dequantize ms:
+INT8 at 24 / 32 rows 4.8 vs 5.7 / 6.3 vs 5.6 on 2 threads, 9.6 vs 10.1 / 13.0 vs 10.6 on 1 thread;
+INT4 at 48 / 64 rows 9.2 vs 11.6 / 12.3 vs 12.1 on 2 threads, 18.8 vs 17.6 / 25.2 vs 17.0 on 1 thread.
 Both sides scale with the layer's size, so the crossing row count does not depend on it."""
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22
