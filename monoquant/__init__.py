@@ -6,6 +6,7 @@
 
 from . import accuracy, functional
 from .accuracy import Comparison, LayerSensitivity, Thresholds, compare, sensitivity
+from .calibration import calibrate, calibrate_with, freeze, needs_calibration, sync_observers
 from .config import BFloat16, Float16, Int4, Int8, QuantConfig, WeightSpec
 from .errors import (
     AccuracyError,
@@ -17,8 +18,16 @@ from .errors import (
     NonFiniteWeightError,
     SerializationError,
 )
+from .gptq import HessianObserver
 from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
-from .observers import MinMaxObserver, Observer
+from .observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    NonFiniteInputWarning,
+    Observer,
+)
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 from .quantize import dequantize_, quantize_
 from .report import AccuracyWarning, LayerReport, NothingQuantizedWarning, QuantReport
@@ -34,4 +43,6 @@ __all__ = [
     "PerTensor", "QType", "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule",
     "QuantReport", "SerializationError", "SkipRules", "Thresholds", "WeightSpec", "accuracy", "compare",
     "dequantize_", "functional", "load", "quantize_", "save", "sensitivity",
+    "HessianObserver", "HistogramObserver", "MSEObserver", "MovingAverageMinMaxObserver", "NonFiniteInputWarning",
+    "calibrate", "calibrate_with", "freeze", "needs_calibration", "sync_observers",
 ]

@@ -29,9 +29,15 @@ KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 METHODS = ("rtn", "mse", "gptq")
 
 
-def _check_method(method: str) -> None:
+def _check_method(method: str, observer: object = None, act_order: bool = False, damping: float = 0.01) -> None:
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "mse" and observer is not None:
+        raise ConfigError("method='mse' picks the MSEObserver; pass either method='mse' or observer=..., not both")
+    if act_order and method != "gptq":
+        raise ConfigError("act_order=True only applies to method='gptq'")
+    if not damping > 0:
+        raise ConfigError(f"damping must be a positive fraction of the Hessian's mean diagonal, got {damping}")
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,11 @@ class WeightSpec:
 
     def make_observer(self) -> Observer:
         """A fresh observer for one tensor: a copy of the prototype, or the default (min/max)."""
-        from .observers import MinMaxObserver
+        from .observers import MinMaxObserver, MSEObserver
 
         proto = getattr(self, "observer", None)
         if proto is None:
-            return MinMaxObserver()
+            return MSEObserver() if getattr(self, "method", "rtn") == "mse" else MinMaxObserver()
         if isinstance(proto, torch.nn.Module):
             return copy.deepcopy(proto)
         if callable(proto):
@@ -63,8 +69,13 @@ class WeightSpec:
 class Int8(WeightSpec):
     """8-bit integers. As a weight spec: per-output-channel (default) or per-tensor, symmetric by default.
 
-    As an activation spec: per-tensor, affine by default (``symmetric=False``); ``dynamic=True`` computes
-    per-token scales on the fly instead of calibrating.
+    As an activation spec: per-tensor, affine by default (``symmetric=False``), qparams from ``observer``
+    (default :class:`~monoquant.MinMaxObserver`) after calibration; ``dynamic=True`` computes per-token
+    scales on the fly instead of calibrating. ``granularity`` and ``method`` only apply to weights.
+
+    ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
+    :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see
+    :mod:`monoquant.gptq`, with ``act_order`` and ``damping``, a fraction of the Hessian's mean diagonal).
     """
 
     symmetric: bool | None = None
@@ -72,11 +83,13 @@ class Int8(WeightSpec):
     observer: ObserverLike = field(default=None, compare=False)
     method: str = "rtn"
     dynamic: bool = False
+    act_order: bool = False
+    damping: float = 0.01
 
     def __post_init__(self) -> None:
         if self.granularity not in ("channel", "tensor"):
             raise ConfigError(f"Int8 granularity must be 'channel' or 'tensor', got {self.granularity!r}")
-        _check_method(self.method)
+        _check_method(self.method, self.observer, self.act_order, self.damping)
 
     @property
     def kind(self) -> str:
@@ -103,16 +116,20 @@ class Int4(WeightSpec):
     by :meth:`resolve_group_size`: one group per row if the row is no longer than ``group_size``; else the
     largest of ``group_size/2, group_size/4, ...`` (down to 32) that divides the row; else the layer is
     skipped and reported.
+
+    ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
     """
 
     group_size: int = 128
     symmetric: bool = False
     observer: ObserverLike = field(default=None, compare=False)
     method: str = "rtn"
+    act_order: bool = False
+    damping: float = 0.01
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
-        _check_method(self.method)
+        _check_method(self.method, self.observer, self.act_order, self.damping)
 
     @property
     def kind(self) -> str:

@@ -14,6 +14,26 @@ kernel             applies when                                                 
                                                                                           else input dtype
 =================  =====================================================================  ==============
 
+Layers that quantize their inputs (``input_quantizer``, see :mod:`monoquant.nn.activation`) or wait for GPTQ
+go through these rows first:
+
+=================  =====================================================================  ==============
+kernel             applies when                                                           computes in
+=================  =====================================================================  ==============
+``gptq_pending``   ``method="gptq"`` before :func:`monoquant.freeze`: the float weight    input dtype
+``uncalibrated``   static activations not frozen, outside ``mq.calibrate``: raises         -
+``w8a8_int_mm``    Int8 symmetric weights, INT8 activations ready (frozen or dynamic),    int32, then one
+                   ``torch._int_mm`` present, CPU (any shape) or CUDA (rows > 16,          float32 rescale
+                   N % 8 == 0, K % 8 == 0), input needs no gradient
+``w8a8_sim``       same layers otherwise: the same integer products in float64 (exact),   float64, then
+                   so the output is bit-identical to ``w8a8_int_mm``                      the same rescale
+``act_sim``        other weights (INT4, affine INT8, half) with INT8 activations:          as the weight
+                   quantize-dequantize the input, then the weight-only row above           kernel
+=================  =====================================================================  ==============
+
+While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the weight-only rows with the
+float input (the observers see float activations, as they will at freeze time).
+
 Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
 ``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are
 differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
@@ -55,6 +75,7 @@ _HAS = {
     "int4pack_cpu": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
     "int4pack_cuda": hasattr(torch.ops.aten, "_weight_int4pack_mm"),
     "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+    "int_mm": hasattr(torch, "_int_mm"),
 }
 CUDA_INNER_K_TILES = 8
 """``innerKTiles`` of the CUDA int4pack layout (2, 4 or 8 are valid; 8 is what torchao uses; K must be a multiple
@@ -74,8 +95,41 @@ def cuda_supports_int4pack(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool) -> str:
-    """Name of the kernel the table above picks for ``module`` on ``device`` for ``rows`` input rows."""
+def int_mm_shape_ok(device: torch.device, rows: int, n: int, k: int) -> bool:
+    """Whether ``torch._int_mm`` accepts ``[rows, k] x [k, n]`` on ``device`` (CPU: any; CUDA: see table)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and rows > 16 and n % 8 == 0 and k % 8 == 0
+
+
+def _activation_kernel(module, device: torch.device, rows: int, needs_grad: bool) -> str | None:
+    """The row for layers that wait for GPTQ or quantize their inputs; ``None`` for weight-only layers."""
+    if getattr(module, "gptq", None) is not None:
+        return "gptq_pending"
+    act = getattr(module, "input_quantizer", None)
+    if act is None:
+        return None
+    if not act.ready:
+        return None if act.calibrating else "uncalibrated"
+    spec = module.spec
+    if isinstance(spec, Int8) and spec.weight_qtype().symmetric:
+        n, k = module.weight2d_shape
+        if _HAS["int_mm"] and not needs_grad and int_mm_shape_ok(device, rows, n, k):
+            return "w8a8_int_mm"
+        if not needs_grad:
+            return "w8a8_sim"
+    return "act_sim"
+
+
+def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool, *,
+                         weights_only: bool = False) -> str:
+    """Name of the kernel the table above picks for ``module`` on ``device`` for ``rows`` input rows.
+
+    ``weights_only=True`` ignores input quantization (the row an ``act_sim`` layer runs after fake-quantizing).
+    """
+    special = None if weights_only else _activation_kernel(module, device, rows, needs_grad)
+    if special is not None:
+        return special
     spec = module.spec
     forced_fp32 = module.compute_dtype == torch.float32
     n, k = module.weight2d_shape
@@ -246,7 +300,60 @@ def _dequant(module, x: torch.Tensor) -> torch.Tensor:
     return _dequant_chunked(module, x, dtype)
 
 
+def _gptq_pending(module, x: torch.Tensor) -> torch.Tensor:
+    w = module.gptq.weight
+    dtype = module.compute_dtype or x.dtype
+    y = F.linear(_flat(x).to(dtype), w.reshape(w.shape[0], -1).to(dtype))
+    return _finish(module, y, x)
+
+
+def _uncalibrated(module, x: torch.Tensor) -> torch.Tensor:
+    module.input_quantizer.check_ready()  # raises CalibrationError naming the layer
+    return _dequant(module, x)
+
+
+def _w8a8(module, x: torch.Tensor, use_int_mm: bool) -> torch.Tensor:
+    """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then one rescale."""
+    act = module.input_quantizer
+    codes, x_scale, x_zero = act.quantize(_flat(x))
+    if act.qtype.symmetric:
+        a, zero = codes.to(torch.int8), None
+    else:  # uint8 codes [0, 255] -> int8 by -128; the shift moves into the zero-point
+        a, zero = (codes - 128).to(torch.int8), x_zero - 128
+    wq = module.qweight
+    if use_int_mm:
+        acc = torch._int_mm(a, wq.t()).double()
+    else:
+        acc = a.double() @ wq.double().t()
+    if zero is not None:
+        colsum = _cache(module, "w8a8_colsum", lambda: wq.double().sum(1))
+        acc = acc - zero.double() * colsum
+    y = acc * (x_scale.double() * module.scale.double())
+    return _finish(module, y.to(x.dtype if x.is_floating_point() else torch.float32), x)
+
+
+def _w8a8_int_mm(module, x: torch.Tensor) -> torch.Tensor:
+    return _w8a8(module, x, use_int_mm=True)
+
+
+def _w8a8_sim(module, x: torch.Tensor) -> torch.Tensor:
+    return _w8a8(module, x, use_int_mm=False)
+
+
+def _act_sim(module, x: torch.Tensor) -> torch.Tensor:
+    xq = module.input_quantizer.fake_quantize(x)
+    rows = x.numel() // max(1, x.shape[-1])
+    name = choose_linear_kernel(module, x.device, rows, torch.is_grad_enabled() and x.requires_grad,
+                                weights_only=True)
+    return _LINEAR[name](module, xq)
+
+
 _LINEAR: dict[str, Callable] = {
+    "gptq_pending": _gptq_pending,
+    "uncalibrated": _uncalibrated,
+    "w8a8_int_mm": _w8a8_int_mm,
+    "w8a8_sim": _w8a8_sim,
+    "act_sim": _act_sim,
     "int4pack_cuda": _int4pack_cuda,
     "int4pack_cpu": _int4pack_cpu,
     "int8pack_cpu": _int8pack_cpu,

@@ -2,30 +2,69 @@
 
 Protocol: ``forward(x)`` updates statistics held in buffers and returns ``x`` unchanged;
 ``calculate_qparams(qtype, granularity)`` returns ``(scale, zero_point)`` (float64, int64);
-``reset()`` forgets everything. The framework calls ``configure(qtype, granularity)`` before the first
-``forward`` so that the observer knows how to reduce what it sees.
+``reset()`` forgets everything; ``sync(group)`` all-reduces the statistics across ``torch.distributed`` ranks.
+The framework calls ``configure(qtype, granularity)`` before the first ``forward`` so that the observer knows
+how to reduce what it sees.
+
+Inputs: empty tensors are ignored; float16/bfloat16 inputs are observed in float32; ``+-inf`` values are
+ignored with a :class:`NonFiniteInputWarning` (dropped for per-tensor statistics, replaced by 0 for per-channel
+and per-group ones, which never changes a range since every range includes 0); a NaN raises
+:class:`~monoquant.CalibrationError` naming the layer.
+
+Writing your own: subclass :class:`Observer`, register statistics as buffers in ``__init__``, implement
+``_observe(x)`` (``x`` is float32 and finite) and ``_qparams(qtype)``, and ``_sync(group)`` for distributed use.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
 from .errors import CalibrationError, ConfigError
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 
+Granularity = PerTensor | PerChannel | PerGroup
+
+
+class NonFiniteInputWarning(UserWarning):
+    """An observer saw ``+-inf`` values and ignored them."""
+
+
+def distributed_ready() -> bool:
+    """True when ``torch.distributed`` is initialised (so ``sync`` has something to do)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply`` that moves this module's own buffers to ``fn``'s device but never changes their
+    dtype: ``model.half()`` must not round statistics or frozen qparams."""
+    own = {n: module._buffers.pop(n) for n, b in list(module._buffers.items()) if b is not None}
+    try:
+        nn.Module._apply(module, fn, recurse)
+    finally:
+        for name, buf in own.items():
+            module._buffers[name] = buf.to(device=fn(buf.new_empty(0)).device)
+    return module
+
 
 class Observer(nn.Module):
-    """Base class. Subclasses implement :meth:`_observe` and :meth:`_qparams`; buffers hold all state."""
+    """Base class. Subclasses implement :meth:`_observe` and :meth:`_qparams`; buffers hold all state.
+
+    ``name`` (set by :func:`monoquant.quantize_` to the layer it serves) appears in error messages.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.qtype: QType | None = None
-        self.granularity: PerTensor | PerChannel | PerGroup = PerTensor()
+        self.granularity: Granularity = PerTensor()
+        self.name = ""
         self.register_buffer("seen", torch.tensor(False))
 
-    def configure(self, qtype: QType, granularity: PerTensor | PerChannel | PerGroup | None = None) -> Observer:
+    def configure(self, qtype: QType, granularity: Granularity | None = None) -> Observer:
         """Fix the target format and the granularity of statistics; returns ``self``."""
         self.qtype = qtype
         self.granularity = granularity or PerTensor()
@@ -35,15 +74,42 @@ class Observer(nn.Module):
     def has_seen_data(self) -> bool:
         return bool(self.seen)
 
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_dtypes(self, fn, recurse)
+
+    def _where(self) -> str:
+        return f"{type(self).__name__} of layer {self.name!r}" if self.name else type(self).__name__
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel():
-            self._observe(x.detach())
-            self.seen.fill_(True)
+        if not x.numel():
+            return x
+        data = x.detach()
+        data = data.float() if data.dtype != torch.float64 else data
+        finite = torch.isfinite(data)
+        if not bool(finite.all()):
+            if bool(torch.isnan(data).any()):
+                raise CalibrationError(
+                    f"{self._where()} received NaN values; find where the NaN comes from (inputs, an earlier "
+                    "layer overflowing in float16) before calibrating"
+                )
+            warnings.warn(f"{self._where()} ignored {int((~finite).sum())} +-inf values", NonFiniteInputWarning,
+                          stacklevel=2)
+            if isinstance(self.granularity, PerTensor) and self._drops_nonfinite:
+                data = data[finite]
+                if not data.numel():
+                    return x
+            else:
+                data = torch.where(finite, data, torch.zeros((), dtype=data.dtype, device=data.device))
+        self._observe(data)
+        self.seen.fill_(True)
         return x
 
+    _drops_nonfinite = True
+    """Per-tensor observers get the finite values only (1-D); set False to get 0 in place of +-inf."""
+
     def calculate_qparams(
-        self, qtype: QType | None = None, granularity: PerTensor | PerChannel | PerGroup | None = None
+        self, qtype: QType | None = None, granularity: Granularity | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero-point for what was observed, in the configured (or given) format."""
         qtype = qtype or self.qtype
@@ -54,11 +120,24 @@ class Observer(nn.Module):
                 f"{type(self).__name__} collected {self.granularity} statistics, cannot give {granularity} qparams"
             )
         if not self.has_seen_data:
-            raise CalibrationError(f"{type(self).__name__} has seen no data: run calibration batches first")
+            raise CalibrationError(f"{self._where()} has seen no data: run calibration batches first")
         return self._qparams(qtype)
 
     def reset(self) -> None:
         self.seen.fill_(False)
+
+    def sync(self, group: dist.ProcessGroup | None = None) -> None:
+        """All-reduce the statistics over ``group`` (all ranks by default) so every rank gets the same qparams.
+
+        Collective: every rank must call it, for the same observers in the same order. A no-op when
+        ``torch.distributed`` is not initialised.
+        """
+        if not distributed_ready():
+            return
+        self._sync(group)
+        seen = self.seen.to(torch.int32)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=group)
+        self.seen.fill_(bool(seen))
 
     def _observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -66,20 +145,41 @@ class Observer(nn.Module):
     def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _sync(self, group: dist.ProcessGroup | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _sync(group)")
+
+    def _require_all_seen(self, group: dist.ProcessGroup | None) -> None:
+        """Per-channel/per-group statistics only have a shape once data was seen: every rank needs some."""
+        seen = self.seen.to(torch.int32)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
+        if not bool(seen):
+            raise CalibrationError(f"{self._where()}: some rank saw no data, so its {self.granularity} statistics "
+                                   "cannot be combined; give every rank at least one calibration batch")
+
+    def extra_repr(self) -> str:
+        return f"qtype={self.qtype}, granularity={self.granularity}" if self.qtype else ""
+
 
 class MinMaxObserver(Observer):
-    """Running minimum and maximum (per tensor, channel or group as configured)."""
+    """Running minimum and maximum (per tensor, channel or group as configured).
+
+    ``sync`` takes the minimum of the minima and the maximum of the maxima over ranks.
+    """
+
+    _drops_nonfinite = False
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.granularity, PerTensor):
-            mn, mx = torch.aminmax(x.float())
-        else:
-            mn, mx = F.minmax(x.float(), self.granularity)
+            return torch.aminmax(x)
+        return F.minmax(x, self.granularity)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        mn, mx = self._batch_minmax(x)
         if not self.has_seen_data or self.min_val.shape != mn.shape:
             self.min_val = mn.clone()
             self.max_val = mx.clone()
@@ -90,7 +190,258 @@ class MinMaxObserver(Observer):
     def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         return F.qparams_from_minmax(self.min_val, self.max_val, qtype)
 
+    def _sync(self, group: dist.ProcessGroup | None) -> None:
+        if not isinstance(self.granularity, PerTensor):
+            self._require_all_seen(group)
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
+
     def reset(self) -> None:
         super().reset()
         self.min_val = torch.tensor(float("inf"), device=self.min_val.device)
         self.max_val = torch.tensor(float("-inf"), device=self.max_val.device)
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's min and max: ``m <- m + c * (batch_m - m)``.
+
+    The first batch initialises the averages. ``averaging_constant`` (``c``, default 0.01) must be in (0, 1].
+    ``sync`` replaces every rank's averages by their mean over the ranks that saw data (each rank's average
+    already summarises its own batches; the mean weighs ranks equally).
+    """
+
+    def __init__(self, averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ConfigError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        self.averaging_constant = averaging_constant
+
+    def _observe(self, x: torch.Tensor) -> None:
+        mn, mx = self._batch_minmax(x)
+        if not self.has_seen_data or self.min_val.shape != mn.shape:
+            self.min_val, self.max_val = mn.clone(), mx.clone()
+            return
+        c = self.averaging_constant
+        self.min_val.add_(c * (mn - self.min_val))
+        self.max_val.add_(c * (mx - self.max_val))
+
+    def _sync(self, group: dist.ProcessGroup | None) -> None:
+        if not isinstance(self.granularity, PerTensor):
+            self._require_all_seen(group)
+        seen = float(self.has_seen_data)
+        stats = torch.stack([torch.where(self.seen, self.min_val, 0.0).double().reshape(-1),
+                             torch.where(self.seen, self.max_val, 0.0).double().reshape(-1)])
+        weight = torch.tensor([seen], dtype=torch.float64, device=stats.device)
+        dist.all_reduce(stats, group=group)
+        dist.all_reduce(weight, group=group)
+        if weight.item() > 0:
+            shape = self.min_val.shape
+            self.min_val = (stats[0] / weight).reshape(shape).to(self.min_val.dtype)
+            self.max_val = (stats[1] / weight).reshape(shape).to(self.max_val.dtype)
+
+    def extra_repr(self) -> str:
+        return f"averaging_constant={self.averaging_constant}, " + super().extra_repr()
+
+
+def _rebin(hist: torch.Tensor, lo: float, hi: float, new_lo: float, new_hi: float) -> torch.Tensor:
+    """Counts of ``hist`` (equal bins over ``[lo, hi]``) re-distributed onto equal bins over ``[new_lo, new_hi]``.
+
+    Counts are assumed uniform inside each old bin: the piecewise-linear cumulative count is evaluated at the
+    new edges and differenced, so the total is preserved exactly and no counts are added over different edges.
+    A zero-width old range is a point mass, placed in the new bin that contains it.
+    """
+    bins = hist.numel()
+    if lo == new_lo and hi == new_hi:
+        return hist.clone()
+    new_edges = torch.linspace(new_lo, new_hi, bins + 1, dtype=torch.float64, device=hist.device)
+    if hi <= lo:
+        out = torch.zeros_like(hist)
+        idx = min(bins - 1, int((lo - new_lo) / (new_hi - new_lo) * bins)) if new_hi > new_lo else 0
+        out[idx] = hist.sum()
+        return out
+    cdf = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+    t = ((new_edges - lo) / (hi - lo) * bins).clamp(0, bins)
+    idx = t.floor().clamp(max=bins - 1).long()
+    at_edges = cdf[idx] + (t - idx) * hist[idx]
+    return (at_edges[1:] - at_edges[:-1]).clamp_min(0)
+
+
+class HistogramObserver(Observer):
+    """Per-tensor histogram of the values seen; the range minimises the expected L2 quantization error.
+
+    ``bins`` equal-width bins (default 2048) span the running ``[min, max]``. A batch that widens the range
+    first re-bins the existing counts onto the new common range (counts spread uniformly within each old
+    bin), then adds its own counts over the same edges. ``calculate_qparams`` evaluates the actual quantizer
+    (scale and zero-point rounding included) on ``subsamples`` points per bin for a set of candidate ranges
+    (clipping each end by ratios on a geometric grid, refined by coordinate search) and keeps the range with
+    the smallest count-weighted squared error. ``sync`` re-bins every rank's histogram onto the union of the
+    ranges and sums the counts.
+    """
+
+    def __init__(self, bins: int = 2048, subsamples: int = 8, candidates: int = 256) -> None:
+        super().__init__()
+        if bins < 16 or subsamples < 1 or candidates < 8:
+            raise ConfigError(f"need bins >= 16, subsamples >= 1, candidates >= 8; got {bins}, {subsamples}, "
+                              f"{candidates}")
+        self.bins, self.subsamples, self.candidates = bins, subsamples, candidates
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("min_val", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("max_val", torch.tensor(0.0, dtype=torch.float64))
+
+    def configure(self, qtype: QType, granularity: Granularity | None = None) -> HistogramObserver:
+        if granularity is not None and not isinstance(granularity, PerTensor):
+            raise ConfigError(f"HistogramObserver keeps per-tensor statistics, got {granularity}; use "
+                              "MinMaxObserver or MSEObserver for per-channel or per-group qparams")
+        super().configure(qtype, granularity)
+        return self
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1).double()
+        mn, mx = (float(v) for v in torch.aminmax(x))
+        if self.has_seen_data:
+            lo, hi = float(self.min_val), float(self.max_val)
+            new_lo, new_hi = min(lo, mn), max(hi, mx)
+            hist = _rebin(self.histogram, lo, hi, new_lo, new_hi)
+        else:
+            new_lo, new_hi = mn, mx
+            hist = torch.zeros_like(self.histogram)
+        hist += self._counts(x, new_lo, new_hi)
+        self.histogram.copy_(hist)
+        self.min_val.fill_(new_lo)
+        self.max_val.fill_(new_hi)
+
+    def _counts(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        if hi <= lo:
+            out = torch.zeros_like(self.histogram)
+            out[0] = x.numel()
+            return out
+        idx = ((x - lo) / (hi - lo) * self.bins).floor().clamp(0, self.bins - 1).long()
+        return torch.bincount(idx, minlength=self.bins).to(torch.float64)
+
+    def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sub-bin sample points and their weights (count / subsamples), for bins that hold counts."""
+        lo, hi = float(self.min_val), float(self.max_val)
+        s = self.subsamples
+        width = (hi - lo) / self.bins
+        offsets = (torch.arange(s, dtype=torch.float64) + 0.5) / s
+        starts = lo + width * torch.arange(self.bins, dtype=torch.float64)
+        points = (starts[:, None] + width * offsets[None, :]).reshape(-1)
+        weights = (self.histogram.cpu()[:, None] / s).expand(-1, s).reshape(-1)
+        keep = weights > 0
+        return points[keep], weights[keep]
+
+    def _errors(self, lo: torch.Tensor, hi: torch.Tensor, points: torch.Tensor, weights: torch.Tensor,
+                qtype: QType) -> torch.Tensor:
+        scale, zero = F.qparams_from_minmax(lo, hi, qtype)
+        scale = scale.float().double()  # evaluate with the scale that will be stored
+        out = torch.empty(lo.numel(), dtype=torch.float64)
+        chunk = max(1, (1 << 22) // max(1, points.numel()))
+        for i in range(0, lo.numel(), chunk):
+            s, z = scale[i:i + chunk, None], zero[i:i + chunk, None]
+            approx = F.fake_quantize(points[None, :], s, z, qtype)
+            out[i:i + chunk] = ((points[None, :] - approx).pow(2) * weights[None, :]).sum(-1)
+        return out
+
+    def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = float(self.min_val), float(self.max_val)
+        if hi <= lo:
+            return F.qparams_from_minmax(self.min_val.cpu(), self.max_val.cpu(), qtype)
+        points, weights = self._points()
+        ratios = torch.logspace(0, -3, self.candidates, dtype=torch.float64)
+        lo_t, hi_t = torch.tensor([min(lo, 0.0)], dtype=torch.float64), torch.tensor([max(hi, 0.0)],
+                                                                                    dtype=torch.float64)
+        if qtype.symmetric:
+            absmax = max(abs(lo), abs(hi))
+            cand = absmax * ratios
+            best = cand[int(self._errors(-cand, cand, points, weights, qtype).argmin())]
+            return F.qparams_from_minmax(-best.reshape(()), best.reshape(()), qtype)
+        best_lo, best_hi = lo_t, hi_t
+        for _ in range(2):  # coordinate search: the upper end, then the lower end, twice
+            cand_hi = hi_t * ratios
+            best_hi = cand_hi[int(self._errors(best_lo.expand_as(cand_hi), cand_hi, points, weights, qtype).argmin())]
+            cand_lo = lo_t * ratios
+            best_lo = cand_lo[int(self._errors(cand_lo, best_hi.expand_as(cand_lo), points, weights, qtype).argmin())]
+        return F.qparams_from_minmax(best_lo.reshape(()), best_hi.reshape(()), qtype)
+
+    def _sync(self, group: dist.ProcessGroup | None) -> None:
+        seen = self.has_seen_data
+        ends = torch.tensor([-float(self.min_val) if seen else float("-inf"),
+                             float(self.max_val) if seen else float("-inf")], dtype=torch.float64,
+                            device=self.histogram.device)
+        dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=group)
+        new_lo, new_hi = -float(ends[0]), float(ends[1])
+        if seen:
+            hist = _rebin(self.histogram, float(self.min_val), float(self.max_val), new_lo, new_hi)
+        else:
+            hist = torch.zeros_like(self.histogram)
+        dist.all_reduce(hist, group=group)
+        if new_hi >= new_lo:  # some rank saw data
+            self.histogram.copy_(hist)
+            self.min_val.fill_(new_lo)
+            self.max_val.fill_(new_hi)
+
+    def reset(self) -> None:
+        super().reset()
+        self.histogram.zero_()
+        self.min_val.zero_()
+        self.max_val.zero_()
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, " + super().extra_repr()
+
+
+class MSEObserver(MinMaxObserver):
+    """Searches a clipping ratio per qparam slot (tensor, channel or group) minimising the squared error.
+
+    For each of ``grid`` ratios ``r`` evenly spaced in ``[1 - max_shrink, 1]``, the candidate range is
+    ``[r * min, r * max]`` of the running min/max; each batch adds, for every slot and candidate, the squared
+    reconstruction error of quantizing that batch with those qparams. ``calculate_qparams`` returns the best
+    candidate per slot. Meant for weights (one tensor: the search is exact); for activations the error of
+    every batch is judged against the running range at that time.
+    """
+
+    def __init__(self, grid: int = 64, max_shrink: float = 0.6) -> None:
+        super().__init__()
+        if grid < 2 or not 0.0 < max_shrink < 1.0:
+            raise ConfigError(f"need grid >= 2 and 0 < max_shrink < 1, got {grid}, {max_shrink}")
+        self.grid, self.max_shrink = grid, max_shrink
+        self.register_buffer("errors", torch.zeros(0, dtype=torch.float64))
+
+    def _ratios(self) -> torch.Tensor:
+        return torch.linspace(1.0, 1.0 - self.max_shrink, self.grid, dtype=torch.float64)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        super()._observe(x)
+        if self.qtype is None:
+            raise ConfigError(f"{type(self).__name__} needs configure(qtype, granularity) before it sees data")
+        view = F.group_view(x if x.dim() >= 2 else x.reshape(1, -1), self.granularity).double()
+        if isinstance(self.granularity, PerTensor):
+            view = view.reshape(1, 1, -1)
+        elif view.dim() == 2:
+            view = view.unsqueeze(1)
+        lo = self.min_val.double().reshape(view.shape[:2])
+        hi = self.max_val.double().reshape(view.shape[:2])
+        errs = torch.empty((self.grid, *view.shape[:2]), dtype=torch.float64, device=view.device)
+        for i, r in enumerate(self._ratios().tolist()):
+            scale, zero = F.qparams_from_minmax(lo * r, hi * r, self.qtype)
+            approx = F.fake_quantize(view, scale.float().double().unsqueeze(-1), zero.unsqueeze(-1), self.qtype)
+            errs[i] = (view - approx).pow(2).sum(-1)
+        errs = errs.reshape(self.grid, *self.min_val.shape)
+        self.errors = errs if self.errors.shape != errs.shape else self.errors + errs
+
+    def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        if qtype != self.qtype:
+            raise ConfigError(f"MSEObserver searched for {self.qtype}, cannot give {qtype} qparams")
+        best = self._ratios().to(self.errors.device)[self.errors.argmin(0)]
+        return F.qparams_from_minmax(self.min_val.double() * best, self.max_val.double() * best, qtype)
+
+    def _sync(self, group: dist.ProcessGroup | None) -> None:
+        super()._sync(group)
+        dist.all_reduce(self.errors, group=group)
+
+    def reset(self) -> None:
+        super().reset()
+        self.errors = torch.zeros(0, dtype=torch.float64, device=self.errors.device)
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, max_shrink={self.max_shrink}, " + super().extra_repr()

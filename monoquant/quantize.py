@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import accuracy, kernels
+from . import accuracy, calibration, kernels
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn
@@ -128,6 +128,11 @@ def quantize_(
         thresholds: :class:`~monoquant.Thresholds` or a dict overriding some of its fields.
         progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
 
+    Layers that need data (static activation quantization, ``method="gptq"``) are calibrated on
+    ``calibration_data`` (up to ``max_batches`` batches, see :func:`monoquant.calibrate_with`) and frozen
+    before any measurement. Without data they wait for ``mq.calibrate`` + ``mq.freeze``
+    (``mq.needs_calibration(model)`` tells).
+
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
 
@@ -201,12 +206,21 @@ def quantize_(
         if references is not None:
             swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
         row = rows[item.name]
+        row.method = calibration.prepare(q, module.weight, cfg, item.name)
         row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
         if any(isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2")
                for parent, attr in parents[id(module)]):
             row.kernel += TRANSFORMER_FAST_PATH_NOTE
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan
+
+    if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
+        calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
+        for frozen in calibration.freeze(model):
+            row = rows[frozen.name]
+            row.kernel, row.bytes_after = _kernel_summary(frozen.module), frozen.module.storage_bytes()
+            row.weight_sqnr_db = frozen.weight_sqnr_db if frozen.weight_sqnr_db is not None else row.weight_sqnr_db
+            row.output_sqnr_db = frozen.output_sqnr_db  # GPTQ: exact, from the Hessian; measurement may refine
 
     if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked
         accuracy.measure_into(report, model, swapped, cfg, references, forward_fn, target_sqnr, progress)

@@ -91,6 +91,9 @@ class _QuantConvNd(QuantModule):
         self.last_kernel = "dequant_conv"
         weight = self.dequantize_weight(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
+        act = self.input_quantizer
+        if act is not None and (act.ready or not act.calibrating):  # static ones raise until frozen
+            x = act.fake_quantize(x, per="sample")
         x_in = x.to(dtype)
         if self.padding_mode != "zeros":
             x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -64,6 +64,10 @@ class QuantModule(nn.Module):
         self.float_dtype = dtype or torch.get_default_dtype()
         self.last_kernel: str | None = None
         self._kernel_cache: dict[str, Any] = {}
+        # calibration state (monoquant.calibration.prepare): an ActivationQuantizer when the config quantizes
+        # activations; a GPTQState while a method="gptq" weight waits for mq.freeze
+        self.input_quantizer: nn.Module | None = None
+        self.gptq: nn.Module | None = None
         for name, tensor in self._empty_buffers(device).items():
             self.register_buffer(name, tensor)
         self.register_buffer("bias", torch.zeros(n, device=device, dtype=self.float_dtype) if bias else None)

@@ -1,0 +1,113 @@
+"""``ActivationQuantizer``: the input-quantization state a :class:`QuantModule` holds as ``input_quantizer``.
+
+Static (``mq.Int8(dynamic=False)``, the default): per-tensor qparams. An observer collects statistics while
+:func:`monoquant.calibrate` runs; :func:`monoquant.freeze` turns them into the ``scale`` / ``zero_point``
+buffers, sets ``frozen`` and drops the observer. Dynamic (``mq.Int8(dynamic=True)``): one scale and
+zero-point per token (row of the flattened input) computed on the fly from that row's min/max; nothing to
+calibrate.
+
+Codes follow :mod:`monoquant.functional`: affine activations are ``uint8`` codes in ``[0, 255]`` with an
+integer zero-point, symmetric ones ``int8`` in ``[-128, 127]`` with zero-point 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..config import Int8
+from ..errors import CalibrationError, ConfigError
+from ..observers import apply_keeping_dtypes
+from ..qtypes import PerChannel, PerTensor
+
+
+class ActivationQuantizer(nn.Module):
+    """Quantizes a layer's input with ``spec`` (an :class:`~monoquant.Int8` activation spec)."""
+
+    def __init__(self, spec: Int8, layer_name: str = "") -> None:
+        super().__init__()
+        if not isinstance(spec, Int8):
+            raise ConfigError(f"activations must be quantized with mq.Int8(...), got {spec!r}")
+        self.spec = spec
+        self.qtype = spec.activation_qtype()
+        self.layer_name = layer_name
+        self.calibrating = False
+        self.observer = None if spec.dynamic else spec.make_observer().configure(self.qtype, PerTensor())
+        if self.observer is not None:
+            self.observer.name = layer_name
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def _apply(self, fn, recurse: bool = True):
+        return apply_keeping_dtypes(self, fn, recurse)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.spec.dynamic
+
+    @property
+    def ready(self) -> bool:
+        """True when inputs can be quantized: dynamic, or static and frozen."""
+        return self.dynamic or bool(self.frozen)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.ready
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed ``x`` to the observer (static mode before freeze; otherwise nothing to do)."""
+        if self.observer is not None and not self.ready:
+            self.observer(x)
+
+    def freeze(self) -> None:
+        """Fix ``scale``/``zero_point`` from the observer and drop it. Raises if it saw no data."""
+        if self.ready:
+            return
+        if not self.observer.has_seen_data:
+            raise CalibrationError(f"layer {self.layer_name!r}: its input observer saw no data; run calibration "
+                                   "batches that reach this layer before mq.freeze(model)")
+        scale, zero = self.observer.calculate_qparams()
+        self.scale.fill_(float(scale))
+        self.zero_point.fill_(int(zero))
+        self.frozen.fill_(True)
+        self.observer = None
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise CalibrationError(
+                f"layer {self.layer_name!r} quantizes its input but was not calibrated: run batches under "
+                "`with mq.calibrate(model):` (or mq.calibrate_with(model, data)) then mq.freeze(model)"
+            )
+
+    def qparams(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale [rows, 1] or [], zero_point like it)`` for a flattened input: per token when dynamic."""
+        self.check_ready()
+        if self.dynamic:
+            mn, mx = F.minmax(x2d.float(), PerChannel(0))
+            scale, zero = F.qparams_from_minmax(mn, mx, self.qtype)
+            return scale.float().unsqueeze(-1), zero.unsqueeze(-1)
+        return self.scale, self.zero_point
+
+    def quantize(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes (int64) of a flattened ``[rows, K]`` input, with their scale and zero-point."""
+        scale, zero = self.qparams(x2d)
+        return F.quantize(x2d, scale, zero, self.qtype), scale, zero
+
+    def fake_quantize(self, x: torch.Tensor, *, per: str = "token") -> torch.Tensor:
+        """``x`` quantized then dequantized (same dtype and shape): what the integer path sees.
+
+        Dynamic qparams are per token (``per="token"``: each row of ``x`` flattened to ``[-1, x.shape[-1]]``)
+        or per sample (``per="sample"``: each ``x[i]``, used for convolution inputs).
+        """
+        if not self.dynamic:
+            self.check_ready()
+            return F.fake_quantize(x, self.scale, self.zero_point, self.qtype)
+        x2d = x.reshape(-1, x.shape[-1]) if per == "token" else x.reshape(x.shape[0], -1)
+        codes, scale, zero = self.quantize(x2d)
+        return F.dequantize(codes, scale, zero, torch.float64).to(x.dtype).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic per-token" if self.dynamic else ("frozen" if bool(self.frozen) else "calibrating")
+        return f"{self.qtype}, {mode}"
