@@ -17,6 +17,7 @@ Writing your own: subclass :class:`Observer`, register statistics as buffers in 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -76,6 +77,14 @@ class Observer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         return apply_keeping_dtypes(self, fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # statistics take their shape from the data (per-channel min/max...): adopt the saved shapes
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and isinstance(saved, torch.Tensor) and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _where(self) -> str:
         return f"{type(self).__name__} of layer {self.name!r}" if self.name else type(self).__name__
@@ -243,42 +252,54 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         return f"averaging_constant={self.averaging_constant}, " + super().extra_repr()
 
 
-def _rebin(hist: torch.Tensor, lo: float, hi: float, new_lo: float, new_hi: float) -> torch.Tensor:
-    """Counts of ``hist`` (equal bins over ``[lo, hi]``) re-distributed onto equal bins over ``[new_lo, new_hi]``.
+def _exponent_for(lo: float, hi: float, bins: int, at_least: int | None = None) -> int:
+    """Smallest ``e`` (>= ``at_least``) such that ``bins`` bins of width ``2**e`` aligned on multiples of it
+    cover ``[lo, hi]``."""
+    if hi > lo:
+        e = math.ceil(math.log2((hi - lo) / bins))
+    else:  # a single value: a width far below its magnitude (float32 data needs no finer)
+        e = math.frexp(max(abs(lo), 1e-30))[1] - 40
+    if at_least is not None:
+        e = max(e, at_least)
+    while math.floor(hi / 2.0**e) - math.floor(lo / 2.0**e) + 1 > bins:
+        e += 1
+    return e
 
-    Counts are assumed uniform inside each old bin: the piecewise-linear cumulative count is evaluated at the
-    new edges and differenced, so the total is preserved exactly and no counts are added over different edges.
-    A zero-width old range is a point mass, placed in the new bin that contains it.
+
+def _regrid(hist: torch.Tensor, exponent: int, origin: int, new_exponent: int, new_origin: int) -> torch.Tensor:
+    """Exact re-binning of aligned bins onto a coarser (or equal) aligned grid.
+
+    Bin ``i`` of ``hist`` is ``[(origin + i) * 2**exponent, (origin + i + 1) * 2**exponent)``. Each new bin of
+    width ``2**new_exponent`` is the union of whole old bins, so counts are moved, never split or smeared.
     """
-    bins = hist.numel()
-    if lo == new_lo and hi == new_hi:
-        return hist.clone()
-    new_edges = torch.linspace(new_lo, new_hi, bins + 1, dtype=torch.float64, device=hist.device)
-    if hi <= lo:
-        out = torch.zeros_like(hist)
-        idx = min(bins - 1, int((lo - new_lo) / (new_hi - new_lo) * bins)) if new_hi > new_lo else 0
-        out[idx] = hist.sum()
-        return out
-    cdf = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
-    t = ((new_edges - lo) / (hi - lo) * bins).clamp(0, bins)
-    idx = t.floor().clamp(max=bins - 1).long()
-    at_edges = cdf[idx] + (t - idx) * hist[idx]
-    return (at_edges[1:] - at_edges[:-1]).clamp_min(0)
+    shift = new_exponent - exponent
+    index = ((torch.arange(hist.numel(), device=hist.device) + origin) >> shift) - new_origin
+    keep = hist != 0
+    if bool(((index < 0) | (index >= hist.numel()))[keep].any()):
+        raise CalibrationError("internal error: histogram re-binning target does not cover the data")
+    out = torch.zeros_like(hist)
+    return out.index_add_(0, index[keep], hist[keep])
 
 
 class HistogramObserver(Observer):
     """Per-tensor histogram of the values seen; the range minimises the expected L2 quantization error.
 
-    ``bins`` equal-width bins (default 2048) span the running ``[min, max]``. A batch that widens the range
-    first re-bins the existing counts onto the new common range (counts spread uniformly within each old
-    bin), then adds its own counts over the same edges. ``calculate_qparams`` evaluates the actual quantizer
-    (scale and zero-point rounding included) on ``subsamples`` points per bin for a set of candidate ranges
-    (clipping each end by ratios on a geometric grid, refined by coordinate search) and keeps the range with
-    the smallest count-weighted squared error. ``sync`` re-bins every rank's histogram onto the union of the
-    ranges and sums the counts.
+    ``bins`` (default 2048) bins of width ``2**exponent`` sit on a fixed grid (bin ``i`` starts at
+    ``(origin + i) * 2**exponent``); the width is the smallest power of two for which ``bins`` bins cover
+    the running ``[min, max]``. A batch that widens the range first re-bins the existing counts onto the
+    coarser common grid (merging whole bins: exact, no smearing), then adds its own counts over the same
+    edges. So the histogram, and the qparams, depend only on the values seen, not on their order or on how
+    they were split into batches or ranks; the range is resolved to at least ``bins / 2`` bins.
+
+    ``calculate_qparams`` evaluates the actual quantizer (scale and zero-point rounding included) on
+    ``subsamples`` points per non-empty bin for candidate ranges (each end clipped by ratios on a geometric
+    grid of ``candidates`` values, then refined between the best candidate's neighbours; for affine qtypes
+    the two ends are searched alternately) and keeps the one with the smallest count-weighted squared error.
+    ``sync`` re-bins every rank's histogram onto the grid of the union of the ranges and sums the counts:
+    the result is identical to one process observing all the data.
     """
 
-    def __init__(self, bins: int = 2048, subsamples: int = 8, candidates: int = 256) -> None:
+    def __init__(self, bins: int = 2048, subsamples: int = 4, candidates: int = 128) -> None:
         super().__init__()
         if bins < 16 or subsamples < 1 or candidates < 8:
             raise ConfigError(f"need bins >= 16, subsamples >= 1, candidates >= 8; got {bins}, {subsamples}, "
@@ -287,6 +308,8 @@ class HistogramObserver(Observer):
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("min_val", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("max_val", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("exponent", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("origin", torch.tensor(0, dtype=torch.int64))
 
     def configure(self, qtype: QType, granularity: Granularity | None = None) -> HistogramObserver:
         if granularity is not None and not isinstance(granularity, PerTensor):
@@ -295,36 +318,37 @@ class HistogramObserver(Observer):
         super().configure(qtype, granularity)
         return self
 
+    @property
+    def bin_width(self) -> float:
+        return 2.0 ** int(self.exponent)
+
+    def _move_to(self, lo: float, hi: float, at_least: int | None) -> None:
+        """Re-grid the histogram so it covers ``[lo, hi]`` (a superset of what it holds)."""
+        e = _exponent_for(lo, hi, self.bins, at_least)
+        origin = math.floor(lo / 2.0**e)
+        if self.has_seen_data:
+            self.histogram.copy_(_regrid(self.histogram, int(self.exponent), int(self.origin), e, origin))
+        self.exponent.fill_(e)
+        self.origin.fill_(origin)
+        self.min_val.fill_(lo)
+        self.max_val.fill_(hi)
+
     def _observe(self, x: torch.Tensor) -> None:
         x = x.reshape(-1).double()
         mn, mx = (float(v) for v in torch.aminmax(x))
         if self.has_seen_data:
-            lo, hi = float(self.min_val), float(self.max_val)
-            new_lo, new_hi = min(lo, mn), max(hi, mx)
-            hist = _rebin(self.histogram, lo, hi, new_lo, new_hi)
+            self._move_to(min(mn, float(self.min_val)), max(mx, float(self.max_val)), int(self.exponent))
         else:
-            new_lo, new_hi = mn, mx
-            hist = torch.zeros_like(self.histogram)
-        hist += self._counts(x, new_lo, new_hi)
-        self.histogram.copy_(hist)
-        self.min_val.fill_(new_lo)
-        self.max_val.fill_(new_hi)
-
-    def _counts(self, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        if hi <= lo:
-            out = torch.zeros_like(self.histogram)
-            out[0] = x.numel()
-            return out
-        idx = ((x - lo) / (hi - lo) * self.bins).floor().clamp(0, self.bins - 1).long()
-        return torch.bincount(idx, minlength=self.bins).to(torch.float64)
+            self._move_to(mn, mx, None)
+        idx = torch.floor(x / self.bin_width).long() - int(self.origin)
+        self.histogram += torch.bincount(idx.clamp_(0, self.bins - 1), minlength=self.bins).to(torch.float64)
 
     def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sub-bin sample points and their weights (count / subsamples), for bins that hold counts."""
-        lo, hi = float(self.min_val), float(self.max_val)
         s = self.subsamples
-        width = (hi - lo) / self.bins
+        width = self.bin_width
         offsets = (torch.arange(s, dtype=torch.float64) + 0.5) / s
-        starts = lo + width * torch.arange(self.bins, dtype=torch.float64)
+        starts = width * (torch.arange(self.bins, dtype=torch.float64) + int(self.origin))
         points = (starts[:, None] + width * offsets[None, :]).reshape(-1)
         weights = (self.histogram.cpu()[:, None] / s).expand(-1, s).reshape(-1)
         keep = weights > 0
@@ -342,49 +366,53 @@ class HistogramObserver(Observer):
             out[i:i + chunk] = ((points[None, :] - approx).pow(2) * weights[None, :]).sum(-1)
         return out
 
+    @staticmethod
+    def _search(values: torch.Tensor, error_of) -> torch.Tensor:
+        """The candidate (from ``values``, monotonic) with the lowest ``error_of``, refined on a 64-step grid
+        between its two neighbours so the result is resolved finer than one histogram bin."""
+        i = int(error_of(values).argmin())
+        fine = torch.linspace(float(values[max(i - 1, 0)]), float(values[min(i + 1, values.numel() - 1)]), 65,
+                              dtype=torch.float64)
+        return fine[int(error_of(fine).argmin())]
+
     def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = float(self.min_val), float(self.max_val)
         if hi <= lo:
             return F.qparams_from_minmax(self.min_val.cpu(), self.max_val.cpu(), qtype)
         points, weights = self._points()
         ratios = torch.logspace(0, -3, self.candidates, dtype=torch.float64)
-        lo_t, hi_t = torch.tensor([min(lo, 0.0)], dtype=torch.float64), torch.tensor([max(hi, 0.0)],
-                                                                                    dtype=torch.float64)
+
+        def err(lo_c: torch.Tensor, hi_c: torch.Tensor) -> torch.Tensor:
+            return self._errors(lo_c, hi_c, points, weights, qtype)
+
         if qtype.symmetric:
-            absmax = max(abs(lo), abs(hi))
-            cand = absmax * ratios
-            best = cand[int(self._errors(-cand, cand, points, weights, qtype).argmin())]
+            best = self._search(max(abs(lo), abs(hi)) * ratios, lambda a: err(-a, a))
             return F.qparams_from_minmax(-best.reshape(()), best.reshape(()), qtype)
-        best_lo, best_hi = lo_t, hi_t
+        lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
+        best_lo, best_hi = torch.tensor(lo0, dtype=torch.float64), torch.tensor(hi0, dtype=torch.float64)
         for _ in range(2):  # coordinate search: the upper end, then the lower end, twice
-            cand_hi = hi_t * ratios
-            best_hi = cand_hi[int(self._errors(best_lo.expand_as(cand_hi), cand_hi, points, weights, qtype).argmin())]
-            cand_lo = lo_t * ratios
-            best_lo = cand_lo[int(self._errors(cand_lo, best_hi.expand_as(cand_lo), points, weights, qtype).argmin())]
+            best_hi = self._search(hi0 * ratios, lambda h, lo_=best_lo: err(lo_.expand_as(h), h))
+            best_lo = self._search(lo0 * ratios, lambda v, hi_=best_hi: err(v, hi_.expand_as(v)))
         return F.qparams_from_minmax(best_lo.reshape(()), best_hi.reshape(()), qtype)
 
     def _sync(self, group: dist.ProcessGroup | None) -> None:
         seen = self.has_seen_data
-        ends = torch.tensor([-float(self.min_val) if seen else float("-inf"),
-                             float(self.max_val) if seen else float("-inf")], dtype=torch.float64,
-                            device=self.histogram.device)
-        dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=group)
-        new_lo, new_hi = -float(ends[0]), float(ends[1])
-        if seen:
-            hist = _rebin(self.histogram, float(self.min_val), float(self.max_val), new_lo, new_hi)
-        else:
-            hist = torch.zeros_like(self.histogram)
-        dist.all_reduce(hist, group=group)
-        if new_hi >= new_lo:  # some rank saw data
-            self.histogram.copy_(hist)
-            self.min_val.fill_(new_lo)
-            self.max_val.fill_(new_hi)
+        neg_inf = float("-inf")
+        stats = torch.tensor([-float(self.min_val) if seen else neg_inf, float(self.max_val) if seen else neg_inf,
+                              float(self.exponent) if seen else neg_inf], dtype=torch.float64,
+                             device=self.histogram.device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+        lo, hi, e = -float(stats[0]), float(stats[1]), float(stats[2])
+        if e == neg_inf:  # no rank saw data
+            return
+        self._move_to(lo, hi, int(e))  # an empty histogram (unseen rank) just takes the common grid
+        dist.all_reduce(self.histogram, group=group)
 
     def reset(self) -> None:
         super().reset()
         self.histogram.zero_()
-        self.min_val.zero_()
-        self.max_val.zero_()
+        for buf in (self.min_val, self.max_val, self.exponent, self.origin):
+            buf.zero_()
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, " + super().extra_repr()
