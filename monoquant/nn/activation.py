@@ -99,14 +99,17 @@ class ActivationQuantizer(nn.Module):
         """``x`` quantized then dequantized (same dtype and shape): what the integer path sees.
 
         Dynamic qparams are per token (``per="token"``: each row of ``x`` flattened to ``[-1, x.shape[-1]]``)
-        or per sample (``per="sample"``: each ``x[i]``, used for convolution inputs).
+        or per sample (``per="sample"``: each ``x[i]``, used for convolution inputs). Gradients pass straight
+        through (the rounding counts as identity), so an input that requires grad still gets one.
         """
         if not self.dynamic:
             self.check_ready()
-            return F.fake_quantize(x, self.scale, self.zero_point, self.qtype)
-        x2d = x.reshape(-1, x.shape[-1]) if per == "token" else x.reshape(x.shape[0], -1)
-        codes, scale, zero = self.quantize(x2d)
-        return F.dequantize(codes, scale, zero, torch.float64).to(x.dtype).reshape(x.shape)
+            out = F.fake_quantize(x.detach(), self.scale, self.zero_point, self.qtype)
+        else:
+            x2d = x.detach().reshape(-1, x.shape[-1]) if per == "token" else x.detach().reshape(x.shape[0], -1)
+            codes, scale, zero = self.quantize(x2d)
+            out = F.dequantize(codes, scale, zero, torch.float64).to(x.dtype).reshape(x.shape)
+        return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
         mode = "dynamic per-token" if self.dynamic else ("frozen" if bool(self.frozen) else "calibrating")

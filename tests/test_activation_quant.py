@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import monoquant as mq
+from monoquant import functional as F
+from monoquant import kernels
+
+
+def _calibrated_linear(cfg, k=64, n=48, batches=3):
+    model = nn.Sequential(nn.Linear(k, n))
+    data = [torch.randn(6, k) * 2 + 0.3 for _ in range(batches)]
+    mq.quantize_(model, mq.QuantConfig(cfg[0], activations=cfg[1], skip=mq.SkipRules.none()), calibration_data=data)
+    return model[0], data
+
+
+def _reference(q, x):
+    """Float64 reference: fake-quantized input times the dequantized weight."""
+    aq = q.input_quantizer
+    x2d = x.reshape(-1, x.shape[-1])
+    if aq.dynamic:
+        mn, mx = F.minmax(x2d.float(), mq.PerChannel(0))
+        s, z = F.qparams_from_minmax(mn, mx, aq.qtype)
+        xq = F.fake_quantize(x2d.double(), s.float().double()[:, None], z[:, None], aq.qtype)
+    else:
+        xq = F.fake_quantize(x2d.double(), aq.scale.double(), aq.zero_point, aq.qtype)
+    return TF.linear(xq, q.dequantize_weight(torch.float64), q.bias.double())
+
+
+@pytest.mark.parametrize("act", [mq.Int8(), mq.Int8(symmetric=True), mq.Int8(dynamic=True),
+                                 mq.Int8(symmetric=True, dynamic=True)])
+def test_w8a8_int_mm_is_bit_identical_to_simulated_and_matches_reference(act, monkeypatch):
+    q, _ = _calibrated_linear((mq.Int8(), act))
+    x = torch.randn(2, 5, 64) * 2
+    y = q(x)
+    assert q.last_kernel == "w8a8_int_mm" and y.shape == (2, 5, 48) and y.dtype == torch.float32
+    monkeypatch.setitem(kernels._HAS, "int_mm", False)
+    y_sim = q(x)
+    assert q.last_kernel == "w8a8_sim"
+    assert torch.equal(y, y_sim)
+    torch.testing.assert_close(y.double().reshape(10, 48), _reference(q, x), rtol=1e-6, atol=1e-5)
+
+
+def test_static_qparams_come_from_the_observer():
+    q, data = _calibrated_linear((mq.Int8(), mq.Int8()))
+    lo = min(float(d.min()) for d in data)
+    hi = max(float(d.max()) for d in data)
+    assert float(q.input_quantizer.scale) == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert int(q.input_quantizer.zero_point) == round(-lo / ((hi - lo) / 255))
+    assert q.input_quantizer.scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weights", [mq.Int4(group_size=32), mq.Int8(symmetric=False), mq.Float16()])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_other_weights_with_int8_activations_are_simulated(weights, dynamic):
+    q, _ = _calibrated_linear((weights, mq.Int8(dynamic=dynamic)))
+    x = torch.randn(4, 64)
+    y = q(x)
+    assert q.last_kernel == "act_sim"
+    xq = q.input_quantizer.fake_quantize(x)
+    inner = kernels.choose_linear_kernel(q, x.device, 4, False, weights_only=True)
+    assert torch.equal(y, kernels._LINEAR[inner](q, xq))
+    torch.testing.assert_close(y.double(), _reference(q, x), rtol=2e-2, atol=2e-2)  # bf16 weight kernels
+
+
+def test_dynamic_scales_are_per_token():
+    q, _ = _calibrated_linear((mq.Int8(), mq.Int8(dynamic=True)))
+    x = torch.randn(3, 64)
+    x[1] *= 100  # a loud token must not coarsen the others
+    y = q(x)
+    ref_quiet = q(x[[0]])
+    assert torch.equal(y[0], ref_quiet[0])
+
+
+def test_conv_with_static_activations_uses_fake_quantized_input():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    data = [torch.randn(2, 4, 6, 6) for _ in range(2)]
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(), skip=mq.SkipRules.none()),
+                 calibration_data=data)
+    conv = model[0]
+    x = torch.randn(1, 4, 6, 6)
+    xq = conv.input_quantizer.fake_quantize(x)
+    ref = TF.conv2d(xq, conv.dequantize_weight(), conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_half_model_and_state_dict_keep_activation_qparams():
+    q, _ = _calibrated_linear((mq.Int8(), mq.Int8()))
+    sd = q.state_dict()
+    assert {"input_quantizer.scale", "input_quantizer.zero_point", "input_quantizer.frozen"} <= set(sd)
+    scale = q.input_quantizer.scale.clone()
+    q.half()
+    assert q.input_quantizer.scale.dtype == torch.float32 and torch.equal(q.input_quantizer.scale, scale)
+
+
+def test_int_mm_shape_rules():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kernels.int_mm_shape_ok(cpu, 1, 5, 7)
+    assert not kernels.int_mm_shape_ok(cuda, 16, 64, 64)
+    assert kernels.int_mm_shape_ok(cuda, 17, 64, 64)
+    assert not kernels.int_mm_shape_ok(cuda, 32, 60, 64)
+
+
+def test_gradients_take_the_simulated_path():
+    q, _ = _calibrated_linear((mq.Int8(), mq.Int8()))
+    x = torch.randn(2, 64, requires_grad=True)
+    q(x).sum().backward()
+    assert q.last_kernel == "act_sim" and x.grad is not None
