@@ -1,0 +1,145 @@
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import monoquant as mq
+from monoquant import schemes
+from monoquant.gptq import GPTQState, gptq_quantize, output_sqnr
+
+SPECS = [
+    (mq.Int4(group_size=32), 32),
+    (mq.Int4(group_size=128), 128),
+    (mq.Int4(group_size=64, symmetric=True), 64),
+    (mq.Int8(), None),
+    (mq.Int8(granularity="tensor"), None),
+]
+
+
+def _correlated_inputs(rows=2048, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    scales = torch.linspace(0.2, 3.0, k)
+    return (torch.randn(rows, k, generator=g) @ mix) * scales  # full rank, correlated, uneven columns
+
+
+def _output_err(spec, g, stored, w, x):
+    deq = schemes.dequantize_weight(spec, stored, w.shape[1], g, torch.float64)
+    return float((x.double() @ (w.double() - deq).T).pow(2).mean())
+
+
+@pytest.mark.parametrize(("spec", "g"), SPECS)
+def test_identity_hessian_equals_round_to_nearest_exactly(spec, g):
+    w = torch.randn(48, 256)
+    rtn = schemes.quantize_weight(spec, w, g)
+    for act_order in (False, True):
+        got = gptq_quantize(spec, w, torch.eye(256), g, act_order=act_order)
+        for a, b in zip(got, rtn):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("spec", "g"), SPECS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reduces_layer_output_error_on_full_rank_inputs(spec, g, act_order):
+    w = torch.randn(64, 256)
+    x = _correlated_inputs()
+    h = x.T @ x / x.shape[0]
+    gptq = gptq_quantize(spec, w, h, g, act_order=act_order)
+    rtn = schemes.quantize_weight(spec, w, g)
+    # stored layout unchanged: same shapes and dtypes as round-to-nearest
+    assert [(t.shape, t.dtype) for t in gptq if t is not None] == [(t.shape, t.dtype) for t in rtn if t is not None]
+    err_gptq, err_rtn = _output_err(spec, g, gptq, w, x), _output_err(spec, g, rtn, w, x)
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_dead_inputs_are_rounded_to_nearest_and_spread_no_error():
+    w = torch.randn(32, 128)
+    x = _correlated_inputs(512, 128)
+    x[:, [5, 77]] = 0.0
+    h = x.T @ x
+    spec = mq.Int4(group_size=32)
+    got = gptq_quantize(spec, w, h, 32, act_order=True)  # static group qparams: codes comparable to RTN
+    rtn = schemes.quantize_weight(spec, w, 32)
+    deq = schemes.dequantize_weight(spec, got, 128, 32)
+    deq_rtn = schemes.dequantize_weight(spec, rtn, 128, 32)
+    assert torch.isfinite(deq).all()
+    assert torch.equal(deq[:, [5, 77]], deq_rtn[:, [5, 77]])
+
+
+def test_hessian_observer_averages_and_float64_agrees():
+    x1, x2 = torch.randn(10, 16), torch.randn(3, 4, 16)
+    obs = mq.HessianObserver(16)
+    obs(x1)
+    obs(x2)
+    flat = torch.cat([x1, x2.reshape(-1, 16)])
+    torch.testing.assert_close(obs.hessian(), flat.T @ flat / 22)
+    obs64 = mq.HessianObserver(16, torch.float64)
+    obs64(x1)
+    obs64(x2)
+    torch.testing.assert_close(obs64.hessian().float(), obs.hessian(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(mq.ConfigError, match="not qparams"):
+        obs.calculate_qparams()
+
+
+def test_output_sqnr_from_hessian_equals_measured():
+    w, x = torch.randn(24, 64), torch.randn(300, 64)
+    spec = mq.Int4(group_size=32)
+    stored = gptq_quantize(spec, w, x.T @ x / 300, 32)
+    deq = schemes.dequantize_weight(spec, stored, 64, 32, torch.float64)
+    measured = mq.functional.sqnr(x.double() @ w.double().T, x.double() @ deq.T)
+    assert output_sqnr(w, deq, x.T @ x / 300) == pytest.approx(measured, abs=1e-3)
+
+
+def test_quantize_with_gptq_end_to_end_and_pending_forward_uses_float_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+    w0 = model[0].weight.detach().clone()
+    x = torch.randn(8, 128)
+    ref = model(x)
+    cfg = mq.QuantConfig(mq.Int4(group_size=32, method="gptq"), skip=mq.SkipRules.none())
+    report = mq.quantize_(model, cfg)
+    assert mq.needs_calibration(model) and isinstance(model[0].gptq, GPTQState)
+    out = model(x)
+    assert model[0].last_kernel == "gptq_pending"
+    torch.testing.assert_close(out, ref)  # float weights until freeze
+    assert [r.method for r in report.quantized] == ["gptq", "gptq"]
+    with pytest.raises(mq.CalibrationError, match="'0'"):
+        mq.freeze(model)
+    mq.calibrate_with(model, [torch.randn(16, 128) for _ in range(8)])
+    done = mq.freeze(model)
+    assert [d.name for d in done] == ["0", "2"] and all(d.output_sqnr_db > 15 for d in done)
+    assert model[0].gptq is None and not mq.needs_calibration(model)
+    assert "gptq.weight" not in " ".join(model.state_dict())
+    assert float((model[0].dequantize_weight() - w0).abs().max()) < 0.2
+
+
+def test_gptq_report_and_conv_fallback():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
+    data = [torch.randn(4, 3, 6, 6) for _ in range(4)]
+    report = mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=32, method="gptq"), skip=mq.SkipRules.none()),
+                          calibration_data=data)
+    rows = {r.name: r for r in report.layers}
+    assert rows["0"].method == "rtn (gptq is for Linear layers)"
+    assert rows["2"].method == "gptq" and rows["2"].output_sqnr_db is not None
+    assert rows["2"].kernel != "gptq_pending"
+    assert rows["2"].bytes_after == model[2].storage_bytes()
+
+
+def test_config_validation():
+    with pytest.raises(mq.ConfigError, match="act_order"):
+        mq.Int4(act_order=True)
+    with pytest.raises(mq.ConfigError, match="damping"):
+        mq.Int4(method="gptq", damping=0.0)
+    w = torch.randn(4, 8)
+    with pytest.raises(mq.ConfigError, match="does not match"):
+        gptq_quantize(mq.Int8(), w, torch.eye(7), None)
+
+
+def test_linear_output_matches_stored_weights_after_gptq():
+    lin = nn.Linear(64, 16)
+    model = nn.Sequential(lin)
+    data = [torch.randn(8, 64) for _ in range(4)]
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(method="gptq"), skip=mq.SkipRules.none()), calibration_data=data)
+    q = model[0]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), TF.linear(x, q.dequantize_weight(), q.bias), rtol=2e-2, atol=2e-2)
