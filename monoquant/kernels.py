@@ -313,23 +313,27 @@ def _uncalibrated(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _w8a8(module, x: torch.Tensor, use_int_mm: bool) -> torch.Tensor:
-    """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then one rescale."""
+    """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then one float32 rescale.
+
+    Affine input codes ``[0, 255]`` are shifted by -128 into int8 and the shift moves into the zero-point,
+    whose contribution ``zero * rowsum(W_q)`` is subtracted exactly. The simulated path computes the same
+    integers in float64 (exact below 2**53), so both round to the same float32 values.
+    """
     act = module.input_quantizer
     codes, x_scale, x_zero = act.quantize(_flat(x))
-    if act.qtype.symmetric:
-        a, zero = codes.to(torch.int8), None
-    else:  # uint8 codes [0, 255] -> int8 by -128; the shift moves into the zero-point
-        a, zero = (codes - 128).to(torch.int8), x_zero - 128
+    zero = None if act.qtype.symmetric else x_zero - 128
+    a = (codes if zero is None else codes - 128).to(torch.int8)
     wq = module.qweight
     if use_int_mm:
-        acc = torch._int_mm(a, wq.t()).double()
+        acc = torch._int_mm(a, wq.t())
+        if zero is not None:
+            acc -= zero.to(torch.int32) * _cache(module, "w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
     else:
         acc = a.double() @ wq.double().t()
-    if zero is not None:
-        colsum = _cache(module, "w8a8_colsum", lambda: wq.double().sum(1))
-        acc = acc - zero.double() * colsum
-    y = acc * (x_scale.double() * module.scale.double())
-    return _finish(module, y.to(x.dtype if x.is_floating_point() else torch.float32), x)
+        if zero is not None:
+            acc -= zero.double() * _cache(module, "w8a8_rowsum_f64", lambda: wq.double().sum(1))
+    y = acc.to(torch.float32) * (x_scale.float() * module.scale.float())
+    return _finish(module, y, x)
 
 
 def _w8a8_int_mm(module, x: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ class Observer(nn.Module):
         self.granularity: Granularity = PerTensor()
         self.name = ""
         self.register_buffer("seen", torch.tensor(False))
+        self._batch_range: tuple[torch.Tensor, torch.Tensor] = (torch.tensor(0.0), torch.tensor(0.0))
 
     def configure(self, qtype: QType, granularity: Granularity | None = None) -> Observer:
         """Fix the target format and the granularity of statistics; returns ``self``."""
@@ -95,24 +96,30 @@ class Observer(nn.Module):
             return x
         data = x.detach()
         data = data.float() if data.dtype != torch.float64 else data
-        finite = torch.isfinite(data)
-        if not bool(finite.all()):
-            if bool(torch.isnan(data).any()):
-                raise CalibrationError(
-                    f"{self._where()} received NaN values; find where the NaN comes from (inputs, an earlier "
-                    "layer overflowing in float16) before calibrating"
-                )
-            warnings.warn(f"{self._where()} ignored {int((~finite).sum())} +-inf values", NonFiniteInputWarning,
-                          stacklevel=2)
-            if isinstance(self.granularity, PerTensor) and self._drops_nonfinite:
-                data = data[finite]
-                if not data.numel():
-                    return x
-            else:
-                data = torch.where(finite, data, torch.zeros((), dtype=data.dtype, device=data.device))
+        mn, mx = torch.aminmax(data)  # one pass: NaN and +-inf show up in the extremes
+        if not (bool(torch.isfinite(mn)) and bool(torch.isfinite(mx))):
+            data = self._drop_nonfinite(data)
+            if data is None:
+                return x
+            mn, mx = torch.aminmax(data)
+        self._batch_range = (mn, mx)
         self._observe(data)
         self.seen.fill_(True)
         return x
+
+    def _drop_nonfinite(self, data: torch.Tensor) -> torch.Tensor | None:
+        finite = torch.isfinite(data)
+        if bool(torch.isnan(data).any()):
+            raise CalibrationError(
+                f"{self._where()} received NaN values; find where the NaN comes from (inputs, an earlier "
+                "layer overflowing in float16) before calibrating"
+            )
+        warnings.warn(f"{self._where()} ignored {int((~finite).sum())} +-inf values", NonFiniteInputWarning,
+                      stacklevel=3)
+        if isinstance(self.granularity, PerTensor) and self._drops_nonfinite:
+            data = data[finite]
+            return data if data.numel() else None
+        return torch.where(finite, data, torch.zeros((), dtype=data.dtype, device=data.device))
 
     _drops_nonfinite = True
     """Per-tensor observers get the finite values only (1-D); set False to get 0 in place of +-inf."""
@@ -184,7 +191,7 @@ class MinMaxObserver(Observer):
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.granularity, PerTensor):
-            return torch.aminmax(x)
+            return self._batch_range  # computed once by forward()
         return F.minmax(x, self.granularity)
 
     def _observe(self, x: torch.Tensor) -> None:
@@ -258,7 +265,7 @@ def _exponent_for(lo: float, hi: float, bins: int, at_least: int | None = None) 
     if hi > lo:
         e = math.ceil(math.log2((hi - lo) / bins))
     else:  # a single value: a width far below its magnitude (float32 data needs no finer)
-        e = math.frexp(max(abs(lo), 1e-30))[1] - 40
+        e = max(math.frexp(abs(lo))[1] - 40, -100)
     if at_least is not None:
         e = max(e, at_least)
     while math.floor(hi / 2.0**e) - math.floor(lo / 2.0**e) + 1 > bins:
@@ -334,14 +341,15 @@ class HistogramObserver(Observer):
         self.max_val.fill_(hi)
 
     def _observe(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1).double()
-        mn, mx = (float(v) for v in torch.aminmax(x))
+        x = x.reshape(-1)
+        mn, mx = (float(v) for v in self._batch_range)
         if self.has_seen_data:
             self._move_to(min(mn, float(self.min_val)), max(mx, float(self.max_val)), int(self.exponent))
         else:
             self._move_to(mn, mx, None)
-        idx = torch.floor(x / self.bin_width).long() - int(self.origin)
-        self.histogram += torch.bincount(idx.clamp_(0, self.bins - 1), minlength=self.bins).to(torch.float64)
+        # x * 2**-exponent is exact in x's dtype, so each value's bin depends on the value alone
+        idx = torch.floor(x * (1.0 / self.bin_width)).long().sub_(int(self.origin)).clamp_(0, self.bins - 1)
+        self.histogram += torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
     def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sub-bin sample points and their weights (count / subsamples), for bins that hold counts."""

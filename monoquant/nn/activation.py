@@ -82,18 +82,23 @@ class ActivationQuantizer(nn.Module):
             )
 
     def qparams(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale [rows, 1] or [], zero_point like it)`` for a flattened input: per token when dynamic."""
+        """``(scale, zero_point)`` (float32, int32) for a flattened input: ``[rows, 1]`` when dynamic, else ``[]``."""
         self.check_ready()
         if self.dynamic:
             mn, mx = F.minmax(x2d.float(), PerChannel(0))
             scale, zero = F.qparams_from_minmax(mn, mx, self.qtype)
-            return scale.float().unsqueeze(-1), zero.unsqueeze(-1)
+            return scale.float().unsqueeze(-1), zero.to(torch.int32).unsqueeze(-1)
         return self.scale, self.zero_point
 
     def quantize(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Integer codes (int64) of a flattened ``[rows, K]`` input, with their scale and zero-point."""
+        """Integer codes (float32 holding integers in the qtype's range) of a flattened ``[rows, K]`` input, with
+        their scale and zero-point: ``clamp(round(x / scale) + zero, qmin, qmax)`` in float32 (one rounding of
+        the quotient, then exact integer arithmetic), so the integer and simulated paths agree bit for bit."""
         scale, zero = self.qparams(x2d)
-        return F.quantize(x2d, scale, zero, self.qtype), scale, zero
+        codes = torch.round(x2d.float() / scale)
+        if not self.qtype.symmetric:
+            codes += zero
+        return codes.clamp_(self.qtype.qmin, self.qtype.qmax), scale, zero
 
     def fake_quantize(self, x: torch.Tensor, *, per: str = "token") -> torch.Tensor:
         """``x`` quantized then dequantized (same dtype and shape): what the integer path sees.
@@ -102,13 +107,10 @@ class ActivationQuantizer(nn.Module):
         or per sample (``per="sample"``: each ``x[i]``, used for convolution inputs). Gradients pass straight
         through (the rounding counts as identity), so an input that requires grad still gets one.
         """
-        if not self.dynamic:
-            self.check_ready()
-            out = F.fake_quantize(x.detach(), self.scale, self.zero_point, self.qtype)
-        else:
-            x2d = x.detach().reshape(-1, x.shape[-1]) if per == "token" else x.detach().reshape(x.shape[0], -1)
-            codes, scale, zero = self.quantize(x2d)
-            out = F.dequantize(codes, scale, zero, torch.float64).to(x.dtype).reshape(x.shape)
+        xd = x.detach()
+        x2d = xd.reshape(-1, x.shape[-1]) if per == "token" or not self.dynamic else xd.reshape(x.shape[0], -1)
+        codes, scale, zero = self.quantize(x2d)
+        out = F.dequantize(codes, scale, zero, torch.float32).to(x.dtype).reshape(x.shape)
         return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
