@@ -93,8 +93,9 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it, forward passes feed every pending layer's observers.
 
     The model runs in eval mode under ``torch.no_grad()``; every module's training flag is restored on exit.
-    Layers with static activation quantization see (and pass on) float inputs while calibrating. Warns when
-    nothing in the model needs calibration.
+    PyTorch's fused transformer fast path (which reads ``layer.weight`` instead of calling the layer, so no
+    observer would see anything) is switched off meanwhile. Layers with static activation quantization see
+    (and pass on) float inputs while calibrating. Warns when nothing in the model needs calibration.
     """
     layers = _pending_layers(model)
     if not layers:
@@ -102,7 +103,9 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
                       "quantization, no method='gptq' layer waiting for freeze)", UserWarning, stacklevel=3)
     flags = [(m, m.training) for m in model.modules()]
     handles = []
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         for _, q in layers:
             handles.append(q.register_forward_pre_hook(_observe_inputs))
             if q.input_quantizer is not None:
@@ -118,6 +121,7 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
                 q.input_quantizer.calibrating = False
         for m, flag in flags:
             m.training = flag
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def calibrate_with(

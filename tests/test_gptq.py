@@ -143,3 +143,20 @@ def test_linear_output_matches_stored_weights_after_gptq():
     q = model[0]
     x = torch.randn(3, 64)
     torch.testing.assert_close(q(x), TF.linear(x, q.dequantize_weight(), q.bias), rtol=2e-2, atol=2e-2)
+
+
+def test_transformer_encoder_layers_are_calibrated_despite_the_fused_fast_path():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(4, 10, 64)
+    with torch.no_grad():
+        ref = enc(x)
+    report = mq.quantize_(enc, mq.QuantConfig(mq.Int4(group_size=32, method="gptq"), skip=mq.SkipRules.none()))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref)  # pending layers compute with float weights on every path
+    mq.calibrate_with(enc, [x])
+    assert torch.backends.mha.get_fastpath_enabled()
+    done = mq.freeze(enc)
+    assert sorted(d.name for d in done) == sorted(r.name for r in report.quantized)
+    assert {r.name.rsplit(".", 1)[1] for r in report.quantized} == {"linear1", "linear2"}

@@ -234,7 +234,12 @@ class QuantModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dequantized float weight, rebuilt on every access (for code that reads ``.weight`` directly)."""
+        """Dequantized float weight, rebuilt on every access (for code that reads ``.weight`` directly).
+
+        While a ``method="gptq"`` weight waits for :func:`monoquant.freeze` this is the float weight it computes with.
+        """
+        if self.gptq is not None:
+            return self.gptq.weight
         return self.dequantize_weight()
 
     def to_float(self) -> nn.Module:
