@@ -117,7 +117,7 @@ def test_gptq_report_and_conv_fallback():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
     data = [torch.randn(4, 3, 6, 6) for _ in range(4)]
     report = mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=32, method="gptq"), skip=mq.SkipRules.none()),
-                          calibration_data=data)
+                          calibration_data=data, on_failure="ignore")
     rows = {r.name: r for r in report.layers}
     assert rows["0"].method == "rtn (gptq is for Linear layers)"
     assert rows["2"].method == "gptq" and rows["2"].output_sqnr_db is not None
