@@ -348,7 +348,7 @@ class HistogramObserver(Observer):
         else:
             self._move_to(mn, mx, None)
         # x * 2**-exponent is exact in x's dtype, so each value's bin depends on the value alone
-        idx = torch.floor(x * (1.0 / self.bin_width)).long().sub_(int(self.origin)).clamp_(0, self.bins - 1)
+        idx = torch.floor_(x * (1.0 / self.bin_width)).to(torch.int32).sub_(int(self.origin)).clamp_(0, self.bins - 1)
         self.histogram += torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
     def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
