@@ -8,7 +8,8 @@ kernel             applies when                                                 
 ``int4pack_cuda``  Int4, CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
 ``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
                    rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
-``int8pack_cpu``   Int8 symmetric, CPU, rows <= ``PACKED_MAX_ROWS["int8"]`` (24)            bf16
+``int8pack_cpu``   Int8 symmetric, CPU, K % 16 == 0, rows <= ``PACKED_MAX_ROWS["int8"]``   bf16
+                   (24); the op crashes the process for other K (torch 2.13)
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
 ``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
                                                                                           else input dtype
@@ -144,7 +145,7 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
                 and rows <= PACKED_MAX_ROWS["int4"]):
             return "int4pack_cpu"
     if (lowbit_ok and isinstance(spec, Int8) and spec.weight_qtype().symmetric and device.type == "cpu"
-            and _HAS["int8pack"] and rows <= PACKED_MAX_ROWS["int8"]):
+            and _HAS["int8pack"] and k % 16 == 0 and rows <= PACKED_MAX_ROWS["int8"]):
         return "int8pack_cpu"
     if (not forced_fp32 and device.type == "cpu" and cpu_has_fast_bf16()
             and module.compute_dtype in (None, torch.bfloat16)):

@@ -108,3 +108,11 @@ def test_gradients_take_the_simulated_path():
     x = torch.randn(2, 64, requires_grad=True)
     q(x).sum().backward()
     assert q.last_kernel == "act_sim" and x.grad is not None
+
+
+@pytest.mark.parametrize("k", [8, 12, 24, 40])
+def test_int8pack_is_not_chosen_for_inputs_it_would_crash_on(k):
+    # torch 2.13's _weight_int8pack_mm segfaults unless K % 16 == 0; W8A8 layers fall back on the same table
+    q = mq.QuantLinear.from_float(nn.Linear(k, 16), mq.Int8())
+    assert kernels.choose_linear_kernel(q, torch.device("cpu"), 2, False) != "int8pack_cpu"
+    assert q(torch.randn(2, k)).shape == (2, 16)
