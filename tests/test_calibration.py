@@ -136,3 +136,21 @@ def test_dynamic_activations_need_no_calibration():
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     assert not mq.needs_calibration(model)
     assert model(torch.randn(2, 16)).shape == (2, 4)
+
+
+def test_calibrated_model_saves_and_loads_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    data = [torch.randn(16, 16) for _ in range(3)]
+    model = _mlp()
+    cfg = mq.QuantConfig(mq.Int4(group_size=16, method="gptq"), activations=mq.Int8(observer=mq.HistogramObserver()),
+                         skip=mq.SkipRules.none())
+    mq.quantize_(model, cfg, calibration_data=data, on_failure="ignore")
+    mq.save(model, tmp_path / "m.safetensors")
+    loaded = mq.load(_mlp(), tmp_path / "m.safetensors")
+    x = torch.randn(5, 16)
+    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(loaded[0].input_quantizer.scale, model[0].input_quantizer.scale)
+    pending = _mlp()
+    mq.quantize_(pending, cfg)
+    with pytest.raises(mq.SerializationError, match="freeze"):
+        mq.save(pending, tmp_path / "p.safetensors")
