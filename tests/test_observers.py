@@ -295,3 +295,15 @@ def test_custom_observer_subclass_plugs_into_a_config():
     expected = max(float(d.abs().max()) for d in data)
     aq = model[0].input_quantizer
     assert float(aq.scale) == pytest.approx(expected / 255 * 2, rel=1e-6)  # affine 8-bit over [-a, a]
+
+
+def test_specs_take_an_observer_instance_or_factory_and_give_each_layer_its_own():
+    proto = mq.HistogramObserver(bins=512)
+    for spec in (mq.Int8(observer=proto), mq.Int8(observer=lambda: mq.HistogramObserver(bins=512))):
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+        mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=spec, skip=mq.SkipRules.none()))
+        a, b = model[0].input_quantizer.observer, model[1].input_quantizer.observer
+        assert isinstance(a, mq.HistogramObserver) and a.bins == 512 and a is not b and a is not proto
+        assert a.name == "0" and b.name == "1"
+    with pytest.raises(mq.ConfigError, match="factory"):
+        mq.Int8(observer=3).make_observer()
