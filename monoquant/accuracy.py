@@ -582,8 +582,9 @@ def sensitivity(
     for name, module in tqdm(candidates, desc="sensitivity", unit="layer",
                              disable=(not progress) if progress is not None else None):
         rules = _only(base, name)
-        # activation quantization needs its observers calibrated: give it the measurement batches
-        calib = {"calibration_data": references.batches} if cfg.activations is not None else {}
+        # static activations and GPTQ need calibration: give them the measurement batches
+        needs_data = cfg.activations is not None or getattr(cfg.weights, "method", "rtn") == "gptq"
+        calib = {"calibration_data": references.batches} if needs_data else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NothingQuantizedWarning)
             report = quantize_(model, QuantConfig(cfg.weights, cfg.activations, rules, cfg.compute_dtype),

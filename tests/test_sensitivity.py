@@ -78,3 +78,13 @@ def test_target_already_met_changes_nothing():
     report = mq.quantize_(Net().eval(), _cfg(), calibration_data=batches(), target_sqnr=5.0)
     assert [r.scheme for r in report.quantized] == ["int4-affine-g64", "int4-affine-g128", "int4-affine-g128"]
     assert all(r.note == "" for r in report.layers)
+
+
+def test_sensitivity_with_gptq_measures_the_quantized_layer_not_the_pending_float_one():
+    model = Net(fragile=False).eval()
+    data = batches()
+    results = mq.sensitivity(model, _cfg(mq.Int4(group_size=32, method="gptq")), data, progress=False)
+    assert sorted(r.name for r in results) == ["fc1", "fc2", "fc3"]
+    # a pending GPTQ layer computes with its float weight (infinite SQNR); a frozen one cannot reach 60 dB at INT4
+    assert all(r.sqnr_db < 60 for r in results)
+    assert all(isinstance(m, torch.nn.Linear) for m in (model.fc1, model.fc2, model.fc3))
