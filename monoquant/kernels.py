@@ -9,7 +9,7 @@ kernel             applies when                                                 
 ``int4pack_cpu``   Int4, CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
                    rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
 ``int8pack_cpu``   Int8 symmetric, CPU, K % 16 == 0, rows <= ``PACKED_MAX_ROWS["int8"]``   bf16
-                   (24); the op crashes the process for other K (torch 2.13)
+                   (12); the op crashes the process for other K (torch 2.13)
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
 ``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
                                                                                           else input dtype
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from .config import Int4, Int8
 from .packing import unpack_int4
 
-PACKED_MAX_ROWS = {"int4": 48, "int8": 24}
+PACKED_MAX_ROWS = {"int4": 48, "int8": 12}
 """Largest row count sent to the packed CPU kernels, per weight kind. The packed kernels' time grows
 linearly with rows while a dequantize + bf16 GEMM costs a near-constant dequantize plus a cheap GEMM.
 Measured with ``bench_linear.py --crossover`` (4096x4096, AVX512 + AMX), packed vs dequantize ms:
@@ -271,23 +271,42 @@ def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         return _finish(module, torch.cat(outs, dim=-1), x)
     wbuf = _SCRATCH.get("weight", chunk * k, dtype, xf.device).view(chunk, k)
     codes = _SCRATCH.get("codes", 2 * chunk * (k + 1), torch.uint8, xf.device)
-    if chunk == n:  # one chunk: a single addmm with the bias fused
-        w = module.dequantize_into(wbuf, 0, codes)
+    # INT8 scales are per output row: in half precision, scale the (rows x N) output instead of the (N x K)
+    # weight, saving a slow half-precision pass over the weight (integers up to 255 are exact in bf16/fp16)
+    out_scale = _output_scale(module, dtype)
+    scaled = out_scale is None
+
+    def deq(r: int) -> torch.Tensor:
+        return module.dequantize_into(wbuf[: min(chunk, n - r)], r, codes, scaled=scaled)
+
+    if chunk == n and scaled:  # one chunk: a single addmm with the bias fused
         bias = None if module.bias is None else module.bias.to(dtype)
-        y = F.linear(xf, w, bias)
+        y = F.linear(xf, deq(0), bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
     rows = xf.shape[0]
     if rows <= 256:  # few rows: write y transposed, so that each chunk's output is contiguous
         y_t = torch.empty(n, rows, dtype=dtype, device=xf.device)
         for r in range(0, n, chunk):
-            w = module.dequantize_into(wbuf[: min(chunk, n - r)], r, codes)
+            w = deq(r)
             torch.mm(w, xf.t(), out=y_t[r:r + w.shape[0]])
+        if out_scale is not None:
+            y_t.mul_(out_scale)
         return _finish(module, y_t.t().contiguous(), x)
     y = torch.empty(rows, n, dtype=dtype, device=xf.device)  # many rows: x @ w.T is the faster GEMM shape
     for r in range(0, n, chunk):
-        w = module.dequantize_into(wbuf[: min(chunk, n - r)], r, codes)
+        w = deq(r)
         y[:, r:r + w.shape[0]] = F.linear(xf, w)
+    if out_scale is not None:
+        y.mul_(out_scale.reshape(-1) if out_scale.dim() else out_scale)
     return _finish(module, y, x)
+
+
+def _output_scale(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """INT8's ``[N, 1]`` (or scalar) scale in ``dtype`` when it is applied to the output, else ``None``."""
+    if not isinstance(module.spec, Int8) or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    scale, _ = module._kernel_cache.get(("dequant", dtype)) or module._dequant_params(dtype)
+    return scale
 
 
 def _dequant_bf16(module, x: torch.Tensor) -> torch.Tensor:

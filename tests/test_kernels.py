@@ -99,7 +99,8 @@ def test_int8pack_cpu_matches_dequantized_reference(spec):
 
 
 @pytest.mark.parametrize("spec", [mq.Int4(group_size=32), mq.Int4(group_size=64, symmetric=True), mq.Int8(),
-                                  mq.Int8(symmetric=False), mq.Int8(granularity="tensor", symmetric=False),
+                                  mq.Int8(symmetric=False), mq.Int8(granularity="tensor"),
+                                  mq.Int8(granularity="tensor", symmetric=False),
                                   mq.Float16(), mq.BFloat16()], ids=lambda s: s.describe())
 @pytest.mark.parametrize("k, n", [(64, 40), (96, 3000)])  # one chunk; five chunks (see the monkeypatch)
 def test_dequant_paths_match_reference(monkeypatch, spec, k, n):

@@ -157,8 +157,8 @@ class QuantModule(nn.Module):
         out = torch.empty(n_rows, self.weight2d_shape[1], dtype=dtype, device=self.qweight.device)
         return self.dequantize_into(out, rows.start or 0)
 
-    def dequantize_into(self, out: torch.Tensor, row_start: int = 0, scratch: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+    def dequantize_into(self, out: torch.Tensor, row_start: int = 0, scratch: torch.Tensor | None = None,
+                        *, scaled: bool = True) -> torch.Tensor:
         """Write output rows ``row_start : row_start + len(out)`` of the ``[N, K]`` weight into ``out``.
 
         ``out`` is a contiguous float tensor of shape ``[rows, K]``; ``scratch`` (optional, uint8, at least
@@ -168,6 +168,10 @@ class QuantModule(nn.Module):
         by the scale. This measured several times faster than unpacking then one ``addcmul`` on integer
         codes (``benchmarks/bench_linear.py``). In bf16 the result is the exact value rounded once, since
         ``q - zero`` is an integer of at most 8 bits.
+
+        ``scaled=False`` (INT8 only, whose scale is per output row) leaves out the multiplication by the
+        scale, so a caller can apply it to the matmul's output instead: ``x @ ((q - z) s)^T = (x @ (q - z)^T) s``
+        with ``rows`` times fewer multiplications.
         """
         sl = slice(row_start, row_start + out.shape[0])
         if self.spec.kind in ("float16", "bfloat16"):
@@ -184,7 +188,8 @@ class QuantModule(nn.Module):
             scale, zero = scale[sl], (zero[sl] if zero.dim() else zero)
         if zero.dim() or float(zero) != 0.0:
             view.sub_(zero)
-        view.mul_(scale)
+        if scaled or isinstance(self.spec, Int4):
+            view.mul_(scale)
         return out
 
     def _unpack_int4_into(self, out: torch.Tensor, packed: torch.Tensor, scratch: torch.Tensor | None) -> None:
