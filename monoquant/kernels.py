@@ -272,8 +272,8 @@ def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     wbuf = _SCRATCH.get("weight", chunk * k, dtype, xf.device).view(chunk, k)
     codes = _SCRATCH.get("codes", 2 * chunk * (k + 1), torch.uint8, xf.device)
     # INT8 scales are per output row: in half precision, scale the (rows x N) output instead of the (N x K)
-    # weight, saving a slow half-precision pass over the weight (integers up to 255 are exact in bf16/fp16)
-    out_scale = _output_scale(module, dtype)
+    # weight when it is smaller, saving a slow half-precision pass (integers up to 255 are exact in bf16/fp16)
+    out_scale = _output_scale(module, dtype) if xf.shape[0] < k else None
     scaled = out_scale is None
 
     def deq(r: int) -> torch.Tensor:
