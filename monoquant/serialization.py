@@ -47,11 +47,6 @@ LAYOUTS = {"int8": "int8-rowmajor", "int4": "int4-packed-low-nibble-even-column"
            "bfloat16": "bfloat16-rowmajor"}
 """Stored weight layout per spec kind (see :mod:`monoquant.schemes` and :mod:`monoquant.packing`)."""
 
-_LINEAR_GEOMETRY = ("in_features", "out_features")
-_CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                  "padding_mode")
-
-
 # ---- header pieces (shared with the CLI) ------------------------------------------------------------------
 def spec_to_dict(spec: WeightSpec) -> dict[str, Any]:
     """The storage-relevant fields of a weight spec (observers are not stored: they only matter when quantizing)."""
@@ -87,8 +82,8 @@ def _dtype_from(name: str | None) -> torch.dtype | None:
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
-    names = _LINEAR_GEOMETRY if hasattr(module, "in_features") else _CONV_GEOMETRY
-    return {n: list(v) if isinstance(v, tuple) else v for n, v in ((n, getattr(module, n)) for n in names)}
+    cls = type(module) if isinstance(module, QuantModule) else quant_class_for(module)
+    return {n: list(v) if isinstance(v, tuple) else v for n, v in cls.geometry_of(module).items()}
 
 
 def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
@@ -228,11 +223,7 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModu
                   device="meta", dtype=_dtype_from(entry.get("float_dtype")))
     bias = bool(entry.get("bias"))
     try:
-        if cls is QuantLinear:
-            q = cls(current.in_features, current.out_features, bias, spec, **common)
-        else:
-            q = cls(current.in_channels, current.out_channels, current.kernel_size, current.stride, current.padding,
-                    current.dilation, current.groups, bias, current.padding_mode, spec, **common)
+        q = cls(**cls.geometry_of(current), bias=bias, spec=spec, **common)
     except (ValueError, TypeError) as e:
         raise SerializationError(f"layer {name!r}: cannot rebuild {cls.__name__} from the file: {e}") from e
     if list(q.weight_shape) != list(entry.get("weight_shape", [])):

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
-from ..config import Int8, QuantConfig, WeightSpec
-from ..observers import Observer
+from ..config import Int8, WeightSpec
 from .module import QuantModule
 
 
 class _QuantConvNd(QuantModule):
+    GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                "padding_mode")
     _dims: int
     _conv = staticmethod(F.conv2d)
 
@@ -63,29 +64,6 @@ class _QuantConvNd(QuantModule):
                 pads[2 * i + 1] = total - total // 2
         return pads
 
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.Module,
-        config: QuantConfig | WeightSpec | None = None,
-        *,
-        name: str = "",
-        observer: Observer | None = None,
-        group_size: int | None = None,
-    ) -> _QuantConvNd:
-        """Quantize a float conv's kernel with ``config`` (a weight spec or full config; default ``Int8()``)."""
-        cls._check_float(module, name)
-        spec, compute_dtype = cls._spec_of(config or Int8())
-        q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                module.dilation, module.groups, module.bias is not None, module.padding_mode, spec,
-                group_size=group_size, compute_dtype=compute_dtype, device=module.weight.device,
-                dtype=module.weight.dtype)
-        q._load_float_weight(module.weight, observer)
-        if module.bias is not None:
-            q.bias.data.copy_(module.bias.detach())
-        q.train(module.training)
-        return q
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         self.last_kernel = "dequant_conv"
@@ -101,17 +79,6 @@ class _QuantConvNd(QuantModule):
         else:
             padding = self.padding
         return self._conv(x_in, weight, bias, self.stride, padding, self.dilation, self.groups).to(x.dtype)
-
-    def to_float(self) -> nn.Module:
-        conv = self.float_module_type(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.groups, self.bias is not None, self.padding_mode, device=self.qweight.device, dtype=self.float_dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dequantize_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv.train(self.training)
-        return conv
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

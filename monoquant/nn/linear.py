@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import Int8, QuantConfig, WeightSpec
-from ..observers import Observer
+from ..config import Int8, WeightSpec
 from .module import QuantModule
 
 
@@ -21,6 +20,7 @@ class QuantLinear(QuantModule):
     """
 
     float_module_type = nn.Linear
+    GEOMETRY = ("in_features", "out_features")
 
     def __init__(
         self,
@@ -40,39 +40,8 @@ class QuantLinear(QuantModule):
         self._init_quant((out_features, in_features), spec or Int8(), bias=bias, group_size=group_size,
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
 
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.Linear,
-        config: QuantConfig | WeightSpec | None = None,
-        *,
-        name: str = "",
-        observer: Observer | None = None,
-        group_size: int | None = None,
-    ) -> QuantLinear:
-        """Quantize ``module``'s weight with ``config`` (a weight spec or a full config; default ``Int8()``)."""
-        cls._check_float(module, name)
-        spec, compute_dtype = cls._spec_of(config or Int8())
-        q = cls(module.in_features, module.out_features, module.bias is not None, spec, group_size=group_size,
-                compute_dtype=compute_dtype, device=module.weight.device, dtype=module.weight.dtype)
-        q._load_float_weight(module.weight, observer)
-        if module.bias is not None:
-            q.bias.data.copy_(module.bias.detach())
-        q.train(module.training)
-        return q
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(self, x)
-
-    def to_float(self) -> nn.Linear:
-        dev = self.qweight.device
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=dev, dtype=self.float_dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantize_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        lin.train(self.training)
-        return lin
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + \

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import schemes
-from ..config import Int4, QuantConfig, WeightSpec, as_config
+from ..config import Int4, Int8, QuantConfig, WeightSpec, as_config
 from ..errors import ConfigError, NonFiniteWeightError
 from ..observers import Observer
 
@@ -29,6 +29,8 @@ class QuantModule(nn.Module):
     """Mixin base of :class:`QuantLinear` and the ``QuantConv`` classes."""
 
     float_module_type: type[nn.Module]
+    GEOMETRY: tuple[str, ...]
+    """Constructor arguments shared with the float module type, besides ``bias``."""
     spec: WeightSpec
     group_size: int | None
     compute_dtype: torch.dtype | None
@@ -247,9 +249,47 @@ class QuantModule(nn.Module):
             return self.gptq.weight
         return self.dequantize_weight()
 
+    @classmethod
+    def geometry_of(cls, module: nn.Module) -> dict[str, Any]:
+        """Constructor arguments (other than ``bias``) that this class shares with its float module type,
+        read from ``module`` (a float layer or a quantized one)."""
+        return {name: getattr(module, name) for name in cls.GEOMETRY}
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        config: QuantConfig | WeightSpec | None = None,
+        *,
+        name: str = "",
+        observer: Observer | None = None,
+        group_size: int | None = None,
+    ) -> QuantModule:
+        """Quantize float ``module``'s weight with ``config`` (a weight spec or full config; default ``Int8()``).
+
+        ``name`` is used in error messages; ``observer`` overrides the spec's weight observer; ``group_size``
+        overrides the INT4 group chosen by :meth:`Int4.resolve_group_size`.
+        """
+        cls._check_float(module, name)
+        spec, compute_dtype = cls._spec_of(config or Int8())
+        q = cls(**cls.geometry_of(module), bias=module.bias is not None, spec=spec, group_size=group_size,
+                compute_dtype=compute_dtype, device=module.weight.device, dtype=module.weight.dtype)
+        q._load_float_weight(module.weight, observer)
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        q.train(module.training)
+        return q
+
     def to_float(self) -> nn.Module:
         """A plain float module (``nn.Linear``/``nn.Conv*``) with the dequantized weight."""
-        raise NotImplementedError
+        module = self.float_module_type(**self.geometry_of(self), bias=self.bias is not None,
+                                        device=self.qweight.device, dtype=self.float_dtype)
+        with torch.no_grad():
+            module.weight.copy_(self.dequantize_weight())
+            if self.bias is not None:
+                module.bias.copy_(self.bias)
+        module.train(self.training)
+        return module
 
     # ---- housekeeping -------------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
