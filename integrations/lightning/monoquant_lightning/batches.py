@@ -1,0 +1,92 @@
+"""Batches for calibration and comparison, taken the way the Trainer takes validation batches.
+
+Loaders come from an explicit ``calibration_dataloader`` or from the trainer's validation dataloaders (a
+single loader, a list/tuple or a dict of loaders, already wrapped by the Trainer with a
+``DistributedSampler`` under DDP, so each rank sees its own shard). Every batch goes through the
+LightningModule's (or DataModule's) ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+``on_after_batch_transfer`` hooks exactly as in the validation loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from monoquant.errors import CalibrationError
+
+
+def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
+    """``[loader, ...]`` from a single loader, a list/tuple or a dict (insertion order, like Lightning)."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return [dl for v in loaders.values() for dl in flatten_loaders(v)]
+    if isinstance(loaders, (list, tuple)):
+        return [dl for v in loaders for dl in flatten_loaders(v)]
+    return [loaders]
+
+
+def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:
+    """The trainer's validation loaders and the number of batches ``limit_val_batches`` allows in each.
+
+    If validation has not run yet in this ``fit`` (e.g. ``num_sanity_val_steps=0`` and no epoch reached
+    ``check_val_every_n_epoch``), the loaders are requested now, as the validation loop would.
+    """
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    source = getattr(loop, "_data_source", None)  # where the Trainer gets validation loaders from
+    if trainer.val_dataloaders is None and trainer.limit_val_batches != 0 and source is not None \
+            and source.is_defined():
+        loop.setup_data()
+    loaders = flatten_loaders(trainer.val_dataloaders)
+    limits = list(trainer.num_val_batches) if loaders else []
+    if len(limits) != len(loaders):  # validation never set up: no per-loader limit known
+        limits = [math.inf] * len(loaders)
+    return loaders, limits
+
+
+def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list[float],
+                 total: int) -> Iterator[tuple[int, Any]]:
+    """Up to ``total`` batches over all ``loaders`` (split evenly, each capped by its limit), on device.
+
+    Yields ``(dataloader_idx, batch)`` with the batch moved exactly as Lightning's evaluation loop does it
+    (``LightningModule._on_before_batch_transfer`` then ``trainer.strategy.batch_to_device``).
+    """
+    if not loaders:
+        return
+    share = math.ceil(total / len(loaders))
+    left = total
+    for idx, (loader, limit) in enumerate(zip(loaders, limits)):
+        cap = int(min(share, limit, left))
+        if cap <= 0:
+            continue
+        for batch in itertools.islice(loader, cap):
+            left -= 1
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=idx)
+            yield idx, trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
+
+
+def require_batches(count: int, purpose: str) -> None:
+    if count == 0:
+        raise CalibrationError(f"no batch available for {purpose}: the validation dataloaders are empty or "
+                               "limit_val_batches=0; pass PostTrainingQuantization(..., calibration_dataloader=...)")
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode under ``torch.no_grad()``; every submodule's training flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, was_training in flags:
+            m.training = was_training

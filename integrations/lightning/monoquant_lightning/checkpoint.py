@@ -1,0 +1,174 @@
+"""Restoring a quantized LightningModule from a Lightning checkpoint.
+
+A checkpoint saved after :class:`~monoquant_lightning.PostTrainingQuantization` ran holds the quantized
+layers' buffers (``qweight``, ``scale``, ``zero_point``...) in ``checkpoint["state_dict"]``, and the
+callback's state (under its ``state_key``) lists which layers were quantized with which spec. A freshly
+constructed LightningModule has float layers at those names, so the quantized structure has to be put back
+*before* ``load_state_dict``:
+
+* with the callback in ``Trainer(callbacks=[...])``, ``trainer.test(model, ckpt_path=...)`` (or
+  ``validate``/``predict``/``fit``) does it for you;
+* outside the Trainer, :func:`load_quantized_checkpoint` does it for a module you constructed;
+* for ``MyModule.load_from_checkpoint(path)``, call :func:`restore_quantized_structure` from your module's
+  ``on_load_checkpoint(self, checkpoint)`` hook.
+
+The structure is rebuilt with :func:`monoquant.quantize_` restricted to exactly the stored layer names
+(the float weights it quantizes are placeholders that ``load_state_dict`` then overwrites), and checked
+layer by layer against the stored schemes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import monoquant as mq
+from monoquant.errors import SerializationError
+
+STATE_FORMAT = 1
+"""Version of the callback state layout (``state["format"]``)."""
+
+_SPECS = {cls.__name__: cls for cls in (mq.Int8, mq.Int4, mq.Float16, mq.BFloat16)}
+
+
+def spec_to_dict(spec: mq.WeightSpec) -> dict[str, Any]:
+    """A JSON-able description of a weight/activation spec (observer prototypes are not stored)."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "observer"}
+    return {"type": type(spec).__name__, **fields}
+
+
+def spec_from_dict(data: dict[str, Any]) -> mq.WeightSpec:
+    """Inverse of :func:`spec_to_dict`."""
+    data = dict(data)
+    kind = data.pop("type", None)
+    if kind not in _SPECS:
+        raise SerializationError(f"unknown spec type {kind!r} in checkpoint; expected one of {sorted(_SPECS)}: "
+                                 "was it written by a newer monoquant-lightning?")
+    return _SPECS[kind](**data)
+
+
+def config_to_dict(config: mq.QuantConfig) -> dict[str, Any]:
+    """The parts of a :class:`~monoquant.QuantConfig` that determine the quantized structure."""
+    return {
+        "weights": spec_to_dict(config.weights),
+        "activations": spec_to_dict(config.activations) if config.activations is not None else None,
+        "compute_dtype": str(config.compute_dtype).removeprefix("torch.") if config.compute_dtype else None,
+    }
+
+
+def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSpec | None,
+             compute_dtype: torch.dtype | None, names: list[str]) -> dict[str, str]:
+    """Quantize exactly the layers ``names`` of ``module`` (placeholder weights); returns ``{name: scheme}``."""
+    if getattr(weights, "method", "rtn") != "rtn":
+        # the stored buffers replace whatever quantize_ computes, so the cheapest method builds the structure
+        weights = dataclasses.replace(weights, method="rtn")
+    only = mq.SkipRules(include=[re.compile(rf"^{re.escape(n)}$") for n in names])
+    cfg = mq.QuantConfig(weights=weights, activations=activations, skip=only, compute_dtype=compute_dtype)
+    report = mq.quantize_(module, cfg, progress=False)
+    return {row.name: row.scheme for row in report.quantized}
+
+
+def _check_names(module: nn.Module, names: list[str]) -> None:
+    have = dict(module.named_modules())
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise SerializationError(f"the checkpoint has quantized layers {missing} that {type(module).__name__} "
+                                 "does not have; construct the same model class the checkpoint was saved from")
+
+
+def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], state_key: str | None = None) -> bool:
+    """Swap the layers a checkpoint stores quantized into ``module`` (in place), ready for ``load_state_dict``.
+
+    Args:
+        module: the (float) LightningModule or ``nn.Module`` the checkpoint was saved from, freshly
+            constructed (finite weights; they are placeholders).
+        checkpoint: the loaded checkpoint dict (``torch.load(path, weights_only=False)`` or the argument
+            of ``on_load_checkpoint``).
+        state_key: the callback's ``state_key``; needed only when the checkpoint holds several
+            ``PostTrainingQuantization`` states.
+
+    Returns:
+        ``True`` if layers were swapped; ``False`` if the checkpoint holds no quantized model or ``module``
+        already has the quantized structure.
+
+    Raises:
+        SerializationError: the checkpoint's layers don't match ``module`` (names or schemes).
+    """
+    state = find_callback_state(checkpoint, state_key)
+    if state is None or not state.get("quantized"):
+        return False
+    layers: dict[str, str] = state["layers"]
+    if any(isinstance(m, mq.QuantModule) for m in module.modules()):
+        return False
+    _check_names(module, list(layers))
+    cfg = state["config"]
+    got = _rebuild(module, spec_from_dict(cfg["weights"]),
+                   spec_from_dict(cfg["activations"]) if cfg.get("activations") else None,
+                   getattr(torch, cfg["compute_dtype"]) if cfg.get("compute_dtype") else None, list(layers))
+    if got != layers:
+        diff = sorted(n for n in set(got) | set(layers) if got.get(n) != layers.get(n))
+        raise SerializationError(f"could not rebuild the quantized structure stored in the checkpoint: layers "
+                                 f"{diff} differ (stored {[layers.get(n) for n in diff]}, rebuilt "
+                                 f"{[got.get(n) for n in diff]}); was the model's architecture changed?")
+    return True
+
+
+def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], config: mq.QuantConfig,
+                            prefix: str = "") -> list[str]:
+    """Swap in quantized layers wherever ``state_dict`` holds a ``qweight`` for a float layer of ``module``.
+
+    Used by the callback inside the Trainer (a ``load_state_dict`` pre-hook), where the checkpoint's callback
+    state is not available yet: the layers come from the state dict, the schemes from ``config``. Returns the
+    swapped names; raises :class:`~monoquant.SerializationError` if the stored buffers don't have the shapes
+    and dtypes ``config`` gives (the checkpoint was quantized with another config).
+    """
+    modules = dict(module.named_modules())
+    names = [k[len(prefix):-len(".qweight")] for k in state_dict if k.startswith(prefix) and k.endswith(".qweight")]
+    names = [n for n in names if not isinstance(modules.get(n), mq.QuantModule)]
+    if not names:
+        return []
+    _check_names(module, names)
+    _rebuild(module, config.weights, config.activations, config.compute_dtype, names)
+    swapped = dict(module.named_modules())
+    for name in names:
+        for key, buf in swapped[name].state_dict().items():
+            stored = state_dict.get(f"{prefix}{name}.{key}")
+            if stored is not None and (stored.shape != buf.shape or stored.dtype != buf.dtype):
+                raise SerializationError(
+                    f"layer {name!r}: the checkpoint stores {key} as {stored.dtype} {tuple(stored.shape)} but this "
+                    f"callback's config gives {buf.dtype} {tuple(buf.shape)}; create PostTrainingQuantization with "
+                    "the config the checkpoint was quantized with")
+    return names
+
+
+def find_callback_state(checkpoint: dict[str, Any], state_key: str | None = None) -> dict[str, Any] | None:
+    """The ``PostTrainingQuantization`` state inside a checkpoint (``None`` if there is none)."""
+    states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items()
+              if isinstance(k, str) and k.startswith("PostTrainingQuantization")}
+    if state_key is not None:
+        return states.get(state_key)
+    if len(states) > 1:
+        raise SerializationError(f"the checkpoint holds several PostTrainingQuantization states {sorted(states)}; "
+                                 "pass state_key=callback.state_key to choose one")
+    return next(iter(states.values()), None)
+
+
+def load_quantized_checkpoint(module: nn.Module, path: str | Path, *, state_key: str | None = None,
+                              map_location: Any = "cpu", strict: bool = True) -> nn.Module:
+    """Load a Lightning checkpoint saved after quantization into a freshly constructed ``module``.
+
+    Outside the Trainer: ``model = load_quantized_checkpoint(MyLitModule(), "last.ckpt")``. Puts back the
+    quantized layers (see :func:`restore_quantized_structure`), then loads ``checkpoint["state_dict"]``;
+    the result gives outputs identical to the model that was saved. Returns ``module``.
+    """
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise SerializationError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    restore_quantized_structure(module, checkpoint, state_key)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module

@@ -1,0 +1,318 @@
+"""PostTrainingQuantization with real Trainers: small models, a few batches each."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("torchmetrics")
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from monoquant_lightning import (
+    PostTrainingQuantization,
+    load_quantized_checkpoint,
+    restore_quantized_structure,
+)
+from ptq_models import MLP, DataModule, DictBatches, KwargsModel, classification_data, loader
+from torch import nn
+
+import monoquant as mq
+from monoquant import functional as F
+
+INT4 = mq.QuantConfig(mq.Int4(group_size=32))
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append(dict(metrics))
+
+    def merged(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in self.logged:
+            out.update(m)
+        return out
+
+
+class Snapshot(pl.Callback):
+    """Placed before the PTQ callback: keeps a float copy and the training flags at on_train_end."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flags = {n: m.training for n, m in pl_module.named_modules()}
+        pl_module.transfers = []
+        self.float_model = copy.deepcopy(pl_module)
+
+
+def trainer(callbacks, **kwargs) -> pl.Trainer:
+    defaults = dict(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def fit(model, callback, *, train=None, val=None, datamodule=None, **kwargs):
+    snap = Snapshot()
+    tr = trainer([snap, callback], **kwargs)
+    if datamodule is not None:
+        tr.fit(model, datamodule=datamodule)
+    else:
+        tr.fit(model, train or loader(classification_data(32)), val)
+    return tr, snap
+
+
+def quant_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ("qweight", "scale", "zero_point")}
+
+
+def test_fit_quantizes_measures_logs_and_prints(capsys):
+    model, logger = MLP(), MemoryLogger()
+    val = loader(classification_data(40, seed=1))
+    cb = PostTrainingQuantization(INT4, compare_batches=3)
+    _, snap = fit(model, cb, val=val, logger=logger)
+
+    assert isinstance(model.fc1, mq.QuantLinear) and isinstance(model.fc2, mq.QuantLinear)
+    assert isinstance(model.head, nn.Linear)  # 640 weights < SkipRules.defaults() min_params
+    assert cb.quantized_layers == {"fc1": "int4-affine-g32", "fc2": "int4-affine-g32"}
+    assert {n: m.training for n, m in model.named_modules()} == snap.flags  # flags restored
+    # the comparison used the first 3 validation batches; recompute it from the float copy
+    xs = [b[0] for b in list(val)[:3]]  # batch by batch: the kernel chosen depends on the batch size
+    with torch.no_grad():
+        ref = torch.cat([snap.float_model.eval()(x) for x in xs])
+        out = torch.cat([model.eval()(x) for x in xs])
+    e2e = cb.report.end_to_end
+    assert e2e["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+    assert e2e["top1_agreement"] == pytest.approx((ref.argmax(-1) == out.argmax(-1)).float().mean().item())
+    assert 10 < e2e["output_sqnr_db"] < 60
+    logged = logger.merged()
+    assert logged["quant/layers_quantized"] == 2 and logged["quant/layers_skipped"] == 1
+    assert logged["quant/output_sqnr_db"] == pytest.approx(e2e["output_sqnr_db"])
+    assert logged["quant/bytes_after"] == cb.report.bytes_after < logged["quant/bytes_before"]
+    assert logged["quant/weight_sqnr_db/fc1"] == pytest.approx(cb.report.row("fc1").weight_sqnr_db)
+    printed = capsys.readouterr().out
+    assert str(cb.report) in printed and "2 quantized, 1 kept float" in printed
+
+
+def test_kwargs_model_with_dict_batches_goes_through_transfer_hooks():
+    model = KwargsModel()
+    ds = DictBatches()
+    cb = PostTrainingQuantization(mq.Int8(), compare_batches=2)
+    _, snap = fit(model, cb, train=loader(ds), val=loader(ds))
+    assert model.transfers == [0, 0]  # both comparison batches went through on_before_batch_transfer
+    batches = list(loader(ds))[:2]
+    for b in batches:
+        b.pop("label")  # what the module's on_after_batch_transfer hook does
+    with torch.no_grad():
+        ref = torch.cat([snap.float_model(**b)["logits"] for b in batches])
+        out = torch.cat([model(**b)["logits"] for b in batches])
+    assert cb.report.end_to_end["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+    assert cb.report.end_to_end["top1_agreement"] == pytest.approx((ref.argmax(-1) == out.argmax(-1)).float().mean())
+    assert isinstance(model.fc1, mq.QuantLinear)
+
+
+def test_forward_fn_option_feeds_custom_batches():
+    class TwoInputs(MLP):
+        def forward(self, x, shift):
+            return super().forward(x + shift)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x, 0.0), y)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    calls = []
+
+    def forward_fn(module, batch):
+        calls.append(batch[0].shape[0])
+        return module(batch[0], 1.0)
+
+    model = TwoInputs()
+    cb = PostTrainingQuantization(INT4, forward_fn=forward_fn, compare_batches=2)
+    fit(model, cb, val=loader(classification_data(24), batch_size=8))
+    assert calls == [8, 8, 8, 8]  # 2 float + 2 quantized comparison batches
+    assert cb.report.end_to_end["output_sqnr_db"] > 10
+
+
+def test_several_val_loaders_limit_val_batches_and_caps():
+    model = MLP()
+    vals = {"a": loader(classification_data(40, seed=1)), "b": loader(classification_data(40, seed=2))}
+    cb = PostTrainingQuantization(INT4, compare_batches=5)
+    fit(model, cb, val=vals, limit_val_batches=2)
+    # 5 batches split over 2 loaders (3 each), each capped at limit_val_batches=2 -> 2 + 2
+    assert model.transfers == [0, 0, 1, 1]
+
+    model = MLP()
+    cb = PostTrainingQuantization(INT4, compare_batches=3)
+    fit(model, cb, val=[vals["a"], vals["b"]])
+    assert model.transfers == [0, 0, 1]  # ceil(3/2) = 2 from the first loader, the remaining 1 from the second
+
+
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_datamodule_and_validate_quantized_model(inference_mode):
+    model, dm = MLP(), DataModule()
+    cb = PostTrainingQuantization(INT4, monitor="val_acc", tolerance=1.0)
+    tr, _ = fit(model, cb, datamodule=dm, inference_mode=inference_mode)
+    float_acc = tr.callback_metrics["val_acc"].item()
+    assert cb.float_metric == pytest.approx(float_acc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mq.AccuracyWarning)
+        (result,) = tr.validate(model, datamodule=dm, verbose=False)
+    x, y = _all(dm.val_dataloader())
+    with torch.no_grad():
+        expected = (model(x).argmax(-1) == y).float().mean().item()
+    assert result["val_acc"] == pytest.approx(expected)
+    assert cb.accuracy_check == {"monitor": "val_acc", "float": pytest.approx(float_acc),
+                                 "quantized": pytest.approx(expected), "drop": pytest.approx(float_acc - expected),
+                                 "tolerance": 1.0, "failed": False}
+    assert isinstance(model.fc1, mq.QuantLinear)
+
+
+def _all(dl):
+    xs, ys = zip(*dl)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_accuracy_drop_warns_logs_both_values_and_can_raise():
+    model, logger = MLP(), MemoryLogger()
+    val = loader(classification_data(32, seed=1))
+    cb = PostTrainingQuantization(INT4, monitor="val_acc", tolerance=0.1)
+    tr, _ = fit(model, cb, val=val, logger=logger)
+    model.val_offset = -0.5  # the quantized model now "scores" 0.5 lower
+    with pytest.warns(mq.AccuracyWarning, match=r"val_acc got worse by 0\.[45]"):
+        tr.validate(model, val, verbose=False)
+    check = cb.accuracy_check
+    assert check["failed"] and check["drop"] > 0.4
+    logged = logger.merged()
+    assert logged["quant/val_acc_float"] == pytest.approx(cb.float_metric)
+    assert logged["quant/val_acc_quantized"] == pytest.approx(check["quantized"])
+    assert any("got worse" in w for w in cb.report.warnings)
+
+    cb.on_failure = "raise"
+    with pytest.raises(mq.AccuracyError) as info:
+        tr.validate(model, val, verbose=False)
+    assert info.value.report is cb.report
+
+
+def test_fit_twice_does_not_quantize_again(capsys):
+    model = MLP()
+    val = loader(classification_data(16, seed=1))
+    cb = PostTrainingQuantization(INT4)
+    fit(model, cb, val=val)
+    first = quant_buffers(model)
+    report = cb.report
+    capsys.readouterr()
+    trainer([cb]).fit(model, loader(classification_data(32)), val)
+    assert "already quantized; not quantizing it again" in capsys.readouterr().out
+    assert cb.report is report
+    after = quant_buffers(model)
+    assert first.keys() == after.keys() and all(torch.equal(first[k], after[k]) for k in first)
+
+
+def test_without_validation_data():
+    model = MLP()
+    cb = PostTrainingQuantization(INT4)
+    fit(model, cb)  # weight-only RTN needs no data: quantized, and the report says nothing was compared
+    assert isinstance(model.fc1, mq.QuantLinear)
+    assert cb.report.end_to_end == {}
+    assert cb.report.warnings == ["no end-to-end comparison: no validation data; pass calibration_dataloader=..."]
+
+    model = MLP()
+    explicit = loader(classification_data(16, seed=3))
+    cb = PostTrainingQuantization(INT4, calibration_dataloader=explicit, compare_batches=2)
+    fit(model, cb)
+    assert model.transfers == [0, 0]
+    assert cb.report.end_to_end["output_sqnr_db"] > 10
+
+
+def test_state_key_is_config_derived_and_state_round_trips():
+    a, b = PostTrainingQuantization(INT4), PostTrainingQuantization(mq.Int8())
+    assert a.state_key == "PostTrainingQuantization{'weights': 'int4-affine-g32', 'activations': None}"
+    assert b.state_key == "PostTrainingQuantization{'weights': 'int8-sym-channel', 'activations': None}"
+    a.quantized_layers, a.float_metric = {"fc1": "int4-affine-g32"}, 0.75
+    c = PostTrainingQuantization(INT4, monitor="val_loss")
+    c.load_state_dict(a.state_dict())
+    assert (c.quantized_layers, c.float_metric) == ({"fc1": "int4-affine-g32"}, None)  # other monitor: not used
+    m = PostTrainingQuantization(INT4, monitor="val_acc")
+    a.monitor = "val_acc"
+    m.load_state_dict(a.state_dict())
+    assert m.float_metric == 0.75
+
+
+def test_checkpoint_restores_identically_with_trainer_and_outside(tmp_path):
+    model = MLP()
+    val = loader(classification_data(16, seed=1))
+    cb = PostTrainingQuantization(INT4, monitor="val_acc")
+    tr, _ = fit(model, cb, val=val)
+    path = tmp_path / "quantized.ckpt"
+    tr.save_checkpoint(path)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model.eval()(x)
+
+    fresh, cb2 = MLP(), PostTrainingQuantization(INT4, monitor="val_acc")
+    trainer([cb2]).test(fresh, val, ckpt_path=path, verbose=False)
+    assert isinstance(fresh.fc1, mq.QuantLinear) and isinstance(fresh.head, nn.Linear)
+    assert cb2.quantized_layers == cb.quantized_layers and cb2.float_metric == cb.float_metric
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)
+
+    outside = load_quantized_checkpoint(MLP(), path)
+    with torch.no_grad():
+        assert torch.equal(outside.eval()(x), expected)
+
+    class Restoring(MLP):
+        def on_load_checkpoint(self, checkpoint):
+            restore_quantized_structure(self, checkpoint)
+
+    loaded = Restoring.load_from_checkpoint(path, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), expected)
+
+
+def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
+    model = MLP()
+    cb = PostTrainingQuantization(INT4)
+    tr, _ = fit(model, cb, val=loader(classification_data(16, seed=1)))
+    path = tmp_path / "q.ckpt"
+    tr.save_checkpoint(path)
+
+    class Other(MLP):
+        def __init__(self):
+            super().__init__()
+            del self.fc2
+
+    with pytest.raises(mq.SerializationError, match=r"quantized layers \['fc2'\]"):
+        load_quantized_checkpoint(Other(), path)
+
+
+def test_bad_arguments_are_config_errors():
+    with pytest.raises(mq.ConfigError, match="mode"):
+        PostTrainingQuantization(INT4, mode="maximize")
+    with pytest.raises(mq.ConfigError, match="calibration_batches"):
+        PostTrainingQuantization(INT4, calibration_batches=0)
+    with pytest.raises(mq.ConfigError, match="wrap a single batch"):
+        PostTrainingQuantization(INT4, calibration_dataloader=torch.randn(4, 64))
+    with pytest.raises(mq.ConfigError, match="on_failure"):
+        PostTrainingQuantization(INT4, on_failure="ignore")
