@@ -1,5 +1,8 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both create .venv and install what they need.
 # torch is installed first and pinned (a CPU wheel); everything else installs after it and reuses it.
+# The Lightning integration (integrations/lightning, its own distribution) installs in the same pip call as
+# the local monoquant, so its `monoquant` requirement is met by this checkout, never by PyPI, and the torch pin
+# is repeated there so that lightning/torchmetrics can never pull another torch.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,14 +13,15 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml integrations/lightning/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q $(TORCH_PIN) -e ".[dev]" -e "integrations/lightning[examples]"
 	touch $(STAMP)
 
 demo: venv
 	$(BIN)/python examples/quantize_existing_model.py
+	$(BIN)/python examples/lightning_digits.py
 
 lint: venv
 	$(BIN)/ruff check .

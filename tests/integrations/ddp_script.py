@@ -1,0 +1,50 @@
+"""Run by test_lightning_ddp.py: fit + quantize under Trainer(accelerator="cpu", devices=2, strategy="ddp").
+
+Usage: python ddp_script.py OUT_DIR. Lightning re-launches this script for rank 1. Each rank writes
+OUT_DIR/rank<r>.pt with its quantized buffers and the sample ids it calibrated/compared on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from monoquant_lightning import PostTrainingQuantization
+from ptq_models import MLP, classification_data, loader
+from torch.utils.data import TensorDataset
+
+import monoquant as mq
+
+
+class Recording(MLP):
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.transfers is not None:
+            self.transfers.extend(batch[0][:, -1].long().tolist())  # the last feature holds the sample id
+        return batch
+
+
+class StartRecording(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        pl_module.transfers = []
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    val = classification_data(32, seed=1)
+    x = val.tensors[0].clone()
+    x[:, -1] = torch.arange(len(x), dtype=x.dtype)
+    model = Recording()
+    cb = PostTrainingQuantization(mq.Int4(group_size=32), compare_batches=2, calibration_batches=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[StartRecording(), cb])
+    trainer.fit(model, loader(classification_data(32)), loader(TensorDataset(x, val.tensors[1]), batch_size=4))
+    buffers = {k: v for k, v in model.state_dict().items()}
+    torch.save({"buffers": buffers, "seen": model.transfers, "end_to_end": cb.report.end_to_end,
+                "layers": cb.quantized_layers}, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

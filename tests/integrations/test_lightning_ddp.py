@@ -1,0 +1,45 @@
+"""PostTrainingQuantization under 2-process CPU DDP (gloo): a real Trainer launched as a script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("torchmetrics")
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(tmp_path):
+    env = dict(os.environ)
+    root = HERE.parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(root), str(root / "integrations" / "lightning"),
+                                         env.get("PYTHONPATH", "")])
+    env.pop("LOCAL_RANK", None)
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_script.py"), str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    # every rank holds bit-identical quantized buffers (and float parameters)
+    assert r0["layers"] == r1["layers"] == {"fc1": "int4-affine-g32", "fc2": "int4-affine-g32"}
+    assert r0["buffers"].keys() == r1["buffers"].keys()
+    assert {"fc1.qweight", "fc1.scale", "fc1.zero_point"} <= r0["buffers"].keys()
+    for key in r0["buffers"]:
+        assert torch.equal(r0["buffers"][key], r1["buffers"][key]), key
+    # each rank compared on its own shard (DistributedSampler): disjoint samples, 2 batches of 4 each
+    assert len(r0["seen"]) == len(r1["seen"]) == 8
+    assert not set(r0["seen"]) & set(r1["seen"])
+    # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
+    assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["output_sqnr_db"] > 10
+    # the report table is printed once (rank zero)
+    assert proc.stdout.count("2 quantized, 1 kept float") == 1
