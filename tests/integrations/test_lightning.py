@@ -316,3 +316,64 @@ def test_bad_arguments_are_config_errors():
         PostTrainingQuantization(INT4, calibration_dataloader=torch.randn(4, 64))
     with pytest.raises(mq.ConfigError, match="on_failure"):
         PostTrainingQuantization(INT4, on_failure="ignore")
+
+
+needs_calib = pytest.mark.skipif(not hasattr(mq, "calibrate"), reason="TODO(calib): remove once mq.calibrate is merged")
+W8A8 = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
+
+
+@needs_calib
+def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_calibration():
+    model, logger = MLP(), MemoryLogger()
+    val = loader(classification_data(48, seed=1))
+    cb = PostTrainingQuantization(W8A8, calibration_batches=4, compare_batches=2)
+    _, snap = fit(model, cb, val=val, logger=logger, limit_val_batches=3)
+    # 2 comparison batches, then calibration capped by limit_val_batches=3 (not calibration_batches=4)
+    assert model.transfers == [0] * 5
+    assert not mq.needs_calibration(model)
+    assert {n: m.training for n, m in model.named_modules()} == snap.flags
+
+    manual = snap.float_model
+    mq.quantize_(manual, W8A8)
+    with mq.calibrate(manual):
+        for x, _ in list(val)[:3]:
+            manual(x)
+    mq.freeze(manual)
+    got, want = model.state_dict(), manual.state_dict()
+    assert got.keys() == want.keys() and "fc1.input_quantizer.scale" in got
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@needs_calib
+def test_calibration_without_validation_data_fails_before_training():
+    model = MLP()
+    cb = PostTrainingQuantization(W8A8)
+    tr = trainer([cb])
+    with pytest.raises(mq.CalibrationError, match="calibration_dataloader="):
+        tr.fit(model, loader(classification_data(32)))
+    assert tr.global_step == 0 and isinstance(model.fc1, nn.Linear)
+
+    model = MLP()
+    cb = PostTrainingQuantization(W8A8, calibration_dataloader=loader(classification_data(16, seed=4)))
+    fit(model, cb)
+    assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
+
+
+@needs_calib
+def test_checkpoint_with_static_activations_restores_identically(tmp_path):
+    model = MLP()
+    cb = PostTrainingQuantization(W8A8)
+    tr, _ = fit(model, cb, val=loader(classification_data(16, seed=1)))
+    path = tmp_path / "w8a8.ckpt"
+    tr.save_checkpoint(path)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    fresh = MLP()
+    trainer([PostTrainingQuantization(W8A8)]).test(fresh, loader(classification_data(16)), ckpt_path=path,
+                                                   verbose=False)
+    outside = load_quantized_checkpoint(MLP(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)
+        assert torch.equal(outside.eval()(x), expected)

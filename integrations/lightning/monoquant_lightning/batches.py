@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from monoquant.errors import CalibrationError
@@ -31,6 +32,13 @@ def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
     if isinstance(loaders, (list, tuple)):
         return [dl for v in loaders for dl in flatten_loaders(v)]
     return [loaders]
+
+
+def has_validation_data(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether ``fit`` will have validation batches (a loader was given or defined, validation_step exists)."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    defined = source.is_defined() if source is not None else trainer.val_dataloaders is not None
+    return defined and trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
 
 
 def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:

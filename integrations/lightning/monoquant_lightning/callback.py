@@ -15,13 +15,31 @@ from lightning.pytorch.callbacks import Callback
 import monoquant as mq
 from monoquant.config import as_config
 from monoquant.data import run_batch
-from monoquant.errors import ConfigError
+from monoquant.errors import CalibrationError, ConfigError
+from monoquant.quantize import _kernel_summary
 
-from .batches import evaluating, flatten_loaders, require_batches, take_batches, validation_loaders
+from .batches import (
+    evaluating,
+    flatten_loaders,
+    has_validation_data,
+    require_batches,
+    take_batches,
+    validation_loaders,
+)
 from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
 from .comparison import OutputComparison, first_tensor
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
+
+NO_DATA = ("PostTrainingQuantization: the config needs calibration data (static activation quantization or "
+           "method='gptq') but the model has no validation data; pass "
+           "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit a val_dataloaders")
+
+
+def config_needs_data(config: mq.QuantConfig) -> bool:
+    """Whether quantizing with ``config`` needs calibration batches (static activations or GPTQ weights)."""
+    acts = config.activations
+    return (acts is not None and not acts.dynamic) or getattr(config.weights, "method", "rtn") == "gptq"
 
 
 class PostTrainingQuantization(Callback):
@@ -158,6 +176,15 @@ class PostTrainingQuantization(Callback):
     def _before_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         restore_from_state_dict(module, state_dict, self.config, prefix)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail before training, not after it, when calibration will have no data."""
+        if self.calibration_dataloader is not None or not config_needs_data(self.config):
+            return
+        if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
+            return
+        if not has_validation_data(trainer, pl_module):
+            raise CalibrationError(NO_DATA)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             self._info(trainer, f"PostTrainingQuantization: {type(pl_module).__name__} is already quantized; "
@@ -195,6 +222,8 @@ class PostTrainingQuantization(Callback):
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> mq.QuantReport:
         """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
         loaders, limits = self._loaders(trainer)
+        if not loaders and config_needs_data(self.config):
+            raise CalibrationError(NO_DATA)
         compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
             if self.compare_batches else []
         with evaluating(pl_module):
@@ -206,7 +235,7 @@ class PostTrainingQuantization(Callback):
                 warnings.simplefilter("ignore")
             report = mq.quantize_(pl_module, self.config, progress=False)
         if getattr(mq, "needs_calibration", lambda m: False)(pl_module):  # TODO(calib): plain call once merged
-            self._calibrate(trainer, pl_module, loaders, limits)
+            self._calibrate(trainer, pl_module, loaders, limits, report)
 
         if compare:
             comparison = OutputComparison(references[0].device)
@@ -223,15 +252,22 @@ class PostTrainingQuantization(Callback):
         return report
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Iterable[Any]],
-                   limits: list[float]) -> None:
+                   limits: list[float], report: mq.QuantReport) -> None:
         seen = 0
         with mq.calibrate(pl_module):
             for _, batch in take_batches(trainer, loaders, limits, self.calibration_batches):
                 self._forward(pl_module, batch)
                 seen += 1
         require_batches(seen, "calibration")
-        mq.sync_observers(pl_module)
-        mq.freeze(pl_module)
+        mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
+        rows = {row.name: row for row in report.layers}
+        for done in mq.freeze(pl_module):
+            row = rows[done.name]
+            row.kernel, row.bytes_after = _kernel_summary(done.module), done.module.storage_bytes()
+            if done.weight_sqnr_db is not None:
+                row.weight_sqnr_db = done.weight_sqnr_db
+            if done.output_sqnr_db is not None:
+                row.output_sqnr_db = done.output_sqnr_db
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, report: mq.QuantReport) -> None:
