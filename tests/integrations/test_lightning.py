@@ -331,7 +331,7 @@ def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_c
     # 2 comparison batches, then calibration capped by limit_val_batches=3 (not calibration_batches=4)
     assert model.transfers == [0] * 5
     assert not mq.needs_calibration(model)
-    assert {n: m.training for n, m in model.named_modules()} == snap.flags
+    assert all(m.training for m in model.modules())  # train() flags restored, new input quantizers included
 
     manual = snap.float_model
     mq.quantize_(manual, W8A8)
