@@ -73,6 +73,25 @@ def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSp
     return {row.name: row.scheme for row in report.quantized}
 
 
+def _match_state(module: nn.Module, names: list[str], keys: set[str], prefix: str = "") -> None:
+    """Drop calibration-time submodules of the rebuilt layers that the saved state no longer has.
+
+    A freshly quantized layer may carry modules that exist only until ``mq.freeze`` (e.g. an activation
+    observer); the saved model had dropped them, so its state dict has none of their keys.
+    """
+    for name in names:
+        layer = module.get_submodule(name)
+        for sub_name, sub in list(layer.named_modules()):
+            if not sub_name or not any(True for _ in sub.state_dict()):
+                continue
+            where = f"{prefix}{name}.{sub_name}."
+            if not any(k.startswith(where) for k in keys):
+                parent_name, _, attr = sub_name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                if attr in parent._modules:
+                    setattr(parent, attr, None)
+
+
 def _check_names(module: nn.Module, names: list[str]) -> None:
     have = dict(module.named_modules())
     missing = [n for n in names if n not in have]
@@ -110,6 +129,8 @@ def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], s
     got = _rebuild(module, spec_from_dict(cfg["weights"]),
                    spec_from_dict(cfg["activations"]) if cfg.get("activations") else None,
                    getattr(torch, cfg["compute_dtype"]) if cfg.get("compute_dtype") else None, list(layers))
+    if isinstance(checkpoint.get("state_dict"), dict):
+        _match_state(module, list(layers), set(checkpoint["state_dict"]))
     if got != layers:
         diff = sorted(n for n in set(got) | set(layers) if got.get(n) != layers.get(n))
         raise SerializationError(f"could not rebuild the quantized structure stored in the checkpoint: layers "
@@ -134,6 +155,7 @@ def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], confi
         return []
     _check_names(module, names)
     _rebuild(module, config.weights, config.activations, config.compute_dtype, names)
+    _match_state(module, names, set(state_dict), prefix)
     swapped = dict(module.named_modules())
     for name in names:
         for key, buf in swapped[name].state_dict().items():
