@@ -6,6 +6,8 @@ OUT_DIR/rank<r>.pt with its quantized buffers and the sample ids it calibrated/c
 
 from __future__ import annotations
 
+import copy
+import itertools
 import sys
 from pathlib import Path
 
@@ -28,6 +30,17 @@ class Recording(MLP):
 class StartRecording(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         pl_module.transfers = []
+        self.float_model = copy.deepcopy(pl_module)
+
+
+def local_statistics(float_model, config, batches) -> dict[str, torch.Tensor]:
+    """What this rank's activation observers see on its own batches, without any all-reduce."""
+    mq.quantize_(float_model, config)
+    with mq.calibrate(float_model):
+        for x, _ in batches:
+            float_model(x)
+    return {name: torch.stack([q.input_quantizer.observer.min_val, q.input_quantizer.observer.max_val])
+            for name, q in float_model.named_modules() if getattr(q, "input_quantizer", None) is not None}
 
 
 def main(out: Path) -> None:
@@ -36,14 +49,21 @@ def main(out: Path) -> None:
     x = val.tensors[0].clone()
     x[:, -1] = torch.arange(len(x), dtype=x.dtype)
     model = Recording()
-    cb = PostTrainingQuantization(mq.Int4(group_size=32), compare_batches=2, calibration_batches=2)
+    # static activations (once monoquant has calibration) make every rank calibrate observers on its shard
+    config = mq.QuantConfig(mq.Int8(), activations=mq.Int8()) if hasattr(mq, "calibrate") else \
+        mq.QuantConfig(mq.Int4(group_size=32))
+    cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2)
+    start = StartRecording()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[StartRecording(), cb])
+                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[start, cb])
     trainer.fit(model, loader(classification_data(32)), loader(TensorDataset(x, val.tensors[1]), batch_size=4))
-    buffers = {k: v for k, v in model.state_dict().items()}
-    torch.save({"buffers": buffers, "seen": model.transfers, "end_to_end": cb.report.end_to_end,
-                "layers": cb.quantized_layers}, out / f"rank{trainer.global_rank}.pt")
+    local = {}
+    if config.activations is not None:  # this rank's calibration batches: the first 2 of its shard
+        shard = list(itertools.islice(trainer.val_dataloaders, 2))
+        local = local_statistics(start.float_model, config, shard)
+    torch.save({"buffers": dict(model.state_dict()), "seen": model.transfers, "end_to_end": cb.report.end_to_end,
+                "layers": cb.quantized_layers, "local": local}, out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -30,15 +30,26 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
-    # every rank holds bit-identical quantized buffers (and float parameters)
-    assert r0["layers"] == r1["layers"] == {"fc1": "int4-affine-g32", "fc2": "int4-affine-g32"}
+    # every rank holds bit-identical quantized buffers, activation qparams and float parameters
+    assert r0["layers"] == r1["layers"] and set(r0["layers"]) == {"fc1", "fc2"}
     assert r0["buffers"].keys() == r1["buffers"].keys()
-    assert {"fc1.qweight", "fc1.scale", "fc1.zero_point"} <= r0["buffers"].keys()
+    assert {"fc1.qweight", "fc1.scale"} <= r0["buffers"].keys()
     for key in r0["buffers"]:
         assert torch.equal(r0["buffers"][key], r1["buffers"][key]), key
-    # each rank compared on its own shard (DistributedSampler): disjoint samples, 2 batches of 4 each
-    assert len(r0["seen"]) == len(r1["seen"]) == 8
-    assert not set(r0["seen"]) & set(r1["seen"])
+    # each rank compared and calibrated on its own shard (DistributedSampler): disjoint samples, batches of 4
+    seen0, seen1 = set(r0["seen"]), set(r1["seen"])
+    assert len(seen0) == len(seen1) == 8 and not seen0 & seen1
+    if r0["local"]:
+        # observers were all-reduced: the frozen qparams are those of the union of both shards' statistics
+        mq = pytest.importorskip("monoquant")
+        for layer, (mn0, mx0) in r0["local"].items():
+            mn1, mx1 = r1["local"][layer]
+            assert not (torch.equal(mn0, mn1) and torch.equal(mx0, mx1))  # the shards really differ
+            union = mq.MinMaxObserver().configure(mq.Int8().activation_qtype())
+            union(torch.stack([torch.minimum(mn0, mn1), torch.maximum(mx0, mx1)]))
+            scale, zero = union.calculate_qparams()
+            assert r0["buffers"][f"{layer}.input_quantizer.scale"] == pytest.approx(float(scale), rel=1e-6)
+            assert int(r0["buffers"][f"{layer}.input_quantizer.zero_point"]) == int(zero)
     # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
     assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["output_sqnr_db"] > 10
     # the report table is printed once (rank zero)
