@@ -377,3 +377,16 @@ def test_checkpoint_with_static_activations_restores_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), expected)
         assert torch.equal(outside.eval()(x), expected)
+
+
+def test_bf16_mixed_precision_compares_under_autocast():
+    model = MLP()
+    val = loader(classification_data(16, seed=1))
+    cb = PostTrainingQuantization(mq.Int8(), compare_batches=2)
+    _, snap = fit(model, cb, val=val, precision="bf16-mixed")
+    xs = [b[0] for b in val]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.cat([snap.float_model.eval()(x) for x in xs])
+        out = torch.cat([model.eval()(x) for x in xs])
+    assert ref.dtype == torch.bfloat16  # the comparison ran under the trainer's autocast, like validation
+    assert cb.report.end_to_end["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)

@@ -61,7 +61,8 @@ class PostTrainingQuantization(Callback):
     Batches come from the trainer's validation dataloaders (one, a list or a dict; ``limit_val_batches``
     respected; each DDP rank sees its shard) or from ``calibration_dataloader`` when given, and are moved
     with ``trainer.strategy.batch_to_device``, so the module's batch-transfer hooks apply. Batches run in
-    eval mode under ``torch.no_grad()``; training flags are restored afterwards.
+    eval mode under ``torch.no_grad()`` and the precision plugin's context (autocast for ``"bf16-mixed"``),
+    as in the validation loop; training flags are restored afterwards.
 
     Accuracy watch: with ``monitor`` (any metric the module logs during validation, e.g. ``"val_acc"``), the
     callback records the float model's last value; when you later run ``trainer.validate(model, ...)`` on the
@@ -216,8 +217,9 @@ class PostTrainingQuantization(Callback):
             return loaders, [math.inf] * len(loaders)
         return validation_loaders(trainer)
 
-    def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
-        return run_batch(pl_module, batch, self.forward_fn)
+    def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+        with trainer.precision_plugin.val_step_context():  # autocast etc., as in the validation loop
+            return run_batch(pl_module, batch, self.forward_fn)
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> mq.QuantReport:
         """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
@@ -227,7 +229,7 @@ class PostTrainingQuantization(Callback):
         compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
             if self.compare_batches else []
         with evaluating(pl_module):
-            references = [first_tensor(self._forward(pl_module, b)).detach() for b in compare]
+            references = [first_tensor(self._forward(trainer, pl_module, b)).detach() for b in compare]
 
         quiet = nullcontext() if trainer.is_global_zero else warnings.catch_warnings()
         with quiet:
@@ -241,7 +243,7 @@ class PostTrainingQuantization(Callback):
             comparison = OutputComparison(references[0].device)
             with evaluating(pl_module):
                 for batch, ref in zip(compare, references):
-                    comparison.update(ref, first_tensor(self._forward(pl_module, batch)))
+                    comparison.update(ref, first_tensor(self._forward(trainer, pl_module, batch)))
             report.end_to_end.update(comparison.compute())
         elif not loaders:
             report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
@@ -256,7 +258,7 @@ class PostTrainingQuantization(Callback):
         seen = 0
         with mq.calibrate(pl_module):
             for _, batch in take_batches(trainer, loaders, limits, self.calibration_batches):
-                self._forward(pl_module, batch)
+                self._forward(trainer, pl_module, batch)
                 seen += 1
         require_batches(seen, "calibration")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
