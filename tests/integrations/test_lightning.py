@@ -291,12 +291,17 @@ def test_checkpoint_restores_identically_with_trainer_and_outside(tmp_path):
         assert torch.equal(loaded.eval()(x), expected)
 
 
-def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
+def quantized_checkpoint(tmp_path, config) -> tuple[MLP, str]:
+    """Fit + quantize an MLP, save a checkpoint; returns (model, path)."""
     model = MLP()
-    cb = PostTrainingQuantization(INT4)
-    tr, _ = fit(model, cb, val=loader(classification_data(16, seed=1)))
-    path = tmp_path / "q.ckpt"
+    tr, _ = fit(model, PostTrainingQuantization(config), val=loader(classification_data(16, seed=1)))
+    path = tmp_path / "quantized.ckpt"
     tr.save_checkpoint(path)
+    return model, path
+
+
+def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
+    _, path = quantized_checkpoint(tmp_path, INT4)
 
     class Other(MLP):
         def __init__(self):
@@ -362,11 +367,7 @@ def test_calibration_without_validation_data_fails_before_training():
 
 @needs_calib
 def test_checkpoint_with_static_activations_restores_identically(tmp_path):
-    model = MLP()
-    cb = PostTrainingQuantization(W8A8)
-    tr, _ = fit(model, cb, val=loader(classification_data(16, seed=1)))
-    path = tmp_path / "w8a8.ckpt"
-    tr.save_checkpoint(path)
+    model, path = quantized_checkpoint(tmp_path, W8A8)
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = model.eval()(x)
