@@ -9,12 +9,13 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from monoquant_lightning import PostTrainingQuantization
-from ptq_models import MLP, classification_data, loader
+from ptq_models import MLP, MemoryLogger, classification_data, loader
 from torch.utils.data import TensorDataset
 
 import monoquant as mq
@@ -52,18 +53,28 @@ def main(out: Path) -> None:
     # static activations (once monoquant has calibration) make every rank calibrate observers on its shard
     config = mq.QuantConfig(mq.Int8(), activations=mq.Int8()) if hasattr(mq, "calibrate") else \
         mq.QuantConfig(mq.Int4(group_size=32))
-    cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2)
-    start = StartRecording()
+    cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2, monitor="val_acc", tolerance=0.1)
+    start, logger = StartRecording(), MemoryLogger()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         logger=logger, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[start, cb])
-    trainer.fit(model, loader(classification_data(32)), loader(TensorDataset(x, val.tensors[1]), batch_size=4))
+    val_loader = loader(TensorDataset(x, val.tensors[1]), batch_size=4)
+    trainer.fit(model, loader(classification_data(32)), val_loader)
+    transfers = model.transfers
+    model.transfers = None
+    model.val_offset = -0.5  # the quantized model "scores" 0.5 lower: the accuracy check must fire
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(model, val_loader, verbose=False)
+    accuracy_warnings = [str(w.message) for w in caught if issubclass(w.category, mq.AccuracyWarning)]
     local = {}
     if config.activations is not None:  # this rank's calibration batches: the first 2 of its shard
         shard = list(itertools.islice(trainer.val_dataloaders, 2))
         local = local_statistics(start.float_model, config, shard)
-    torch.save({"buffers": dict(model.state_dict()), "seen": model.transfers, "end_to_end": cb.report.end_to_end,
-                "layers": cb.quantized_layers, "local": local}, out / f"rank{trainer.global_rank}.pt")
+    result = {"buffers": dict(model.state_dict()), "seen": transfers, "end_to_end": cb.report.end_to_end,
+              "layers": cb.quantized_layers, "local": local, "accuracy_warnings": accuracy_warnings,
+              "logged": logger.logged, "failed": cb.accuracy_check["failed"]}
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

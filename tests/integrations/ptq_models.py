@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -94,3 +95,29 @@ class DataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return loader(classification_data(32, seed=1))
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append(dict(metrics))
+
+    def merged(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in self.logged:
+            out.update(m)
+        return out

@@ -12,45 +12,18 @@ pytest.importorskip("torchmetrics")
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import Logger
 from monoquant_lightning import (
     PostTrainingQuantization,
     load_quantized_checkpoint,
     restore_quantized_structure,
 )
-from ptq_models import MLP, DataModule, DictBatches, KwargsModel, classification_data, loader
+from ptq_models import MLP, DataModule, DictBatches, KwargsModel, MemoryLogger, classification_data, loader
 from torch import nn
 
 import monoquant as mq
 from monoquant import functional as F
 
 INT4 = mq.QuantConfig(mq.Int4(group_size=32))
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.logged.append(dict(metrics))
-
-    def merged(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for m in self.logged:
-            out.update(m)
-        return out
 
 
 class Snapshot(pl.Callback):
