@@ -76,7 +76,8 @@ class PostTrainingQuantization(Callback):
         calibration_batches: cap on calibration batches (split evenly over several validation loaders).
         compare_batches: batches used for the float-vs-quantized comparison (0 disables it).
         calibration_dataloader: use this loader instead of the validation dataloaders (for a module
-            without validation data).
+            without validation data). It is used as given on every rank: give it a ``DistributedSampler``
+            to shard it under DDP.
         forward_fn: ``forward_fn(module, batch) -> output``; default: ``module(batch)`` for a tensor,
             ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict.
         monitor, mode, tolerance, on_failure: the accuracy watch described above.
