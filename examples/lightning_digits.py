@@ -101,7 +101,7 @@ def run(name: str, spec: mq.WeightSpec, data: Digits, out_dir: Path) -> dict[str
         raise SystemExit(f"{name}: the reloaded model's outputs differ from the quantized model's")
     return {"float_acc": ptq.float_metric, "quant_acc": metrics["val_acc"], "float_bytes": float_bytes,
             "quant_bytes": state_bytes(model), "file_bytes": path.stat().st_size,
-            "sqnr": ptq.report.end_to_end["output_sqnr_db"], "agree": ptq.report.end_to_end["top1_agreement"]}
+            "sqnr": ptq.report.end_to_end["sqnr_db"], "agree": ptq.report.end_to_end["top1_agreement"]}
 
 
 def main() -> None:

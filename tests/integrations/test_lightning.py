@@ -74,12 +74,12 @@ def test_fit_quantizes_measures_logs_and_prints(capsys):
         ref = torch.cat([snap.float_model.eval()(x) for x in xs])
         out = torch.cat([model.eval()(x) for x in xs])
     e2e = cb.report.end_to_end
-    assert e2e["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+    assert e2e["sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
     assert e2e["top1_agreement"] == pytest.approx((ref.argmax(-1) == out.argmax(-1)).float().mean().item())
-    assert 10 < e2e["output_sqnr_db"] < 60
+    assert 10 < e2e["sqnr_db"] < 60 and (e2e["batches"], e2e["samples"]) == (3, 24)
     logged = logger.merged()
     assert logged["quant/layers_quantized"] == 2 and logged["quant/layers_skipped"] == 1
-    assert logged["quant/output_sqnr_db"] == pytest.approx(e2e["output_sqnr_db"])
+    assert logged["quant/sqnr_db"] == pytest.approx(e2e["sqnr_db"])
     assert logged["quant/bytes_after"] == cb.report.bytes_after < logged["quant/bytes_before"]
     assert logged["quant/weight_sqnr_db/fc1"] == pytest.approx(cb.report.row("fc1").weight_sqnr_db)
     printed = capsys.readouterr().out
@@ -98,7 +98,7 @@ def test_kwargs_model_with_dict_batches_goes_through_transfer_hooks():
     with torch.no_grad():
         ref = torch.cat([snap.float_model(**b)["logits"] for b in batches])
         out = torch.cat([model(**b)["logits"] for b in batches])
-    assert cb.report.end_to_end["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+    assert cb.report.end_to_end["sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
     assert cb.report.end_to_end["top1_agreement"] == pytest.approx((ref.argmax(-1) == out.argmax(-1)).float().mean())
     assert isinstance(model.fc1, mq.QuantLinear)
 
@@ -125,7 +125,7 @@ def test_forward_fn_option_feeds_custom_batches():
     cb = PostTrainingQuantization(INT4, forward_fn=forward_fn, compare_batches=2)
     fit(model, cb, val=loader(classification_data(24), batch_size=8))
     assert calls == [8, 8, 8, 8]  # 2 float + 2 quantized comparison batches
-    assert cb.report.end_to_end["output_sqnr_db"] > 10
+    assert cb.report.end_to_end["sqnr_db"] > 10
 
 
 def test_several_val_loaders_limit_val_batches_and_caps():
@@ -216,7 +216,7 @@ def test_without_validation_data():
     cb = PostTrainingQuantization(INT4, calibration_dataloader=explicit, compare_batches=2)
     fit(model, cb)
     assert model.transfers == [0, 0]
-    assert cb.report.end_to_end["output_sqnr_db"] > 10
+    assert cb.report.end_to_end["sqnr_db"] > 10
 
 
 def test_state_key_is_config_derived_and_state_round_trips():
@@ -363,4 +363,4 @@ def test_bf16_mixed_precision_compares_under_autocast():
         ref = torch.cat([snap.float_model.eval()(x) for x in xs])
         out = torch.cat([model.eval()(x) for x in xs])
     assert ref.dtype == torch.bfloat16  # the comparison ran under the trainer's autocast, like validation
-    assert cb.report.end_to_end["output_sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+    assert cb.report.end_to_end["sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)

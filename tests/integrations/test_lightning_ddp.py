@@ -51,7 +51,8 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
             assert r0["buffers"][f"{layer}.input_quantizer.scale"] == pytest.approx(float(scale), rel=1e-6)
             assert int(r0["buffers"][f"{layer}.input_quantizer.zero_point"]) == int(zero)
     # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
-    assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["output_sqnr_db"] > 10
+    assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["sqnr_db"] > 10
+    assert (r0["end_to_end"]["batches"], r0["end_to_end"]["samples"]) == (4, 16)  # 2 batches of 4 per rank
     # the report table is printed once; loggers and accuracy warnings act on rank zero only, but both ranks agree
     # that the check failed
     assert proc.stdout.count("2 quantized, ") == 1
@@ -59,5 +60,5 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     assert len(r0["accuracy_warnings"]) == 1 and "val_acc got worse" in r0["accuracy_warnings"][0]
     assert r1["accuracy_warnings"] == []
     logged0 = {k for m in r0["logged"] for k in m}
-    assert {"quant/output_sqnr_db", "quant/val_acc_float", "quant/val_acc_quantized"} <= logged0
+    assert {"quant/sqnr_db", "quant/val_acc_float", "quant/val_acc_quantized"} <= logged0
     assert not any(k.startswith("quant/") for m in r1["logged"] for k in m)

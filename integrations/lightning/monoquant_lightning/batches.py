@@ -12,13 +12,10 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
 
 from monoquant.errors import CalibrationError
 
@@ -85,16 +82,3 @@ def require_batches(count: int, purpose: str) -> None:
     if count == 0:
         raise CalibrationError(f"no batch available for {purpose}: the validation dataloaders are empty or "
                                "limit_val_batches=0; pass PostTrainingQuantization(..., calibration_dataloader=...)")
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode under ``torch.no_grad()``; every submodule's training flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield module
-    finally:
-        for m, was_training in flags:
-            m.training = was_training

@@ -13,13 +13,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import monoquant as mq
+from monoquant.accuracy import evaluating
 from monoquant.config import as_config
 from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
 from monoquant.quantize import _kernel_summary
 
 from .batches import (
-    evaluating,
     flatten_loaders,
     has_validation_data,
     require_batches,
@@ -27,7 +27,7 @@ from .batches import (
     validation_loaders,
 )
 from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
-from .comparison import OutputComparison, first_tensor
+from .comparison import OutputComparison
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
 
@@ -230,7 +230,7 @@ class PostTrainingQuantization(Callback):
         compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
             if self.compare_batches else []
         with evaluating(pl_module):
-            references = [first_tensor(self._forward(trainer, pl_module, b)).detach() for b in compare]
+            references = [self._forward(trainer, pl_module, b) for b in compare]
 
         quiet = nullcontext() if trainer.is_global_zero else warnings.catch_warnings()
         with quiet:
@@ -241,10 +241,10 @@ class PostTrainingQuantization(Callback):
             self._calibrate(trainer, pl_module, loaders, limits, report)
 
         if compare:
-            comparison = OutputComparison(references[0].device)
+            comparison = OutputComparison(trainer.strategy.root_device)
             with evaluating(pl_module):
                 for batch, ref in zip(compare, references):
-                    comparison.update(ref, first_tensor(self._forward(trainer, pl_module, batch)))
+                    comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
             report.end_to_end.update(comparison.compute())
         elif not loaders:
             report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
