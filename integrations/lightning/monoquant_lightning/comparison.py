@@ -8,8 +8,8 @@ Same definitions as :func:`monoquant.compare` (and the same ``report.end_to_end`
   ``logits`` entry or a lone ``[batch, classes]`` tensor); absent otherwise;
 * ``batches``, ``samples``: how much was compared.
 
-The sums are torchmetrics ``SumMetric`` states, so under DDP ``compute()`` adds up every rank's batches and
-all ranks get the same numbers.
+Each rank accumulates its batches with :mod:`monoquant.accuracy`'s accumulator; ``compute()`` reduces the
+sums with torchmetrics ``SumMetric`` (an all-reduce under DDP), so every rank gets the same numbers.
 """
 
 from __future__ import annotations
@@ -20,49 +20,32 @@ import torch
 from torchmetrics import SumMetric
 
 from monoquant import functional as F
-from monoquant.accuracy import _logits, _output_tensors, batch_size
-from monoquant.errors import ModelError
+from monoquant.accuracy import _OutputStats, batch_size
 
 
 class OutputComparison:
-    """Accumulates float-vs-quantized output statistics batch by batch."""
+    """Accumulates float-vs-quantized output statistics batch by batch (:mod:`monoquant.accuracy`'s
+    accumulator), then reduces them over ranks with torchmetrics."""
+
+    FIELDS = ("signal", "noise", "agree", "total", "batches", "samples")
 
     def __init__(self, device: torch.device) -> None:
-        def total() -> SumMetric:
-            return SumMetric().set_dtype(torch.float64).to(device)
-
-        self.signal, self.noise, self.agree, self.rows = total(), total(), total(), total()
-        self.batches, self.samples = total(), total()
-        self.classify = True
+        self.device = device
+        self.stats = _OutputStats()
 
     def update(self, reference: Any, quantized: Any, batch: Any) -> None:
         """Add one batch: the float model's output, the quantized model's output, and the batch itself."""
-        ref, approx = _output_tensors(reference), _output_tensors(quantized)
-        if [(p, t.shape) for p, t in ref] != [(p, t.shape) for p, t in approx] or not ref:
-            raise ModelError("the float and quantized models returned outputs of different structure or shape "
-                             "(or no floating-point tensor); pass forward_fn=lambda module, batch: ... returning "
-                             "the output tensor to compare")
-        for (_, r), (_, a) in zip(ref, approx):
-            signal, noise = F.signal_noise_powers(r, a)
-            self.signal.update(signal)
-            self.noise.update(noise)
-        lr, la = _logits(ref), _logits(approx)
-        if lr is None or la is None:
-            self.classify = False
-        else:
-            agree, rows = F.top1_matches(lr, la)
-            self.agree.update(agree)
-            self.rows.update(rows)
-        self.batches.update(1)
-        self.samples.update(batch_size(batch))
+        self.stats.add(reference, quantized, batch_size(batch))
 
     def compute(self) -> dict[str, float]:
         """The ``report.end_to_end`` entries (a collective under DDP: every rank must call it)."""
-        result = {"sqnr_db": F.sqnr_from_powers(self.signal.compute(), self.noise.compute())}
-        if self.classify:
-            agree, rows = float(self.agree.compute()), float(self.rows.compute())
-            if rows:
-                result["top1_agreement"] = agree / rows
-        result["batches"] = float(self.batches.compute())
-        result["samples"] = float(self.samples.compute())
+        sums = {}
+        for name in self.FIELDS:
+            metric = SumMetric().set_dtype(torch.float64).to(self.device)
+            metric.update(float(getattr(self.stats, name)))
+            sums[name] = float(metric.compute())
+        result = {"sqnr_db": F.sqnr_from_powers(sums["signal"], sums["noise"])}
+        if self.stats.classify and sums["total"]:
+            result["top1_agreement"] = sums["agree"] / sums["total"]
+        result["batches"], result["samples"] = sums["batches"], sums["samples"]
         return result
