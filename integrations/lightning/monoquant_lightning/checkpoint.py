@@ -20,7 +20,6 @@ layer by layer against the stored schemes.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,12 @@ import torch
 from torch import nn
 
 import monoquant as mq
+from monoquant.accuracy import exact_pattern
 from monoquant.errors import SerializationError
+from monoquant.serialization import spec_from_dict, spec_to_dict
 
 STATE_FORMAT = 1
 """Version of the callback state layout (``state["format"]``)."""
-
-_SPECS = {cls.__name__: cls for cls in (mq.Int8, mq.Int4, mq.Float16, mq.BFloat16)}
-
-
-def spec_to_dict(spec: mq.WeightSpec) -> dict[str, Any]:
-    """A JSON-able description of a weight/activation spec (observer prototypes are not stored)."""
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "observer"}
-    return {"type": type(spec).__name__, **fields}
-
-
-def spec_from_dict(data: dict[str, Any]) -> mq.WeightSpec:
-    """Inverse of :func:`spec_to_dict`."""
-    data = dict(data)
-    kind = data.pop("type", None)
-    if kind not in _SPECS:
-        raise SerializationError(f"unknown spec type {kind!r} in checkpoint; expected one of {sorted(_SPECS)}: "
-                                 "was it written by a newer monoquant-lightning?")
-    return _SPECS[kind](**data)
 
 
 def config_to_dict(config: mq.QuantConfig) -> dict[str, Any]:
@@ -67,7 +50,7 @@ def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSp
     if getattr(weights, "method", "rtn") != "rtn":
         # the stored buffers replace whatever quantize_ computes, so the cheapest method builds the structure
         weights = dataclasses.replace(weights, method="rtn")
-    only = mq.SkipRules(include=[re.compile(rf"^{re.escape(n)}$") for n in names])
+    only = mq.SkipRules(include=[exact_pattern(n) for n in names])
     cfg = mq.QuantConfig(weights=weights, activations=activations, skip=only, compute_dtype=compute_dtype)
     report = mq.quantize_(module, cfg, progress=False)
     return {row.name: row.scheme for row in report.quantized}
