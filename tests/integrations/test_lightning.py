@@ -364,3 +364,11 @@ def test_bf16_mixed_precision_compares_under_autocast():
         out = torch.cat([model.eval()(x) for x in xs])
     assert ref.dtype == torch.bfloat16  # the comparison ran under the trainer's autocast, like validation
     assert cb.report.end_to_end["sqnr_db"] == pytest.approx(F.sqnr(ref, out), abs=1e-3)
+
+
+def test_validation_loaders_are_fetched_when_validation_never_ran():
+    model = MLP()
+    cb = PostTrainingQuantization(INT4, compare_batches=2)
+    tr, _ = fit(model, cb, val=loader(classification_data(24, seed=1)), check_val_every_n_epoch=10)
+    assert "val_acc" not in tr.callback_metrics  # no validation epoch ran during fit
+    assert model.transfers == [0, 0] and cb.report.end_to_end["batches"] == 2
