@@ -54,8 +54,8 @@ class PostTrainingQuantization(Callback):
        ``calibration_batches`` validation batches, all-reduces the observer statistics across ranks
        (:func:`monoquant.sync_observers`) and freezes them (:func:`monoquant.freeze`);
     4. runs the quantized model on the same comparison batches and measures the output SQNR and top-1
-       agreement with torchmetrics (synchronised across ranks); the numbers go into
-       ``report.end_to_end``;
+       agreement (the definitions and ``report.end_to_end`` keys of :func:`monoquant.compare`: ``sqnr_db``,
+       ``top1_agreement``, ``batches``, ``samples``), summed over ranks with torchmetrics;
     5. on rank zero: prints the report table and logs ``quant/*`` metrics to every trainer logger.
 
     Batches come from the trainer's validation dataloaders (one, a list or a dict; ``limit_val_batches``
