@@ -50,9 +50,8 @@ def main(out: Path) -> None:
     x = val.tensors[0].clone()
     x[:, -1] = torch.arange(len(x), dtype=x.dtype)
     model = Recording()
-    # static activations (once monoquant has calibration) make every rank calibrate observers on its shard
-    config = mq.QuantConfig(mq.Int8(), activations=mq.Int8()) if hasattr(mq, "calibrate") else \
-        mq.QuantConfig(mq.Int4(group_size=32))
+    # static activations: every rank calibrates observers on its own shard, then they are all-reduced
+    config = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
     cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2, monitor="val_acc", tolerance=0.1)
     start, logger = StartRecording(), MemoryLogger()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
@@ -67,10 +66,8 @@ def main(out: Path) -> None:
         warnings.simplefilter("always")
         trainer.validate(model, val_loader, verbose=False)
     accuracy_warnings = [str(w.message) for w in caught if issubclass(w.category, mq.AccuracyWarning)]
-    local = {}
-    if config.activations is not None:  # this rank's calibration batches: the first 2 of its shard
-        shard = list(itertools.islice(trainer.val_dataloaders, 2))
-        local = local_statistics(start.float_model, config, shard)
+    shard = list(itertools.islice(trainer.val_dataloaders, 2))  # this rank's calibration batches
+    local = local_statistics(start.float_model, config, shard)
     result = {"buffers": dict(model.state_dict()), "seen": transfers, "end_to_end": cb.report.end_to_end,
               "layers": cb.quantized_layers, "local": local, "accuracy_warnings": accuracy_warnings,
               "logged": logger.logged, "failed": cb.accuracy_check["failed"]}

@@ -296,11 +296,9 @@ def test_bad_arguments_are_config_errors():
         PostTrainingQuantization(INT4, on_failure="ignore")
 
 
-needs_calib = pytest.mark.skipif(not hasattr(mq, "calibrate"), reason="TODO(calib): remove once mq.calibrate is merged")
 W8A8 = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
 
 
-@needs_calib
 def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_calibration():
     model, logger = MLP(), MemoryLogger()
     val = loader(classification_data(48, seed=1))
@@ -323,7 +321,6 @@ def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_c
         assert torch.equal(got[k], want[k]), k
 
 
-@needs_calib
 def test_calibration_without_validation_data_fails_before_training():
     model = MLP()
     cb = PostTrainingQuantization(W8A8)
@@ -338,7 +335,6 @@ def test_calibration_without_validation_data_fails_before_training():
     assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
 
 
-@needs_calib
 def test_checkpoint_with_static_activations_restores_identically(tmp_path):
     model, path = quantized_checkpoint(tmp_path, W8A8)
     x = torch.randn(5, 64)

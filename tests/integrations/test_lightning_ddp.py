@@ -14,6 +14,8 @@ pytest.importorskip("torchmetrics")
 
 import torch
 
+import monoquant as mq
+
 HERE = Path(__file__).parent
 
 
@@ -39,17 +41,16 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     # each rank compared and calibrated on its own shard (DistributedSampler): disjoint samples, batches of 4
     seen0, seen1 = set(r0["seen"]), set(r1["seen"])
     assert len(seen0) == len(seen1) == 8 and not seen0 & seen1
-    if r0["local"]:
-        # observers were all-reduced: the frozen qparams are those of the union of both shards' statistics
-        mq = pytest.importorskip("monoquant")
-        for layer, (mn0, mx0) in r0["local"].items():
-            mn1, mx1 = r1["local"][layer]
-            assert not (torch.equal(mn0, mn1) and torch.equal(mx0, mx1))  # the shards really differ
-            union = mq.MinMaxObserver().configure(mq.Int8().activation_qtype())
-            union(torch.stack([torch.minimum(mn0, mn1), torch.maximum(mx0, mx1)]))
-            scale, zero = union.calculate_qparams()
-            assert r0["buffers"][f"{layer}.input_quantizer.scale"] == pytest.approx(float(scale), rel=1e-6)
-            assert int(r0["buffers"][f"{layer}.input_quantizer.zero_point"]) == int(zero)
+    # observers were all-reduced: the frozen activation qparams are those of the union of both shards' statistics
+    assert set(r0["local"]) == {"fc1", "fc2"}
+    for layer, (mn0, mx0) in r0["local"].items():
+        mn1, mx1 = r1["local"][layer]
+        assert not (torch.equal(mn0, mn1) and torch.equal(mx0, mx1))  # the shards really differ
+        union = mq.MinMaxObserver().configure(mq.Int8().activation_qtype())
+        union(torch.stack([torch.minimum(mn0, mn1), torch.maximum(mx0, mx1)]))
+        scale, zero = union.calculate_qparams()
+        assert r0["buffers"][f"{layer}.input_quantizer.scale"] == pytest.approx(float(scale), rel=1e-6)
+        assert int(r0["buffers"][f"{layer}.input_quantizer.zero_point"]) == int(zero)
     # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
     assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["sqnr_db"] > 10
     assert (r0["end_to_end"]["batches"], r0["end_to_end"]["samples"]) == (4, 16)  # 2 batches of 4 per rank

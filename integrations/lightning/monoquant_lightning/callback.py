@@ -237,7 +237,7 @@ class PostTrainingQuantization(Callback):
             if not trainer.is_global_zero:
                 warnings.simplefilter("ignore")
             report = mq.quantize_(pl_module, self.config, progress=False)
-        if getattr(mq, "needs_calibration", lambda m: False)(pl_module):  # TODO(calib): plain call once merged
+        if mq.needs_calibration(pl_module):
             self._calibrate(trainer, pl_module, loaders, limits, report)
 
         if compare:
