@@ -29,11 +29,31 @@ MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly ins
                        "so no low-bit kernel could run")
 
 
-TRANSFORMER_FAST_PATH_NOTE = " (eval fast path: dequant)"
-"""Appended to the kernel of ``nn.TransformerEncoderLayer.linear1/linear2``: in eval mode without grad, PyTorch's
-fused encoder fast path reads their ``.weight`` instead of calling them, which rebuilds the float weight per call
-(correct, but not the low-bit kernel). Training mode, or ``torch.backends.mha.set_fastpath_enabled(False)``,
-calls the layers and so their kernels."""
+_SAVED_FAST_PATH_FLAG = "_monoquant_activation_relu_or_gelu"
+
+
+def route_encoder_layers_through_kernels(model: nn.Module) -> None:
+    """Make ``nn.TransformerEncoderLayer``s with quantized ``linear1``/``linear2`` call those layers.
+
+    In eval mode without grad, PyTorch's fused encoder fast path reads ``linear1.weight``/``linear2.weight``
+    instead of calling the layers: a quantized layer would then run as a float weight rebuilt on every call,
+    and its activation quantization would be skipped. The fast path is only taken while the layer's
+    ``activation_relu_or_gelu`` flag is set, so it is cleared on such layers (the flag does nothing else; the
+    activation function itself is unchanged) and its value saved; :func:`dequantize_` restores it.
+    """
+    for layer in model.modules():
+        if (isinstance(layer, nn.TransformerEncoderLayer)
+                and any(isinstance(c, QuantModule) for c in (layer.linear1, layer.linear2))
+                and not hasattr(layer, _SAVED_FAST_PATH_FLAG)):
+            setattr(layer, _SAVED_FAST_PATH_FLAG, layer.activation_relu_or_gelu)
+            layer.activation_relu_or_gelu = 0
+
+
+def _restore_encoder_fast_paths(model: nn.Module) -> None:
+    for layer in model.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _SAVED_FAST_PATH_FLAG):
+            layer.activation_relu_or_gelu = getattr(layer, _SAVED_FAST_PATH_FLAG)
+            delattr(layer, _SAVED_FAST_PATH_FLAG)
 
 
 @dataclass
@@ -208,11 +228,9 @@ def quantize_(
         row = rows[item.name]
         row.method = calibration.prepare(q, module.weight, cfg, item.name)
         row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
-        if any(isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2")
-               for parent, attr in parents[id(module)]):
-            row.kernel += TRANSFORMER_FAST_PATH_NOTE
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan
+    route_encoder_layers_through_kernels(model)
 
     if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
         calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
@@ -259,4 +277,5 @@ def dequantize_(model: nn.Module) -> nn.Module:
             _move_hooks(module, f)
             for parent, attr in parents[id(module)]:
                 setattr(parent, attr, f)
+    _restore_encoder_fast_paths(model)
     return model

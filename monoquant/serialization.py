@@ -34,7 +34,7 @@ from . import safetensors_io as stio
 from .config import BFloat16, Float16, Int4, Int8, WeightSpec
 from .errors import SerializationError
 from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, quant_class_for
-from .quantize import _HOOK_DICTS, _check_model, _parents
+from .quantize import _check_model, _move_hooks, _parents, route_encoder_layers_through_kernels
 
 FORMAT = "monoquant"
 FORMAT_VERSION = 1
@@ -409,12 +409,11 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     parents = _parents(model)
     for key, q in swaps.items():
         current = currents[key]
-        for hooks in _HOOK_DICTS:
-            if hasattr(current, hooks):
-                setattr(q, hooks, getattr(current, hooks))
+        _move_hooks(current, q)
         for parent, attr in parents[id(current)]:
             setattr(parent, attr, q)
     model.load_state_dict(state, strict=True, assign=True)
+    route_encoder_layers_through_kernels(model)
     for keys in ties.values():
         first_mod, first_attr = _owner(model, keys[0])
         for key in keys[1:]:

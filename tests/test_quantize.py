@@ -142,7 +142,9 @@ def test_transformer_encoder_runs_after_quantize(training, spec):
     assert report.skipped == {"layers.0.self_attn.out_proj": reason, "layers.1.self_attn.out_proj": reason}
     assert [r.name for r in report.quantized] == ["layers.0.linear1", "layers.0.linear2", "layers.1.linear1",
                                                   "layers.1.linear2"]
-    assert all(r.kernel.endswith(mq.quantize.TRANSFORMER_FAST_PATH_NOTE) for r in report.quantized)
+    calls = []
+    handles = [lin.register_forward_hook(lambda m, i, o: calls.append(m.last_kernel))
+               for layer in model.layers for lin in (layer.linear1, layer.linear2)]
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         want = ref(x)
@@ -151,6 +153,15 @@ def test_transformer_encoder_runs_after_quantize(training, spec):
         got_inf = model(x)
     assert sqnr(want, got) > (35 if isinstance(spec, mq.Int8) else 20)
     assert torch.allclose(got, got_inf)
+    # the fused eval fast path would read .weight and never call the layers: they must run their own kernels
+    assert len(calls) == 8 and all(k in mq.kernels.KERNELS for k in calls)
+    assert [layer.activation_relu_or_gelu for layer in model.layers] == [0, 0]
+    for handle in handles:
+        handle.remove()
+    mq.dequantize_(model)
+    assert [layer.activation_relu_or_gelu for layer in model.layers] == [1, 1]  # relu: the fast path is back
+    with torch.no_grad():
+        assert sqnr(got, model(x)) > 35
 
 
 def test_multihead_attention_runs_after_quantize():

@@ -434,3 +434,20 @@ def test_activation_quantized_layers_round_trip(tmp_path):
     _assert_same_state(model, fresh)
     with torch.inference_mode():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_loaded_transformer_encoder_layers_call_their_quantized_layers(tmp_path):
+    def encoder():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+    model = encoder()
+    mq.quantize_(model, mq.Int4(group_size=32))
+    mq.save(model, tmp_path / "enc.safetensors")
+    loaded = mq.load(encoder(), tmp_path / "enc.safetensors")
+    assert [layer.activation_relu_or_gelu for layer in loaded.layers] == [0, 0]  # no fused fast path
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.layers[0].linear1.last_kernel is not None
