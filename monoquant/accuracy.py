@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import functional as F
+from . import kernels
 from .config import Int4, Int8, QuantConfig, WeightSpec, as_config
 from .data import ForwardFn, iter_batches, run_batch
 from .errors import AccuracyError, ConfigError, ModelError
@@ -173,7 +174,7 @@ class Comparison:
         return getattr(self, key)
 
 
-class _OutputStats:
+class OutputStats:
     """Accumulates signal/noise powers and top-1 matches over batches."""
 
     def __init__(self) -> None:
@@ -249,7 +250,7 @@ def compare(
         number of batches and samples used.
     """
     _check_data(data)
-    stats = _OutputStats()
+    stats = OutputStats()
     with evaluating(float_model, quant_model):
         for batch in iter_batches(data, max_batches, desc="comparing", progress=progress):
             stats.add(run_batch(float_model, batch, forward_fn), run_batch(quant_model, batch, forward_fn),
@@ -389,7 +390,7 @@ def measure(
     for name, sw in (layers or {}).items():
         handles.append(sw.quant_module.register_forward_hook(hook_for(name, sw.float_module), with_kwargs=True,
                                                              prepend=True))
-    stats = _OutputStats()
+    stats = OutputStats()
     try:
         with evaluating(model):
             for batch, ref, samples in zip(references.batches, references.outputs, references.samples):
@@ -401,7 +402,6 @@ def measure(
 
 
 def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) -> None:
-    from .quantize import _kernel_summary
 
     row = report.row(name)
     if q is None:
@@ -410,7 +410,7 @@ def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) 
         row.weight_sqnr_db = row.output_sqnr_db = None
         row.bytes_after = row.bytes_before
         return
-    row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
+    row.scheme, row.kernel, row.bytes_after = q.scheme(), kernels.kernel_summary(q), q.storage_bytes()
     row.note = note
 
 

@@ -153,6 +153,17 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
     return "dequant"
 
 
+def kernel_summary(module) -> str:
+    """What the report shows as a layer's kernel: the choice for 1 row, and for 4096 rows if it differs
+    (``"int4pack_cpu/dequant_bf16"``); convolutions always dequantize (``"dequant_conv"``)."""
+    if not hasattr(module, "in_features"):
+        return "dequant_conv"
+    device = module.qweight.device
+    small = choose_linear_kernel(module, device, 1, needs_grad=False)
+    large = choose_linear_kernel(module, device, 4096, needs_grad=False)
+    return small if small == large else f"{small}/{large}"
+
+
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
     rows = x.numel() // max(1, x.shape[-1])

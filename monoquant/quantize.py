@@ -98,15 +98,6 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
             setattr(dst, hooks, getattr(src, hooks))
 
 
-def _kernel_summary(q: QuantModule) -> str:
-    if not hasattr(q, "in_features"):
-        return "dequant_conv"
-    device = q.qweight.device
-    small = kernels.choose_linear_kernel(q, device, 1, needs_grad=False)
-    large = kernels.choose_linear_kernel(q, device, 4096, needs_grad=False)
-    return small if small == large else f"{small}/{large}"
-
-
 def _float_bytes(module: nn.Module) -> int:
     tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -227,7 +218,7 @@ def quantize_(
             swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
         row = rows[item.name]
         row.method = calibration.prepare(q, module.weight, cfg, item.name)
-        row.scheme, row.kernel, row.bytes_after = q.scheme(), _kernel_summary(q), q.storage_bytes()
+        row.scheme, row.kernel, row.bytes_after = q.scheme(), kernels.kernel_summary(q), q.storage_bytes()
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan
     route_encoder_layers_through_kernels(model)
@@ -236,7 +227,7 @@ def quantize_(
         calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
         for frozen in calibration.freeze(model):
             row = rows[frozen.name]
-            row.kernel, row.bytes_after = _kernel_summary(frozen.module), frozen.module.storage_bytes()
+            row.kernel, row.bytes_after = kernels.kernel_summary(frozen.module), frozen.module.storage_bytes()
             row.weight_sqnr_db = frozen.weight_sqnr_db if frozen.weight_sqnr_db is not None else row.weight_sqnr_db
             row.output_sqnr_db = frozen.output_sqnr_db  # GPTQ: exact, from the Hessian; measurement may refine
 

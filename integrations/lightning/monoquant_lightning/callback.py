@@ -17,7 +17,7 @@ from monoquant.accuracy import evaluating
 from monoquant.config import as_config
 from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
-from monoquant.quantize import _kernel_summary
+from monoquant.kernels import kernel_summary
 
 from .batches import (
     flatten_loaders,
@@ -266,7 +266,7 @@ class PostTrainingQuantization(Callback):
         rows = {row.name: row for row in report.layers}
         for done in mq.freeze(pl_module):
             row = rows[done.name]
-            row.kernel, row.bytes_after = _kernel_summary(done.module), done.module.storage_bytes()
+            row.kernel, row.bytes_after = kernel_summary(done.module), done.module.storage_bytes()
             if done.weight_sqnr_db is not None:
                 row.weight_sqnr_db = done.weight_sqnr_db
             if done.output_sqnr_db is not None:

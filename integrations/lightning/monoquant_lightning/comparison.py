@@ -20,7 +20,7 @@ import torch
 from torchmetrics import SumMetric
 
 from monoquant import functional as F
-from monoquant.accuracy import _OutputStats, batch_size
+from monoquant.accuracy import OutputStats, batch_size
 
 
 class OutputComparison:
@@ -31,7 +31,7 @@ class OutputComparison:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.stats = _OutputStats()
+        self.stats = OutputStats()
 
     def update(self, reference: Any, quantized: Any, batch: Any) -> None:
         """Add one batch: the float model's output, the quantized model's output, and the batch itself."""
