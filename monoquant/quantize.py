@@ -187,6 +187,9 @@ def quantize_(
             row.skipped, row.reason = True, decision.reason
             report.layers.append(row)
             continue
+        if module.weight.device.type == "meta":
+            raise ConfigError(f"layer {name!r} is on the meta device (no weights); nothing was changed. Load real "
+                              "weights before quantizing, or use mq.load(model, path) to load a quantized file")
         if not torch.isfinite(module.weight.detach()).all():
             raise NonFiniteWeightError(
                 f"layer {name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep the "

@@ -291,6 +291,14 @@ def test_non_finite_weight_names_layer_and_changes_nothing(bad):
                                                  for k in before)
 
 
+def test_meta_device_model_gets_config_error_and_changes_nothing():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(mq.ConfigError, match=r"layer '0' is on the meta device .*nothing was changed.*mq\.load"):
+        mq.quantize_(model, cfg())
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+
+
 def test_quantizing_twice_is_idempotent_and_reported():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     mq.quantize_(model, cfg(mq.Int4(group_size=32)))
