@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .config import Int4, WeightSpec
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .accuracy import LayerSensitivity
@@ -79,6 +80,26 @@ class SkipRules:
     skip_head: bool = False
     _used: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
     _heads: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a lone pattern or type is a common slip: exclude="fc1" would otherwise be iterated as the patterns
+        # "f", "c", "1", and exclude_types=nn.Linear would fail with a bare TypeError at the first layer
+        for attr in ("include", "exclude"):
+            value = getattr(self, attr)
+            if isinstance(value, (str, re.Pattern)):
+                setattr(self, attr, [value])
+            bad = [p for p in getattr(self, attr) if not isinstance(p, (str, re.Pattern))]
+            if bad:
+                raise ConfigError(f"SkipRules {attr} takes name patterns (str globs or re.compile(...)), "
+                                  f"got {bad[0]!r}")
+        if isinstance(self.exclude_types, type):
+            self.exclude_types = (self.exclude_types,)
+        bad_types = [t for t in self.exclude_types if not isinstance(t, type)]
+        if bad_types:
+            raise ConfigError(f"SkipRules exclude_types takes classes such as nn.Conv2d, got {bad_types[0]!r}")
+        n = self.min_params
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not n >= 0:
+            raise ConfigError(f"SkipRules min_params must be a non-negative number of weights, got {n!r}")
 
     @classmethod
     def defaults(cls, *, skip_head: bool = False, min_params: int = DEFAULT_MIN_PARAMS, **kwargs) -> SkipRules:

@@ -96,3 +96,18 @@ def test_int4_non_dividing_group_falls_back_to_smaller_group():
     x = torch.randn(2, 320)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+def test_a_single_pattern_or_type_is_one_rule_and_bad_entries_are_config_errors():
+    report, _ = run(mq.SkipRules(exclude="encoder.*.fc1", exclude_types=nn.Conv2d), mq.Int8())
+    assert report.skipped == {"stem": "excluded by type Conv2d", "encoder.0.fc1": "excluded by name pattern "
+                              "'encoder.*.fc1'", "encoder.1.fc1": "excluded by name pattern 'encoder.*.fc1'"}
+    assert report.unmatched_rules == []
+    rules = mq.SkipRules(include=re.compile("fc"))
+    assert rules.include == [rules.include[0]] and isinstance(rules.include[0], re.Pattern)
+    with pytest.raises(mq.ConfigError, match="exclude takes name patterns"):
+        mq.SkipRules(exclude=["fc1", nn.Linear])
+    with pytest.raises(mq.ConfigError, match="exclude_types takes classes"):
+        mq.SkipRules(exclude_types=("Linear",))
+    with pytest.raises(mq.ConfigError, match="min_params must be a non-negative number"):
+        mq.SkipRules(min_params=-1)
