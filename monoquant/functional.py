@@ -73,9 +73,11 @@ def group_view(x: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) 
     """
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)
+    # explicit sizes, not -1: a reshape with -1 is ambiguous (and raises) when there are no rows
     if isinstance(granularity, PerChannel):
-        return x.movedim(granularity.axis, 0).reshape(x.shape[granularity.axis], -1)
-    rows, cols = x.shape[0], x[0].numel()
+        moved = x.movedim(granularity.axis, 0)
+        return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))
+    rows, cols = x.shape[0], math.prod(x.shape[1:])
     return x.reshape(rows, cols // granularity.size, granularity.size)
 
 

@@ -43,6 +43,19 @@ def test_w8a8_int_mm_is_bit_identical_to_simulated_and_matches_reference(act, mo
     torch.testing.assert_close(y.double().reshape(10, 48), _reference(q, x), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [mq.Int8(), mq.Int4(group_size=32)])
+@pytest.mark.parametrize("int_mm", [True, False])
+def test_dynamic_activations_accept_an_empty_batch(weights, int_mm, monkeypatch):
+    monkeypatch.setitem(kernels._HAS, "int_mm", int_mm and kernels._HAS["int_mm"])
+    q, _ = _calibrated_linear((weights, mq.Int8(dynamic=True)))
+    for shape in [(0, 64), (2, 0, 64)]:
+        y = q(torch.randn(*shape))
+        assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+    mn, mx = F.minmax(torch.empty(0, 64), mq.PerChannel(0))
+    assert mn.shape == mx.shape == (0,)
+    assert F.group_view(torch.empty(0, 64), mq.PerGroup(32)).shape == (0, 2, 32)
+
+
 def test_static_qparams_come_from_the_observer():
     q, data = _calibrated_linear((mq.Int8(), mq.Int8()))
     lo = min(float(d.min()) for d in data)
