@@ -113,6 +113,19 @@ def test_quantize_with_gptq_end_to_end_and_pending_forward_uses_float_weight():
     assert float((model[0].dequantize_weight() - w0).abs().max()) < 0.2
 
 
+def test_dequantize_before_freeze_gives_back_the_float_weight_the_layer_computes_with():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    weights = [m.weight.detach().clone() for m in model]
+    x = torch.randn(4, 64)
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(method="gptq"), skip=mq.SkipRules.none()))
+    pending = model(x)
+    mq.dequantize_(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert all(torch.equal(m.weight, w) for m, w in zip(model, weights))
+    assert torch.equal(model(x), pending)
+
+
 def test_gptq_report_and_conv_fallback():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
     data = [torch.randn(4, 3, 6, 6) for _ in range(4)]

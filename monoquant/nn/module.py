@@ -281,11 +281,12 @@ class QuantModule(nn.Module):
         return q
 
     def to_float(self) -> nn.Module:
-        """A plain float module (``nn.Linear``/``nn.Conv*``) with the dequantized weight."""
+        """A plain float module (``nn.Linear``/``nn.Conv*``) with the weight this layer computes with: the
+        dequantized one, or the float one while a ``method="gptq"`` weight waits for :func:`monoquant.freeze`."""
         module = self.float_module_type(**self.geometry_of(self), bias=self.bias is not None,
                                         device=self.qweight.device, dtype=self.float_dtype)
         with torch.no_grad():
-            module.weight.copy_(self.dequantize_weight())
+            module.weight.copy_(self.weight)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
         module.train(self.training)
