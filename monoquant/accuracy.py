@@ -422,13 +422,11 @@ of what float gets (or reaches the target outright)."""
 def _int8_twin(name: str, sw: Swapped, cfg: QuantConfig) -> nn.Module:
     """The float layer quantized to INT8 weights (weight-only), sharing the hooks of the layer it replaces."""
     from .nn import quant_class_for
-    from .quantize import _HOOK_DICTS
+    from .quantize import _move_hooks
 
     q8 = quant_class_for(sw.float_module).from_float(
         sw.float_module, QuantConfig(Int8(), compute_dtype=cfg.compute_dtype), name=name)
-    for hooks in _HOOK_DICTS:
-        if hasattr(sw.quant_module, hooks):
-            setattr(q8, hooks, getattr(sw.quant_module, hooks))
+    _move_hooks(sw.quant_module, q8)
     q8.train(sw.quant_module.training)
     return q8
 
