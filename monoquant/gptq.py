@@ -157,13 +157,10 @@ def output_sqnr(weight2d: torch.Tensor, dequantized: torch.Tensor, hessian: torc
     h = hessian.double()
     w = weight2d.double()
     d = w - dequantized.double()
-    signal = float(((w @ h) * w).sum())
-    noise = float(((d @ h) * d).sum())
-    if noise <= 0:
-        return float("inf")
-    if signal <= 0:
-        return float("-inf")
-    return 10.0 * float(torch.log10(torch.tensor(signal / noise)))
+    # quadratic forms of a PSD matrix: a rounding-level negative value means zero
+    signal = max(float(((w @ h) * w).sum()), 0.0)
+    noise = max(float(((d @ h) * d).sum()), 0.0)
+    return F.sqnr_from_powers(signal, noise)
 
 
 class GPTQState(nn.Module):
