@@ -80,8 +80,7 @@ def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return where
 
 
-def _structural_skip(name: str, module: nn.Module, model: nn.Module,
-                     weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
+def _structural_skip(module: nn.Module, weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
@@ -181,7 +180,7 @@ def quantize_(
         if quant_class_for(module) is None:
             continue
         row = LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module))
-        reason = _structural_skip(name, module, model, weight_owners)
+        reason = _structural_skip(module, weight_owners)
         decision = Decision(False, reason) if reason else rules.decide(name, module, cfg.weights)
         if not decision.quantize:
             row.skipped, row.reason = True, decision.reason
