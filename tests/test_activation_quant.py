@@ -99,6 +99,17 @@ def test_conv_with_static_activations_uses_fake_quantized_input():
     torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(4, 8, 3), (4, 10)), (nn.Conv2d(4, 8, 3), (4, 6, 6))])
+def test_conv_dynamic_activations_are_per_sample_for_unbatched_and_empty_inputs(conv, shape):
+    model = nn.Sequential(conv)
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    x = torch.randn(*shape)
+    x[0] *= 50  # a loud channel: per-channel scales (the old unbatched behaviour) would differ from per-sample
+    assert torch.equal(model(x), model(x[None])[0])
+    y = model(torch.randn(0, *shape))
+    assert y.shape[0] == 0 and y.shape[1] == 8
+
+
 def test_half_model_and_state_dict_keep_activation_qparams():
     q, _ = _calibrated_linear((mq.Int8(), mq.Int8()))
     sd = q.state_dict()

@@ -12,6 +12,8 @@ integer zero-point, symmetric ones ``int8`` in ``[-128, 127]`` with zero-point 0
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -108,7 +110,10 @@ class ActivationQuantizer(nn.Module):
         through (the rounding counts as identity), so an input that requires grad still gets one.
         """
         xd = x.detach()
-        x2d = xd.reshape(-1, x.shape[-1]) if per == "token" or not self.dynamic else xd.reshape(x.shape[0], -1)
+        if per == "token" or not self.dynamic:
+            x2d = xd.reshape(-1, x.shape[-1])
+        else:  # explicit size: reshape(0, -1) raises on an empty batch
+            x2d = xd.reshape(x.shape[0], math.prod(x.shape[1:]))
         codes, scale, zero = self.quantize(x2d)
         out = F.dequantize(codes, scale, zero, torch.float32).to(x.dtype).reshape(x.shape)
         return x + (out - x).detach() if x.requires_grad else out

@@ -71,7 +71,10 @@ class _QuantConvNd(QuantModule):
         bias = None if self.bias is None else self.bias.to(dtype)
         act = self.input_quantizer
         if act is not None and (act.ready or not act.calibrating):  # static ones raise until frozen
-            x = act.fake_quantize(x, per="sample")
+            # dynamic qparams are per sample: an unbatched input is one sample, not one per channel
+            unbatched = x.dim() == self._dims + 1
+            x = act.fake_quantize(x.unsqueeze(0) if unbatched else x, per="sample")
+            x = x.squeeze(0) if unbatched else x
         x_in = x.to(dtype)
         if self.padding_mode != "zeros":
             x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=self.padding_mode)
