@@ -187,8 +187,8 @@ class QuantModule(nn.Module):
             out.copy_(self.qweight[sl])
             view = out
         if scale.dim():
-            scale, zero = scale[sl], (zero[sl] if zero.dim() else zero)
-        if zero.dim() or float(zero) != 0.0:
+            scale, zero = scale[sl], (zero[sl] if zero is not None and zero.dim() else zero)
+        if zero is not None:
             view.sub_(zero)
         if scaled or isinstance(self.spec, Int4):
             view.mul_(scale)
@@ -222,8 +222,11 @@ class QuantModule(nn.Module):
         torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
         out.copy_(pairs.view(rows, -1)[:, :k])
 
-    def _dequant_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero_point)`` in ``dtype``, shaped to broadcast against the weight, cached per dtype."""
+    def _dequant_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scale, zero_point)`` in ``dtype``, shaped to broadcast against the weight, cached per dtype.
+
+        The zero-point is ``None`` when there is none to subtract (symmetric INT8), decided from the spec so
+        that the forward pass never reads a value back from the device to find out."""
         with torch.inference_mode(False), torch.no_grad():
             scale = self.scale.float()
             if self.zero_point is not None:
@@ -231,11 +234,11 @@ class QuantModule(nn.Module):
             elif isinstance(self.spec, Int4):
                 zero = torch.full((), float(schemes.INT4_SYMMETRIC_OFFSET))
             else:
-                zero = torch.zeros(())
+                zero = None
             if scale.dim():
                 scale = scale.unsqueeze(-1)
-                zero = zero.unsqueeze(-1) if zero.dim() else zero
-            params = (scale.to(dtype), zero.to(dtype=dtype, device=scale.device))
+                zero = zero.unsqueeze(-1) if zero is not None and zero.dim() else zero
+            params = (scale.to(dtype), None if zero is None else zero.to(dtype=dtype, device=scale.device))
         self._kernel_cache[("dequant", dtype)] = params
         return params
 
