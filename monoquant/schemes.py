@@ -122,7 +122,7 @@ def dequantize_weight(
     granularity = weight_granularity(spec, group_size)
     codes, zero = decode_codes(spec, stored.qweight, stored.zero_point, cols)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    view = F.group_view(codes, granularity).to(compute)
-    if zero is not None:
-        view = view - (F.expand_qparam(zero, granularity) if zero.dim() else zero).to(compute)
-    return (view * F.expand_qparam(stored.scale, granularity).to(compute)).reshape(codes.shape[0], cols).to(dtype)
+    if zero is not None and zero.dim():
+        zero = F.expand_qparam(zero, granularity)
+    w = F.dequantize(F.group_view(codes, granularity), F.expand_qparam(stored.scale, granularity), zero, compute)
+    return w.reshape(codes.shape[0], cols).to(dtype)
