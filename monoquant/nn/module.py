@@ -309,8 +309,8 @@ class QuantModule(nn.Module):
         finally:
             for name, buf in protected.items():
                 self._buffers[name] = buf.to(device=fn(buf.new_empty(0)).device)
-        if self.bias is not None:
-            self.float_dtype = self.bias.dtype
+        # the float dtype follows the conversion whether or not there is a bias to carry it
+        self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

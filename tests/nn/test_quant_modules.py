@@ -185,3 +185,16 @@ def test_from_float_wrong_type_and_meta_errors():
         bad.weight[1, 2] = float("inf")
     with pytest.raises(mq.NonFiniteWeightError, match="layer fc1"):
         mq.QuantLinear.from_float(bad, mq.Int8(), name="fc1")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dtype_conversion_moves_the_float_dtype_with_or_without_bias(bias):
+    q = mq.QuantLinear.from_float(nn.Linear(64, 32, bias=bias), mq.Int8())
+    q.half()
+    assert q.float_dtype == torch.float16 and q.weight.dtype == torch.float16
+    assert q.to_float().weight.dtype == torch.float16
+    assert q.qweight.dtype == torch.int8 and q.scale.dtype == torch.float32  # stored buffers keep theirs
+    q.to(torch.device("cpu"))  # a device move leaves the dtype alone
+    assert q.float_dtype == torch.float16
+    q.to(torch.bfloat16)
+    assert q.float_dtype == torch.bfloat16 and q.dequantize_weight().dtype == torch.bfloat16
