@@ -30,9 +30,10 @@ batch sizes (>= 1,000 samples at batch 16) while keeping calibration to seconds 
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    """Device of the model's first parameter or buffer not on the meta device (CPU for a model with none)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
+        if t.device.type != "meta":
+            return t.device
     return torch.device("cpu")
 
 

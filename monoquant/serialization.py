@@ -32,6 +32,7 @@ from torch import nn
 
 from . import safetensors_io as stio
 from .config import BFloat16, Float16, Int4, Int8, WeightSpec
+from .data import model_device
 from .errors import SerializationError
 from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, quant_class_for
 from .quantize import _check_model, _move_hooks, _parents, route_encoder_layers_through_kernels
@@ -336,13 +337,6 @@ def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _
                    lambda device: {k: v.to(device) for k, v in state.items()})
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return torch.device("cpu")
-
-
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
          device: torch.device | str | None = None) -> nn.Module:
     """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
@@ -396,7 +390,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     expected = _expected_state(model, swaps)
     _check_tensors(source, expected)
 
-    target = torch.device(device) if device is not None else _device_of(model)
+    target = torch.device(device) if device is not None else model_device(model)
     state = source.read(target)
     state.update({alias: state[stored] for alias, stored in source.aliases.items()})
 
