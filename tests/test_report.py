@@ -1,5 +1,6 @@
 import json
 
+import torch
 from _accuracy_models import Net, batches
 from torch import nn
 
@@ -44,6 +45,21 @@ def test_totals_are_actual_buffer_bytes():
     assert report.bytes_before == sum(float_bytes)
     assert report.bytes_after == q0.storage_bytes() + q2.storage_bytes() + float_bytes[2]
     assert report.size_ratio == report.bytes_after / report.bytes_before
+
+
+def test_bytes_after_of_layers_waiting_for_calibration_count_what_stays_after_freeze():
+    int4_bytes = 256 * 128 + 256 * 2 * 4 + 256 * 2 + 256 * 4  # codes, float32 scales, uint8 zeros, float32 bias
+    act_qparams = 4 + 4 + 1  # float32 scale, int32 zero-point, bool frozen flag
+    for cfg, extra in [(mq.QuantConfig(mq.Int4(method="gptq"), skip=mq.SkipRules.none()), 0),
+                       (mq.QuantConfig(mq.Int4(), activations=mq.Int8(observer=mq.HistogramObserver()),
+                                       skip=mq.SkipRules.none()), act_qparams)]:
+        model = nn.Sequential(nn.Linear(256, 256))
+        report = mq.quantize_(model, cfg)
+        assert mq.needs_calibration(model)
+        assert report.quantized[0].bytes_after == model[0].storage_bytes() == int4_bytes + extra
+        mq.calibrate_with(model, [torch.randn(8, 256) for _ in range(2)])
+        mq.freeze(model)
+        assert model[0].storage_bytes() == int4_bytes + extra
 
 
 def test_to_dict_is_strict_json():

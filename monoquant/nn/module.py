@@ -318,8 +318,14 @@ class QuantModule(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def storage_bytes(self) -> int:
-        """Bytes of every buffer this module owns (the real resident size)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=True))
+        """Bytes of the buffers this layer keeps once calibrated: stored weight, bias, activation qparams.
+
+        Calibration state (input observers, a pending GPTQ float weight and Hessian) is left out: it only
+        lives until :func:`monoquant.freeze`, and counting it made a waiting layer look larger than float."""
+        act = self.input_quantizer
+        transient = [m for m in (self.gptq, getattr(act, "observer", None)) if m is not None]
+        skip = {id(b) for m in transient for b in m.buffers()}
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=True) if id(b) not in skip)
 
     def scheme(self) -> str:
         return self.spec.describe(self.group_size)
