@@ -106,10 +106,6 @@ class Thresholds:
         return cls(**value)
 
 
-def _floor(table: dict[str, float | None], kind: str) -> float | None:
-    return table.get(kind)
-
-
 # ---- comparing outputs --------------------------------------------------------------------------------------
 def _output_tensors(out: Any, path: str = "") -> list[tuple[str, torch.Tensor]]:
     """Every floating-point tensor inside a model output, with a path (``""``, ``"logits"``, ``"0"``...)."""
@@ -492,12 +488,12 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
     problems: list[str] = []
     for row in report.quantized:
         kind = kinds.get(row.name, "")
-        floor = _floor(thresholds.weight_sqnr_db, kind)
+        floor = thresholds.weight_sqnr_db.get(kind)
         if floor is not None and row.weight_sqnr_db is not None and row.weight_sqnr_db < floor:
             problems.append(f"layer {row.name!r} ({row.scheme}): weight SQNR {row.weight_sqnr_db:.1f} dB is below "
                             f"{floor:g} dB (outlier weights?); keep it at higher precision with "
                             f"SkipRules(exclude=[{row.name!r}]) or use a smaller group size")
-        floor = _floor(thresholds.output_sqnr_db, kind)
+        floor = thresholds.output_sqnr_db.get(kind)
         if floor is not None and row.output_sqnr_db is not None and row.output_sqnr_db < floor:
             problems.append(f"layer {row.name!r} ({row.scheme}): output SQNR {row.output_sqnr_db:.1f} dB on "
                             f"calibration data is below {floor:g} dB; keep it at higher precision with "
@@ -505,7 +501,7 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
     e2e = report.end_to_end
     main_kind = min((kinds[r.name] for r in report.quantized if r.name in kinds),
                     key=lambda k: {"int4": 0, "int8": 1}.get(k, 2), default=None)
-    floor = _floor(thresholds.end_to_end_sqnr_db, main_kind) if main_kind else None
+    floor = thresholds.end_to_end_sqnr_db.get(main_kind) if main_kind else None
     if floor is not None and "sqnr_db" in e2e and e2e["sqnr_db"] < floor:
         problems.append(f"model output SQNR {e2e['sqnr_db']:.1f} dB is below {floor:g} dB; see "
                         "mq.sensitivity(...) for the layers that cost most, or pass target_sqnr=...")
