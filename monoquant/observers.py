@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -40,15 +41,21 @@ def distributed_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """``nn.Module._apply`` that moves this module's own buffers to ``fn``'s device but never changes their
-    dtype: ``model.half()`` must not round statistics or frozen qparams."""
-    own = {n: module._buffers.pop(n) for n, b in list(module._buffers.items()) if b is not None}
+def apply_keeping_dtypes(module: nn.Module, fn, recurse: bool = True, names: Iterable[str] | None = None) -> nn.Module:
+    """``nn.Module._apply`` that moves this module's own buffers (those in ``names``, default all) to ``fn``'s
+    device but never changes their dtype: ``model.half()`` must not round statistics, scales or qparams.
+
+    A buffer on the meta device has no data to move: it becomes an uninitialised tensor on the new device,
+    as ``to_empty`` does for every other tensor."""
+    own = {n: module._buffers.pop(n) for n, b in list(module._buffers.items())
+           if b is not None and (names is None or n in names)}
     try:
         nn.Module._apply(module, fn, recurse)
     finally:
         for name, buf in own.items():
-            module._buffers[name] = buf.to(device=fn(buf.new_empty(0)).device)
+            device = fn(buf.new_empty(0)).device
+            moved = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device=device)
+            module._buffers[name] = moved
     return module
 
 

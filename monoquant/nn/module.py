@@ -22,7 +22,7 @@ from torch import nn
 from .. import schemes
 from ..config import Int4, Int8, QuantConfig, WeightSpec, as_config
 from ..errors import ConfigError, NonFiniteWeightError
-from ..observers import Observer
+from ..observers import Observer, apply_keeping_dtypes
 
 
 class QuantModule(nn.Module):
@@ -303,12 +303,7 @@ class QuantModule(nn.Module):
         float32 scales keep theirs, so a ``model.half()`` cannot silently round the scales.
         """
         self._kernel_cache = {}
-        protected = {n: self._buffers.pop(n) for n in ("qweight", "scale") if self._buffers.get(n) is not None}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, buf in protected.items():
-                self._buffers[name] = buf.to(device=fn(buf.new_empty(0)).device)
+        apply_keeping_dtypes(self, fn, recurse, names=("qweight", "scale"))
         # the float dtype follows the conversion whether or not there is a bias to carry it
         self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         return self

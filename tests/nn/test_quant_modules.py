@@ -198,3 +198,17 @@ def test_dtype_conversion_moves_the_float_dtype_with_or_without_bias(bias):
     assert q.float_dtype == torch.float16
     q.to(torch.bfloat16)
     assert q.float_dtype == torch.bfloat16 and q.dequantize_weight().dtype == torch.bfloat16
+
+
+def test_meta_built_quantized_model_can_be_materialised_with_to_empty_and_loaded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    cfg = mq.QuantConfig(mq.Int4(group_size=32), activations=mq.Int8(), skip=mq.SkipRules.none())
+    mq.quantize_(model, cfg, calibration_data=[torch.randn(8, 64) for _ in range(2)], on_failure="ignore")
+    x = torch.randn(4, 64)
+    with torch.device("meta"):
+        twin = copy.deepcopy(model).to("meta")
+    twin.to_empty(device="cpu")
+    assert twin[0].scale.dtype == torch.float32 and twin[0].input_quantizer.scale.device.type == "cpu"
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin(x), model(x))
