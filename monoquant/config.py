@@ -205,6 +205,13 @@ class QuantConfig:
             )
         if self.activations is not None and not isinstance(self.activations, Int8):
             raise ConfigError(f"activations must be mq.Int8(...) or None, got {self.activations!r}")
+        # options that only mean something on the other side would otherwise be silently ignored
+        if isinstance(self.weights, Int8) and self.weights.dynamic:
+            raise ConfigError("dynamic=True is for activations: pass activations=mq.Int8(dynamic=True) "
+                              "(weights are always quantized ahead of time)")
+        if self.activations is not None and self.activations.method == "gptq":
+            raise ConfigError("method='gptq' is for weights: pass weights=mq.Int8(method='gptq') or "
+                              "mq.Int4(method='gptq')")
         if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                               f"got {self.compute_dtype!r}")

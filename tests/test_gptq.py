@@ -146,6 +146,10 @@ def test_config_validation():
     w = torch.randn(4, 8)
     with pytest.raises(mq.ConfigError, match="does not match"):
         gptq_quantize(mq.Int8(), w, torch.eye(7), None)
+    with pytest.raises(mq.ConfigError, match=r"method='gptq' is for weights"):
+        mq.QuantConfig(mq.Int8(), activations=mq.Int8(method="gptq"))
+    with pytest.raises(mq.ConfigError, match=r"activations=mq\.Int8\(dynamic=True\)"):
+        mq.QuantConfig(mq.Int8(dynamic=True))
 
 
 def test_linear_output_matches_stored_weights_after_gptq():
