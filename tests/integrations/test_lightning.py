@@ -335,6 +335,25 @@ def test_calibration_without_validation_data_fails_before_training():
     assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
 
 
+def test_calibration_dataloader_given_as_a_list_of_batches_is_one_source_of_whole_batches():
+    x, y = classification_data(16, seed=4).tensors
+    model = MLP()
+    cb = PostTrainingQuantization(W8A8, calibration_dataloader=[(x, y)], compare_batches=1)
+    _, snap = fit(model, cb)
+    # the one batch is fed whole (not split into its tensors' rows): compared once, calibrated once
+    assert model.transfers == [0, 0]
+    assert (cb.report.end_to_end["batches"], cb.report.end_to_end["samples"]) == (1, 16)
+    manual = snap.float_model
+    mq.quantize_(manual, W8A8)
+    with mq.calibrate(manual):
+        manual(x)
+    mq.freeze(manual)
+    got, want = model.state_dict(), manual.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_checkpoint_with_static_activations_restores_identically(tmp_path):
     model, path = quantized_checkpoint(tmp_path, W8A8)
     x = torch.randn(5, 64)

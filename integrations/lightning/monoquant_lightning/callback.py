@@ -20,7 +20,6 @@ from monoquant.errors import CalibrationError, ConfigError
 from monoquant.kernels import kernel_summary
 
 from .batches import (
-    flatten_loaders,
     has_validation_data,
     require_batches,
     take_batches,
@@ -75,9 +74,9 @@ class PostTrainingQuantization(Callback):
         config: a :class:`monoquant.QuantConfig` or a bare weight spec (``mq.Int4(group_size=32)``).
         calibration_batches: cap on calibration batches (split evenly over several validation loaders).
         compare_batches: batches used for the float-vs-quantized comparison (0 disables it).
-        calibration_dataloader: use this loader instead of the validation dataloaders (for a module
-            without validation data). It is used as given on every rank: give it a ``DistributedSampler``
-            to shard it under DDP.
+        calibration_dataloader: use this loader (or any iterable of batches, e.g. ``[batch]``) instead of
+            the validation dataloaders (for a module without validation data). It is used as given on every
+            rank: give it a ``DistributedSampler`` to shard it under DDP.
         forward_fn: ``forward_fn(module, batch) -> output``; default: ``module(batch)`` for a tensor,
             ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict.
         monitor, mode, tolerance, on_failure: the accuracy watch described above.
@@ -213,9 +212,8 @@ class PostTrainingQuantization(Callback):
 
     # ---- quantization -------------------------------------------------------------------------------
     def _loaders(self, trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:
-        if self.calibration_dataloader is not None:
-            loaders = flatten_loaders(self.calibration_dataloader)
-            return loaders, [math.inf] * len(loaders)
+        if self.calibration_dataloader is not None:  # one iterable of batches (a list of batches is not flattened)
+            return [self.calibration_dataloader], [math.inf]
         return validation_loaders(trainer)
 
     def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
