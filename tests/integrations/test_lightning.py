@@ -335,6 +335,21 @@ def test_calibration_without_validation_data_fails_before_training():
     assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
 
 
+def test_no_calibration_data_error_says_why():
+    class NoValidationStep(MLP):
+        validation_step = pl.LightningModule.validation_step
+
+    val = loader(classification_data(16, seed=1))
+    for model, kwargs, why in [(MLP(), {"limit_val_batches": 0}, "limit_val_batches=0"),
+                               (NoValidationStep(), {}, "NoValidationStep defines no validation_step")]:
+        with pytest.raises(mq.CalibrationError, match=why) as info:
+            trainer([PostTrainingQuantization(W8A8)], **kwargs).fit(model, loader(classification_data(32)), val)
+        assert "calibration_dataloader=" in str(info.value) and isinstance(model.fc1, nn.Linear)
+
+    with pytest.raises(mq.CalibrationError, match="calibration_dataloader gave no batch"):
+        fit(MLP(), PostTrainingQuantization(W8A8, calibration_dataloader=[]))
+
+
 def test_calibration_dataloader_given_as_a_list_of_batches_is_one_source_of_whole_batches():
     x, y = classification_data(16, seed=4).tensors
     model = MLP()

@@ -19,20 +19,18 @@ from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
 from monoquant.kernels import kernel_summary
 
-from .batches import (
-    has_validation_data,
-    require_batches,
-    take_batches,
-    validation_loaders,
-)
+from .batches import missing_validation_data, take_batches, validation_loaders
 from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
 from .comparison import OutputComparison
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
 
-NO_DATA = ("PostTrainingQuantization: the config needs calibration data (static activation quantization or "
-           "method='gptq') but the model has no validation data; pass "
-           "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit a val_dataloaders")
+
+def no_data_error(why: str) -> CalibrationError:
+    """The error for a config that needs calibration batches when there are none; ``why`` says why."""
+    return CalibrationError(f"PostTrainingQuantization: the config needs calibration data (static activation "
+                            f"quantization or method='gptq') but {why}; pass "
+                            "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit validation data")
 
 
 def config_needs_data(config: mq.QuantConfig) -> bool:
@@ -183,8 +181,9 @@ class PostTrainingQuantization(Callback):
             return
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             return
-        if not has_validation_data(trainer, pl_module):
-            raise CalibrationError(NO_DATA)
+        why = missing_validation_data(trainer, pl_module)
+        if why is not None:
+            raise no_data_error(why)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
@@ -224,7 +223,7 @@ class PostTrainingQuantization(Callback):
         """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
         loaders, limits = self._loaders(trainer)
         if not loaders and config_needs_data(self.config):
-            raise CalibrationError(NO_DATA)
+            raise no_data_error(missing_validation_data(trainer, pl_module) or "the validation dataloaders are empty")
         compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
             if self.compare_batches else []
         with evaluating(pl_module):
@@ -259,7 +258,9 @@ class PostTrainingQuantization(Callback):
             for _, batch in take_batches(trainer, loaders, limits, self.calibration_batches):
                 self._forward(trainer, pl_module, batch)
                 seen += 1
-        require_batches(seen, "calibration")
+        if seen == 0:
+            source = "the validation dataloaders" if self.calibration_dataloader is None else "calibration_dataloader"
+            raise no_data_error(f"{source} gave no batch")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
         rows = {row.name: row for row in report.layers}
         for done in mq.freeze(pl_module):
