@@ -350,6 +350,33 @@ def test_no_calibration_data_error_says_why():
         fit(MLP(), PostTrainingQuantization(W8A8, calibration_dataloader=[]))
 
 
+class OtherRank(pl.strategies.SingleDeviceStrategy):
+    """A single-process strategy that reports itself as a rank other than zero."""
+
+    @property
+    def is_global_zero(self) -> bool:
+        return False
+
+
+class ClampedMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.nan_to_num(self.fc1(x), nan=0.0, posinf=100.0, neginf=-100.0)
+        return self.head(torch.relu(self.fc2(torch.relu(hidden))))
+
+
+@pytest.mark.parametrize("rank_zero", [True, False])
+def test_calibration_warnings_come_from_rank_zero_only(rank_zero):
+    x, y = classification_data(16, seed=4).tensors
+    x[0, 0] = float("inf")  # fc1's input observer ignores it with a NonFiniteInputWarning
+    cb = PostTrainingQuantization(W8A8, calibration_dataloader=[(x, y)], compare_batches=0, verbose=False)
+    strategy = {} if rank_zero else {"strategy": OtherRank(torch.device("cpu"))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ClampedMLP(), cb, **strategy)
+    assert [w.category for w in caught if issubclass(w.category, mq.NonFiniteInputWarning)] \
+        == ([mq.NonFiniteInputWarning] if rank_zero else [])
+
+
 def test_calibration_dataloader_given_as_a_list_of_batches_is_one_source_of_whole_batches():
     x, y = classification_data(16, seed=4).tensors
     model = MLP()

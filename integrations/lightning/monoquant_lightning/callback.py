@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -229,21 +228,19 @@ class PostTrainingQuantization(Callback):
         with evaluating(pl_module):
             references = [self._forward(trainer, pl_module, b) for b in compare]
 
-        quiet = nullcontext() if trainer.is_global_zero else warnings.catch_warnings()
-        with quiet:
-            if not trainer.is_global_zero:
+        with warnings.catch_warnings():
+            if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
                 warnings.simplefilter("ignore")
             report = mq.quantize_(pl_module, self.config, progress=False)
-        if mq.needs_calibration(pl_module):
-            self._calibrate(trainer, pl_module, loaders, limits, report)
-
-        if compare:
-            comparison = OutputComparison(trainer.strategy.root_device)
-            with evaluating(pl_module):
-                for batch, ref in zip(compare, references):
-                    comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
-            report.end_to_end.update(comparison.compute())
-        elif not loaders:
+            if mq.needs_calibration(pl_module):
+                self._calibrate(trainer, pl_module, loaders, limits, report)
+            if compare:
+                comparison = OutputComparison(trainer.strategy.root_device)
+                with evaluating(pl_module):
+                    for batch, ref in zip(compare, references):
+                        comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
+                report.end_to_end.update(comparison.compute())
+        if not loaders:
             report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
 
         self.report = report
