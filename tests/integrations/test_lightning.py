@@ -264,10 +264,10 @@ def test_checkpoint_restores_identically_with_trainer_and_outside(tmp_path):
         assert torch.equal(loaded.eval()(x), expected)
 
 
-def quantized_checkpoint(tmp_path, config) -> tuple[MLP, str]:
-    """Fit + quantize an MLP, save a checkpoint; returns (model, path)."""
+def quantized_checkpoint(tmp_path, config, callback=PostTrainingQuantization) -> tuple[MLP, str]:
+    """Fit + quantize an MLP with ``callback(config)``, save a checkpoint; returns (model, path)."""
     model = MLP()
-    tr, _ = fit(model, PostTrainingQuantization(config), val=loader(classification_data(16, seed=1)))
+    tr, _ = fit(model, callback(config), val=loader(classification_data(16, seed=1)))
     path = tmp_path / "quantized.ckpt"
     tr.save_checkpoint(path)
     return model, path
@@ -283,6 +283,16 @@ def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
 
     with pytest.raises(mq.SerializationError, match=r"quantized layers \['fc2'\]"):
         load_quantized_checkpoint(Other(), path)
+
+
+def test_checkpoint_of_a_callback_subclass_restores_outside_the_trainer(tmp_path):
+    class MyPTQ(PostTrainingQuantization):
+        pass
+
+    model, path = quantized_checkpoint(tmp_path, INT4, MyPTQ)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(load_quantized_checkpoint(MLP(), path).eval()(x), model.eval()(x))
 
 
 def test_bad_arguments_are_config_errors():

@@ -132,8 +132,7 @@ def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], confi
     and dtypes ``config`` gives (the checkpoint was quantized with another config).
     """
     modules = dict(module.named_modules())
-    names = [k[len(prefix):-len(".qweight")] for k in state_dict if k.startswith(prefix) and k.endswith(".qweight")]
-    names = [n for n in names if not isinstance(modules.get(n), mq.QuantModule)]
+    names = [n for n in quantized_names(state_dict, prefix) if not isinstance(modules.get(n), mq.QuantModule)]
     if not names:
         return []
     _check_names(module, names)
@@ -151,10 +150,18 @@ def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], confi
     return names
 
 
+def quantized_names(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names (below ``prefix``) of the layers ``state_dict`` stores quantized, i.e. with a ``qweight``."""
+    return [k[len(prefix):-len(".qweight")] for k in state_dict if k.startswith(prefix) and k.endswith(".qweight")]
+
+
 def find_callback_state(checkpoint: dict[str, Any], state_key: str | None = None) -> dict[str, Any] | None:
-    """The ``PostTrainingQuantization`` state inside a checkpoint (``None`` if there is none)."""
+    """The ``PostTrainingQuantization`` state inside a checkpoint (``None`` if there is none).
+
+    States are recognised by their content, so a subclass of the callback (whose ``state_key`` starts with
+    its own class name) is found too."""
     states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items()
-              if isinstance(k, str) and k.startswith("PostTrainingQuantization")}
+              if isinstance(v, dict) and {"format", "layers", "config"} <= v.keys()}
     if state_key is not None:
         return states.get(state_key)
     if len(states) > 1:
