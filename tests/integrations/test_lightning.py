@@ -295,6 +295,21 @@ def test_checkpoint_of_a_callback_subclass_restores_outside_the_trainer(tmp_path
         assert torch.equal(load_quantized_checkpoint(MLP(), path).eval()(x), model.eval()(x))
 
 
+def test_checkpoint_without_callback_state_is_a_clear_error_and_restores_in_the_trainer(tmp_path):
+    model = MLP()
+    val = loader(classification_data(16, seed=1))
+    tr, _ = fit(model, PostTrainingQuantization(INT4), val=val)
+    path = tmp_path / "weights.ckpt"
+    tr.save_checkpoint(path, weights_only=True)  # no callback states in the file
+    with pytest.raises(mq.SerializationError, match=r"quantized layers \['fc1', 'fc2'\] but no PostTrainingQuant"):
+        load_quantized_checkpoint(MLP(), path)
+    fresh = MLP()  # what the message suggests
+    trainer([PostTrainingQuantization(INT4)]).test(fresh, val, ckpt_path=path, verbose=False)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(mq.ConfigError, match="mode"):
         PostTrainingQuantization(INT4, mode="maximize")

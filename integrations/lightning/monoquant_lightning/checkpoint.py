@@ -102,7 +102,15 @@ def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], s
         SerializationError: the checkpoint's layers don't match ``module`` (names or schemes).
     """
     state = find_callback_state(checkpoint, state_key)
-    if state is None or not state.get("quantized"):
+    if state is None:
+        stored = quantized_names(checkpoint.get("state_dict") or {})
+        if stored:
+            raise SerializationError(
+                f"the checkpoint stores quantized layers {stored} but no PostTrainingQuantization state (saved with "
+                "weights_only=True?); load it with the callback in the Trainer, which rebuilds the layers from its "
+                "config: Trainer(callbacks=[PostTrainingQuantization(config)]).test(model, ckpt_path=...)")
+        return False
+    if not state.get("quantized"):
         return False
     layers: dict[str, str] = state["layers"]
     if any(isinstance(m, mq.QuantModule) for m in module.modules()):
