@@ -310,6 +310,21 @@ def test_checkpoint_without_callback_state_is_a_clear_error_and_restores_in_the_
         assert torch.equal(fresh.eval()(x), model.eval()(x))
 
 
+def test_restoring_a_checkpoint_repeats_no_accuracy_warning(tmp_path):
+    every_layer = mq.QuantConfig(mq.Int4(group_size=32), skip=mq.SkipRules.none())
+    with pytest.warns(mq.AccuracyWarning, match="first .* and last .* both INT4"):  # when quantizing: fair
+        model, path = quantized_checkpoint(tmp_path, every_layer)
+    x = torch.randn(5, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mq.AccuracyWarning)  # restoring a checkpoint must not repeat it
+        outside = load_quantized_checkpoint(MLP(), path)
+        fresh = MLP()
+        trainer([PostTrainingQuantization(every_layer)]).test(fresh, loader(classification_data(8)), ckpt_path=path,
+                                                              verbose=False)
+    with torch.no_grad():
+        assert torch.equal(outside.eval()(x), model.eval()(x)) and torch.equal(fresh.eval()(x), model.eval()(x))
+
+
 def test_bad_arguments_are_config_errors():
     with pytest.raises(mq.ConfigError, match="mode"):
         PostTrainingQuantization(INT4, mode="maximize")
