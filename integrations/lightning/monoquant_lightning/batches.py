@@ -58,11 +58,13 @@ def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[f
 
 
 def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list[float],
-                 total: int) -> Iterator[tuple[int, Any]]:
+                 total: int) -> Iterator[Any]:
     """Up to ``total`` batches over all ``loaders`` (split evenly, each capped by its limit), on device.
 
-    Yields ``(dataloader_idx, batch)`` with the batch moved exactly as Lightning's evaluation loop does it
-    (``LightningModule._on_before_batch_transfer`` then ``trainer.strategy.batch_to_device``).
+    Each batch is prepared exactly as Lightning's evaluation loop does it, with its loader's index as
+    ``dataloader_idx``: ``precision_plugin.convert_input``, ``LightningModule._on_before_batch_transfer``
+    (the module's or datamodule's ``on_before_batch_transfer``), then ``trainer.strategy.batch_to_device``
+    (``transfer_batch_to_device`` and ``on_after_batch_transfer``).
     """
     if not loaders:
         return
@@ -76,4 +78,4 @@ def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list
             left -= 1
             batch = trainer.precision_plugin.convert_input(batch)
             batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=idx)
-            yield idx, trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=idx)

@@ -223,8 +223,7 @@ class PostTrainingQuantization(Callback):
         loaders, limits = self._loaders(trainer)
         if not loaders and config_needs_data(self.config):
             raise no_data_error(missing_validation_data(trainer, pl_module) or "the validation dataloaders are empty")
-        compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
-            if self.compare_batches else []
+        compare = list(take_batches(trainer, loaders, limits, self.compare_batches))
         with evaluating(pl_module):
             references = [self._forward(trainer, pl_module, b) for b in compare]
 
@@ -252,7 +251,7 @@ class PostTrainingQuantization(Callback):
                    limits: list[float], report: mq.QuantReport) -> None:
         seen = 0
         with mq.calibrate(pl_module):
-            for _, batch in take_batches(trainer, loaders, limits, self.calibration_batches):
+            for batch in take_batches(trainer, loaders, limits, self.calibration_batches):
                 self._forward(trainer, pl_module, batch)
                 seen += 1
         if seen == 0:
