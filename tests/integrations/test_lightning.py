@@ -264,10 +264,10 @@ def test_checkpoint_restores_identically_with_trainer_and_outside(tmp_path):
         assert torch.equal(loaded.eval()(x), expected)
 
 
-def quantized_checkpoint(tmp_path, config) -> tuple[MLP, str]:
-    """Fit + quantize an MLP, save a checkpoint; returns (model, path)."""
+def quantized_checkpoint(tmp_path, config, callback=PostTrainingQuantization) -> tuple[MLP, str]:
+    """Fit + quantize an MLP with ``callback(config)``, save a checkpoint; returns (model, path)."""
     model = MLP()
-    tr, _ = fit(model, PostTrainingQuantization(config), val=loader(classification_data(16, seed=1)))
+    tr, _ = fit(model, callback(config), val=loader(classification_data(16, seed=1)))
     path = tmp_path / "quantized.ckpt"
     tr.save_checkpoint(path)
     return model, path
@@ -283,6 +283,46 @@ def test_checkpoint_of_a_different_architecture_is_a_clear_error(tmp_path):
 
     with pytest.raises(mq.SerializationError, match=r"quantized layers \['fc2'\]"):
         load_quantized_checkpoint(Other(), path)
+
+
+def test_checkpoint_of_a_callback_subclass_restores_outside_the_trainer(tmp_path):
+    class MyPTQ(PostTrainingQuantization):
+        pass
+
+    model, path = quantized_checkpoint(tmp_path, INT4, MyPTQ)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(load_quantized_checkpoint(MLP(), path).eval()(x), model.eval()(x))
+
+
+def test_checkpoint_without_callback_state_is_a_clear_error_and_restores_in_the_trainer(tmp_path):
+    model = MLP()
+    val = loader(classification_data(16, seed=1))
+    tr, _ = fit(model, PostTrainingQuantization(INT4), val=val)
+    path = tmp_path / "weights.ckpt"
+    tr.save_checkpoint(path, weights_only=True)  # no callback states in the file
+    with pytest.raises(mq.SerializationError, match=r"quantized layers \['fc1', 'fc2'\] but no PostTrainingQuant"):
+        load_quantized_checkpoint(MLP(), path)
+    fresh = MLP()  # what the message suggests
+    trainer([PostTrainingQuantization(INT4)]).test(fresh, val, ckpt_path=path, verbose=False)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_restoring_a_checkpoint_repeats_no_accuracy_warning(tmp_path):
+    every_layer = mq.QuantConfig(mq.Int4(group_size=32), skip=mq.SkipRules.none())
+    with pytest.warns(mq.AccuracyWarning, match="first .* and last .* both INT4"):  # when quantizing: fair
+        model, path = quantized_checkpoint(tmp_path, every_layer)
+    x = torch.randn(5, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mq.AccuracyWarning)  # restoring a checkpoint must not repeat it
+        outside = load_quantized_checkpoint(MLP(), path)
+        fresh = MLP()
+        trainer([PostTrainingQuantization(every_layer)]).test(fresh, loader(classification_data(8)), ckpt_path=path,
+                                                              verbose=False)
+    with torch.no_grad():
+        assert torch.equal(outside.eval()(x), model.eval()(x)) and torch.equal(fresh.eval()(x), model.eval()(x))
 
 
 def test_bad_arguments_are_config_errors():
@@ -333,6 +373,67 @@ def test_calibration_without_validation_data_fails_before_training():
     cb = PostTrainingQuantization(W8A8, calibration_dataloader=loader(classification_data(16, seed=4)))
     fit(model, cb)
     assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
+
+
+def test_no_calibration_data_error_says_why():
+    class NoValidationStep(MLP):
+        validation_step = pl.LightningModule.validation_step
+
+    val = loader(classification_data(16, seed=1))
+    for model, kwargs, why in [(MLP(), {"limit_val_batches": 0}, "limit_val_batches=0"),
+                               (NoValidationStep(), {}, "NoValidationStep defines no validation_step")]:
+        with pytest.raises(mq.CalibrationError, match=why) as info:
+            trainer([PostTrainingQuantization(W8A8)], **kwargs).fit(model, loader(classification_data(32)), val)
+        assert "calibration_dataloader=" in str(info.value) and isinstance(model.fc1, nn.Linear)
+
+    with pytest.raises(mq.CalibrationError, match="calibration_dataloader gave no batch"):
+        fit(MLP(), PostTrainingQuantization(W8A8, calibration_dataloader=[]))
+
+
+class OtherRank(pl.strategies.SingleDeviceStrategy):
+    """A single-process strategy that reports itself as a rank other than zero."""
+
+    @property
+    def is_global_zero(self) -> bool:
+        return False
+
+
+class ClampedMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.nan_to_num(self.fc1(x), nan=0.0, posinf=100.0, neginf=-100.0)
+        return self.head(torch.relu(self.fc2(torch.relu(hidden))))
+
+
+@pytest.mark.parametrize("rank_zero", [True, False])
+def test_calibration_warnings_come_from_rank_zero_only(rank_zero):
+    x, y = classification_data(16, seed=4).tensors
+    x[0, 0] = float("inf")  # fc1's input observer ignores it with a NonFiniteInputWarning
+    cb = PostTrainingQuantization(W8A8, calibration_dataloader=[(x, y)], compare_batches=0, verbose=False)
+    strategy = {} if rank_zero else {"strategy": OtherRank(torch.device("cpu"))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(ClampedMLP(), cb, **strategy)
+    assert [w.category for w in caught if issubclass(w.category, mq.NonFiniteInputWarning)] \
+        == ([mq.NonFiniteInputWarning] if rank_zero else [])
+
+
+def test_calibration_dataloader_given_as_a_list_of_batches_is_one_source_of_whole_batches():
+    x, y = classification_data(16, seed=4).tensors
+    model = MLP()
+    cb = PostTrainingQuantization(W8A8, calibration_dataloader=[(x, y)], compare_batches=1)
+    _, snap = fit(model, cb)
+    # the one batch is fed whole (not split into its tensors' rows): compared once, calibrated once
+    assert model.transfers == [0, 0]
+    assert (cb.report.end_to_end["batches"], cb.report.end_to_end["samples"]) == (1, 16)
+    manual = snap.float_model
+    mq.quantize_(manual, W8A8)
+    with mq.calibrate(manual):
+        manual(x)
+    mq.freeze(manual)
+    got, want = model.state_dict(), manual.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_checkpoint_with_static_activations_restores_identically(tmp_path):

@@ -17,8 +17,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from monoquant.errors import CalibrationError
-
 
 def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
     """``[loader, ...]`` from a single loader, a list/tuple or a dict (insertion order, like Lightning)."""
@@ -31,11 +29,17 @@ def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
     return [loaders]
 
 
-def has_validation_data(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-    """Whether ``fit`` will have validation batches (a loader was given or defined, validation_step exists)."""
-    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+def missing_validation_data(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Why ``fit`` will run no validation batches, in words; ``None`` when it will have some."""
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)  # where fit gets val loaders
     defined = source.is_defined() if source is not None else trainer.val_dataloaders is not None
-    return defined and trainer.limit_val_batches != 0 and is_overridden("validation_step", pl_module)
+    if not defined:
+        return "fit was given no val_dataloaders and the module/datamodule defines no val_dataloader()"
+    if trainer.limit_val_batches == 0:
+        return "the Trainer has limit_val_batches=0"
+    if not is_overridden("validation_step", pl_module):
+        return f"{type(pl_module).__name__} defines no validation_step, so Lightning skips its val_dataloaders"
+    return None
 
 
 def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:
@@ -44,11 +48,8 @@ def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[f
     If validation has not run yet in this ``fit`` (e.g. ``num_sanity_val_steps=0`` and no epoch reached
     ``check_val_every_n_epoch``), the loaders are requested now, as the validation loop would.
     """
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    source = getattr(loop, "_data_source", None)  # where the Trainer gets validation loaders from
-    if trainer.val_dataloaders is None and trainer.limit_val_batches != 0 and source is not None \
-            and source.is_defined():
-        loop.setup_data()
+    if trainer.val_dataloaders is None and missing_validation_data(trainer, trainer.lightning_module) is None:
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
     loaders = flatten_loaders(trainer.val_dataloaders)
     limits = list(trainer.num_val_batches) if loaders else []
     if len(limits) != len(loaders):  # validation never set up: no per-loader limit known
@@ -57,11 +58,13 @@ def validation_loaders(trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[f
 
 
 def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list[float],
-                 total: int) -> Iterator[tuple[int, Any]]:
+                 total: int) -> Iterator[Any]:
     """Up to ``total`` batches over all ``loaders`` (split evenly, each capped by its limit), on device.
 
-    Yields ``(dataloader_idx, batch)`` with the batch moved exactly as Lightning's evaluation loop does it
-    (``LightningModule._on_before_batch_transfer`` then ``trainer.strategy.batch_to_device``).
+    Each batch is prepared exactly as Lightning's evaluation loop does it, with its loader's index as
+    ``dataloader_idx``: ``precision_plugin.convert_input``, ``LightningModule._on_before_batch_transfer``
+    (the module's or datamodule's ``on_before_batch_transfer``), then ``trainer.strategy.batch_to_device``
+    (``transfer_batch_to_device`` and ``on_after_batch_transfer``).
     """
     if not loaders:
         return
@@ -75,10 +78,4 @@ def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list
             left -= 1
             batch = trainer.precision_plugin.convert_input(batch)
             batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=idx)
-            yield idx, trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-
-
-def require_batches(count: int, purpose: str) -> None:
-    if count == 0:
-        raise CalibrationError(f"no batch available for {purpose}: the validation dataloaders are empty or "
-                               "limit_val_batches=0; pass PostTrainingQuantization(..., calibration_dataloader=...)")
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=idx)

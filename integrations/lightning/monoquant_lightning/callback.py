@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,21 +18,18 @@ from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
 from monoquant.kernels import kernel_summary
 
-from .batches import (
-    flatten_loaders,
-    has_validation_data,
-    require_batches,
-    take_batches,
-    validation_loaders,
-)
+from .batches import missing_validation_data, take_batches, validation_loaders
 from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
 from .comparison import OutputComparison
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
 
-NO_DATA = ("PostTrainingQuantization: the config needs calibration data (static activation quantization or "
-           "method='gptq') but the model has no validation data; pass "
-           "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit a val_dataloaders")
+
+def no_data_error(why: str) -> CalibrationError:
+    """The error for a config that needs calibration batches when there are none; ``why`` says why."""
+    return CalibrationError(f"PostTrainingQuantization: the config needs calibration data (static activation "
+                            f"quantization or method='gptq') but {why}; pass "
+                            "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit validation data")
 
 
 def config_needs_data(config: mq.QuantConfig) -> bool:
@@ -75,9 +71,9 @@ class PostTrainingQuantization(Callback):
         config: a :class:`monoquant.QuantConfig` or a bare weight spec (``mq.Int4(group_size=32)``).
         calibration_batches: cap on calibration batches (split evenly over several validation loaders).
         compare_batches: batches used for the float-vs-quantized comparison (0 disables it).
-        calibration_dataloader: use this loader instead of the validation dataloaders (for a module
-            without validation data). It is used as given on every rank: give it a ``DistributedSampler``
-            to shard it under DDP.
+        calibration_dataloader: use this loader (or any iterable of batches, e.g. ``[batch]``) instead of
+            the validation dataloaders (for a module without validation data). It is used as given on every
+            rank: give it a ``DistributedSampler`` to shard it under DDP.
         forward_fn: ``forward_fn(module, batch) -> output``; default: ``module(batch)`` for a tensor,
             ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict.
         monitor, mode, tolerance, on_failure: the accuracy watch described above.
@@ -184,8 +180,9 @@ class PostTrainingQuantization(Callback):
             return
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             return
-        if not has_validation_data(trainer, pl_module):
-            raise CalibrationError(NO_DATA)
+        why = missing_validation_data(trainer, pl_module)
+        if why is not None:
+            raise no_data_error(why)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
@@ -213,9 +210,8 @@ class PostTrainingQuantization(Callback):
 
     # ---- quantization -------------------------------------------------------------------------------
     def _loaders(self, trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:
-        if self.calibration_dataloader is not None:
-            loaders = flatten_loaders(self.calibration_dataloader)
-            return loaders, [math.inf] * len(loaders)
+        if self.calibration_dataloader is not None:  # one iterable of batches (a list of batches is not flattened)
+            return [self.calibration_dataloader], [math.inf]
         return validation_loaders(trainer)
 
     def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -226,27 +222,24 @@ class PostTrainingQuantization(Callback):
         """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
         loaders, limits = self._loaders(trainer)
         if not loaders and config_needs_data(self.config):
-            raise CalibrationError(NO_DATA)
-        compare = [b for _, b in take_batches(trainer, loaders, limits, self.compare_batches)] \
-            if self.compare_batches else []
+            raise no_data_error(missing_validation_data(trainer, pl_module) or "the validation dataloaders are empty")
+        compare = list(take_batches(trainer, loaders, limits, self.compare_batches))
         with evaluating(pl_module):
             references = [self._forward(trainer, pl_module, b) for b in compare]
 
-        quiet = nullcontext() if trainer.is_global_zero else warnings.catch_warnings()
-        with quiet:
-            if not trainer.is_global_zero:
+        with warnings.catch_warnings():
+            if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
                 warnings.simplefilter("ignore")
             report = mq.quantize_(pl_module, self.config, progress=False)
-        if mq.needs_calibration(pl_module):
-            self._calibrate(trainer, pl_module, loaders, limits, report)
-
-        if compare:
-            comparison = OutputComparison(trainer.strategy.root_device)
-            with evaluating(pl_module):
-                for batch, ref in zip(compare, references):
-                    comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
-            report.end_to_end.update(comparison.compute())
-        elif not loaders:
+            if mq.needs_calibration(pl_module):
+                self._calibrate(trainer, pl_module, loaders, limits, report)
+            if compare:
+                comparison = OutputComparison(trainer.strategy.root_device)
+                with evaluating(pl_module):
+                    for batch, ref in zip(compare, references):
+                        comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
+                report.end_to_end.update(comparison.compute())
+        if not loaders:
             report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
 
         self.report = report
@@ -258,10 +251,12 @@ class PostTrainingQuantization(Callback):
                    limits: list[float], report: mq.QuantReport) -> None:
         seen = 0
         with mq.calibrate(pl_module):
-            for _, batch in take_batches(trainer, loaders, limits, self.calibration_batches):
+            for batch in take_batches(trainer, loaders, limits, self.calibration_batches):
                 self._forward(trainer, pl_module, batch)
                 seen += 1
-        require_batches(seen, "calibration")
+        if seen == 0:
+            source = "the validation dataloaders" if self.calibration_dataloader is None else "calibration_dataloader"
+            raise no_data_error(f"{source} gave no batch")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
         rows = {row.name: row for row in report.layers}
         for done in mq.freeze(pl_module):

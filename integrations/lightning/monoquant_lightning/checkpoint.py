@@ -52,7 +52,9 @@ def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSp
         weights = dataclasses.replace(weights, method="rtn")
     only = mq.SkipRules(include=[exact_pattern(n) for n in names])
     cfg = mq.QuantConfig(weights=weights, activations=activations, skip=only, compute_dtype=compute_dtype)
-    report = mq.quantize_(module, cfg, progress=False)
+    # the placeholder weights' measurements mean nothing: no AccuracyWarning about them (they were checked when
+    # the model was quantized)
+    report = mq.quantize_(module, cfg, progress=False, on_failure="ignore")
     return {row.name: row.scheme for row in report.quantized}
 
 
@@ -102,7 +104,15 @@ def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], s
         SerializationError: the checkpoint's layers don't match ``module`` (names or schemes).
     """
     state = find_callback_state(checkpoint, state_key)
-    if state is None or not state.get("quantized"):
+    if state is None:
+        stored = quantized_names(checkpoint.get("state_dict") or {})
+        if stored:
+            raise SerializationError(
+                f"the checkpoint stores quantized layers {stored} but no PostTrainingQuantization state (saved with "
+                "weights_only=True?); load it with the callback in the Trainer, which rebuilds the layers from its "
+                "config: Trainer(callbacks=[PostTrainingQuantization(config)]).test(model, ckpt_path=...)")
+        return False
+    if not state.get("quantized"):
         return False
     layers: dict[str, str] = state["layers"]
     if any(isinstance(m, mq.QuantModule) for m in module.modules()):
@@ -132,8 +142,7 @@ def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], confi
     and dtypes ``config`` gives (the checkpoint was quantized with another config).
     """
     modules = dict(module.named_modules())
-    names = [k[len(prefix):-len(".qweight")] for k in state_dict if k.startswith(prefix) and k.endswith(".qweight")]
-    names = [n for n in names if not isinstance(modules.get(n), mq.QuantModule)]
+    names = [n for n in quantized_names(state_dict, prefix) if not isinstance(modules.get(n), mq.QuantModule)]
     if not names:
         return []
     _check_names(module, names)
@@ -151,10 +160,18 @@ def restore_from_state_dict(module: nn.Module, state_dict: dict[str, Any], confi
     return names
 
 
+def quantized_names(state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names (below ``prefix``) of the layers ``state_dict`` stores quantized, i.e. with a ``qweight``."""
+    return [k[len(prefix):-len(".qweight")] for k in state_dict if k.startswith(prefix) and k.endswith(".qweight")]
+
+
 def find_callback_state(checkpoint: dict[str, Any], state_key: str | None = None) -> dict[str, Any] | None:
-    """The ``PostTrainingQuantization`` state inside a checkpoint (``None`` if there is none)."""
+    """The ``PostTrainingQuantization`` state inside a checkpoint (``None`` if there is none).
+
+    States are recognised by their content, so a subclass of the callback (whose ``state_key`` starts with
+    its own class name) is found too."""
     states = {k: v for k, v in (checkpoint.get("callbacks") or {}).items()
-              if isinstance(k, str) and k.startswith("PostTrainingQuantization")}
+              if isinstance(v, dict) and {"format", "layers", "config"} <= v.keys()}
     if state_key is not None:
         return states.get(state_key)
     if len(states) > 1:
