@@ -577,8 +577,7 @@ def sensitivity(
                              disable=(not progress) if progress is not None else None):
         rules = _only(base, name)
         # static activations and GPTQ need calibration: give them the measurement batches
-        needs_data = cfg.activations is not None or getattr(cfg.weights, "method", "rtn") == "gptq"
-        calib = {"calibration_data": references.batches} if needs_data else {}
+        calib = {"calibration_data": references.batches} if cfg.needs_calibration else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NothingQuantizedWarning)
             report = quantize_(model, QuantConfig(cfg.weights, cfg.activations, rules, cfg.compute_dtype),

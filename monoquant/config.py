@@ -216,6 +216,12 @@ class QuantConfig:
             raise ConfigError(f"compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                               f"got {self.compute_dtype!r}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when quantizing with this config needs calibration data: static activations or GPTQ weights."""
+        acts = self.activations
+        return (acts is not None and not acts.dynamic) or getattr(self.weights, "method", "rtn") == "gptq"
+
 
 def as_config(config: QuantConfig | WeightSpec) -> QuantConfig:
     """Accept a full :class:`QuantConfig` or a bare weight spec (meaning weight-only quantization)."""

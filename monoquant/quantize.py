@@ -227,11 +227,7 @@ def quantize_(
 
     if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
         calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
-        for frozen in calibration.freeze(model):
-            row = rows[frozen.name]
-            row.kernel, row.bytes_after = kernels.kernel_summary(frozen.module), frozen.module.storage_bytes()
-            row.weight_sqnr_db = frozen.weight_sqnr_db if frozen.weight_sqnr_db is not None else row.weight_sqnr_db
-            row.output_sqnr_db = frozen.output_sqnr_db  # GPTQ: exact, from the Hessian; measurement may refine
+        report.record_frozen(calibration.freeze(model))  # GPTQ output SQNR from the Hessian; measuring may refine
 
     if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked
         accuracy.measure_into(report, model, swapped, cfg, references, forward_fn, target_sqnr, progress)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from . import kernels
+
+if TYPE_CHECKING:
+    from .calibration import FrozenLayer
 
 
 class AccuracyWarning(UserWarning):
@@ -88,6 +94,18 @@ class QuantReport:
             if r.name == name:
                 return r
         raise KeyError(name)
+
+    def record_frozen(self, frozen: Iterable[FrozenLayer]) -> None:
+        """Update the rows of layers that :func:`monoquant.freeze` just finished (its return value): kernel and
+        bytes as they are now, and the weight / output SQNR that freeze measured (GPTQ), where it measured one."""
+        rows = {row.name: row for row in self.layers}
+        for done in frozen:
+            row = rows[done.name]
+            row.kernel, row.bytes_after = kernels.kernel_summary(done.module), done.module.storage_bytes()
+            if done.weight_sqnr_db is not None:
+                row.weight_sqnr_db = done.weight_sqnr_db
+            if done.output_sqnr_db is not None:
+                row.output_sqnr_db = done.output_sqnr_db
 
     def warn(self, message: str, category: type[Warning] = AccuracyWarning, stacklevel: int = 3) -> None:
         self.warnings.append(message)

@@ -154,3 +154,11 @@ def test_calibrated_model_saves_and_loads_bit_identically(tmp_path):
     mq.quantize_(pending, cfg)
     with pytest.raises(mq.SerializationError, match="freeze"):
         mq.save(pending, tmp_path / "p.safetensors")
+
+
+def test_config_says_whether_it_needs_calibration_data():
+    assert not mq.QuantConfig(mq.Int4()).needs_calibration
+    assert not mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True)).needs_calibration
+    assert mq.QuantConfig(mq.Int8(), activations=mq.Int8()).needs_calibration
+    assert mq.QuantConfig(mq.Int4(method="gptq")).needs_calibration
+    assert not mq.QuantConfig(mq.Int4(method="mse")).needs_calibration

@@ -16,7 +16,6 @@ from monoquant.accuracy import evaluating
 from monoquant.config import as_config
 from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
-from monoquant.kernels import kernel_summary
 
 from .batches import missing_validation_data, take_batches, validation_loaders
 from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
@@ -30,12 +29,6 @@ def no_data_error(why: str) -> CalibrationError:
     return CalibrationError(f"PostTrainingQuantization: the config needs calibration data (static activation "
                             f"quantization or method='gptq') but {why}; pass "
                             "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit validation data")
-
-
-def config_needs_data(config: mq.QuantConfig) -> bool:
-    """Whether quantizing with ``config`` needs calibration batches (static activations or GPTQ weights)."""
-    acts = config.activations
-    return (acts is not None and not acts.dynamic) or getattr(config.weights, "method", "rtn") == "gptq"
 
 
 class PostTrainingQuantization(Callback):
@@ -176,7 +169,7 @@ class PostTrainingQuantization(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail before training, not after it, when calibration will have no data."""
-        if self.calibration_dataloader is not None or not config_needs_data(self.config):
+        if self.calibration_dataloader is not None or not self.config.needs_calibration:
             return
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             return
@@ -221,7 +214,7 @@ class PostTrainingQuantization(Callback):
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> mq.QuantReport:
         """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
         loaders, limits = self._loaders(trainer)
-        if not loaders and config_needs_data(self.config):
+        if not loaders and self.config.needs_calibration:
             raise no_data_error(missing_validation_data(trainer, pl_module) or "the validation dataloaders are empty")
         compare = list(take_batches(trainer, loaders, limits, self.compare_batches))
         with evaluating(pl_module):
@@ -258,14 +251,7 @@ class PostTrainingQuantization(Callback):
             source = "the validation dataloaders" if self.calibration_dataloader is None else "calibration_dataloader"
             raise no_data_error(f"{source} gave no batch")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
-        rows = {row.name: row for row in report.layers}
-        for done in mq.freeze(pl_module):
-            row = rows[done.name]
-            row.kernel, row.bytes_after = kernel_summary(done.module), done.module.storage_bytes()
-            if done.weight_sqnr_db is not None:
-                row.weight_sqnr_db = done.weight_sqnr_db
-            if done.output_sqnr_db is not None:
-                row.output_sqnr_db = done.output_sqnr_db
+        report.record_frozen(mq.freeze(pl_module))
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, report: mq.QuantReport) -> None:
