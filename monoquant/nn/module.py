@@ -24,6 +24,21 @@ from ..config import Int4, Int8, QuantConfig, WeightSpec, as_config
 from ..errors import ConfigError, NonFiniteWeightError
 from ..observers import Observer, apply_keeping_dtypes
 
+_QUAD_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _quad_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[65536]`` int64: entry ``i`` holds the four 2-byte ``dtype`` values of the INT4 codes packed in the two
+    bytes ``i`` (little-endian: the low byte's low nibble first), as :mod:`monoquant.packing` lays them out."""
+    key = (dtype, device)
+    table = _QUAD_TABLES.get(key)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            i = torch.arange(65536, device=device)
+            codes = torch.stack((i & 0xF, (i >> 4) & 0xF, (i >> 8) & 0xF, i >> 12), dim=-1).to(dtype)
+            table = _QUAD_TABLES[key] = codes.view(torch.int64).reshape(65536)
+    return table
+
 
 class QuantModule(nn.Module):
     """Mixin base of :class:`QuantLinear` and the ``QuantConv`` classes."""
@@ -199,13 +214,21 @@ class QuantModule(nn.Module):
 
         A byte holds two codes (low nibble = even column), so a 256-entry table maps each byte to the pair of
         values it encodes, stored as one 32-bit (bf16/fp16 pair) or 64-bit (fp32 pair) integer; gathering
-        from it writes the interleaved columns directly. Odd ``K`` and float64 take the nibble-by-nibble route.
+        from it writes the interleaved columns directly. For bf16/fp16 with ``K % 4 == 0``, a 65,536-entry
+        table (512 KiB, shared by all layers) maps each *pair* of bytes to four values in one 64-bit integer:
+        half the gathers, measured ~1.7x faster for a 4096x4096 layer. Odd ``K`` and float64 take the
+        nibble-by-nibble route.
         """
         rows, k = out.shape
         pair_int = {2: torch.int32, 4: torch.int64}.get(out.element_size())
         need = 2 * rows * (k + 1)
         if scratch is None or scratch.numel() < need:
             scratch = torch.empty(need, dtype=torch.uint8, device=out.device)
+        if out.element_size() == 2 and k % 4 == 0 and packed.is_contiguous():
+            index = scratch[: packed.numel() * 2].view(torch.int32)  # one index per two bytes
+            index.copy_(packed.reshape(-1).view(torch.int16)).bitwise_and_(0xFFFF)
+            torch.index_select(_quad_table(out.dtype, out.device), 0, index, out=out.view(torch.int64).reshape(-1))
+            return
         if pair_int is not None and k % 2 == 0:
             key = ("int4_pairs", out.dtype)
             table = self._kernel_cache.get(key)
