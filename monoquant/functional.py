@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .errors import ConfigError
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 
 SCALE_EPS = torch.finfo(torch.float32).eps
@@ -133,7 +134,8 @@ def top1_matches(reference: torch.Tensor, approximation: torch.Tensor) -> tuple[
     ``[batch, tokens, vocab]`` -> batch * tokens). Ties resolve to the first maximum in both.
     """
     if reference.shape != approximation.shape:
-        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(approximation.shape)}")
+        raise ConfigError(f"top-1 agreement needs outputs of the same shape, got {tuple(reference.shape)} and "
+                          f"{tuple(approximation.shape)}: compare a model with its own quantized copy")
     agree = reference.argmax(dim=-1) == approximation.argmax(dim=-1)
     return int(agree.sum()), agree.numel()
 

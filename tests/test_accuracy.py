@@ -50,7 +50,7 @@ def test_sqnr_edge_cases():
     assert F.sqnr(x, x) == float("inf")
     assert F.sqnr(torch.zeros(3), torch.ones(3)) == float("-inf")
     assert F.sqnr(torch.ones(4), torch.ones(4) * 1.1) == pytest.approx(20.0)  # noise = 0.1 amplitude -> 20 dB
-    with pytest.raises(ValueError):
+    with pytest.raises(mq.ConfigError):
         F.top1_agreement(torch.zeros(2, 3), torch.zeros(3, 3))
 
 
