@@ -210,6 +210,7 @@ def _spec(args: argparse.Namespace) -> WeightSpec:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _map_large_allocations()
     src, out = Path(args.input), Path(args.output)
     if out.exists() and src.exists() and os.path.samefile(src, out):
         raise ConfigError("OUT must differ from IN (the input is read while the output is written)")
@@ -241,10 +242,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                     writer.write(name, s)
                     after += s.numel() * s.element_size()
                 rows.append((plan.name, "x".join(map(str, t.shape)), plan.quant.scheme(), f"{sqnr:.1f}", before, after))
+                del stored
             del value
             bar.update(before)
     _print_summary(rows, out)
     return 0
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _map_large_allocations() -> None:
+    """In this process, serve allocations of 1 MiB and more with their own pages, returned on free (glibc only).
+
+    glibc otherwise raises its mmap threshold as large blocks are freed and then serves the per-chunk
+    temporaries of quantization from its heaps, which fragment: converting 12 x 64 MiB tensors peaked at
+    120-360 MB resident depending on the run, against a steady ~120 MB (under 2x the largest tensor) with a
+    fixed threshold. Called by ``monoquant quantize`` only; importing monoquant changes nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def _print_summary(rows: list[tuple[str, str, str, str, int, int]], out: Path) -> None:
