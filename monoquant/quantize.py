@@ -139,9 +139,10 @@ def quantize_(
         progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
 
     Layers that need data (static activation quantization, ``method="gptq"``) are calibrated on
-    ``calibration_data`` (up to ``max_batches`` batches, see :func:`monoquant.calibrate_with`) and frozen
-    before any measurement. Without data they wait for ``mq.calibrate`` + ``mq.freeze``
-    (``mq.needs_calibration(model)`` tells).
+    ``calibration_data`` (up to ``max_batches`` batches, see :func:`monoquant.calibrate_with`), their
+    statistics all-reduced when ``torch.distributed`` is initialised (each rank may pass its own shard: every
+    rank then freezes identical qparams), and frozen before any measurement. Without data they wait for
+    ``mq.calibrate`` + ``mq.freeze`` (``mq.needs_calibration(model)`` tells).
 
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
@@ -227,6 +228,7 @@ def quantize_(
 
     if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
         calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
+        calibration.sync_observers(model)  # no-op unless torch.distributed is initialised
         report.record_frozen(calibration.freeze(model))  # GPTQ output SQNR from the Hessian; measuring may refine
 
     if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked

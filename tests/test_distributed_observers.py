@@ -60,8 +60,12 @@ def _worker(rank, world, port, out_dir):
                 model(b)
         assert mq.sync_observers(model) == 4  # 2 layers x (Hessian + histogram)
         mq.freeze(model)
+        one_call = _model()  # quantize_ with this rank's shard syncs before freezing, like the manual flow
+        mq.quantize_(one_call, mq.QuantConfig(**_CFG, skip=mq.SkipRules.none()), calibration_data=_data(rank),
+                     on_failure="ignore")
         torch.save({"observers": {k: o.state_dict() for k, o in observers.items()},
-                    "model": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "model": model.state_dict(), "one_call": one_call.state_dict()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +83,8 @@ def test_two_process_sync_equals_single_process(tmp_path):
     # every rank ends with identical statistics and an identical quantized model
     for key, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][key]), key
+        assert torch.equal(value, ranks[0]["one_call"][key]), key  # quantize_(calibration_data=shard) too
+        assert torch.equal(value, ranks[1]["one_call"][key]), key
     single = _observers()
     _feed(single, _data(0) + _data(1))
     for name, obs in single.items():
