@@ -498,6 +498,33 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
             problems.append(f"layer {row.name!r} ({row.scheme}): output SQNR {row.output_sqnr_db:.1f} dB on "
                             f"calibration data is below {floor:g} dB; keep it at higher precision with "
                             f"SkipRules(exclude=[{row.name!r}])")
+    problems += _end_to_end_problems(report, thresholds, kinds)
+    n = report.calibration_samples
+    if thresholds.min_calibration_samples is not None and n is not None and n < thresholds.min_calibration_samples:
+        problems.append(f"calibration data hold only {n} samples (< {thresholds.min_calibration_samples}); "
+                        "measurements and activation ranges are unreliable: pass more batches")
+    if thresholds.int4_first_and_last and len(order) >= 3 and all(kinds.get(n) == "int4" for n in (order[0],
+                                                                                                     order[-1])):
+        problems.append(f"the first ({order[0]!r}) and last ({order[-1]!r}) layers are both INT4, which usually "
+                        "costs most accuracy; keep one at INT8/float with "
+                        f"SkipRules(exclude=[{order[-1]!r}])")
+    _act(report, problems, on_failure, stacklevel + 1)
+
+
+def check_end_to_end(report: QuantReport, thresholds: Thresholds | Mapping[str, Any] | None = None,
+                     on_failure: str = "warn") -> None:
+    """Check only ``report.end_to_end`` (model-output SQNR, top-1 agreement) against ``thresholds``.
+
+    For code that measures the comparison itself after :func:`monoquant.quantize_` (the Lightning callback);
+    the floor is the one for the lowest-precision weight kind in the report. ``on_failure`` as in
+    :func:`monoquant.quantize_`.
+    """
+    kinds = {row.name: row.scheme.split("-", 1)[0] for row in report.quantized}
+    _act(report, _end_to_end_problems(report, Thresholds.coerce(thresholds), kinds), on_failure, 4)
+
+
+def _end_to_end_problems(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str]) -> list[str]:
+    problems = []
     e2e = report.end_to_end
     main_kind = min((kinds[r.name] for r in report.quantized if r.name in kinds),
                     key=lambda k: {"int4": 0, "int8": 1}.get(k, 2), default=None)
@@ -511,15 +538,11 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
     if thresholds.top1_agreement is not None and top1 is not None and top1 < thresholds.top1_agreement:
         problems.append(f"top-1 agreement with the float model is {top1:.1%}, below "
                         f"{thresholds.top1_agreement:.0%}")
-    n = report.calibration_samples
-    if thresholds.min_calibration_samples is not None and n is not None and n < thresholds.min_calibration_samples:
-        problems.append(f"calibration data hold only {n} samples (< {thresholds.min_calibration_samples}); "
-                        "measurements and activation ranges are unreliable: pass more batches")
-    if thresholds.int4_first_and_last and len(order) >= 3 and all(kinds.get(n) == "int4" for n in (order[0],
-                                                                                                     order[-1])):
-        problems.append(f"the first ({order[0]!r}) and last ({order[-1]!r}) layers are both INT4, which usually "
-                        "costs most accuracy; keep one at INT8/float with "
-                        f"SkipRules(exclude=[{order[-1]!r}])")
+    return problems
+
+
+def _act(report: QuantReport, problems: list[str], on_failure: str, stacklevel: int) -> None:
+    """Record ``problems`` in the report and warn, raise or stay quiet per ``on_failure``."""
     if on_failure == "ignore":
         report.warnings.extend(problems)
         return

@@ -257,3 +257,16 @@ def test_loaders_keyword_batches_and_convs():
     assert [r.module_type for r in report.quantized] == ["Conv2d", "Conv2d", "Linear"]
     assert all(30 < r.output_sqnr_db < 80 for r in report.quantized)
     assert report.warnings == []
+
+
+def test_check_end_to_end_uses_the_lowest_precision_floor_and_on_failure():
+    report = mq.QuantReport([mq.LayerReport("a", "Linear", "int8-sym-channel"),
+                             mq.LayerReport("b", "Linear", "int4-affine-g128")],
+                            end_to_end={"sqnr_db": 15.0, "top1_agreement": 0.99})
+    mq.accuracy.check_end_to_end(report)  # INT4 floor (8 dB) applies: nothing to say
+    assert report.warnings == []
+    with pytest.warns(mq.AccuracyWarning, match="model output SQNR 15.0 dB is below 20 dB"):
+        mq.accuracy.check_end_to_end(report, {"end_to_end_sqnr_db": 20.0})
+    with pytest.raises(mq.AccuracyError, match="top-1 agreement") as err:
+        mq.accuracy.check_end_to_end(report, {"top1_agreement": 0.999}, on_failure="raise")
+    assert err.value.report is report

@@ -469,3 +469,19 @@ def test_validation_loaders_are_fetched_when_validation_never_ran():
     tr, _ = fit(model, cb, val=loader(classification_data(24, seed=1)), check_val_every_n_epoch=10)
     assert "val_acc" not in tr.callback_metrics  # no validation epoch ran during fit
     assert model.transfers == [0, 0] and cb.report.end_to_end["batches"] == 2
+
+
+def test_end_to_end_comparison_below_thresholds_warns_or_raises():
+    val = loader(classification_data(40, seed=1))
+    strict = {"end_to_end_sqnr_db": 100.0}  # no INT4 model reaches 100 dB
+    cb = PostTrainingQuantization(INT4, compare_batches=2, thresholds=strict, verbose=False)
+    with pytest.warns(mq.AccuracyWarning, match="model output SQNR"):
+        fit(MLP(), cb, val=val)
+    assert any("model output SQNR" in w for w in cb.report.warnings)
+    cb = PostTrainingQuantization(INT4, compare_batches=2, thresholds=strict, on_failure="raise", verbose=False)
+    with pytest.raises(mq.AccuracyError, match="model output SQNR") as err:
+        fit(MLP(), cb, val=val)
+    assert err.value.report.end_to_end["sqnr_db"] < 100
+    with warnings.catch_warnings():  # default floors: a healthy INT4 model raises nothing
+        warnings.simplefilter("error", mq.AccuracyWarning)
+        fit(MLP(), PostTrainingQuantization(INT4, compare_batches=2, verbose=False), val=val)

@@ -69,7 +69,10 @@ class PostTrainingQuantization(Callback):
             rank: give it a ``DistributedSampler`` to shard it under DDP.
         forward_fn: ``forward_fn(module, batch) -> output``; default: ``module(batch)`` for a tensor,
             ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict.
-        monitor, mode, tolerance, on_failure: the accuracy watch described above.
+        monitor, mode, tolerance, on_failure: the accuracy watch described above. ``on_failure`` also
+            applies to the end-to-end comparison: a model-output SQNR or top-1 agreement below ``thresholds``
+            warns (or raises) when quantization ends, like ``mq.quantize_(..., calibration_data=...)``.
+        thresholds: :class:`monoquant.Thresholds` or a dict of overrides for that check (default floors).
         verbose: print the report table on rank zero.
 
     After quantization, :attr:`report` holds the :class:`monoquant.QuantReport`. Calling ``fit`` again does
@@ -90,9 +93,11 @@ class PostTrainingQuantization(Callback):
         mode: Literal["max", "min"] = "max",
         tolerance: float = 0.01,
         on_failure: Literal["warn", "raise"] = "warn",
+        thresholds: mq.Thresholds | dict[str, Any] | None = None,
         verbose: bool = True,
     ) -> None:
         self.config = as_config(config)
+        self.thresholds = mq.Thresholds.coerce(thresholds)
         if calibration_batches <= 0:
             raise ConfigError(f"calibration_batches must be positive, got {calibration_batches}")
         if compare_batches < 0:
@@ -232,6 +237,7 @@ class PostTrainingQuantization(Callback):
                     for batch, ref in zip(compare, references):
                         comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
                 report.end_to_end.update(comparison.compute())
+                mq.accuracy.check_end_to_end(report, self.thresholds, self.on_failure)
         if not loaders:
             report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
 
