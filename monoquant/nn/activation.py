@@ -41,6 +41,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("frozen", torch.tensor(False))
+        self._frozen_cache: bool | None = None  # Python copy of `frozen`: forward must not sync with a GPU
 
     def _apply(self, fn, recurse: bool = True):
         return apply_keeping_dtypes(self, fn, recurse)
@@ -52,7 +53,15 @@ class ActivationQuantizer(nn.Module):
     @property
     def ready(self) -> bool:
         """True when inputs can be quantized: dynamic, or static and frozen."""
-        return self.dynamic or bool(self.frozen)
+        if self.dynamic:
+            return True
+        if self._frozen_cache is None:
+            self._frozen_cache = bool(self.frozen)
+        return self._frozen_cache
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._frozen_cache = None  # `frozen` may change: read it again on next use
+        super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def needs_calibration(self) -> bool:
@@ -74,6 +83,7 @@ class ActivationQuantizer(nn.Module):
         self.scale.fill_(float(scale))
         self.zero_point.fill_(int(zero))
         self.frozen.fill_(True)
+        self._frozen_cache = True
         self.observer = None
 
     def check_ready(self) -> None:
@@ -119,5 +129,5 @@ class ActivationQuantizer(nn.Module):
         return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
-        mode = "dynamic per-token" if self.dynamic else ("frozen" if bool(self.frozen) else "calibrating")
+        mode = "dynamic per-token" if self.dynamic else ("frozen" if self.ready else "calibrating")
         return f"{self.qtype}, {mode}"
