@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import functional as F
 from . import kernels
 from .config import Int4, Int8, QuantConfig, WeightSpec, as_config
-from .data import ForwardFn, iter_batches, run_batch
+from .data import ForwardFn, iter_batches, run_batch, tqdm_disable
 from .errors import AccuracyError, ConfigError, ModelError
 from .report import AccuracyWarning, NothingQuantizedWarning, QuantReport
 
@@ -450,7 +450,7 @@ def meet_target(
         return current
     gains: dict[str, float] = {}
     for name, sw in tqdm(swapped.items(), desc="ranking layers", unit="layer",
-                         disable=(not progress) if progress is not None else None):
+                         disable=tqdm_disable(progress)):
         sw.put(sw.float_module)
         gains[name] = measure(model, references, forward_fn)[0].sqnr_db - current.sqnr_db
         sw.put(sw.quant_module)
@@ -597,7 +597,7 @@ def sensitivity(
     base = cfg.skip
     results: list[LayerSensitivity] = []
     for name, module in tqdm(candidates, desc="sensitivity", unit="layer",
-                             disable=(not progress) if progress is not None else None):
+                             disable=tqdm_disable(progress)):
         rules = _only(base, name)
         # static activations and GPTQ need calibration: give them the measurement batches
         calib = {"calibration_data": references.batches} if cfg.needs_calibration else {}

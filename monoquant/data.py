@@ -66,6 +66,11 @@ def run_batch(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None)
     )
 
 
+def tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` option: ``None`` shows a bar only when stderr is a terminal."""
+    return None if progress is None else not progress
+
+
 def iter_batches(
     data: Iterable[Any], max_batches: int | None = DEFAULT_MAX_BATCHES, *, desc: str = "calibrating",
     progress: bool | None = None,
@@ -84,7 +89,7 @@ def iter_batches(
         total = None
     if max_batches is not None:
         total = min(total, max_batches) if total is not None else max_batches
-    disable = (not progress) if progress is not None else None
+    disable = tqdm_disable(progress)
     with tqdm(total=total, desc=desc, unit="batch", disable=disable, leave=False) as bar:
         for batch in itertools.islice(data, max_batches):
             yield batch

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import accuracy, calibration, kernels
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
-from .data import DEFAULT_MAX_BATCHES, ForwardFn
+from .data import DEFAULT_MAX_BATCHES, ForwardFn, tqdm_disable
 from .errors import ConfigError, ModelError, NonFiniteWeightError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
@@ -206,7 +206,7 @@ def quantize_(
     parents = _parents(model)
     done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
     rows = {r.name: r for r in report.layers}
-    for item in tqdm(plan, desc="quantizing", unit="layer", disable=(not progress) if progress is not None else None):
+    for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
         module, qcls = item.module, quant_class_for(item.module)
         q = qcls.from_float(module, cfg, name=item.name, group_size=item.decision.group_size)
         twin = done.get(id(module.weight))
