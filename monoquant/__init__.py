@@ -4,22 +4,26 @@
 >>> report = mq.quantize_(model, mq.Int4(group_size=128))   # doctest: +SKIP
 """
 
-from . import accuracy, functional
-from .accuracy import Comparison, LayerSensitivity, Thresholds, compare, sensitivity
+from . import accuracy, formats, functional
+from ._version import __version__
 from .calibration import calibrate, calibrate_with, freeze, needs_calibration, sync_observers
-from .config import BFloat16, Float16, Int4, Int8, QuantConfig, WeightSpec
+from .compare import Comparison, OutputStats, batch_size, compare, evaluating
+from .config import QuantConfig, as_config
+from .data import run_batch
 from .errors import (
     AccuracyError,
     CalibrationError,
     ConfigError,
     InferenceOnlyError,
+    InputError,
     ModelError,
     MonoQuantError,
     NonFiniteWeightError,
     SerializationError,
 )
+from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec, register_format, spec_from_dict, spec_to_dict
 from .gptq import HessianObserver
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .nn import LAYERS, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, register_layer
 from .observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -31,18 +35,34 @@ from .observers import (
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 from .quantize import dequantize_, quantize_
 from .report import AccuracyWarning, LayerReport, NothingQuantizedWarning, QuantReport
-from .rules import SkipRules
+from .rules import SkipRules, exact_pattern
 from .serialization import load, save
-
-__version__ = "0.1.0"
+from .thresholds import Thresholds, check_end_to_end
+from .tuning import LayerSensitivity, rules_from_sensitivity, sensitivity
 
 __all__ = [
-    "AccuracyError", "AccuracyWarning", "BFloat16", "CalibrationError", "Comparison", "ConfigError", "Float16",
-    "InferenceOnlyError", "Int4", "Int8", "LayerReport", "LayerSensitivity", "MinMaxObserver", "ModelError",
-    "MonoQuantError", "NonFiniteWeightError", "NothingQuantizedWarning", "Observer", "PerChannel", "PerGroup",
-    "PerTensor", "QType", "QuantConfig", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule",
-    "QuantReport", "SerializationError", "SkipRules", "Thresholds", "WeightSpec", "accuracy", "compare",
-    "dequantize_", "functional", "load", "quantize_", "save", "sensitivity",
-    "HessianObserver", "HistogramObserver", "MSEObserver", "MovingAverageMinMaxObserver", "NonFiniteInputWarning",
-    "calibrate", "calibrate_with", "freeze", "needs_calibration", "sync_observers",
+    # quantizing
+    "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config",
+    # weight formats (see monoquant.formats; register_format adds one)
+    "WeightSpec", "Int8", "Int4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
+    "spec_from_dict",
+    # quantized layers (see monoquant.nn; register_layer adds one)
+    "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "LAYERS", "register_layer",
+    # observers and calibration
+    "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "MSEObserver",
+    "HessianObserver", "NonFiniteInputWarning", "calibrate", "calibrate_with", "freeze", "needs_calibration",
+    "sync_observers", "run_batch",
+    # measuring
+    "compare", "Comparison", "OutputStats", "batch_size", "evaluating", "Thresholds", "check_end_to_end",
+    "sensitivity", "LayerSensitivity", "rules_from_sensitivity", "exact_pattern", "QuantReport", "LayerReport",
+    "AccuracyWarning", "NothingQuantizedWarning",
+    # files
+    "save", "load",
+    # qtypes
+    "QType", "PerTensor", "PerChannel", "PerGroup",
+    # errors
+    "MonoQuantError", "ConfigError", "ModelError", "InputError", "NonFiniteWeightError", "CalibrationError",
+    "SerializationError", "AccuracyError", "InferenceOnlyError",
+    # modules
+    "accuracy", "formats", "functional", "__version__",
 ]

@@ -57,7 +57,7 @@ def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, nam
     """Attach the calibration state ``config`` asks for to a freshly swapped ``q``; returns the weight method."""
     spec = config.weights
     method = getattr(spec, "method", "")
-    if config.activations is not None:
+    if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)
     if method == "gptq":
         if not isinstance(q, QuantLinear):
@@ -166,10 +166,12 @@ def sync_observers(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
 def freeze(model: nn.Module) -> list[FrozenLayer]:
     """Turn calibration statistics into fixed qparams (activations) and integer weights (GPTQ), in place.
 
-    Checks every pending layer first: if any saw no data, raises :class:`~monoquant.CalibrationError` naming
-    them all and changes nothing. Then processes the layers one at a time, dropping each one's observers and
-    float weight as soon as it is done (memory stays bounded by the largest layer). Returns one
-    :class:`FrozenLayer` per layer that changed.
+    All or nothing: checks every pending layer first (if any saw no data, raises
+    :class:`~monoquant.CalibrationError` naming them all), then computes every layer's result (GPTQ weights,
+    activation qparams) without changing anything, and only then applies them all; an error while computing
+    (NaN statistics, a singular Hessian, an interrupt) leaves every layer as it was, still calibrating. The
+    computed GPTQ weights are held until then (their quantized size, next to the float weights being replaced).
+    Returns one :class:`FrozenLayer` per layer that changed.
     """
     layers = _pending_layers(model)
     unseen = [name for name, q in layers
@@ -179,17 +181,24 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
     if unseen:
         raise CalibrationError(f"cannot freeze: no calibration data reached {unseen}; run batches that go "
                                "through these layers under `with mq.calibrate(model):` (nothing was changed)")
-    done = []
-    for name, q in layers:
+    results = []
+    for name, q in layers:  # compute: nothing changes yet
         row = FrozenLayer(name, q, getattr(q.spec, "method", ""))
+        stored = act_qparams = None
         if q.gptq is not None:
-            w = q.gptq.weight
             stored, row.output_sqnr_db = q.gptq.quantize(q.spec, q.group_size)
-            q.set_stored(stored)
             with torch.no_grad():
-                row.weight_sqnr_db = F.sqnr(w, q.dequantize_weight(torch.float32))
+                deq = q.spec.dequantize(stored, q.weight2d_shape[1], q.group_size, torch.float32)
+                row.weight_sqnr_db = F.sqnr(q.gptq.weight.reshape(deq.shape), deq)
+        act = q.input_quantizer
+        if act is not None and not act.ready:
+            act_qparams = act.observed_qparams()
+        results.append((row, stored, act_qparams))
+    for row, stored, act_qparams in results:  # apply: plain copies
+        q = row.module
+        if stored is not None:
+            q.set_stored(stored)
             q.gptq = None
-        if q.input_quantizer is not None:
-            q.input_quantizer.freeze()
-        done.append(row)
-    return done
+        if act_qparams is not None:
+            q.input_quantizer.freeze(act_qparams)
+    return [row for row, _, _ in results]

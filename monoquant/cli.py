@@ -153,12 +153,11 @@ def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpe
         return plan
     cls = _QUANT_BY_DIM[len(shape)]
     cols = math.prod(shape[1:])
-    group_size = None
-    if isinstance(spec, Int4):
-        group_size = spec.resolve_group_size(cols)
-        if group_size is None:
-            plan.reason = f"no INT4 group size <= {spec.group_size} divides {cols}"
-            return plan
+    reason = spec.unfit_reason(cols)
+    if reason is not None:
+        plan.reason = reason
+        return plan
+    group_size = spec.resolve_group_size(cols)
     common = dict(group_size=group_size, device="meta", dtype=dtype)
     if cls is QuantLinear:
         q = cls(shape[1], shape[0], has_bias, spec, **common)
@@ -188,7 +187,7 @@ def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], fl
         s, n = F.signal_noise_powers(chunk, approx)
         signal, noise = signal + s, noise + n
         parts.append(stored)
-    tensors = [torch.cat([getattr(p, f) for p in parts]) for f in schemes.StoredWeight._fields
+    tensors = [torch.cat([getattr(p, f) for p in parts]) for f in q.spec.buffer_names()
                if getattr(parts[0], f) is not None]
     return tensors, F.sqnr_from_powers(signal, noise)
 
@@ -314,7 +313,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(prog="monoquant", description="Quantize checkpoints and inspect monoquant files.")
     parser.add_argument("--version", action="version", version=f"monoquant {__version__}")

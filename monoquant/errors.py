@@ -24,6 +24,10 @@ class NonFiniteWeightError(MonoQuantError, ValueError):
     """A weight holds NaN or Inf values; the message names the layer."""
 
 
+class InputError(MonoQuantError, TypeError):
+    """A quantized layer got an input its float twin would refuse too (integer dtype, wrong feature size)."""
+
+
 class InferenceOnlyError(MonoQuantError, RuntimeError):
     """A quantized module was asked for something only float modules can do (e.g. weight gradients)."""
 

@@ -94,7 +94,7 @@ def gptq_quantize(
     *,
     act_order: bool = False,
     damping: float = 0.01,
-) -> schemes.StoredWeight:
+) -> schemes.Stored:
     """GPTQ-quantize a ``[N, K]`` float weight with input Hessian ``[K, K]`` into the spec's stored buffers."""
     n, k = weight2d.shape
     if hessian.shape != (k, k):
@@ -180,7 +180,7 @@ class GPTQState(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         self.hessian(x)
 
-    def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[schemes.StoredWeight, float]:
+    def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[schemes.Stored, float]:
         """Run GPTQ; returns the stored weight and the layer's output SQNR (dB) on the calibration inputs."""
         if not self.hessian.has_seen_data:
             raise CalibrationError(f"layer {self.layer_name!r} uses method='gptq' but saw no calibration data; run "

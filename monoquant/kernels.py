@@ -57,7 +57,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import Int4, Int8
 from .packing import unpack_int4
 
 PACKED_MAX_ROWS = {"int4": 48, "int8": 12}
@@ -112,8 +111,7 @@ def _activation_kernel(module, device: torch.device, rows: int, needs_grad: bool
         return None
     if not act.ready:
         return None if act.calibrating else "uncalibrated"
-    spec = module.spec
-    if isinstance(spec, Int8) and spec.weight_qtype().symmetric:
+    if "w8a8_int_mm" in module.spec.kernels():
         n, k = module.weight2d_shape
         if _HAS["int_mm"] and not needs_grad and int_mm_shape_ok(device, rows, n, k):
             return "w8a8_int_mm"
@@ -131,11 +129,11 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
     special = None if weights_only else _activation_kernel(module, device, rows, needs_grad)
     if special is not None:
         return special
-    spec = module.spec
+    allowed = module.spec.kernels()  # the low-bit kernels the weight format may run in
     forced_fp32 = module.compute_dtype == torch.float32
     n, k = module.weight2d_shape
     lowbit_ok = module.compute_dtype in (None, torch.bfloat16) and not needs_grad  # packed kernels are bf16
-    if lowbit_ok and isinstance(spec, Int4):
+    if lowbit_ok and "int4pack_cpu" in allowed:
         g = module.group_size
         group_ok = g in (32, 64, 128, 256) and k % g == 0
         if (device.type == "cuda" and _HAS["int4pack_cuda"] and group_ok and n % 8 == 0
@@ -144,7 +142,7 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
         if (device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0
                 and rows <= PACKED_MAX_ROWS["int4"]):
             return "int4pack_cpu"
-    if (lowbit_ok and isinstance(spec, Int8) and spec.weight_qtype().symmetric and device.type == "cpu"
+    if (lowbit_ok and "int8pack_cpu" in allowed and device.type == "cpu"
             and _HAS["int8pack"] and k % 16 == 0 and rows <= PACKED_MAX_ROWS["int8"]):
         return "int8pack_cpu"
     if (not forced_fp32 and device.type == "cpu" and cpu_has_fast_bf16()
@@ -154,10 +152,8 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
 
 
 def kernel_summary(module) -> str:
-    """What the report shows as a layer's kernel: the choice for 1 row, and for 4096 rows if it differs
-    (``"int4pack_cpu/dequant_bf16"``); convolutions always dequantize (``"dequant_conv"``)."""
-    if not hasattr(module, "in_features"):
-        return "dequant_conv"
+    """What the report shows as a linear layer's kernel: the choice for 1 row, and for 4096 rows if it differs
+    (``"int4pack_cpu/dequant_bf16"``)."""
     device = module.qweight.device
     small = choose_linear_kernel(module, device, 1, needs_grad=False)
     large = choose_linear_kernel(module, device, 4096, needs_grad=False)
@@ -313,11 +309,11 @@ def _dequant_chunked(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def _output_scale(module, dtype: torch.dtype) -> torch.Tensor | None:
-    """INT8's ``[N, 1]`` (or scalar) scale in ``dtype`` when it is applied to the output, else ``None``."""
-    if not isinstance(module.spec, Int8) or dtype not in (torch.bfloat16, torch.float16):
+    """The format's per-row scale (``[N, 1]`` or scalar) in ``dtype`` when it is cheaper to apply it to the
+    output (half precision), else ``None``."""
+    if dtype not in (torch.bfloat16, torch.float16):
         return None
-    scale, _ = module._kernel_cache.get(("dequant", dtype)) or module._dequant_params(dtype)
-    return scale
+    return module.output_scale(dtype)
 
 
 def _dequant_bf16(module, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""``quantize_`` and ``dequantize_``: swap layers in place, and back."""
+"""``quantize_`` and ``dequantize_``: swap layers in place, and back.
+
+``quantize_`` runs plan -> build -> swap (one transaction) -> calibrate -> freeze -> measure; if anything fails
+after the swap, every original module is put back and the error re-raised, so the model is exactly as before.
+"""
 
 from __future__ import annotations
 
@@ -12,48 +16,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import accuracy, calibration, kernels
-from . import functional as F
+from . import calibration, measure
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, tqdm_disable
 from .errors import ConfigError, ModelError, NonFiniteWeightError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
+from .swap import Swap, restore_encoder_fast_paths
+from .thresholds import ON_FAILURE, Thresholds, check
 
 MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
                        "so no low-bit kernel could run")
-
-
-_SAVED_FAST_PATH_FLAG = "_monoquant_activation_relu_or_gelu"
-
-
-def route_encoder_layers_through_kernels(model: nn.Module) -> None:
-    """Make ``nn.TransformerEncoderLayer``s with quantized ``linear1``/``linear2`` call those layers.
-
-    In eval mode without grad, PyTorch's fused encoder fast path reads ``linear1.weight``/``linear2.weight``
-    instead of calling the layers: a quantized layer would then run as a float weight rebuilt on every call,
-    and its activation quantization would be skipped. The fast path is only taken while the layer's
-    ``activation_relu_or_gelu`` flag is set, so it is cleared on such layers (the flag does nothing else; the
-    activation function itself is unchanged) and its value saved; :func:`dequantize_` restores it.
-    """
-    for layer in model.modules():
-        if (isinstance(layer, nn.TransformerEncoderLayer)
-                and any(isinstance(c, QuantModule) for c in (layer.linear1, layer.linear2))
-                and not hasattr(layer, _SAVED_FAST_PATH_FLAG)):
-            setattr(layer, _SAVED_FAST_PATH_FLAG, layer.activation_relu_or_gelu)
-            layer.activation_relu_or_gelu = 0
-
-
-def _restore_encoder_fast_paths(model: nn.Module) -> None:
-    for layer in model.modules():
-        if isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _SAVED_FAST_PATH_FLAG):
-            layer.activation_relu_or_gelu = getattr(layer, _SAVED_FAST_PATH_FLAG)
-            delattr(layer, _SAVED_FAST_PATH_FLAG)
 
 
 @dataclass
@@ -70,41 +44,19 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """``id(child) -> [(parent, attribute name), ...]`` over every place a module is registered."""
-    where: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is not None and (parent, attr) not in where[id(child)]:
-                where[id(child)].append((parent, attr))
-    return where
-
-
 def _structural_skip(module: nn.Module, weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
-    for owner_name, owner in weight_owners.get(id(module.weight), []):
+    for owner_name, owner in weight_owners.get(id(quant_class_for(module).float_weight(module)), []):
         if quant_class_for(owner) is None:
             return f"weight is tied to {owner_name} ({type(owner).__name__}), which stays float"
     return None
 
 
-def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """Give ``dst`` the very hook dicts of ``src``, so existing handles' ``remove()`` keeps working."""
-    for hooks in _HOOK_DICTS:
-        if hasattr(src, hooks):
-            setattr(dst, hooks, getattr(src, hooks))
-
-
 def _float_bytes(module: nn.Module) -> int:
     tensors = (*module.parameters(recurse=False), *module.buffers(recurse=False))
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
-    with torch.no_grad():
-        return F.sqnr(float_module.weight, q.dequantize_weight(torch.float32))
 
 
 def quantize_(
@@ -116,7 +68,7 @@ def quantize_(
     max_batches: int | None = DEFAULT_MAX_BATCHES,
     target_sqnr: float | None = None,
     on_failure: str = "warn",
-    thresholds: accuracy.Thresholds | Mapping[str, Any] | None = None,
+    thresholds: Thresholds | Mapping[str, Any] | None = None,
     progress: bool | None = None,
 ) -> QuantReport:
     """Replace every eligible ``nn.Linear`` / ``nn.Conv1d/2d/3d`` in ``model`` by its quantized twin, in place.
@@ -125,7 +77,7 @@ def quantize_(
         model: any ``nn.Module``; nested containers, modules used twice and tied weights are handled.
         config: a :class:`QuantConfig`, or a bare weight spec such as ``mq.Int4()`` (weight-only).
         calibration_data: batches (see :mod:`monoquant.data`). When given, the float model's outputs on the
-            first :data:`~monoquant.accuracy.MEASURE_BATCHES` batches are recorded, and after quantization the
+            first :data:`~monoquant.measure.MEASURE_BATCHES` batches are recorded, and after quantization the
             report gets each layer's output SQNR on the same real inputs and the end-to-end output SQNR and
             top-1 agreement. The float layers are kept alive only until that measurement ends.
         forward_fn: ``(model, batch) -> output`` for batches ``model(batch)`` cannot take.
@@ -144,27 +96,92 @@ def quantize_(
     rank then freezes identical qparams), and frozen before any measurement. Without data they wait for
     ``mq.calibrate`` + ``mq.freeze`` (``mq.needs_calibration(model)`` tells).
 
+    All or nothing: every quantized layer is built and validated off the model first; the layers are then
+    swapped in one transaction, and if anything fails afterwards (calibration data that raise or hold NaN, a
+    layer that saw no data, GPTQ, measurement, an interrupt) every original module is put back and the error is
+    re-raised: the model is exactly as before (same module objects, tensors, hooks and flags). The price is
+    memory: the float layers stay alive until the call succeeds, so a model briefly holds its float and its
+    quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128).
+
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
 
     Raises:
         ModelError: ``model`` is not an ``nn.Module``.
+        ConfigError: a bad argument, or a layer that cannot be built (the model is untouched).
         NonFiniteWeightError: a weight holds NaN/Inf (checked for every layer before anything is changed).
-        AccuracyError: ``on_failure="raise"`` and a threshold was crossed (the model stays quantized).
+        CalibrationError: calibration failed (the model is restored).
+        AccuracyError: ``on_failure="raise"`` and a threshold was crossed (the model stays quantized; the
+            report is attached).
     """
     model = _check_model(model)
     cfg = as_config(config)
-    if on_failure not in accuracy.ON_FAILURE:
-        raise ConfigError(f"on_failure must be one of {accuracy.ON_FAILURE}, got {on_failure!r}")
-    limits = accuracy.Thresholds.coerce(thresholds)
+    if on_failure not in ON_FAILURE:
+        raise ConfigError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    limits = Thresholds.coerce(thresholds)
     if target_sqnr is not None and calibration_data is None:
         raise ConfigError("target_sqnr needs calibration_data=... to measure the model output on")
-    data = accuracy.materialize(calibration_data, max_batches)
+    data = measure.materialize(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
+    report, plan = _plan(model, cfg, rules)
+
+    # every layer is built (and calibration state attached) before the model is touched
+    built: list[tuple[_Planned, QuantModule]] = []
+    done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
+    for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
+        qcls = quant_class_for(item.module)
+        try:
+            q = qcls.from_float(item.module, cfg, name=item.name, group_size=item.decision.group_size)
+        except ConfigError as e:
+            raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
+                              f"float with SkipRules(exclude=[{item.name!r}])") from e
+        weight = qcls.float_weight(item.module)
+        twin = done.get(id(weight))
+        if twin is not None and type(twin) is qcls and twin.weight_shape == q.weight_shape:
+            for buf in q.spec.buffer_names():
+                q._buffers[buf] = twin._buffers[buf]
+        done.setdefault(id(weight), q)
+        row = report.row(item.name)
+        row.method = calibration.prepare(q, weight, cfg, item.name)
+        row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
+        row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
+        built.append((item, q))
+    del done
+
+    # the float model's outputs on the first few batches, recorded before anything changes
+    references = measure.record_reference(model, report, data, forward_fn, max_batches)
+
+    with Swap(model) as swap:  # any exception below puts every original module back
+        for item, q in built:
+            swap.replace(item.module, q)
+        swap.route_encoder_layers()
+        if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
+            calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn,
+                                       progress=progress)
+            calibration.sync_observers(model)  # no-op unless torch.distributed is initialised
+            report.record_frozen(calibration.freeze(model))  # GPTQ output SQNR from the Hessian
+        if references is not None:  # measure, and meet target_sqnr if asked
+            swapped = {item.name: measure.Swapped(item.module, q) for item, q in built}
+            measure.measure_into(report, model, swapped, swap, cfg, references, forward_fn, target_sqnr, progress)
+        swap.commit()
+    del built  # the float layers can go now
+
+    report.unmatched_rules = rules.unmatched()
+    if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
+        warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
+                      f"({len(report.layers)} candidates, all skipped); see the report for reasons",
+                      NothingQuantizedWarning, stacklevel=2)
+    kinds = {r.name: _kind_of(r.scheme) for r in report.quantized}
+    order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
+    check(report, limits, kinds, order, on_failure, stacklevel=4)
+    return report
+
+
+def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantReport, list[_Planned]]:
+    """Decide, without changing anything, which layers to quantize; every skip gets a row with its reason."""
     rules.start([(n, m) for n, m in model.named_modules()
                  if quant_class_for(m) is not None and not isinstance(m, QuantModule)])
     report = QuantReport()
-
     weight_owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
     for name, module in model.named_modules():
         w = None if isinstance(module, QuantModule) else getattr(module, "weight", None)  # (would dequantize)
@@ -178,7 +195,8 @@ def quantize_(
                                              reason=f"already quantized ({module.scheme()})",
                                              bytes_before=module.storage_bytes(), bytes_after=module.storage_bytes()))
             continue
-        if quant_class_for(module) is None:
+        qcls = quant_class_for(module)
+        if qcls is None:
             continue
         row = LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module))
         reason = _structural_skip(module, weight_owners)
@@ -187,62 +205,18 @@ def quantize_(
             row.skipped, row.reason = True, decision.reason
             report.layers.append(row)
             continue
-        if module.weight.device.type == "meta":
+        weight = qcls.float_weight(module)
+        if weight.device.type == "meta":
             raise ConfigError(f"layer {name!r} is on the meta device (no weights); nothing was changed. Load real "
                               "weights before quantizing, or use mq.load(model, path) to load a quantized file")
-        if not torch.isfinite(module.weight.detach()).all():
+        if not torch.isfinite(weight.detach()).all():
             raise NonFiniteWeightError(
                 f"layer {name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep the "
                 f"layer float with SkipRules(exclude=[{name!r}])"
             )
         report.layers.append(row)
         plan.append(_Planned(name, module, decision))
-
-    # the float model's outputs on the first few batches, recorded before anything changes
-    references = accuracy.record_reference(model, report, data, forward_fn, max_batches)
-
-    order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
-    swapped: dict[str, accuracy.Swapped] = {}  # float originals, kept only while measuring
-    parents = _parents(model)
-    done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
-    rows = {r.name: r for r in report.layers}
-    for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
-        module, qcls = item.module, quant_class_for(item.module)
-        q = qcls.from_float(module, cfg, name=item.name, group_size=item.decision.group_size)
-        twin = done.get(id(module.weight))
-        if twin is not None and type(twin) is qcls and twin.weight_shape == q.weight_shape:
-            for buf in ("qweight", "scale", "zero_point"):
-                q._buffers[buf] = twin._buffers[buf]
-        done.setdefault(id(module.weight), q)
-        _move_hooks(module, q)
-        for parent, attr in parents[id(module)]:
-            setattr(parent, attr, q)
-        if references is not None:
-            swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
-        row = rows[item.name]
-        row.method = calibration.prepare(q, module.weight, cfg, item.name)
-        row.scheme, row.kernel, row.bytes_after = q.scheme(), kernels.kernel_summary(q), q.storage_bytes()
-        row.weight_sqnr_db = _weight_sqnr(module, q)
-    del plan
-    route_encoder_layers_through_kernels(model)
-
-    if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
-        calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
-        calibration.sync_observers(model)  # no-op unless torch.distributed is initialised
-        report.record_frozen(calibration.freeze(model))  # GPTQ output SQNR from the Hessian; measuring may refine
-
-    if references is not None:  # after swapping (and calibrating): measure, and meet target_sqnr if asked
-        accuracy.measure_into(report, model, swapped, cfg, references, forward_fn, target_sqnr, progress)
-        swapped.clear()  # the float layers can go now
-
-    report.unmatched_rules = rules.unmatched()
-    if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
-        warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
-                      f"({len(report.layers)} candidates, all skipped); see the report for reasons",
-                      NothingQuantizedWarning, stacklevel=2)
-    kinds = {r.name: _kind_of(r.scheme) for r in report.quantized}
-    accuracy.check(report, limits, kinds, order, on_failure, stacklevel=4)
-    return report
+    return report, plan
 
 
 def _kind_of(scheme: str) -> str:
@@ -250,23 +224,21 @@ def _kind_of(scheme: str) -> str:
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every quantized module in ``model`` by a plain float ``nn.Linear``/``nn.Conv*``, in place.
+    """Replace every quantized module in ``model`` by a plain float twin (``nn.Linear``/``nn.Conv*``...), in place.
 
     Hooks, train/eval flags, device and dtype carry over; layers that shared quantized weights (tied
-    Linears) share one float weight ``Parameter`` again. Returns ``model``.
+    Linears) share one float weight ``Parameter`` again. All or nothing, like :func:`quantize_`. Returns ``model``.
     """
     model = _check_model(model)
-    parents = _parents(model)
-    floats: dict[int, nn.Module] = {}
     tied: dict[int, nn.Parameter] = {}  # id(qweight) -> float weight already made from it
-    for _, module in list(model.named_modules()):
-        if isinstance(module, QuantModule) and id(module) not in floats:
-            floats[id(module)] = f = module.to_float()
-            twin = tied.setdefault(id(module.qweight), f.weight)
-            if twin is not f.weight and twin.shape == f.weight.shape:
-                f.weight = twin
-            _move_hooks(module, f)
-            for parent, attr in parents[id(module)]:
-                setattr(parent, attr, f)
-    _restore_encoder_fast_paths(model)
+    with Swap(model) as swap:
+        for _, module in list(model.named_modules()):
+            if isinstance(module, QuantModule) and id(module) not in swap.replaced:
+                f = module.to_float()
+                twin = tied.setdefault(id(module.qweight), f.weight)
+                if twin is not f.weight and twin.shape == f.weight.shape:
+                    f.weight = twin
+                swap.replace(module, f)
+        swap.commit()
+    restore_encoder_fast_paths(model)
     return model

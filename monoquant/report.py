@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import kernels
-
 if TYPE_CHECKING:
     from .calibration import FrozenLayer
 
@@ -101,7 +99,7 @@ class QuantReport:
         rows = {row.name: row for row in self.layers}
         for done in frozen:
             row = rows[done.name]
-            row.kernel, row.bytes_after = kernels.kernel_summary(done.module), done.module.storage_bytes()
+            row.kernel, row.bytes_after = done.module.kernel_summary(), done.module.storage_bytes()
             if done.weight_sqnr_db is not None:
                 row.weight_sqnr_db = done.weight_sqnr_db
             if done.output_sqnr_db is not None:

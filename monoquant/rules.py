@@ -8,6 +8,7 @@ is probably a typo.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Callable, Sequence
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .config import Int4, WeightSpec
 from .errors import ConfigError
+from .formats import WeightSpec
+from .nn import quant_class_for
 
 if TYPE_CHECKING:
-    from .accuracy import LayerSensitivity
+    from .tuning import LayerSensitivity
 
 Pattern = str | re.Pattern
 
@@ -34,6 +36,11 @@ HEAD_NAMES = ("lm_head", "*.lm_head", "head", "*.head", "classifier", "*.classif
 
 HEAD_REASON = "output head (skip_head=True)"
 LAST_LINEAR_HEAD_REASON = "output head: the model's last nn.Linear (skip_head=True; no layer is named like a head)"
+
+
+def exact_pattern(name: str) -> str | re.Pattern:
+    """A skip pattern matching exactly the layer ``name``."""
+    return re.compile("^" + re.escape(name) + "$") if any(c in name for c in "*?[") else name
 
 
 def _matches(pattern: Pattern, name: str) -> bool:
@@ -69,7 +76,7 @@ class SkipRules:
             model's last ``nn.Linear`` (in registration order).
 
     Rules are checked in this order and the first that applies gives the reason: include, exclude, types,
-    predicate, head, size, then shapes the spec cannot handle (see :meth:`Int4.resolve_group_size`).
+    predicate, head, size, then shapes the spec cannot handle (the format's ``unfit_reason``).
     """
 
     include: Sequence[Pattern] = ()
@@ -118,9 +125,15 @@ class SkipRules:
     ) -> SkipRules:
         """Keep float the ``top`` most damaging layers of :func:`monoquant.sensitivity` results and/or those whose
         output SQNR (quantized alone) is below ``min_sqnr_db``, on top of ``base`` (default: :meth:`defaults`)."""
-        from .accuracy import rules_from_sensitivity
-
-        return rules_from_sensitivity(results, min_sqnr_db=min_sqnr_db, top=top, base=base)
+        if min_sqnr_db is None and top is None:
+            raise ConfigError("pass min_sqnr_db=... and/or top=... to say which layers to keep float")
+        ranked = sorted(results, key=lambda r: r.sqnr_db)
+        keep = {r.name for r in ranked[: top or 0]}
+        if min_sqnr_db is not None:
+            keep |= {r.name for r in ranked if r.sqnr_db < min_sqnr_db}
+        base = base if base is not None else cls.defaults()
+        names = [exact_pattern(r.name) for r in ranked if r.name in keep]
+        return dataclasses.replace(base, exclude=[*base.exclude, *names])
 
     def start(self, candidates: Sequence[tuple[str, nn.Module]] | None = None) -> None:
         """Forget which patterns matched; called by ``quantize_`` with every candidate ``(name, layer)``.
@@ -167,17 +180,15 @@ class SkipRules:
                 return Decision(False, self._heads[name])
             if self._heads is None and self._is_head_name(name):
                 return Decision(False, HEAD_REASON)
-        n_weights = module.weight.numel()
+        weight = quant_class_for(module).float_weight(module)  # output channels first
+        n_weights = weight.numel()
         if n_weights < self.min_params:
             return Decision(False, f"too small: {n_weights} weights < min_params={self.min_params}")
-        if isinstance(spec, Int4):
-            cols = module.weight[0].numel()
-            g = spec.resolve_group_size(cols)
-            if g is None:
-                return Decision(False, f"input size {cols} has no INT4 group size <= {spec.group_size} "
-                                       "(>= 32) dividing it; pass Int4(group_size=...) that divides it")
-            return Decision(True, group_size=g)
-        return Decision(True)
+        cols = weight[0].numel()
+        reason = spec.unfit_reason(cols)
+        if reason is not None:
+            return Decision(False, reason)
+        return Decision(True, group_size=spec.resolve_group_size(cols))
 
     def unmatched(self) -> list[str]:
         """Patterns and types that matched no layer in the last run (probably typos)."""

@@ -31,55 +31,37 @@ import torch
 from torch import nn
 
 from . import safetensors_io as stio
-from .config import BFloat16, Float16, Int4, Int8, WeightSpec
 from .data import model_device
-from .errors import SerializationError
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, quant_class_for
-from .quantize import _check_model, _move_hooks, _parents, route_encoder_layers_through_kernels
+from .errors import ConfigError, SerializationError
+from .formats import FORMATS, spec_from_dict, spec_to_dict
+from .nn import QuantModule, layer_class, quant_class_for
+from .nn.registry import LAYERS
+from .quantize import _check_model
+from .swap import Swap
 
 FORMAT = "monoquant"
 FORMAT_VERSION = 1
 """Bumped whenever a file written by this version could be misread by an older one."""
 
-QUANT_CLASSES: dict[str, type[QuantModule]] = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d,
-                                                                          QuantConv3d)}
-SPEC_CLASSES: dict[str, type[WeightSpec]] = {"int8": Int8, "int4": Int4, "float16": Float16, "bfloat16": BFloat16}
-LAYOUTS = {"int8": "int8-rowmajor", "int4": "int4-packed-low-nibble-even-column", "float16": "float16-rowmajor",
-           "bfloat16": "bfloat16-rowmajor"}
-"""Stored weight layout per spec kind (see :mod:`monoquant.schemes` and :mod:`monoquant.packing`)."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "file_metadata", "load", "module_entry", "parse_metadata", "save",
+           "spec_from_dict", "spec_to_dict"]
 
-# ---- header pieces (shared with the CLI) ------------------------------------------------------------------
-def spec_to_dict(spec: WeightSpec) -> dict[str, Any]:
-    """The storage-relevant fields of a weight spec (observers are not stored: they only matter when quantizing)."""
-    fields = {f: getattr(spec, f) for f in getattr(spec, "__dataclass_fields__", {})
-              if spec.__dataclass_fields__[f].compare}
-    return {"kind": spec.kind, **fields}
-
-
-def spec_from_dict(d: Mapping[str, Any]) -> WeightSpec:
-    """Inverse of :func:`spec_to_dict`."""
-    fields = dict(d)
-    kind = fields.pop("kind", None)
-    if kind not in SPEC_CLASSES:
-        raise SerializationError(f"unknown weight spec kind {kind!r} (known: {sorted(SPEC_CLASSES)}); "
-                                 "was the file written by a newer monoquant?")
-    try:
-        return SPEC_CLASSES[kind](**fields)
-    except (TypeError, ValueError) as e:
-        raise SerializationError(f"invalid {kind} spec {dict(d)}: {e}") from e
+_FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _dtype_from(name: str | None) -> torch.dtype | None:
+def _dtype_from(name: object, allowed: tuple[str, ...], where: str) -> torch.dtype | None:
+    """The dtype a header names (``None`` stays ``None``), which must be one of ``allowed``."""
     if name is None:
         return None
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise SerializationError(f"unknown dtype {name!r} in file header")
-    return dtype
+    if name not in allowed:
+        raise SerializationError(f"{where} is {name!r}; it must be one of {list(allowed)} (a corrupt or foreign "
+                                 "header: re-save the model with mq.save)")
+    return getattr(torch, name)
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
@@ -93,7 +75,7 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
         "class": type(q).__name__, "spec": spec_to_dict(q.spec), "scheme": q.scheme(), "group_size": q.group_size,
         "weight_shape": list(q.weight_shape), "bias": q.bias is not None,
         "float_dtype": _dtype_name(q.float_dtype), "compute_dtype": _dtype_name(q.compute_dtype),
-        "layout": LAYOUTS[q.spec.kind],
+        "layout": q.spec.layout,
     }
     if geometry:
         entry["geometry"] = _geometry(q)
@@ -122,13 +104,14 @@ def _attach_activations(name: str, q: QuantModule, entry: Mapping[str, Any]) -> 
         raise SerializationError(f"layer {name!r} quantizes its inputs, which this monoquant version cannot load; "
                                  "upgrade monoquant") from None
     with torch.device("meta"):
-        q.input_quantizer = ActivationQuantizer(spec_from_dict(entry["activations"]), name)
+        q.input_quantizer = ActivationQuantizer(spec_from_dict(entry["activations"], f"layer {name!r} activations"),
+                                                name)
     q.input_quantizer.observer = None  # files hold frozen (or dynamic) quantizers only: see _check_saveable
 
 
 def file_metadata(modules: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
     """The string metadata of a monoquant file."""
-    from . import __version__
+    from ._version import __version__
 
     return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "monoquant_version": __version__,
             "torch_version": torch.__version__, "modules": json.dumps(modules, sort_keys=True),
@@ -202,34 +185,58 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 # ---- load -------------------------------------------------------------------------------------------------
+def _field(entry: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: str, where: str) -> Any:
+    value = entry.get(key)
+    if not ok(value):
+        raise SerializationError(f"{where}: header field {key!r} must be {what}, got {value!r} (a corrupt or foreign "
+                                 "header: re-save the model with mq.save)")
+    return value
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModule:
-    """An empty (meta-device) quantized layer for ``entry``, shaped like the model's layer ``current``."""
-    cls = QUANT_CLASSES.get(entry.get("class"))
+    """An empty (meta-device) quantized layer for ``entry``, shaped like the model's layer ``current``.
+
+    Every header field is validated here, against what it may hold, before anything is built: the layer class by
+    the registry, the spec and layout by the weight format, the rest by type and range."""
+    where = f"layer {name!r}"
+    if not isinstance(entry, Mapping):
+        raise SerializationError(f"{where}: its header entry must be a JSON object, got {entry!r}")
+    cls = layer_class(entry.get("class"))
     if cls is None:
-        raise SerializationError(f"layer {name!r}: unknown class {entry.get('class')!r} in file "
-                                 f"(known: {sorted(QUANT_CLASSES)})")
-    if not isinstance(current, (cls, cls.float_module_type)):
-        raise SerializationError(f"layer {name!r} is {type(current).__name__} in the model but {cls.__name__} in "
+        raise SerializationError(f"{where}: unknown class {entry.get('class')!r} in file (known: {sorted(LAYERS)})")
+    if not isinstance(current, cls) and quant_class_for(current) is not cls:
+        raise SerializationError(f"{where} is {type(current).__name__} in the model but {cls.__name__} in "
                                  "the file: the file was saved from another architecture (if it was written by "
                                  f"`monoquant quantize`, rerun that with --skip '{name}')")
-    spec = spec_from_dict(entry.get("spec", {}))
-    if entry.get("layout") != LAYOUTS[spec.kind]:
-        raise SerializationError(f"layer {name!r}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
+    spec = spec_from_dict(entry.get("spec"), f"{where} spec")
+    if entry.get("layout") != spec.layout:
+        raise SerializationError(f"{where}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
                                  "was the file written by a newer monoquant?")
+    group_size = _field(entry, "group_size", lambda v: v is None or (_is_count(v) and v > 0),
+                        "null or a positive integer", where)
+    shape = _field(entry, "weight_shape", lambda v: isinstance(v, list) and all(_is_count(d) for d in v),
+                   "a list of non-negative integers", where)
+    bias = _field(entry, "bias", lambda v: isinstance(v, bool), "true or false", where)
+    _field(entry, "geometry", lambda v: v is None or isinstance(v, dict), "an object", where)
+    _field(entry, "activations", lambda v: v is None or isinstance(v, dict), "an object", where)
     geometry = entry.get("geometry")
     if geometry is not None and geometry != _geometry(current):
-        raise SerializationError(f"layer {name!r}: the file's layer is {geometry} but the model's is "
+        raise SerializationError(f"{where}: the file's layer is {geometry} but the model's is "
                                  f"{_geometry(current)}: the file was saved from another architecture")
-    common = dict(group_size=entry.get("group_size"), compute_dtype=_dtype_from(entry.get("compute_dtype")),
-                  device="meta", dtype=_dtype_from(entry.get("float_dtype")))
-    bias = bool(entry.get("bias"))
+    common = dict(group_size=group_size, device="meta",
+                  compute_dtype=_dtype_from(entry.get("compute_dtype"), _COMPUTE_DTYPES, f"{where} compute_dtype"),
+                  dtype=_dtype_from(entry.get("float_dtype"), _FLOAT_DTYPES, f"{where} float_dtype"))
     try:
         q = cls(**cls.geometry_of(current), bias=bias, spec=spec, **common)
-    except (ValueError, TypeError) as e:
-        raise SerializationError(f"layer {name!r}: cannot rebuild {cls.__name__} from the file: {e}") from e
-    if list(q.weight_shape) != list(entry.get("weight_shape", [])):
-        raise SerializationError(f"layer {name!r}: weight shape {entry.get('weight_shape')} in the file, "
-                                 f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
+    except (ValueError, TypeError, ConfigError) as e:
+        raise SerializationError(f"{where}: cannot rebuild {cls.__name__} from the file: {e}") from e
+    if list(q.weight_shape) != shape:
+        raise SerializationError(f"{where}: weight shape {shape} in the file, {list(q.weight_shape)} in the model: "
+                                 "the file was saved from another architecture")
     _attach_activations(name, q, entry)
     q.train(current.training)
     return q
@@ -294,33 +301,31 @@ def _file_source(path: str | os.PathLike) -> _Source:
                    lambda device: stio.read_tensors(header, device=device))
 
 
+_WEIGHT_BUFFERS = ("qweight", "scale", "zero_point")
+
+
 def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Module,
                  cls: type[QuantModule]) -> dict[str, Any]:
-    """The header entry of a quantized layer, worked out from its tensors and the model's layer."""
-    shape = current.weight_shape if isinstance(current, QuantModule) else current.weight.shape
+    """The header entry of a quantized layer, worked out from its tensors (each format recognises its own) and the
+    model's layer."""
+    shape = current.weight_shape if isinstance(current, QuantModule) else cls.float_weight(current).shape
     cols = int(torch.Size(shape[1:]).numel())
-    qweight, scale = state[prefix + "qweight"], state.get(prefix + "scale")
-    zero, bias = state.get(prefix + "zero_point"), state.get(prefix + "bias")
-    group_size = None
-    if qweight.dtype in (torch.float16, torch.bfloat16):
-        spec: WeightSpec = Float16() if qweight.dtype == torch.float16 else BFloat16()
-    elif qweight.dtype not in (torch.int8, torch.uint8) or scale is None:
-        raise SerializationError(f"{prefix}qweight is {qweight.dtype}{'' if scale is not None else ' without a scale'}"
-                                 ": not a monoquant quantized weight")
-    elif qweight.dtype == torch.uint8 and scale.dim() == 2:
-        if not scale.shape[1] or cols % scale.shape[1]:
-            raise SerializationError(f"{prefix}scale has shape {list(scale.shape)}, which does not split {cols} "
-                                     "input columns into equal INT4 groups")
-        group_size = cols // scale.shape[1]
-        spec = Int4(group_size=group_size, symmetric=zero is None)
-    else:
-        spec = Int8(symmetric=qweight.dtype == torch.int8, granularity="channel" if scale.dim() else "tensor")
+    names = {n for f in FORMATS.values() for n in f.buffer_names()}
+    buffers = {n: state[prefix + n] for n in names if prefix + n in state}
+    found = [r for f in FORMATS.values() if (r := f.infer(buffers, cols)) is not None]
+    if len(found) != 1:
+        described = {n: f"{t.dtype} {list(t.shape)}" for n, t in buffers.items()}
+        raise SerializationError(f"{prefix}qweight and its buffers {described} are "
+                                 f"{'no' if not found else 'an ambiguous'} monoquant weight format for {cols} input "
+                                 "columns; load the file written by mq.save instead of a bare state dict")
+    spec, group_size = found[0]
+    bias = state.get(prefix + "bias")
     float_dtype = bias.dtype if bias is not None else (
-        current.float_dtype if isinstance(current, QuantModule) else current.weight.dtype)
+        current.float_dtype if isinstance(current, QuantModule) else cls.float_weight(current).dtype)
     compute_dtype = current.compute_dtype if isinstance(current, QuantModule) else None
     return {"class": cls.__name__, "spec": spec_to_dict(spec), "group_size": group_size, "weight_shape": list(shape),
             "bias": bias is not None, "float_dtype": _dtype_name(float_dtype),
-            "compute_dtype": _dtype_name(compute_dtype), "layout": LAYOUTS[spec.kind]}
+            "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout}
 
 
 def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
@@ -400,20 +405,35 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         if isinstance(t, nn.Parameter):
             ties.setdefault(id(t), []).append(key)
 
-    parents = _parents(model)
-    for key, q in swaps.items():
-        current = currents[key]
-        _move_hooks(current, q)
-        for parent, attr in parents[id(current)]:
-            setattr(parent, attr, q)
-    model.load_state_dict(state, strict=True, assign=True)
-    route_encoder_layers_through_kernels(model)
+    with Swap(model) as swap:  # a failure while loading tensors puts the original layers back
+        for key, q in swaps.items():
+            swap.replace(currents[key], q)
+        originals = _loaded_state(model)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except BaseException:
+            _put_back(model, originals)
+            raise
+        swap.route_encoder_layers()
+        swap.commit()
     for keys in ties.values():
         first_mod, first_attr = _owner(model, keys[0])
         for key in keys[1:]:
             mod, attr = _owner(model, key)
             mod._parameters[attr] = first_mod._parameters[first_attr]
     return model
+
+
+def _loaded_state(model: nn.Module) -> list[tuple[dict, str, Any]]:
+    """Every parameter/buffer slot of ``model`` with its current value, for :func:`_put_back`."""
+    return [(m._parameters if n in m._parameters else m._buffers, n, t)
+            for m in model.modules() for n, t in (*m._parameters.items(), *m._buffers.items())]
+
+
+def _put_back(model: nn.Module, originals: list[tuple[dict, str, Any]]) -> None:
+    """Undo a partial ``load_state_dict(assign=True)``: every slot gets its original tensor object again."""
+    for slots, name, tensor in originals:
+        slots[name] = tensor
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:

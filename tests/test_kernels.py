@@ -183,7 +183,6 @@ def test_dequantize_into_any_shape(n, groups, group, sym, start, chunk_rows):
 def test_int4_unpack_tables_cover_every_byte_pair(dtype):
     """The 2-byte (bf16/fp16) and 1-byte (fp32) lookup tables give exactly the codes packing.py defines."""
     packed = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8).reshape(256, 512)
-    q = mq.QuantLinear(1024, 256, spec=mq.Int4(group_size=128))
     out = torch.empty(256, 1024, dtype=dtype)
-    q._unpack_int4_into(out, packed, None)
+    mq.packing.unpack_int4_into(out, packed)
     assert torch.equal(out, mq.packing.unpack_int4(packed, 1024).to(dtype))

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..config import Int8
 from ..errors import CalibrationError, ConfigError
+from ..formats import Int8
 from ..observers import apply_keeping_dtypes
 from ..qtypes import PerChannel, PerTensor
 
@@ -72,14 +72,18 @@ class ActivationQuantizer(nn.Module):
         if self.observer is not None and not self.ready:
             self.observer(x)
 
-    def freeze(self) -> None:
-        """Fix ``scale``/``zero_point`` from the observer and drop it. Raises if it saw no data."""
-        if self.ready:
-            return
+    def observed_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(scale, zero_point)`` the observer's statistics give, changing nothing. Raises if it saw no data."""
         if not self.observer.has_seen_data:
             raise CalibrationError(f"layer {self.layer_name!r}: its input observer saw no data; run calibration "
                                    "batches that reach this layer before mq.freeze(model)")
-        scale, zero = self.observer.calculate_qparams()
+        return self.observer.calculate_qparams()
+
+    def freeze(self, qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fix ``scale``/``zero_point`` (``qparams``, default :meth:`observed_qparams`) and drop the observer."""
+        if self.ready:
+            return
+        scale, zero = qparams if qparams is not None else self.observed_qparams()
         self.scale.fill_(float(scale))
         self.zero_point.fill_(int(zero))
         self.frozen.fill_(True)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
-from ..config import Int8, WeightSpec
+from ..formats import Int8, WeightSpec
 from .module import QuantModule
+from .registry import register_layer
 
 
 class _QuantConvNd(QuantModule):
@@ -23,6 +24,7 @@ class _QuantConvNd(QuantModule):
                 "padding_mode")
     _dims: int
     _conv = staticmethod(F.conv2d)
+    kernel_family = "conv"
 
     def __init__(
         self,
@@ -64,7 +66,11 @@ class _QuantConvNd(QuantModule):
                 pads[2 * i + 1] = total - total // 2
         return pads
 
+    def kernel_summary(self) -> str:
+        return "dequant_conv"  # PyTorch has no low-bit convolution kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, self.in_channels, dim=-(self._dims + 1))
         dtype = self.compute_dtype or x.dtype
         self.last_kernel = "dequant_conv"
         weight = self.dequantize_weight(dtype)
@@ -97,6 +103,7 @@ class _QuantConvNd(QuantModule):
         return s + super().extra_repr()
 
 
+@register_layer
 class QuantConv1d(_QuantConvNd):
     """Quantized ``nn.Conv1d``."""
 
@@ -105,6 +112,7 @@ class QuantConv1d(_QuantConvNd):
     _conv = staticmethod(F.conv1d)
 
 
+@register_layer
 class QuantConv2d(_QuantConvNd):
     """Quantized ``nn.Conv2d``."""
 
@@ -113,6 +121,7 @@ class QuantConv2d(_QuantConvNd):
     _conv = staticmethod(F.conv2d)
 
 
+@register_layer
 class QuantConv3d(_QuantConvNd):
     """Quantized ``nn.Conv3d``."""
 

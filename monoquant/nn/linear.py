@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import Int8, WeightSpec
+from ..formats import Int8, WeightSpec
 from .module import QuantModule
+from .registry import register_layer
 
 
+@register_layer
 class QuantLinear(QuantModule):
     """``y = x W^T + b`` with ``W`` stored quantized; see :mod:`monoquant.kernels` for how it is computed.
 
@@ -21,6 +23,7 @@ class QuantLinear(QuantModule):
 
     float_module_type = nn.Linear
     GEOMETRY = ("in_features", "out_features")
+    kernel_family = "linear"
 
     def __init__(
         self,
@@ -41,7 +44,11 @@ class QuantLinear(QuantModule):
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, self.in_features)
         return kernels.linear(self, x)
+
+    def kernel_summary(self) -> str:
+        return kernels.kernel_summary(self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + \

@@ -1,7 +1,7 @@
 """``QuantModule``: what every quantized layer shares.
 
 A quantized layer holds its weight as buffers (``qweight``, ``scale``, ``zero_point``; see
-:mod:`monoquant.schemes` for dtypes and shapes) plus a float ``bias`` buffer, so ``.to()``,
+:mod:`monoquant.formats` for dtypes and shapes) plus a float ``bias`` buffer, so ``.to()``,
 ``state_dict()``, ``copy.deepcopy`` and ``torch.save`` work with no extra code. No float copy of the
 weight is kept: :meth:`dequantize_weight` rebuilds it on demand (the ``weight`` property does the same for
 code that reads ``layer.weight`` directly, such as PyTorch's fused transformer fast path).
@@ -14,38 +14,40 @@ fine-tune.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .. import schemes
-from ..config import Int4, Int8, QuantConfig, WeightSpec, as_config
-from ..errors import ConfigError, NonFiniteWeightError
+from ..config import QuantConfig, as_config
+from ..errors import ConfigError, InputError, NonFiniteWeightError
+from ..formats import Int8, Stored, WeightSpec
 from ..observers import Observer, apply_keeping_dtypes
 
-_QUAD_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _quad_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[65536]`` int64: entry ``i`` holds the four 2-byte ``dtype`` values of the INT4 codes packed in the two
-    bytes ``i`` (little-endian: the low byte's low nibble first), as :mod:`monoquant.packing` lays them out."""
-    key = (dtype, device)
-    table = _QUAD_TABLES.get(key)
-    if table is None:
-        with torch.inference_mode(False), torch.no_grad():
-            i = torch.arange(65536, device=device)
-            codes = torch.stack((i & 0xF, (i >> 4) & 0xF, (i >> 8) & 0xF, i >> 12), dim=-1).to(dtype)
-            table = _QUAD_TABLES[key] = codes.view(torch.int64).reshape(65536)
-    return table
+_OPTIONAL_BUFFERS = ("scale", "zero_point")
+"""Buffers every layer has as attributes (``None`` where its format does not use them)."""
 
 
 class QuantModule(nn.Module):
-    """Mixin base of :class:`QuantLinear` and the ``QuantConv`` classes."""
+    """Base of every quantized layer class (:class:`QuantLinear`, the ``QuantConv`` classes, ...).
 
-    float_module_type: type[nn.Module]
-    GEOMETRY: tuple[str, ...]
+    A subclass declares what it replaces and how, and registers itself with
+    :func:`~monoquant.nn.registry.register_layer`:
+
+    * ``float_module_type`` (or ``float_module_path``, a dotted class path for libraries monoquant does not
+      import) and ``GEOMETRY``, the constructor arguments it shares with the float type besides ``bias``;
+    * ``quantizes_inputs``: whether an activation spec applies to its inputs (not for embeddings, whose
+      inputs are indices);
+    * ``kernel_family``: how its forward is computed (``"linear"``, ``"conv"``, ``"embedding"``), shown by
+      :meth:`kernel_summary`.
+    """
+
+    float_module_type: ClassVar[type[nn.Module] | None] = None
+    float_module_path: ClassVar[str | None] = None
+    GEOMETRY: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments shared with the float module type, besides ``bias``."""
+    quantizes_inputs: ClassVar[bool] = True
+    kernel_family: ClassVar[str] = "linear"
     spec: WeightSpec
     group_size: int | None
     compute_dtype: torch.dtype | None
@@ -66,16 +68,7 @@ class QuantModule(nn.Module):
             raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
         self.spec = spec
         self.weight_shape = torch.Size(weight_shape)
-        n, k = self.weight2d_shape
-        if isinstance(spec, Int4):
-            group_size = group_size or spec.resolve_group_size(k)
-            if group_size is None or k % group_size:
-                raise ConfigError(
-                    f"no INT4 group size fits an input size of {k} (asked for {spec.group_size}; see "
-                    "Int4.resolve_group_size); pass Int4(group_size=...) that divides it, or use Int8()"
-                )
-        else:
-            group_size = None
+        group_size = self._resolve_group_size(spec, self.weight2d_shape[1], group_size)
         self.group_size = group_size
         self.compute_dtype = compute_dtype
         self.float_dtype = dtype or torch.get_default_dtype()
@@ -85,9 +78,28 @@ class QuantModule(nn.Module):
         # activations; a GPTQState while a method="gptq" weight waits for mq.freeze
         self.input_quantizer: nn.Module | None = None
         self.gptq: nn.Module | None = None
-        for name, tensor in self._empty_buffers(device).items():
-            self.register_buffer(name, tensor)
+        n, k = self.weight2d_shape
+        buffers = spec.empty_buffers(n, k, group_size, device)
+        names = spec.buffer_names()
+        for name in (*names, *(b for b in _OPTIONAL_BUFFERS if b not in names)):
+            self.register_buffer(name, getattr(buffers, name, None))
         self.register_buffer("bias", torch.zeros(n, device=device, dtype=self.float_dtype) if bias else None)
+
+    @staticmethod
+    def _resolve_group_size(spec: WeightSpec, k: int, group_size: int | None) -> int | None:
+        """The group size rows of ``k`` weights use in ``spec`` (``None`` for formats without groups)."""
+        natural, reason = spec.resolve_group_size(k), spec.unfit_reason(k)
+        if natural is None and reason is None:
+            return None
+        if group_size is None:
+            if reason is not None:
+                raise ConfigError(f"no {spec.kind.upper()} group size fits an input size of {k} (asked for "
+                                  f"{spec.describe()}): {reason}, or use Int8()")
+            return natural
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+            raise ConfigError(f"group_size={group_size!r} must be a positive integer dividing the input size {k} "
+                              f"(try {natural or 'Int8()'})")
+        return group_size
 
     # ---- shapes -------------------------------------------------------------------------------------
     @property
@@ -95,27 +107,10 @@ class QuantModule(nn.Module):
         """``(N, K)``: output channels and the flattened input size each one sees."""
         return self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel())
 
-    def _empty_buffers(self, device: Any) -> dict[str, torch.Tensor | None]:
-        n, k = self.weight2d_shape
-        spec = self.spec
-        if spec.kind in ("float16", "bfloat16"):
-            return {"qweight": torch.empty(n, k, dtype=spec.storage_dtype, device=device),
-                    "scale": None, "zero_point": None}
-        symmetric = spec.weight_qtype().symmetric
-        if isinstance(spec, Int4):
-            qshape, qdtype, pshape = (n, (k + 1) // 2), torch.uint8, (n, k // self.group_size)
-        else:
-            qshape, qdtype = (n, k), (torch.int8 if symmetric else torch.uint8)
-            pshape = (n,) if spec.granularity == "channel" else ()
-        return {
-            "qweight": torch.empty(qshape, dtype=qdtype, device=device),
-            "scale": torch.ones(pshape, dtype=schemes.SCALE_DTYPE, device=device),
-            "zero_point": None if symmetric else torch.zeros(pshape, dtype=torch.uint8, device=device),
-        }
-
     @property
-    def stored(self) -> schemes.StoredWeight:
-        return schemes.StoredWeight(self.qweight, self.scale, self.zero_point)
+    def stored(self) -> Stored:
+        """The stored weight buffers (the format's ``stored_type``, as :meth:`WeightSpec.quantize` returns them)."""
+        return self.spec.stored_type(*(getattr(self, name) for name in self.spec.buffer_names()))
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -123,7 +118,7 @@ class QuantModule(nn.Module):
         if not isinstance(module, cls.float_module_type):
             raise ConfigError(f"{cls.__name__}.from_float expects {cls.float_module_type.__name__}, "
                               f"got {type(module).__name__}")
-        weight = module.weight
+        weight = cls.float_weight(module)
         if weight.device.type == "meta":
             raise ConfigError(f"layer {name or '<module>'} is on the meta device: load real weights before "
                               "quantizing, or use mq.load(model, path) to load a quantized file")
@@ -133,20 +128,23 @@ class QuantModule(nn.Module):
                 "with SkipRules(exclude=[...])"
             )
 
+    @classmethod
+    def float_weight(cls, module: nn.Module) -> torch.Tensor:
+        """The float weight of ``module`` laid out as ``weight_shape`` (output channels first)."""
+        return module.weight
+
     def _load_float_weight(self, weight: torch.Tensor, observer: Observer | None = None) -> None:
         """Quantize a float weight of shape ``weight_shape`` into this module's buffers."""
-        stored = schemes.quantize_weight(self.spec, weight.detach().reshape(self.weight2d_shape[0], -1),
-                                         self.group_size, observer)
+        stored = self.spec.quantize(weight.detach().reshape(self.weight2d_shape[0], -1), self.group_size, observer)
         self.set_stored(stored)
 
-    def set_stored(self, stored: schemes.StoredWeight) -> None:
+    def set_stored(self, stored: Stored) -> None:
         """Replace the stored buffers (same shapes and dtypes) and drop kernel caches."""
         with torch.no_grad():
-            self.qweight.copy_(stored.qweight)
-            if self.scale is not None:
-                self.scale.copy_(stored.scale)
-            if self.zero_point is not None:
-                self.zero_point.copy_(stored.zero_point)
+            for name in self.spec.buffer_names():
+                buf = getattr(self, name)
+                if buf is not None:
+                    buf.copy_(getattr(stored, name))
         self._kernel_cache.clear()
 
     @staticmethod
@@ -162,108 +160,37 @@ class QuantModule(nn.Module):
         ``flat=True`` returns the ``[N, K]`` view; ``rows`` selects output rows (used by chunked kernels).
         """
         dtype = dtype or self.float_dtype
-        if rows is None and dtype in (torch.float32, torch.float64):
-            w = schemes.dequantize_weight(self.spec, self.stored, self.weight2d_shape[1], self.group_size, dtype)
-        else:
-            w = self._dequantize_fast(dtype, rows or slice(None))
-        return w if flat else w.reshape(-1, *self.weight_shape[1:])
-
-    def _dequantize_fast(self, dtype: torch.dtype, rows: slice) -> torch.Tensor:
-        """Dequantize output ``rows`` straight into a new ``dtype`` tensor (see :meth:`dequantize_into`)."""
+        rows = rows or slice(None)
         n_rows = len(range(*rows.indices(self.weight2d_shape[0])))
         out = torch.empty(n_rows, self.weight2d_shape[1], dtype=dtype, device=self.qweight.device)
-        return self.dequantize_into(out, rows.start or 0)
+        w = self.dequantize_into(out, rows.start or 0)
+        return w if flat else w.reshape(-1, *self.weight_shape[1:])
 
     def dequantize_into(self, out: torch.Tensor, row_start: int = 0, scratch: torch.Tensor | None = None,
                         *, scaled: bool = True) -> torch.Tensor:
         """Write output rows ``row_start : row_start + len(out)`` of the ``[N, K]`` weight into ``out``.
 
         ``out`` is a contiguous float tensor of shape ``[rows, K]``; ``scratch`` (optional, uint8, at least
-        ``2 * rows * (K + 1)`` bytes) is reused for INT4 unpacking. Computed as ``(q - zero) * scale`` in
-        ``out.dtype`` with no temporary the size of the weight, in cheap passes: widen the codes (INT4: one
-        table lookup per byte that writes both nibbles' values at once), subtract the zero-point, multiply
-        by the scale. This measured several times faster than unpacking then one ``addcmul`` on integer
-        codes (``benchmarks/bench_linear.py``). In bf16 the result is the exact value rounded once, since
-        ``q - zero`` is an integer of at most 8 bits.
-
-        ``scaled=False`` (INT8 only, whose scale is per output row) leaves out the multiplication by the
-        scale, so a caller can apply it to the matmul's output instead: ``x @ ((q - z) s)^T = (x @ (q - z)^T) s``
-        with ``rows`` times fewer multiplications.
+        ``2 * rows * (K + 1)`` bytes) is reused for unpacking. The format's one dequantization
+        (:meth:`WeightSpec.dequantize_into`) does the work, with its parameters cached per dtype.
+        ``scaled=False`` leaves out a per-row scale the caller applies to the matmul output instead
+        (:meth:`output_scale`): ``x @ ((q - z) s)^T = (x @ (q - z)^T) s`` with ``rows`` times fewer multiplications.
         """
-        sl = slice(row_start, row_start + out.shape[0])
-        if self.spec.kind in ("float16", "bfloat16"):
-            return out.copy_(self.qweight[sl])
-        scale, zero = self._kernel_cache.get(("dequant", out.dtype)) or self._dequant_params(out.dtype)
-        k = self.weight2d_shape[1]
-        if isinstance(self.spec, Int4):
-            self._unpack_int4_into(out, self.qweight[sl], scratch)
-            view = out.view(out.shape[0], k // self.group_size, self.group_size)
-        else:
-            out.copy_(self.qweight[sl])
-            view = out
-        if scale.dim():
-            scale, zero = scale[sl], (zero[sl] if zero is not None and zero.dim() else zero)
-        if zero is not None:
-            view.sub_(zero)
-        if scaled or isinstance(self.spec, Int4):
-            view.mul_(scale)
-        return out
+        return self.spec.dequantize_into(out, self.stored, row_start, self.dequant_params(out.dtype),
+                                         self.group_size, scratch, scaled=scaled)
 
-    def _unpack_int4_into(self, out: torch.Tensor, packed: torch.Tensor, scratch: torch.Tensor | None) -> None:
-        """INT4 codes of ``packed`` (``[rows, ceil(K/2)]``) as ``out.dtype`` values in ``out`` (``[rows, K]``).
-
-        A byte holds two codes (low nibble = even column), so a 256-entry table maps each byte to the pair of
-        values it encodes, stored as one 32-bit (bf16/fp16 pair) or 64-bit (fp32 pair) integer; gathering
-        from it writes the interleaved columns directly. For bf16/fp16 with ``K % 4 == 0``, a 65,536-entry
-        table (512 KiB, shared by all layers) maps each *pair* of bytes to four values in one 64-bit integer:
-        half the gathers, measured ~1.7x faster for a 4096x4096 layer. Odd ``K`` and float64 take the
-        nibble-by-nibble route.
-        """
-        rows, k = out.shape
-        pair_int = {2: torch.int32, 4: torch.int64}.get(out.element_size())
-        need = 2 * rows * (k + 1)
-        if scratch is None or scratch.numel() < need:
-            scratch = torch.empty(need, dtype=torch.uint8, device=out.device)
-        if out.element_size() == 2 and k % 4 == 0 and packed.is_contiguous():
-            index = scratch[: packed.numel() * 2].view(torch.int32)  # one index per two bytes
-            index.copy_(packed.reshape(-1).view(torch.int16)).bitwise_and_(0xFFFF)
-            torch.index_select(_quad_table(out.dtype, out.device), 0, index, out=out.view(torch.int64).reshape(-1))
-            return
-        if pair_int is not None and k % 2 == 0:
-            key = ("int4_pairs", out.dtype)
-            table = self._kernel_cache.get(key)
-            if table is None:
-                byte = torch.arange(256, device=out.device)
-                pairs = torch.stack((byte & 0xF, byte >> 4), dim=-1).to(out.dtype)  # [256, 2]
-                table = self._kernel_cache[key] = pairs.view(pair_int).reshape(256)
-            index = scratch[: 4 * packed.numel()].view(torch.int32)
-            index.copy_(packed.reshape(-1))
-            torch.index_select(table, 0, index, out=out.view(pair_int).reshape(-1))
-            return
-        pairs = scratch[: packed.numel() * 2].view(rows, packed.shape[1], 2)
-        torch.bitwise_and(packed, 0xF, out=pairs[..., 0])
-        torch.bitwise_right_shift(packed, 4, out=pairs[..., 1])
-        out.copy_(pairs.view(rows, -1)[:, :k])
-
-    def _dequant_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(scale, zero_point)`` in ``dtype``, shaped to broadcast against the weight, cached per dtype.
-
-        The zero-point is ``None`` when there is none to subtract (symmetric INT8), decided from the spec so
-        that the forward pass never reads a value back from the device to find out."""
-        with torch.inference_mode(False), torch.no_grad():
-            scale = self.scale.float()
-            if self.zero_point is not None:
-                zero = self.zero_point.float()
-            elif isinstance(self.spec, Int4):
-                zero = torch.full((), float(schemes.INT4_SYMMETRIC_OFFSET))
-            else:
-                zero = None
-            if scale.dim():
-                scale = scale.unsqueeze(-1)
-                zero = zero.unsqueeze(-1) if zero is not None and zero.dim() else zero
-            params = (scale.to(dtype), None if zero is None else zero.to(dtype=dtype, device=scale.device))
-        self._kernel_cache[("dequant", dtype)] = params
+    def dequant_params(self, dtype: torch.dtype) -> tuple:
+        """The format's dequantization parameters in ``dtype``, computed once per dtype and cached."""
+        params = self._kernel_cache.get(("dequant", dtype))
+        if params is None:
+            with torch.inference_mode(False), torch.no_grad():
+                params = self._kernel_cache[("dequant", dtype)] = self.spec.dequant_params(self.stored, dtype)
         return params
+
+    def output_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The per-output-row scale (``[N, 1]`` or scalar) in ``dtype`` that ``dequantize_into(..., scaled=False)``
+        leaves out, or ``None`` when the format has none."""
+        return self.spec.output_scale(self.dequant_params(dtype))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -298,21 +225,26 @@ class QuantModule(nn.Module):
         """
         cls._check_float(module, name)
         spec, compute_dtype = cls._spec_of(config or Int8())
-        q = cls(**cls.geometry_of(module), bias=module.bias is not None, spec=spec, group_size=group_size,
-                compute_dtype=compute_dtype, device=module.weight.device, dtype=module.weight.dtype)
-        q._load_float_weight(module.weight, observer)
-        if module.bias is not None:
+        weight = cls.float_weight(module)
+        q = cls(**cls.geometry_of(module), bias=getattr(module, "bias", None) is not None, spec=spec,
+                group_size=group_size, compute_dtype=compute_dtype, device=weight.device, dtype=weight.dtype)
+        q._load_float_weight(weight, observer)
+        if getattr(module, "bias", None) is not None:
             q.bias.data.copy_(module.bias.detach())
         q.train(module.training)
         return q
 
+    def make_float(self) -> nn.Module:
+        """An empty float module of this layer's float type and geometry, on its device and float dtype."""
+        return self.float_module_type(**self.geometry_of(self), bias=self.bias is not None,
+                                      device=self.qweight.device, dtype=self.float_dtype)
+
     def to_float(self) -> nn.Module:
-        """A plain float module (``nn.Linear``/``nn.Conv*``) with the weight this layer computes with: the
+        """A plain float module (``nn.Linear``/``nn.Conv*``...) with the weight this layer computes with: the
         dequantized one, or the float one while a ``method="gptq"`` weight waits for :func:`monoquant.freeze`."""
-        module = self.float_module_type(**self.geometry_of(self), bias=self.bias is not None,
-                                        device=self.qweight.device, dtype=self.float_dtype)
+        module = self.make_float()
         with torch.no_grad():
-            module.weight.copy_(self.weight)
+            type(self).float_weight(module).copy_(self.weight)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
         module.train(self.training)
@@ -346,7 +278,24 @@ class QuantModule(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=True) if id(b) not in skip)
 
     def scheme(self) -> str:
+        """Short description of the stored format (``"int4-affine-g128"``)."""
         return self.spec.describe(self.group_size)
+
+    def kernel_summary(self) -> str:
+        """What the report shows as this layer's kernel (layer classes with a kernel table refine it)."""
+        return self.last_kernel or self.kernel_family
+
+    def check_input(self, x: object, features: int | None, dim: int = -1) -> None:
+        """Refuse an input a float layer would refuse too, before any kernel reads it: not a floating-point
+        tensor (integer inputs would be truncated silently by the low-bit kernels), or ``features`` (when given)
+        not matching its size along ``dim``."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"{type(self).__name__} ({self.scheme()}) got a {what} input; quantized layers compute "
+                             "in floating point like their float twins: convert the input, e.g. x.float()")
+        if features is not None and (x.dim() == 0 or x.shape[dim] != features):
+            raise InputError(f"{type(self).__name__} expects inputs with {features} features along dim {dim}, "
+                             f"got shape {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

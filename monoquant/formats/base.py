@@ -1,0 +1,236 @@
+"""What a weight format is: the :class:`WeightSpec` protocol every format implements, and the format registry.
+
+A *format* owns everything about how a weight is stored: its buffers (names, dtypes, shapes), how a float weight
+is quantized into them and dequantized back (one implementation, chunk-capable), what a file header stores about
+it (and how that is validated on load), how it is recognised from a bare state dict, its default accuracy floors
+and which low-bit kernels may run it. Everything else in monoquant asks the format instead of checking types.
+
+A format is a frozen dataclass (hashable, comparable, safe to share between layers) registered by its ``kind``::
+
+    @register_format
+    @dataclass(frozen=True)
+    class MyFormat(WeightSpec):
+        kind: ClassVar[str] = "myformat"
+        ...
+
+The registered formats are listed in :data:`FORMATS`; ``formats/int8.py``, ``int4.py``, ``nf4.py`` and ``half.py``
+are the built-in ones. An ``observer`` given to a spec is a *prototype*: each layer gets its own deep copy (or a
+fresh instance when a factory callable is given).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+
+from ..errors import ConfigError, SerializationError
+
+if TYPE_CHECKING:
+    from ..observers import Observer
+
+class StoredWeight(NamedTuple):
+    """A quantized weight's buffers (the integer and half formats'); ``None`` for a buffer the spec does not use."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+
+Stored = tuple
+"""A format's stored weight: a ``NamedTuple`` of its buffers (:class:`StoredWeight` or the format's own
+``stored_type``), whose field names are the layer's buffer names."""
+
+SCALE_DTYPE = torch.float32
+"""Stored dtype of every scale (exact enough that dequantized weights equal a float64 reference quantizer, and
+cheap: 4 bytes per 128 weights at INT4-g128)."""
+
+FORMATS: dict[str, type[WeightSpec]] = {}
+"""Registered weight formats by ``kind`` (the name stored in file headers)."""
+
+
+def register_format(cls: type[WeightSpec]) -> type[WeightSpec]:
+    """Class decorator: make ``cls`` known by its ``kind`` to ``quantize_``, ``load``, the CLI and the report."""
+    kind = getattr(cls, "kind", "")
+    if not kind or not isinstance(kind, str):
+        raise ConfigError(f"{cls.__name__} needs a class attribute kind = '<name>' to be registered")
+    if kind in FORMATS and FORMATS[kind] is not cls:
+        raise ConfigError(f"weight format {kind!r} is already registered by {FORMATS[kind].__name__}")
+    FORMATS[kind] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Base class of all weight formats (see the module docstring). Subclasses set the class attributes and
+    implement :meth:`empty_buffers`, :meth:`quantize`, :meth:`dequantize_into` and :meth:`infer`."""
+
+    kind: ClassVar[str] = ""
+    """Registry name, stored in file headers (``"int8"``, ``"int4"``, ``"nf4"``, ``"float16"``...)."""
+    layout: ClassVar[str] = ""
+    """Name of the stored layout, written to and checked in file headers."""
+    bits: ClassVar[int] = 16
+    """Bits per stored weight (orders formats from lowest to highest precision in reports)."""
+    stored_type: ClassVar[type[tuple]] = StoredWeight
+    """The ``NamedTuple`` of stored buffers; its fields are the buffers a layer of this format registers."""
+    thresholds: ClassVar[Mapping[str, float]] = {}
+    """Default accuracy floors in dB: ``weight_sqnr_db``, ``output_sqnr_db`` and ``end_to_end_sqnr_db``."""
+
+    def __post_init__(self) -> None:
+        if not type(self).kind:
+            raise ConfigError(f"{type(self).__name__} is the base class of weight formats and stores nothing; use "
+                              "a format such as mq.Int8(), mq.Int4(group_size=128), mq.NF4() or mq.Float16()")
+
+    # ---- naming --------------------------------------------------------------------------------------------
+    def describe(self, group_size: int | None = None) -> str:
+        """Short scheme name shown in reports (``"int4-affine-g128"``)."""
+        return self.kind
+
+    @classmethod
+    def buffer_names(cls) -> tuple[str, ...]:
+        """Names of the buffers a layer of this format holds (unused ones are ``None``)."""
+        return cls.stored_type._fields
+
+    # ---- shapes ----------------------------------------------------------------------------------------------
+    def resolve_group_size(self, cols: int) -> int | None:
+        """The group size used for rows of ``cols`` weights; ``None`` for formats without groups."""
+        return None
+
+    def unfit_reason(self, cols: int) -> str | None:
+        """Why rows of ``cols`` weights cannot be stored in this format (``None``: they can)."""
+        return None
+
+    def empty_buffers(self, n: int, k: int, group_size: int | None, device: Any = None) -> Stored:
+        """Buffers (right shapes and dtypes, unspecified values) for an ``[n, k]`` weight."""
+        raise NotImplementedError
+
+    # ---- conversions -----------------------------------------------------------------------------------------
+    def make_observer(self) -> Observer:
+        """A fresh weight observer: a copy of the ``observer`` prototype, or the format's default."""
+        from ..observers import MinMaxObserver, MSEObserver
+
+        proto = getattr(self, "observer", None)
+        if proto is None:
+            return MSEObserver() if getattr(self, "method", "rtn") == "mse" else MinMaxObserver()
+        if isinstance(proto, torch.nn.Module):
+            return copy.deepcopy(proto)
+        if callable(proto):
+            return proto()
+        raise ConfigError(f"observer must be an Observer instance or a factory, got {type(proto).__name__}")
+
+    def quantize(self, weight2d: torch.Tensor, group_size: int | None = None,
+                 observer: Observer | None = None) -> Stored:
+        """Round-to-nearest quantization of a float ``[N, K]`` weight into its stored buffers."""
+        raise NotImplementedError
+
+    def dequant_params(self, stored: Stored, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """Per-row parameters :meth:`dequantize_into` needs, in ``dtype`` (layers cache them per dtype)."""
+        return ()
+
+    def dequantize_into(self, out: torch.Tensor, stored: Stored, row_start: int, params: tuple,
+                        group_size: int | None, scratch: torch.Tensor | None = None, *,
+                        scaled: bool = True) -> torch.Tensor:
+        """Write rows ``row_start : row_start + len(out)`` of the float ``[N, K]`` weight into ``out``.
+
+        The one dequantization of the format: whole weights, chunks of rows and every dtype go through it.
+        ``params`` comes from :meth:`dequant_params` for ``out.dtype``; ``scratch`` is an optional reusable
+        uint8 buffer; ``scaled=False`` may leave out a per-row scale (see :meth:`output_scale`)."""
+        raise NotImplementedError
+
+    def output_scale(self, params: tuple) -> torch.Tensor | None:
+        """A per-output-row scale a caller may apply to the matmul output instead of the weight
+        (``dequantize_into(..., scaled=False)``), or ``None`` when the format has none."""
+        return None
+
+    def dequantize(self, stored: Stored, cols: int, group_size: int | None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float ``[N, K]`` weight in ``dtype`` (float64 gives the exact stored values)."""
+        qweight = stored.qweight
+        out = torch.empty(qweight.shape[0], cols, dtype=dtype, device=qweight.device)
+        return self.dequantize_into(out, stored, 0, self.dequant_params(stored, dtype), group_size)
+
+    # ---- kernels and GPTQ ------------------------------------------------------------------------------------
+    def kernels(self) -> tuple[str, ...]:
+        """Low-bit kernels (see :mod:`monoquant.kernels`) that may run this format, besides dequantize + GEMM."""
+        return ()
+
+    @property
+    def supports_gptq(self) -> bool:
+        """Whether ``method="gptq"`` can produce this format (needs :meth:`quantize_columns`)."""
+        return False
+
+    # ---- files -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The storage-relevant fields, as a file header stores them (observers are not stored)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+        return {"kind": self.kind, **fields}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "file header") -> WeightSpec:
+        """Inverse of :meth:`to_dict`, validating every field (``SerializationError`` names the bad one)."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.compare}
+        values = {k: v for k, v in d.items() if k != "kind"}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise SerializationError(f"{where}: {cls.kind} spec has unknown field(s) {unknown}; was the file "
+                                     "written by a newer monoquant?")
+        for name, value in values.items():
+            default = fields[name].default
+            if default is not dataclasses.MISSING and default is not None and not _same_type(value, default):
+                raise SerializationError(f"{where}: {cls.kind} spec field {name!r} must be a "
+                                         f"{type(default).__name__}, got {value!r}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError, ConfigError) as e:
+            raise SerializationError(f"{where}: invalid {cls.kind} spec {dict(d)}: {e}") from e
+
+    @classmethod
+    def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:
+        """``(spec, group_size)`` when a layer's state-dict ``buffers`` are this format's, else ``None``."""
+        return None
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))
+
+
+def format_class(kind: object, where: str = "file header") -> type[WeightSpec]:
+    """The registered format class for ``kind`` (``SerializationError`` when there is none)."""
+    cls = FORMATS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise SerializationError(f"{where}: unknown weight spec kind {kind!r} (known: {sorted(FORMATS)}); was the "
+                                 "file written by a newer monoquant?")
+    return cls
+
+
+def spec_to_dict(spec: WeightSpec) -> dict[str, Any]:
+    """The header form of ``spec`` (see :meth:`WeightSpec.to_dict`)."""
+    return spec.to_dict()
+
+
+def spec_from_dict(d: object, where: str = "file header") -> WeightSpec:
+    """Rebuild a spec from its header form, validated by its format (``SerializationError`` otherwise)."""
+    if not isinstance(d, Mapping):
+        raise SerializationError(f"{where}: a weight spec must be a JSON object, got {d!r}")
+    return format_class(d.get("kind"), where).from_dict(d, where)
+
+
+def check_method(method: str, observer: object = None, act_order: bool = False, damping: float = 0.01) -> None:
+    """Validate the quantization method options shared by the integer formats."""
+    methods = ("rtn", "mse", "gptq")
+    if method not in methods:
+        raise ConfigError(f"method must be one of {methods}, got {method!r}")
+    if method == "mse" and observer is not None:
+        raise ConfigError("method='mse' picks the MSEObserver; pass either method='mse' or observer=..., not both")
+    if act_order and method != "gptq":
+        raise ConfigError("act_order=True only applies to method='gptq'")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+        raise ConfigError(f"damping must be a positive fraction of the Hessian's mean diagonal, got {damping}")

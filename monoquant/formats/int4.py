@@ -1,0 +1,121 @@
+"""INT4 weights: group-wise scales along the input dimension, two codes packed per byte (see
+:mod:`monoquant.packing`), affine by default (uint8 zero-point per group) or symmetric (codes stored as ``q + 8``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..packing import INT4_CODES, pack_int4, unpack_int4_into
+from ..qtypes import PerChannel, PerGroup, PerTensor, QType
+from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, check_method, register_format
+from .integer import IntegerFormat
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+"""Group sizes the packed INT4 kernels accept, largest first."""
+
+
+def resolve_group_size(group_size: int, cols: int) -> int | None:
+    """The group size for rows of ``cols`` weights when ``group_size`` was asked for: ``group_size`` if it divides
+    them; one group per row if the row is no longer; else the largest of ``group_size/2, /4, ...`` (down to 32)
+    that divides the row; else ``None``."""
+    if cols % group_size == 0:
+        return group_size
+    if cols <= group_size:
+        return cols
+    g = group_size // 2
+    while g >= 32:
+        if cols % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+@register_format
+@dataclass(frozen=True)
+class Int4(IntegerFormat):
+    """4-bit weights, group-wise along the input dimension, packed two per byte, affine by default.
+
+    ``group_size`` must be positive. When a layer's input size is not a multiple of it, the group is chosen
+    by :meth:`resolve_group_size`: one group per row if the row is no longer than ``group_size``; else the
+    largest of ``group_size/2, group_size/4, ...`` (down to 32) that divides the row; else the layer is
+    skipped and reported.
+
+    ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
+    """
+
+    kind: ClassVar[str] = "int4"
+    layout: ClassVar[str] = "int4-packed-low-nibble-even-column"
+    bits: ClassVar[int] = 4
+    thresholds: ClassVar[Mapping[str, float]] = {"weight_sqnr_db": 12.0, "output_sqnr_db": 10.0,
+                                                 "end_to_end_sqnr_db": 8.0}
+    symmetric_offset: ClassVar[int] = 8
+
+    group_size: int = 128
+    symmetric: bool = False
+    observer: Any = field(default=None, compare=False)
+    method: str = "rtn"
+    act_order: bool = False
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        PerGroup(self.group_size)  # validates
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
+        check_method(self.method, self.observer, self.act_order, self.damping)
+
+    def weight_qtype(self) -> QType:
+        return QType(4, symmetric=self.symmetric)
+
+    def weight_granularity(self, group_size: int | None = None) -> PerTensor | PerChannel | PerGroup:
+        if group_size is None:
+            raise ConfigError("an Int4 weight needs a resolved group size")
+        return PerGroup(group_size)
+
+    def resolve_group_size(self, cols: int) -> int | None:
+        """The group size used for rows of length ``cols``, or ``None`` if no acceptable group exists."""
+        return resolve_group_size(self.group_size, cols)
+
+    def unfit_reason(self, cols: int) -> str | None:
+        if self.resolve_group_size(cols) is None:
+            return (f"input size {cols} has no INT4 group size <= {self.group_size} (>= 32) dividing it; "
+                    "pass Int4(group_size=...) that divides it")
+        return None
+
+    def describe(self, group_size: int | None = None) -> str:
+        return f"int4-{'sym' if self.symmetric else 'affine'}-g{group_size or self.group_size}"
+
+    def empty_buffers(self, n: int, k: int, group_size: int | None, device: Any = None) -> Stored:
+        pshape = (n, k // group_size)
+        return StoredWeight(torch.empty(n, (k + 1) // 2, dtype=torch.uint8, device=device),
+                            torch.ones(pshape, dtype=SCALE_DTYPE, device=device),
+                            None if self.symmetric else torch.zeros(pshape, dtype=torch.uint8, device=device))
+
+    def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Stored:
+        if self.symmetric:
+            return StoredWeight(pack_int4(codes + self.symmetric_offset), scale.to(SCALE_DTYPE), None)
+        return StoredWeight(pack_int4(codes), scale.to(SCALE_DTYPE), zero_point.to(torch.uint8))
+
+    def widen_into(self, out: torch.Tensor, qweight_rows: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        unpack_int4_into(out, qweight_rows, INT4_CODES, scratch)
+
+    def group_rows_view(self, out: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        return out.view(out.shape[0], out.shape[1] // group_size, group_size)
+
+    def kernels(self) -> tuple[str, ...]:
+        return ("int4pack_cuda", "int4pack_cpu")
+
+    @classmethod
+    def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:
+        q, scale, zero = buffers.get("qweight"), buffers.get("scale"), buffers.get("zero_point")
+        if (set(buffers) - {"qweight", "scale", "zero_point"} or q is None or scale is None or q.dim() != 2
+                or q.dtype != torch.uint8 or q.shape[1] != (cols + 1) // 2 or scale.dim() != 2):
+            return None
+        if not scale.shape[1] or cols % scale.shape[1]:
+            return None
+        group_size = cols // scale.shape[1]
+        return cls(group_size=group_size, symmetric=zero is None), group_size

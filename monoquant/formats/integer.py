@@ -1,0 +1,119 @@
+"""What the integer formats (:class:`~monoquant.Int8`, :class:`~monoquant.Int4`) share: qparams chosen by an
+observer, codes ``round(w / scale) + zero_point`` clamped to the qtype's range, and ``(q - zero_point) * scale``
+back. Subclasses say how codes are stored (:meth:`IntegerFormat.encode`) and widened (:meth:`widen_into`).
+
+Stored buffers of a weight whose 2-D view is ``[N, K]`` (conv kernels are viewed as
+``[out_channels, in_channels/groups * prod(kernel)]``):
+
+============  ==========================================  ===================  ======================
+spec          ``qweight``                                 ``scale`` (float32)  ``zero_point``
+============  ==========================================  ===================  ======================
+Int8 sym      int8 ``[N, K]``                             ``[N]`` or ``[]``    none
+Int8 affine   uint8 ``[N, K]``                            ``[N]`` or ``[]``    uint8, same as scale
+Int4 affine   uint8 ``[N, ceil(K/2)]`` (see packing.py)   ``[N, K/g]``         uint8 ``[N, K/g]``
+Int4 sym      same, codes offset by +8                    ``[N, K/g]``         none (implicitly 8)
+============  ==========================================  ===================  ======================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .. import functional as F
+from ..qtypes import PerChannel, PerGroup, PerTensor, QType
+from .base import SCALE_DTYPE, Stored, WeightSpec
+
+if TYPE_CHECKING:
+    from ..observers import Observer
+
+
+class IntegerFormat(WeightSpec):
+    """Shared behaviour of integer formats with a scale and an optional zero-point per qparam slot."""
+
+    symmetric_offset: ClassVar[int] = 0
+    """Added to signed codes before storing them unsigned (INT4 stores symmetric codes as ``q + 8``)."""
+
+    def weight_qtype(self) -> QType:
+        raise NotImplementedError
+
+    def weight_granularity(self, group_size: int | None) -> PerTensor | PerChannel | PerGroup:
+        raise NotImplementedError
+
+    @property
+    def supports_gptq(self) -> bool:
+        return True
+
+    # ---- float -> stored -------------------------------------------------------------------------------------
+    def qparams(self, weight2d: torch.Tensor, group_size: int | None,
+                observer: Observer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float64, rounded to the stored dtype) and zero-point of a weight, chosen by ``observer``."""
+        observer = observer if observer is not None else self.make_observer()
+        observer.configure(self.weight_qtype(), self.weight_granularity(group_size))
+        observer(weight2d)
+        scale, zero = observer.calculate_qparams()
+        # round the scale to its stored dtype first, so codes are computed with the scale that is stored
+        return scale.to(SCALE_DTYPE).double(), zero
+
+    def quantize_columns(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                         granularity: PerTensor | PerChannel | PerGroup) -> torch.Tensor:
+        """Integer codes (int64) of ``w`` with qparams already expanded to broadcast against it (used by GPTQ)."""
+        return F.quantize(w, scale, zero, self.weight_qtype())
+
+    def quantize(self, weight2d: torch.Tensor, group_size: int | None = None,
+                 observer: Observer | None = None) -> Stored:
+        scale, zero = self.qparams(weight2d, group_size, observer)
+        granularity = self.weight_granularity(group_size)
+        view = F.group_view(weight2d.detach(), granularity)
+        codes = F.quantize(view, F.expand_qparam(scale, granularity), F.expand_qparam(zero, granularity),
+                           self.weight_qtype())
+        return self.encode(codes.reshape(weight2d.shape[0], -1), scale, zero)
+
+    def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Stored:
+        """Store integer ``codes`` (int64 in the qtype's range, ``[N, K]``) with their qparams."""
+        raise NotImplementedError
+
+    # ---- stored -> float -------------------------------------------------------------------------------------
+    def widen_into(self, out: torch.Tensor, qweight_rows: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        """Write the codes of ``qweight_rows`` as ``out.dtype`` values into ``out`` (``[rows, K]``)."""
+        out.copy_(qweight_rows)
+
+    def dequant_params(self, stored: Stored, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scale, zero_point)`` in ``dtype``, shaped to broadcast against the weight's group view.
+
+        The zero-point is ``None`` when there is none to subtract, decided from the spec (never by reading a
+        value back from the device)."""
+        scale, zero_point = stored.scale.float(), stored.zero_point
+        if zero_point is not None:
+            zero = zero_point.float()
+        elif self.symmetric_offset:
+            zero = torch.full((), float(self.symmetric_offset), device=scale.device)
+        else:
+            zero = None
+        if scale.dim():
+            scale = scale.unsqueeze(-1)
+            zero = zero.unsqueeze(-1) if zero is not None and zero.dim() else zero
+        return scale.to(dtype), None if zero is None else zero.to(dtype)
+
+    def group_rows_view(self, out: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        """``out`` (``[rows, K]``) viewed so that the per-row parameters broadcast against it."""
+        return out
+
+    def dequantize_into(self, out: torch.Tensor, stored: Stored, row_start: int, params: tuple,
+                        group_size: int | None, scratch: torch.Tensor | None = None, *,
+                        scaled: bool = True) -> torch.Tensor:
+        """``(q - zero) * scale`` in ``out.dtype`` with no temporary the size of the weight, in cheap passes:
+        widen the codes, subtract the zero-point, multiply by the scale. In bf16 the result is the exact value
+        rounded once, since ``q - zero`` is an integer of at most 8 bits."""
+        sl = slice(row_start, row_start + out.shape[0])
+        scale, zero = params
+        self.widen_into(out, stored.qweight[sl], scratch)
+        view = self.group_rows_view(out, group_size)
+        if scale.dim():
+            scale, zero = scale[sl], (zero[sl] if zero is not None and zero.dim() else zero)
+        if zero is not None:
+            view.sub_(zero)
+        if scaled or self.output_scale(params) is None:
+            view.mul_(scale)
+        return out

@@ -1,0 +1,195 @@
+"""Measuring inside :func:`~monoquant.quantize_`: the float reference recorded before the swap, each quantized
+layer's output SQNR and the end-to-end comparison after it, and the ``target_sqnr`` search that keeps the most
+damaging layers at higher precision. Everything here works through the caller's :class:`~monoquant.swap.Swap`, so
+a failure rolls back with the rest of ``quantize_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import functional as F
+from .compare import Comparison, Reference, batch_size, measure, record_outputs
+from .config import QuantConfig
+from .data import ForwardFn, iter_batches, tqdm_disable
+from .errors import ConfigError
+from .formats import Int8
+from .nn import QuantModule, quant_class_for
+from .report import QuantReport
+from .swap import Swap
+
+MEASURE_BATCHES = 8
+"""Batches of ``calibration_data`` that ``quantize_`` uses to measure output SQNR (the first ones)."""
+
+
+@dataclass
+class Swapped:
+    """A layer ``quantize_`` replaced: the float original (kept only until measurement ends) and the module now in
+    its place (its quantized twin, or another one the target search chose)."""
+
+    float_module: nn.Module
+    quant_module: nn.Module
+
+    def put(self, swap: Swap, module: nn.Module) -> None:
+        """Register ``module`` wherever the layer currently in the model is (journaled in ``swap``)."""
+        current = swap.replaced.get(id(self.float_module), self.float_module)
+        if module is not current:
+            swap.replace(current, module)
+            swap.replaced[id(self.float_module)] = module
+
+
+def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
+    """SQNR (dB) of ``q``'s dequantized weight against its float twin's."""
+    with torch.no_grad():
+        return F.sqnr(type(q).float_weight(float_module), q.dequantize_weight(torch.float32))
+
+
+def materialize(data: Iterable[Any] | None, max_batches: int | None) -> Iterable[Any] | None:
+    """``data`` itself if it can be iterated twice, else its first ``max_batches`` batches as a list (a
+    generator would be exhausted by calibration before measurement could see it)."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
+        next(iter_batches(data))  # raises the usual error message
+    if iter(data) is data:  # a one-shot iterator
+        return list(iter_batches(data, max_batches, progress=False))
+    return data
+
+
+def count_samples(data: Iterable[Any], max_batches: int | None) -> int | None:
+    """Samples the first ``max_batches`` batches hold, when that is knowable without loading data."""
+    if isinstance(data, Sequence):
+        return sum(batch_size(b) for b in list(data)[:max_batches])
+    dataset, size = getattr(data, "dataset", None), getattr(data, "batch_size", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return min(n, max_batches * size) if max_batches is not None and size else n
+
+
+def record_reference(model: nn.Module, report: QuantReport, data: Iterable[Any] | None,
+                     forward_fn: ForwardFn | None, max_batches: int | None) -> Reference | None:
+    """Record the float model's outputs on the first (up to :data:`MEASURE_BATCHES`) batches of ``data`` and
+    set ``report.calibration_samples``; ``None`` when there are no data."""
+    if data is None:
+        return None
+    measure_batches = min(max_batches or MEASURE_BATCHES, MEASURE_BATCHES)
+    references = record_outputs(model, data, forward_fn, measure_batches)
+    if not references:
+        raise ConfigError("calibration_data gave no batch; pass a non-empty iterable of batches")
+    report.calibration_samples = count_samples(data, max_batches)
+    if report.calibration_samples is None and len(references) < measure_batches:
+        report.calibration_samples = sum(references.samples)  # data ran out: this is all of it
+    return references
+
+
+def measure_into(
+    report: QuantReport,
+    model: nn.Module,
+    swapped: dict[str, Swapped],
+    swap: Swap,
+    cfg: QuantConfig,
+    references: Reference,
+    forward_fn: ForwardFn | None,
+    target_sqnr: float | None = None,
+    progress: bool | None = None,
+) -> None:
+    """Fill ``report`` with each swapped layer's output SQNR and the end-to-end comparison, first keeping
+    layers at higher precision until ``target_sqnr`` is met when one is given (see :func:`meet_target`)."""
+    if target_sqnr is not None:
+        report.end_to_end["target_sqnr_db"] = float(target_sqnr)
+        result, _ = measure(model, references, forward_fn)
+        meet_target(model, report, swapped, swap, cfg, target_sqnr, result, references, forward_fn, progress)
+    pairs = {name: (sw.float_module, sw.quant_module) for name, sw in swapped.items()}
+    result, layer_sqnr = measure(model, references, forward_fn, pairs)
+    for name, value in layer_sqnr.items():
+        report.row(name).output_sqnr_db = value
+    report.end_to_end["sqnr_db"] = result.sqnr_db
+    if result.top1_agreement is not None:
+        report.end_to_end["top1_agreement"] = result.top1_agreement
+    report.end_to_end["batches"] = result.batches
+    report.end_to_end["samples"] = result.samples
+
+
+def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) -> None:
+
+    row = report.row(name)
+    if q is None:
+        row.skipped, row.reason = True, note
+        row.scheme = row.kernel = ""
+        row.weight_sqnr_db = row.output_sqnr_db = None
+        row.bytes_after = row.bytes_before
+        return
+    row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
+    row.note = note
+
+
+INT8_TOLERANCE_DB = 1.0
+"""Target mode keeps a layer at INT8 rather than float when INT8 gets the model output within this many dB
+of what float gets (or reaches the target outright)."""
+
+
+def _int8_twin(name: str, sw: Swapped, cfg: QuantConfig) -> nn.Module:
+    """The float layer quantized to INT8 weights (weight-only)."""
+    q8 = quant_class_for(sw.float_module).from_float(
+        sw.float_module, QuantConfig(Int8(), compute_dtype=cfg.compute_dtype), name=name)
+    q8.train(sw.quant_module.training)
+    return q8
+
+
+def meet_target(
+    model: nn.Module,
+    report: QuantReport,
+    swapped: dict[str, Swapped],
+    swap: Swap,
+    cfg: QuantConfig,
+    target_sqnr: float,
+    current: Comparison,
+    references: Reference,
+    forward_fn: ForwardFn | None,
+    progress: bool | None = None,
+) -> Comparison:
+    """Keep the most damaging layers at higher precision until the model output's SQNR reaches ``target_sqnr``.
+
+    Damage is measured leave-one-out: the end-to-end SQNR gained by putting each layer back in float, all others
+    staying quantized. Layers are then taken most damaging first: an INT4 layer goes to INT8 weights when that
+    reaches the target or comes within :data:`INT8_TOLERANCE_DB` of what float gives, else to float. Updates
+    ``report`` rows (``note`` / skip ``reason`` say why) and returns the final comparison."""
+    if current.sqnr_db >= target_sqnr:
+        return current
+    gains: dict[str, float] = {}
+    for name, sw in tqdm(swapped.items(), desc="ranking layers", unit="layer",
+                         disable=tqdm_disable(progress)):
+        sw.put(swap, sw.float_module)
+        gains[name] = measure(model, references, forward_fn)[0].sqnr_db - current.sqnr_db
+        sw.put(swap, sw.quant_module)
+    for name in sorted(gains, key=lambda n: -gains[n]):
+        if current.sqnr_db >= target_sqnr:
+            break
+        sw = swapped[name]
+        why = f"to meet target_sqnr={target_sqnr:g} dB: model output SQNR {current.sqnr_db:.1f} -> "
+        sw.put(swap, sw.float_module)
+        as_float = measure(model, references, forward_fn)[0]
+        if cfg.weights.bits < Int8.bits:
+            q8 = _int8_twin(name, sw, cfg)
+            sw.put(swap, q8)
+            as_int8 = measure(model, references, forward_fn)[0]
+            if as_int8.sqnr_db >= min(target_sqnr, as_float.sqnr_db - INT8_TOLERANCE_DB):
+                sw.quant_module = q8
+                _fill_row(report, name, q8, f"kept at int8 {why}{as_int8.sqnr_db:.1f} dB")
+                report.row(name).weight_sqnr_db = weight_sqnr(sw.float_module, q8)
+                current = as_int8
+                continue
+            sw.put(swap, sw.float_module)
+        _fill_row(report, name, None, f"kept float {why}{as_float.sqnr_db:.1f} dB")
+        current = as_float
+    for name in [n for n, sw in swapped.items() if report.row(n).skipped]:
+        del swapped[name]
+    return current
