@@ -25,6 +25,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: venv lint
 	$(BIN)/python -m pytest -q
