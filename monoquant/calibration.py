@@ -55,7 +55,7 @@ class FrozenLayer:
 
 def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, name: str) -> str:
     """Attach the calibration state ``config`` asks for to a freshly swapped ``q``; returns the weight method."""
-    spec = config.weights
+    spec = q.spec
     method = getattr(spec, "method", "")
     if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)

@@ -28,6 +28,9 @@ class QuantConfig:
             or any registered :class:`~monoquant.formats.WeightSpec`).
         activations: optional activation spec (``Int8(...)``) for static or dynamic activation quantization.
         skip: :class:`~monoquant.SkipRules`; ``None`` means ``SkipRules.defaults()``.
+        embeddings: the weight format of embedding tables (layer classes whose ``config_field`` is
+            ``"embeddings"``, such as :class:`~monoquant.QuantEmbedding`); ``None`` (default) keeps them float. A
+            language-model head whose weight is tied to a quantized embedding shares its quantized table.
         compute_dtype: ``None`` lets the kernel table choose (bf16 where a low-bit kernel or a fast bf16
             GEMM exists); ``torch.float32`` forces float32 compute everywhere.
     """
@@ -36,6 +39,7 @@ class QuantConfig:
     activations: Int8 | None = None
     skip: SkipRules | None = None
     compute_dtype: torch.dtype | None = None
+    embeddings: WeightSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightSpec):
@@ -51,6 +55,13 @@ class QuantConfig:
         if self.activations is not None and self.activations.method == "gptq":
             raise ConfigError("method='gptq' is for weights: pass weights=mq.Int8(method='gptq') or "
                               "mq.Int4(method='gptq')")
+        if self.embeddings is not None:
+            if not isinstance(self.embeddings, WeightSpec):
+                raise ConfigError(f"embeddings must be a weight format such as mq.Int8() or None, got "
+                                  f"{self.embeddings!r}")
+            if getattr(self.embeddings, "method", "rtn") == "gptq" or getattr(self.embeddings, "dynamic", False):
+                raise ConfigError("embeddings are looked up, not multiplied: GPTQ and dynamic=True do not apply; "
+                                  "pass e.g. embeddings=mq.Int8() or mq.Int4(group_size=64)")
         if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                               f"got {self.compute_dtype!r}")

@@ -6,6 +6,7 @@ after the swap, every original module is put back and the error re-raised, so th
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -32,9 +33,14 @@ MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly ins
 
 @dataclass
 class _Planned:
+    """A candidate layer and what was decided for it."""
+
     name: str
     module: nn.Module
+    qcls: type[QuantModule]
     decision: Decision
+    config: QuantConfig
+    """The config this layer is built with (its ``weights`` is the layer's format: a tied group shares one)."""
 
 
 def _check_model(model: object) -> nn.Module:
@@ -44,14 +50,20 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _structural_skip(module: nn.Module, weight_owners: dict[int, list[tuple[str, nn.Module]]]) -> str | None:
+def candidate_class(module: nn.Module, cfg: QuantConfig) -> type[QuantModule] | None:
+    """The layer class that would replace float ``module`` under ``cfg`` (``None``: not a candidate, e.g. an
+    embedding when ``cfg.embeddings`` is not set, or a layer that is already quantized)."""
+    if isinstance(module, QuantModule):
+        return None
+    qcls = quant_class_for(module)
+    return qcls if qcls is not None and getattr(cfg, qcls.config_field, None) is not None else None
+
+
+def _structural_skip(module: nn.Module, qcls: type[QuantModule]) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
-    for owner_name, owner in weight_owners.get(id(quant_class_for(module).float_weight(module)), []):
-        if quant_class_for(owner) is None:
-            return f"weight is tied to {owner_name} ({type(owner).__name__}), which stays float"
-    return None
+    return qcls.unsupported_reason(module)
 
 
 def _float_bytes(module: nn.Module) -> int:
@@ -131,18 +143,19 @@ def quantize_(
     for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
         qcls = quant_class_for(item.module)
         try:
-            q = qcls.from_float(item.module, cfg, name=item.name, group_size=item.decision.group_size)
-        except ConfigError as e:
+            q = qcls.from_float(item.module, item.config, name=item.name, group_size=item.decision.group_size)
+        except (ConfigError, RuntimeError, ValueError, IndexError) as e:
             raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
                               f"float with SkipRules(exclude=[{item.name!r}])") from e
         weight = qcls.float_weight(item.module)
         twin = done.get(id(weight))
-        if twin is not None and type(twin) is qcls and twin.weight_shape == q.weight_shape:
+        if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
+                and twin.weight_shape == q.weight_shape):
             for buf in q.spec.buffer_names():
                 q._buffers[buf] = twin._buffers[buf]
         done.setdefault(id(weight), q)
         row = report.row(item.name)
-        row.method = calibration.prepare(q, weight, cfg, item.name)
+        row.method = calibration.prepare(q, weight, item.config, item.name)
         row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
         row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
         built.append((item, q))
@@ -178,45 +191,80 @@ def quantize_(
 
 
 def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantReport, list[_Planned]]:
-    """Decide, without changing anything, which layers to quantize; every skip gets a row with its reason."""
-    rules.start([(n, m) for n, m in model.named_modules()
-                 if quant_class_for(m) is not None and not isinstance(m, QuantModule)])
-    report = QuantReport()
-    weight_owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
-    for name, module in model.named_modules():
-        w = None if isinstance(module, QuantModule) else getattr(module, "weight", None)  # (would dequantize)
-        if isinstance(w, torch.Tensor):
-            weight_owners[id(w)].append((name, module))
+    """Decide, without changing anything, which layers to quantize; every skip gets a row with its reason.
 
-    plan: list[_Planned] = []
+    Layers sharing one weight tensor (a head tied to an embedding, tied Linears) are decided together: all are
+    quantized, with one format (an embedding's, if one is among them) and one shared set of buffers, or all stay
+    float, each saying which tied layer keeps it float."""
+    rules.start([(n, m) for n, m in model.named_modules() if candidate_class(m, cfg) is not None])
+    report = QuantReport()
+    decided: dict[str, _Planned] = {}
+    owners: dict[int, list[str]] = defaultdict(list)  # id(float weight) -> names of the layers sharing it
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
             report.layers.append(LayerReport(name, type(module).__name__, module.scheme(), skipped=True,
                                              reason=f"already quantized ({module.scheme()})",
                                              bytes_before=module.storage_bytes(), bytes_after=module.storage_bytes()))
             continue
-        qcls = quant_class_for(module)
+        w = getattr(module, "weight", None)
+        qcls = candidate_class(module, cfg)
+        if qcls is not None:
+            w = qcls.float_weight(module)
+        if isinstance(w, torch.Tensor):
+            owners[id(w)].append(name)
         if qcls is None:
             continue
-        row = LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module))
-        reason = _structural_skip(module, weight_owners)
-        decision = Decision(False, reason) if reason else rules.decide(name, module, cfg.weights)
-        if not decision.quantize:
-            row.skipped, row.reason = True, decision.reason
-            report.layers.append(row)
+        own = cfg if qcls.config_field == "weights" else dataclasses.replace(
+            cfg, weights=getattr(cfg, qcls.config_field))
+        reason = _structural_skip(module, qcls)
+        decision = Decision(False, reason) if reason else rules.decide(name, module, own.weights)
+        decided[name] = _Planned(name, module, qcls, decision, own)
+        report.layers.append(LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module)))
+
+    modules = dict(model.named_modules())
+    for names in owners.values():
+        if len(names) > 1:
+            _decide_tied(names, decided, modules)
+
+    plan: list[_Planned] = []
+    for row in report.layers:
+        if row.name not in decided:
             continue
-        weight = qcls.float_weight(module)
+        item = decided[row.name]
+        if not item.decision.quantize:
+            row.skipped, row.reason = True, item.decision.reason
+            continue
+        weight = item.qcls.float_weight(item.module)
         if weight.device.type == "meta":
-            raise ConfigError(f"layer {name!r} is on the meta device (no weights); nothing was changed. Load real "
-                              "weights before quantizing, or use mq.load(model, path) to load a quantized file")
+            raise ConfigError(f"layer {row.name!r} is on the meta device (no weights); nothing was changed. Load "
+                              "real weights before quantizing, or use mq.load(model, path) to load a quantized file")
         if not torch.isfinite(weight.detach()).all():
             raise NonFiniteWeightError(
-                f"layer {name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep the "
-                f"layer float with SkipRules(exclude=[{name!r}])"
+                f"layer {row.name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep "
+                f"the layer float with SkipRules(exclude=[{row.name!r}])"
             )
-        report.layers.append(row)
-        plan.append(_Planned(name, module, decision))
+        plan.append(item)
     return report, plan
+
+
+def _decide_tied(names: list[str], decided: dict[str, _Planned], modules: dict[str, nn.Module]) -> None:
+    """Make the layers ``names`` (sharing one weight) all quantized with one format, or all float."""
+    floats = [n for n in names if n not in decided or not decided[n].decision.quantize]
+    if floats:
+        why = f"weight is tied to {floats[0]} ({type(modules[floats[0]]).__name__}), which stays float"
+        for name in names:
+            if name in decided and decided[name].decision.quantize:
+                decided[name].decision = Decision(False, why)
+        return
+    # one format for the group: the one of a layer with its own config field (an embedding), else the first's
+    lead = next((n for n in names if decided[n].qcls.config_field != "weights"), names[0])
+    spec = decided[lead].config.weights
+    for name in names:
+        item = decided[name]
+        if item.config.weights != spec:
+            cols = item.qcls.float_weight(item.module)[0].numel()
+            item.decision = Decision(True, group_size=spec.resolve_group_size(cols))
+            item.config = dataclasses.replace(item.config, weights=spec)
 
 
 def _kind_of(scheme: str) -> str:

@@ -18,8 +18,7 @@ from .config import QuantConfig, WeightSpec, as_config
 from .data import ForwardFn, tqdm_disable
 from .errors import ConfigError
 from .measure import MEASURE_BATCHES
-from .nn import QuantModule, quant_class_for
-from .quantize import quantize_
+from .quantize import candidate_class, quantize_
 from .report import NothingQuantizedWarning
 from .rules import SkipRules
 from .swap import Swap
@@ -57,8 +56,7 @@ def sensitivity(
     references = record_outputs(model, data, forward_fn, max_batches)
     if not references:
         raise ConfigError("data gave no batch to measure on")
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if quant_class_for(m) is not None and not isinstance(m, QuantModule)]
+    candidates = [(n, m) for n, m in model.named_modules() if candidate_class(m, cfg) is not None]
     base = cfg.skip
     results: list[LayerSensitivity] = []
     for name, module in tqdm(candidates, desc="sensitivity", unit="layer",

@@ -39,7 +39,8 @@ class QuantModule(nn.Module):
     * ``quantizes_inputs``: whether an activation spec applies to its inputs (not for embeddings, whose
       inputs are indices);
     * ``kernel_family``: how its forward is computed (``"linear"``, ``"conv"``, ``"embedding"``), shown by
-      :meth:`kernel_summary`.
+      :meth:`kernel_summary`;
+    * ``config_field``: which :class:`~monoquant.QuantConfig` field names its weight format.
     """
 
     float_module_type: ClassVar[type[nn.Module] | None] = None
@@ -48,6 +49,9 @@ class QuantModule(nn.Module):
     """Constructor arguments shared with the float module type, besides ``bias``."""
     quantizes_inputs: ClassVar[bool] = True
     kernel_family: ClassVar[str] = "linear"
+    config_field: ClassVar[str] = "weights"
+    """The :class:`~monoquant.QuantConfig` field holding this layer type's weight format; layers whose field is
+    ``None`` (``embeddings`` by default) are not candidates for ``quantize_`` at all."""
     spec: WeightSpec
     group_size: int | None
     compute_dtype: torch.dtype | None
@@ -147,10 +151,19 @@ class QuantModule(nn.Module):
                     buf.copy_(getattr(stored, name))
         self._kernel_cache.clear()
 
-    @staticmethod
-    def _spec_of(config: QuantConfig | WeightSpec) -> tuple[WeightSpec, torch.dtype | None]:
+    @classmethod
+    def _spec_of(cls, config: QuantConfig | WeightSpec) -> tuple[WeightSpec, torch.dtype | None]:
         cfg = as_config(config)
-        return cfg.weights, cfg.compute_dtype
+        spec = getattr(cfg, cls.config_field)
+        if spec is None:
+            raise ConfigError(f"{cls.__name__} takes its format from QuantConfig({cls.config_field}=...), which is "
+                              f"not set; pass e.g. QuantConfig(..., {cls.config_field}=mq.Int8())")
+        return spec, cfg.compute_dtype
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why float ``module`` cannot be replaced by this class (an option it cannot honour), else ``None``."""
+        return None
 
     # ---- dequantization -----------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype | None = None, *, flat: bool = False,
@@ -224,6 +237,9 @@ class QuantModule(nn.Module):
         overrides the INT4 group chosen by :meth:`Int4.resolve_group_size`.
         """
         cls._check_float(module, name)
+        reason = cls.unsupported_reason(module)
+        if reason is not None:
+            raise ConfigError(f"layer {name or '<module>'}: {reason}")
         spec, compute_dtype = cls._spec_of(config or Int8())
         weight = cls.float_weight(module)
         q = cls(**cls.geometry_of(module), bias=getattr(module, "bias", None) is not None, spec=spec,
