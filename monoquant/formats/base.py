@@ -77,6 +77,8 @@ class WeightSpec:
     """Bits per stored weight (orders formats from lowest to highest precision in reports)."""
     stored_type: ClassVar[type[tuple]] = StoredWeight
     """The ``NamedTuple`` of stored buffers; its fields are the buffers a layer of this format registers."""
+    shared_buffers: ClassVar[tuple[str, ...]] = ()
+    """Buffers that do not run over the output rows (kept whole by :meth:`take_rows`)."""
     thresholds: ClassVar[Mapping[str, float]] = {}
     """Default accuracy floors in dB: ``weight_sqnr_db``, ``output_sqnr_db`` and ``end_to_end_sqnr_db``."""
 
@@ -145,6 +147,15 @@ class WeightSpec:
         """A per-output-row scale a caller may apply to the matmul output instead of the weight
         (``dequantize_into(..., scaled=False)``), or ``None`` when the format has none."""
         return None
+
+    def take_rows(self, stored: Stored, index: torch.Tensor) -> Stored:
+        """The stored weight of output rows ``index`` only (a gathered copy; lookups dequantize just those).
+
+        Every buffer whose first dimension runs over the rows is gathered; scalars and the buffers named in
+        ``shared_buffers`` (e.g. a codebook) are kept whole."""
+        n = stored.qweight.shape[0]
+        return type(stored)(*(t if t is None or t.dim() == 0 or name in self.shared_buffers or t.shape[0] != n
+                              else t.index_select(0, index) for name, t in zip(stored._fields, stored)))
 
     def dequantize(self, stored: Stored, cols: int, group_size: int | None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
