@@ -23,7 +23,16 @@ from .errors import (
 )
 from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec, register_format, spec_from_dict, spec_to_dict
 from .gptq import HessianObserver
-from .nn import LAYERS, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, register_layer
+from .nn import (
+    LAYERS,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantEmbedding,
+    QuantLinear,
+    QuantModule,
+    register_layer,
+)
 from .observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -47,7 +56,8 @@ __all__ = [
     "WeightSpec", "Int8", "Int4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
     "spec_from_dict",
     # quantized layers (see monoquant.nn; register_layer adds one)
-    "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "LAYERS", "register_layer",
+    "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "LAYERS",
+    "register_layer",
     # observers and calibration
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "MSEObserver",
     "HessianObserver", "NonFiniteInputWarning", "calibrate", "calibrate_with", "freeze", "needs_calibration",

@@ -1,9 +1,10 @@
 """Quantized layer classes that replace float layers in place, and the registry that lists them."""
 
 from .conv import QuantConv1d, QuantConv2d, QuantConv3d
+from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .module import QuantModule
 from .registry import LAYERS, layer_class, quant_class_for, register_layer, replaces
 
-__all__ = ["LAYERS", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "QuantModule", "layer_class",
-           "quant_class_for", "register_layer", "replaces"]
+__all__ = ["LAYERS", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantLinear", "QuantModule",
+           "layer_class", "quant_class_for", "register_layer", "replaces"]
