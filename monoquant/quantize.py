@@ -63,6 +63,9 @@ def _structural_skip(module: nn.Module, qcls: type[QuantModule]) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
+    weight = qcls.float_weight(module)
+    if weight.numel() == 0:
+        return f"empty weight {list(weight.shape)}: nothing to quantize"
     return qcls.unsupported_reason(module)
 
 
