@@ -27,6 +27,10 @@ from .rules import Decision, SkipRules
 from .swap import Swap, restore_encoder_fast_paths
 from .thresholds import ON_FAILURE, Thresholds, check
 
+NOT_MEASURED_NOTE = ("accuracy was not measured (only weight SQNR): pass calibration_data=... (a few batches of real "
+                     "inputs) to quantize_ to measure each layer's output SQNR and the model output's, or compare "
+                     "afterwards with mq.compare(float_model, model, data)")
+
 MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
                        "so no low-bit kernel could run")
 
@@ -183,6 +187,8 @@ def quantize_(
     del built  # the float layers can go now
 
     report.unmatched_rules = rules.unmatched()
+    if references is None and report.quantized:
+        report.notes.append(NOT_MEASURED_NOTE)
     if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
         warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
                       f"({len(report.layers)} candidates, all skipped); see the report for reasons",

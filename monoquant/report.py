@@ -63,6 +63,8 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Things to know that are not warnings (e.g. that accuracy was not measured, and how to measure it)."""
     end_to_end: dict[str, float] = field(default_factory=dict)
     calibration_samples: int | None = None
 
@@ -118,6 +120,7 @@ class QuantReport:
             "layers": [asdict(r) for r in self.layers],
             "unmatched_rules": list(self.unmatched_rules),
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
             "end_to_end": dict(self.end_to_end),
             "calibration_samples": self.calibration_samples,
             "quantized": len(self.quantized),
@@ -158,6 +161,8 @@ class QuantReport:
             lines.append(f"rule matched no layer (typo?): {rule}")
         for w in self.warnings:
             lines.append(f"WARNING: {w}")
+        for note in self.notes:
+            lines.append(f"NOTE: {note}")
         return "\n".join(lines)
 
 

@@ -48,8 +48,10 @@ class Thresholds:
         top1_agreement: minimum fraction of arg-max predictions shared with the float model, for
             classification-like outputs (``[batch, classes]`` tensors or a ``logits`` entry).
         min_calibration_samples: warn when calibration data hold fewer samples than this.
-        int4_first_and_last: warn when both the first and the last quantizable layer (in ``named_modules``
-            order, models with at least three of them) are INT4.
+        int4_first_and_last: opt-in rule of thumb, off by default: warn when both the first and the last
+            quantizable layer (in ``named_modules`` order, models with at least three of them) are INT4. It is
+            not a measurement and fired on every default INT4 config of healthy models; pass calibration data
+            instead, and the output SQNR of those layers is measured and warned about when it is low.
     """
 
     weight_sqnr_db: dict[str, float | None] = field(default_factory=lambda: _format_floors("weight_sqnr_db"))
@@ -58,7 +60,7 @@ class Thresholds:
         default_factory=lambda: _format_floors("end_to_end_sqnr_db"))
     top1_agreement: float | None = 0.7
     min_calibration_samples: int | None = 32
-    int4_first_and_last: bool = True
+    int4_first_and_last: bool = False
 
     def __post_init__(self) -> None:
         # a dict given for a floor field overrides only the kinds it names; a number sets every kind

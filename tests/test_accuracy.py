@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import monoquant as mq
 from monoquant import functional as F
+from monoquant.quantize import NOT_MEASURED_NOTE
 
 
 def _cfg(spec, **kw):
@@ -208,14 +209,35 @@ def test_too_few_calibration_samples_warns():
         mq.quantize_(Net().eval(), _cfg(mq.Int8()), calibration_data=[torch.randn(4, 64)])
 
 
-def test_first_and_last_int4_warns_unless_disabled():
+def test_first_and_last_int4_rule_is_opt_in():
     with pytest.warns(mq.AccuracyWarning, match=r"first \('fc1'\) and last \('head'\)"):
-        mq.quantize_(Net(), mq.QuantConfig(mq.Int4(group_size=64), skip=mq.SkipRules.none()))
+        mq.quantize_(Net(), mq.QuantConfig(mq.Int4(group_size=64), skip=mq.SkipRules.none()),
+                     thresholds={"int4_first_and_last": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error", mq.AccuracyWarning)
-        mq.quantize_(Net(), mq.QuantConfig(mq.Int4(group_size=64), skip=mq.SkipRules.none()),
-                     thresholds={"int4_first_and_last": False})
+        report = mq.quantize_(Net(), mq.QuantConfig(mq.Int4(group_size=64), skip=mq.SkipRules.none()))
         mq.quantize_(Net(), mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()))
+    assert report.warnings == [] and report.notes == [NOT_MEASURED_NOTE]
+    assert f"NOTE: {NOT_MEASURED_NOTE}" in str(report)
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=128)], ids=str)
+@pytest.mark.parametrize("skip", [mq.SkipRules.none(), None], ids=["all layers", "default rules"])
+def test_healthy_models_raise_no_accuracy_warning_with_data(spec, skip):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mq.AccuracyWarning)
+        report = mq.quantize_(Net().eval(), mq.QuantConfig(spec, skip=skip), calibration_data=batches(8))
+    assert report.warnings == [] and report.notes == [] and report.end_to_end["sqnr_db"] > 15
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=128)], ids=str)
+def test_the_damaged_layer_still_warns_by_name(spec):
+    torch.manual_seed(0)
+    with pytest.warns(mq.AccuracyWarning, match="layer 'fc2'"):
+        report = mq.quantize_(Net(fragile=True).eval(), mq.QuantConfig(spec, skip=mq.SkipRules.none()),
+                              calibration_data=batches(8))
+    assert _layer_warnings(report.warnings) == ["fc2"]
 
 
 def test_threshold_overrides():
