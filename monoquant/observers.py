@@ -295,30 +295,66 @@ def _regrid(hist: torch.Tensor, exponent: int, origin: int, new_exponent: int, n
     return out.index_add_(0, index[keep], hist[keep])
 
 
+HISTOGRAM_MODES = ("mse", "percentile", "entropy", "exact")
+
+
 class HistogramObserver(Observer):
-    """Per-tensor histogram of the values seen; the range minimises the expected L2 quantization error.
+    """Per-tensor histogram of the values seen; ``mode`` decides how the range is chosen from it.
+
+    Modes (when to use which):
+
+    - ``"mse"`` (default): the range minimising the squared quantization error, with clipped values charged
+      by how sure the calibration set is that values that extreme recur. A clipped value with ``c``
+      calibration values at least as extreme on its side (itself included) counts ``max(0, 1 - tail_sigmas /
+      sqrt(c))`` of its squared error: a tail of ``c`` values is a Poisson count known to about ``sqrt(c)``,
+      so the ``tail_sigmas**2`` most extreme values on each side (4 by default) cannot hold the range open on
+      their own, while a tail of hundreds (real outlier features, 0.1% of the values) is charged almost fully
+      and kept. Use it unless you have a reason not to: it clips a stray glitch and keeps a real heavy tail.
+    - ``"percentile"``: ``[q_low, q_high]`` with ``q_high`` the ``percentile``-th percentile of the values and
+      ``q_low`` the ``(100 - percentile)``-th (symmetric qtypes: the ``percentile``-th percentile of ``|x|``),
+      interpolated inside the bin. Simple and predictable; right when you know what fraction of the values
+      may be clipped. It clips that fraction whatever it holds, so a 0.1% outlier population survives 99.99
+      but not 99.9; and it never looks at the error, so it is a notch below ``"mse"`` on clean data.
+    - ``"entropy"``: TensorRT-style KL calibration. For each candidate range, ``P`` is the histogram with the
+      clipped counts added to the first/last bin inside the range and ``Q`` is the histogram as the quantizer
+      sees it (the counts of the bins that share a code, spread over that code's non-empty bins); the range
+      minimising ``KL(P || Q)`` wins. It preserves the shape of the bulk and clips what the bulk does not need,
+      so it suits classifier-style networks whose rare large values carry little; it clips real outlier
+      features too. It can only judge ranges whose code step is at least one bin (as TensorRT's 128-bin
+      floor), so when a few far values stretch the histogram the bulk is coarse: give more ``bins``.
+    - ``"exact"``: the range minimising the squared error over the calibration values exactly (0.1.0's only
+      behaviour). Right when the calibration set's extremes recur at inference at the same rate; one value in
+      a million can decide the range.
 
     ``bins`` (default 2048) bins of width ``2**exponent`` sit on a fixed grid (bin ``i`` starts at
     ``(origin + i) * 2**exponent``); the width is the smallest power of two for which ``bins`` bins cover
     the running ``[min, max]``. A batch that widens the range first re-bins the existing counts onto the
     coarser common grid (merging whole bins: exact, no smearing), then adds its own counts over the same
     edges. So the histogram, and the qparams, depend only on the values seen, not on their order or on how
-    they were split into batches or ranks; the range is resolved to at least ``bins / 2`` bins.
+    they were split into batches or ranks; the range is resolved to at least ``bins / 2`` bins. The mode only
+    changes ``calculate_qparams``: the state (buffers, ``state_dict``, ``sync``) is the same for every mode.
 
-    ``calculate_qparams`` evaluates the actual quantizer (scale and zero-point rounding included) on
-    ``subsamples`` points per non-empty bin for candidate ranges (each end clipped by ratios on a geometric
-    grid of ``candidates`` values, then refined between the best candidate's neighbours; for affine qtypes
-    the two ends are searched alternately) and keeps the one with the smallest count-weighted squared error.
+    The searching modes (``"mse"``, ``"exact"``, ``"entropy"``) evaluate candidate ranges: each end clipped by
+    ratios on a geometric grid of ``candidates`` values, then refined between the best candidate's
+    neighbours; for affine qtypes the two ends are searched alternately. The squared error uses the actual
+    quantizer (scale and zero-point rounding included) on ``subsamples`` points per non-empty bin.
     ``sync`` re-bins every rank's histogram onto the grid of the union of the ranges and sums the counts:
     the result is identical to one process observing all the data.
     """
 
-    def __init__(self, bins: int = 2048, subsamples: int = 4, candidates: int = 128) -> None:
+    def __init__(self, bins: int = 2048, candidates: int = 128, mode: str = "mse", percentile: float = 99.99,
+                 tail_sigmas: float = 1.0) -> None:
         super().__init__()
-        if bins < 16 or subsamples < 1 or candidates < 8:
-            raise ConfigError(f"need bins >= 16, subsamples >= 1, candidates >= 8; got {bins}, {subsamples}, "
-                              f"{candidates}")
-        self.bins, self.subsamples, self.candidates = bins, subsamples, candidates
+        if bins < 16 or candidates < 8:
+            raise ConfigError(f"need bins >= 16 and candidates >= 8; got {bins}, {candidates}")
+        if mode not in HISTOGRAM_MODES:
+            raise ConfigError(f"HistogramObserver mode must be one of {HISTOGRAM_MODES}, got {mode!r}")
+        if not 50.0 < percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
+        if not tail_sigmas >= 0.0:
+            raise ConfigError(f"tail_sigmas must be >= 0, got {tail_sigmas}")
+        self.bins, self.candidates = bins, candidates
+        self.mode, self.percentile, self.tail_sigmas = mode, float(percentile), float(tail_sigmas)
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("min_val", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("max_val", torch.tensor(0.0, dtype=torch.float64))
@@ -358,28 +394,103 @@ class HistogramObserver(Observer):
         idx = torch.floor_(x * (1.0 / self.bin_width)).to(torch.int32).sub_(int(self.origin)).clamp_(0, self.bins - 1)
         self.histogram += torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
-    def _points(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sub-bin sample points and their weights (count / subsamples), for bins that hold counts."""
-        s = self.subsamples
-        width = self.bin_width
-        offsets = (torch.arange(s, dtype=torch.float64) + 0.5) / s
-        starts = width * (torch.arange(self.bins, dtype=torch.float64) + int(self.origin))
-        points = (starts[:, None] + width * offsets[None, :]).reshape(-1)
-        weights = (self.histogram.cpu()[:, None] / s).expand(-1, s).reshape(-1)
-        keep = weights > 0
-        return points[keep], weights[keep]
+    def _starts(self) -> torch.Tensor:
+        """Left edge of every bin (float64, on the CPU)."""
+        return self.bin_width * (torch.arange(self.bins, dtype=torch.float64) + int(self.origin))
 
-    def _errors(self, lo: torch.Tensor, hi: torch.Tensor, points: torch.Tensor, weights: torch.Tensor,
-                qtype: QType) -> torch.Tensor:
-        scale, zero = F.qparams_from_minmax(lo, hi, qtype)
-        scale = scale.float().double()  # evaluate with the scale that will be stored
-        out = torch.empty(lo.numel(), dtype=torch.float64)
-        chunk = max(1, (1 << 22) // max(1, points.numel()))
-        for i in range(0, lo.numel(), chunk):
-            s, z = scale[i:i + chunk, None], zero[i:i + chunk, None]
-            approx = F.fake_quantize(points[None, :], s, z, qtype)
-            out[i:i + chunk] = ((points[None, :] - approx).pow(2) * weights[None, :]).sum(-1)
-        return out
+    def _l2_objective(self, qtype: QType):
+        """``err(lo, hi)``: squared error of each candidate range (``"mse"`` or ``"exact"``), integrated exactly
+        over every bin with the bin's count spread uniformly across it (the actual quantizer: rounding to the
+        stored scale and zero-point, clamping to the codes). ``"mse"`` charges the clipped part of a bin by
+        :meth:`_trust` of the number of values in that bin or beyond it."""
+        counts = self.histogram.cpu()
+        keep = counts > 0
+        width = self.bin_width
+        starts, counts = self._starts()[keep], counts[keep]
+        density = counts / width
+        if self.mode == "exact":
+            trust_lo = trust_hi = torch.ones_like(counts)
+        else:
+            trust_lo, trust_hi = self._trust(counts.cumsum(0)), self._trust(counts.flip(0).cumsum(0).flip(0))
+
+        def err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+            scale, zero = F.qparams_from_minmax(lo, hi, qtype)
+            s = scale.float().double()[:, None]  # evaluate with the scale that will be stored
+            first, last = (qtype.qmin - zero[:, None]) * s, (qtype.qmax - zero[:, None]) * s
+            low_edge, high_edge = first - s / 2, last + s / 2  # beyond these, values are clipped
+
+            def rounding(x: torch.Tensor) -> torch.Tensor:  # an antiderivative of (x - s * round(x / s))**2
+                n = torch.floor(x / s + 0.5)
+                return s.pow(3) / 12 * n + ((x - s * n).pow(3) + s.pow(3) / 8) / 3
+
+            def above(x: torch.Tensor) -> torch.Tensor:  # of (x - last)**2 past high_edge, 0 before it
+                return ((torch.maximum(x, high_edge) - last).pow(3) - s.pow(3) / 8) / 3
+
+            def below(x: torch.Tensor) -> torch.Tensor:  # of (first - x)**2 before low_edge, 0 after it
+                return ((first - torch.minimum(x, low_edge)).pow(3) - s.pow(3) / 8) / 3
+
+            ends = starts + width
+            inside = (rounding(torch.clamp(ends, low_edge, high_edge))
+                      - rounding(torch.clamp(starts, low_edge, high_edge)))
+            clipped = trust_hi * (above(ends) - above(starts)) + trust_lo * (below(starts) - below(ends))
+            return (density * (inside + clipped)).sum(-1)
+
+        return err
+
+    def _trust(self, tail_count: torch.Tensor) -> torch.Tensor:
+        """Weight of a clipped value's error when ``tail_count`` calibration values are at least as extreme:
+        the lower ``tail_sigmas``-sigma Poisson bound of that count, as a fraction of it."""
+        return (1.0 - self.tail_sigmas / tail_count.sqrt()).clamp_(min=0.0)
+
+    def _entropy_objective(self, qtype: QType):
+        """``err(lo, hi)``: TensorRT-style ``KL(P || Q)`` of each candidate range (``+inf`` where a code step
+        is finer than a bin, which the histogram cannot judge)."""
+        counts = self.histogram.cpu()
+        keep = counts > 0
+        centers = (self._starts() + 0.5 * self.bin_width)[keep]
+        counts = counts[keep]
+        total = float(counts.sum())
+        levels = qtype.qmax - qtype.qmin + 1
+
+        def err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+            scale, zero = F.qparams_from_minmax(lo, hi, qtype)
+            scale = scale.float().double()
+            out = torch.full((lo.numel(),), float("inf"), dtype=torch.float64)
+            for i in range(lo.numel()):
+                if float(scale[i]) < self.bin_width:
+                    continue
+                code = torch.round(centers / scale[i]) + zero[i]
+                inside = (code >= qtype.qmin) & (code <= qtype.qmax)
+                if not bool(inside.any()):
+                    continue
+                first, last = (int(j) for j in inside.nonzero()[[0, -1], 0])
+                p = torch.where(inside, counts, 0.0)
+                p[first] += float(counts[code < qtype.qmin].sum())  # clipped counts land on the edge bins
+                p[last] += float(counts[code > qtype.qmax].sum())
+                slot = (code.clamp(qtype.qmin, qtype.qmax) - qtype.qmin).long()
+                mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, slot, torch.where(inside, counts, 0.0))
+                nonzero = torch.zeros(levels, dtype=torch.float64).index_add_(0, slot, (p > 0).double())
+                q = mass[slot] / nonzero[slot].clamp_min(1.0)
+                p, q = p[first:last + 1] / total, q[first:last + 1] / float(mass.sum())
+                q = torch.where(q > 0, q, 1e-4 / total)  # TensorRT's smoothing of empty expected bins
+                out[i] = float(torch.where(p > 0, p * (p / q).log(), 0.0).sum())
+            return out
+
+        return err
+
+    def _percentile_range(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        counts, starts, width = self.histogram.cpu(), self._starts(), self.bin_width
+        frac = self.percentile / 100.0
+        if qtype.symmetric:  # 0 is a bin edge, so |x| folds bins onto bins exactly
+            index = torch.arange(self.bins) + int(self.origin)
+            folded = torch.where(index >= 0, index, -index - 1)
+            counts = torch.zeros(int(folded.max()) + 1, dtype=torch.float64).index_add_(0, folded, counts)
+            top = _quantile(counts, width * torch.arange(counts.numel(), dtype=torch.float64), width, frac)
+            top = min(top, max(-float(self.min_val), float(self.max_val)))
+            return torch.tensor(-top, dtype=torch.float64), torch.tensor(top, dtype=torch.float64)
+        lo = max(_quantile(counts, starts, width, 1.0 - frac), float(self.min_val))
+        hi = min(_quantile(counts, starts, width, frac), float(self.max_val))
+        return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
     @staticmethod
     def _search(values: torch.Tensor, error_of) -> torch.Tensor:
@@ -390,25 +501,28 @@ class HistogramObserver(Observer):
                               dtype=torch.float64)
         return fine[int(error_of(fine).argmin())]
 
-    def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_range(self, err, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = float(self.min_val), float(self.max_val)
-        if hi <= lo:
-            return F.qparams_from_minmax(self.min_val.cpu(), self.max_val.cpu(), qtype)
-        points, weights = self._points()
         ratios = torch.logspace(0, -3, self.candidates, dtype=torch.float64)
-
-        def err(lo_c: torch.Tensor, hi_c: torch.Tensor) -> torch.Tensor:
-            return self._errors(lo_c, hi_c, points, weights, qtype)
-
         if qtype.symmetric:
             best = self._search(max(abs(lo), abs(hi)) * ratios, lambda a: err(-a, a))
-            return F.qparams_from_minmax(-best.reshape(()), best.reshape(()), qtype)
+            return -best, best
         lo0, hi0 = min(lo, 0.0), max(hi, 0.0)
         best_lo, best_hi = torch.tensor(lo0, dtype=torch.float64), torch.tensor(hi0, dtype=torch.float64)
         for _ in range(2):  # coordinate search: the upper end, then the lower end, twice
             best_hi = self._search(hi0 * ratios, lambda h, lo_=best_lo: err(lo_.expand_as(h), h))
             best_lo = self._search(lo0 * ratios, lambda v, hi_=best_hi: err(v, hi_.expand_as(v)))
-        return F.qparams_from_minmax(best_lo.reshape(()), best_hi.reshape(()), qtype)
+        return best_lo, best_hi
+
+    def _qparams(self, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(self.max_val) <= float(self.min_val):
+            return F.qparams_from_minmax(self.min_val.cpu(), self.max_val.cpu(), qtype)
+        if self.mode == "percentile":
+            lo, hi = self._percentile_range(qtype)
+        else:
+            err = self._entropy_objective(qtype) if self.mode == "entropy" else self._l2_objective(qtype)
+            lo, hi = self._search_range(err, qtype)
+        return F.qparams_from_minmax(lo.reshape(()), hi.reshape(()), qtype)
 
     def _sync(self, group: dist.ProcessGroup | None) -> None:
         seen = self.has_seen_data
@@ -430,7 +544,19 @@ class HistogramObserver(Observer):
             buf.zero_()
 
     def extra_repr(self) -> str:
-        return f"bins={self.bins}, " + super().extra_repr()
+        mode = {"percentile": f"percentile={self.percentile}", "mse": f"tail_sigmas={self.tail_sigmas}"}
+        details = f", {mode[self.mode]}" if self.mode in mode else ""
+        return f"bins={self.bins}, mode={self.mode!r}{details}, " + super().extra_repr()
+
+
+def _quantile(counts: torch.Tensor, starts: torch.Tensor, width: float, frac: float) -> float:
+    """The value below which ``frac`` of the histogram's counts lie, interpolated linearly inside its bin."""
+    cum = counts.cumsum(0)
+    target = frac * float(cum[-1])
+    i = min(int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0]), counts.numel() - 1)
+    before = float(cum[i - 1]) if i else 0.0
+    inside = (target - before) / float(counts[i]) if float(counts[i]) > 0 else 0.0
+    return float(starts[i]) + width * min(max(inside, 0.0), 1.0)
 
 
 class MSEObserver(MinMaxObserver):
