@@ -343,7 +343,7 @@ class HistogramObserver(Observer):
     """
 
     def __init__(self, bins: int = 2048, candidates: int = 128, mode: str = "mse", percentile: float = 99.99,
-                 tail_sigmas: float = 1.0) -> None:
+                 max_isolated: int = 4, isolation: float = 4.0) -> None:
         super().__init__()
         if bins < 16 or candidates < 8:
             raise ConfigError(f"need bins >= 16 and candidates >= 8; got {bins}, {candidates}")
@@ -351,10 +351,11 @@ class HistogramObserver(Observer):
             raise ConfigError(f"HistogramObserver mode must be one of {HISTOGRAM_MODES}, got {mode!r}")
         if not 50.0 < percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {percentile}")
-        if not tail_sigmas >= 0.0:
-            raise ConfigError(f"tail_sigmas must be >= 0, got {tail_sigmas}")
+        if max_isolated < 0 or not isolation > 1.0:
+            raise ConfigError(f"need max_isolated >= 0 and isolation > 1, got {max_isolated}, {isolation}")
         self.bins, self.candidates = bins, candidates
-        self.mode, self.percentile, self.tail_sigmas = mode, float(percentile), float(tail_sigmas)
+        self.mode, self.percentile = mode, float(percentile)
+        self.max_isolated, self.isolation = int(max_isolated), float(isolation)
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("min_val", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("max_val", torch.tensor(0.0, dtype=torch.float64))
@@ -398,20 +399,14 @@ class HistogramObserver(Observer):
         """Left edge of every bin (float64, on the CPU)."""
         return self.bin_width * (torch.arange(self.bins, dtype=torch.float64) + int(self.origin))
 
-    def _l2_objective(self, qtype: QType):
-        """``err(lo, hi)``: squared error of each candidate range (``"mse"`` or ``"exact"``), integrated exactly
+    def _l2_objective(self, qtype: QType, keep: torch.Tensor):
+        """``err(lo, hi)``: squared error of each candidate range over the bins in ``keep``, integrated exactly
         over every bin with the bin's count spread uniformly across it (the actual quantizer: rounding to the
-        stored scale and zero-point, clamping to the codes). ``"mse"`` charges the clipped part of a bin by
-        :meth:`_trust` of the number of values in that bin or beyond it."""
+        stored scale and zero-point, clamping to the codes)."""
         counts = self.histogram.cpu()
-        keep = counts > 0
         width = self.bin_width
-        starts, counts = self._starts()[keep], counts[keep]
-        density = counts / width
-        if self.mode == "exact":
-            trust_lo = trust_hi = torch.ones_like(counts)
-        else:
-            trust_lo, trust_hi = self._trust(counts.cumsum(0)), self._trust(counts.flip(0).cumsum(0).flip(0))
+        starts = self._starts()[keep]
+        density = counts[keep] / width
 
         def err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
             scale, zero = F.qparams_from_minmax(lo, hi, qtype)
@@ -423,24 +418,44 @@ class HistogramObserver(Observer):
                 n = torch.floor(x / s + 0.5)
                 return s.pow(3) / 12 * n + ((x - s * n).pow(3) + s.pow(3) / 8) / 3
 
-            def above(x: torch.Tensor) -> torch.Tensor:  # of (x - last)**2 past high_edge, 0 before it
-                return ((torch.maximum(x, high_edge) - last).pow(3) - s.pow(3) / 8) / 3
-
-            def below(x: torch.Tensor) -> torch.Tensor:  # of (first - x)**2 before low_edge, 0 after it
-                return ((first - torch.minimum(x, low_edge)).pow(3) - s.pow(3) / 8) / 3
+            def clipped(x: torch.Tensor) -> torch.Tensor:  # of the error past either edge, 0 between them
+                above = (torch.maximum(x, high_edge) - last).pow(3)
+                below = (first - torch.minimum(x, low_edge)).pow(3)
+                return (above - below) / 3
 
             ends = starts + width
             inside = (rounding(torch.clamp(ends, low_edge, high_edge))
                       - rounding(torch.clamp(starts, low_edge, high_edge)))
-            clipped = trust_hi * (above(ends) - above(starts)) + trust_lo * (below(starts) - below(ends))
-            return (density * (inside + clipped)).sum(-1)
+            return (density * (inside + clipped(ends) - clipped(starts))).sum(-1)
 
         return err
 
-    def _trust(self, tail_count: torch.Tensor) -> torch.Tensor:
-        """Weight of a clipped value's error when ``tail_count`` calibration values are at least as extreme:
-        the lower ``tail_sigmas``-sigma Poisson bound of that count, as a fraction of it."""
-        return (1.0 - self.tail_sigmas / tail_count.sqrt()).clamp_(min=0.0)
+    def _isolated(self) -> torch.Tensor:
+        """Bins (a bool mask) of the extremes that ``"mse"`` sets aside: on each side, the largest group of at
+        most ``max_isolated`` values (and at most 0.1% of all values) whose nearest member is more than
+        ``isolation`` times as far from the median as every value not in the group."""
+        counts, starts, width = self.histogram.cpu(), self._starts(), self.bin_width
+        mask = torch.zeros(self.bins, dtype=torch.bool)
+        limit = min(self.max_isolated, 1e-3 * float(counts.sum()))
+        median = _quantile(counts, starts, width, 0.5)
+        nonzero = counts.nonzero().flatten()
+        for outward in (nonzero.flip(0), nonzero):  # bin indices from the top end inwards, then from the bottom
+            upper = outward is not nonzero
+
+            def distance(i: int, near_edge: bool, upper: bool = upper) -> float:
+                edge = float(starts[i]) + (width if near_edge != upper else 0.0)
+                return edge - median if upper else median - edge
+
+            total, group = 0.0, 0
+            for k in range(outward.numel() - 1):
+                total += float(counts[outward[k]])
+                if total > limit:
+                    break
+                inner = distance(int(outward[k + 1]), near_edge=False)  # farthest edge of the next bin in
+                if inner > 0 and distance(int(outward[k]), near_edge=True) > self.isolation * inner:
+                    group = k + 1
+            mask[outward[:group]] = True
+        return mask
 
     def _entropy_objective(self, qtype: QType):
         """``err(lo, hi)``: TensorRT-style ``KL(P || Q)`` of each candidate range (``+inf`` where a code step
@@ -501,8 +516,8 @@ class HistogramObserver(Observer):
                               dtype=torch.float64)
         return fine[int(error_of(fine).argmin())]
 
-    def _search_range(self, err, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = float(self.min_val), float(self.max_val)
+    def _search_range(self, err, qtype: QType, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range within ``[lo, hi]`` with the lowest ``err``."""
         ratios = torch.logspace(0, -3, self.candidates, dtype=torch.float64)
         if qtype.symmetric:
             best = self._search(max(abs(lo), abs(hi)) * ratios, lambda a: err(-a, a))
@@ -519,9 +534,19 @@ class HistogramObserver(Observer):
             return F.qparams_from_minmax(self.min_val.cpu(), self.max_val.cpu(), qtype)
         if self.mode == "percentile":
             lo, hi = self._percentile_range(qtype)
+        elif self.mode == "entropy":
+            lo, hi = self._search_range(self._entropy_objective(qtype), qtype, float(self.min_val),
+                                        float(self.max_val))
         else:
-            err = self._entropy_objective(qtype) if self.mode == "entropy" else self._l2_objective(qtype)
-            lo, hi = self._search_range(err, qtype)
+            keep = self.histogram.cpu() > 0
+            lo, hi = float(self.min_val), float(self.max_val)
+            if self.mode == "mse":
+                keep &= ~self._isolated()
+                kept = keep.nonzero().flatten()
+                starts = self._starts()
+                lo = max(lo, float(starts[kept[0]]))
+                hi = min(hi, float(starts[kept[-1]]) + self.bin_width)
+            lo, hi = self._search_range(self._l2_objective(qtype, keep), qtype, lo, hi)
         return F.qparams_from_minmax(lo.reshape(()), hi.reshape(()), qtype)
 
     def _sync(self, group: dist.ProcessGroup | None) -> None:
@@ -544,7 +569,8 @@ class HistogramObserver(Observer):
             buf.zero_()
 
     def extra_repr(self) -> str:
-        mode = {"percentile": f"percentile={self.percentile}", "mse": f"tail_sigmas={self.tail_sigmas}"}
+        mode = {"percentile": f"percentile={self.percentile}",
+                "mse": f"max_isolated={self.max_isolated}, isolation={self.isolation}"}
         details = f", {mode[self.mode]}" if self.mode in mode else ""
         return f"bins={self.bins}, mode={self.mode!r}{details}, " + super().extra_repr()
 
