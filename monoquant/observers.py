@@ -345,7 +345,8 @@ class HistogramObserver(Observer):
     ``sync`` re-bins every rank's histogram onto the grid of the union of the ranges and sums the counts:
     the result is identical to one process observing all the data.
     """
-    def __init__(self, bins: int = 2048, candidates: int = 128, mode: str = "mse", percentile: float = 99.99,
+
+    def __init__(self, bins: int = 2048, candidates: int = 128, *, mode: str = "mse", percentile: float = 99.99,
                  max_isolated: int = 4, isolation: float = 4.0) -> None:
         super().__init__()
         if bins < 16 or candidates < 8:
@@ -442,20 +443,17 @@ class HistogramObserver(Observer):
         limit = min(self.max_isolated, 1e-3 * float(counts.sum()))
         median = _quantile(counts, starts, width, 0.5)
         nonzero = counts.nonzero().flatten()
-        for outward in (nonzero.flip(0), nonzero):  # bin indices from the top end inwards, then from the bottom
-            upper = outward is not nonzero
-
-            def distance(i: int, near_edge: bool, upper: bool = upper) -> float:
-                edge = float(starts[i]) + (width if near_edge != upper else 0.0)
-                return edge - median if upper else median - edge
-
+        for upper, outward in ((True, nonzero.flip(0)), (False, nonzero)):  # bin indices from that end inwards
+            # distance from the median of each bin's edge nearest to it and of its edge farthest from it
+            near = starts - median if upper else median - (starts + width)
+            far = starts + width - median if upper else median - starts
             total, group = 0.0, 0
             for k in range(outward.numel() - 1):
                 total += float(counts[outward[k]])
                 if total > limit:
                     break
-                inner = distance(int(outward[k + 1]), near_edge=False)  # farthest edge of the next bin in
-                if inner > 0 and distance(int(outward[k]), near_edge=True) > self.isolation * inner:
+                inner = float(far[outward[k + 1]])  # every value not in the group is at most this far
+                if inner > 0 and float(near[outward[k]]) > self.isolation * inner:
                     group = k + 1
             mask[outward[:group]] = True
         return mask
@@ -473,26 +471,23 @@ class HistogramObserver(Observer):
         def err(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
             scale, zero = F.qparams_from_minmax(lo, hi, qtype)
             scale = scale.float().double()
-            out = torch.full((lo.numel(),), float("inf"), dtype=torch.float64)
-            for i in range(lo.numel()):
-                if float(scale[i]) < self.bin_width:
-                    continue
-                code = torch.round(centers / scale[i]) + zero[i]
-                inside = (code >= qtype.qmin) & (code <= qtype.qmax)
-                if not bool(inside.any()):
-                    continue
-                first, last = (int(j) for j in inside.nonzero()[[0, -1], 0])
-                p = torch.where(inside, counts, 0.0)
-                p[first] += float(counts[code < qtype.qmin].sum())  # clipped counts land on the edge bins
-                p[last] += float(counts[code > qtype.qmax].sum())
-                slot = (code.clamp(qtype.qmin, qtype.qmax) - qtype.qmin).long()
-                mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, slot, torch.where(inside, counts, 0.0))
-                nonzero = torch.zeros(levels, dtype=torch.float64).index_add_(0, slot, (p > 0).double())
-                q = mass[slot] / nonzero[slot].clamp_min(1.0)
-                p, q = p[first:last + 1] / total, q[first:last + 1] / float(mass.sum())
-                q = torch.where(q > 0, q, 1e-4 / total)  # TensorRT's smoothing of empty expected bins
-                out[i] = float(torch.where(p > 0, p * (p / q).log(), 0.0).sum())
-            return out
+            code = torch.round(centers / scale[:, None]) + zero[:, None]
+            inside = (code >= qtype.qmin) & (code <= qtype.qmax)  # contiguous: codes grow with the bin
+            p = torch.where(inside, counts, 0.0)
+            first = inside.double().argmax(1, keepdim=True)
+            last = counts.numel() - 1 - inside.flip(1).double().argmax(1, keepdim=True)
+            p.scatter_add_(1, first, (counts * (code < qtype.qmin)).sum(1, keepdim=True))  # clipped counts land
+            p.scatter_add_(1, last, (counts * (code > qtype.qmax)).sum(1, keepdim=True))  # on the edge bins
+            slot = (code.clamp(qtype.qmin, qtype.qmax) - qtype.qmin).long()
+            mass = torch.zeros(lo.numel(), levels, dtype=torch.float64).scatter_add_(1, slot, torch.where(
+                inside, counts, 0.0))
+            nonzero = torch.zeros_like(mass).scatter_add_(1, slot, (p > 0).double())
+            q = mass.gather(1, slot) / nonzero.gather(1, slot).clamp_min(1.0) / mass.sum(1, keepdim=True)
+            p = p / total
+            q = torch.where(q > 0, q, 1e-4 / total)  # TensorRT's smoothing of empty expected bins
+            kl = torch.where(p > 0, p * (p / q).log(), 0.0).sum(1)
+            feasible = (scale >= self.bin_width) & inside.any(1)
+            return torch.where(feasible, kl, float("inf"))
 
         return err
 
