@@ -57,12 +57,22 @@ def test_dynamic_activations_accept_an_empty_batch(weights, int_mm, monkeypatch)
 
 
 def test_static_qparams_come_from_the_observer():
-    q, data = _calibrated_linear((mq.Int8(), mq.Int8()))
+    q, data = _calibrated_linear((mq.Int8(), mq.Int8(observer=mq.MinMaxObserver())))
     lo = min(float(d.min()) for d in data)
     hi = max(float(d.max()) for d in data)
     assert float(q.input_quantizer.scale) == pytest.approx((hi - lo) / 255, rel=1e-6)
     assert int(q.input_quantizer.zero_point) == round(-lo / ((hi - lo) / 255))
     assert q.input_quantizer.scale.dtype == torch.float32
+
+
+def test_the_default_activation_observer_is_the_outlier_robust_histogram():
+    torch.manual_seed(0)
+    q, data = _calibrated_linear((mq.Int8(), mq.Int8()))
+    reference = mq.HistogramObserver().configure(mq.QType(8, symmetric=False), mq.PerTensor())
+    for d in data:
+        reference(d)
+    scale, zero = reference.calculate_qparams()
+    assert float(q.input_quantizer.scale) == float(scale.float()) and int(q.input_quantizer.zero_point) == int(zero)
 
 
 @pytest.mark.parametrize("weights", [mq.Int4(group_size=32), mq.Int8(symmetric=False), mq.Float16()])

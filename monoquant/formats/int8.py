@@ -23,8 +23,8 @@ class Int8(IntegerFormat):
     """8-bit integers. As a weight spec: per-output-channel (default) or per-tensor, symmetric by default.
 
     As an activation spec: per-tensor, affine by default (``symmetric=False``), qparams from ``observer``
-    (default :class:`~monoquant.MinMaxObserver`) after calibration; ``dynamic=True`` computes per-token
-    scales on the fly instead of calibrating. ``granularity`` and ``method`` only apply to weights.
+    (default :class:`~monoquant.HistogramObserver`, outlier-robust) after calibration; ``dynamic=True`` computes
+    per-token scales on the fly instead of calibrating. ``granularity`` and ``method`` only apply to weights.
 
     ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
     :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see

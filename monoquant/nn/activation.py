@@ -20,7 +20,7 @@ from torch import nn
 from .. import functional as F
 from ..errors import CalibrationError, ConfigError
 from ..formats import Int8
-from ..observers import apply_keeping_dtypes
+from ..observers import HistogramObserver, apply_keeping_dtypes
 from ..qtypes import PerChannel, PerTensor
 
 
@@ -35,7 +35,10 @@ class ActivationQuantizer(nn.Module):
         self.qtype = spec.activation_qtype()
         self.layer_name = layer_name
         self.calibrating = False
-        self.observer = None if spec.dynamic else spec.make_observer().configure(self.qtype, PerTensor())
+        # default: the outlier-robust histogram (benchmarks/bench_calibration.py --only outliers measured it within
+        # 0.2 dB of the best mode on every row, and 33 dB above min/max with one stray value of 400)
+        observer = HistogramObserver() if spec.observer is None else spec.make_observer()
+        self.observer = None if spec.dynamic else observer.configure(self.qtype, PerTensor())
         if self.observer is not None:
             self.observer.name = layer_name
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
