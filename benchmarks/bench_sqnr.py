@@ -1,4 +1,5 @@
-"""Weight and output SQNR of INT8, INT4-g32 and INT4-g128 on small models, next to the default thresholds.
+"""Weight and output SQNR of INT8, INT4 (g32, g64, g128), NF4-g64 and half precision on small models, next to the
+default thresholds.
 
 This is the measurement the defaults of ``mq.Thresholds`` were chosen from: each row is one model and one
 scheme; columns give the lowest and median per-layer weight SQNR, the lowest and median per-layer output SQNR
@@ -6,7 +7,9 @@ scheme; columns give the lowest and median per-layer weight SQNR, the lowest and
 agreement with the float model. Every layer is quantized (``SkipRules.none()``) so the figures cover first
 and last layers too; the first/last INT4 advice is switched off here.
 
-Run: python benchmarks/bench_sqnr.py
+Further tables give NF4-g64 minus INT4-g64 affine and minus INT4-g64 symmetric, column by column.
+
+Run: python benchmarks/bench_sqnr.py [SCHEME ...]    (default: every scheme; e.g. ``INT4-g64 INT4-sym-g64 NF4-g64``)
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ def heavy_tailed_mlp() -> nn.Module:
     return model
 
 
+def normal_mlp() -> nn.Module:
+    """Same MLP with normally distributed weights (what NF4's levels are placed for; large trained models' weights
+    are close to normal), same standard deviation as the random init."""
+    model = mlp()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape) * m.weight.std())
+    return model
+
+
 def damaged_mlp() -> nn.Module:
     """The random-init MLP with one damaged layer: a weight 1000x the others on an input that is always 0.
 
@@ -81,8 +96,12 @@ def damaged_mlp() -> nn.Module:
     return model
 
 
-SCHEMES = {"INT8": mq.Int8(), "INT4-g32": mq.Int4(group_size=32), "INT4-g128": mq.Int4(group_size=128),
-           "FP16": mq.Float16(), "BF16": mq.BFloat16()}
+SCHEMES = {"INT8": mq.Int8(), "INT4-g32": mq.Int4(group_size=32), "INT4-g64": mq.Int4(group_size=64),
+           "INT4-sym-g64": mq.Int4(group_size=64, symmetric=True), "INT4-g128": mq.Int4(group_size=128),
+           "NF4-g64": mq.NF4(group_size=64), "FP16": mq.Float16(), "BF16": mq.BFloat16()}
+COMPARISONS = (("NF4-g64", "INT4-g64"), ("NF4-g64", "INT4-sym-g64"))
+"""Pairs compared column by column: NF4 against INT4 affine and against symmetric INT4, which stores exactly as many
+bytes as NF4 (INT4 affine adds a uint8 zero-point per group)."""
 
 
 def measure(model: nn.Module, data: list[torch.Tensor], spec: mq.WeightSpec) -> tuple[float, ...]:
@@ -96,7 +115,11 @@ def measure(model: nn.Module, data: list[torch.Tensor], spec: mq.WeightSpec) -> 
             e.get("top1_agreement", float("nan")))
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    unknown = [n for n in names if n not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"unknown scheme(s) {unknown}; choose from {list(SCHEMES)}")
+    schemes = {n: SCHEMES[n] for n in names} if names else SCHEMES
     torch.manual_seed(0)
     vec = [torch.randn(32, 128) for _ in range(4)]
     models = {
@@ -104,16 +127,27 @@ def main() -> None:
         "small CNN": (small_cnn().eval(), [torch.randn(16, 3, 32, 32) for _ in range(4)]),
         "MLP random init": (mlp().eval(), vec),
         "MLP trained (Adam)": (trained_mlp().eval(), vec),
+        "MLP normal weights": (normal_mlp().eval(), vec),
         "MLP Student-t weights": (heavy_tailed_mlp().eval(), vec),
         "MLP, one damaged layer": (damaged_mlp().eval(), vec),
     }
     head = ("model", "scheme", "W min", "W med", "out min", "out med", "e2e SQNR", "top-1")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
+    results = {}
     for mname, (model, data) in models.items():
-        for sname, spec in SCHEMES.items():
-            vals = measure(model, data, spec)
+        for sname, spec in schemes.items():
+            vals = results[mname, sname] = measure(model, data, spec)
             print(" | ".join([mname, sname, *[f"{v:.1f}" for v in vals[:5]], f"{vals[5]:.3f}"]))
+    for pair in COMPARISONS:
+        if all(n in schemes for n in pair):
+            print(f"\n{pair[0]} minus {pair[1]} (dB; positive: {pair[0]} is closer to float)")
+            head = ("model", "W min", "W med", "out min", "out med", "e2e SQNR")
+            print(" | ".join(head))
+            print(" | ".join("---" for _ in head))
+            for mname in models:
+                a, b = (results[mname, n] for n in pair)
+                print(" | ".join([mname, *[f"{x - y:+.1f}" for x, y in zip(a[:5], b[:5])]]))
     t = mq.Thresholds()
     print("\ndefault thresholds (dB): weight", t.weight_sqnr_db, "\n  layer output", t.output_sqnr_db,
           "\n  end-to-end", t.end_to_end_sqnr_db, "\n  top-1 agreement", t.top1_agreement,
@@ -121,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -21,7 +21,18 @@ from .errors import (
     NonFiniteWeightError,
     SerializationError,
 )
-from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec, register_format, spec_from_dict, spec_to_dict
+from .formats import (
+    FORMATS,
+    NF4,
+    BFloat16,
+    Float16,
+    Int4,
+    Int8,
+    WeightSpec,
+    register_format,
+    spec_from_dict,
+    spec_to_dict,
+)
 from .gptq import HessianObserver
 from .nn import (
     LAYERS,
@@ -53,7 +64,7 @@ __all__ = [
     # quantizing
     "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config",
     # weight formats (see monoquant.formats; register_format adds one)
-    "WeightSpec", "Int8", "Int4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
+    "WeightSpec", "Int8", "Int4", "NF4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
     "spec_from_dict",
     # quantized layers (see monoquant.nn; register_layer adds one)
     "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "LAYERS",
