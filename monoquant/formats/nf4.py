@@ -11,15 +11,13 @@ Stored buffers of an ``[N, K]`` weight:
 ============  ===========================================  ================================================
 ``qweight``   uint8 ``[N, ceil(K/2)]``                     codes, low nibble = even column
 ``scale``     float32 ``[N, K/g]``                         absmax of each group (1.0 for an all-zero group)
-``codebook``  int32 ``[16]``                               the bits of the float32 :data:`NF4_VALUES`
+``codebook``  float32 ``[16]``                             :data:`NF4_VALUES`
 ============  ===========================================  ================================================
 
-The ``codebook`` makes a file self-describing (``codebook.view(torch.float32)`` gives the code values; 64 bytes
-per layer) and tells an NF4 state dict from a symmetric INT4 one, which has the same ``qweight`` and ``scale``.
-It holds float32 bit patterns in an integer tensor because ``model.half()`` / ``model.to(dtype)`` convert every
-floating-point buffer of a quantized layer except ``qweight`` and ``scale``; an integer one keeps its bits.
-Dequantization uses :data:`NF4_VALUES` (never a value read back from the device); a state dict whose codebook
-differs from it is not recognised as NF4.
+The ``codebook`` makes a file self-describing (it holds the code values; 64 bytes per layer) and tells an NF4
+state dict from a symmetric INT4 one, which has the same ``qweight`` and ``scale``. Like every stored buffer it
+keeps its dtype under ``model.half()`` / ``model.to(dtype)``. Dequantization uses :data:`NF4_VALUES` (never a
+value read back from the device); a state dict whose codebook differs from it is not recognised as NF4.
 
 No PyTorch low-bit kernel computes with NF4 codes (``int4pack`` assumes evenly spaced levels), so NF4 layers
 always dequantize and then run a float GEMM. GPTQ is not offered: it needs a uniform integer grid.
@@ -54,13 +52,13 @@ NF4_VALUES: tuple[float, ...] = (
 )
 """The 16 NF4 code values, ascending (code ``i`` means ``NF4_VALUES[i] * absmax``); each is exact in float32."""
 
-CODEBOOK_DTYPE = torch.int32
-"""Stored dtype of the ``codebook`` buffer: the float32 bits of :data:`NF4_VALUES` (see the module docstring)."""
+CODEBOOK_DTYPE = torch.float32
+"""Stored dtype of the ``codebook`` buffer."""
 
 
 def codebook_tensor(device: Any = None) -> torch.Tensor:
-    """The ``codebook`` buffer's value: :data:`NF4_VALUES` as float32 bit patterns, ``int32 [16]``."""
-    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device).view(CODEBOOK_DTYPE)
+    """The ``codebook`` buffer's value: :data:`NF4_VALUES`, ``float32 [16]``."""
+    return torch.tensor(NF4_VALUES, dtype=CODEBOOK_DTYPE, device=device)
 
 
 class NF4Weight(NamedTuple):
@@ -87,6 +85,7 @@ class NF4(WeightSpec):
     layout: ClassVar[str] = "nf4-bnb-absmax-packed-low-nibble-even-column"
     bits: ClassVar[int] = 4
     stored_type: ClassVar[type[tuple]] = NF4Weight
+    shared_buffers: ClassVar[tuple[str, ...]] = ("codebook",)  # one per layer, not per row
     # Measured with benchmarks/bench_sqnr.py (every layer quantized, NF4-g64, seven small models): on the healthy
     # models the lowest per-layer weight SQNR was 19.0 dB, output SQNR 18.9 dB and model-output SQNR 15.8 dB (all on
     # Student-t weights), within 3 dB of INT4-g64 affine everywhere (NF4 is up to 2.9 dB lower on uniform init

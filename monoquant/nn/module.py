@@ -274,7 +274,7 @@ class QuantModule(nn.Module):
         float32 scales keep theirs, so a ``model.half()`` cannot silently round the scales.
         """
         self._kernel_cache = {}
-        apply_keeping_dtypes(self, fn, recurse, names=("qweight", "scale"))
+        apply_keeping_dtypes(self, fn, recurse, names=self.spec.buffer_names())
         # the float dtype follows the conversion whether or not there is a bias to carry it
         self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         return self

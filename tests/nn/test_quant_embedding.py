@@ -31,7 +31,8 @@ def _reference_lookup(q: mq.QuantEmbedding, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spec", [mq.Int8(), mq.Int8(symmetric=False), mq.Int8(granularity="tensor"),
-                                  mq.Int4(group_size=32), mq.Int4(group_size=64, symmetric=True), mq.Float16()])
+                                  mq.Int4(group_size=32), mq.Int4(group_size=64, symmetric=True), mq.Float16(),
+                                  mq.NF4(group_size=64)])
 def test_lookup_equals_float64_reference_of_the_dequantized_table(spec):
     torch.manual_seed(0)
     emb = nn.Embedding(300, 128)
@@ -54,6 +55,12 @@ def test_lookup_any_shape(vocab, dim, bits, shape):
     out = q(ids)
     assert out.shape == (*shape, dim)
     assert torch.allclose(out, _reference_lookup(q, ids), rtol=0, atol=1e-6)
+
+
+def test_a_per_layer_buffer_is_not_gathered_even_when_it_has_one_entry_per_row():
+    q = mq.QuantEmbedding.from_float(nn.Embedding(16, 64), mq.QuantConfig(mq.Int8(), embeddings=mq.NF4()))
+    ids = torch.tensor([15, 0, 15, 3])  # NF4's 16-entry codebook must stay whole for a 16-row table
+    assert torch.allclose(q(ids), _reference_lookup(q, ids), rtol=0, atol=1e-6)
 
 
 def test_only_the_requested_rows_are_dequantized(monkeypatch):
