@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -17,40 +16,23 @@ from monoquant_lightning import (
     load_quantized_checkpoint,
     restore_quantized_structure,
 )
-from ptq_models import MLP, DataModule, DictBatches, KwargsModel, MemoryLogger, classification_data, loader
+from ptq_models import (
+    MLP,
+    DataModule,
+    DictBatches,
+    KwargsModel,
+    MemoryLogger,
+    classification_data,
+    fit,
+    loader,
+    trainer,
+)
 from torch import nn
 
 import monoquant as mq
 from monoquant import functional as F
 
 INT4 = mq.QuantConfig(mq.Int4(group_size=32))
-
-
-class Snapshot(pl.Callback):
-    """Placed before the PTQ callback: keeps a float copy and the training flags at on_train_end."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.flags = {n: m.training for n, m in pl_module.named_modules()}
-        pl_module.transfers = []
-        self.float_model = copy.deepcopy(pl_module)
-
-
-def trainer(callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0)
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
-
-def fit(model, callback, *, train=None, val=None, datamodule=None, **kwargs):
-    snap = Snapshot()
-    tr = trainer([snap, callback], **kwargs)
-    if datamodule is not None:
-        tr.fit(model, datamodule=datamodule)
-    else:
-        tr.fit(model, train or loader(classification_data(32)), val)
-    return tr, snap
 
 
 def quant_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -43,10 +43,12 @@ class _LoadHook:
     def __init__(self, callback: Callback, method: str) -> None:
         self.callback, self.method = weakref.ref(callback), method
 
-    def __call__(self, *args: Any) -> None:
+    def __call__(self, module: torch.nn.Module, *args: Any) -> None:
         callback = self.callback()
-        if callback is not None:
-            getattr(callback, self.method)(*args)
+        trainer = _attached_trainer(module)
+        if callback is None or (trainer is not None and callback not in trainer.callbacks):
+            return  # left behind by a run that ended without teardown, in another Trainer: not ours to act on
+        getattr(callback, self.method)(module, *args)
 
 
 def _attached_trainer(module: torch.nn.Module) -> pl.Trainer | None:
@@ -191,7 +193,7 @@ class PostTrainingQuantization(Callback):
         self._monitor_history: dict[int, float] = {}  # global_step -> monitor value, from fit's validations
         self._fit_loaders: Loaders | None = None  # the last fit's batch sources, to re-quantize float checkpoints
         self._hooks: list[Any] = []
-        self._requantize_pending = False
+        self._requantize_with: Loaders | None = None  # set while a float checkpoint loads into the quantized module
         self._requantized = False
 
     # ---- identity / state ---------------------------------------------------------------------------
@@ -244,6 +246,10 @@ class PostTrainingQuantization(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # the Trainer calls no teardown after an exception
+        self._requantize_with = None
+
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -251,22 +257,43 @@ class PostTrainingQuantization(Callback):
 
     def _before_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._requantized = False
-        if float_layers_in(module, state_dict, prefix):
-            mq.dequantize_(module)  # the float weights load as usual; _after_load quantizes them again
-            self._requantize_pending = True
+        if not float_layers_in(module, state_dict, prefix):
+            restore_from_state_dict(module, state_dict, self.config, prefix)
             return
-        restore_from_state_dict(module, state_dict, self.config, prefix)
+        # a checkpoint saved before quantization arrives in the quantized module: its float weights load into
+        # float layers, and _after_load quantizes them again (when resuming fit: when training ends)
+        trainer = _attached_trainer(module)
+        resuming = trainer is None or trainer.state.fn == "fit"
+        self._requantize_with = None if resuming else self._requantize_data(trainer)  # raises before any change
+        mq.dequantize_(module)
+        if resuming:
+            self.quantized_layers, self.report = {}, None
 
     def _after_load(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
-        if not self._requantize_pending:
+        if self._requantize_with is None:
             return
-        self._requantize_pending = False
+        loaders, self._requantize_with = self._requantize_with, None
         trainer = _attached_trainer(module)
-        if trainer is None or trainer.state.fn == "fit":
-            # resuming fit from a float checkpoint: the module is float again and is quantized when training ends
-            self.quantized_layers, self.report = {}, None
-            return
-        self._requantize(trainer, module)
+        self._info(trainer, f"PostTrainingQuantization: {trainer.ckpt_path or 'the checkpoint'} holds float "
+                            "weights (saved before quantization); quantizing them with the same config")
+        self.quantize(trainer, module, loaders)
+        self._requantized = True
+
+    def _requantize_data(self, trainer: pl.Trainer) -> Loaders:
+        """Batches to quantize a restored float checkpoint with: ``calibration_dataloader``, or the last fit's
+        validation loaders; a CalibrationError saying what to pass when the config needs data and has none."""
+        if self.calibration_dataloader is not None:
+            return self._loaders(trainer)
+        if self._fit_loaders is not None and self._fit_loaders[0]:
+            return self._fit_loaders
+        if self.config.needs_calibration:
+            raise CalibrationError(
+                f"{trainer.ckpt_path or 'the checkpoint'} holds float weights (saved before quantization) for "
+                "layers this module has quantized; quantizing them again with "
+                f"{self.config.weights.describe()} needs calibration data and this Trainer has none: pass "
+                "PostTrainingQuantization(..., calibration_dataloader=loader), or restore a checkpoint saved after "
+                "quantization (trainer.save_checkpoint(path) once fit has ended)")
+        return [], []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail before training, not after it: a ``weights`` choice or data the quantization cannot use."""
@@ -418,23 +445,6 @@ class PostTrainingQuantization(Callback):
             raise no_data_error(f"{source} gave no batch")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
         report.record_frozen(mq.freeze(pl_module))
-
-    def _requantize(self, trainer: pl.Trainer, pl_module: torch.nn.Module) -> None:
-        """Quantize float weights just restored from a checkpoint into the (formerly quantized) module."""
-        loaders = self._fit_loaders
-        if self.calibration_dataloader is not None:
-            loaders = self._loaders(trainer)
-        if (loaders is None or not loaders[0]) and self.config.needs_calibration:
-            ckpt = getattr(trainer, "ckpt_path", None) or "the checkpoint"
-            raise CalibrationError(
-                f"{ckpt} holds float weights (saved before quantization) for layers this module has quantized; "
-                f"quantizing them again with {self.config.weights.describe()} needs calibration data and this "
-                "Trainer has none: pass PostTrainingQuantization(..., calibration_dataloader=loader), or restore a "
-                "checkpoint saved after quantization (trainer.save_checkpoint(path) once fit has ended)")
-        self._info(trainer, f"PostTrainingQuantization: {getattr(trainer, 'ckpt_path', None) or 'the checkpoint'} "
-                            "holds float weights; quantizing them with the same config")
-        self.quantize(trainer, pl_module, loaders or ([], []))
-        self._requantized = True
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
