@@ -70,7 +70,8 @@ def main(out: Path) -> None:
     local = local_statistics(start.float_model, config, shard)
     result = {"buffers": dict(model.state_dict()), "seen": transfers, "end_to_end": cb.report.end_to_end,
               "layers": cb.quantized_layers, "local": local, "accuracy_warnings": accuracy_warnings,
-              "logged": logger.logged, "failed": cb.accuracy_check["failed"]}
+              "logged": logger.logged, "failed": cb.accuracy_check["failed"],
+              "output_sqnr": {r.name: r.output_sqnr_db for r in cb.report.quantized}}
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
 
 

@@ -54,6 +54,9 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
     assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["sqnr_db"] > 10
     assert (r0["end_to_end"]["batches"], r0["end_to_end"]["samples"]) == (4, 16)  # 2 batches of 4 per rank
+    # per-layer output SQNR, measured after the observers' all-reduce and summed over ranks: the same everywhere
+    assert r0["output_sqnr"] == r1["output_sqnr"] and set(r0["output_sqnr"]) == {"fc1", "fc2"}
+    assert all(20 < v < 80 for v in r0["output_sqnr"].values())
     # the report table is printed once; loggers and accuracy warnings act on rank zero only, but both ranks agree
     # that the check failed
     assert proc.stdout.count("2 quantized, ") == 1
