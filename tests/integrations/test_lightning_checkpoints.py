@@ -108,6 +108,12 @@ def test_float_checkpoint_into_a_quantized_model_without_calibration_data_says_w
     assert isinstance(model.fc1, mq.QuantLinear) and not mq.needs_calibration(model)
 
 
+def test_float_checkpoint_into_a_quantized_module_outside_the_trainer_is_a_clear_error(tmp_path):
+    model, _, _, _, ckpt = fit_with_best(tmp_path, INT4)
+    with pytest.raises(mq.SerializationError, match=r"float weights .* \['fc1', 'fc2'\] .*mq\.quantize_"):
+        load_quantized_checkpoint(model, ckpt.best_model_path)
+
+
 def test_save_to_writes_a_file_that_reloads_without_lightning(tmp_path, capsys):
     logger = MemoryLogger()
     model = MLP()

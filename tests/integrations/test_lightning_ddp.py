@@ -32,6 +32,9 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
+    # both ranks loaded the same best checkpoint (rank zero's path) before quantizing
+    assert r0["source"]["weights"] == "best" and r0["source"]["checkpoint"] == r1["source"]["checkpoint"]
+    assert Path(r0["source"]["checkpoint"]).parent == tmp_path / "ckpt"
     # every rank holds bit-identical quantized buffers, activation qparams and float parameters
     assert r0["layers"] == r1["layers"] and set(r0["layers"]) == {"fc1", "fc2"}
     assert r0["buffers"].keys() == r1["buffers"].keys()

@@ -222,6 +222,13 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path, *, state_key:
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     if "state_dict" not in checkpoint:
         raise SerializationError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    floats = float_layers_in(module, checkpoint["state_dict"])
+    if floats:
+        raise SerializationError(
+            f"{path} holds float weights (saved before quantization) for layers {floats} that "
+            f"{type(module).__name__} has quantized; load it into a freshly constructed (float) module and quantize "
+            "that (mq.quantize_(module, config)), or restore it in a Trainer with the PostTrainingQuantization "
+            "callback, which quantizes the float weights again")
     restore_quantized_structure(module, checkpoint, state_key)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module
