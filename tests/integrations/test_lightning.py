@@ -7,7 +7,6 @@ import warnings
 import pytest
 
 pytest.importorskip("lightning")
-pytest.importorskip("torchmetrics")
 
 import lightning.pytorch as pl
 import torch
