@@ -80,6 +80,9 @@ def test_weights_best_needs_a_monitored_checkpoint():
         fit(MLP(), PostTrainingQuantization(INT4, weights="best"), val=val_loader())
     with pytest.raises(mq.ConfigError, match="weights must be"):
         PostTrainingQuantization(INT4, weights="first")
+    cb = PostTrainingQuantization(INT4)  # the default without a monitored ModelCheckpoint: the last weights
+    fit(MLP(), cb, val=val_loader())
+    assert cb.source == {"weights": "last"}
 
 
 @pytest.mark.parametrize("config", [INT4, W8A8], ids=["int4", "w8a8"])
@@ -227,3 +230,15 @@ def test_the_first_batch_check_leaves_training_unchanged():
         trainer([callback], max_epochs=1).fit(model, shuffled, val_loader())
         runs.append(model.head.weight.detach().clone())  # the head stays float
     assert torch.equal(runs[0], runs[1])
+
+
+def test_weights_best_without_a_saved_best_checkpoint_warns_and_quantizes_the_last_weights(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_score", mode="max")
+    model, cb = Scored(), PostTrainingQuantization(INT4, weights="best")
+    with pytest.warns(UserWarning, match="saved no best checkpoint .* quantizing the last weights"):
+        _, snap = fit(model, cb, val=val_loader(), after=[ckpt], enable_checkpointing=True,
+                      check_val_every_n_epoch=5)  # no validation ran: nothing to call best
+    assert cb.source == {"weights": "last"}
+    mq.quantize_(snap.float_model, INT4)
+    want = buffers(snap.float_model)
+    assert all(torch.equal(buffers(model)[k], want[k]) for k in want)
