@@ -1,22 +1,28 @@
 """Train a small CNN on scikit-learn's bundled digits with Lightning, then quantize it with the callback.
 
-For INT4 (groups of 32) and INT8: train (same seed, so the same float model), let
-``PostTrainingQuantization`` quantize it when training ends (report printed), validate the quantized model
-(the callback compares val_acc with the float value), save it with ``mq.save``, load it into a fresh float
-model with ``mq.load`` and check the outputs are identical. No downloads: the digits ship with scikit-learn.
+For INT4 (groups of 32) and INT8: train (same seed, so the same float model) with a
+``ModelCheckpoint(monitor="val_acc")``; when training ends ``PostTrainingQuantization(weights="best",
+save_to=...)`` loads the best epoch's weights, quantizes them (report printed) and writes the deployable
+``.safetensors`` file. Then validate the quantized model (the callback compares val_acc with the best
+epoch's float value), load the file into a fresh model with plain ``mq.load`` (no Lightning) and check the
+outputs are identical. No downloads: the digits ship with scikit-learn.
 
-Run: python examples/lightning_digits.py      (needs: pip install -e integrations/lightning scikit-learn)
+Run: python examples/lightning_digits.py [OUT_DIR]   (needs: pip install -e integrations/lightning scikit-learn)
+The files are written to OUT_DIR (default: <tmp>/monoquant_lightning_digits).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from monoquant_lightning import PostTrainingQuantization
 from sklearn.datasets import load_digits
 from torch import nn
@@ -78,11 +84,15 @@ def run(name: str, spec: mq.WeightSpec, data: Digits, out_dir: Path) -> dict[str
     model = DigitsCNN()
     float_bytes = state_bytes(model)
     config = mq.QuantConfig(spec, skip=mq.SkipRules.defaults(skip_head=True))
-    ptq = PostTrainingQuantization(config, monitor="val_acc", tolerance=0.02)
-    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=1, callbacks=[ptq], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    print(f"\n== {name}: training, then quantizing when training ends ==")
-    trainer.fit(model, datamodule=data)  # the callback prints the per-layer report here
+    checkpoints = out_dir / f"checkpoints-{name}"
+    shutil.rmtree(checkpoints, ignore_errors=True)  # a previous run's "best" must not count
+    best = ModelCheckpoint(dirpath=checkpoints, monitor="val_acc", mode="max")
+    ptq = PostTrainingQuantization(config, weights="best", save_to=out_dir / f"digits-{name}.safetensors",
+                                   monitor="val_acc", tolerance=0.02)
+    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=1, callbacks=[best, ptq], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    print(f"\n== {name}: training, then quantizing the best epoch's weights when training ends ==")
+    trainer.fit(model, datamodule=data)  # the callback prints the per-layer report and the file it wrote
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", mq.AccuracyWarning)
@@ -91,15 +101,15 @@ def run(name: str, spec: mq.WeightSpec, data: Digits, out_dir: Path) -> dict[str
         if issubclass(w.category, mq.AccuracyWarning):
             print(f"AccuracyWarning: {w.message}")
 
-    path = out_dir / f"digits-{name}.safetensors"
-    mq.save(model, path)
-    reloaded = mq.load(DigitsCNN(), path)
+    path = ptq.saved_path
+    reloaded = mq.load(DigitsCNN(), path)  # inference without Lightning
     x = torch.stack([data.val_set[i][0] for i in range(64)])
     with torch.inference_mode():
         same = torch.equal(model.eval()(x), reloaded.eval()(x))
     if not same:
         raise SystemExit(f"{name}: the reloaded model's outputs differ from the quantized model's")
-    return {"float_acc": ptq.float_metric, "quant_acc": metrics["val_acc"], "float_bytes": float_bytes,
+    return {"best_epoch": ptq.source["epoch"], "path": path,
+            "float_acc": ptq.float_metric, "quant_acc": metrics["val_acc"], "float_bytes": float_bytes,
             "quant_bytes": state_bytes(model), "file_bytes": path.stat().st_size,
             "sqnr": ptq.report.end_to_end["sqnr_db"], "agree": ptq.report.end_to_end["top1_agreement"]}
 
@@ -111,18 +121,21 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     data = Digits()
     data.setup("fit")
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir()) / "monoquant_lightning_digits"
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in (("INT4-g32", mq.Int4(group_size=32)), ("INT8", mq.Int8())):
-            results[name] = run(name, spec, data, Path(tmp))
+    for name, spec in (("INT4-g32", mq.Int4(group_size=32)), ("INT8", mq.Int8())):
+        results[name] = run(name, spec, data, out_dir)
 
-    print("\n== summary (validation set: 360 digits) ==")
-    print(f"{'scheme':<10} {'acc float':>9} {'acc quant':>9} {'out SQNR dB':>11} {'top-1 agree':>11} "
+    print("\n== summary (validation set: 360 digits; float = the best epoch's weights) ==")
+    print(f"{'scheme':<10} {'best ep':>7} {'acc float':>9} {'acc quant':>9} {'out SQNR dB':>11} {'top-1 agree':>11} "
           f"{'size float':>10} {'size quant':>10} {'file':>9}  reload")
     for name, r in results.items():
-        print(f"{name:<10} {r['float_acc']:>9.4f} {r['quant_acc']:>9.4f} {r['sqnr']:>11.1f} {r['agree']:>11.4f} "
-              f"{r['float_bytes'] / 1024:>7.1f} KiB {r['quant_bytes'] / 1024:>6.1f} KiB "
+        print(f"{name:<10} {r['best_epoch']:>7} {r['float_acc']:>9.4f} {r['quant_acc']:>9.4f} {r['sqnr']:>11.1f} "
+              f"{r['agree']:>11.4f} {r['float_bytes'] / 1024:>7.1f} KiB {r['quant_bytes'] / 1024:>6.1f} KiB "
               f"{r['file_bytes'] / 1024:>5.1f} KiB  identical outputs")
+    print("\nwrote (load with mq.load(DigitsCNN(), path), no Lightning needed):")
+    for r in results.values():
+        print(f"  {r['path']}")
 
 
 if __name__ == "__main__":

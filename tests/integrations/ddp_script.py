@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from monoquant_lightning import PostTrainingQuantization
 from ptq_models import MLP, MemoryLogger, classification_data, loader
 from torch.utils.data import TensorDataset
@@ -54,9 +55,10 @@ def main(out: Path) -> None:
     config = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
     cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2, monitor="val_acc", tolerance=0.1)
     start, logger = StartRecording(), MemoryLogger()
+    best = ModelCheckpoint(dirpath=out / "ckpt", monitor="val_acc", mode="max")  # weights="best" on every rank
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
                          logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[start, cb])
+                         num_sanity_val_steps=0, callbacks=[start, cb, best])
     val_loader = loader(TensorDataset(x, val.tensors[1]), batch_size=4)
     trainer.fit(model, loader(classification_data(32)), val_loader)
     transfers = model.transfers
@@ -70,7 +72,8 @@ def main(out: Path) -> None:
     local = local_statistics(start.float_model, config, shard)
     result = {"buffers": dict(model.state_dict()), "seen": transfers, "end_to_end": cb.report.end_to_end,
               "layers": cb.quantized_layers, "local": local, "accuracy_warnings": accuracy_warnings,
-              "logged": logger.logged, "failed": cb.accuracy_check["failed"]}
+              "logged": logger.logged, "failed": cb.accuracy_check["failed"],
+              "output_sqnr": {r.name: r.output_sqnr_db for r in cb.report.quantized}, "source": cb.source}
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
 
 

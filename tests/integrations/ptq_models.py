@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
@@ -121,3 +123,31 @@ class MemoryLogger(Logger):
         for m in self.logged:
             out.update(m)
         return out
+
+
+class Snapshot(pl.Callback):
+    """Placed before the PTQ callback: keeps a float copy and the training flags at on_train_end."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flags = {n: m.training for n, m in pl_module.named_modules()}
+        pl_module.transfers = []
+        self.float_model = copy.deepcopy(pl_module)
+
+
+def trainer(callbacks, **kwargs) -> pl.Trainer:
+    defaults = dict(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def fit(model, callback, *, train=None, val=None, datamodule=None, after=(), **kwargs):
+    """Fit ``model`` with ``[Snapshot(), callback, *after]``; returns (trainer, snapshot)."""
+    snap = Snapshot()
+    tr = trainer([snap, callback, *after], **kwargs)
+    if datamodule is not None:
+        tr.fit(model, datamodule=datamodule)
+    else:
+        tr.fit(model, train or loader(classification_data(32)), val)
+    return tr, snap

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 
 pytest.importorskip("lightning")
-pytest.importorskip("torchmetrics")
 
 import lightning.pytorch as pl
 import torch
@@ -17,40 +15,24 @@ from monoquant_lightning import (
     load_quantized_checkpoint,
     restore_quantized_structure,
 )
-from ptq_models import MLP, DataModule, DictBatches, KwargsModel, MemoryLogger, classification_data, loader
+from ptq_models import (
+    MLP,
+    DataModule,
+    DictBatches,
+    KwargsModel,
+    MemoryLogger,
+    classification_data,
+    fit,
+    loader,
+    trainer,
+)
 from torch import nn
 
 import monoquant as mq
 from monoquant import functional as F
 
 INT4 = mq.QuantConfig(mq.Int4(group_size=32))
-
-
-class Snapshot(pl.Callback):
-    """Placed before the PTQ callback: keeps a float copy and the training flags at on_train_end."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.flags = {n: m.training for n, m in pl_module.named_modules()}
-        pl_module.transfers = []
-        self.float_model = copy.deepcopy(pl_module)
-
-
-def trainer(callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0)
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
-
-def fit(model, callback, *, train=None, val=None, datamodule=None, **kwargs):
-    snap = Snapshot()
-    tr = trainer([snap, callback], **kwargs)
-    if datamodule is not None:
-        tr.fit(model, datamodule=datamodule)
-    else:
-        tr.fit(model, train or loader(classification_data(32)), val)
-    return tr, snap
+W8A8 = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
 
 
 def quant_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,6 +66,33 @@ def test_fit_quantizes_measures_logs_and_prints(capsys):
     assert logged["quant/weight_sqnr_db/fc1"] == pytest.approx(cb.report.row("fc1").weight_sqnr_db)
     printed = capsys.readouterr().out
     assert str(cb.report) in printed and "2 quantized, 1 kept float" in printed
+
+
+def test_report_rows_have_output_sqnr_measured_against_the_float_twins():
+    model, logger = MLP(), MemoryLogger()
+    val = loader(classification_data(40, seed=1))
+    cb = PostTrainingQuantization(W8A8, compare_batches=3, calibration_batches=2)
+    _, snap = fit(model, cb, val=val, logger=logger)
+    xs = [b[0] for b in list(val)[:3]]
+    f, q = snap.float_model.eval(), model.eval()
+    powers = {"fc1": [0.0, 0.0], "fc2": [0.0, 0.0]}
+    with torch.no_grad():
+        for x in xs:  # each quantized layer vs its float twin, on the inputs the quantized model fed it
+            h = q.fc1(x)
+            for name, (ref, out) in {"fc1": (f.fc1(x), h), "fc2": (f.fc2(torch.relu(h)), q.fc2(torch.relu(h)))}.items():
+                s, n = F.signal_noise_powers(ref, out)
+                powers[name][0] += s
+                powers[name][1] += n
+    for name, (s, n) in powers.items():
+        row = cb.report.row(name)
+        assert row.output_sqnr_db == pytest.approx(F.sqnr_from_powers(s, n), abs=1e-6), name
+        assert logger.merged()[f"quant/output_sqnr_db/{name}"] == pytest.approx(row.output_sqnr_db)
+    assert 25 < cb.report.row("fc1").output_sqnr_db < 60  # INT8 weights and activations
+    assert cb.report.row("head").output_sqnr_db is None  # kept float
+
+    cb = PostTrainingQuantization(INT4, compare_batches=0)  # nothing compared: nothing measured
+    fit(MLP(), cb, val=val)
+    assert [r.output_sqnr_db for r in cb.report.quantized] == [None, None]
 
 
 def test_kwargs_model_with_dict_batches_goes_through_transfer_hooks():
@@ -335,8 +344,6 @@ def test_bad_arguments_are_config_errors():
     with pytest.raises(mq.ConfigError, match="on_failure"):
         PostTrainingQuantization(INT4, on_failure="ignore")
 
-
-W8A8 = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
 
 
 def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_calibration():

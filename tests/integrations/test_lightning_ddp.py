@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("lightning")
-pytest.importorskip("torchmetrics")
 
 import torch
 
@@ -32,6 +31,9 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
+    # both ranks loaded the same best checkpoint (rank zero's path) before quantizing
+    assert r0["source"]["weights"] == "best" and r0["source"]["checkpoint"] == r1["source"]["checkpoint"]
+    assert Path(r0["source"]["checkpoint"]).parent == tmp_path / "ckpt"
     # every rank holds bit-identical quantized buffers, activation qparams and float parameters
     assert r0["layers"] == r1["layers"] and set(r0["layers"]) == {"fc1", "fc2"}
     assert r0["buffers"].keys() == r1["buffers"].keys()
@@ -51,9 +53,12 @@ def test_ddp_two_cpu_processes_identical_quantized_weights_and_rank_zero_output(
         scale, zero = union.calculate_qparams()
         assert r0["buffers"][f"{layer}.input_quantizer.scale"] == pytest.approx(float(scale), rel=1e-6)
         assert int(r0["buffers"][f"{layer}.input_quantizer.zero_point"]) == int(zero)
-    # the torchmetrics comparison is reduced over both ranks: the same numbers everywhere
+    # the comparison is summed over both ranks (one all-reduce): the same numbers everywhere
     assert r0["end_to_end"] == r1["end_to_end"] and r0["end_to_end"]["sqnr_db"] > 10
     assert (r0["end_to_end"]["batches"], r0["end_to_end"]["samples"]) == (4, 16)  # 2 batches of 4 per rank
+    # per-layer output SQNR, measured after the observers' all-reduce and summed over ranks: the same everywhere
+    assert r0["output_sqnr"] == r1["output_sqnr"] and set(r0["output_sqnr"]) == {"fc1", "fc2"}
+    assert all(20 < v < 80 for v in r0["output_sqnr"].values())
     # the report table is printed once; loggers and accuracy warnings act on rank zero only, but both ranks agree
     # that the check failed
     assert proc.stdout.count("2 quantized, ") == 1

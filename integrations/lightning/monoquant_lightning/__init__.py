@@ -1,14 +1,22 @@
 """monoquant-lightning: post-training quantization for Lightning (``lightning.pytorch``) models.
 
 >>> from monoquant_lightning import PostTrainingQuantization
->>> ptq = PostTrainingQuantization(mq.Int4(group_size=32), monitor="val_acc")  # doctest: +SKIP
->>> trainer = L.Trainer(callbacks=[ptq])  # doctest: +SKIP
+>>> ptq = PostTrainingQuantization(mq.Int4(group_size=32), save_to="model.safetensors")  # doctest: +SKIP
+>>> trainer = L.Trainer(callbacks=[ModelCheckpoint(monitor="val_acc", mode="max"), ptq])  # doctest: +SKIP
 """
 
 from .callback import PostTrainingQuantization
-from .checkpoint import find_callback_state, load_quantized_checkpoint, restore_quantized_structure
+from .checkpoint import (
+    QuantizedCheckpointMixin,
+    find_callback_state,
+    load_quantized_checkpoint,
+    restore_quantized_structure,
+)
+from .configs import coerce_config, let_jsonargparse_build_configs
+
+let_jsonargparse_build_configs()  # LightningCLI: class_path: monoquant.QuantConfig / monoquant.Int4 in YAML files
 
 __version__ = "0.1.0"
 
-__all__ = ["PostTrainingQuantization", "find_callback_state", "load_quantized_checkpoint",
-           "restore_quantized_structure"]
+__all__ = ["PostTrainingQuantization", "QuantizedCheckpointMixin", "coerce_config", "find_callback_state",
+           "load_quantized_checkpoint", "restore_quantized_structure"]

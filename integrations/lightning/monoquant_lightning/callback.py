@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,15 +15,18 @@ from lightning.pytorch.callbacks import Callback
 
 import monoquant as mq
 from monoquant.accuracy import evaluating
-from monoquant.config import as_config
 from monoquant.data import run_batch
 from monoquant.errors import CalibrationError, ConfigError
 
-from .batches import missing_validation_data, take_batches, validation_loaders
-from .checkpoint import STATE_FORMAT, config_to_dict, restore_from_state_dict
+from .artifact import write_artifact
+from .batches import check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
+from .best import WEIGHTS, BestWeights, Weights, load_best_weights, resolve_weights
+from .checkpoint import STATE_FORMAT, config_to_dict, float_layers_in, restore_from_state_dict
 from .comparison import OutputComparison
+from .configs import ConfigLike, coerce_config
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
+Loaders = tuple[list[Iterable[Any]], list[float]]
 
 
 def no_data_error(why: str) -> CalibrationError:
@@ -31,39 +36,90 @@ def no_data_error(why: str) -> CalibrationError:
                             "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit validation data")
 
 
+class _LoadHook:
+    """A ``load_state_dict`` hook that calls a method of the callback through a weak reference, so that a
+    ``copy.deepcopy`` of the module (EMA copies, snapshots) copies neither the callback nor what it holds."""
+
+    def __init__(self, callback: Callback, method: str) -> None:
+        self.callback, self.method = weakref.ref(callback), method
+
+    def __call__(self, module: torch.nn.Module, *args: Any) -> None:
+        callback = self.callback()
+        trainer = _attached_trainer(module)
+        if callback is None or (trainer is not None and callback not in trainer.callbacks):
+            return  # left behind by a run that ended without teardown, in another Trainer: not ours to act on
+        getattr(callback, self.method)(module, *args)
+
+
+def _attached_trainer(module: torch.nn.Module) -> pl.Trainer | None:
+    try:
+        return module.trainer if isinstance(module, pl.LightningModule) else None
+    except RuntimeError:  # not attached to a Trainer
+        return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
 class PostTrainingQuantization(Callback):
     """Quantize the LightningModule in place at the end of training, measure it, and watch its accuracy.
 
     When training ends (``on_train_end``, while the model is still on its device and, under DDP, the process
     group is up) the callback:
 
-    1. runs the float model on up to ``compare_batches`` validation batches and keeps its outputs;
-    2. quantizes the module in place with ``config`` (skip rules included) via :func:`monoquant.quantize_`;
-    3. if the config needs activation statistics (static activations, GPTQ), calibrates on up to
+    1. with ``weights="best"``, loads the best checkpoint's weights on every rank (see ``weights`` below);
+    2. runs the float model on up to ``compare_batches`` validation batches and keeps its outputs;
+    3. quantizes the module in place with ``config`` (skip rules included) via :func:`monoquant.quantize_`;
+    4. if the config needs activation statistics (static activations, GPTQ), calibrates on up to
        ``calibration_batches`` validation batches, all-reduces the observer statistics across ranks
        (:func:`monoquant.sync_observers`) and freezes them (:func:`monoquant.freeze`);
-    4. runs the quantized model on the same comparison batches and measures the output SQNR and top-1
+    5. runs the quantized model on the same comparison batches and measures the output SQNR and top-1
        agreement (the definitions and ``report.end_to_end`` keys of :func:`monoquant.compare`: ``sqnr_db``,
-       ``top1_agreement``, ``batches``, ``samples``), summed over ranks with torchmetrics;
-    5. on rank zero: prints the report table and logs ``quant/*`` metrics to every trainer logger.
+       ``top1_agreement``, ``batches``, ``samples``) and each quantized layer's output SQNR against its
+       float twin on the same inputs (``output_sqnr_db`` of the report rows), summed over ranks;
+    6. records the result (:attr:`report`, :attr:`quantized_layers`), then checks the comparison against
+       ``thresholds``; on rank zero prints the report table and logs ``quant/*`` metrics to every logger;
+    7. with ``save_to``, writes the quantized module with :func:`monoquant.save` on rank zero and prints and
+       logs its path and size (``quant/file_bytes``).
 
     Batches come from the trainer's validation dataloaders (one, a list or a dict; ``limit_val_batches``
     respected; each DDP rank sees its shard) or from ``calibration_dataloader`` when given, and are moved
     with ``trainer.strategy.batch_to_device``, so the module's batch-transfer hooks apply. Batches run in
     eval mode under ``torch.no_grad()`` and the precision plugin's context (autocast for ``"bf16-mixed"``),
-    as in the validation loop; training flags are restored afterwards.
+    as in the validation loop; training flags are restored afterwards. When ``fit`` starts (before any
+    training step) one such batch is checked against the module's ``forward`` signature, so a batch the
+    default feeding rule cannot pass (a dict with a label key for ``forward(self, x)``) is a
+    :class:`monoquant.ConfigError` naming ``forward_fn`` then, not a ``TypeError`` after training.
 
     Accuracy watch: with ``monitor`` (any metric the module logs during validation, e.g. ``"val_acc"``), the
-    callback records the float model's last value; when you later run ``trainer.validate(model, ...)`` on the
-    quantized model it compares the two, logs ``quant/<monitor>_float`` and ``quant/<monitor>_quantized``,
-    and, if the quantized value is worse by more than ``tolerance`` (absolute; ``mode="max"``: lower is
-    worse, ``"min"``: higher is worse), warns with :class:`monoquant.AccuracyWarning` or raises
-    :class:`monoquant.AccuracyError` (``on_failure="raise"``). The result is kept in :attr:`accuracy_check`.
+    callback records the float model's value (that of the quantized weights: the best checkpoint's with
+    ``weights="best"``, the last validation's otherwise); when you later run ``trainer.validate(model, ...)``
+    on the quantized model it compares the two, logs ``quant/<monitor>_float`` and
+    ``quant/<monitor>_quantized``, and, if the quantized value is worse by more than ``tolerance``
+    (absolute; ``mode="max"``: lower is worse, ``"min"``: higher is worse), warns with
+    :class:`monoquant.AccuracyWarning` or raises :class:`monoquant.AccuracyError` (``on_failure="raise"``).
+    The result is kept in :attr:`accuracy_check`.
+
+    ``on_failure="raise"`` leaves the module **quantized**, and the callback records it before raising
+    (:attr:`report`, :attr:`quantized_layers`, the callback state), so checkpoints saved afterwards restore
+    like any other quantized checkpoint; no ``save_to`` file is written for a model that failed the check.
 
     Args:
-        config: a :class:`monoquant.QuantConfig` or a bare weight spec (``mq.Int4(group_size=32)``).
+        config: a :class:`monoquant.QuantConfig`, a bare weight spec (``mq.Int4(group_size=32)``), or the
+            string/dict forms of :mod:`monoquant_lightning.configs` (for YAML files; LightningCLI also
+            takes ``class_path: monoquant.QuantConfig`` / ``monoquant.Int4``).
+        weights: which float weights to quantize when training ends: ``"best"`` loads the best checkpoint of
+            the Trainer's ``ModelCheckpoint(monitor=...)`` (on every rank); ``"last"`` takes the weights the
+            module holds. Default (``None``): ``"best"`` when the Trainer has a ``ModelCheckpoint`` with a
+            ``monitor``, else ``"last"``. If no best checkpoint was saved, the last weights are quantized with
+            a warning.
+        save_to: write the quantized module there with :func:`monoquant.save` when quantization ends: a
+            ``.safetensors`` file path, or a directory (the file is ``<dir>/<ModuleClass>.safetensors``).
+            Load it for inference without Lightning: ``mq.load(MyNet(), path)``.
         calibration_batches: cap on calibration batches (split evenly over several validation loaders).
-        compare_batches: batches used for the float-vs-quantized comparison (0 disables it).
+        compare_batches: batches used for the float-vs-quantized comparison (0 disables it, and the per-layer
+            output SQNR, which keeps the float layers alive until it is measured).
         calibration_dataloader: use this loader (or any iterable of batches, e.g. ``[batch]``) instead of
             the validation dataloaders (for a module without validation data). It is used as given on every
             rank: give it a ``DistributedSampler`` to shard it under DDP.
@@ -75,16 +131,23 @@ class PostTrainingQuantization(Callback):
         thresholds: :class:`monoquant.Thresholds` or a dict of overrides for that check (default floors).
         verbose: print the report table on rank zero.
 
-    After quantization, :attr:`report` holds the :class:`monoquant.QuantReport`. Calling ``fit`` again does
-    not quantize again. Checkpoints saved afterwards restore with identical outputs when this callback is
-    in the Trainer (``trainer.test(model, ckpt_path=...)``); outside the Trainer use
-    :func:`monoquant_lightning.load_quantized_checkpoint`.
+    Checkpoints: calling ``fit`` again does not quantize again. Checkpoints saved after quantization restore
+    with identical outputs when this callback is in the Trainer (``trainer.test(model, ckpt_path=...)``);
+    outside the Trainer use :func:`monoquant_lightning.load_quantized_checkpoint`, and for
+    ``MyModule.load_from_checkpoint(path)`` derive the module from
+    :class:`monoquant_lightning.QuantizedCheckpointMixin`. A checkpoint saved *before* quantization (e.g.
+    ``trainer.test(model, ckpt_path="best")`` after ``fit``) restored into the quantized module is quantized
+    again with the same config, calibrated (where the config needs data) on ``calibration_dataloader`` or
+    the validation loaders of the last ``fit``; without either, that is a :class:`monoquant.CalibrationError`
+    saying what to pass.
     """
 
     def __init__(
         self,
-        config: mq.QuantConfig | mq.WeightSpec,
+        config: ConfigLike,
         *,
+        weights: Weights | None = None,
+        save_to: str | Path | None = None,
         calibration_batches: int = 32,
         compare_batches: int = 8,
         calibration_dataloader: Iterable[Any] | None = None,
@@ -96,8 +159,11 @@ class PostTrainingQuantization(Callback):
         thresholds: mq.Thresholds | dict[str, Any] | None = None,
         verbose: bool = True,
     ) -> None:
-        self.config = as_config(config)
+        self.config = coerce_config(config)
         self.thresholds = mq.Thresholds.coerce(thresholds)
+        if weights not in (None, *WEIGHTS):
+            raise ConfigError(f"weights must be 'best', 'last' or None (best when a ModelCheckpoint monitors a "
+                              f"metric), got {weights!r}")
         if calibration_batches <= 0:
             raise ConfigError(f"calibration_batches must be positive, got {calibration_batches}")
         if compare_batches < 0:
@@ -111,6 +177,7 @@ class PostTrainingQuantization(Callback):
         if isinstance(calibration_dataloader, (torch.Tensor, dict)):
             raise ConfigError("calibration_dataloader must be a DataLoader or an iterable of batches; wrap a "
                               "single batch in a list: [batch]")
+        self.weights, self.save_to = weights, save_to
         self.calibration_batches = calibration_batches
         self.compare_batches = compare_batches
         self.calibration_dataloader = calibration_dataloader
@@ -121,6 +188,13 @@ class PostTrainingQuantization(Callback):
         self.quantized_layers: dict[str, str] = {}
         self.float_metric: float | None = None
         self.accuracy_check: dict[str, Any] | None = None
+        self.source: dict[str, Any] | None = None  # which float weights were quantized (weights, checkpoint...)
+        self.saved_path: Path | None = None
+        self._monitor_history: dict[int, float] = {}  # global_step -> monitor value, from fit's validations
+        self._fit_loaders: Loaders | None = None  # the last fit's batch sources, to re-quantize float checkpoints
+        self._hooks: list[Any] = []
+        self._requantize_with: Loaders | None = None  # set while a float checkpoint loads into the quantized module
+        self._requantized = False
 
     # ---- identity / state ---------------------------------------------------------------------------
     @property
@@ -143,63 +217,157 @@ class PostTrainingQuantization(Callback):
             "layers": dict(self.quantized_layers),
             "float_metric": self.float_metric,
             "monitor": self.monitor,
+            "source": self.source,
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._requantized:  # a checkpoint from before quantization: its state describes the float model
+            self._requantized = False
+            return
         self.quantized_layers = dict(state_dict.get("layers") or {})
+        self.source = state_dict.get("source")
         if state_dict.get("monitor") == self.monitor:
             self.float_metric = state_dict.get("float_metric")
 
     # ---- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Prepare ``pl_module`` to receive a quantized checkpoint (``trainer.test(model, ckpt_path=...)``).
+        """Prepare ``pl_module`` to receive a checkpoint (``trainer.test(model, ckpt_path=...)``).
 
         The Trainer loads the model's state dict before any callback sees the checkpoint, so a
-        ``load_state_dict`` pre-hook swaps in quantized layers wherever the incoming state dict holds them.
+        ``load_state_dict`` pre-hook swaps in quantized layers wherever the incoming state dict holds them,
+        or, for a float state dict arriving in a quantized module, makes those layers float again; a post-hook
+        then quantizes the loaded float weights with this config.
         """
-        self._remove_hook()
-        self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
+        self._remove_hooks()
+        self._hooks = [pl_module.register_load_state_dict_pre_hook(_LoadHook(self, "_before_load")),
+                       pl_module.register_load_state_dict_post_hook(_LoadHook(self, "_after_load"))]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hook()
+        self._remove_hooks()
 
-    def _remove_hook(self) -> None:
-        if getattr(self, "_hook", None) is not None:
-            self._hook.remove()
-            self._hook = None
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # the Trainer calls no teardown after an exception
+        self._requantize_with = None
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _before_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        restore_from_state_dict(module, state_dict, self.config, prefix)
+        self._requantized = False
+        if not float_layers_in(module, state_dict, prefix):
+            restore_from_state_dict(module, state_dict, self.config, prefix)
+            return
+        # a checkpoint saved before quantization arrives in the quantized module: its float weights load into
+        # float layers, and _after_load quantizes them again (when resuming fit: when training ends)
+        trainer = _attached_trainer(module)
+        resuming = trainer is None or trainer.state.fn == "fit"
+        self._requantize_with = None if resuming else self._requantize_data(trainer)  # raises before any change
+        mq.dequantize_(module)
+        if resuming:
+            self.quantized_layers, self.report = {}, None
+
+    def _after_load(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
+        if self._requantize_with is None:
+            return
+        loaders, self._requantize_with = self._requantize_with, None
+        trainer = _attached_trainer(module)
+        self._info(trainer, f"PostTrainingQuantization: {trainer.ckpt_path or 'the checkpoint'} holds float "
+                            "weights (saved before quantization); quantizing them with the same config")
+        self.quantize(trainer, module, loaders)
+        self._requantized = True
+
+    def _requantize_data(self, trainer: pl.Trainer) -> Loaders:
+        """Batches to quantize a restored float checkpoint with: ``calibration_dataloader``, or the last fit's
+        validation loaders; a CalibrationError saying what to pass when the config needs data and has none."""
+        if self.calibration_dataloader is not None:
+            return self._loaders(trainer)
+        if self._fit_loaders is not None and self._fit_loaders[0]:
+            return self._fit_loaders
+        if self.config.needs_calibration:
+            raise CalibrationError(
+                f"{trainer.ckpt_path or 'the checkpoint'} holds float weights (saved before quantization) for "
+                "layers this module has quantized; quantizing them again with "
+                f"{self.config.weights.describe()} needs calibration data and this Trainer has none: pass "
+                "PostTrainingQuantization(..., calibration_dataloader=loader), or restore a checkpoint saved after "
+                "quantization (trainer.save_checkpoint(path) once fit has ended)")
+        return [], []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fail before training, not after it, when calibration will have no data."""
-        if self.calibration_dataloader is not None or not self.config.needs_calibration:
-            return
+        """Fail before training, not after it: a ``weights`` choice or data the quantization cannot use."""
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             return
-        why = missing_validation_data(trainer, pl_module)
-        if why is not None:
-            raise no_data_error(why)
+        self._monitor_history = {}
+        resolve_weights(trainer, self.weights)
+        if self.calibration_dataloader is None and self.config.needs_calibration:
+            why = missing_validation_data(trainer, pl_module)
+            if why is not None:
+                raise no_data_error(why)
+        if self.forward_fn is None:
+            self._check_first_batch(trainer, pl_module)
+
+    def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        source = self.calibration_dataloader
+        if source is not None and iter(source) is source:  # a one-shot iterator: peeking would consume a batch
+            return
+        if source is None and missing_validation_data(trainer, pl_module) is not None:
+            return
+        loaders, limits = self._loaders(trainer)
+        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws a seed: leave training's RNG alone
+            batch = next(take_batches(trainer, loaders, limits, 1), None)
+        if batch is not None:
+            check_batch_fits_forward(pl_module, batch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(m, mq.QuantModule) for m in pl_module.modules()):
             self._info(trainer, f"PostTrainingQuantization: {type(pl_module).__name__} is already quantized; "
                                 "not quantizing it again")
             return
-        if self.monitor is not None:
+        best = None
+        if resolve_weights(trainer, self.weights) == "best":
+            best = load_best_weights(trainer, pl_module)
+            if best is None:
+                self._warn(trainer, "weights='best' but the ModelCheckpoint saved no best checkpoint (did "
+                                    "validation run?); quantizing the last weights", UserWarning)
+        self.source = {"weights": "best", "checkpoint": best.path, "epoch": best.epoch, "global_step": best.global_step,
+                       "monitor": best.monitor, "score": best.score} if best else {"weights": "last"}
+        if best is not None:
+            self._info(trainer, f"PostTrainingQuantization: quantizing the {best.describe()}")
+        self.float_metric = self._float_value(trainer, best)
+        self._fit_loaders = self._loaders(trainer)
+        self.quantize(trainer, pl_module, self._fit_loaders)
+        if self.save_to is not None:
+            self._save(trainer, pl_module)
+
+    def _float_value(self, trainer: pl.Trainer, best: BestWeights | None) -> float | None:
+        """The monitored metric of the float weights being quantized (``None``, with a warning, if unknown)."""
+        if self.monitor is None:
+            return None
+        if best is None:
             value = trainer.callback_metrics.get(self.monitor)
-            self.float_metric = float(value) if value is not None else None
-            if value is None:
-                self._warn(trainer, f"monitor {self.monitor!r} was not logged during fit "
-                                    f"(logged: {sorted(trainer.callback_metrics)}); the accuracy check after "
-                                    "quantization will have no float value to compare with", UserWarning)
-        self.quantize(trainer, pl_module)
+            value = float(value) if value is not None else None
+        elif best.monitor == self.monitor:
+            value = best.score
+        else:
+            value = self._monitor_history.get(best.global_step)
+        if value is None:
+            self._warn(trainer, f"monitor {self.monitor!r} was not logged for the weights being quantized "
+                                f"(logged: {sorted(trainer.callback_metrics)}); the accuracy check after "
+                                "quantization will have no float value to compare with", UserWarning)
+        return value
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or not self.quantized or trainer.state.fn != "validate" or trainer.sanity_checking:
+        if self.monitor is None or trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get(self.monitor)
+        if trainer.state.fn == "fit":
+            if value is not None:  # ModelCheckpoint (ordered last) saves at this very global_step
+                self._monitor_history[trainer.global_step] = float(value)
+            return
+        if not self.quantized or trainer.state.fn != "validate":
+            return
         if value is None:
             self._warn(trainer, f"monitor {self.monitor!r} was not logged by this validation run "
                                 f"(logged: {sorted(trainer.callback_metrics)}); no accuracy check", UserWarning)
@@ -207,7 +375,7 @@ class PostTrainingQuantization(Callback):
         self._check_accuracy(trainer, float(value))
 
     # ---- quantization -------------------------------------------------------------------------------
-    def _loaders(self, trainer: pl.Trainer) -> tuple[list[Iterable[Any]], list[float]]:
+    def _loaders(self, trainer: pl.Trainer) -> Loaders:
         if self.calibration_dataloader is not None:  # one iterable of batches (a list of batches is not flattened)
             return [self.calibration_dataloader], [math.inf]
         return validation_loaders(trainer)
@@ -216,14 +384,20 @@ class PostTrainingQuantization(Callback):
         with trainer.precision_plugin.val_step_context():  # autocast etc., as in the validation loop
             return run_batch(pl_module, batch, self.forward_fn)
 
-    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> mq.QuantReport:
-        """Quantize ``pl_module`` now (what ``on_train_end`` does); returns the report."""
-        loaders, limits = self._loaders(trainer)
+    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 loaders: Loaders | None = None) -> mq.QuantReport:
+        """Quantize ``pl_module`` now (what ``on_train_end`` does after choosing the weights); returns the report.
+
+        ``loaders``: ``([loader, ...], [batch limit, ...])`` to take batches from; default: the
+        ``calibration_dataloader`` or the trainer's validation loaders.
+        """
+        loaders, limits = loaders if loaders is not None else self._loaders(trainer)
         if not loaders and self.config.needs_calibration:
             raise no_data_error(missing_validation_data(trainer, pl_module) or "the validation dataloaders are empty")
         compare = list(take_batches(trainer, loaders, limits, self.compare_batches))
         with evaluating(pl_module):
             references = [self._forward(trainer, pl_module, b) for b in compare]
+        floats = dict(pl_module.named_modules()) if compare else {}  # the float twins, for per-layer SQNR
 
         with warnings.catch_warnings():
             if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
@@ -231,20 +405,33 @@ class PostTrainingQuantization(Callback):
             report = mq.quantize_(pl_module, self.config, progress=False)
             if mq.needs_calibration(pl_module):
                 self._calibrate(trainer, pl_module, loaders, limits, report)
-            if compare:
-                comparison = OutputComparison(trainer.strategy.root_device)
-                with evaluating(pl_module):
-                    for batch, ref in zip(compare, references):
-                        comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
-                report.end_to_end.update(comparison.compute())
-                mq.accuracy.check_end_to_end(report, self.thresholds, self.on_failure)
-        if not loaders:
-            report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
-
-        self.report = report
-        self.quantized_layers = {row.name: row.scheme for row in report.quantized}
-        self._publish(trainer, report)
+            if not loaders:
+                report.warnings.append("no end-to-end comparison: no validation data; pass calibration_dataloader=...")
+            # record first: if the check below raises, the callback state still describes the quantized module
+            self.report = report
+            self.quantized_layers = {row.name: row.scheme for row in report.quantized}
+            try:
+                if compare:
+                    layers = {r.name: (pl_module.get_submodule(r.name), floats[r.name]) for r in report.quantized}
+                    self._compare(trainer, pl_module, compare, references, layers, report)
+                    del floats, layers
+                    mq.accuracy.check_end_to_end(report, self.thresholds, self.on_failure)
+            finally:
+                self._publish(trainer, report)
         return report
+
+    def _compare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any],
+                 references: list[Any], layers: dict[str, tuple[torch.nn.Module, torch.nn.Module]],
+                 report: mq.QuantReport) -> None:
+        """Fill ``report.end_to_end`` and the rows' ``output_sqnr_db`` (after calibration and the cross-rank sync)."""
+        comparison = OutputComparison(layers, trainer.strategy.root_device)
+        with evaluating(pl_module, *(twin for _, twin in layers.values())), comparison.watching_layers():
+            for batch, ref in zip(batches, references):
+                comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
+        end_to_end, per_layer = comparison.compute(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        report.end_to_end.update(end_to_end)
+        for name, value in per_layer.items():
+            report.row(name).output_sqnr_db = value
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Iterable[Any]],
                    limits: list[float], report: mq.QuantReport) -> None:
@@ -258,6 +445,15 @@ class PostTrainingQuantization(Callback):
             raise no_data_error(f"{source} gave no batch")
         mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
         report.record_frozen(mq.freeze(pl_module))
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.saved_path = write_artifact(pl_module, self.save_to)
+            size = self.saved_path.stat().st_size
+            self._info(trainer, f"PostTrainingQuantization: wrote {self.saved_path} ({_size(size)}); load it "
+                                f"without Lightning: mq.load({type(pl_module).__name__}(...), path)")
+            self._log(trainer, {"quant/file_bytes": float(size)})
+        trainer.strategy.barrier("monoquant_lightning.save")
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, report: mq.QuantReport) -> None:
@@ -277,6 +473,8 @@ class PostTrainingQuantization(Callback):
         for row in report.quantized:
             if row.weight_sqnr_db is not None:
                 metrics[f"quant/weight_sqnr_db/{row.name}"] = float(row.weight_sqnr_db)
+            if row.output_sqnr_db is not None:
+                metrics[f"quant/output_sqnr_db/{row.name}"] = float(row.output_sqnr_db)
         self._log(trainer, metrics)
 
     def _check_accuracy(self, trainer: pl.Trainer, quant_value: float) -> None:

@@ -9,8 +9,9 @@ constructed LightningModule has float layers at those names, so the quantized st
 * with the callback in ``Trainer(callbacks=[...])``, ``trainer.test(model, ckpt_path=...)`` (or
   ``validate``/``predict``/``fit``) does it for you;
 * outside the Trainer, :func:`load_quantized_checkpoint` does it for a module you constructed;
-* for ``MyModule.load_from_checkpoint(path)``, call :func:`restore_quantized_structure` from your module's
-  ``on_load_checkpoint(self, checkpoint)`` hook.
+* for ``MyModule.load_from_checkpoint(path)``, derive the module from :class:`QuantizedCheckpointMixin`
+  (``class MyModule(QuantizedCheckpointMixin, L.LightningModule)``), whose ``on_load_checkpoint`` hook calls
+  :func:`restore_quantized_structure`.
 
 The structure is rebuilt with :func:`monoquant.quantize_` restricted to exactly the stored layer names
 (the float weights it quantizes are placeholders that ``load_state_dict`` then overwrites), and checked
@@ -58,6 +59,33 @@ def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSp
     return {row.name: row.scheme for row in report.quantized}
 
 
+LOAD_FROM_CHECKPOINT_ROUTE = ("for MyModule.load_from_checkpoint(path), define the module as "
+                              "class MyModule(QuantizedCheckpointMixin, L.LightningModule) "
+                              "(from monoquant_lightning import QuantizedCheckpointMixin)")
+"""The one-line route for ``load_from_checkpoint``, named by the errors of this module."""
+
+
+class QuantizedCheckpointMixin:
+    """Lets ``MyModule.load_from_checkpoint(path)`` load checkpoints saved after quantization.
+
+    ``class MyModule(QuantizedCheckpointMixin, L.LightningModule): ...`` (the mixin first). Its
+    ``on_load_checkpoint`` puts the quantized layers the checkpoint stores back into the freshly constructed
+    module (:func:`restore_quantized_structure`) before Lightning loads the state dict, then calls the next
+    ``on_load_checkpoint`` in the MRO (yours, if you define one in the class). Float checkpoints load as usual.
+    """
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_quantized_structure(self, checkpoint)  # type: ignore[arg-type]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def float_layers_in(module: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> list[str]:
+    """Quantized layers of ``module`` for which ``state_dict`` holds a float ``weight`` and no ``qweight``
+    (a checkpoint saved before quantization, restored into the quantized module)."""
+    return [name for name, m in module.named_modules() if isinstance(m, mq.QuantModule)
+            and f"{prefix}{name}.weight" in state_dict and f"{prefix}{name}.qweight" not in state_dict]
+
+
 def _match_state(module: nn.Module, names: list[str], keys: set[str], prefix: str = "") -> None:
     """Drop calibration-time submodules of the rebuilt layers that the saved state no longer has.
 
@@ -82,7 +110,8 @@ def _check_names(module: nn.Module, names: list[str]) -> None:
     missing = [n for n in names if n not in have]
     if missing:
         raise SerializationError(f"the checkpoint has quantized layers {missing} that {type(module).__name__} "
-                                 "does not have; construct the same model class the checkpoint was saved from")
+                                 "does not have; construct the same model class the checkpoint was saved from, "
+                                 "with the same arguments")
 
 
 def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], state_key: str | None = None) -> bool:
@@ -110,7 +139,9 @@ def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], s
             raise SerializationError(
                 f"the checkpoint stores quantized layers {stored} but no PostTrainingQuantization state (saved with "
                 "weights_only=True?); load it with the callback in the Trainer, which rebuilds the layers from its "
-                "config: Trainer(callbacks=[PostTrainingQuantization(config)]).test(model, ckpt_path=...)")
+                "config: Trainer(callbacks=[PostTrainingQuantization(config)]).test(model, ckpt_path=...); or "
+                "save the checkpoint with the callback state (trainer.save_checkpoint(path)) and "
+                f"{LOAD_FROM_CHECKPOINT_ROUTE}")
         return False
     if not state.get("quantized"):
         return False
@@ -191,6 +222,13 @@ def load_quantized_checkpoint(module: nn.Module, path: str | Path, *, state_key:
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     if "state_dict" not in checkpoint:
         raise SerializationError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    floats = float_layers_in(module, checkpoint["state_dict"])
+    if floats:
+        raise SerializationError(
+            f"{path} holds float weights (saved before quantization) for layers {floats} that "
+            f"{type(module).__name__} has quantized; load it into a freshly constructed (float) module and quantize "
+            "that (mq.quantize_(module, config)), or restore it in a Trainer with the PostTrainingQuantization "
+            "callback, which quantizes the float weights again")
     restore_quantized_structure(module, checkpoint, state_key)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module
