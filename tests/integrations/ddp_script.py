@@ -52,7 +52,7 @@ def main(out: Path) -> None:
     x[:, -1] = torch.arange(len(x), dtype=x.dtype)
     model = Recording()
     # static activations: every rank calibrates observers on its own shard, then they are all-reduced
-    config = mq.QuantConfig(mq.Int8(), activations=mq.Int8())
+    config = mq.QuantConfig(mq.Int8(), activations=mq.Int8(observer=mq.MinMaxObserver()))  # min/max: checkable
     cb = PostTrainingQuantization(config, compare_batches=2, calibration_batches=2, monitor="val_acc", tolerance=0.1)
     start, logger = StartRecording(), MemoryLogger()
     best = ModelCheckpoint(dirpath=out / "ckpt", monitor="val_acc", mode="max")  # weights="best" on every rank

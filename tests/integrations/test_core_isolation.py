@@ -32,3 +32,20 @@ def test_monoquant_works_when_lightning_cannot_be_imported():
             "r = mq.quantize_(m, mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()))\n"
             "print(type(m[0]).__name__, len(r.quantized))\n")
     assert run_python(code) == "QuantLinear 1"
+
+
+def test_the_integration_uses_only_the_cores_public_names():
+    """monoquant_lightning imports from ``monoquant`` itself (or its documented ``functional`` module), never from
+    private modules, so the core can reorganise without breaking it."""
+    import ast
+
+    import monoquant as mq
+
+    package = ROOT / "integrations" / "lightning" / "monoquant_lightning"
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("monoquant"):
+                assert node.module in ("monoquant", "monoquant.functional"), f"{path.name}: from {node.module}"
+                if node.module == "monoquant":
+                    for alias in node.names:
+                        assert alias.name in mq.__all__, f"{path.name}: {alias.name} is not exported"

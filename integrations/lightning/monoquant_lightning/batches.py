@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from monoquant.errors import ConfigError
+from monoquant import ConfigError
 
 
 def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from monoquant.errors import ConfigError
+from monoquant import ConfigError
 
 Weights = Literal["best", "last"]
 WEIGHTS = ("best", "last")

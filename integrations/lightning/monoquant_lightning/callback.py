@@ -14,9 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import monoquant as mq
-from monoquant.accuracy import evaluating
-from monoquant.data import run_batch
-from monoquant.errors import CalibrationError, ConfigError
+from monoquant import CalibrationError, ConfigError, evaluating, run_batch
 
 from .artifact import write_artifact
 from .batches import check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders

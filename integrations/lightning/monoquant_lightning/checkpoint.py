@@ -28,9 +28,7 @@ import torch
 from torch import nn
 
 import monoquant as mq
-from monoquant.accuracy import exact_pattern
-from monoquant.errors import SerializationError
-from monoquant.serialization import spec_from_dict, spec_to_dict
+from monoquant import SerializationError, exact_pattern, spec_from_dict, spec_to_dict
 
 STATE_FORMAT = 1
 """Version of the callback state layout (``state["format"]``)."""

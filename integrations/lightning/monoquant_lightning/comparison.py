@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from monoquant import OutputStats, batch_size
 from monoquant import functional as F
-from monoquant.accuracy import OutputStats, batch_size
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over ranks (``lambda t: trainer.strategy.reduce(t, reduce_op="sum")``)."""

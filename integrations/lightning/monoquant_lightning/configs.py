@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 import monoquant as mq
-from monoquant.config import as_config
-from monoquant.errors import ConfigError
-from monoquant.serialization import spec_from_dict
+from monoquant import ConfigError, as_config, spec_from_dict
 
 SpecLike = mq.WeightSpec | str | Mapping[str, Any]
 ConfigLike = mq.QuantConfig | mq.WeightSpec | str | Mapping[str, Any]
