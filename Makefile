@@ -2,7 +2,7 @@
 # torch is installed first and pinned (a CPU wheel); everything else installs after it and reuses it.
 # The Lightning integration (integrations/lightning, its own distribution) installs in the same pip call as
 # the local monoquant, so its `monoquant` requirement is met by this checkout, never by PyPI, and the torch pin
-# is repeated there so that lightning/torchmetrics can never pull another torch.
+# is repeated there so that lightning can never pull another torch.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
