@@ -16,7 +16,7 @@ from . import accuracy, calibration, kernels
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, tqdm_disable
-from .errors import ConfigError, ModelError, NonFiniteWeightError
+from .errors import ConfigError, ModelError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
@@ -190,11 +190,8 @@ def quantize_(
         if module.weight.device.type == "meta":
             raise ConfigError(f"layer {name!r} is on the meta device (no weights); nothing was changed. Load real "
                               "weights before quantizing, or use mq.load(model, path) to load a quantized file")
-        if not torch.isfinite(module.weight.detach()).all():
-            raise NonFiniteWeightError(
-                f"layer {name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep the "
-                f"layer float with SkipRules(exclude=[{name!r}])"
-            )
+        F.check_finite_weight(module.weight, name, "nothing was changed. Fix the weights, or keep the layer "
+                              f"float with SkipRules(exclude=[{name!r}])")
         report.layers.append(row)
         plan.append(_Planned(name, module, decision))
 

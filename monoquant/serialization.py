@@ -152,9 +152,56 @@ def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]
     if not isinstance(modules, dict) or not isinstance(aliases, dict):
         raise SerializationError(f"{path} has a corrupt monoquant header (modules/aliases are not maps)")
     for alias, target in aliases.items():
-        if target not in header.tensors:
+        if not isinstance(target, str) or target not in header.tensors:
             raise SerializationError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
+        if alias in header.tensors:
+            raise SerializationError(f"{path}: alias {alias!r} is also a stored tensor; the header is corrupt")
+    for name, entry in modules.items():
+        validate_entry(entry, f"{path}: layer {name!r}")
     return modules, aliases
+
+
+def _check_type(where: str, field: str, value: Any, ok: bool, wanted: str) -> None:
+    if not ok:
+        raise SerializationError(f"{where}: header field {field!r} must be {wanted}, got {value!r}; the file is "
+                                 "corrupt or was written by another program")
+
+
+def _is_float_dtype_name(value: Any) -> bool:
+    dtype = getattr(torch, value, None) if isinstance(value, str) and not value.startswith("_") else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def validate_entry(entry: Any, where: str) -> None:
+    """Check the JSON types of one layer's header entry, so that a corrupt header fails here, naming the field.
+
+    Value checks that need the weight format (known kinds, layouts, group sizes dividing K) happen when the
+    layer is rebuilt; this catches what would otherwise surface as a ``TypeError``/``AttributeError``.
+    """
+    _check_type(where, "entry", entry, isinstance(entry, dict), "an object")
+    for field in ("class", "layout"):
+        _check_type(where, field, entry.get(field), isinstance(entry.get(field), str), "a string")
+    if "scheme" in entry:
+        _check_type(where, "scheme", entry["scheme"], isinstance(entry["scheme"], str), "a string")
+    spec = entry.get("spec")
+    _check_type(where, "spec", spec, isinstance(spec, dict) and isinstance(spec.get("kind"), str),
+                "an object with a string 'kind'")
+    act = entry.get("activations")
+    _check_type(where, "activations", act, act is None or (isinstance(act, dict) and isinstance(act.get("kind"), str)),
+                "null or an object with a string 'kind'")
+    group = entry.get("group_size")
+    _check_type(where, "group_size", group, group is None or (type(group) is int and group > 0),
+                "null or a positive integer")
+    shape = entry.get("weight_shape")
+    _check_type(where, "weight_shape", shape, isinstance(shape, list) and len(shape) >= 2
+                and all(type(d) is int and d >= 0 for d in shape), "a list of at least 2 non-negative integers")
+    _check_type(where, "bias", entry.get("bias"), type(entry.get("bias")) is bool, "true or false")
+    for field, optional in (("float_dtype", False), ("compute_dtype", True)):
+        value = entry.get(field)
+        _check_type(where, field, value, (optional and value is None) or _is_float_dtype_name(value),
+                    ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
+    geometry = entry.get("geometry")
+    _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
 
 
 # ---- save -------------------------------------------------------------------------------------------------
