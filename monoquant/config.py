@@ -44,6 +44,12 @@ def _check_method(method: str, observer: object = None, act_order: bool = False,
 class WeightSpec:
     """Base class of all specs. Subclasses describe storage; :mod:`monoquant.schemes` implements it."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> WeightSpec:
+        if cls is WeightSpec:
+            raise ConfigError("WeightSpec is the abstract base of weight specs; use mq.Int8(), mq.Int4(), "
+                              "mq.Float16() or mq.BFloat16()")
+        return super().__new__(cls)
+
     @property
     def kind(self) -> str:  # "int8", "int4", "float16", "bfloat16"
         raise NotImplementedError

@@ -236,6 +236,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         if t.device.type == "meta":
             raise SerializationError(f"tensor {name!r} is on the meta device (no data); load or compute the "
                                      "model's weights before saving")
+        if t.layout != torch.strided:
+            raise SerializationError(f"tensor {name!r} is {t.layout}; safetensors files hold dense tensors only, "
+                                     "so make it dense (.to_dense()) before saving")
         key = _identity(t) if t.numel() else (name,)
         if key in stored:
             aliases[name] = stored[key]
@@ -370,18 +373,39 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
             "compute_dtype": _dtype_name(compute_dtype), "layout": LAYOUTS[spec.kind]}
 
 
+def _check_state(state: Mapping[Any, Any]) -> None:
+    """Check that every entry of a state dict is a dense tensor with data, naming the first that is not.
+
+    Kernels index the stored buffers directly, so a sparse or meta tensor accepted here would only fail at the
+    first forward; strided views are made contiguous when read (:func:`_contiguous_on`).
+    """
+    for name, t in state.items():
+        if not isinstance(name, str):
+            raise SerializationError(f"state dict key {name!r} is a {type(name).__name__}, not a string")
+        if not isinstance(t, torch.Tensor):
+            raise SerializationError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided:
+            raise SerializationError(f"state dict entry {name!r} is a {t.layout} tensor; pass dense tensors "
+                                     "(.to_dense())")
+        if t.device.type == "meta":
+            raise SerializationError(f"state dict entry {name!r} is on the meta device (no data); pass a state "
+                                     "dict with real tensors (e.g. torch.load(f, weights_only=True))")
+
+
+def _contiguous_on(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``state``'s tensors on ``device``, each contiguous (copied only when moved or a strided view)."""
+    return {k: v.to(device).contiguous() for k, v in state.items()}
+
+
 def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
-    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise SerializationError(f"state dict entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    _check_state(state)
     modules = {}
     for name, current in model.named_modules():
         prefix = f"{name}." if name else ""
         cls = type(current) if isinstance(current, QuantModule) else quant_class_for(current)
         if cls is not None and prefix + "qweight" in state:
             modules[name] = _infer_entry(prefix, state, current, cls)
-    return _Source("the state dict", state, {}, modules,
-                   lambda device: {k: v.to(device) for k, v in state.items()})
+    return _Source("the state dict", state, {}, modules, lambda device: _contiguous_on(state, device))
 
 
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,

@@ -65,6 +65,9 @@ class QuantModule(nn.Module):
         if not isinstance(spec, WeightSpec):
             raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
         self.spec = spec
+        if group_size is not None and (type(group_size) is not int or group_size <= 0):
+            raise ConfigError(f"{type(self).__name__}: group_size must be a positive integer or None, "
+                              f"got {group_size!r}")
         self.weight_shape = torch.Size(weight_shape)
         n, k = self.weight2d_shape
         if isinstance(spec, Int4):
