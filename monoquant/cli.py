@@ -282,8 +282,9 @@ def _check_collisions(plans: Sequence[_Plan], table: Table) -> Table:
         for out in _outputs(plan, dtype):
             first = writer_of.setdefault(out[0], plan)
             if first is not plan:
-                layer = (first if first.quant is not None else plan).layer
-                raise ConfigError(f"input tensors {first.name!r} and {plan.name!r} would both be written as "
+                quantized, other = (first, plan) if first.quant is not None else (plan, first)
+                layer = quantized.layer
+                raise ConfigError(f"input tensors {quantized.name!r} and {other.name!r} would both be written as "
                                   f"{out[0]!r} (a quantized layer stores qweight/scale/zero_point next to its other "
                                   f"tensors); keep layer {layer!r} in float with --skip '{layer}', or rename the "
                                   "tensors")
