@@ -202,6 +202,12 @@ def validate_entry(entry: Any, where: str) -> None:
                     ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
     geometry = entry.get("geometry")
     _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
+    for field in ("spec", "activations"):
+        if entry.get(field) is not None:
+            try:
+                spec_from_dict(entry[field])
+            except SerializationError as e:
+                raise SerializationError(f"{where}: header field {field!r}: {e}") from e
 
 
 # ---- save -------------------------------------------------------------------------------------------------

@@ -115,3 +115,18 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def rewrite_metadata(path: Path, mutate) -> None:
+    """Rewrite a safetensors file's header with ``mutate(metadata)`` applied (tensor bytes unchanged)."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header["__metadata__"]
+    mutate(meta)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
