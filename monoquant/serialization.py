@@ -158,7 +158,26 @@ def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]
             raise SerializationError(f"{path}: alias {alias!r} is also a stored tensor; the header is corrupt")
     for name, entry in modules.items():
         validate_entry(entry, f"{path}: layer {name!r}")
+        _check_static_activations(header, name, entry)
     return modules, aliases
+
+
+def _check_static_activations(header: stio.Header, name: str, entry: Mapping[str, Any]) -> None:
+    """A layer with static activation quantization must hold frozen qparams: :func:`save` writes no other kind.
+
+    Reads the layer's one-element ``input_quantizer.frozen`` flag; a header that claims static quantization
+    for a dynamic quantizer's tensors (or any unfrozen one) would load, then fail or mislead at forward.
+    """
+    if entry.get("activations") is None or getattr(spec_from_dict(entry["activations"]), "dynamic", True):
+        return
+    flag = f"{name}.input_quantizer.frozen" if name else "input_quantizer.frozen"
+    info = header.tensors.get(flag)
+    if info is None or info.nbytes > 16:
+        return  # missing or misshapen: reported with the other tensors when loading
+    if not bool(stio.read_tensors(header, [flag])[flag].all()):
+        raise SerializationError(f"{header.path}: layer {name!r} has static activation quantization but its "
+                                 "qparams were never frozen; the file is corrupt (monoquant only saves frozen "
+                                 "layers): save it again after mq.freeze(model)")
 
 
 def _check_type(where: str, field: str, value: Any, ok: bool, wanted: str) -> None:

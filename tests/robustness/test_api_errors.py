@@ -208,3 +208,25 @@ def test_weight_spec_base_class_cannot_be_instantiated():
     with pytest.raises(mq.ConfigError, match=r"WeightSpec is the abstract base.*use mq.Int8\(\)"):
         mq.WeightSpec()
     assert mq.Int4(group_size=32).kind == "int4"  # subclasses unaffected
+
+
+@pytest.mark.parametrize("dynamic", [False, None, 0])
+def test_a_header_calling_dynamic_activations_static_is_refused(tmp_path, dynamic):
+    """Found by the header fuzz: such a file loaded, then every forward raised CalibrationError."""
+    model = Small().eval()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    path = tmp_path / "m.safetensors"
+    mq.save(model, path)
+
+    def mutate(meta):
+        modules = json.loads(meta["modules"])
+        modules["fc2"]["activations"]["dynamic"] = dynamic
+        meta["modules"] = json.dumps(modules)
+
+    rewrite_metadata(path, mutate)
+    target = Small()
+    snap = Snapshot.of(target)
+    with pytest.raises(mq.SerializationError, match=r"layer 'fc2' has static activation quantization but its qparams "
+                                                     "were never frozen"):
+        mq.load(target, path)
+    snap.assert_same(target)
