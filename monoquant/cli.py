@@ -21,7 +21,13 @@
     stored bytes, and totals.
 
 Errors (bad arguments, unreadable or corrupt files) print one line to stderr and exit with status 1 (2 for
-usage errors); there is no traceback.
+usage errors); there is no traceback. ``quantize`` checks before writing anything that OUT is not one of the
+files it reads (IN or a shard of its index, compared by inode, so links count), that every shard an index
+lists lies inside the index's folder, that no input tensor has a name the output uses for a quantized
+layer's buffers (``a.scale`` next to a quantized ``a.weight``), and that no ``.pt`` tensor is sparse or a
+view claiming more data than its storage holds (a stride-0 ``expand``). A weight holding NaN or Inf stops
+the run with the same error ``quantize_`` raises. On any error OUT is left as it was and no temporary
+file remains (see :class:`monoquant.safetensors_io.StreamWriter`).
 """
 
 from __future__ import annotations

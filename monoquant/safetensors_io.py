@@ -25,7 +25,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -231,12 +231,18 @@ class StreamWriter:
         self._tmp = Path(tmp)
         self._fh: BinaryIO = os.fdopen(fd, "wb")
         self._next = 0
-        try:
+        with self._or_abort():
             # mkstemp makes the file owner-only; give it the mode a plain open() would (or the old file's)
             mode = self.path.stat().st_mode & 0o7777 if self.path.exists() else 0o666 & ~_umask()
             if hasattr(os, "fchmod"):
                 os.fchmod(fd, mode)
             self._fh.write(struct.pack("<Q", len(blob)) + blob)
+
+    @contextlib.contextmanager
+    def _or_abort(self) -> Iterator[None]:
+        """One step of the write: on any failure the temporary file is removed (OS errors name ``path``)."""
+        try:
+            yield
         except OSError as e:
             self.abort()
             raise self._error(e) from e
@@ -259,11 +265,8 @@ class StreamWriter:
             self.abort()
             raise SerializationError(f"internal error: expected tensor {exp_name} {dtype} {list(shape)}, got "
                                      f"{name} {tensor.dtype} {list(tensor.shape)}")
-        try:
+        with self._or_abort():
             self._fh.write(tensor_bytes(tensor))
-        except OSError as e:
-            self.abort()
-            raise self._error(e) from e
         self._next += 1
 
     def close(self) -> None:
@@ -271,17 +274,11 @@ class StreamWriter:
         if self._next != len(self._expected):
             self.abort()
             raise SerializationError(f"internal error: {len(self._expected) - self._next} tensors were not written")
-        try:
+        with self._or_abort():
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
             os.replace(self._tmp, self.path)
-        except OSError as e:
-            self.abort()
-            raise self._error(e) from e
-        except BaseException:
-            self.abort()
-            raise
         _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
