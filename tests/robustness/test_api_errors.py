@@ -230,3 +230,27 @@ def test_a_header_calling_dynamic_activations_static_is_refused(tmp_path, dynami
                                                      "were never frozen"):
         mq.load(target, path)
     snap.assert_same(target)
+
+
+LOAD_PATHS = {
+    "a directory": (lambda p: p.mkdir(), "is a directory, not a file"),
+    "missing": (lambda p: None, "no such file"),
+    "empty": (lambda p: p.write_bytes(b""), "not a readable safetensors file"),
+    "truncated": (lambda p: (mq.save(quantized_small(), p), p.write_bytes(p.read_bytes()[:-100])),
+                  "not a readable safetensors file"),
+    "a torch file": (lambda p: torch.save(quantized_small().state_dict(), p), "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_PATHS))
+def test_load_and_inspect_of_an_unusable_path(tmp_path, capsys, case):
+    path = tmp_path / "m.safetensors"
+    LOAD_PATHS[case][0](path)
+    model = Small()
+    snap = Snapshot.of(model)
+    with pytest.raises(mq.SerializationError, match=re.escape(LOAD_PATHS[case][1])) as info:
+        mq.load(model, path)
+    assert str(path) in str(info.value)
+    snap.assert_same(model)
+    code, err = cli(capsys, "inspect", path)
+    assert code == 1 and str(path) in err and LOAD_PATHS[case][1] in err
