@@ -130,3 +130,38 @@ def rewrite_metadata(path: Path, mutate) -> None:
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+class _FailingFile:
+    """Wraps the writer's file: the ``fail_at``-th write raises ``exc``."""
+
+    def __init__(self, fh, fail_at: int, exc: BaseException) -> None:
+        self._fh, self._n, self._fail_at, self._exc = fh, 0, fail_at, exc
+
+    def write(self, data):
+        self._n += 1
+        if self._n == self._fail_at:
+            raise self._exc
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def inject_write_fault(monkeypatch, where: str, exc: BaseException) -> None:
+    """Make one step of :class:`monoquant.safetensors_io.StreamWriter` raise ``exc``: ``"header"`` (the first
+    write), ``"tensor"`` (the third), or a function such as ``"os.replace"`` / ``"tempfile.mkstemp"``."""
+    from monoquant import safetensors_io as stio
+
+    if where in ("header", "tensor"):
+        real = os.fdopen
+        monkeypatch.setattr(stio.os, "fdopen",
+                            lambda fd, mode: _FailingFile(real(fd, mode), 1 if where == "header" else 3, exc))
+    else:
+        module, attr = where.split(".")
+        target = {"tempfile": stio.tempfile, "os": stio.os}[module]
+
+        def fail(*a, **k):
+            raise exc
+
+        monkeypatch.setattr(target, attr, fail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,10 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from _robust import Small, assert_no_leftovers, assert_one_line_error, cli, files_in, run_cli_jailed
+from _robust import (
+    Small,
+    assert_no_leftovers,
+    assert_one_line_error,
+    cli,
+    files_in,
+    inject_write_fault,
+    run_cli_jailed,
+)
 from safetensors.torch import load_file, save_file
 
 import monoquant as mq
+import monoquant.cli
 
 OLD_OUT = b"a previous output that must survive"
 
@@ -310,4 +320,31 @@ def test_file_size_limit_names_the_output_and_leaves_nothing(tmp_path):
                        extra_limits="resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))")
     line = assert_one_line_error(r, f"cannot write {out}", "File too large")
     assert not line.startswith("monoquant: error: :")
+    assert_no_leftovers(before, tmp_path)
+
+
+CLI_FAULTS = {
+    "disk full on a tensor": ("tensor", OSError(errno.ENOSPC, "No space left on device"), 1, "No space left"),
+    "disk full on the header": ("header", OSError(errno.ENOSPC, "No space left on device"), 1, "No space left"),
+    "fsync fails": ("os.fsync", OSError(errno.EIO, "Input/output error"), 1, "Input/output error"),
+    "rename refused": ("os.replace", OSError(errno.EACCES, "Permission denied"), 1, "Permission denied"),
+    "Ctrl-C while writing": ("tensor", KeyboardInterrupt(), 130, "interrupted; no output was written"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_FAULTS))
+def test_a_failing_write_names_out_and_leaves_the_old_file(tmp_path, capsys, monkeypatch, case):
+    where, exc, status, message = CLI_FAULTS[case]
+    src = _checkpoint(tmp_path / "ck")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(OLD_OUT)
+    before = files_in(tmp_path)
+    inject_write_fault(monkeypatch, where, exc)
+    capsys.readouterr()
+    code = mq.cli.main(["quantize", str(src), str(out), "--bits", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == status and message in err and len(err.strip().splitlines()) == 1
+    if status == 1:
+        assert f"cannot write {out}" in err
     assert_no_leftovers(before, tmp_path)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from _robust import Small, Snapshot, assert_no_leftovers, files_in, quantized_small, run_jailed
+from _robust import Small, Snapshot, assert_no_leftovers, files_in, inject_write_fault, quantized_small, run_jailed
 from safetensors.torch import load_file
 
 import monoquant as mq
@@ -82,37 +82,6 @@ FAULTS = {
 }
 
 
-class _FailingFile:
-    """Wraps the writer's file: the ``fail_at``-th write raises ``exc``."""
-
-    def __init__(self, fh, fail_at: int, exc: BaseException) -> None:
-        self._fh, self._n, self._fail_at, self._exc = fh, 0, fail_at, exc
-
-    def write(self, data):
-        self._n += 1
-        if self._n == self._fail_at:
-            raise self._exc
-        return self._fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-
-def _inject(monkeypatch, where: str, exc: BaseException) -> None:
-    if where in ("header", "tensor"):
-        real = os.fdopen
-        monkeypatch.setattr(stio.os, "fdopen",
-                            lambda fd, mode: _FailingFile(real(fd, mode), 1 if where == "header" else 3, exc))
-    else:
-        module, attr = where.split(".")
-        target = {"tempfile": stio.tempfile, "os": stio.os}[module]
-
-        def fail(*a, **k):
-            raise exc
-
-        monkeypatch.setattr(target, attr, fail)
-
-
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_mq_save_fault_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fault):
     path = tmp_path / "m.safetensors"
@@ -120,7 +89,7 @@ def test_mq_save_fault_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fault)
     before = files_in(tmp_path)
     model = quantized_small()
     snap = Snapshot.of(model)
-    _inject(monkeypatch, *FAULTS[fault])
+    inject_write_fault(monkeypatch, *FAULTS[fault])
     with pytest.raises(mq.SerializationError, match=r"cannot write .*m\.safetensors") as info:
         mq.save(model, path)
     assert isinstance(info.value.__cause__, OSError)
@@ -136,7 +105,7 @@ def test_interrupted_save_removes_its_temp(tmp_path, monkeypatch, exc, where):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"old")
     before = files_in(tmp_path)
-    _inject(monkeypatch, where, exc())
+    inject_write_fault(monkeypatch, where, exc())
     with pytest.raises(exc):
         mq.save(quantized_small(), path)
     assert_no_leftovers(before, tmp_path)
