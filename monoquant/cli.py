@@ -99,15 +99,16 @@ def _shard_paths(index: Path) -> list[Path]:
         shards = list(dict.fromkeys(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SerializationError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
-    folder = index.parent.resolve()
+    # confined by name, not by following links: a Hugging Face cache's shards are symlinks to ../../blobs
+    folder = Path(os.path.normpath(index.parent.absolute()))
     paths = []
     for shard in shards:
         if not isinstance(shard, str) or not shard:
             raise SerializationError(f"{index}: weight_map values must be shard file names, got {shard!r}")
-        resolved = (folder / shard).resolve()
-        if not resolved.is_relative_to(folder):
-            raise SerializationError(f"{index} lists shard {shard!r}, which is outside the index's folder {folder}; "
-                                     "shards must sit next to their index (refusing to read it)")
+        resolved = Path(os.path.normpath(folder / shard))
+        if resolved == folder or not resolved.is_relative_to(folder):
+            raise SerializationError(f"{index} lists shard {shard!r}, which is not a file inside the index's folder "
+                                     f"{folder}; shards must sit next to their index (refusing to read it)")
         paths.append(resolved)
     return paths
 

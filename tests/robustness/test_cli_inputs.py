@@ -98,23 +98,33 @@ def _escaping_index(tmp_path: Path, case: str) -> tuple[Path, str]:
     folder = tmp_path / "ck"
     folder.mkdir()
     value = {"parent": "../outside/model.safetensors", "absolute": str(outside),
-             "nested parent": "sub/../../outside/model.safetensors", "symlink out": "link.safetensors"}[case]
-    if case == "symlink out":
-        (folder / "link.safetensors").symlink_to(outside)
+             "nested parent": "sub/../../outside/model.safetensors", "the folder itself": "."}[case]
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"fc1.weight": value}}))
     return index, value
 
 
-@pytest.mark.parametrize("case", ["parent", "absolute", "nested parent", "symlink out"])
+@pytest.mark.parametrize("case", ["parent", "absolute", "nested parent", "the folder itself"])
 def test_shard_outside_the_index_folder_is_refused(tmp_path, capsys, case):
     index, value = _escaping_index(tmp_path, case)
     out = tmp_path / "out.safetensors"
     out.write_bytes(OLD_OUT)
     before = files_in(tmp_path)
     code, err = cli(capsys, "quantize", index, out, "--bits", "8", "--no-progress")
-    assert code == 1 and "outside the index's folder" in err and repr(value) in err
+    assert code == 1 and "not a file inside the index's folder" in err and repr(value) in err
     assert_no_leftovers(before, tmp_path)
+
+
+def test_symlinked_shards_as_in_a_hugging_face_cache_are_read(tmp_path, capsys):
+    """Only the names in the index are confined: snapshots/REV/shard -> ../../blobs/SHA is the usual layout."""
+    index = _sharded(tmp_path / "blobs")
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    for f in ("s1.safetensors", "s2.safetensors", index.name):
+        (snapshot / f).symlink_to(Path("../../blobs") / f)
+    code, _ = cli(capsys, "quantize", snapshot / index.name, tmp_path / "o.safetensors", "--bits", "8",
+                  "--no-progress")
+    assert code == 0 and "fc1.qweight" in load_file(str(tmp_path / "o.safetensors"))
 
 
 MALFORMED_INDEXES = {
