@@ -238,12 +238,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (quantized or not) to one safetensors file at ``path``, readable by :func:`load`.
 
     Every tensor of ``model.state_dict()`` is stored bit-exactly; tensors shared between several names are
-    stored once. The file is written to a temporary name and renamed, so ``path`` is never left half-written.
+    stored once. The file is written to a temporary file of its own next to ``path``, fsynced and renamed, so
+    ``path`` is never left half-written and concurrent saves to one path each leave one whole model (see
+    :class:`~monoquant.safetensors_io.StreamWriter`, also for the hidden temporary a SIGKILL can leave).
 
     Raises:
         ModelError: ``model`` is not an ``nn.Module``.
-        SerializationError: a tensor is on the meta device, a layer is still being calibrated (call
-            ``mq.freeze(model)`` first), or ``path`` cannot be written.
+        SerializationError: a tensor is on the meta device or sparse, a layer is still being calibrated (call
+            ``mq.freeze(model)`` first), or ``path`` cannot be written (a directory, a missing folder, a full
+            disk...); the old file at ``path`` is then kept and no temporary file remains.
     """
     model = _check_model(model)
     state = model.state_dict()
