@@ -229,6 +229,23 @@ def validate_entry(entry: Any, where: str) -> None:
                 raise SerializationError(f"{where}: header field {field!r}: {e}") from e
 
 
+def check_aliases(where: str, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> None:
+    """Each alias of a file must name a tensor the model shares with the alias's target (tied weights, a layer
+    registered twice): otherwise loading would silently give the alias its target's values.
+
+    ``expected`` is the model's state (:func:`_expected_state`); names it lacks are reported elsewhere.
+    """
+    for alias, target in aliases.items():
+        a, t = expected.get(alias), expected.get(target)
+        if a is None or t is None or a is t:
+            continue
+        if "meta" not in (a.device.type, t.device.type) and _identity(a) == _identity(t):
+            continue  # distinct tensor objects viewing the same memory
+        raise SerializationError(f"{where} stores {alias!r} as the same tensor as {target!r}, but the model keeps "
+                                 "them separate: the header's aliases are corrupt, or the file was saved from a "
+                                 "model whose weights are tied differently")
+
+
 # ---- save -------------------------------------------------------------------------------------------------
 def _identity(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -488,6 +505,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
     _check_tensors(source, expected)
+    check_aliases(source.where, source.aliases, expected)
 
     target = torch.device(device) if device is not None else model_device(model)
     state = source.read(target)

@@ -254,3 +254,39 @@ def test_load_and_inspect_of_an_unusable_path(tmp_path, capsys, case):
     snap.assert_same(model)
     code, err = cli(capsys, "inspect", path)
     assert code == 1 and str(path) in err and LOAD_PATHS[case][1] in err
+
+
+@pytest.mark.parametrize(("alias", "target"), [("again.bias", "norm.weight"), ("again.weight", "norm.bias"),
+                                               ("fc1.bias", "norm.bias")])
+@pytest.mark.parametrize("meta", [False, True])
+def test_an_alias_retargeted_to_another_tensor_of_the_same_shape_is_refused(tmp_path, alias, target, meta):
+    """Found by the header fuzz: the alias loaded its target's values, silently."""
+    class Tied(Small):
+        def __init__(self) -> None:
+            super().__init__()
+            self.again = self.norm
+
+    model = Tied()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()))
+    path = tmp_path / "m.safetensors"
+    mq.save(model, path)
+
+    def mutate(meta_):
+        aliases = json.loads(meta_["aliases"])
+        assert aliases == {"again.bias": "norm.bias", "again.weight": "norm.weight"}
+        aliases.pop(alias, None)
+        aliases[alias] = target
+        meta_["aliases"] = json.dumps(aliases)
+
+    rewrite_metadata(path, mutate)
+    if meta:
+        with torch.device("meta"):
+            fresh = Tied()
+    else:
+        fresh = Tied()
+    snap = None if meta else Snapshot.of(fresh)
+    with pytest.raises(mq.SerializationError, match=f"stores {alias!r} as the same tensor as {target!r}|"
+                                                    f"{alias!r} is also a stored tensor"):
+        mq.load(fresh, path)
+    if snap is not None:
+        snap.assert_same(fresh)
