@@ -229,18 +229,30 @@ def validate_entry(entry: Any, where: str) -> None:
                 raise SerializationError(f"{where}: header field {field!r}: {e}") from e
 
 
-def check_aliases(where: str, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor]) -> None:
-    """Each alias of a file must name a tensor the model shares with the alias's target (tied weights, a layer
-    registered twice): otherwise loading would silently give the alias its target's values.
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or ("meta" not in (a.device.type, b.device.type) and _identity(a) == _identity(b))
 
-    ``expected`` is the model's state (:func:`_expected_state`); names it lacks are reported elsewhere.
+
+def check_aliases(where: str, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor],
+                  original: Mapping[str, torch.Tensor], rebuilt: set[str]) -> None:
+    """Each alias of a file must name a tensor the model shares with the alias's target, or loading would
+    silently give the alias its target's values.
+
+    Shared means: the same tensor in ``expected`` (the model's state once the file's layers are swapped in:
+    tied weights, a layer registered twice), or the same buffer of two quantized layers ``rebuilt`` from the
+    file whose weights are tied in ``original`` (the model's state before the swap), as ``quantize_`` ties
+    the buffers of layers with tied float weights. Names the model lacks are reported elsewhere.
     """
     for alias, target in aliases.items():
         a, t = expected.get(alias), expected.get(target)
-        if a is None or t is None or a is t:
+        if a is None or t is None or _same_tensor(a, t):
             continue
-        if "meta" not in (a.device.type, t.device.type) and _identity(a) == _identity(t):
-            continue  # distinct tensor objects viewing the same memory
+        (layer_a, _, attr), (layer_t, _, attr_t) = alias.rpartition("."), target.rpartition(".")
+        if attr == attr_t and layer_a in rebuilt and layer_t in rebuilt:
+            weight_a, weight_t = (original.get(f"{layer}.weight", original.get(f"{layer}.{attr}"))
+                                  for layer in (layer_a, layer_t))
+            if weight_a is not None and weight_t is not None and _same_tensor(weight_a, weight_t):
+                continue
         raise SerializationError(f"{where} stores {alias!r} as the same tensor as {target!r}, but the model keeps "
                                  "them separate: the header's aliases are corrupt, or the file was saved from a "
                                  "model whose weights are tied differently")
@@ -505,7 +517,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
     _check_tensors(source, expected)
-    check_aliases(source.where, source.aliases, expected)
+    check_aliases(source.where, source.aliases, expected, _expected_state(model, {}), set(modules))
 
     target = torch.device(device) if device is not None else model_device(model)
     state = source.read(target)
