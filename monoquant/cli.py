@@ -21,7 +21,13 @@
     stored bytes, and totals.
 
 Errors (bad arguments, unreadable or corrupt files) print one line to stderr and exit with status 1 (2 for
-usage errors); there is no traceback.
+usage errors); there is no traceback. ``quantize`` checks before writing anything that OUT is not one of the
+files it reads (IN or a shard of its index, compared by inode, so links count), that every shard an index
+lists lies inside the index's folder, that no input tensor has a name the output uses for a quantized
+layer's buffers (``a.scale`` next to a quantized ``a.weight``), and that no ``.pt`` tensor is sparse or a
+view claiming more data than its storage holds (a stride-0 ``expand``). A weight holding NaN or Inf stops
+the run with the same error ``quantize_`` raises. On any error OUT is left as it was and no temporary
+file remains (see :class:`monoquant.safetensors_io.StreamWriter`).
 """
 
 from __future__ import annotations
@@ -79,23 +85,51 @@ def _safetensors_tensors(headers: Sequence[stio.Header]) -> Iterator[_Tensor]:
 Table = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
-def _open_checkpoint(path: Path) -> tuple[Table, Callable[[], Iterator[_Tensor]]]:
-    """The checkpoint's tensor table, and a function that yields its tensors one at a time."""
+@dataclass(frozen=True)
+class _Checkpoint:
+    files: list[Path]  # every file read: IN itself, and the shards an index lists
+    table: Table
+    tensors: Callable[[], Iterator[_Tensor]]
+
+
+def _shard_paths(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` lists, each confined to the index's directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SerializationError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
+    # confined by name, not by following links: a Hugging Face cache's shards are symlinks to ../../blobs
+    folder = Path(os.path.normpath(index.parent.absolute()))
+    paths = []
+    for shard in shards:
+        if not isinstance(shard, str) or not shard:
+            raise SerializationError(f"{index}: weight_map values must be shard file names, got {shard!r}")
+        resolved = Path(os.path.normpath(folder / shard))
+        if resolved == folder or not resolved.is_relative_to(folder):
+            raise SerializationError(f"{index} lists shard {shard!r}, which is not a file inside the index's folder "
+                                     f"{folder}; shards must sit next to their index (refusing to read it)")
+        paths.append(resolved)
+    return paths
+
+
+def _open_checkpoint(path: Path) -> _Checkpoint:
+    """The checkpoint's files, tensor table, and a function that yields its tensors one at a time."""
     if not path.exists():
         raise SerializationError(f"{path}: no such file")
+    if path.is_dir():
+        raise SerializationError(f"{path} is a directory; give a .safetensors file, a *.safetensors.index.json "
+                                 "or a torch state-dict file")
     if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-            shards = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SerializationError(f"{path} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
-        headers = [stio.read_header(path.parent / shard) for shard in shards]
+        files = [path, *_shard_paths(path)]
+        headers = [stio.read_header(shard) for shard in files[1:]]
     elif path.suffix == ".safetensors":
-        headers = [stio.read_header(path)]
+        files, headers = [path], [stio.read_header(path)]
     else:
         state = _torch_state_dict(path)
         table = [(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
-        return table, lambda: (_Tensor(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in state.items())
+        return _Checkpoint([path], table, lambda: (_Tensor(n, t.dtype, tuple(t.shape), lambda t=t: t)
+                                                   for n, t in state.items()))
     seen: set[str] = set()
     for h in headers:
         dup = seen.intersection(h.tensors)
@@ -103,7 +137,26 @@ def _open_checkpoint(path: Path) -> tuple[Table, Callable[[], Iterator[_Tensor]]
             raise SerializationError(f"{h.path}: tensor {sorted(dup)[0]!r} appears in more than one shard")
         seen.update(h.tensors)
     table = [(n, i.dtype, i.shape) for h in headers for n, i in h.tensors.items()]
-    return table, lambda: _safetensors_tensors(headers)
+    return _Checkpoint(files, table, lambda: _safetensors_tensors(headers))
+
+
+def _check_storage(path: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse tensors whose data is not plainly stored: sparse, meta, or views that repeat their storage.
+
+    A few bytes of storage viewed with stride 0 (``expand``) or overlapping strides can claim any shape:
+    quantizing it would materialise the whole claimed size. A view with a stride-0 dimension, or claiming more
+    bytes than its storage holds, is refused, so the memory a tensor needs is bounded by the file's size.
+    """
+    if t.layout != torch.strided or t.device.type != "cpu":
+        raise SerializationError(f"{path}: tensor {name!r} is {t.layout} on {t.device}; only dense tensors with "
+                                 "data can be quantized (save it with .to_dense() / real weights)")
+    nbytes = t.numel() * t.element_size()
+    storage = t.untyped_storage().nbytes()
+    repeated = any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride()))
+    if t.numel() and (repeated or nbytes > storage):
+        raise SerializationError(f"{path}: tensor {name!r} claims shape {list(t.shape)} ({nbytes} bytes) but is a "
+                                 f"view repeating {storage} bytes of storage (expanded or overlapping strides); "
+                                 "save it with .contiguous() (refusing to materialise it)")
 
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -120,6 +173,8 @@ def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]  # Lightning checkpoints
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise SerializationError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    for name, t in obj.items():
+        _check_storage(path, name, t)
     return obj
 
 
@@ -182,6 +237,8 @@ def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], fl
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, w2d.shape[0], step):
         chunk = w2d[i:i + step]
+        F.check_finite_weight(chunk, plan.layer, f"no output was written. Fix the checkpoint, or keep the layer in "
+                              f"float with --skip '{plan.layer}'")
         stored = schemes.quantize_weight(q.spec, chunk, q.group_size)
         approx = schemes.dequantize_weight(q.spec, stored, w2d.shape[1], q.group_size, torch.float64)
         s, n = F.signal_noise_powers(chunk, approx)
@@ -208,20 +265,52 @@ def _spec(args: argparse.Namespace) -> WeightSpec:
     return Int4(group_size=args.group_size, symmetric=bool(symmetric))
 
 
+def _check_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an OUT that is one of the files read (IN, or a shard its index lists), by inode, not by name."""
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"OUT must end in .safetensors, got {out.name!r}")
+    if out.is_dir():
+        raise ConfigError(f"OUT {out} is a directory; give a file path such as {out / 'model.safetensors'}")
+    if not out.exists():
+        return
+    for src in inputs:
+        if src.exists() and os.path.samefile(src, out):
+            what = "IN" if src == inputs[0] else f"shard {src.name} of IN"
+            raise ConfigError(f"OUT must differ from IN and its shards: {out} is the same file as {what} ({src}); "
+                              "the input is read while the output is written, so write to another path")
+
+
+def _check_collisions(plans: Sequence[_Plan], table: Table) -> Table:
+    """The output's tensor table, after checking that no two tensors would be written under one name."""
+    out_table: Table = []
+    writer_of: dict[str, _Plan] = {}
+    for plan, (_, dtype, _) in zip(plans, table):
+        for out in _outputs(plan, dtype):
+            first = writer_of.setdefault(out[0], plan)
+            if first is not plan:
+                quantized, other = (first, plan) if first.quant is not None else (plan, first)
+                layer = quantized.layer
+                raise ConfigError(f"input tensors {quantized.name!r} and {other.name!r} would both be written as "
+                                  f"{out[0]!r} (a quantized layer stores qweight/scale/zero_point next to its other "
+                                  f"tensors); keep layer {layer!r} in float with --skip '{layer}', or rename the "
+                                  "tensors")
+            out_table.append(out)
+    return out_table
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     _map_large_allocations()
     src, out = Path(args.input), Path(args.output)
-    if out.exists() and src.exists() and os.path.samefile(src, out):
-        raise ConfigError("OUT must differ from IN (the input is read while the output is written)")
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"OUT must end in .safetensors, got {out.name!r}")
+    _check_output(out, [src])
     spec = _spec(args)
     skip = [*(() if args.no_default_skip else DEFAULT_SKIP), *args.skip]
-    table, tensors = _open_checkpoint(src)
+    ckpt = _open_checkpoint(src)
+    _check_output(out, ckpt.files)
+    table, tensors = ckpt.table, ckpt.tensors
     names = {n for n, _, _ in table}
     plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names)
              for n, d, s in table]
-    out_table = [o for p, (_, d, _) in zip(plans, table) for o in _outputs(p, d)]
+    out_table = _check_collisions(plans, table)
     modules = {p.layer: module_entry(p.quant, geometry=False) for p in plans if p.quant is not None}
     total = sum(math.prod(s) * d.itemsize for _, d, s in table)
     rows: list[tuple[str, str, str, str, int, int]] = []
@@ -344,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
+    """``FILE: reason`` for an OS error; when the error names no file, the command's files are named instead."""
+    files = [e.filename] if e.filename else [p for p in (getattr(args, "input", None), getattr(args, "output", None),
+                                                          getattr(args, "file", None)) if p]
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{' -> '.join(map(str, files))}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monoquant`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -353,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (MonoQuantError, OSError) as e:
-        msg = str(e) if isinstance(e, MonoQuantError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}"
+        msg = str(e) if isinstance(e, MonoQuantError) else _os_error_message(e, args)
         print(f"monoquant: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

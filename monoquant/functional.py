@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteWeightError
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 
 SCALE_EPS = torch.finfo(torch.float32).eps
@@ -144,3 +144,13 @@ def top1_agreement(reference: torch.Tensor, approximation: torch.Tensor) -> floa
     """Fraction of predictions (arg-max over the last dim) on which the two tensors agree, in ``[0, 1]``."""
     agree, total = top1_matches(reference, approximation)
     return agree / total if total else float("nan")
+
+
+def check_finite_weight(weight: torch.Tensor, layer: str, remedy: str) -> None:
+    """Raise :class:`NonFiniteWeightError` naming ``layer`` when ``weight`` (or a slice of it) holds NaN or Inf.
+
+    The one check shared by :func:`monoquant.quantize_` and ``monoquant quantize``; ``remedy`` says how to
+    keep the layer in float with the caller's own options.
+    """
+    if not bool(torch.isfinite(weight.detach()).all()):
+        raise NonFiniteWeightError(f"layer {layer!r} has NaN or Inf in its weight; {remedy}")

@@ -18,9 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration, measure
+from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, tqdm_disable
-from .errors import ConfigError, ModelError, NonFiniteWeightError
+from .errors import ConfigError, ModelError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
@@ -247,11 +248,8 @@ def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantRe
         if weight.device.type == "meta":
             raise ConfigError(f"layer {row.name!r} is on the meta device (no weights); nothing was changed. Load "
                               "real weights before quantizing, or use mq.load(model, path) to load a quantized file")
-        if not torch.isfinite(weight.detach()).all():
-            raise NonFiniteWeightError(
-                f"layer {row.name!r} has NaN or Inf in its weight; nothing was changed. Fix the weights, or keep "
-                f"the layer float with SkipRules(exclude=[{row.name!r}])"
-            )
+        F.check_finite_weight(weight, row.name, "nothing was changed. Fix the weights, or keep the layer float "
+                              f"with SkipRules(exclude=[{row.name!r}])")
         plan.append(item)
     return report, plan
 

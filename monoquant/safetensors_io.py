@@ -18,10 +18,14 @@ spaces to a multiple of 8 bytes, then the tensors' bytes back to back (offsets r
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import struct
-from collections.abc import Iterable
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -67,7 +71,7 @@ def read_header(path: str | os.PathLike) -> Header:
     """
     path = Path(path)
     if not path.is_file():
-        raise SerializationError(f"{path}: no such file")
+        raise SerializationError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
         with safe_open(str(path), framework="pt") as f:  # the reference parser validates offsets and size
             metadata = dict(f.metadata() or {})
@@ -118,15 +122,86 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+TEMP_SUFFIX = ".mqtmp"
+"""Suffix of the hidden temporary files :class:`StreamWriter` writes next to their destination
+(``.{name}.{random}.mqtmp``)."""
+
+STALE_TEMP_AGE_S = 24 * 3600
+"""Temporary files of ours not written to for this long are left over from a killed process and removed."""
+
+
+def _temp_pattern(path: Path) -> str:
+    return f".{path.name}.*{TEMP_SUFFIX}"
+
+
+def remove_stale_temps(path: str | os.PathLike, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete the temporary files a killed :class:`StreamWriter` for ``path`` left behind; return their paths.
+
+    Only files named like ours for this destination (``.{name}.*.mqtmp`` in its directory) whose last write
+    is older than ``older_than_s`` seconds are removed: a writer still running updates its file's mtime with
+    every tensor, so it is not touched unless it has been stalled for that long.
+    """
+    path = Path(path)
+    removed = []
+    now = time.time()
+    for tmp in path.parent.glob(_temp_pattern(path)):
+        try:
+            if now - tmp.lstat().st_mtime > older_than_s and tmp.is_file():
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # vanished meanwhile, or not ours to delete: leave it
+            continue
+    return removed
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide, so set-and-restore races threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class StreamWriter:
     """Write a safetensors file whose tensor table is known before any data is produced.
 
     >>> w = StreamWriter(path, [("a", torch.float32, (2, 3))], {"k": "v"})   # doctest: +SKIP
     >>> w.write("a", torch.zeros(2, 3)); w.close()                         # doctest: +SKIP
 
-    Tensors must be written in the order given. ``close`` checks that all were written and renames the
-    temporary file onto ``path``; ``abort`` (or an exception inside a ``with`` block) removes it, so a
-    failed write never leaves a partial file at ``path``.
+    Tensors must be written in the order given. The bytes go to a temporary file of its own (unique per
+    writer, made with :func:`tempfile.mkstemp` in ``path``'s directory and named ``.{name}.{random}.mqtmp``).
+    ``close`` checks that all tensors were written, flushes and fsyncs the file, renames it onto ``path`` in
+    one atomic step and fsyncs the directory, so ``path`` holds either its old content or the complete new
+    file, even after a crash or power loss. Several writers (threads or processes) saving to the same
+    ``path`` each write their own file; the last rename wins and the result is one complete file.
+
+    ``abort`` (or any exception inside a ``with`` block, ``KeyboardInterrupt`` included) removes the
+    temporary file. Only a process killed outright (SIGKILL, power loss) can leave one behind: it is removed
+    by the next writer to the same ``path`` once it is :data:`STALE_TEMP_AGE_S` old (see
+    :func:`remove_stale_temps`), or may be deleted by hand (``rm DIR/.NAME.*.mqtmp``) when no save is running.
+
+    Raises:
+        SerializationError: ``path`` is a directory, its directory is missing or not writable, or a write
+            fails (disk full, file size limit...); the message names ``path`` and no partial file remains.
     """
 
     def __init__(self, path: str | os.PathLike, table: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -145,32 +220,71 @@ class StreamWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        if self.path.is_dir():
+            raise SerializationError(f"cannot write {self.path}: it is a directory; give a file path such as "
+                                     f"{self.path / 'model.safetensors'}")
+        remove_stale_temps(self.path)
         try:
-            self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, dir=self.path.parent)
         except OSError as e:
-            raise SerializationError(f"cannot write {self.path}: {e.strerror}") from e
-        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+            raise self._error(e) from e
+        self._tmp = Path(tmp)
+        self._fh: BinaryIO = os.fdopen(fd, "wb")
         self._next = 0
+        with self._or_abort():
+            # mkstemp makes the file owner-only; give it the mode a plain open() would (or the old file's)
+            mode = self.path.stat().st_mode & 0o7777 if self.path.exists() else 0o666 & ~_umask()
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode)
+            self._fh.write(struct.pack("<Q", len(blob)) + blob)
+
+    @contextlib.contextmanager
+    def _or_abort(self) -> Iterator[None]:
+        """One step of the write: on any failure the temporary file is removed (OS errors name ``path``)."""
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise self._error(e) from e
+        except BaseException:
+            self.abort()
+            raise
+
+    def _error(self, e: OSError) -> SerializationError:
+        what = e.strerror or str(e) or type(e).__name__
+        hint = {errno.ENOSPC: "free some disk space and save again", errno.EDQUOT: "free some disk quota",
+                errno.EFBIG: "the file system or a ulimit caps the file size; write to another file system",
+                errno.EACCES: "check the permissions of its directory", errno.ENOENT: "create its directory first",
+                errno.EROFS: "the file system is read-only; write elsewhere"}.get(e.errno, "check the path")
+        return SerializationError(f"cannot write {self.path}: {what}; {hint} (no file was written)")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must match the table's name, dtype and shape."""
         exp_name, dtype, shape, _ = self._expected[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, dtype, shape):
+            self.abort()
             raise SerializationError(f"internal error: expected tensor {exp_name} {dtype} {list(shape)}, got "
                                      f"{name} {tensor.dtype} {list(tensor.shape)}")
-        self._fh.write(tensor_bytes(tensor))
+        with self._or_abort():
+            self._fh.write(tensor_bytes(tensor))
         self._next += 1
 
     def close(self) -> None:
+        """Finish the file: fsync it, rename it onto ``path`` and fsync the directory."""
         if self._next != len(self._expected):
             self.abort()
             raise SerializationError(f"internal error: {len(self._expected) - self._next} tensors were not written")
-        self._fh.close()
-        os.replace(self._tmp, self.path)
+        with self._or_abort():
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
-        self._fh.close()
+        """Close and delete the temporary file; ``path`` is left as it was."""
+        with contextlib.suppress(OSError):  # a failed flush of a file about to be deleted
+            self._fh.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamWriter:

@@ -46,22 +46,13 @@ FORMAT_VERSION = 1
 __all__ = ["FORMAT", "FORMAT_VERSION", "file_metadata", "load", "module_entry", "parse_metadata", "save",
            "spec_from_dict", "spec_to_dict"]
 
-_FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
-_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-
-
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _dtype_from(name: object, allowed: tuple[str, ...], where: str) -> torch.dtype | None:
-    """The dtype a header names (``None`` stays ``None``), which must be one of ``allowed``."""
-    if name is None:
-        return None
-    if name not in allowed:
-        raise SerializationError(f"{where} is {name!r}; it must be one of {list(allowed)} (a corrupt or foreign "
-                                 "header: re-save the model with mq.save)")
-    return getattr(torch, name)
+def _dtype_from(name: str | None) -> torch.dtype | None:
+    """The torch dtype a header names (validated by :func:`validate_entry`)."""
+    return None if name is None else getattr(torch, name)
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
@@ -135,9 +126,107 @@ def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]
     if not isinstance(modules, dict) or not isinstance(aliases, dict):
         raise SerializationError(f"{path} has a corrupt monoquant header (modules/aliases are not maps)")
     for alias, target in aliases.items():
-        if target not in header.tensors:
+        if not isinstance(target, str) or target not in header.tensors:
             raise SerializationError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
+        if alias in header.tensors:
+            raise SerializationError(f"{path}: alias {alias!r} is also a stored tensor; the header is corrupt")
+    for name, entry in modules.items():
+        validate_entry(entry, f"{path}: layer {name!r}")
+        _check_static_activations(header, name, entry)
     return modules, aliases
+
+
+def _check_static_activations(header: stio.Header, name: str, entry: Mapping[str, Any]) -> None:
+    """A layer with static activation quantization must hold frozen qparams: :func:`save` writes no other kind.
+
+    Reads the layer's one-element ``input_quantizer.frozen`` flag; a header that claims static quantization
+    for a dynamic quantizer's tensors (or any unfrozen one) would load, then fail or mislead at forward.
+    """
+    if entry.get("activations") is None or getattr(spec_from_dict(entry["activations"]), "dynamic", True):
+        return
+    flag = f"{name}.input_quantizer.frozen" if name else "input_quantizer.frozen"
+    info = header.tensors.get(flag)
+    if info is None or info.nbytes > 16:
+        return  # missing or misshapen: reported with the other tensors when loading
+    if not bool(stio.read_tensors(header, [flag])[flag].all()):
+        raise SerializationError(f"{header.path}: layer {name!r} has static activation quantization but its "
+                                 "qparams were never frozen; the file is corrupt (monoquant only saves frozen "
+                                 "layers): save it again after mq.freeze(model)")
+
+
+def _check_type(where: str, field: str, value: Any, ok: bool, wanted: str) -> None:
+    if not ok:
+        raise SerializationError(f"{where}: header field {field!r} must be {wanted}, got {value!r}; the file is "
+                                 "corrupt or was written by another program")
+
+
+def _is_float_dtype_name(value: Any) -> bool:
+    dtype = getattr(torch, value, None) if isinstance(value, str) and not value.startswith("_") else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def validate_entry(entry: Any, where: str) -> None:
+    """Check the JSON types of one layer's header entry, so that a corrupt header fails here, naming the field.
+
+    Value checks that need the weight format (known kinds, layouts, group sizes dividing K) happen when the
+    layer is rebuilt; this catches what would otherwise surface as a ``TypeError``/``AttributeError``.
+    """
+    _check_type(where, "entry", entry, isinstance(entry, dict), "an object")
+    for field in ("class", "layout"):
+        _check_type(where, field, entry.get(field), isinstance(entry.get(field), str), "a string")
+    if "scheme" in entry:
+        _check_type(where, "scheme", entry["scheme"], isinstance(entry["scheme"], str), "a string")
+    spec = entry.get("spec")
+    _check_type(where, "spec", spec, isinstance(spec, dict) and isinstance(spec.get("kind"), str),
+                "an object with a string 'kind'")
+    act = entry.get("activations")
+    _check_type(where, "activations", act, act is None or (isinstance(act, dict) and isinstance(act.get("kind"), str)),
+                "null or an object with a string 'kind'")
+    group = entry.get("group_size")
+    _check_type(where, "group_size", group, group is None or (type(group) is int and group > 0),
+                "null or a positive integer")
+    shape = entry.get("weight_shape")
+    _check_type(where, "weight_shape", shape, isinstance(shape, list) and len(shape) >= 2
+                and all(type(d) is int and d >= 0 for d in shape), "a list of at least 2 non-negative integers")
+    _check_type(where, "bias", entry.get("bias"), type(entry.get("bias")) is bool, "true or false")
+    for field, optional in (("float_dtype", False), ("compute_dtype", True)):
+        value = entry.get(field)
+        _check_type(where, field, value, (optional and value is None) or _is_float_dtype_name(value),
+                    ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
+    geometry = entry.get("geometry")
+    _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
+    for field in ("spec", "activations"):
+        if entry.get(field) is not None:
+            spec_from_dict(entry[field], f"{where}: header field {field!r}")
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or ("meta" not in (a.device.type, b.device.type) and _identity(a) == _identity(b))
+
+
+def check_aliases(where: str, aliases: Mapping[str, str], expected: Mapping[str, torch.Tensor],
+                  original: Mapping[str, torch.Tensor], rebuilt: set[str]) -> None:
+    """Each alias of a file must name a tensor the model shares with the alias's target, or loading would
+    silently give the alias its target's values.
+
+    Shared means: the same tensor in ``expected`` (the model's state once the file's layers are swapped in:
+    tied weights, a layer registered twice), or the same buffer of two quantized layers ``rebuilt`` from the
+    file whose weights are tied in ``original`` (the model's state before the swap), as ``quantize_`` ties
+    the buffers of layers with tied float weights. Names the model lacks are reported elsewhere.
+    """
+    for alias, target in aliases.items():
+        a, t = expected.get(alias), expected.get(target)
+        if a is None or t is None or _same_tensor(a, t):
+            continue
+        (layer_a, _, attr), (layer_t, _, attr_t) = alias.rpartition("."), target.rpartition(".")
+        if attr == attr_t and layer_a in rebuilt and layer_t in rebuilt:
+            weight_a, weight_t = (original.get(f"{layer}.weight", original.get(f"{layer}.{attr}"))
+                                  for layer in (layer_a, layer_t))
+            if weight_a is not None and weight_t is not None and _same_tensor(weight_a, weight_t):
+                continue
+        raise SerializationError(f"{where} stores {alias!r} as the same tensor as {target!r}, but the model keeps "
+                                 "them separate: the header's aliases are corrupt, or the file was saved from a "
+                                 "model whose weights are tied differently")
 
 
 # ---- save -------------------------------------------------------------------------------------------------
@@ -149,12 +238,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (quantized or not) to one safetensors file at ``path``, readable by :func:`load`.
 
     Every tensor of ``model.state_dict()`` is stored bit-exactly; tensors shared between several names are
-    stored once. The file is written to a temporary name and renamed, so ``path`` is never left half-written.
+    stored once. The file is written to a temporary file of its own next to ``path``, fsynced and renamed, so
+    ``path`` is never left half-written and concurrent saves to one path each leave one whole model (see
+    :class:`~monoquant.safetensors_io.StreamWriter`, also for the hidden temporary a SIGKILL can leave).
 
     Raises:
         ModelError: ``model`` is not an ``nn.Module``.
-        SerializationError: a tensor is on the meta device, a layer is still being calibrated (call
-            ``mq.freeze(model)`` first), or ``path`` cannot be written.
+        SerializationError: a tensor is on the meta device or sparse, a layer is still being calibrated (call
+            ``mq.freeze(model)`` first), or ``path`` cannot be written (a directory, a missing folder, a full
+            disk...); the old file at ``path`` is then kept and no temporary file remains.
     """
     model = _check_model(model)
     state = model.state_dict()
@@ -172,6 +264,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         if t.device.type == "meta":
             raise SerializationError(f"tensor {name!r} is on the meta device (no data); load or compute the "
                                      "model's weights before saving")
+        if t.layout != torch.strided:
+            raise SerializationError(f"tensor {name!r} is {t.layout}; safetensors files hold dense tensors only, "
+                                     "so make it dense (.to_dense()) before saving")
         key = _identity(t) if t.numel() else (name,)
         if key in stored:
             aliases[name] = stored[key]
@@ -185,26 +280,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 # ---- load -------------------------------------------------------------------------------------------------
-def _field(entry: Mapping[str, Any], key: str, ok: Callable[[Any], bool], what: str, where: str) -> Any:
-    value = entry.get(key)
-    if not ok(value):
-        raise SerializationError(f"{where}: header field {key!r} must be {what}, got {value!r} (a corrupt or foreign "
-                                 "header: re-save the model with mq.save)")
-    return value
-
-
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModule:
-    """An empty (meta-device) quantized layer for ``entry``, shaped like the model's layer ``current``.
-
-    Every header field is validated here, against what it may hold, before anything is built: the layer class by
-    the registry, the spec and layout by the weight format, the rest by type and range."""
-    where = f"layer {name!r}"
-    if not isinstance(entry, Mapping):
-        raise SerializationError(f"{where}: its header entry must be a JSON object, got {entry!r}")
+def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str) -> QuantModule:
+    """An empty (meta-device) quantized layer for ``entry`` (already checked by :func:`validate_entry`), shaped like
+    the model's layer ``current``: the layer class comes from the registry, the spec and its layout are validated
+    by the weight format, the rest against the model. ``source`` names the file in messages."""
+    where = f"{source}: layer {name!r}"
     cls = layer_class(entry.get("class"))
     if cls is None:
         raise SerializationError(f"{where}: unknown class {entry.get('class')!r} in file (known: {sorted(LAYERS)})")
@@ -216,27 +296,19 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModu
     if entry.get("layout") != spec.layout:
         raise SerializationError(f"{where}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
                                  "was the file written by a newer monoquant?")
-    group_size = _field(entry, "group_size", lambda v: v is None or (_is_count(v) and v > 0),
-                        "null or a positive integer", where)
-    shape = _field(entry, "weight_shape", lambda v: isinstance(v, list) and all(_is_count(d) for d in v),
-                   "a list of non-negative integers", where)
-    bias = _field(entry, "bias", lambda v: isinstance(v, bool), "true or false", where)
-    _field(entry, "geometry", lambda v: v is None or isinstance(v, dict), "an object", where)
-    _field(entry, "activations", lambda v: v is None or isinstance(v, dict), "an object", where)
     geometry = entry.get("geometry")
     if geometry is not None and geometry != _geometry(current):
         raise SerializationError(f"{where}: the file's layer is {geometry} but the model's is "
                                  f"{_geometry(current)}: the file was saved from another architecture")
-    common = dict(group_size=group_size, device="meta",
-                  compute_dtype=_dtype_from(entry.get("compute_dtype"), _COMPUTE_DTYPES, f"{where} compute_dtype"),
-                  dtype=_dtype_from(entry.get("float_dtype"), _FLOAT_DTYPES, f"{where} float_dtype"))
+    common = dict(group_size=entry.get("group_size"), device="meta", compute_dtype=_dtype_from(entry["compute_dtype"])
+                  if entry.get("compute_dtype") else None, dtype=_dtype_from(entry.get("float_dtype")))
     try:
-        q = cls(**cls.geometry_of(current), bias=bias, spec=spec, **common)
+        q = cls(**cls.geometry_of(current), bias=bool(entry.get("bias")), spec=spec, **common)
     except (ValueError, TypeError, ConfigError) as e:
         raise SerializationError(f"{where}: cannot rebuild {cls.__name__} from the file: {e}") from e
-    if list(q.weight_shape) != shape:
-        raise SerializationError(f"{where}: weight shape {shape} in the file, {list(q.weight_shape)} in the model: "
-                                 "the file was saved from another architecture")
+    if list(q.weight_shape) != list(entry.get("weight_shape", [])):
+        raise SerializationError(f"{where}: weight shape {entry.get('weight_shape')} in the file, "
+                                 f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
     _attach_activations(name, q, entry)
     q.train(current.training)
     return q
@@ -328,18 +400,39 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
             "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout}
 
 
+def _check_state(state: Mapping[Any, Any]) -> None:
+    """Check that every entry of a state dict is a dense tensor with data, naming the first that is not.
+
+    Kernels index the stored buffers directly, so a sparse or meta tensor accepted here would only fail at the
+    first forward; strided views are made contiguous when read (:func:`_contiguous_on`).
+    """
+    for name, t in state.items():
+        if not isinstance(name, str):
+            raise SerializationError(f"state dict key {name!r} is a {type(name).__name__}, not a string")
+        if not isinstance(t, torch.Tensor):
+            raise SerializationError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided:
+            raise SerializationError(f"state dict entry {name!r} is a {t.layout} tensor; pass dense tensors "
+                                     "(.to_dense())")
+        if t.device.type == "meta":
+            raise SerializationError(f"state dict entry {name!r} is on the meta device (no data); pass a state "
+                                     "dict with real tensors (e.g. torch.load(f, weights_only=True))")
+
+
+def _contiguous_on(state: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``state``'s tensors on ``device``, each contiguous (copied only when moved or a strided view)."""
+    return {k: v.to(device).contiguous() for k, v in state.items()}
+
+
 def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
-    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise SerializationError(f"state dict entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    _check_state(state)
     modules = {}
     for name, current in model.named_modules():
         prefix = f"{name}." if name else ""
         cls = type(current) if isinstance(current, QuantModule) else quant_class_for(current)
         if cls is not None and prefix + "qweight" in state:
             modules[name] = _infer_entry(prefix, state, current, cls)
-    return _Source("the state dict", state, {}, modules,
-                   lambda device: {k: v.to(device) for k, v in state.items()})
+    return _Source("the state dict", state, {}, modules, lambda device: _contiguous_on(state, device))
 
 
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
@@ -385,7 +478,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         except AttributeError:
             raise SerializationError(f"{source.where} has a quantized layer {name!r} that the model lacks: it "
                                      "was saved from another architecture") from None
-        q = _build(name, modules[name], current)
+        q = _build(name, modules[name], current, source.where)
         if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
             if type(current) is not type(q):
                 raise SerializationError(f"{source.where} holds a single {type(q).__name__}; the model must be one "
@@ -394,6 +487,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
     _check_tensors(source, expected)
+    check_aliases(source.where, source.aliases, expected, _expected_state(model, {}), set(modules))
 
     target = torch.device(device) if device is not None else model_device(model)
     state = source.read(target)

@@ -84,8 +84,8 @@ class WeightSpec:
 
     def __post_init__(self) -> None:
         if not type(self).kind:
-            raise ConfigError(f"{type(self).__name__} is the base class of weight formats and stores nothing; use "
-                              "a format such as mq.Int8(), mq.Int4(group_size=128), mq.NF4() or mq.Float16()")
+            raise ConfigError(f"{type(self).__name__} is the abstract base of weight formats and stores nothing; "
+                              "use mq.Int8(), mq.Int4(group_size=128), mq.NF4(), mq.Float16() or another format")
 
     # ---- naming --------------------------------------------------------------------------------------------
     def describe(self, group_size: int | None = None) -> str:
@@ -187,12 +187,12 @@ class WeightSpec:
         values = {k: v for k, v in d.items() if k != "kind"}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise SerializationError(f"{where}: {cls.kind} spec has unknown field(s) {unknown}; was the file "
+            raise SerializationError(f"{where}: invalid {cls.kind} spec: unknown field(s) {unknown}; was the file "
                                      "written by a newer monoquant?")
         for name, value in values.items():
             default = fields[name].default
             if default is not dataclasses.MISSING and default is not None and not _same_type(value, default):
-                raise SerializationError(f"{where}: {cls.kind} spec field {name!r} must be a "
+                raise SerializationError(f"{where}: invalid {cls.kind} spec: field {name!r} must be a "
                                          f"{type(default).__name__}, got {value!r}")
         try:
             return cls(**values)

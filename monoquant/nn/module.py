@@ -71,6 +71,9 @@ class QuantModule(nn.Module):
         if not isinstance(spec, WeightSpec):
             raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
         self.spec = spec
+        if group_size is not None and (type(group_size) is not int or group_size <= 0):
+            raise ConfigError(f"{type(self).__name__}: group_size must be a positive integer or None, "
+                              f"got {group_size!r}")
         self.weight_shape = torch.Size(weight_shape)
         group_size = self._resolve_group_size(spec, self.weight2d_shape[1], group_size)
         self.group_size = group_size
@@ -100,9 +103,8 @@ class QuantModule(nn.Module):
                 raise ConfigError(f"no {spec.kind.upper()} group size fits an input size of {k} (asked for "
                                   f"{spec.describe()}): {reason}, or use Int8()")
             return natural
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or k % group_size:
-            raise ConfigError(f"group_size={group_size!r} must be a positive integer dividing the input size {k} "
-                              f"(try {natural or 'Int8()'})")
+        if k % group_size:
+            raise ConfigError(f"group_size={group_size!r} must divide the input size {k} (try {natural or 'Int8()'})")
         return group_size
 
     # ---- shapes -------------------------------------------------------------------------------------
