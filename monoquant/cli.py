@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from . import functional as F
 from . import safetensors_io as stio
 from . import schemes
-from .config import Int4, Int8, WeightSpec
 from .errors import ConfigError, MonoQuantError, SerializationError
+from .formats import NF4, BFloat16, Float16, Int4, Int8, WeightSpec
 from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
 from .rules import DEFAULT_MIN_PARAMS
 from .serialization import file_metadata, module_entry, parse_metadata
@@ -244,8 +244,8 @@ def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], fl
         s, n = F.signal_noise_powers(chunk, approx)
         signal, noise = signal + s, noise + n
         parts.append(stored)
-    tensors = [torch.cat([getattr(p, f) for p in parts]) for f in q.spec.buffer_names()
-               if getattr(parts[0], f) is not None]
+    tensors = [getattr(parts[0], f) if f in q.spec.shared_buffers else torch.cat([getattr(p, f) for p in parts])
+               for f in q.spec.buffer_names() if getattr(parts[0], f) is not None]
     return tensors, F.sqnr_from_powers(signal, noise)
 
 
@@ -258,11 +258,23 @@ def _fmt_bytes(n: float) -> str:
     return ""
 
 
+CLI_FORMATS = {"int8": Int8, "int4": Int4, "nf4": NF4, "float16": Float16, "bfloat16": BFloat16}
+"""Formats ``--format`` can name (those whose options the command line has)."""
+
+
 def _spec(args: argparse.Namespace) -> WeightSpec:
     symmetric = True if args.symmetric else (False if args.affine else None)
-    if args.bits == 8:
-        return Int8(symmetric=symmetric)
-    return Int4(group_size=args.group_size, symmetric=bool(symmetric))
+    kind = args.format or {8: "int8", 4: "int4"}[args.bits]
+    options: dict = {}
+    if args.group_size is not None:
+        if kind not in ("int4", "nf4"):
+            raise ConfigError(f"--group-size applies to int4 and nf4, not {kind}")
+        options["group_size"] = args.group_size
+    if symmetric is not None:
+        if kind not in ("int8", "int4"):
+            raise ConfigError(f"--symmetric/--affine apply to int8 and int4, not {kind}")
+        options["symmetric"] = symmetric
+    return CLI_FORMATS[kind](**options)
 
 
 def _check_output(out: Path, inputs: Sequence[Path]) -> None:
@@ -413,9 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input", metavar="IN", help="a .safetensors file, a *.safetensors.index.json (sharded), or a "
                                                "torch state-dict file")
     q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
-    q.add_argument("--bits", type=int, choices=(4, 8), required=True, help="4: INT4 group-wise; 8: INT8 per channel")
-    q.add_argument("--group-size", type=int, default=128, help="INT4 group size along the input dimension "
-                                                              "(default 128)")
+    fmt = q.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--bits", type=int, choices=(4, 8), help="4: INT4 group-wise; 8: INT8 per channel")
+    fmt.add_argument("--format", choices=sorted(CLI_FORMATS), help="a weight format by name (int8, int4, nf4, "
+                                                                   "float16, bfloat16)")
+    q.add_argument("--group-size", type=int, default=None, help="group size along the input dimension for int4 "
+                                                               "(default 128) and nf4 (default 64)")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="keep layers whose name (or tensor name) matches this glob in float; repeatable")
     q.add_argument("--no-default-skip", action="store_true",
@@ -444,7 +459,8 @@ def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monoquant`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "group_size", 1) <= 0:
+    group_size = getattr(args, "group_size", None)
+    if group_size is not None and group_size <= 0:
         print(f"monoquant: error: --group-size must be positive, got {args.group_size}", file=sys.stderr)
         return 2
     try:

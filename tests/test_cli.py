@@ -179,3 +179,32 @@ def test_bad_arguments_and_files_exit_nonzero_with_one_line(tmp_path):
         assert len(lines) == 1 and re.match(r"monoquant( quantize)?: error: ", lines[0]), (case, r.stderr)
         assert message in lines[0], (case, lines[0])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "spec"), [
+    (["--format", "nf4"], mq.NF4()),
+    (["--format", "nf4", "--group-size", "32"], mq.NF4(group_size=32)),
+    (["--format", "int4", "--symmetric"], mq.Int4(symmetric=True)),
+    (["--format", "int8", "--affine"], mq.Int8(symmetric=False)),
+    (["--format", "float16"], mq.Float16()),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_any_format_by_name_writes_what_the_library_writes(checkpoint, tmp_path, args, spec):
+    model, path = checkpoint
+    out = tmp_path / "q.safetensors"
+    r = _cli("quantize", path, out, *args)
+    assert r.returncode == 0, r.stderr
+    written, expected = load_file(str(out)), _expected_file(model, spec, tmp_path)
+    assert written.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(written[k], expected[k]), k
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "int8", "--group-size", "64"], "--group-size applies to int4 and nf4, not int8"),
+    (["--format", "nf4", "--symmetric"], "--symmetric/--affine apply to int8 and int4, not nf4"),
+])
+def test_options_a_format_does_not_have_are_refused(checkpoint, tmp_path, args, message):
+    _, path = checkpoint
+    r = _cli("quantize", path, tmp_path / "q.safetensors", *args)
+    assert r.returncode == 1 and r.stderr.strip() == f"monoquant: error: {message}"
+    assert not (tmp_path / "q.safetensors").exists()
