@@ -104,7 +104,7 @@ def _float_bytes(module: nn.Module) -> int:
 
 def _weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     with torch.no_grad():
-        return F.sqnr(float_module.weight, q.dequantize_weight(torch.float32))
+        return F.sqnr(type(q).float_weight(float_module), q.dequantize_weight(torch.float32))
 
 
 def quantize_(
@@ -220,7 +220,7 @@ def quantize_(
         if references is not None:
             swapped[item.name] = accuracy.Swapped(module, q, parents[id(module)])
         row = rows[item.name]
-        row.method = calibration.prepare(q, module.weight, cfg, item.name)
+        row.method = calibration.prepare(q, qcls.float_weight(module), cfg, item.name)
         row.scheme, row.kernel, row.bytes_after = q.scheme(), kernels.kernel_summary(q), q.storage_bytes()
         row.weight_sqnr_db = _weight_sqnr(module, q)
     del plan

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import Int4, WeightSpec
 from .errors import ConfigError
+from .nn import QuantHFConv1D, float_weight
 
 if TYPE_CHECKING:
     from .accuracy import LayerSensitivity
@@ -30,10 +31,12 @@ and time, and tiny layers (first convs, small projections) are the most sensitiv
 
 HEAD_NAMES = ("lm_head", "*.lm_head", "head", "*.head", "classifier", "*.classifier", "output", "*.output")
 """Names that ``skip_head=True`` treats as output heads. When no candidate layer has such a name (e.g. a plain
-``nn.Sequential``), the last ``nn.Linear`` in registration order is taken as the head instead."""
+``nn.Sequential``), the last ``nn.Linear`` (or transformers ``Conv1D``) in registration order is taken as the head
+instead."""
 
 HEAD_REASON = "output head (skip_head=True)"
-LAST_LINEAR_HEAD_REASON = "output head: the model's last nn.Linear (skip_head=True; no layer is named like a head)"
+LAST_LINEAR_HEAD_REASON = ("output head: the model's last nn.Linear or transformers Conv1D (skip_head=True; no layer "
+                           "is named like a head)")
 
 
 def _matches(pattern: Pattern, name: str) -> bool:
@@ -66,7 +69,7 @@ class SkipRules:
         predicate: ``(name, module) -> bool``; ``True`` keeps the layer in float.
         min_params: layers with fewer weight elements stay float.
         skip_head: keep output heads in float: layers named like :data:`HEAD_NAMES`, or, when none is, the
-            model's last ``nn.Linear`` (in registration order).
+            model's last ``nn.Linear`` or transformers ``Conv1D`` (in registration order).
 
     Rules are checked in this order and the first that applies gives the reason: include, exclude, types,
     predicate, head, size, then shapes the spec cannot handle (see :meth:`Int4.resolve_group_size`).
@@ -132,7 +135,7 @@ class SkipRules:
         self._heads = None
         if candidates is not None and self.skip_head:
             named = [n for n, _ in candidates if self._is_head_name(n)]
-            linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+            linears = [n for n, m in candidates if isinstance(m, (nn.Linear, QuantHFConv1D.float_module_type))]
             if named:
                 self._heads = dict.fromkeys(named, HEAD_REASON)
             else:
@@ -171,7 +174,7 @@ class SkipRules:
         if n_weights < self.min_params:
             return Decision(False, f"too small: {n_weights} weights < min_params={self.min_params}")
         if isinstance(spec, Int4):
-            cols = module.weight[0].numel()
+            cols = float_weight(module)[0].numel()
             g = spec.resolve_group_size(cols)
             if g is None:
                 return Decision(False, f"input size {cols} has no INT4 group size <= {spec.group_size} "

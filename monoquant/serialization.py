@@ -34,7 +34,7 @@ from . import safetensors_io as stio
 from .config import BFloat16, Float16, Int4, Int8, WeightSpec
 from .data import model_device
 from .errors import SerializationError
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule, quant_class_for
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantHFConv1D, QuantLinear, QuantModule, quant_class_for
 from .quantize import _check_model, _move_hooks, _parents, route_encoder_layers_through_kernels
 
 FORMAT = "monoquant"
@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 """Bumped whenever a file written by this version could be misread by an older one."""
 
 QUANT_CLASSES: dict[str, type[QuantModule]] = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d,
-                                                                          QuantConv3d)}
+                                                                          QuantConv3d, QuantHFConv1D)}
 SPEC_CLASSES: dict[str, type[WeightSpec]] = {"int8": Int8, "int4": Int4, "float16": Float16, "bfloat16": BFloat16}
 LAYOUTS = {"int8": "int8-rowmajor", "int4": "int4-packed-low-nibble-even-column", "float16": "float16-rowmajor",
            "bfloat16": "bfloat16-rowmajor"}
@@ -297,7 +297,7 @@ def _file_source(path: str | os.PathLike) -> _Source:
 def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Module,
                  cls: type[QuantModule]) -> dict[str, Any]:
     """The header entry of a quantized layer, worked out from its tensors and the model's layer."""
-    shape = current.weight_shape if isinstance(current, QuantModule) else current.weight.shape
+    shape = current.weight_shape if isinstance(current, QuantModule) else cls.float_weight(current).shape
     cols = int(torch.Size(shape[1:]).numel())
     qweight, scale = state[prefix + "qweight"], state.get(prefix + "scale")
     zero, bias = state.get(prefix + "zero_point"), state.get(prefix + "bias")

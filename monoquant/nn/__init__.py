@@ -1,6 +1,10 @@
 """Quantized module classes that replace ``nn.Linear`` / ``nn.Conv*`` in place."""
 
+import torch
+from torch import nn
+
 from .conv import QuantConv1d, QuantConv2d, QuantConv3d
+from .hf_conv1d import QuantHFConv1D
 from .linear import QuantLinear
 from .module import QuantModule
 
@@ -9,6 +13,7 @@ QUANT_CLASS_FOR = {
     QuantConv1d.float_module_type: QuantConv1d,
     QuantConv2d.float_module_type: QuantConv2d,
     QuantConv3d.float_module_type: QuantConv3d,
+    QuantHFConv1D.float_module_type: QuantHFConv1D,  # a LazyType: matched by class path, never imported
 }
 """Float module type -> quantized class (exact types; subclasses are matched by ``quant_class_for``)."""
 
@@ -21,4 +26,11 @@ def quant_class_for(module) -> type[QuantModule] | None:
     return None
 
 
-__all__ = ["QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "quant_class_for"]
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of quantizable float ``module`` laid out ``[out, in, ...]`` as quantized layers store it (a view:
+    transformers' ``Conv1D`` stores it ``[in, out]``)."""
+    return quant_class_for(module).float_weight(module)
+
+
+__all__ = ["QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantHFConv1D",
+           "float_weight", "quant_class_for"]

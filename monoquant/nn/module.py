@@ -276,6 +276,12 @@ class QuantModule(nn.Module):
         return self.dequantize_weight()
 
     @classmethod
+    def float_weight(cls, module: nn.Module) -> torch.Tensor:
+        """The weight of float ``module`` laid out as this class stores it (``[out, in, ...]``); a view, not a copy
+        (layers whose float type stores it otherwise, such as transformers' ``Conv1D``, override this)."""
+        return module.weight
+
+    @classmethod
     def geometry_of(cls, module: nn.Module) -> dict[str, Any]:
         """Constructor arguments (other than ``bias``) that this class shares with its float module type,
         read from ``module`` (a float layer or a quantized one)."""
@@ -300,7 +306,7 @@ class QuantModule(nn.Module):
         spec, compute_dtype = cls._spec_of(config or Int8())
         q = cls(**cls.geometry_of(module), bias=module.bias is not None, spec=spec, group_size=group_size,
                 compute_dtype=compute_dtype, device=module.weight.device, dtype=module.weight.dtype)
-        q._load_float_weight(module.weight, observer)
+        q._load_float_weight(cls.float_weight(module), observer)
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
         q.train(module.training)
