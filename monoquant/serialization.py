@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,9 +209,10 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module) -> QuantModu
         raise SerializationError(f"layer {name!r}: unknown class {entry.get('class')!r} in file "
                                  f"(known: {sorted(QUANT_CLASSES)})")
     if not isinstance(current, (cls, cls.float_module_type)):
+        rerun = "--conv1d" if isinstance(current, QuantHFConv1D.float_module_type) else "--skip"
         raise SerializationError(f"layer {name!r} is {type(current).__name__} in the model but {cls.__name__} in "
                                  "the file: the file was saved from another architecture (if it was written by "
-                                 f"`monoquant quantize`, rerun that with --skip '{name}')")
+                                 f"`monoquant quantize`, rerun that with {rerun} '{name}')")
     spec = spec_from_dict(entry.get("spec", {}))
     if entry.get("layout") != LAYOUTS[spec.kind]:
         raise SerializationError(f"layer {name!r}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
@@ -388,17 +389,17 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
             continue
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
-    _check_tensors(source, expected)
-
-    target = torch.device(device) if device is not None else model_device(model)
-    state = source.read(target)
-    state.update({alias: state[stored] for alias, stored in source.aliases.items()})
-
     # float parameters tied in the model (same Parameter under several names) are tied again after loading
     ties: dict[int, list[str]] = {}
     for key, t in expected.items():
         if isinstance(t, nn.Parameter):
             ties.setdefault(id(t), []).append(key)
+    _alias_tied_names(source, ties.values())
+    _check_tensors(source, expected)
+
+    target = torch.device(device) if device is not None else model_device(model)
+    state = source.read(target)
+    state.update({alias: state[stored] for alias, stored in source.aliases.items()})
 
     parents = _parents(model)
     for key, q in swaps.items():
@@ -414,6 +415,18 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
             mod, attr = _owner(model, key)
             mod._parameters[attr] = first_mod._parameters[first_attr]
     return model
+
+
+def _alias_tied_names(source: _Source, ties: Iterable[list[str]]) -> None:
+    """Names of one tied parameter that the source lacks are read from the name it has: checkpoints saved with
+    ``safetensors.torch.save_model`` or ``save_pretrained`` (and so ``monoquant quantize`` outputs) keep one
+    name per shared tensor, e.g. GPT-2's ``transformer.wte.weight`` without ``lm_head.weight``."""
+    present = set(source.tensors) | set(source.aliases)
+    for names in ties:
+        have = next((n for n in names if n in present), None)
+        for name in names:
+            if have is not None and name not in present:
+                source.aliases[name] = source.aliases.get(have, have)
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
