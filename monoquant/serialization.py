@@ -418,9 +418,9 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
 
 
 def _alias_tied_names(source: _Source, ties: Iterable[list[str]]) -> None:
-    """Names of one tied parameter that the source lacks are read from the name it has: checkpoints saved with
-    ``safetensors.torch.save_model`` or ``save_pretrained`` (and so ``monoquant quantize`` outputs) keep one
-    name per shared tensor, e.g. GPT-2's ``transformer.wte.weight`` without ``lm_head.weight``."""
+    """Names of one tied parameter that the source lacks are read from the name it has: checkpoints written by
+    ``save_pretrained`` or ``safetensors.torch.save_model`` (and so ``monoquant quantize`` outputs of them) keep
+    one name per shared tensor, e.g. GPT-2's ``transformer.wte.weight`` without ``lm_head.weight``."""
     present = set(source.tensors) | set(source.aliases)
     for names in ties:
         have = next((n for n in names if n in present), None)
