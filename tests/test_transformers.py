@@ -86,7 +86,7 @@ def test_every_eligible_layer_quantizes_and_the_tied_head_stays_float(trained, d
     assert {r.scheme for r in report.quantized} == {expected_scheme[scheme]}
     assert {r.method for r in report.quantized} == {"gptq" if scheme == "int4-gptq" else "rtn"}
     # on held-out sequences the calibration never saw; these models measure INT8 47-52 dB and |ppl change| < 0.01%,
-    # INT4-g128 RTN 25-32 dB and GPTQ 31-39 dB with |ppl change| < 0.2%: the bounds leave 5+ dB and 15x of room
+    # INT4-g128 RTN 25-32 dB and GPTQ 31-38 dB with |ppl change| < 0.25%: the bounds leave 5+ dB and 10x of room
     floor, max_increase = BOUNDS[scheme]
     assert F.sqnr(ref_logits, _logits(model, data["held_out"])) > floor
     ppl = lm.perplexity(model, data["held_out"])
