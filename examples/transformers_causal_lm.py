@@ -113,9 +113,12 @@ def perplexity(model: nn.Module, tokens: torch.Tensor) -> float:
 
 @torch.no_grad()
 def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 12) -> torch.Tensor:
-    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                         do_sample=False)
-    return out[:, prompt.shape[1]:]
+    """``new_tokens`` tokens picked greedily after ``prompt``. (``model.generate`` would stop at the end-of-text
+    token, which this language does not have: every token id is a word of it.)"""
+    ids = prompt
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompt.shape[1]:]
 
 
 SCHEMES = {
@@ -171,7 +174,7 @@ def main() -> None:
     print(f"\nheld-out perplexity ({held_out.shape[0]} sequences of {SEQ_LEN} tokens; the true chain's is "
           f"{ideal_perplexity(lang, held_out):.3f}, uniform guessing {VOCAB})")
     head = ["model", "float", *SCHEMES]
-    rows = [[arch, f"{fp:.3f}", *(f"{p:.3f} ({100 * (p / fp - 1):+.1f}%)" for p in ppl)] for arch, fp, ppl in table]
+    rows = [[arch, f"{fp:.3f}", *(f"{p:.3f} ({100 * (p / fp - 1):+.2f}%)" for p in ppl)] for arch, fp, ppl in table]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, ["-" * w for w in widths], *rows]:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
