@@ -16,6 +16,7 @@ from .errors import (
     ConfigError,
     InferenceOnlyError,
     InputError,
+    MissingExtraError,
     ModelError,
     MonoQuantError,
     NonFiniteWeightError,
@@ -40,6 +41,7 @@ from .nn import (
     QuantConv2d,
     QuantConv3d,
     QuantEmbedding,
+    QuantHFConv1D,
     QuantLinear,
     QuantModule,
     register_layer,
@@ -67,7 +69,8 @@ __all__ = [
     "WeightSpec", "Int8", "Int4", "NF4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
     "spec_from_dict",
     # quantized layers (see monoquant.nn; register_layer adds one)
-    "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "LAYERS",
+    "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantHFConv1D",
+    "LAYERS",
     "register_layer",
     # observers and calibration
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "MSEObserver",
@@ -83,7 +86,7 @@ __all__ = [
     "QType", "PerTensor", "PerChannel", "PerGroup",
     # errors
     "MonoQuantError", "ConfigError", "ModelError", "InputError", "NonFiniteWeightError", "CalibrationError",
-    "SerializationError", "AccuracyError", "InferenceOnlyError",
+    "SerializationError", "AccuracyError", "InferenceOnlyError", "MissingExtraError",
     # modules
     "accuracy", "formats", "functional", "__version__",
 ]

@@ -1,6 +1,7 @@
 """The ``monoquant`` command (also ``python -m monoquant``).
 
-``monoquant quantize IN OUT --bits 4|8 [--group-size 128] [--skip PATTERN ...] [--symmetric|--affine]``
+``monoquant quantize IN OUT --bits 4|8 [--group-size 128] [--skip PATTERN ...] [--conv1d PATTERN ...]
+[--symmetric|--affine]``
     Quantizes a checkpoint without the model's code: every floating-point tensor named ``*.weight`` (or
     ``weight``) with 2 dimensions becomes a ``QuantLinear`` and with 3, 4 or 5 a ``QuantConv1d/2d/3d``,
     unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size that divides
@@ -14,7 +15,15 @@
     Which 2-D ``*.weight`` tensors are *not* ``nn.Linear`` weights cannot be told from a checkpoint alone.
     The default skip patterns ``*embed*`` and ``*norm*`` (globs on the layer name, i.e. the tensor name
     without ``.weight``) keep the usual embedding and normalisation tables in float; add ``--skip`` for
-    others (``wte``, ``shared``, a transposed GPT-2 ``Conv1D``...). If one slips through, ``mq.load`` names it.
+    others (``*wte``, ``*wpe``, ``shared``...). If one slips through, ``mq.load`` names it.
+
+    Layers stored transposed (``[in, out]``), as transformers' ``Conv1D`` in GPT-2, are named with ``--conv1d``
+    (globs on the layer name): their weight is transposed before quantizing and they load as
+    :class:`~monoquant.nn.QuantHFConv1D`. A GPT-2 checkpoint::
+
+        monoquant quantize gpt2.safetensors gpt2-int4.safetensors --bits 4 --skip '*wte' --skip '*wpe' \\
+            --conv1d '*.c_attn' --conv1d '*.c_proj' --conv1d '*.c_fc'
+
 
 ``monoquant inspect FILE``
     Prints the header of a monoquant file: versions, each quantized layer's class, scheme, weight shape and
@@ -50,7 +59,7 @@ from . import safetensors_io as stio
 from . import schemes
 from .errors import ConfigError, MonoQuantError, SerializationError
 from .formats import NF4, BFloat16, Float16, Int4, Int8, WeightSpec
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantModule
+from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantHFConv1D, QuantLinear, QuantModule
 from .rules import DEFAULT_MIN_PARAMS
 from .serialization import file_metadata, module_entry, parse_metadata
 
@@ -186,10 +195,15 @@ class _Plan:
     layer: str = ""
     quant: QuantModule | None = None  # an empty meta-device layer: buffer names, shapes, dtypes
     reason: str = ""
+    transposed: bool = False  # a Conv1D weight, stored [in, out]
+
+
+def _matching(patterns: Sequence[str], layer: str, name: str) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(name, p)), None)
 
 
 def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpec, skip: Sequence[str],
-          has_bias: bool) -> _Plan:
+          has_bias: bool, conv1d: Sequence[str] = ()) -> _Plan:
     plan = _Plan(name, shape)
     if not (name == "weight" or name.endswith(".weight")):
         plan.reason = "not a weight"
@@ -198,7 +212,7 @@ def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpe
     if not dtype.is_floating_point or len(shape) not in _QUANT_BY_DIM:
         plan.reason = f"{len(shape)}-D {str(dtype).removeprefix('torch.')}"
         return plan
-    hit = next((p for p in skip if fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(name, p)), None)
+    hit = _matching(skip, layer, name)
     if hit is not None:
         plan.reason = f"skipped by pattern {hit!r}"
         return plan
@@ -206,15 +220,18 @@ def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpe
     if numel < DEFAULT_MIN_PARAMS:
         plan.reason = f"too small ({numel} < {DEFAULT_MIN_PARAMS} weights)"
         return plan
-    cls = _QUANT_BY_DIM[len(shape)]
-    cols = math.prod(shape[1:])
+    plan.transposed = len(shape) == 2 and _matching(conv1d, layer, name) is not None
+    cls = QuantHFConv1D if plan.transposed else _QUANT_BY_DIM[len(shape)]
+    cols = shape[0] if plan.transposed else math.prod(shape[1:])
     reason = spec.unfit_reason(cols)
     if reason is not None:
         plan.reason = reason
         return plan
     group_size = spec.resolve_group_size(cols)
     common = dict(group_size=group_size, device="meta", dtype=dtype)
-    if cls is QuantLinear:
+    if cls is QuantHFConv1D:
+        q = cls(shape[1], shape[0], has_bias, spec, **common)  # nf = out = shape[1], nx = in = shape[0]
+    elif cls is QuantLinear:
         q = cls(shape[1], shape[0], has_bias, spec, **common)
     else:
         q = cls(shape[1], shape[0], shape[2:], 1, 0, 1, 1, has_bias, "zeros", spec, **common)
@@ -232,7 +249,7 @@ def _outputs(plan: _Plan, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tu
 def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], float]:
     """Stored buffers of ``weight`` (quantized a few rows at a time) and its SQNR in dB."""
     q = plan.quant
-    w2d = weight.reshape(weight.shape[0], -1)
+    w2d = weight.t() if plan.transposed else weight.reshape(weight.shape[0], -1)
     step = max(1, CHUNK_ELEMENTS // max(1, w2d.shape[1]))
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, w2d.shape[0], step):
@@ -320,8 +337,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_output(out, ckpt.files)
     table, tensors = ckpt.table, ckpt.tensors
     names = {n for n, _, _ in table}
-    plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names)
-             for n, d, s in table]
+    plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names,
+                   conv1d=args.conv1d) for n, d, s in table]
+    _check_conv1d_patterns(args.conv1d, table, plans)
     out_table = _check_collisions(plans, table)
     modules = {p.layer: module_entry(p.quant, geometry=False) for p in plans if p.quant is not None}
     total = sum(math.prod(s) * d.itemsize for _, d, s in table)
@@ -347,6 +365,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bar.update(before)
     _print_summary(rows, out)
     return 0
+
+
+def _check_conv1d_patterns(patterns: Sequence[str], table: Table, plans: Sequence[_Plan]) -> None:
+    """A ``--conv1d`` pattern that names no 2-D weight is a typo: without it those layers would be quantized
+    as ``[out, in]`` Linear weights, which ``mq.load`` then rejects."""
+    for pattern in patterns:
+        hits = [p for (_, _, shape), p in zip(table, plans) if p.name.endswith("weight") and len(shape) == 2
+                and _matching([pattern], p.name[: -len("weight")].rstrip("."), p.name)]
+        if not hits:
+            raise ConfigError(f"--conv1d {pattern!r} matches no 2-D *.weight tensor of the checkpoint; give the "
+                              "layer names as globs, e.g. '*.c_attn' for GPT-2's h.0.attn.c_attn")
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -435,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep layers whose name (or tensor name) matches this glob in float; repeatable")
     q.add_argument("--no-default-skip", action="store_true",
                    help=f"do not add the default skip patterns {' '.join(DEFAULT_SKIP)}")
+    q.add_argument("--conv1d", action="append", default=[], metavar="PATTERN",
+                   help="layers whose 2-D weight is stored [in, out] as in transformers' Conv1D (GPT-2: '*.c_attn' "
+                        "'*.c_proj' '*.c_fc'); they load as QuantHFConv1D; repeatable")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points "
                                                               "(default for --bits 8)")

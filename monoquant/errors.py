@@ -49,3 +49,7 @@ class AccuracyError(MonoQuantError):
     def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class MissingExtraError(MonoQuantError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the ``pip install`` extra."""

@@ -156,12 +156,12 @@ def quantize_(
             raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
                               f"float with SkipRules(exclude=[{item.name!r}])") from e
         weight = qcls.float_weight(item.module)
-        twin = done.get(id(weight))
+        twin = done.get(id(item.module.weight))
         if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
                 and twin.weight_shape == q.weight_shape):
             for buf in q.spec.buffer_names():
                 q._buffers[buf] = twin._buffers[buf]
-        done.setdefault(id(weight), q)
+        done.setdefault(id(item.module.weight), q)
         row = report.row(item.name)
         row.method = calibration.prepare(q, weight, item.config, item.name)
         row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
@@ -216,10 +216,8 @@ def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantRe
                                              reason=f"already quantized ({module.scheme()})",
                                              bytes_before=module.storage_bytes(), bytes_after=module.storage_bytes()))
             continue
-        w = getattr(module, "weight", None)
+        w = getattr(module, "weight", None)  # ties are shared Parameter objects (never a view made here)
         qcls = candidate_class(module, cfg)
-        if qcls is not None:
-            w = qcls.float_weight(module)
         if isinstance(w, torch.Tensor):
             owners[id(w)].append(name)
         if qcls is None:

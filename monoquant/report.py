@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .plotting import plot_report, plot_sensitivity
 
 if TYPE_CHECKING:
     from .calibration import FrozenLayer
+
+
+__all__ = ["AccuracyWarning", "LayerReport", "NothingQuantizedWarning", "QuantReport", "plot_sensitivity"]
 
 
 class AccuracyWarning(UserWarning):
@@ -129,6 +136,37 @@ class QuantReport:
             "bytes_after": self.bytes_after,
             "size_ratio": self.size_ratio,
         })
+
+    def to_markdown(self) -> str:
+        """A Markdown table of the layers (name, type, scheme, kernel, weight / output SQNR, bytes, skip reason or
+        method) followed by the totals and, when measured, the model output's SQNR; for notes, PRs and model cards.
+        """
+        head = ("layer", "type", "scheme", "kernel", "weight SQNR dB", "output SQNR dB", "bytes before",
+                "bytes after", "skipped because / note")
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(("---", "---", "---", "---", "---:", "---:", "---:",
+                                                                  "---:", "---")) + "|"]
+        for r in self.layers:
+            note = r.reason if r.skipped else "; ".join(x for x in (r.method, r.note) if x)
+            cells = (f"`{r.name or '<root>'}`", r.module_type, r.scheme if r.quantized else "float", r.kernel or "-",
+                     _fmt_db(r.weight_sqnr_db), _fmt_db(r.output_sqnr_db), str(r.bytes_before),
+                     str(r.bytes_after if r.quantized else r.bytes_before), note or "-")
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept float; "
+                     f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
+        if "sqnr_db" in self.end_to_end:
+            lines.append(f"model output vs float: SQNR {_fmt_db(self.end_to_end['sqnr_db'])} dB")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
+        """Draw each layer's weight and output SQNR (layers kept float greyed, with their reason) into ``path``
+        (``.png``, ``.svg`` or ``.pdf``, by extension) with matplotlib; returns the path written.
+
+        Raises:
+            MissingExtraError: matplotlib is not installed (``pip install monoquant[plot]``).
+            ConfigError: the extension names no supported format.
+        """
+        return plot_report(self, path, title=title)
 
     def __str__(self) -> str:
         head = ("layer", "type", "scheme", "kernel", "before", "after", "W SQNR dB", "out SQNR dB", "note")

@@ -32,10 +32,12 @@ and time, and tiny layers (first convs, small projections) are the most sensitiv
 
 HEAD_NAMES = ("lm_head", "*.lm_head", "head", "*.head", "classifier", "*.classifier", "output", "*.output")
 """Names that ``skip_head=True`` treats as output heads. When no candidate layer has such a name (e.g. a plain
-``nn.Sequential``), the last ``nn.Linear`` in registration order is taken as the head instead."""
+``nn.Sequential``), the last ``nn.Linear`` (or transformers ``Conv1D``) in registration order is taken as the head
+instead."""
 
 HEAD_REASON = "output head (skip_head=True)"
-LAST_LINEAR_HEAD_REASON = "output head: the model's last nn.Linear (skip_head=True; no layer is named like a head)"
+LAST_LINEAR_HEAD_REASON = ("output head: the model's last nn.Linear or transformers Conv1D (skip_head=True; no layer "
+                           "is named like a head)")
 
 
 def exact_pattern(name: str) -> str | re.Pattern:
@@ -73,7 +75,7 @@ class SkipRules:
         predicate: ``(name, module) -> bool``; ``True`` keeps the layer in float.
         min_params: layers with fewer weight elements stay float.
         skip_head: keep output heads in float: layers named like :data:`HEAD_NAMES`, or, when none is, the
-            model's last ``nn.Linear`` (in registration order).
+            model's last ``nn.Linear`` or transformers ``Conv1D`` (in registration order).
 
     Rules are checked in this order and the first that applies gives the reason: include, exclude, types,
     predicate, head, size, then shapes the spec cannot handle (the format's ``unfit_reason``).
@@ -145,7 +147,8 @@ class SkipRules:
         self._heads = None
         if candidates is not None and self.skip_head:
             named = [n for n, _ in candidates if self._is_head_name(n)]
-            linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
+            linears = [n for n, m in candidates  # nn.Linear, transformers' Conv1D: layers run as linear maps
+                       if (q := quant_class_for(m)) is not None and q.kernel_family == "linear"]
             if named:
                 self._heads = dict.fromkeys(named, HEAD_REASON)
             else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,9 +289,11 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
     if cls is None:
         raise SerializationError(f"{where}: unknown class {entry.get('class')!r} in file (known: {sorted(LAYERS)})")
     if not isinstance(current, cls) and quant_class_for(current) is not cls:
+        own = quant_class_for(current)
+        rerun = "--conv1d" if own is not None and own.float_module_path else "--skip"  # a transposed weight
         raise SerializationError(f"{where} is {type(current).__name__} in the model but {cls.__name__} in "
                                  "the file: the file was saved from another architecture (if it was written by "
-                                 f"`monoquant quantize`, rerun that with --skip '{name}')")
+                                 f"`monoquant quantize`, rerun that with {rerun} '{name}')")
     spec = spec_from_dict(entry.get("spec"), f"{where} spec")
     if entry.get("layout") != spec.layout:
         raise SerializationError(f"{where}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
@@ -486,18 +488,18 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
             continue
         swaps[id(current)], currents[id(current)] = q, current
     expected = _expected_state(model, swaps)
+    # float parameters tied in the model (same Parameter under several names) are tied again after loading
+    ties: dict[int, list[str]] = {}
+    for key, t in expected.items():
+        if isinstance(t, nn.Parameter):
+            ties.setdefault(id(t), []).append(key)
+    _alias_tied_names(source, ties.values())
     _check_tensors(source, expected)
     check_aliases(source.where, source.aliases, expected, _expected_state(model, {}), set(modules))
 
     target = torch.device(device) if device is not None else model_device(model)
     state = source.read(target)
     state.update({alias: state[stored] for alias, stored in source.aliases.items()})
-
-    # float parameters tied in the model (same Parameter under several names) are tied again after loading
-    ties: dict[int, list[str]] = {}
-    for key, t in expected.items():
-        if isinstance(t, nn.Parameter):
-            ties.setdefault(id(t), []).append(key)
 
     with Swap(model) as swap:  # a failure while loading tensors puts the original layers back
         for key, q in swaps.items():
@@ -516,6 +518,18 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
             mod, attr = _owner(model, key)
             mod._parameters[attr] = first_mod._parameters[first_attr]
     return model
+
+
+def _alias_tied_names(source: _Source, ties: Iterable[list[str]]) -> None:
+    """Names of one tied parameter that the source lacks are read from the name it has: checkpoints written by
+    ``save_pretrained`` or ``safetensors.torch.save_model`` (and so ``monoquant quantize`` outputs of them) keep
+    one name per shared tensor, e.g. GPT-2's ``transformer.wte.weight`` without ``lm_head.weight``."""
+    present = set(source.tensors) | set(source.aliases)
+    for names in ties:
+        have = next((n for n in names if n in present), None)
+        for name in names:
+            if have is not None and name not in present:
+                source.aliases[name] = source.aliases.get(have, have)
 
 
 def _loaded_state(model: nn.Module) -> list[tuple[dict, str, Any]]:

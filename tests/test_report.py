@@ -1,11 +1,15 @@
 import json
+import sys
+from xml.etree import ElementTree
 
+import pytest
 import torch
 from _accuracy_models import Net, batches
 from torch import nn
 
 import monoquant as mq
-from monoquant.report import LayerReport, QuantReport
+from monoquant.errors import MissingExtraError
+from monoquant.report import LayerReport, QuantReport, plot_sensitivity
 
 
 def _table_lines(text):
@@ -79,3 +83,80 @@ def test_empty_report_prints():
     text = str(QuantReport())
     assert "0 quantized, 0 kept float" in text
     assert QuantReport().to_dict()["layers"] == []
+
+
+# ---- Markdown and charts ---------------------------------------------------------------------------------------
+def _int4_report():
+    cfg = mq.QuantConfig(mq.Int4(), skip=mq.SkipRules.defaults(skip_head=True))
+    return mq.quantize_(Net().eval(), cfg, calibration_data=batches())
+
+
+def test_to_markdown_is_a_table_of_every_layer():
+    report = _int4_report()
+    report.row("fc2").note = "a | b"  # a pipe in a cell must not split it
+    text = report.to_markdown()
+    lines = text.splitlines()
+    assert lines[0] == ("| layer | type | scheme | kernel | weight SQNR dB | output SQNR dB | bytes before | "
+                        "bytes after | skipped because / note |")
+    assert lines[1] == "|---|---|---|---|---:|---:|---:|---:|---|"
+    rows = [line for line in lines[2:] if line.startswith("|")]
+    assert len(rows) == 4
+    assert all(line.replace("\\|", "").count("|") == 10 for line in rows)
+    cells = [[c.strip() for c in line.replace("\\|", "\x00").split("|")[1:-1]] for line in rows]
+    assert [c[0] for c in cells] == ["`fc1`", "`fc2`", "`fc3`", "`head`"]
+    for c, r in zip(cells, report.layers):
+        assert c[1] == "Linear"
+        assert c[6] == str(r.bytes_before)
+    fc1 = report.row("fc1")
+    assert cells[0][2:6] == [fc1.scheme, fc1.kernel, f"{fc1.weight_sqnr_db:.1f}", f"{fc1.output_sqnr_db:.1f}"]
+    assert cells[0][7:] == [str(fc1.bytes_after), "rtn"]
+    assert cells[1][8] == "rtn; a \x00 b"
+    assert cells[3][2:] == ["float", "-", "-", "-", "10280", "10280", "output head (skip_head=True)"]
+    assert text.endswith("\n")
+    assert lines[-1] == f"model output vs float: SQNR {report.end_to_end['sqnr_db']:.1f} dB"
+    assert lines[-2].startswith("3 quantized, 1 kept float; ")
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_writes_png_and_svg_sized_by_the_layer_count(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = _int4_report()
+    assert report.plot(tmp_path / "r.png", title="Net") == tmp_path / "r.png"
+    from monoquant.plotting import ROW_INCHES
+
+    # 10 inches wide at 100 dpi; 1.6 inches of title/axis plus one row per layer
+    assert _png_size(tmp_path / "r.png") == (1000, round(100 * (1.6 + ROW_INCHES * 4)))
+    report.plot(tmp_path / "r.svg")
+    root = ElementTree.parse(tmp_path / "r.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert root.get("width") == "720pt"  # 10 inches
+
+
+def test_plot_sensitivity_writes_one_row_per_layer(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = mq.sensitivity(Net().eval(), mq.Int4(), batches(2))
+    assert [r.name for r in rows] and len(rows) == 4
+    path = plot_sensitivity(rows, tmp_path / "s.png")
+    from monoquant.plotting import ROW_INCHES
+
+    assert _png_size(path) == (1000, round(100 * (1.6 + ROW_INCHES * 4)))
+    with pytest.raises(mq.ConfigError, match="no rows"):
+        plot_sensitivity([], tmp_path / "e.png")
+
+
+def test_plot_refuses_unknown_extensions_and_names_the_extra_when_matplotlib_is_missing(tmp_path, monkeypatch):
+    report = _int4_report()
+    with pytest.raises(mq.ConfigError, match=r"\.png, \.svg, \.pdf"):
+        report.plot(tmp_path / "r.jpg")
+    assert not (tmp_path / "r.jpg").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    with pytest.raises(MissingExtraError, match=r"pip install monoquant\[plot\]") as info:
+        report.plot(tmp_path / "r.png")
+    assert isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ImportError)
+    assert not (tmp_path / "r.png").exists()

@@ -23,6 +23,7 @@ from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
 from ..formats import Int8, Stored, WeightSpec
 from ..observers import Observer, apply_keeping_dtypes
+from .registry import replaces
 
 _OPTIONAL_BUFFERS = ("scale", "zero_point")
 """Buffers every layer has as attributes (``None`` where its format does not use them)."""
@@ -121,8 +122,9 @@ class QuantModule(nn.Module):
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def _check_float(cls, module: nn.Module, name: str) -> None:
-        if not isinstance(module, cls.float_module_type):
-            raise ConfigError(f"{cls.__name__}.from_float expects {cls.float_module_type.__name__}, "
+        if not replaces(cls, module):
+            expected = cls.float_module_path or cls.float_module_type.__name__
+            raise ConfigError(f"{cls.__name__}.from_float expects {expected}, "
                               f"got {type(module).__name__}")
         weight = cls.float_weight(module)
         if weight.device.type == "meta":
@@ -136,7 +138,8 @@ class QuantModule(nn.Module):
 
     @classmethod
     def float_weight(cls, module: nn.Module) -> torch.Tensor:
-        """The float weight of ``module`` laid out as ``weight_shape`` (output channels first)."""
+        """The weight of float ``module`` laid out as this class stores it (``[out, in, ...]``); a view, not a copy
+        (layers whose float type stores it otherwise, such as transformers' ``Conv1D``, override this)."""
         return module.weight
 
     def _load_float_weight(self, weight: torch.Tensor, observer: Observer | None = None) -> None:
