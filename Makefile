@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml integrations/lightning/pyproject.toml Makefile
 demo: venv
 	$(BIN)/python examples/quantize_existing_model.py
 	$(BIN)/python examples/lightning_digits.py
+	$(BIN)/python examples/transformers_causal_lm.py
 
 lint: venv
 	$(BIN)/ruff check .
