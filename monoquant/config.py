@@ -126,10 +126,13 @@ class Int4(WeightSpec):
     method: str = "rtn"
     act_order: bool = False
     damping: float = 0.01
+    static_groups: bool | None = None
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
         _check_method(self.method, self.observer, self.act_order, self.damping)
+        if self.static_groups is not None and self.method != "gptq":
+            raise ConfigError("static_groups only applies to method='gptq'")
 
     @property
     def kind(self) -> str:
