@@ -57,7 +57,7 @@ class WeightSpec:
 
         proto = getattr(self, "observer", None)
         if proto is None:
-            return MSEObserver() if getattr(self, "method", "rtn") == "mse" else MinMaxObserver()
+            return MSEObserver() if getattr(self, "method", "rtn") in ("mse", "gptq") else MinMaxObserver()
         if isinstance(proto, torch.nn.Module):
             return copy.deepcopy(proto)
         if callable(proto):
@@ -75,7 +75,8 @@ class Int8(WeightSpec):
 
     ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
     :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see
-    :mod:`monoquant.gptq`, with ``act_order`` and ``damping``, a fraction of the Hessian's mean diagonal).
+    :mod:`monoquant.gptq`, with ``act_order`` (``None``: GPTQ's default, on) and ``damping``, a fraction of
+    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver).
     """
 
     symmetric: bool | None = None
@@ -83,7 +84,7 @@ class Int8(WeightSpec):
     observer: ObserverLike = field(default=None, compare=False)
     method: str = "rtn"
     dynamic: bool = False
-    act_order: bool = False
+    act_order: bool | None = None
     damping: float = 0.01
 
     def __post_init__(self) -> None:
@@ -118,13 +119,16 @@ class Int4(WeightSpec):
     skipped and reported.
 
     ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
+    ``static_groups`` (GPTQ; ``None``: off): every group's qparams come from the original weight before GPTQ
+    starts, instead of from its error-compensated weights when its first column comes up; the stored layout
+    is the same either way.
     """
 
     group_size: int = 128
     symmetric: bool = False
     observer: ObserverLike = field(default=None, compare=False)
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool | None = None
     damping: float = 0.01
     static_groups: bool | None = None
 

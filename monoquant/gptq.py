@@ -1,20 +1,32 @@
 """GPTQ: calibration-driven weight quantization with error compensation (Frantar et al., 2022).
 
 During calibration a :class:`HessianObserver` accumulates ``H = sum_x x^T x`` over the rows ``x`` of a
-Linear layer's inputs (averaged by the number of rows when read). At freeze, :func:`gptq_quantize` quantizes
-the weight one input column at a time and spreads each column's rounding error over the columns not yet
-quantized through the upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, which minimises the
-layer's output error ``||(W - W_q) X||^2`` on the calibration inputs column by column.
+layer's inputs (averaged by the number of rows when read): a Linear layer's input rows, or a convolution's
+input patches (im2col, :mod:`monoquant.im2col`: one row per output position, in the order of the kernel's
+``[out, in/groups * prod(kernel)]`` view), with one Hessian per conv group since each group's output channels
+only see that group's input channels (depthwise: one ``prod(kernel)``-sized Hessian per channel). At freeze,
+:func:`gptq_quantize` quantizes the weight one input column at a time and spreads each column's rounding error
+over the columns not yet quantized through the upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``,
+which minimises the layer's output error ``||(W - W_q) X||^2`` on the calibration inputs column by column.
 
 Storage and kernels are unchanged: only the integer codes and scales differ from round-to-nearest.
 
-* INT4 group-wise: without activation order, each group's scale/zero-point is chosen (by the spec's weight
-  observer) from the already error-compensated weights when its first column is reached; with
-  ``act_order=True`` columns are processed by decreasing ``diag(H)`` and each column uses the qparams of the
-  group it is *stored* in, computed up front from the original weight (so the stored layout is unchanged).
+* ``act_order``: columns are processed by decreasing ``diag(H)`` (the most active inputs first, while the
+  most unquantized columns remain to absorb their error). Each column always uses the qparams of the group it
+  is *stored* in, so the stored layout is the canonical one whatever the processing order.
+* INT4 group qparams: with ``static_groups`` they are computed up front from the original weight (before any
+  permutation); otherwise each group's are chosen when the first of its columns comes up, from the current
+  (already error-compensated) values of all its columns.
+* Ranges come from the spec's weight observer. For ``method="gptq"`` the default is the
+  :class:`~monoquant.MSEObserver` clipping search, run on each group's current (compensated) values when
+  groups are chosen on the fly; pass ``observer=mq.MinMaxObserver()`` for plain min/max ranges.
 * INT8 per-channel / per-tensor: qparams come from the original weight, codes from the GPTQ pass.
 * Dead inputs (``diag(H) == 0``: the input was always zero) get ``H_ii = 1``: their column is rounded to
-  nearest and spreads no error. With ``H = I`` no error is spread at all and the result equals RTN exactly.
+  nearest and spreads no error. With ``H = I`` no error is spread at all and, with min/max ranges, the result
+  equals RTN exactly.
+
+What ``method="gptq"`` uses when a spec leaves these unset is :data:`DEFAULT_OPTIONS` (measured in
+``benchmarks/bench_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +43,10 @@ from .config import Int4, WeightSpec
 from .errors import CalibrationError, ConfigError
 from .im2col import ConvGeometry, conv_patches
 from .observers import Observer
-from .qtypes import PerTensor, QType
+from .qtypes import QType
 
 BLOCK_SIZE = 128
 """Columns quantized between two lazy (matrix-multiply) error updates of the remaining weight."""
-
-CLIP_GRID = 64
-CLIP_MAX_SHRINK = 0.6
-"""The clipping search of :func:`clipped_qparams` tries ``CLIP_GRID`` ratios from 1 down to ``1 - CLIP_MAX_SHRINK``."""
 
 
 class HessianObserver(Observer):
@@ -103,45 +111,6 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
-def clipped_qparams(
-    spec: WeightSpec, weight2d: torch.Tensor, group_size: int | None, col_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qparams per slot (tensor, row or row group) from a clipping search weighted by input power.
-
-    For each of ``CLIP_GRID`` ratios ``r`` from 1 down to ``1 - CLIP_MAX_SHRINK``, the range ``[r * min, r * max]``
-    of each slot is quantized and scored by ``sum_j col_weight_j (w_j - w_hat_j)^2``; each slot keeps its best
-    ratio (ties: the widest range). With ``col_weight = diag(H)`` the score is the slot's share of the layer's
-    output error when inputs are uncorrelated. Returns the scale (float64, rounded to the stored dtype) and
-    zero-point, shaped like :func:`monoquant.schemes.qparams_for`'s.
-    """
-    qtype, granularity = schemes.weight_qtype(spec), schemes.weight_granularity(spec, group_size)
-    view = F.group_view(weight2d.double(), granularity)
-    weight = F.group_view(col_weight.double().expand(weight2d.shape), granularity)
-    lo, hi = view.amin(-1), view.amax(-1)
-    best_err = torch.full_like(lo, float("inf"))
-    best_ratio = torch.ones_like(lo)
-    for ratio in torch.linspace(1.0, 1.0 - CLIP_MAX_SHRINK, CLIP_GRID, dtype=torch.float64).tolist():
-        scale, zero = F.qparams_from_minmax(lo * ratio, hi * ratio, qtype)
-        scale = scale.to(schemes.SCALE_DTYPE).double()
-        approx = F.fake_quantize(view, scale.unsqueeze(-1), zero.unsqueeze(-1), qtype)
-        err = (weight * (view - approx).pow(2)).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, ratio, best_ratio)
-    scale, zero = F.qparams_from_minmax(lo * best_ratio, hi * best_ratio, qtype)
-    if isinstance(granularity, PerTensor):
-        scale, zero = scale.reshape(()), zero.reshape(())
-    return scale.to(schemes.SCALE_DTYPE).double(), zero
-
-
-def _qparams(spec: WeightSpec, w: torch.Tensor, group_size: int | None,
-             col_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipping search when ``col_weight`` is given, else the spec's weight observer."""
-    if col_weight is not None:
-        return clipped_qparams(spec, w, group_size, col_weight)
-    return schemes.qparams_for(spec, w, group_size)
-
-
 def gptq_quantize(
     spec: WeightSpec,
     weight2d: torch.Tensor,
@@ -151,16 +120,14 @@ def gptq_quantize(
     act_order: bool = False,
     damping: float = 0.01,
     static_groups: bool = False,
-    clip: bool = False,
 ) -> schemes.StoredWeight:
     """GPTQ-quantize a ``[N, K]`` float weight into the spec's stored buffers.
 
     ``hessian`` is ``[K, K]``, or ``[G, K, K]`` for a grouped convolution: rows are split into ``G`` equal
     blocks and block ``g`` is compensated with ``hessian[g]``. ``act_order``: process columns by decreasing
     ``diag(H)``. ``static_groups`` (INT4): every group's qparams come from the original weight up front, else
-    each group's come from its error-compensated weights when its first column is reached. ``clip``: qparams
-    from :func:`clipped_qparams` weighted by ``diag(H)``, else from the spec's weight observer. The stored
-    layout is the canonical one (same as round-to-nearest) in every case.
+    each group's come from its error-compensated weights when its first column is reached. Ranges are chosen by
+    the spec's weight observer. The stored layout is the canonical one (same as round-to-nearest) in every case.
     """
     n, k = weight2d.shape
     hs = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
@@ -173,11 +140,9 @@ def gptq_quantize(
     g = group_size if grouped else None
     w = weight2d.detach().float()
     rows = n // hs.shape[0]
-    # input power seen by each weight: diag(H) of its row's group, as [N, K]
-    power = torch.diagonal(hs, dim1=1, dim2=2).float().to(w.device).repeat_interleave(rows, 0) if clip else None
     static = None
     if not grouped or static_groups:  # INT8 per-channel/per-tensor qparams always come from the original weight
-        static = _qparams(spec, w, g, power)
+        static = schemes.qparams_for(spec, w, g)
         scalar = static[0].dim() == 0
         if scalar:
             static = (static[0].expand(n), static[1].expand(n))
@@ -185,8 +150,7 @@ def gptq_quantize(
     for i, h in enumerate(hs):
         sl = slice(i * rows, (i + 1) * rows)
         fixed = None if static is None else (static[0][sl], static[1][sl])
-        parts.append(_gptq_rows(spec, w[sl], h.to(w.device), g, fixed, act_order=act_order, damping=damping,
-                                power=None if power is None else power[sl]))
+        parts.append(_gptq_rows(spec, w[sl], h.to(w.device), g, fixed, act_order=act_order, damping=damping))
     codes, scale, zero = (torch.cat(t) for t in zip(*parts))
     if static is not None and scalar:
         scale, zero = scale[:1].reshape(()), zero[:1].reshape(())
@@ -202,7 +166,6 @@ def _gptq_rows(
     *,
     act_order: bool,
     damping: float,
-    power: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of rows ``w`` (``[M, K]``) sharing one Hessian: integer codes ``[M, K]``, scale and zero-point.
 
@@ -237,7 +200,7 @@ def _gptq_rows(
                     # no column of this group is quantized yet: w at block start minus this block's updates so far
                     cols = position[slot * g:(slot + 1) * g]
                     current = w[:, cols] - errs[:, :i] @ hinv[b0:b0 + i, cols]
-                    s, z = _qparams(spec, current, g, None if power is None else power[:, slot * g:(slot + 1) * g])
+                    s, z = schemes.qparams_for(spec, current, g)
                     scale_all[:, slot], zero_all[:, slot] = s[:, 0], z[:, 0]
                     chosen.add(slot)
                 s, z = scale_all[:, slot], zero_all[:, slot]
@@ -273,20 +236,18 @@ class GPTQOptions:
     act_order: bool = False
     damping: float = 0.01
     static_groups: bool = False
-    clip: bool = False
 
     @classmethod
     def of(cls, spec: WeightSpec) -> GPTQOptions:
         """The options a ``method="gptq"`` spec asks for: its ``act_order``/``static_groups`` when set, else
-        those of :data:`DEFAULT_OPTIONS`; ``damping``; the clipping search unless the spec names an observer."""
+        those of :data:`DEFAULT_OPTIONS`; its ``damping``."""
         act_order, static_groups = getattr(spec, "act_order", None), getattr(spec, "static_groups", None)
         return cls(act_order=DEFAULT_OPTIONS.act_order if act_order is None else act_order,
                    damping=spec.damping,
-                   static_groups=DEFAULT_OPTIONS.static_groups if static_groups is None else static_groups,
-                   clip=DEFAULT_OPTIONS.clip and getattr(spec, "observer", None) is None)
+                   static_groups=DEFAULT_OPTIONS.static_groups if static_groups is None else static_groups)
 
 
-DEFAULT_OPTIONS = GPTQOptions()
+DEFAULT_OPTIONS = GPTQOptions(act_order=True)
 """What ``method="gptq"`` does when the spec leaves an option unset (measured: benchmarks/bench_accuracy.py)."""
 
 
@@ -318,11 +279,11 @@ class GPTQState(nn.Module):
         w2d = self.weight.reshape(self.weight.shape[0], -1)
         opts = self.options
         stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
-                               static_groups=opts.static_groups, clip=opts.clip)
+                               static_groups=opts.static_groups)
         deq = schemes.dequantize_weight(spec, stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"act_order={o.act_order}, damping={o.damping}, static_groups={o.static_groups}, clip={o.clip}"
+        return (f"act_order={o.act_order}, damping={o.damping}, static_groups={o.static_groups}"
                 + ("" if self.conv is None else f", conv={self.conv}"))

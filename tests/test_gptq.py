@@ -6,11 +6,9 @@ from torch import nn
 import monoquant as mq
 from monoquant import schemes
 from monoquant.gptq import (
-    CLIP_MAX_SHRINK,
     DEFAULT_OPTIONS,
     GPTQOptions,
     GPTQState,
-    clipped_qparams,
     gptq_quantize,
     output_sqnr,
 )
@@ -173,43 +171,15 @@ def test_static_groups_with_act_order_save_and_load(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
-def test_gptq_options_resolve_unset_fields_to_the_measured_defaults():
+def test_gptq_defaults_are_act_order_with_mse_ranges_and_explicit_fields_win():
+    assert GPTQOptions(act_order=True, damping=0.01, static_groups=False) == DEFAULT_OPTIONS
     assert GPTQOptions.of(mq.Int4(method="gptq")) == DEFAULT_OPTIONS
-    opts = GPTQOptions.of(mq.Int4(method="gptq", act_order=False, static_groups=True, damping=0.05,
-                                  observer=mq.MSEObserver()))
-    assert opts == GPTQOptions(act_order=False, damping=0.05, static_groups=True, clip=False)
-    assert GPTQOptions.of(mq.Int8(method="gptq", act_order=True)).act_order
-
-
-def test_clip_search_never_loses_to_min_max_and_ignores_dead_columns():
-    torch.manual_seed(0)
-    w = torch.randn(16, 128)
-    weight = torch.rand(128) + 0.1
-    spec = mq.Int4(group_size=32)
-    qtype, gran = spec.weight_qtype(), schemes.weight_granularity(spec, 32)
-
-    def weighted_err(scale, zero, col_weight):
-        view = mq.functional.group_view(w.double(), gran)
-        approx = mq.functional.fake_quantize(view, scale.unsqueeze(-1), zero.unsqueeze(-1), qtype)
-        return (mq.functional.group_view(col_weight.expand(w.shape).double(), gran) * (view - approx) ** 2).sum(-1)
-
-    s, z = clipped_qparams(spec, w, 32, weight)
-    s0, z0 = schemes.qparams_for(spec, w, 32)  # min/max, the ratio-1 candidate
-    assert s.shape == s0.shape == (16, 4) and z.dtype == z0.dtype
-    assert bool((weighted_err(s, z, weight) <= weighted_err(s0, z0, weight)).all())
-    assert float(weighted_err(s, z, weight).sum()) < 0.95 * float(weighted_err(s0, z0, weight).sum())
-    # a huge value on an input that never fires (weight 0) is clipped away instead of stretching its group
-    w[:, 5] = 50.0
-    dead = weight.clone()
-    dead[5] = 0.0
-    s, _ = clipped_qparams(spec, w, 32, dead)
-    s0 = schemes.qparams_for(spec, w, 32)[0]
-    ratio = s[:, 0] / s0[:, 0]
-    assert float(ratio.max()) < 0.5 and float(ratio.min()) >= 1 - CLIP_MAX_SHRINK - 1e-6
-    assert torch.equal(s[:, 1:], clipped_qparams(spec, w, 32, weight)[0][:, 1:])  # other groups unaffected
-    # per-tensor INT8 gives one scale
-    s, z = clipped_qparams(mq.Int8(granularity="tensor"), w, None, weight)
-    assert s.shape == () and z.shape == ()
+    assert GPTQOptions.of(mq.Int4(method="gptq", act_order=False, static_groups=True, damping=0.05)) == GPTQOptions(
+        act_order=False, damping=0.05, static_groups=True)
+    assert not GPTQOptions.of(mq.Int8(method="gptq", act_order=False)).act_order
+    assert isinstance(mq.Int4(method="gptq").make_observer(), mq.MSEObserver)
+    assert type(mq.Int4(method="gptq", observer=mq.MinMaxObserver()).make_observer()) is mq.MinMaxObserver
+    assert type(mq.Int4().make_observer()) is mq.MinMaxObserver  # round-to-nearest keeps min/max
 
 
 def test_grouped_hessian_runs_each_row_block_with_its_own_hessian():
