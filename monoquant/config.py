@@ -119,7 +119,7 @@ class Int4(WeightSpec):
     skipped and reported.
 
     ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
-    ``static_groups`` (GPTQ; ``None``: off): every group's qparams come from the original weight before GPTQ
+    ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
     starts, instead of from its error-compensated weights when its first column comes up; the stored layout
     is the same either way.
     """

@@ -247,7 +247,7 @@ class GPTQOptions:
                    static_groups=DEFAULT_OPTIONS.static_groups if static_groups is None else static_groups)
 
 
-DEFAULT_OPTIONS = GPTQOptions(act_order=True)
+DEFAULT_OPTIONS = GPTQOptions(act_order=True, static_groups=True)
 """What ``method="gptq"`` does when the spec leaves an option unset (measured: benchmarks/bench_accuracy.py)."""
 
 
