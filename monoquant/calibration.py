@@ -13,9 +13,9 @@ or in one call: ``mq.quantize_(model, cfg, calibration_data=loader)``, or ``mq.c
 then ``mq.freeze(model)``.
 
 Which layers need data: those whose config quantizes activations statically (``activations=mq.Int8()``) and
-those whose weight method is ``"gptq"`` (Linear layers only; convolutions fall back to round-to-nearest and
-the report says so). Until :func:`freeze`, a GPTQ layer computes with its float weight and a static
-activation layer refuses to run outside :func:`calibrate`.
+those whose weight method is ``"gptq"`` (Linear and convolution layers; a convolution's Hessian is built
+from its input patches, see :mod:`monoquant.im2col`). Until :func:`freeze`, a GPTQ layer computes with its
+float weight and a static activation layer refuses to run outside :func:`calibrate`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from . import data as data_mod
 from . import functional as F
 from .config import QuantConfig
 from .errors import CalibrationError
-from .gptq import GPTQState
+from .gptq import GPTQOptions, GPTQState
+from .im2col import ConvGeometry
 from .nn.activation import ActivationQuantizer
 from .nn.linear import QuantLinear
 from .nn.module import QuantModule
@@ -60,9 +61,8 @@ def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, nam
     if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)
     if method == "gptq":
-        if not isinstance(q, QuantLinear):
-            return "rtn (gptq is for Linear layers)"
-        q.gptq = GPTQState(float_weight, name, act_order=spec.act_order, damping=spec.damping)
+        conv = None if isinstance(q, QuantLinear) else ConvGeometry.of(q)
+        q.gptq = GPTQState(float_weight, name, GPTQOptions.of(spec), conv=conv)
     return method
 
 

@@ -1,34 +1,48 @@
 """GPTQ: calibration-driven weight quantization with error compensation (Frantar et al., 2022).
 
 During calibration a :class:`HessianObserver` accumulates ``H = sum_x x^T x`` over the rows ``x`` of a
-Linear layer's inputs (averaged by the number of rows when read). At freeze, :func:`gptq_quantize` quantizes
-the weight one input column at a time and spreads each column's rounding error over the columns not yet
-quantized through the upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, which minimises the
-layer's output error ``||(W - W_q) X||^2`` on the calibration inputs column by column.
+layer's inputs (averaged by the number of rows when read): a Linear layer's input rows, or a convolution's
+input patches (im2col, :mod:`monoquant.im2col`: one row per output position, in the order of the kernel's
+``[out, in/groups * prod(kernel)]`` view), with one Hessian per conv group since each group's output channels
+only see that group's input channels (depthwise: one ``prod(kernel)``-sized Hessian per channel). At freeze,
+:func:`gptq_quantize` quantizes the weight one input column at a time and spreads each column's rounding error
+over the columns not yet quantized through the upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``,
+which minimises the layer's output error ``||(W - W_q) X||^2`` on the calibration inputs column by column.
 
 Storage and kernels are unchanged: only the integer codes and scales differ from round-to-nearest.
 
-* INT4 group-wise: without activation order, each group's scale/zero-point is chosen (by the spec's weight
-  observer) from the already error-compensated weights when its first column is reached; with
-  ``act_order=True`` columns are processed by decreasing ``diag(H)`` and each column uses the qparams of the
-  group it is *stored* in, computed up front from the original weight (so the stored layout is unchanged).
+* ``act_order``: columns are processed by decreasing ``diag(H)`` (the most active inputs first, while the
+  most unquantized columns remain to absorb their error). Each column always uses the qparams of the group it
+  is *stored* in, so the stored layout is the canonical one whatever the processing order.
+* INT4 group qparams: with ``static_groups`` they are computed up front from the original weight (before any
+  permutation); otherwise each group's are chosen when the first of its columns comes up, from the current
+  (already error-compensated) values of all its columns.
+* Ranges come from the spec's weight observer. For ``method="gptq"`` the default is the
+  :class:`~monoquant.MSEObserver` clipping search, run on each group's current (compensated) values when
+  groups are chosen on the fly; pass ``observer=mq.MinMaxObserver()`` for plain min/max ranges.
 * INT8 per-channel / per-tensor: qparams come from the original weight, codes from the GPTQ pass.
 * Dead inputs (``diag(H) == 0``: the input was always zero) get ``H_ii = 1``: their column is rounded to
-  nearest and spreads no error. With ``H = I`` no error is spread at all and the result equals RTN exactly.
+  nearest and spreads no error. With ``H = I`` no error is spread at all and, with min/max ranges, the result
+  equals RTN exactly.
+
+What ``method="gptq"`` uses when a spec leaves these unset is :data:`DEFAULT_OPTIONS` (measured in
+``benchmarks/bench_accuracy.py``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
-from . import schemes
-from .config import Int4, WeightSpec
 from .errors import CalibrationError, ConfigError
+from .formats import Stored, WeightSpec
+from .im2col import ConvGeometry, conv_patches
 from .observers import Observer
-from .qtypes import PerTensor, QType
+from .qtypes import QType
 
 BLOCK_SIZE = 128
 """Columns quantized between two lazy (matrix-multiply) error updates of the remaining weight."""
@@ -37,31 +51,38 @@ BLOCK_SIZE = 128
 class HessianObserver(Observer):
     """Accumulates ``sum x^T x`` and the row count for inputs of ``in_features`` columns, in ``dtype``.
 
-    ``sync`` sums both over ranks. Gives a Hessian (:meth:`hessian`), not qparams.
+    With ``groups > 1`` (grouped and depthwise convolutions) it keeps one statistic per group and takes inputs
+    of shape ``[groups, rows, in_features]`` (see :func:`monoquant.im2col.conv_patches`); otherwise any
+    ``[..., in_features]`` tensor. ``sync`` sums both over ranks. Gives a Hessian (:meth:`hessian`), not qparams.
     """
 
     _drops_nonfinite = False
 
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None) -> None:
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None, *, groups: int = 1) -> None:
         super().__init__()
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"HessianObserver dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.in_features = in_features
-        self.register_buffer("xtx", torch.zeros(in_features, in_features, dtype=dtype, device=device))
+        if groups < 1:
+            raise ConfigError(f"HessianObserver groups must be >= 1, got {groups}")
+        self.in_features, self.groups = in_features, groups
+        self.register_buffer("xtx", torch.zeros(groups, in_features, in_features, dtype=dtype, device=device))
         self.register_buffer("rows", torch.zeros((), dtype=torch.int64, device=device))
 
     def _observe(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise ConfigError(f"{self._where()} expects inputs with {self.in_features} features, got {x.shape}")
-        x2d = x.reshape(-1, self.in_features).to(self.xtx.dtype)
-        self.xtx.addmm_(x2d.T, x2d)
-        self.rows += x2d.shape[0]
+        grouped = self.groups > 1
+        if x.shape[-1] != self.in_features or (grouped and (x.dim() != 3 or x.shape[0] != self.groups)):
+            want = f"[{self.groups}, rows, {self.in_features}]" if grouped else f"[..., {self.in_features}]"
+            raise ConfigError(f"{self._where()} expects inputs of shape {want}, got {tuple(x.shape)}")
+        x3d = x.reshape(self.groups, -1, self.in_features).to(self.xtx.dtype)
+        self.xtx.baddbmm_(x3d.transpose(1, 2), x3d)
+        self.rows += x3d.shape[1]
 
     def hessian(self) -> torch.Tensor:
-        """``sum x^T x / rows`` (the mean over calibration rows)."""
+        """``sum x^T x / rows`` (the mean over calibration rows): ``[in, in]``, or ``[groups, in, in]``."""
         if not self.has_seen_data:
             raise CalibrationError(f"{self._where()} has seen no data: run calibration batches first")
-        return self.xtx / self.rows.clamp_min(1)
+        h = self.xtx / self.rows.clamp_min(1)
+        return h if self.groups > 1 else h[0]
 
     def calculate_qparams(self, qtype=None, granularity=None):
         raise ConfigError("HessianObserver collects GPTQ statistics, not qparams: read .hessian()")
@@ -74,6 +95,9 @@ class HessianObserver(Observer):
         super().reset()
         self.xtx.zero_()
         self.rows.zero_()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, groups={self.groups}"
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
@@ -94,102 +118,173 @@ def gptq_quantize(
     *,
     act_order: bool = False,
     damping: float = 0.01,
-) -> schemes.Stored:
-    """GPTQ-quantize a ``[N, K]`` float weight with input Hessian ``[K, K]`` into the spec's stored buffers."""
+    static_groups: bool = False,
+) -> Stored:
+    """GPTQ-quantize a ``[N, K]`` float weight into the spec's stored buffers.
+
+    ``hessian`` is ``[K, K]``, or ``[G, K, K]`` for a grouped convolution: rows are split into ``G`` equal
+    blocks and block ``g`` is compensated with ``hessian[g]``. ``act_order``: process columns by decreasing
+    ``diag(H)``. ``static_groups`` (INT4): every group's qparams come from the original weight up front, else
+    each group's come from its error-compensated weights when its first column is reached. Ranges are chosen by
+    the spec's weight observer. The stored layout is the canonical one (same as round-to-nearest) in every case.
+    """
     n, k = weight2d.shape
-    if hessian.shape != (k, k):
-        raise ConfigError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight with {k} inputs")
+    hs = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
+    if hs.dim() != 3 or hs.shape[1:] != (k, k) or n % hs.shape[0]:
+        raise ConfigError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight of shape {(n, k)} "
+                          "(expected [K, K], or [G, K, K] with G dividing the rows)")
     if damping <= 0:
         raise ConfigError(f"damping must be positive, got {damping}")
-    qtype: QType = schemes.weight_qtype(spec)
-    w = weight2d.detach().float().clone()
-    grouped = isinstance(spec, Int4)
+    if not spec.supports_gptq:
+        raise ConfigError(f"{spec.describe()} weights cannot be produced by GPTQ (it needs a uniform integer grid)")
+    grouped = group_size is not None  # INT4: groups along the input dimension
     g = group_size if grouped else None
-    perm = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else None
+    w = weight2d.detach().float()
+    rows = n // hs.shape[0]
+    static = None
+    if not grouped or static_groups:  # INT8 per-channel/per-tensor qparams always come from the original weight
+        static = spec.qparams(w, g)
+        scalar = static[0].dim() == 0
+        if scalar:
+            static = (static[0].expand(n), static[1].expand(n))
+    parts = []
+    for i, h in enumerate(hs):
+        sl = slice(i * rows, (i + 1) * rows)
+        fixed = None if static is None else (static[0][sl], static[1][sl])
+        parts.append(_gptq_rows(spec, w[sl], h.to(w.device), g, fixed, act_order=act_order, damping=damping))
+    codes, scale, zero = (torch.cat(t) for t in zip(*parts))
+    if static is not None and scalar:
+        scale, zero = scale[:1].reshape(()), zero[:1].reshape(())
+    return spec.encode(codes, scale, zero)
 
-    # static qparams: INT8 (per-channel/tensor) always, INT4 groups when columns are reordered
-    static = not grouped or act_order
-    if static:
-        scale_all, zero_all = schemes.qparams_for(spec, w, g)
-        if not grouped and scale_all.dim() == 0:
-            scale_all, zero_all = scale_all.expand(n), zero_all.expand(n)
+
+def _gptq_rows(
+    spec: WeightSpec,
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    g: int | None,
+    static: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    act_order: bool,
+    damping: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of rows ``w`` (``[M, K]``) sharing one Hessian: integer codes ``[M, K]``, scale and zero-point.
+
+    ``static``: qparams of every row (INT8) or group (INT4) fixed up front; ``None`` (INT4 only): a group's
+    qparams are chosen when its first column comes up, from the current (compensated) values of its columns.
+    """
+    qtype: QType = spec.weight_qtype()
+    m, k = w.shape
+    perm = (torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order
+            else torch.arange(k, device=w.device))
+    position = torch.argsort(perm)  # processing position of each stored column
+    w = w[:, perm].clone()
+    hinv = _inverse_cholesky(hessian[perm][:, perm], damping).float().to(w.device)
+    codes = torch.empty(m, k, dtype=torch.int64, device=w.device)
+    if static is not None:
+        scale_all, zero_all = static
     else:
-        scale_all = torch.empty(n, k // g, dtype=torch.float64, device=w.device)
-        zero_all = torch.empty(n, k // g, dtype=torch.int64, device=w.device)
-    if perm is not None:
-        w, hessian = w[:, perm], hessian[perm][:, perm]
-    col_index = perm if perm is not None else torch.arange(k, device=w.device)
-
-    hinv = _inverse_cholesky(hessian, damping).float().to(w.device)
-    codes = torch.empty(n, k, dtype=torch.int64, device=w.device)
-    block = g if (grouped and not act_order) else BLOCK_SIZE
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
+        scale_all = torch.empty(m, k // g, dtype=torch.float64, device=w.device)
+        zero_all = torch.empty(m, k // g, dtype=torch.int64, device=w.device)
+    chosen: set[int] = set()
+    for b0 in range(0, k, BLOCK_SIZE):
+        b1 = min(b0 + BLOCK_SIZE, k)
         wb, hb = w[:, b0:b1].clone(), hinv[b0:b1, b0:b1]
         errs = torch.zeros_like(wb)
-        if not static:  # b0 starts a group; its weights already hold every earlier column's compensation
-            s, z = schemes.qparams_for(spec, wb, g)
-            scale_all[:, b0 // g], zero_all[:, b0 // g] = s[:, 0], z[:, 0]
         for i in range(b1 - b0):
-            col = int(col_index[b0 + i])
-            slot = col // g if grouped else slice(None)
-            s = scale_all[:, slot] if grouped else scale_all
-            z = zero_all[:, slot] if grouped else zero_all
+            col = int(perm[b0 + i])
+            if g is None:
+                s, z = scale_all, zero_all
+            else:
+                slot = col // g
+                if static is None and slot not in chosen:
+                    # no column of this group is quantized yet: w at block start minus this block's updates so far
+                    cols = position[slot * g:(slot + 1) * g]
+                    current = w[:, cols] - errs[:, :i] @ hinv[b0:b0 + i, cols]
+                    s, z = spec.qparams(current, g)
+                    scale_all[:, slot], zero_all[:, slot] = s[:, 0], z[:, 0]
+                    chosen.add(slot)
+                s, z = scale_all[:, slot], zero_all[:, slot]
             q = F.quantize(wb[:, i], s, z, qtype)
             codes[:, b0 + i] = q
             err = (wb[:, i] - F.dequantize(q, s, z, torch.float64).float()) / hb[i, i]
             wb[:, i:] -= err[:, None] * hb[i, i:][None, :]
             errs[:, i] = err
         w[:, b1:] -= errs @ hinv[b0:b1, b1:]
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    if not grouped and schemes.weight_granularity(spec, None) == PerTensor():
-        scale_all, zero_all = scale_all[:1].reshape(()), zero_all[:1].reshape(())
-    return schemes.encode_codes(spec, codes, scale_all, zero_all)
+    return codes[:, position], scale_all, zero_all
 
 
 def output_sqnr(weight2d: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """SQNR (dB) of ``x W^T`` vs ``x W_q^T`` over the calibration rows, exactly, from ``H = mean x^T x``.
 
     ``sum ||x W^T||^2 = tr(W H W^T)`` and likewise for the error ``W - W_q``; the bias cancels in the error
-    and is left out of the signal.
+    and is left out of the signal. A ``[G, K, K]`` Hessian (grouped convolution) applies to ``G`` equal
+    blocks of rows.
     """
-    h = hessian.double()
-    w = weight2d.double()
-    d = w - dequantized.double()
+    h = hessian.double() if hessian.dim() == 3 else hessian.double().unsqueeze(0)
+    w = weight2d.double().reshape(h.shape[0], -1, weight2d.shape[1])
+    d = w - dequantized.double().reshape(w.shape)
     # quadratic forms of a PSD matrix: a rounding-level negative value means zero
     signal = max(float(((w @ h) * w).sum()), 0.0)
     noise = max(float(((d @ h) * d).sum()), 0.0)
     return F.sqnr_from_powers(signal, noise)
 
 
-class GPTQState(nn.Module):
-    """What a GPTQ-pending :class:`QuantLinear` holds until :func:`monoquant.freeze`: its float weight (used by
-    ``forward`` meanwhile; not part of ``state_dict``) and the :class:`HessianObserver` of its inputs."""
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How :func:`gptq_quantize` runs for one layer (see its arguments)."""
 
-    def __init__(self, weight: torch.Tensor, layer_name: str = "", *, act_order: bool = False,
-                 damping: float = 0.01, hessian_dtype: torch.dtype = torch.float32) -> None:
+    act_order: bool = False
+    damping: float = 0.01
+    static_groups: bool = False
+
+    @classmethod
+    def of(cls, spec: WeightSpec) -> GPTQOptions:
+        """The options a ``method="gptq"`` spec asks for: its ``act_order``/``static_groups`` when set, else
+        those of :data:`DEFAULT_OPTIONS`; its ``damping``."""
+        act_order, static_groups = getattr(spec, "act_order", None), getattr(spec, "static_groups", None)
+        return cls(act_order=DEFAULT_OPTIONS.act_order if act_order is None else act_order,
+                   damping=spec.damping,
+                   static_groups=DEFAULT_OPTIONS.static_groups if static_groups is None else static_groups)
+
+
+DEFAULT_OPTIONS = GPTQOptions(act_order=True, static_groups=True)
+"""What ``method="gptq"`` does when the spec leaves an option unset (measured: benchmarks/bench_accuracy.py)."""
+
+
+class GPTQState(nn.Module):
+    """What a GPTQ-pending :class:`QuantLinear` or ``QuantConv*`` holds until :func:`monoquant.freeze`: its float
+    weight (used by ``forward`` meanwhile; not part of ``state_dict``) and the :class:`HessianObserver` of its
+    inputs (for a convolution: of its input patches, one statistic per conv group, see :mod:`monoquant.im2col`)."""
+
+    def __init__(self, weight: torch.Tensor, layer_name: str = "", options: GPTQOptions | None = None, *,
+                 conv: ConvGeometry | None = None, hessian_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.layer_name = layer_name
-        self.act_order, self.damping = act_order, damping
+        self.options = options or GPTQOptions()
+        self.conv = conv
         self.register_buffer("weight", weight.detach(), persistent=False)
         self.hessian = HessianObserver(weight.reshape(weight.shape[0], -1).shape[1], hessian_dtype,
-                                       device=weight.device)
+                                       device=weight.device, groups=conv.groups if conv is not None else 1)
         self.hessian.name = layer_name
 
     def observe(self, x: torch.Tensor) -> None:
-        self.hessian(x)
+        self.hessian(x if self.conv is None else conv_patches(x.detach(), self.conv))
 
-    def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[schemes.Stored, float]:
+    def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[Stored, float]:
         """Run GPTQ; returns the stored weight and the layer's output SQNR (dB) on the calibration inputs."""
         if not self.hessian.has_seen_data:
             raise CalibrationError(f"layer {self.layer_name!r} uses method='gptq' but saw no calibration data; run "
                                    "batches that reach it under `with mq.calibrate(model):` before mq.freeze")
         h = self.hessian.hessian()
         w2d = self.weight.reshape(self.weight.shape[0], -1)
-        stored = gptq_quantize(spec, w2d, h, group_size, act_order=self.act_order, damping=self.damping)
-        deq = schemes.dequantize_weight(spec, stored, w2d.shape[1], group_size, torch.float64)
+        opts = self.options
+        stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
+                               static_groups=opts.static_groups)
+        deq = spec.dequantize(stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 
     def extra_repr(self) -> str:
-        return f"act_order={self.act_order}, damping={self.damping}"
+        o = self.options
+        return (f"act_order={o.act_order}, damping={o.damping}, static_groups={o.static_groups}"
+                + ("" if self.conv is None else f", conv={self.conv}"))

@@ -5,7 +5,13 @@ from torch import nn
 
 import monoquant as mq
 from monoquant import schemes
-from monoquant.gptq import GPTQState, gptq_quantize, output_sqnr
+from monoquant.gptq import (
+    DEFAULT_OPTIONS,
+    GPTQOptions,
+    GPTQState,
+    gptq_quantize,
+    output_sqnr,
+)
 
 SPECS = [
     (mq.Int4(group_size=32), 32),
@@ -58,7 +64,7 @@ def test_dead_inputs_are_rounded_to_nearest_and_spread_no_error():
     x[:, [5, 77]] = 0.0
     h = x.T @ x
     spec = mq.Int4(group_size=32)
-    got = gptq_quantize(spec, w, h, 32, act_order=True)  # static group qparams: codes comparable to RTN
+    got = gptq_quantize(spec, w, h, 32, act_order=True, static_groups=True)  # qparams comparable to RTN
     rtn = schemes.quantize_weight(spec, w, 32)
     deq = schemes.dequantize_weight(spec, got, 128, 32)
     deq_rtn = schemes.dequantize_weight(spec, rtn, 128, 32)
@@ -126,16 +132,75 @@ def test_dequantize_before_freeze_gives_back_the_float_weight_the_layer_computes
     assert torch.equal(model(x), pending)
 
 
-def test_gptq_report_and_conv_fallback():
+def test_gptq_report_covers_convolutions():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
     data = [torch.randn(4, 3, 6, 6) for _ in range(4)]
     report = mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=32, method="gptq"), skip=mq.SkipRules.none()),
                           calibration_data=data, on_failure="ignore")
     rows = {r.name: r for r in report.layers}
-    assert rows["0"].method == "rtn (gptq is for Linear layers)"
-    assert rows["2"].method == "gptq" and rows["2"].output_sqnr_db is not None
-    assert rows["2"].kernel != "gptq_pending"
-    assert rows["2"].bytes_after == model[2].storage_bytes()
+    assert [rows[n].method for n in ("0", "2")] == ["gptq", "gptq"]
+    assert all(rows[n].output_sqnr_db is not None for n in ("0", "2"))
+    assert rows["0"].kernel == "dequant_conv" and rows["2"].kernel != "gptq_pending"
+    assert rows["0"].bytes_after == model[0].storage_bytes()
+
+
+def test_static_groups_keep_the_round_to_nearest_qparams_and_layout():
+    w, x = torch.randn(32, 256), _correlated_inputs(1024, 256)
+    h = x.T @ x / x.shape[0]
+    spec = mq.Int4(group_size=32, method="gptq", observer=mq.MinMaxObserver())
+    rtn = schemes.quantize_weight(spec, w, 32)
+    for act_order in (False, True):
+        got = gptq_quantize(spec, w, h, 32, act_order=act_order, static_groups=True)
+        # group g's qparams are those of the original weight's columns g*32..g*32+31, before any permutation
+        assert torch.equal(got.scale, rtn.scale) and torch.equal(got.zero_point, rtn.zero_point)
+        assert got.qweight.shape == rtn.qweight.shape and got.qweight.dtype == rtn.qweight.dtype
+        assert _output_err(spec, 32, got, w, x) < 0.8 * _output_err(spec, 32, rtn, w, x)
+
+
+def test_static_groups_with_act_order_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+    spec = mq.Int4(group_size=32, method="gptq", act_order=True, static_groups=True)
+    mq.quantize_(model, mq.QuantConfig(spec, skip=mq.SkipRules.none()),
+                 calibration_data=[torch.randn(16, 128) for _ in range(4)])
+    assert model[0].gptq is None
+    mq.save(model, tmp_path / "m.safetensors")
+    fresh = mq.load(nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32)), tmp_path / "m.safetensors")
+    x = torch.randn(5, 128)
+    assert torch.equal(fresh(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_gptq_defaults_are_act_order_static_groups_mse_ranges_and_explicit_fields_win():
+    assert GPTQOptions(act_order=True, damping=0.01, static_groups=True) == DEFAULT_OPTIONS
+    assert GPTQOptions.of(mq.Int4(method="gptq")) == DEFAULT_OPTIONS
+    assert GPTQOptions.of(mq.Int4(method="gptq", act_order=False, static_groups=True, damping=0.05)) == GPTQOptions(
+        act_order=False, damping=0.05, static_groups=True)
+    assert not GPTQOptions.of(mq.Int8(method="gptq", act_order=False)).act_order
+    assert isinstance(mq.Int4(method="gptq").make_observer(), mq.MSEObserver)
+    assert type(mq.Int4(method="gptq", observer=mq.MinMaxObserver()).make_observer()) is mq.MinMaxObserver
+    assert type(mq.Int4().make_observer()) is mq.MinMaxObserver  # round-to-nearest keeps min/max
+
+
+def test_grouped_hessian_runs_each_row_block_with_its_own_hessian():
+    w = torch.randn(8, 64)
+    xa, xb = _correlated_inputs(512, 64, seed=1), _correlated_inputs(512, 64, seed=2) * 3
+    ha, hb = xa.T @ xa / 512, xb.T @ xb / 512
+    for spec, g in ((mq.Int4(group_size=32), 32), (mq.Int8(), None)):
+        both = gptq_quantize(spec, w, torch.stack([ha, hb]), g, act_order=True)
+        top = gptq_quantize(spec, w[:4], ha, g, act_order=True)
+        bottom = gptq_quantize(spec, w[4:], hb, g, act_order=True)
+        for t, a, b in zip(both, top, bottom):
+            assert (t is None and a is None) or torch.equal(t, torch.cat([a, b]))
+    # per-tensor INT8: one scale for the whole weight, not one per block
+    both = gptq_quantize(mq.Int8(granularity="tensor"), w, torch.stack([ha, hb]), None)
+    assert both.scale.shape == () and torch.equal(both.scale, schemes.quantize_weight(mq.Int8(granularity="tensor"),
+                                                                                      w).scale)
+    deq = schemes.dequantize_weight(mq.Int8(), gptq_quantize(mq.Int8(), w, torch.stack([ha, hb]), None), 64, None,
+                                    torch.float64)
+    measured = mq.functional.sqnr(torch.cat([xa.double() @ w[:4].double().T, xb.double() @ w[4:].double().T], 1),
+                                  torch.cat([xa.double() @ deq[:4].T, xb.double() @ deq[4:].T], 1))
+    assert output_sqnr(w, deq, torch.stack([ha, hb])) == pytest.approx(measured, abs=1e-3)
 
 
 def test_config_validation():
@@ -143,9 +208,13 @@ def test_config_validation():
         mq.Int4(act_order=True)
     with pytest.raises(mq.ConfigError, match="damping"):
         mq.Int4(method="gptq", damping=0.0)
+    with pytest.raises(mq.ConfigError, match="static_groups"):
+        mq.Int4(static_groups=True)
     w = torch.randn(4, 8)
     with pytest.raises(mq.ConfigError, match="does not match"):
         gptq_quantize(mq.Int8(), w, torch.eye(7), None)
+    with pytest.raises(mq.ConfigError, match="does not match"):
+        gptq_quantize(mq.Int8(), w, torch.eye(8).expand(3, 8, 8), None)  # 3 blocks do not divide 4 rows
     with pytest.raises(mq.ConfigError, match=r"method='gptq' is for weights"):
         mq.QuantConfig(mq.Int8(), activations=mq.Int8(method="gptq"))
     with pytest.raises(mq.ConfigError, match=r"activations=mq\.Int8\(dynamic=True\)"):

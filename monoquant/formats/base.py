@@ -117,7 +117,7 @@ class WeightSpec:
 
         proto = getattr(self, "observer", None)
         if proto is None:
-            return MSEObserver() if getattr(self, "method", "rtn") == "mse" else MinMaxObserver()
+            return MSEObserver() if getattr(self, "method", "rtn") in ("mse", "gptq") else MinMaxObserver()
         if isinstance(proto, torch.nn.Module):
             return copy.deepcopy(proto)
         if callable(proto):

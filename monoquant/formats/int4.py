@@ -46,6 +46,9 @@ class Int4(IntegerFormat):
     skipped and reported.
 
     ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
+    ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
+    starts, instead of from its error-compensated weights when its first column comes up; the stored layout
+    is the same either way.
     """
 
     kind: ClassVar[str] = "int4"
@@ -59,14 +62,17 @@ class Int4(IntegerFormat):
     symmetric: bool = False
     observer: Any = field(default=None, compare=False)
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool | None = None
     damping: float = 0.01
+    static_groups: bool | None = None
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
         check_method(self.method, self.observer, self.act_order, self.damping)
+        if self.static_groups is not None and self.method != "gptq":
+            raise ConfigError("static_groups only applies to method='gptq'")
 
     def weight_qtype(self) -> QType:
         return QType(4, symmetric=self.symmetric)

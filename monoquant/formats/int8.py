@@ -28,7 +28,8 @@ class Int8(IntegerFormat):
 
     ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
     :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see
-    :mod:`monoquant.gptq`, with ``act_order`` and ``damping``, a fraction of the Hessian's mean diagonal).
+    :mod:`monoquant.gptq`, with ``act_order`` (``None``: GPTQ's default, on) and ``damping``, a fraction of
+    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver).
     """
 
     kind: ClassVar[str] = "int8"
@@ -42,7 +43,7 @@ class Int8(IntegerFormat):
     observer: ObserverLike = field(default=None, compare=False)
     method: str = "rtn"
     dynamic: bool = False
-    act_order: bool = False
+    act_order: bool | None = None
     damping: float = 0.01
 
     def __post_init__(self) -> None:

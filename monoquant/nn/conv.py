@@ -72,8 +72,9 @@ class _QuantConvNd(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, self.in_channels, dim=-(self._dims + 1))
         dtype = self.compute_dtype or x.dtype
-        self.last_kernel = "dequant_conv"
-        weight = self.dequantize_weight(dtype)
+        pending = self.gptq is not None  # method="gptq" before mq.freeze: compute with the float weight
+        self.last_kernel = "gptq_pending" if pending else "dequant_conv"
+        weight = self.gptq.weight.to(dtype) if pending else self.dequantize_weight(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         act = self.input_quantizer
         if act is not None and (act.ready or not act.calibrating):  # static ones raise until frozen
