@@ -2,7 +2,8 @@
 
 The C++ file is compiled at first use with :func:`torch.utils.cpp_extension.load` on the machine that runs
 it, with ``-O3 -march=native`` so that its AVX-512 or AVX2 path matches this CPU (a portable scalar loop
-otherwise). It reads the layer's stored buffers directly and accumulates in float32; see the C++ file's
+otherwise; ``MONOQUANT_EXT_ARCH`` overrides ``native``, which is how the AVX2 path is tested on an AVX-512
+machine). It reads the layer's stored buffers directly and accumulates in float32; see the C++ file's
 header for the arithmetic.
 
 Build cache: ``$MONOQUANT_EXT_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else
@@ -52,8 +53,15 @@ def _build_dir() -> str | None:
     return os.environ.get("MONOQUANT_EXT_DIR") or None
 
 
+def _arch() -> str:
+    """``-march`` for the build: ``MONOQUANT_EXT_ARCH`` (e.g. ``haswell`` to build and test the AVX2 path, or
+    ``x86-64`` for the scalar one, on an AVX-512 machine), else ``native``."""
+    return os.environ.get("MONOQUANT_EXT_ARCH", "native")
+
+
 def _extension_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode())
+    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
+                            + _arch().encode())
     return f"monoquant_fused_{digest.hexdigest()[:12]}"
 
 
@@ -77,7 +85,7 @@ def _build() -> tuple[ModuleType | None, str | None]:
         if build_dir:
             os.makedirs(build_dir, exist_ok=True)
         _put_ninja_on_path()
-        flags = ["-O3", "-march=native"]
+        flags = ["-O3", f"-march={_arch()}"]
         module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
                                     build_directory=build_dir, verbose=False)
         return module, None

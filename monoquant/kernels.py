@@ -164,17 +164,24 @@ def _fused_ok(module, device: torch.device, needs_grad: bool) -> bool:
             and module.compute_dtype in (None, torch.float32) and fused.available())
 
 
-def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool, *, static: bool) -> list[str]:
+def static_row_limits() -> dict[str, int]:
+    """The static table's row limits per kernel (read at call time, so tests and benchmarks may change them)."""
+    return {"int4pack_cpu": PACKED_MAX_ROWS["int4"], "int8pack_cpu": PACKED_MAX_ROWS["int8"],
+            "fused_cpu": FUSED_MAX_ROWS}
+
+
+def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool,
+                       row_limits: dict[str, int]) -> list[str]:
     """Eligible weight-only kernels, in the static table's order (``dequant``, the baseline, always last).
 
-    ``static=True`` applies the static table's row limits; otherwise kernels are listed up to
-    ``TUNE_MAX_ROWS`` for timing."""
+    ``row_limits`` (kernel -> largest row count) is :func:`static_row_limits` for the static table,
+    ``TUNE_MAX_ROWS`` for timing, and empty for a pin (any row count)."""
     spec = module.spec
     n, k = module.weight2d_shape
     cands: list[str] = []
 
-    def rows_ok(name: str, static_limit: int) -> bool:
-        return rows <= (static_limit if static else TUNE_MAX_ROWS.get(name, 1 << 62))
+    def rows_ok(name: str) -> bool:
+        return rows <= row_limits.get(name, rows)
 
     lowbit_ok = module.compute_dtype in (None, torch.bfloat16) and not needs_grad  # packed kernels are bf16
     if lowbit_ok and spec.kind == "int4":
@@ -184,12 +191,12 @@ def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool
                 and k % (16 * CUDA_INNER_K_TILES) == 0 and cuda_supports_int4pack(device)):
             cands.append("int4pack_cuda")
         if (device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0
-                and rows_ok("int4pack_cpu", PACKED_MAX_ROWS["int4"])):
+                and rows_ok("int4pack_cpu")):
             cands.append("int4pack_cpu")
     if (lowbit_ok and spec.kind == "int8" and spec.weight_qtype().symmetric and device.type == "cpu"
-            and _HAS["int8pack"] and k % 16 == 0 and rows_ok("int8pack_cpu", PACKED_MAX_ROWS["int8"])):
+            and _HAS["int8pack"] and k % 16 == 0 and rows_ok("int8pack_cpu")):
         cands.append("int8pack_cpu")
-    if rows_ok("fused_cpu", FUSED_MAX_ROWS) and _fused_ok(module, device, needs_grad):
+    if rows_ok("fused_cpu") and _fused_ok(module, device, needs_grad):
         cands.append("fused_cpu")
     if (module.compute_dtype != torch.float32 and device.type == "cpu" and cpu_has_fast_bf16()
             and module.compute_dtype in (None, torch.bfloat16)):
@@ -198,15 +205,18 @@ def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool
     return cands
 
 
-def _apply_pin(cands: list[str]) -> str | None:
+def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, weights_only: bool) -> str | None:
+    """The pinned kernel if it is eligible here at any row count; with INT8 activations and a pinned weight
+    kernel, ``act_sim`` (the float path around it, which honours the pin inside); else ``None``."""
     pin_name = tuner.pinned()
     if pin_name is None:
         return None
-    if pin_name in cands:
-        return pin_name
-    if "act_sim" in cands and pin_name not in ACTIVATION_KERNELS:
-        return "act_sim"  # a pinned weight kernel: the float path around it, which honours the pin inside
-    return None
+    special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
+    if special is not None:
+        if pin_name in special:
+            return pin_name
+        return "act_sim" if "act_sim" in special and pin_name not in ACTIVATION_KERNELS else None
+    return pin_name if pin_name in _weight_candidates(module, device, rows, needs_grad, {}) else None
 
 
 def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool, *,
@@ -216,9 +226,11 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
 
     ``weights_only=True`` ignores input quantization (the row an ``act_sim`` layer runs after fake-quantizing).
     """
+    pinned = _pinned_kernel(module, device, rows, needs_grad, weights_only)
+    if pinned is not None:
+        return pinned
     special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
-    cands = special or _weight_candidates(module, device, rows, needs_grad, static=True)
-    return _apply_pin(cands) or cands[0]
+    return (special or _weight_candidates(module, device, rows, needs_grad, static_row_limits()))[0]
 
 
 def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
@@ -231,7 +243,7 @@ def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str
             or n * k < tuner.TUNE_MIN_WEIGHTS or static in ("gptq_pending", "uncalibrated", "w8a8_sim")):
         return static
     special = None if weights_only else _activation_candidates(module, x.device, rows, needs_grad)
-    cands = special or _weight_candidates(module, x.device, rows, needs_grad, static=False)
+    cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS)
     baseline = cands[-1]
     if len(cands) == 1:
         return baseline

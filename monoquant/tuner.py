@@ -134,11 +134,12 @@ def time_call(fn: Callable[[], object]) -> float:
 
 
 def choose(key: str, candidates: dict[str, Callable[[], object]], baseline: str,
-           timer: Callable[[Callable[[], object]], float] = time_call) -> str:
+           timer: Callable[[Callable[[], object]], float] | None = None) -> str:
     """The remembered choice for ``key``, else time ``candidates`` (name -> call) and remember the fastest.
 
-    ``baseline`` must be among the candidates; ``timer`` is injectable for tests.
+    ``baseline`` must be among the candidates; ``timer`` (default :func:`time_call`) is injectable for tests.
     """
+    timer = timer or time_call
     with _LOCK:
         _load_file()
         if key in _CHOICES and _CHOICES[key] in candidates:

@@ -222,7 +222,8 @@ void simd_block(const Src& src, const float* x, float* y, int64_t N, int64_t K, 
                 int64_t n0, int64_t n1, std::vector<vec>& state) {
   constexpr int NR = LANES == 16 ? (R == 1 ? 4 : (R == 2 ? 2 : 1)) : (R == 1 ? 2 : 1);  // fit the registers
   const int64_t span = src.span();
-  const int64_t cols = CHUNK_FLOATS / R;  // the chunk of R input rows fills at most half of a 32 KiB L1
+  // the chunk of R input rows fills at most half of a 32 KiB L1, in whole vector steps
+  const int64_t cols = std::max<int64_t>(1, CHUNK_FLOATS / R / (2 * LANES)) * (2 * LANES);
   const int64_t chunk = span >= cols ? cols : std::max<int64_t>(span, cols / span * span);
   state.assign((n1 - n0 + NR) * R * 2, vzero());
   for (int64_t k0 = 0; k0 < kv; k0 += chunk) {
