@@ -234,25 +234,31 @@ def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bo
 
 
 def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
-    """The kernel ``forward`` runs for input ``x``: pinned, else measured (:mod:`monoquant.tuner`), else static."""
+    """The kernel ``forward`` runs for input ``x``: pinned, else measured (:mod:`monoquant.tuner`), else static.
+
+    A measured choice is remembered by the tuner per situation, and on the layer (``module._kernel_cache``,
+    dropped with the other kernel caches) so that later calls cost one dictionary lookup."""
     rows = x.numel() // max(1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    static = choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only)
     n, k = module.weight2d_shape
     if (tuner.pinned() is not None or needs_grad or rows == 0 or not tuner.tuning_enabled()
-            or n * k < tuner.TUNE_MIN_WEIGHTS or static in ("gptq_pending", "uncalibrated", "w8a8_sim")):
-        return static
+            or n * k < tuner.TUNE_MIN_WEIGHTS):
+        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only)
     special = None if weights_only else _activation_candidates(module, x.device, rows, needs_grad)
+    bucket = tuner.row_bucket(rows)
+    memo = ("tuned", None if special is None else tuple(special), x.device, bucket, x.dtype)
+    choice = module._kernel_cache.get(memo)
+    if choice is not None:
+        return choice
     cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS)
-    baseline = cands[-1]
-    if len(cands) == 1:
-        return baseline
-    key = "|".join((module.scheme(), "act" if special else "w", x.device.type, f"{n}x{k}",
-                    f"r{tuner.row_bucket(rows)}", str(x.dtype).removeprefix("torch."),
-                    str(module.compute_dtype).removeprefix("torch.")))
+    if cands[0] in ("gptq_pending", "uncalibrated", "w8a8_sim") or len(cands) == 1:
+        return cands[0]
+    key = "|".join((module.scheme(), "act" if special else "w", x.device.type, f"{n}x{k}", f"r{bucket}",
+                    str(x.dtype).removeprefix("torch."), str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_LINEAR[name], module, x) for name in cands}
-    choice = tuner.choose(key, calls, baseline)
-    module.__dict__.setdefault("measured_kernels", {})[tuner.row_bucket(rows)] = choice
+    choice = module._kernel_cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
+    if not weights_only:
+        module.__dict__.setdefault("measured_kernels", {})[bucket] = choice
     return choice
 
 
