@@ -11,7 +11,7 @@ kernel             applies when                                                 
 ``int8pack_cpu``   Int8 symmetric, CPU, K % 16 == 0, rows <= ``PACKED_MAX_ROWS["int8"]``   bf16
                    (12); the op crashes the process for other K (torch 2.13)
 ``fused_cpu``      Int4 / Int8, CPU, compiled kernel available (:mod:`monoquant.fused`),     float32
-                   compute_dtype None/float32, rows <= ``FUSED_MAX_ROWS`` (8)
+                   no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
 ``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
                                                                                           else input dtype
@@ -40,7 +40,7 @@ While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the
 float input (the observers see float activations, as they will at freeze time).
 
 Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
-``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are
+``dequant`` row in that dtype; ``fused_cpu`` is skipped when any ``compute_dtype`` is forced), when the input needs a gradient (only the dequantize paths are
 differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
 AVX512 + AMX CPU (``benchmarks/bench_linear.py``): the packed kernels are ~2.5-3x faster than float32 at
 1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-48 rows, hence
@@ -161,7 +161,7 @@ def _activation_candidates(module, device: torch.device, rows: int, needs_grad: 
 
 def _fused_ok(module, device: torch.device, needs_grad: bool) -> bool:
     return (device.type == "cpu" and module.spec.kind in ("int4", "int8") and not needs_grad
-            and module.compute_dtype in (None, torch.float32) and fused.available())
+            and module.compute_dtype is None and fused.available())
 
 
 def static_row_limits() -> dict[str, int]:

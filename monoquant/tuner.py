@@ -4,10 +4,10 @@ A *situation* is (kernel family, device, layer shape, row bucket, input dtype, c
 the layer's scheme (``int4-g128-asym`` ...) plus how its input is quantized; the row bucket is the input row
 count rounded up to a power of two (capped at 4096). At the first call in a new situation every eligible
 candidate runs once to warm up (packed layouts are built, the compiled kernel is loaded) and is then timed
-on the real input (the best of ``TIMED_RUNS`` calls, stopping early past ``TIME_BUDGET_S``); the fastest
-wins, and the baseline -- the plain dequantize + float path, always a candidate -- wins ties and any
-situation where nothing beats it, so a tuned choice is never slower than float as measured. Candidates that
-raise are dropped.
+on the real input, in rounds through all candidates (the best of ``TIMED_RUNS`` calls each, stopping early
+past ``TIME_BUDGET_S``); the fastest wins if it beats the baseline -- the plain dequantize + float path,
+always a candidate -- by more than ``MARGIN``, otherwise the baseline runs, so a tuned choice is never
+slower than float as measured. Candidates that raise are dropped.
 
 Controls (all documented in the README):
 
@@ -36,10 +36,13 @@ import torch
 
 from . import fused
 
-TIMED_RUNS = 3
-"""Timed calls per candidate (the fastest counts), after one warm-up call."""
-TIME_BUDGET_S = 0.25
-"""A candidate stops being timed once its calls took this long (large inputs: one or two timed calls)."""
+TIMED_RUNS = 5
+"""Rounds of timed calls (the fastest call of each candidate counts), after one warm-up call each."""
+TIME_BUDGET_S = 0.1
+"""Timing stops after the round that took the rounds past this many seconds per candidate (large inputs:
+one round)."""
+MARGIN = 0.05
+"""A candidate replaces the baseline only when it is faster by more than this fraction."""
 TUNE_MIN_WEIGHTS = 1 << 18
 """Layers with fewer weights than this (512 x 512) are not timed: the static table decides."""
 DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
@@ -111,24 +114,43 @@ def choices() -> dict[str, str]:
 
 # ---- choosing -----------------------------------------------------------------------------------------
 def fastest(timings: dict[str, float], baseline: str) -> str:
-    """The candidate with the smallest time; ``baseline`` wins ties and whenever nothing beats it."""
-    best = baseline
-    for name, seconds in timings.items():
-        if seconds < timings.get(best, float("inf")):
-            best = name
-    return best
+    """The candidate with the smallest time if it beats ``baseline`` by more than ``MARGIN``, else ``baseline``
+    (a tie, or a win within timing noise, is not worth a different code path)."""
+    best = min(timings, key=timings.__getitem__)
+    if best != baseline and timings[best] < timings[baseline] * (1 - MARGIN):
+        return best
+    return baseline
 
 
 def time_call(fn: Callable[[], object]) -> float:
-    """Seconds of the fastest of up to ``TIMED_RUNS`` calls of ``fn`` after one warm-up call."""
+    """Seconds one call of ``fn`` takes."""
+    t0 = time.perf_counter()
     fn()
-    best = float("inf")
+    return time.perf_counter() - t0
+
+
+def measure(candidates: dict[str, Callable[[], object]], baseline: str,
+            timer: Callable[[Callable[[], object]], float]) -> dict[str, float]:
+    """Fastest of up to ``TIMED_RUNS`` timed calls per candidate, after one warm-up call each.
+
+    Rounds go through all candidates in turn, so that a burst of load from other processes slows them alike;
+    they stop early once they took ``TIME_BUDGET_S`` per candidate. A candidate whose warm-up raises is
+    dropped (the baseline's error propagates: it is what would run anyway)."""
+    live: dict[str, Callable[[], object]] = {}
+    for name, call in candidates.items():
+        try:
+            call()
+        except Exception:
+            if name == baseline:
+                raise
+            continue
+        live[name] = call
+    best = dict.fromkeys(live, float("inf"))
     start = time.perf_counter()
     for _ in range(TIMED_RUNS):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > TIME_BUDGET_S:
+        for name, call in live.items():
+            best[name] = min(best[name], timer(call))
+        if time.perf_counter() - start > TIME_BUDGET_S * len(live):
             break
     return best
 
@@ -137,23 +159,16 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], baseline: str,
            timer: Callable[[Callable[[], object]], float] | None = None) -> str:
     """The remembered choice for ``key``, else time ``candidates`` (name -> call) and remember the fastest.
 
-    ``baseline`` must be among the candidates; ``timer`` (default :func:`time_call`) is injectable for tests.
+    ``baseline`` must be among the candidates; ``timer`` (one call -> seconds; default :func:`time_call`)
+    is injectable for tests.
     """
-    timer = timer or time_call
     with _LOCK:
         _load_file()
         if key in _CHOICES and _CHOICES[key] in candidates:
             return _CHOICES[key]
         if len(candidates) == 1:
             return baseline
-        timings: dict[str, float] = {}
-        for name, call in candidates.items():
-            try:
-                timings[name] = timer(call)
-            except Exception:  # a candidate that fails here is simply not chosen; the baseline always runs
-                if name == baseline:
-                    raise
-        _CHOICES[key] = choice = fastest(timings, baseline)
+        _CHOICES[key] = choice = fastest(measure(candidates, baseline, timer or time_call), baseline)
         _save_file()
         return choice
 

@@ -39,7 +39,6 @@ def test_table_on_cpu(monkeypatch, bf16, fused_on):
     monkeypatch.setattr(kernels.fused, "available", lambda: fused_on)
     big = "dequant_bf16" if bf16 else "dequant"
     small = "fused_cpu" if fused_on else big  # where the packed kernels do not apply, up to FUSED_MAX_ROWS
-    small32 = "fused_cpu" if fused_on else "dequant"
     lim4, lim8 = kernels.PACKED_MAX_ROWS["int4"], kernels.PACKED_MAX_ROWS["int8"]
     cases = [
         (q_linear(256, 32, mq.Int4(group_size=128)), 1, False, "int4pack_cpu"),
@@ -50,13 +49,13 @@ def test_table_on_cpu(monkeypatch, bf16, fused_on):
         (q_linear(256, 24, mq.Int4(group_size=128)), kernels.FUSED_MAX_ROWS, False, small),
         (q_linear(256, 24, mq.Int4(group_size=128)), kernels.FUSED_MAX_ROWS + 1, False, big),
         (q_linear(480, 32, mq.Int4(group_size=96)), 1, False, small),  # group the packed kernel can't do
-        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 1, False, small32),
+        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 1, False, "dequant"),
         (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 9, False, "dequant"),
         (q_linear(256, 24, mq.Int8()), lim8, False, "int8pack_cpu"),
         (q_linear(256, 24, mq.Int8(granularity="tensor")), 1, False, "int8pack_cpu"),
         (q_linear(256, 24, mq.Int8()), lim8 + 1, False, big),
         (q_linear(256, 24, mq.Int8(symmetric=False)), 1, False, small),
-        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float32), 1, False, small32),
+        (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float32), 1, False, "dequant"),
         (q_linear(256, 24, mq.Float16()), 1, False, big),
         (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 1, False, "dequant"),
         (q_linear(256, 32, mq.Int4(), compute_dtype=torch.bfloat16), 1, False, "int4pack_cpu"),
