@@ -40,8 +40,9 @@ While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the
 float input (the observers see float activations, as they will at freeze time).
 
 Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
-``dequant`` row in that dtype; ``fused_cpu`` is skipped when any ``compute_dtype`` is forced), when the input needs a gradient (only the dequantize paths are
-differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
+``dequant`` row in that dtype; ``fused_cpu`` is skipped when any ``compute_dtype`` is forced), when the
+input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op is
+missing from this torch build (``fused_cpu``: when the C++ file cannot be compiled here). Measured on a 2-core
 AVX512 + AMX CPU (``benchmarks/bench_linear.py``): the packed kernels are ~2.5-3x faster than float32 at
 1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-48 rows, hence
 ``PACKED_MAX_ROWS``. The dequantize is done in chunks of output rows into per-thread buffers that are
