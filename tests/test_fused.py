@@ -51,7 +51,10 @@ def test_fused_kernel_matches_reference_on_odd_shapes(spec, groups, n, rows, see
     with kernels.pin("fused_cpu"), torch.no_grad():
         y = q(x)
     assert q.last_kernel == "fused_cpu" and y.dtype == torch.float32 and y.shape == (rows, n)
-    assert rel_err(y, reference(q, x)) <= 1e-5
+    # float32 rounding of a dot product is bounded by the sum of |terms|, not by the (possibly cancelling) result
+    w = schemes.dequantize_weight(q.spec, q.stored, q.in_features, q.group_size, torch.float64)
+    magnitude = x.double().abs() @ w.abs().t() + q.bias.double().abs()
+    assert torch.all((y.double() - reference(q, x)).abs() <= 1e-4 * magnitude + 1e-12)
 
 
 @needs_ext
