@@ -25,6 +25,7 @@ Controls (all documented in the README):
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import threading
@@ -184,9 +185,11 @@ def cache_path() -> Path | None:
 
 def machine_key() -> str:
     """What measured choices depend on besides the situation: CPU model and flags, torch and monoquant."""
-    from . import __version__
-
-    return f"{fused.cpu_identity()} | torch {torch.__version__} | monoquant {__version__}"
+    try:
+        version = importlib.metadata.version("monoquant")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
+        version = "source"
+    return f"{fused.cpu_identity()} | torch {torch.__version__} | monoquant {version}"
 
 
 def _load_file() -> None:
