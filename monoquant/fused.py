@@ -61,7 +61,7 @@ def _arch() -> str:
 
 def _extension_name() -> str:
     digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
-                            + _arch().encode())
+                            + _arch().encode() + b"openmp")
     return f"monoquant_fused_{digest.hexdigest()[:12]}"
 
 
@@ -85,9 +85,10 @@ def _build() -> tuple[ModuleType | None, str | None]:
         if build_dir:
             os.makedirs(build_dir, exist_ok=True)
         _put_ninja_on_path()
-        flags = ["-O3", f"-march={_arch()}"]
+        # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
+        flags = ["-O3", f"-march={_arch()}", "-fopenmp"]
         module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
-                                    build_directory=build_dir, verbose=False)
+                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
         return module, None
     except Exception as exc:  # no compiler, no ninja, headers missing: the PyTorch kernels remain
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"

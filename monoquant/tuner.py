@@ -44,8 +44,8 @@ TIME_BUDGET_S = 0.1
 one round)."""
 MARGIN = 0.05
 """A candidate replaces the baseline only when it is faster by more than this fraction."""
-TUNE_MIN_WEIGHTS = 1 << 18
-"""Layers with fewer weights than this (512 x 512) are not timed: the static table decides."""
+TUNE_MIN_WEIGHTS = 1 << 16
+"""Layers with fewer weights than this (256 x 256) are not timed: the static table decides."""
 DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 
 _STATE = threading.local()
