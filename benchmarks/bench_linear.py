@@ -1,16 +1,19 @@
 """Latency and resident-memory ratios of QuantLinear / QuantConv2d against float32 PyTorch.
 
-Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover]
+Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover] [--only-rows]
 
 Everything is measured in one process on ``--threads`` threads under ``torch.inference_mode()``; each
-figure is the median of several runs after warm-up. Ratios are ``fp32 time / quantized time`` (higher is
-faster) and ``quantized bytes / fp32 bytes`` (lower is smaller). The targets are those of issue 2; a
-FAIL is printed as such, never hidden.
+figure is the median of several runs after warm-up (the warm-up is also when the kernel is chosen by
+measurement, see :mod:`monoquant.tuner`). Ratios are ``fp32 time / quantized time`` (higher is faster) and
+``quantized bytes / fp32 bytes`` (lower is smaller). The first table is issue 13's (4096x4096, rows 1 to
+2048, three configurations, the kernel chosen per row); the second holds issue 2's targets. A FAIL is
+printed as such, never hidden. The header names the CPU (model and the SIMD flags that matter).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import time
@@ -68,6 +71,46 @@ class Table:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if i == 0:
                 print("  ".join("-" * w for w in widths))
+
+
+ROW_TARGETS = {1: 6.0, 8: 4.0, 32: 1.5, 256: 1.2, 2048: 1.0}
+"""Issue 13's weight-only speed-up targets by row count (AVX2 figures; 2048 rows: 3.0x where bf16 is native)."""
+
+
+def w8a8_dynamic(lin: nn.Linear) -> nn.Module:
+    """``lin`` with INT8 weights and dynamic per-token INT8 activations (no calibration needed)."""
+    model = nn.Sequential(copy.deepcopy(lin))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    return model[0]
+
+
+def bench_rows(table: Table, reps: int) -> None:
+    """Issue 13's table: speed-up over float32 ``nn.Linear`` 4096x4096 by rows, with the kernel chosen."""
+    lin = nn.Linear(4096, 4096)
+    qs = {"INT4-g128": quantized(lin, mq.Int4(group_size=128)), "INT8": quantized(lin, mq.Int8()),
+          "INT8+dynA8": w8a8_dynamic(lin)}
+    for rows in ROW_TARGETS:
+        x = torch.randn(rows, 4096)
+        fp32 = median_ms(functools.partial(lin, x), reps=reps)
+        for name, q in qs.items():
+            ms = median_ms(functools.partial(q, x), reps=reps)
+            if name == "INT8+dynA8":
+                target = 1.0  # never slower than float
+            elif rows == 2048 and mq.kernels.cpu_has_fast_bf16():
+                target = 3.0
+            else:
+                target = ROW_TARGETS[rows]
+            table.add(f"4096x4096 rows {rows}", f"{name} speedup", fp32, ms, fp32 / ms, f">= {target}x",
+                      fp32 / ms >= target, q.last_kernel or "")
+
+
+def cpu_line() -> str:
+    """The CPU as the figures depend on it: model and SIMD flags, torch, threads, the compiled kernel's path."""
+    k = mq.kernels
+    return (f"CPU: {mq.fused.cpu_identity()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"fused kernel: {mq.fused.simd()}, integer dot products (VNNI/AMX): {k.cpu_has_int_dot()}, "
+            f"fast bf16: {k.cpu_has_fast_bf16()}, tuning: {mq.tuner.tuning_enabled()}, "
+            f"pinned: {mq.tuner.pinned()}")
 
 
 def bench_linear(table: Table, reps: int) -> None:
@@ -144,21 +187,29 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=15, help="timed runs per figure (median reported)")
     parser.add_argument("--crossover", action="store_true",
                         help="also time packed kernels against dequantize + GEMM by row count")
+    parser.add_argument("--only-rows", action="store_true", help="only issue 13's table by row count")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fast bf16 CPU: {mq.kernels.cpu_has_fast_bf16()}")
-    table = Table()
+    print(cpu_line())
     start = time.perf_counter()
+    failures = 0
     with torch.inference_mode():
-        bench_linear(table, args.reps)
-        bench_large_batch(table, max(3, args.reps // 3))
-        bench_conv(table, args.reps)
-    table.print()
-    print(f"{table.failures} target(s) missed; {time.perf_counter() - start:.0f} s")
+        rows = Table()
+        bench_rows(rows, args.reps)
+        rows.print()
+        failures += rows.failures
+        if not args.only_rows:
+            print()
+            table = Table()
+            bench_linear(table, args.reps)
+            bench_large_batch(table, max(3, args.reps // 3))
+            bench_conv(table, args.reps)
+            table.print()
+            failures += table.failures
+    print(f"{failures} target(s) missed; {time.perf_counter() - start:.0f} s")
     if args.crossover:
-        with torch.inference_mode():
+        with torch.inference_mode(), mq.kernels.tuning(False):  # PACKED_MAX_ROWS is the static table's
             crossover(max(3, args.reps // 3))
     return 0
 

@@ -10,6 +10,8 @@ kernel             applies when                                                 
                    rows <= ``PACKED_MAX_ROWS["int4"]`` (48)
 ``int8pack_cpu``   Int8 symmetric, CPU, K % 16 == 0, rows <= ``PACKED_MAX_ROWS["int8"]``   bf16
                    (12); the op crashes the process for other K (torch 2.13)
+``fused_cpu``      Int4 / Int8, CPU, compiled kernel available (:mod:`monoquant.fused`),     float32
+                   no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
 ``dequant_bf16``   CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype None/bf16   bf16
 ``dequant``        everything else: dequantize, then ``F.linear``                         compute_dtype,
                                                                                           else input dtype
@@ -24,25 +26,35 @@ kernel             applies when                                                 
 ``gptq_pending``   ``method="gptq"`` before :func:`monoquant.freeze`: the float weight    input dtype
 ``uncalibrated``   static activations not frozen, outside ``mq.calibrate``: raises         -
 ``w8a8_int_mm``    Int8 symmetric weights, INT8 activations ready (frozen or dynamic),    int32, then one
-                   ``torch._int_mm`` present, CPU (any shape) or CUDA (rows > 16,          float32 rescale
-                   N % 8 == 0, K % 8 == 0), input needs no gradient
-``w8a8_sim``       same layers otherwise: the same integer products in float64 (exact),   float64, then
-                   so the output is bit-identical to ``w8a8_int_mm``                      the same rescale
-``act_sim``        other weights (INT4, affine INT8, half) with INT8 activations:          as the weight
-                   quantize-dequantize the input, then the weight-only row above           kernel
+                   ``torch._int_mm`` present, CPU with integer dot products (VNNI or AMX,  float32 rescale
+                   :func:`cpu_has_int_dot`; elsewhere it is a slow reference loop) or CUDA
+                   (rows > 16, N % 8 == 0, K % 8 == 0), input needs no gradient
+``w8a8_sim``       same layers when this torch has no ``torch._int_mm``: the same integer  float64, then
+                   products in float64 (exact), bit-identical to ``w8a8_int_mm``          the same rescale
+``act_sim``        every other layer with INT8 activations (INT4, affine INT8, half, and   as the weight
+                   W8A8 where ``_int_mm`` is not eligible or loses): quantize-dequantize   kernel
+                   the input, then the weight-only rows above (same function, float math)
 =================  =====================================================================  ==============
 
 While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the weight-only rows with the
 float input (the observers see float activations, as they will at freeze time).
 
 Packed kernels are skipped when a ``compute_dtype`` other than bf16 is forced (float32 or float16 run the
-``dequant`` row in that dtype), when the input needs a gradient (only the dequantize paths are
-differentiable w.r.t. the input), and when the op is missing from this torch build. Measured on a 2-core
+``dequant`` row in that dtype; ``fused_cpu`` is skipped when any ``compute_dtype`` is forced), when the
+input needs a gradient (only the dequantize paths are differentiable w.r.t. the input), and when the op is
+missing from this torch build (``fused_cpu``: when the C++ file cannot be compiled here). Measured on a 2-core
 AVX512 + AMX CPU (``benchmarks/bench_linear.py``): the packed kernels are ~2.5-3x faster than float32 at
 1 row but grow linearly with rows and lose to a dequantize + bf16 GEMM beyond 24-48 rows, hence
 ``PACKED_MAX_ROWS``. The dequantize is done in chunks of output rows into per-thread buffers that are
 reused across calls (fresh large allocations page-fault every time), so its scratch memory stays small
 (``DEQUANT_CHUNK_ELEMENTS``) however large the layer.
+
+**Measured choice.** The table above is the *static* choice: what runs with tuning off
+(``MONOQUANT_TUNE=0``, :func:`tuning`), for layers under ``tuner.TUNE_MIN_WEIGHTS`` weights and for inputs
+that need a gradient. Otherwise :func:`select_kernel` times every eligible kernel once per (scheme,
+device, shape, row bucket) on the real input -- without the static row limits, up to ``TUNE_MAX_ROWS`` --
+and keeps the fastest, the plain ``dequant`` (or, with INT8 activations, ``act_sim``) baseline winning
+ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Kernel-specific weight layouts are derived from the stored (canonical) buffers at first use and cached
 on the module (``module._kernel_cache``), never stored in ``state_dict``.
@@ -50,6 +62,7 @@ on the module (``module._kernel_cache``), never stored in ``state_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable
@@ -57,6 +70,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import fused, tuner
+from .errors import ConfigError
 from .packing import unpack_int4
 
 PACKED_MAX_ROWS = {"int4": 48, "int8": 12}
@@ -66,6 +81,17 @@ Measured with ``bench_linear.py --crossover`` (4096x4096, AVX512 + AMX), packed 
 INT8 at 24 / 32 rows 4.8 vs 5.7 / 6.3 vs 5.6 on 2 threads, 9.6 vs 10.1 / 13.0 vs 10.6 on 1 thread;
 INT4 at 48 / 64 rows 9.2 vs 11.6 / 12.3 vs 12.1 on 2 threads, 18.8 vs 17.6 / 25.2 vs 17.0 on 1 thread.
 Both sides scale with the layer's size, so the crossing row count does not depend on it."""
+
+FUSED_MAX_ROWS = 8
+"""Largest row count the static table sends to the compiled ``fused_cpu`` kernel (it re-reads the weight
+once per 8 (AVX-512) or 4 (AVX2) input rows, so its cost grows with rows like the packed kernels')."""
+
+TUNE_MAX_ROWS = {"fused_cpu": 64, "int4pack_cpu": 256, "int8pack_cpu": 256}
+"""Largest row count at which these kernels are timed as candidates: their time grows linearly with rows,
+so past this they cannot win and timing them would cost more than the measurement is worth."""
+
+ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_sim", "act_sim")
+"""Kernels for layers that wait for GPTQ or quantize their inputs (the second table)."""
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time (4M: 8 MiB of reused bf16 scratch per thread; 1M and 16M measured slower
@@ -90,6 +116,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 @functools.cache
+def cpu_has_int_dot() -> bool:
+    """True when this CPU has integer dot-product instructions (AVX512-VNNI / AVX-VNNI or AMX), without which
+    ``torch._int_mm`` on CPU is a slow reference loop (measured 100x slower than float32 on AVX2)."""
+    checks = ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@functools.cache
 def cuda_supports_int4pack(device: torch.device) -> bool:
     """The CUDA ``_weight_int4pack_mm`` kernel uses bf16 tensor-core MMA, available from compute capability 8.0."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
@@ -102,58 +136,157 @@ def int_mm_shape_ok(device: torch.device, rows: int, n: int, k: int) -> bool:
     return device.type == "cuda" and rows > 16 and n % 8 == 0 and k % 8 == 0
 
 
-def _activation_kernel(module, device: torch.device, rows: int, needs_grad: bool) -> str | None:
-    """The row for layers that wait for GPTQ or quantize their inputs; ``None`` for weight-only layers."""
+def _int_mm_ok(module, device: torch.device, rows: int, needs_grad: bool) -> bool:
+    n, k = module.weight2d_shape
+    fast_here = device.type == "cuda" or cpu_has_int_dot()
+    return _HAS["int_mm"] and not needs_grad and fast_here and int_mm_shape_ok(device, rows, n, k)
+
+
+def _activation_candidates(module, device: torch.device, rows: int, needs_grad: bool) -> list[str] | None:
+    """Eligible rows of the second table, preferred first; ``None`` for weight-only layers."""
     if getattr(module, "gptq", None) is not None:
-        return "gptq_pending"
+        return ["gptq_pending"]
     act = getattr(module, "input_quantizer", None)
     if act is None:
         return None
     if not act.ready:
-        return None if act.calibrating else "uncalibrated"
-    if "w8a8_int_mm" in module.spec.kernels():
-        n, k = module.weight2d_shape
-        if _HAS["int_mm"] and not needs_grad and int_mm_shape_ok(device, rows, n, k):
-            return "w8a8_int_mm"
-        if not needs_grad:
-            return "w8a8_sim"
-    return "act_sim"
+        return None if act.calibrating else ["uncalibrated"]
+    spec = module.spec
+    if "w8a8_int_mm" in spec.kernels() and not needs_grad:
+        if _int_mm_ok(module, device, rows, needs_grad):
+            return ["w8a8_int_mm", "act_sim"]
+        if not _HAS["int_mm"]:
+            return ["w8a8_sim", "act_sim"]
+    return ["act_sim"]
 
 
-def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool, *,
-                         weights_only: bool = False) -> str:
-    """Name of the kernel the table above picks for ``module`` on ``device`` for ``rows`` input rows.
+def _fused_ok(module, device: torch.device, needs_grad: bool) -> bool:
+    return (device.type == "cpu" and "fused_cpu" in module.spec.kernels() and not needs_grad
+            and module.compute_dtype is None and fused.available())
 
-    ``weights_only=True`` ignores input quantization (the row an ``act_sim`` layer runs after fake-quantizing).
-    """
-    special = None if weights_only else _activation_kernel(module, device, rows, needs_grad)
-    if special is not None:
-        return special
-    allowed = module.spec.kernels()  # the low-bit kernels the weight format may run in
-    forced_fp32 = module.compute_dtype == torch.float32
+
+def static_row_limits() -> dict[str, int]:
+    """The static table's row limits per kernel (read at call time, so tests and benchmarks may change them)."""
+    return {"int4pack_cpu": PACKED_MAX_ROWS["int4"], "int8pack_cpu": PACKED_MAX_ROWS["int8"],
+            "fused_cpu": FUSED_MAX_ROWS}
+
+
+def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool,
+                       row_limits: dict[str, int]) -> list[str]:
+    """Eligible weight-only kernels, in the static table's order (``dequant``, the baseline, always last).
+
+    ``row_limits`` (kernel -> largest row count) is :func:`static_row_limits` for the static table,
+    ``TUNE_MAX_ROWS`` for timing, and empty for a pin (any row count)."""
+    spec = module.spec
     n, k = module.weight2d_shape
+    cands: list[str] = []
+
+    def rows_ok(name: str) -> bool:
+        return rows <= row_limits.get(name, rows)
+
     lowbit_ok = module.compute_dtype in (None, torch.bfloat16) and not needs_grad  # packed kernels are bf16
+    allowed = spec.kernels()  # the low-bit kernels the weight format may run in
     if lowbit_ok and "int4pack_cpu" in allowed:
         g = module.group_size
         group_ok = g in (32, 64, 128, 256) and k % g == 0
         if (device.type == "cuda" and _HAS["int4pack_cuda"] and group_ok and n % 8 == 0
                 and k % (16 * CUDA_INNER_K_TILES) == 0 and cuda_supports_int4pack(device)):
-            return "int4pack_cuda"
+            cands.append("int4pack_cuda")
         if (device.type == "cpu" and _HAS["int4pack_cpu"] and group_ok and n % 16 == 0
-                and rows <= PACKED_MAX_ROWS["int4"]):
-            return "int4pack_cpu"
+                and rows_ok("int4pack_cpu")):
+            cands.append("int4pack_cpu")
     if (lowbit_ok and "int8pack_cpu" in allowed and device.type == "cpu"
-            and _HAS["int8pack"] and k % 16 == 0 and rows <= PACKED_MAX_ROWS["int8"]):
-        return "int8pack_cpu"
-    if (not forced_fp32 and device.type == "cpu" and cpu_has_fast_bf16()
+            and _HAS["int8pack"] and k % 16 == 0 and rows_ok("int8pack_cpu")):
+        cands.append("int8pack_cpu")
+    if rows_ok("fused_cpu") and _fused_ok(module, device, needs_grad):
+        cands.append("fused_cpu")
+    if (module.compute_dtype != torch.float32 and device.type == "cpu" and cpu_has_fast_bf16()
             and module.compute_dtype in (None, torch.bfloat16)):
-        return "dequant_bf16"
-    return "dequant"
+        cands.append("dequant_bf16")
+    cands.append("dequant")
+    return cands
+
+
+def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, weights_only: bool) -> str | None:
+    """The pinned kernel if it is eligible here at any row count; with INT8 activations and a pinned weight
+    kernel, ``act_sim`` (the float path around it, which honours the pin inside); else ``None``."""
+    pin_name = tuner.pinned()
+    if pin_name is None:
+        return None
+    special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
+    if special is not None:
+        if pin_name in special:
+            return pin_name
+        return "act_sim" if "act_sim" in special and pin_name not in ACTIVATION_KERNELS else None
+    return pin_name if pin_name in _weight_candidates(module, device, rows, needs_grad, {}) else None
+
+
+def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool, *,
+                         weights_only: bool = False) -> str:
+    """Name of the kernel the *static* table above picks for ``module`` on ``device`` for ``rows`` input rows
+    (a pinned kernel where it is eligible). :func:`select_kernel` is what ``forward`` uses.
+
+    ``weights_only=True`` ignores input quantization (the row an ``act_sim`` layer runs after fake-quantizing).
+    """
+    pinned = _pinned_kernel(module, device, rows, needs_grad, weights_only)
+    if pinned is not None:
+        return pinned
+    special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
+    return (special or _weight_candidates(module, device, rows, needs_grad, static_row_limits()))[0]
+
+
+def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
+    """The kernel ``forward`` runs for input ``x``: pinned, else measured (:mod:`monoquant.tuner`), else static.
+
+    A measured choice is remembered by the tuner per situation, and on the layer (``module._kernel_cache``,
+    dropped with the other kernel caches) so that later calls cost one dictionary lookup."""
+    rows = x.numel() // max(1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    n, k = module.weight2d_shape
+    if (tuner.pinned() is not None or needs_grad or rows == 0 or not tuner.tuning_enabled()
+            or n * k < tuner.TUNE_MIN_WEIGHTS):
+        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only)
+    special = None if weights_only else _activation_candidates(module, x.device, rows, needs_grad)
+    bucket = tuner.row_bucket(rows)
+    memo = ("tuned", None if special is None else tuple(special), x.device, bucket, x.dtype)
+    choice = module._kernel_cache.get(memo)
+    if choice is not None:
+        return choice
+    cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS)
+    if cands[0] in ("gptq_pending", "uncalibrated", "w8a8_sim") or len(cands) == 1:
+        return cands[0]
+    key = "|".join((module.scheme(), "act" if special else "w", x.device.type, f"{n}x{k}", f"r{bucket}",
+                    str(x.dtype).removeprefix("torch."), str(module.compute_dtype).removeprefix("torch.")))
+    calls = {name: functools.partial(_LINEAR[name], module, x) for name in cands}
+    choice = module._kernel_cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
+    if not weights_only:
+        module.__dict__.setdefault("measured_kernels", {})[bucket] = choice
+    return choice
+
+
+@contextlib.contextmanager
+def pin(name: str | None):
+    """Run kernel ``name`` (one of :data:`KERNELS`) wherever it is eligible inside the ``with`` block;
+    ``pin("dequant")`` is the plain float path everywhere. Same as ``MONOQUANT_KERNEL=name``."""
+    if name is not None and name not in KERNELS:
+        raise ConfigError(f"unknown kernel {name!r} for mq.kernels.pin; choose one of {', '.join(KERNELS)}")
+    with tuner.pin(name):
+        yield
+
+
+def tuning(enabled: bool):
+    """``with mq.kernels.tuning(False):`` uses the deterministic static table (same as ``MONOQUANT_TUNE=0``)."""
+    return tuner.tuning(enabled)
 
 
 def kernel_summary(module) -> str:
-    """What the report shows as a linear layer's kernel: the choice for 1 row, and for 4096 rows if it differs
-    (``"int4pack_cpu/dequant_bf16"``)."""
+    """What the report shows as a layer's kernel: the choice for 1 row, and for 4096 rows if it differs
+    (``"int4pack_cpu/dequant_bf16"``), or once ``forward`` has measured choices, the kernels it chose from
+    small to large row counts."""
+    measured = getattr(module, "measured_kernels", None)
+    if measured:  # what forward measured and ran, by row bucket
+        names = [measured[b] for b in sorted(measured)]
+        return "/".join(dict.fromkeys(names))
     device = module.qweight.device
     small = choose_linear_kernel(module, device, 1, needs_grad=False)
     large = choose_linear_kernel(module, device, 4096, needs_grad=False)
@@ -162,9 +295,7 @@ def kernel_summary(module) -> str:
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
-    rows = x.numel() // max(1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    name = choose_linear_kernel(module, x.device, rows, needs_grad)
+    name = select_kernel(module, x)
     module.last_kernel = name
     return _LINEAR[name](module, x)
 
@@ -327,6 +458,16 @@ def _dequant(module, x: torch.Tensor) -> torch.Tensor:
     return _dequant_chunked(module, x, dtype)
 
 
+def _fused_cpu(module, x: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel on the stored buffers; float32 input and accumulation (:mod:`monoquant.fused`)."""
+    xf = _flat(x).to(torch.float32).contiguous()
+    if module.spec.kind == "int4":  # the two stored layouts the compiled kernel reads
+        y = fused.int4_linear(xf, module.qweight, module.scale, module.zero_point, module.group_size)
+    else:
+        y = fused.int8_linear(xf, module.qweight, module.scale, module.zero_point)
+    return _finish(module, y, x)
+
+
 def _gptq_pending(module, x: torch.Tensor) -> torch.Tensor:
     w = module.gptq.weight
     dtype = module.compute_dtype or x.dtype
@@ -373,10 +514,7 @@ def _w8a8_sim(module, x: torch.Tensor) -> torch.Tensor:
 
 def _act_sim(module, x: torch.Tensor) -> torch.Tensor:
     xq = module.input_quantizer.fake_quantize(x)
-    rows = x.numel() // max(1, x.shape[-1])
-    name = choose_linear_kernel(module, x.device, rows, torch.is_grad_enabled() and x.requires_grad,
-                                weights_only=True)
-    return _LINEAR[name](module, xq)
+    return _LINEAR[select_kernel(module, xq, weights_only=True)](module, xq)
 
 
 _LINEAR: dict[str, Callable] = {
@@ -388,6 +526,7 @@ _LINEAR: dict[str, Callable] = {
     "int4pack_cuda": _int4pack_cuda,
     "int4pack_cpu": _int4pack_cpu,
     "int8pack_cpu": _int8pack_cpu,
+    "fused_cpu": _fused_cpu,
     "dequant_bf16": _dequant_bf16,
     "dequant": _dequant,
 }

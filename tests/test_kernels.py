@@ -32,23 +32,29 @@ def fast_bf16(monkeypatch):
 CPU = torch.device("cpu")
 
 
+@pytest.mark.parametrize("fused_on", [False, True], ids=["no_compiler", "fused"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_table_on_cpu(monkeypatch, bf16):
+def test_table_on_cpu(monkeypatch, bf16, fused_on):
     monkeypatch.setattr(kernels, "cpu_has_fast_bf16", lambda: bf16)
+    monkeypatch.setattr(kernels.fused, "available", lambda: fused_on)
     big = "dequant_bf16" if bf16 else "dequant"
+    small = "fused_cpu" if fused_on else big  # where the packed kernels do not apply, up to FUSED_MAX_ROWS
     lim4, lim8 = kernels.PACKED_MAX_ROWS["int4"], kernels.PACKED_MAX_ROWS["int8"]
     cases = [
         (q_linear(256, 32, mq.Int4(group_size=128)), 1, False, "int4pack_cpu"),
         (q_linear(256, 32, mq.Int4(group_size=128)), lim4, False, "int4pack_cpu"),
         (q_linear(256, 32, mq.Int4(group_size=128)), lim4 + 1, False, big),
         (q_linear(256, 32, mq.Int4(group_size=128)), 1, True, big),  # input needs grad
-        (q_linear(256, 24, mq.Int4(group_size=128)), 1, False, big),  # N % 16 != 0
-        (q_linear(480, 32, mq.Int4(group_size=96)), 1, False, big),  # group the kernel can't do
+        (q_linear(256, 24, mq.Int4(group_size=128)), 1, False, small),  # N % 16 != 0
+        (q_linear(256, 24, mq.Int4(group_size=128)), kernels.FUSED_MAX_ROWS, False, small),
+        (q_linear(256, 24, mq.Int4(group_size=128)), kernels.FUSED_MAX_ROWS + 1, False, big),
+        (q_linear(480, 32, mq.Int4(group_size=96)), 1, False, small),  # group the packed kernel can't do
         (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 1, False, "dequant"),
+        (q_linear(256, 32, mq.Int4(), compute_dtype=torch.float32), 9, False, "dequant"),
         (q_linear(256, 24, mq.Int8()), lim8, False, "int8pack_cpu"),
         (q_linear(256, 24, mq.Int8(granularity="tensor")), 1, False, "int8pack_cpu"),
         (q_linear(256, 24, mq.Int8()), lim8 + 1, False, big),
-        (q_linear(256, 24, mq.Int8(symmetric=False)), 1, False, big),
+        (q_linear(256, 24, mq.Int8(symmetric=False)), 1, False, small),
         (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float32), 1, False, "dequant"),
         (q_linear(256, 24, mq.Float16()), 1, False, big),
         (q_linear(256, 24, mq.Int8(), compute_dtype=torch.float16), 1, False, "dequant"),
@@ -105,6 +111,8 @@ def test_int8pack_cpu_matches_dequantized_reference(spec):
 @pytest.mark.parametrize("k, n", [(64, 40), (96, 3000)])  # one chunk; five chunks (see the monkeypatch)
 def test_dequant_paths_match_reference(monkeypatch, spec, k, n):
     monkeypatch.setattr(kernels, "DEQUANT_CHUNK_ELEMENTS", 96 * 700)  # several chunks with a ragged last one
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 0)
+    monkeypatch.setenv("MONOQUANT_TUNE", "0")  # the static table: these are the dequantize paths' tests
     q = q_linear(k, n, spec)
     for rows in (3, 300):
         x = torch.randn(rows, k)

@@ -113,7 +113,7 @@ class Int4(IntegerFormat):
         return out.view(out.shape[0], out.shape[1] // group_size, group_size)
 
     def kernels(self) -> tuple[str, ...]:
-        return ("int4pack_cuda", "int4pack_cpu")
+        return ("int4pack_cuda", "int4pack_cpu", "fused_cpu")
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

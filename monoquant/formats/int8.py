@@ -81,7 +81,9 @@ class Int8(IntegerFormat):
         return params[0]  # one scale per output row (or one for all): it commutes with the matmul
 
     def kernels(self) -> tuple[str, ...]:
-        return ("int8pack_cpu", "w8a8_int_mm", "w8a8_sim") if self.weight_qtype().symmetric else ()
+        if self.weight_qtype().symmetric:
+            return ("int8pack_cpu", "fused_cpu", "w8a8_int_mm", "w8a8_sim")
+        return ("fused_cpu",)
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

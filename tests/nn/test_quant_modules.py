@@ -140,7 +140,7 @@ def test_group_size_96_on_480_inputs_uses_fallback_kernel():
     with torch.no_grad():
         y = q(x)
         want = torch.nn.functional.linear(x.double(), q.dequantize_weight(torch.float64), q.bias.double())
-    assert q.last_kernel in ("dequant_bf16", "dequant")
+    assert q.last_kernel in ("fused_cpu", "dequant_bf16", "dequant")  # not int4pack_cpu
     assert _rel_err(y, want) <= 1e-2
 
 

@@ -1,0 +1,184 @@
+"""End-to-end time of quantized models against the same float32 models, with the kernel each layer used.
+
+Run: python benchmarks/bench_models.py [--threads 2] [--reps 5] [--skip-decoder]
+
+Two models (issue 13), each timed in one process, float32 first, medians of ``--reps`` runs after warm-up
+(the warm-up is also when kernels are chosen by measurement, see :mod:`monoquant.tuner`):
+
+- a BERT-style encoder: 6 layers, d=384, 6 heads, FFN 1536, a batch of 32 sequences of 64 tokens; float32,
+  INT4-g128 weight-only, and INT8 weights with dynamic per-token INT8 activations;
+- a decoder-style block stack generating one token at a time: d=2048, 16 heads, FFN 4096, 8 layers, batch 1,
+  a key/value cache after a 16-token prompt; the time per generated token, float32 and INT4-g128.
+
+Targets: encoder INT4 <= 0.9x float32 time; encoder with dynamic INT8 activations <= 0.6x where the CPU has
+integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import monoquant as mq
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/o ``nn.Linear`` layers and an optional key/value cache."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None, causal: bool = False):
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if cache is not None:
+            if cache:
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention and a GELU MLP (``fc1``, ``fc2``)."""
+
+    def __init__(self, d: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor] | None = None, causal: bool = False):
+        x = x + self.attn(self.norm1(x), cache, causal)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: int, d: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, caches: list[list[torch.Tensor]] | None = None, causal: bool = False):
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], causal)
+        return x
+
+
+def quantize(model: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSpec | None = None) -> nn.Module:
+    q = copy.deepcopy(model)
+    mq.quantize_(q, mq.QuantConfig(weights, activations=activations, skip=mq.SkipRules.none()))
+    return q
+
+
+def kernels_used(model: nn.Module) -> str:
+    """The kernel each quantized layer ran last, one line per block: ``attn.q=fused_cpu ...``."""
+    lines = []
+    for i, block in enumerate(model.blocks):
+        cells = [f"{name}={m.last_kernel}" for name, m in block.named_modules() if isinstance(m, mq.QuantLinear)]
+        lines.append(f"    block {i}: " + " ".join(cells))
+    totals = Counter(m.last_kernel for m in model.modules() if isinstance(m, mq.QuantLinear))
+    lines.append("    totals: " + ", ".join(f"{k} x{n}" for k, n in totals.most_common()))
+    return "\n".join(lines)
+
+
+def report(name: str, fp32_ms: float, q_ms: float, target: float | None) -> bool:
+    ratio = q_ms / fp32_ms
+    verdict = "(no target here)" if target is None else ("PASS" if ratio <= target else "FAIL")
+    goal = "" if target is None else f"target <= {target}x  "
+    print(f"  {name:<34} fp32 {fp32_ms:9.2f} ms  quant {q_ms:9.2f} ms  time ratio {ratio:.3f}x  {goal}{verdict}")
+    return target is None or ratio <= target
+
+
+def bench_encoder(reps: int) -> int:
+    torch.manual_seed(0)
+    model = Stack(6, 384, 6, 1536).eval()
+    x = torch.randn(32, 64, 384)
+    print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
+    fp32 = median_ms(functools.partial(model, x), reps)
+    failures = 0
+    has_dot = mq.kernels.cpu_has_int_dot()
+    for name, weights, act, target in (
+        ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
+        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
+    ):
+        q = quantize(model, weights, act)
+        ms = median_ms(functools.partial(q, x), reps)
+        failures += not report(name, fp32, ms, target)
+        print(kernels_used(q))
+    return failures
+
+
+def bench_decoder(reps: int, tokens: int = 8) -> int:
+    torch.manual_seed(0)
+    d, layers = 2048, 8
+    model = Stack(layers, d, 16, 2 * d).eval()
+    prompt = torch.randn(1, 16, d)
+    print(f"decoder: {layers} layers, d={d}, FFN {2 * d}, batch 1, one token at a time after a 16-token prompt")
+
+    def token_ms(m: nn.Module) -> float:
+        caches: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        m(prompt, caches, causal=True)
+        times = []
+        for _ in range(tokens + 2):
+            step = torch.randn(1, 1, d)
+            t0 = time.perf_counter()
+            m(step, caches, causal=True)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times[2:])
+
+    fp32 = statistics.median(token_ms(model) for _ in range(reps))
+    mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=128), skip=mq.SkipRules.none()))  # in place: memory
+    q_ms = statistics.median(token_ms(model) for _ in range(reps))
+    ok = report("INT4-g128 token latency", fp32, q_ms, 0.3)
+    print(kernels_used(model))
+    return not ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--skip-decoder", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    k = mq.kernels
+    print(f"CPU: {mq.fused.cpu_identity()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fused kernel: {mq.fused.simd()}, integer dot products: {k.cpu_has_int_dot()}, "
+          f"fast bf16: {k.cpu_has_fast_bf16()}")
+    failures = 0
+    with torch.inference_mode():
+        failures += bench_encoder(args.reps)
+        if not args.skip_decoder:
+            failures += bench_decoder(args.reps)
+    print(f"{failures} target(s) missed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

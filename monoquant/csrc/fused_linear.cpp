@@ -1,0 +1,369 @@
+// Fused dequantize + matmul for quantized linear layers on CPU, for small row counts (GEMV / skinny GEMM).
+//
+// Reads monoquant's canonical stored buffers directly (no repacking, no float copy of the weight):
+//   INT4: qweight uint8 [N, ceil(K/2)] (low nibble = even column), scale float32 [N, K/g],
+//         zero_point uint8 [N, K/g] or absent (symmetric: codes are offset by 8);
+//   INT8: qweight int8 [N, K] (symmetric) or uint8 [N, K] with zero_point uint8 [N] or [];
+//         scale float32 [N] or [].
+// Computes y[m, n] = sum_k x[m, k] * (q[n, k] - z) * s in float32, rearranged so that the zero-point and the
+// scale leave the inner loop:
+//   y[m, n] = sum_groups s * (sum_{k in group} x[m, k] * q[n, k]  -  z * sum_{k in group} x[m, k]).
+// The inner loop widens codes to float32 and multiplies-adds them with the input for up to MAX_ROWS input
+// rows at once, so each weight byte is read once per MAX_ROWS rows; output rows are split across threads
+// with at::parallel_for. Which SIMD path runs is decided by the compiler flags: monoquant/fused.py builds
+// this file on the machine that uses it with -march=native, so __AVX512F__ / __AVX2__ describe this CPU;
+// without either, a portable scalar loop is compiled. INT4 layers whose group is not a multiple of the
+// vector block (2 * lanes columns) take the scalar loop as well.
+//
+// Python entry points (float32 contiguous x [M, K]; output float32 [M, N], bias added by the caller):
+//   int4_linear(x, qweight, scale, zero_point_or_None, group_size)
+//   int8_linear(x, qweight, scale, zero_point_or_None)
+//   simd() -> "avx512", "avx2" or "scalar"
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+constexpr int MAX_ROWS = 8;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+// 2 * LANES INT4 codes from LANES packed bytes: even columns in lo, odd columns in hi
+inline void int4_codes(const uint8_t* p, vec& lo, vec& hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+inline vec int8_codes(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec uint8_codes(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+const char* SIMD = "avx512";
+#elif defined(__AVX2__)
+constexpr int LANES = 8;
+constexpr int MAX_ROWS = 4;  // 16 ymm registers: 4 accumulators per weight vector pair + codes + input
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void int4_codes(const uint8_t* p, vec& lo, vec& hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+inline vec int8_codes(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec uint8_codes(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+const char* SIMD = "avx2";
+#else
+constexpr int LANES = 0;
+constexpr int MAX_ROWS = 4;
+const char* SIMD = "scalar";
+#endif
+
+constexpr int64_t GRAIN = 64;        // output rows per parallel task (at::parallel_for splits into >= this)
+constexpr int64_t CHUNK_FLOATS = 4096;  // input values (columns x rows) per pass over a block of output rows
+constexpr int64_t BLOCK_ROWS = 32;   // output rows whose accumulators stay in L1 while the chunks go by
+
+// ---------------------------------------------------------------------------------------------------------
+// The two weight formats, as "sources" the generic loops below read from.
+//   span():        columns that share one scale (INT4: the group; INT8: all K, the scale is applied at the end)
+//   scale(n, gi):  the scale multiplied into the codes of span gi (INT4), or 1 (INT8: `scaled` is false)
+//   finish(...):   y[m, n] from the sum of x * (scaled codes): subtracts the zero-point term (and scales INT8)
+//   code(n, k):    one code, for the scalar loops
+
+struct Int4Src {
+  const uint8_t* q;     // [N, KB] packed codes
+  const float* s;       // [N, G]
+  const uint8_t* z;     // [N, G] or nullptr (then 8)
+  const float* xsum;    // [M, G] input sums per group
+  int64_t KB, G, g;
+  static constexpr bool scaled = true;
+  int64_t span() const { return g; }
+  float scale(int64_t n, int64_t gi) const { return s[n * G + gi]; }
+  float zero(int64_t n, int64_t gi) const { return z ? static_cast<float>(z[n * G + gi]) : 8.0f; }
+  float code(int64_t n, int64_t k) const {
+    const uint8_t byte = q[n * KB + (k >> 1)];
+    return static_cast<float>((k & 1) ? (byte >> 4) : (byte & 0xF));
+  }
+  float finish(int64_t m, int64_t n, float dot) const {
+    float t = 0.0f;
+    for (int64_t gi = 0; gi < G; ++gi) t += scale(n, gi) * zero(n, gi) * xsum[m * G + gi];
+    return dot - t;
+  }
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // columns k .. k + 2 * LANES: even ones in lo, odd ones in hi (the input is permuted to match)
+  void codes(int64_t n, int64_t k, vec& lo, vec& hi) const { int4_codes(q + n * KB + k / 2, lo, hi); }
+#endif
+};
+
+template <typename Q>
+struct Int8Src {
+  const Q* q;           // [N, K]
+  const float* s;       // [N] or one value
+  const uint8_t* z;     // like s, or nullptr
+  const float* xsum;    // [M] input row sums
+  int64_t K;
+  bool per_row;
+  static constexpr bool scaled = false;
+  int64_t span() const { return K; }
+  float scale(int64_t, int64_t) const { return 1.0f; }
+  float code(int64_t n, int64_t k) const { return static_cast<float>(q[n * K + k]); }
+  float finish(int64_t m, int64_t n, float dot) const {
+    const int64_t i = per_row ? n : 0;
+    return s[i] * (dot - (z ? static_cast<float>(z[i]) * xsum[m] : 0.0f));
+  }
+#if defined(__AVX512F__) || defined(__AVX2__)
+  void codes(int64_t n, int64_t k, vec& lo, vec& hi) const {
+    lo = widen(q + n * K + k);
+    hi = widen(q + n * K + k + LANES);
+  }
+  static vec widen(const int8_t* p) { return int8_codes(p); }
+  static vec widen(const uint8_t* p) { return uint8_codes(p); }
+#endif
+};
+
+// y[m, n] for output rows [n0, n1), every input row, one multiply-add at a time (odd shapes, no SIMD build).
+template <typename Src>
+void scalar_block(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
+                  int64_t n1) {
+  const int64_t span = src.span();
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.0f;
+      for (int64_t k0 = 0; k0 < K; k0 += span) {
+        float dot = 0.0f;
+        for (int64_t k = k0; k < k0 + span; ++k) dot += x[m * K + k] * src.code(n, k);
+        total += src.scale(n, k0 / span) * dot;
+      }
+      y[m * N + n] = src.finish(m, n, total);
+    }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The loops over a tile's rows must be unrolled for the accumulators to live in registers; GCC does not
+// unroll 8-trip loops with this much in them on its own (they then went through the stack, 3-10x slower).
+#define MQ_UNROLL _Pragma("GCC unroll 16")
+
+// Tile of NR output rows x R input rows over columns [k0, k1) (whole spans, multiples of 2 * LANES).
+// Even- and odd-half sums (lo, hi) are kept apart so that 2 * NR * R independent multiply-add chains hide the
+// FMA latency; the codes are scaled once and shared by the R input rows. Accumulators live in `state` between
+// chunks of columns.
+template <int R, int NR, typename Src>
+void simd_tile(const Src& src, const float* xc, int64_t ldx, int64_t n, int64_t k0, int64_t k1,
+               vec* state) {
+  vec lo_acc[NR][R], hi_acc[NR][R];
+  MQ_UNROLL
+  for (int j = 0; j < NR; ++j)
+    MQ_UNROLL
+    for (int r = 0; r < R; ++r) {
+      lo_acc[j][r] = state[(j * R + r) * 2];
+      hi_acc[j][r] = state[(j * R + r) * 2 + 1];
+    }
+  const int64_t span = src.span();
+  for (int64_t gs = k0; gs < k1; gs += span) {
+    vec s[NR];
+    MQ_UNROLL
+    for (int j = 0; j < NR; ++j) s[j] = vset(src.scale(n + j, gs / span));
+    const int64_t ge = std::min(k1, gs + span);
+    for (int64_t k = gs; k < ge; k += 2 * LANES) {
+      vec lo[NR], hi[NR];
+      MQ_UNROLL
+      for (int j = 0; j < NR; ++j) {
+        src.codes(n + j, k, lo[j], hi[j]);
+        if constexpr (Src::scaled) {
+          lo[j] = vmul(lo[j], s[j]);
+          hi[j] = vmul(hi[j], s[j]);
+        }
+      }
+      MQ_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xc + r * ldx + (k - k0);
+        const vec xl = vload(xr), xh = vload(xr + LANES);
+        MQ_UNROLL
+        for (int j = 0; j < NR; ++j) {
+          lo_acc[j][r] = vfma(lo[j], xl, lo_acc[j][r]);
+          hi_acc[j][r] = vfma(hi[j], xh, hi_acc[j][r]);
+        }
+      }
+    }
+  }
+  MQ_UNROLL
+  for (int j = 0; j < NR; ++j)
+    MQ_UNROLL
+    for (int r = 0; r < R; ++r) {
+      state[(j * R + r) * 2] = lo_acc[j][r];
+      state[(j * R + r) * 2 + 1] = hi_acc[j][r];
+    }
+}
+
+// Output rows [n0, n1) for input rows [m0, m0 + R): chunks of columns outermost, so that the chunk of input
+// stays in L1 while the block's weights stream past it. Columns from kv to K (INT8 only) are added one by one.
+template <int R, typename Src>
+void simd_block(const Src& src, const float* x, float* y, int64_t N, int64_t K, int64_t kv, int64_t m0,
+                int64_t n0, int64_t n1, std::vector<vec>& state) {
+  constexpr int NR = LANES == 16 ? (R == 1 ? 4 : (R == 2 ? 2 : 1)) : (R == 1 ? 2 : 1);  // fit the registers
+  const int64_t span = src.span();
+  // the chunk of R input rows fills at most half of a 32 KiB L1, in whole vector steps
+  const int64_t cols = std::max<int64_t>(1, CHUNK_FLOATS / R / (2 * LANES)) * (2 * LANES);
+  const int64_t chunk = span >= cols ? cols : std::max<int64_t>(span, cols / span * span);
+  state.assign((n1 - n0 + NR) * R * 2, vzero());
+  // the chunk's input rows, copied next to each other: rows of a large K are a multiple of 4 KiB apart, so
+  // read in place they compete for the same L1 sets (measured 3x slower at 8 rows)
+  std::vector<float> xc(R * chunk);
+  for (int64_t k0 = 0; k0 < kv; k0 += chunk) {
+    const int64_t k1 = std::min(kv, k0 + chunk);
+    for (int r = 0; r < R; ++r) std::copy(x + (m0 + r) * K + k0, x + (m0 + r) * K + k1, xc.data() + r * chunk);
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) simd_tile<R, NR>(src, xc.data(), chunk, n, k0, k1, state.data() + (n - n0) * R * 2);
+    for (; n < n1; ++n) simd_tile<R, 1>(src, xc.data(), chunk, n, k0, k1, state.data() + (n - n0) * R * 2);
+  }
+  for (int64_t n = n0; n < n1; ++n)
+    for (int r = 0; r < R; ++r) {
+      const vec* st = state.data() + ((n - n0) * R + r) * 2;
+      float dot = vsum(vadd(st[0], st[1]));
+      for (int64_t k = kv; k < K; ++k) dot += x[(m0 + r) * K + k] * src.code(n, k);
+      y[(m0 + r) * N + n] = src.finish(m0 + r, n, dot);
+    }
+}
+
+// Each block of 2 * LANES columns stored as its LANES even columns then its LANES odd ones, the order in
+// which int4_codes widens LANES packed bytes.
+torch::Tensor permute_pairs(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  return x.view({M, K / (2 * LANES), LANES, 2}).transpose(2, 3).contiguous().view({M, K});
+}
+#endif
+
+// y = x W^T with the SIMD loop over columns [0, kv) (kv a multiple of the span and of 2 * LANES, or 0 to use
+// the scalar loop), split over output rows across threads.
+template <typename Src>
+void run(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t kv) {
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (kv > 0) {
+      std::vector<vec> state;
+      for (int64_t b0 = n0; b0 < n1; b0 += BLOCK_ROWS) {
+        const int64_t b1 = std::min(n1, b0 + BLOCK_ROWS);
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+          switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+#define MQ_CASE(R) case R: if constexpr (MAX_ROWS >= R) simd_block<R>(src, x, y, N, K, kv, m0, b0, b1, state); break;
+            MQ_CASE(1) MQ_CASE(2) MQ_CASE(3) MQ_CASE(4) MQ_CASE(5) MQ_CASE(6) MQ_CASE(7) MQ_CASE(8)
+#undef MQ_CASE
+          }
+        }
+      }
+      return;
+    }
+#endif
+    scalar_block(src, x, y, M, N, K, n0, n1);
+  });
+}
+
+void check_common(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "fused_linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "fused_linear: x must be contiguous float32 [M, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "fused_linear: float32 scale");
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous(), "fused_linear: qweight must be contiguous [N, *]");
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
+  check_common(x, qweight, scale);
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8, "int4_linear: qweight must be uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "int4_linear: group_size must divide K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(qweight.size(1) == (K + 1) / 2, "int4_linear: qweight must be [N, ceil(K/2)]");
+  TORCH_CHECK(scale.numel() == N * G, "int4_linear: scale must be [N, K/group_size]");
+  const uint8_t* zp = nullptr;
+  if (zero_point.has_value()) {
+    TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->is_contiguous() &&
+                zero_point->numel() == N * G, "int4_linear: zero_point must be uint8 [N, K/group_size]");
+    zp = zero_point->data_ptr<uint8_t>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  auto xsum = x.view({M, G, group_size}).sum(-1).contiguous();
+  const Int4Src src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, xsum.data_ptr<float>(),
+                    qweight.size(1), G, group_size};
+  torch::Tensor xin = x;
+  int64_t kv = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (group_size % (2 * LANES) == 0) {
+    xin = permute_pairs(x);
+    kv = K;
+  }
+#endif
+  run(src, xin.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+  return y;
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& zero_point) {
+  check_common(x, qweight, scale);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K, "int8_linear: qweight must be [N, K]");
+  const bool per_row = scale.dim() > 0;
+  TORCH_CHECK(scale.numel() == (per_row ? N : 1), "int8_linear: scale must be [N] or a scalar");
+  auto y = torch::empty({M, N}, x.options());
+  auto xsum = x.sum(-1).contiguous();
+  int64_t kv = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  kv = K - K % (2 * LANES);
+#endif
+  if (zero_point.has_value()) {
+    TORCH_CHECK(qweight.scalar_type() == torch::kUInt8, "int8_linear: affine qweight must be uint8");
+    TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->numel() == scale.numel(),
+                "int8_linear: zero_point must be uint8 shaped like scale");
+    const Int8Src<uint8_t> src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                               zero_point->data_ptr<uint8_t>(), xsum.data_ptr<float>(), K, per_row};
+    run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8_linear: symmetric qweight must be int8");
+    const Int8Src<int8_t> src{qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr,
+                              xsum.data_ptr<float>(), K, per_row};
+    run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+  }
+  return y;
+}
+
+std::string simd() { return SIMD; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_linear", &int4_linear, "INT4 (group-wise) dequantize + matmul, float32 accumulation");
+  m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul, float32 accumulation");
+  m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
+}

@@ -1,0 +1,134 @@
+"""The compiled fused dequantize + matmul kernel (``csrc/fused_linear.cpp``): building it, and calling it.
+
+The C++ file is compiled at first use with :func:`torch.utils.cpp_extension.load` on the machine that runs
+it, with ``-O3 -march=native`` so that its AVX-512 or AVX2 path matches this CPU (a portable scalar loop
+otherwise; ``MONOQUANT_EXT_ARCH`` overrides ``native``, which is how the AVX2 path is tested on an AVX-512
+machine). It reads the layer's stored buffers directly and accumulates in float32; see the C++ file's
+header for the arithmetic.
+
+Build cache: ``$MONOQUANT_EXT_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else
+``~/.cache/torch_extensions``; the extension's name includes a digest of the source, the CPU model and its
+flags, so a cache directory shared between machines never loads a build for another CPU.
+``MONOQUANT_NO_EXT=1`` turns the compiled kernel off (the PyTorch kernels remain). Without a compiler
+(or ``ninja``) the build fails once, :func:`load_error` says why, and the ``fused_*`` kernels are simply not
+candidates: nothing else changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_linear.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def cpu_identity() -> str:
+    """CPU model name and SIMD flags (from ``/proc/cpuinfo`` where present): what a build and a timing depend on."""
+    model, flags = "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model == "unknown":
+                model = value.strip()
+            elif key == "flags" and not flags:
+                wanted = ("avx", "amx", "vnni", "fma", "f16c", "bf16")
+                flags = " ".join(sorted(f for f in value.split() if any(w in f for w in wanted)))
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return f"{model} [{flags}]"
+
+
+def _build_dir() -> str | None:
+    return os.environ.get("MONOQUANT_EXT_DIR") or None
+
+
+def _arch() -> str:
+    """``-march`` for the build: ``MONOQUANT_EXT_ARCH`` (e.g. ``haswell`` to build and test the AVX2 path, or
+    ``x86-64`` for the scalar one, on an AVX-512 machine), else ``native``."""
+    return os.environ.get("MONOQUANT_EXT_ARCH", "native")
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
+                            + _arch().encode() + b"openmp")
+    return f"monoquant_fused_{digest.hexdigest()[:12]}"
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, built on first call; ``None`` when disabled or when it cannot be built."""
+    if "module" in _STATE:
+        return _STATE["module"]  # type: ignore[return-value]
+    with _LOCK:
+        if "module" not in _STATE:
+            _STATE["module"], _STATE["error"] = _build()
+    return _STATE["module"]  # type: ignore[return-value]
+
+
+def _build() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get("MONOQUANT_NO_EXT", "") not in ("", "0"):
+        return None, "disabled by MONOQUANT_NO_EXT"
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir = _build_dir()
+        if build_dir:
+            os.makedirs(build_dir, exist_ok=True)
+        _put_ninja_on_path()
+        # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
+        flags = ["-O3", f"-march={_arch()}", "-fopenmp"]
+        module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
+        return module, None
+    except Exception as exc:  # no compiler, no ninja, headers missing: the PyTorch kernels remain
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+
+
+def _put_ninja_on_path() -> None:
+    """The ``ninja`` pip package installs its binary next to the interpreter, which may not be on ``PATH``."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, path))
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (builds it on first call)."""
+    return load() is not None
+
+
+def load_error() -> str | None:
+    """Why the compiled kernel is unavailable (``None`` if it loaded or was not tried yet)."""
+    return _STATE.get("error")  # type: ignore[return-value]
+
+
+@functools.cache
+def simd() -> str:
+    """The SIMD path the build compiled (``"avx512"``, ``"avx2"``, ``"scalar"``), or ``"none"`` if not built."""
+    module = load()
+    return module.simd() if module is not None else "none"
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``."""
+    return load().int4_linear(x, qweight, scale, zero_point, group_size)  # type: ignore[union-attr]
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                zero_point: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``."""
+    return load().int8_linear(x, qweight, scale, zero_point)  # type: ignore[union-attr]

@@ -1,0 +1,207 @@
+"""Kernel choice by measurement: fastest wins, never slower than the baseline, pinning, tuning off, cache file."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import monoquant as mq
+from monoquant import kernels, tuner
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
+    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
+    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    monkeypatch.setattr(tuner, "_FILE_LOADED", set())
+    tuner.clear()
+    yield
+    tuner.clear()
+
+
+def fake_timer(times: dict[str, float], calls: list[str]):
+    """A timer that reports ``times[name]`` for the candidate named by the call (no real timing)."""
+
+    def timer(call):
+        name = call.__name__
+        calls.append(name)
+        return times[name]
+
+    return timer
+
+
+def named(name: str):
+    def call():
+        return name
+
+    call.__name__ = name
+    return call
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"dequant": 1.0, "fused_cpu": 0.2, "int4pack_cpu": 0.5}, "fused_cpu"),
+    ({"dequant": 1.0, "fused_cpu": 1.5, "int4pack_cpu": 3.0}, "dequant"),  # all slower: the baseline
+    ({"dequant": 1.0, "fused_cpu": 1.0}, "dequant"),  # a tie: the baseline
+    ({"dequant": 1.0, "fused_cpu": 0.97}, "dequant"),  # within the noise margin: the baseline
+    ({"dequant": 1.0, "fused_cpu": 0.9, "dequant_bf16": 0.8}, "dequant_bf16"),
+    ({"dequant": 1.0, "w8a8_int_mm": 20.0}, "dequant"),  # the AVX2 trap of issue 13
+])
+def test_tuner_picks_the_fastest_and_never_one_slower_than_the_baseline(times, want):
+    calls: list[str] = []
+    cands = {name: named(name) for name in times}
+    got = tuner.choose("k", cands, "dequant", timer=fake_timer(times, calls))
+    assert got == want and set(calls) == set(times)
+    assert calls[: len(times)] == list(times)  # rounds through every candidate in turn
+    assert times[got] <= times["dequant"]
+    # remembered: asked again, nothing is timed
+    n_timed = len(calls)
+    assert tuner.choose("k", cands, "dequant", timer=fake_timer(times, calls)) == want
+    assert len(calls) == n_timed
+    assert tuner.choices() == {"k": want}
+
+
+def test_a_candidate_that_raises_is_dropped():
+    def boom():
+        raise RuntimeError("kernel crashed")
+
+    boom.__name__ = "fused_cpu"
+    timed: list[str] = []
+    got = tuner.choose("k", {"fused_cpu": boom, "dequant": named("dequant")}, "dequant",
+                       timer=fake_timer({"dequant": 1.0, "fused_cpu": 0.1}, timed))
+    assert got == "dequant" and set(timed) == {"dequant"}
+
+
+def test_row_buckets():
+    assert [tuner.row_bucket(r) for r in (0, 1, 2, 3, 8, 9, 33, 2048, 5000)] == [1, 1, 2, 4, 8, 16, 64, 2048, 4096]
+
+
+def big_layer(spec=None) -> mq.QuantLinear:
+    return mq.QuantLinear.from_float(nn.Linear(1024, 512), spec or mq.Int4(group_size=128))
+
+
+def test_forward_measures_once_per_bucket_and_uses_injected_timings(monkeypatch):
+    """Through the layer: every eligible kernel is timed, the fastest runs, the report column shows it."""
+    timed: list[str] = []
+
+    def timer(call):
+        name = call.func.__name__.lstrip("_")  # functools.partial(_LINEAR[name], module, x)
+        timed.append(name)
+        return {"dequant": 1.0, "dequant_bf16": 0.9, "int4pack_cpu": 2.0, "fused_cpu": 0.1}[name]
+
+    monkeypatch.setattr(tuner, "time_call", timer)
+    q = big_layer()
+    with torch.no_grad():
+        y1 = q(torch.randn(1, 1024))
+        q(torch.randn(1, 1024))
+    expected = kernels._weight_candidates(q, torch.device("cpu"), 1, False, kernels.TUNE_MAX_ROWS)
+    assert set(timed) == set(expected) and expected[-1] == "dequant"
+    want = "fused_cpu" if "fused_cpu" in expected else min(expected, key=lambda n: {"dequant": 1.0,
+                                                           "dequant_bf16": 0.9, "int4pack_cpu": 2.0}[n])
+    assert q.last_kernel == want and y1.shape == (1, 512)
+    assert f"kernel={want}" in repr(q) and kernels.kernel_summary(q) == want
+    n_timed = len(timed)
+    with torch.no_grad():
+        q(torch.randn(1, 1024))
+    assert len(timed) == n_timed  # later calls reuse the choice
+
+
+def test_pinning_by_context_and_environment(monkeypatch):
+    q = big_layer(mq.Int8())
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        with kernels.pin("dequant"):
+            q(x)
+            assert q.last_kernel == "dequant"
+        with kernels.pin("int8pack_cpu"):
+            q(x)
+            assert q.last_kernel == "int8pack_cpu"
+        monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
+        q(x)
+        assert q.last_kernel == "dequant"
+        with kernels.pin("int4pack_cpu"):  # not eligible for an INT8 layer: the usual choice, measured or not
+            q(x)
+            assert q.last_kernel != "int4pack_cpu"
+    assert tuner.choices() == {} or all("r2" not in k for k in tuner.choices())
+    with pytest.raises(mq.ConfigError, match="unknown kernel 'fast'"), kernels.pin("fast"):
+        pass
+
+
+def test_pinning_a_weight_kernel_on_a_w8a8_layer_runs_the_float_path():
+    model = nn.Sequential(nn.Linear(1024, 512))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    with torch.no_grad(), kernels.pin("dequant"):
+        model(torch.randn(3, 1024))
+    assert model[0].last_kernel == "act_sim"
+
+
+def test_tuning_off_is_deterministic_and_times_nothing(monkeypatch):
+    def no_timing(call):
+        raise AssertionError("timed with tuning off")
+
+    monkeypatch.setattr(tuner, "time_call", no_timing)
+    q = big_layer()
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        with kernels.tuning(False):
+            q(x)
+            first = q.last_kernel
+            q(x)
+        assert first == q.last_kernel == kernels.choose_linear_kernel(q, x.device, 4, False)
+        monkeypatch.setenv("MONOQUANT_TUNE", "0")
+        q(x)
+        assert q.last_kernel == first
+    assert tuner.choices() == {}
+
+
+def test_cache_file_round_trip_keyed_by_cpu_and_torch(tmp_path, monkeypatch):
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv("MONOQUANT_KERNEL_CACHE", str(path))
+    times = {"dequant": 1.0, "fused_cpu": 0.5}
+    tuner.choose("int4|w|r1", {n: named(n) for n in times}, "dequant", timer=fake_timer(times, []))
+    data = json.loads(path.read_text())
+    assert data == {tuner.machine_key(): {"int4|w|r1": "fused_cpu"}}
+    assert torch.__version__ in tuner.machine_key() and mq.fused.cpu_identity() in tuner.machine_key()
+    # a new process (simulated): the file answers, nothing is timed
+    tuner.clear()
+    monkeypatch.setattr(tuner, "_FILE_LOADED", set())
+    calls: list[str] = []
+    assert tuner.choose("int4|w|r1", {n: named(n) for n in times}, "dequant",
+                        timer=fake_timer(times, calls)) == "fused_cpu"
+    assert calls == []
+    # another machine's entries are kept but not used
+    data["other cpu | torch 0"] = {"int4|w|r1": "dequant"}
+    path.write_text(json.dumps(data))
+    tuner.clear()
+    monkeypatch.setattr(tuner, "_FILE_LOADED", set())
+    assert tuner.choose("int4|w|r1", {n: named(n) for n in times}, "dequant", timer=fake_timer(times, [])) \
+        == "fused_cpu"
+    tuner.choose("int8|w|r1", {n: named(n) for n in times}, "dequant",
+                 timer=fake_timer({"dequant": 1.0, "fused_cpu": 2.0}, []))
+    saved = json.loads(path.read_text())
+    assert saved["other cpu | torch 0"] == {"int4|w|r1": "dequant"}
+    assert saved[tuner.machine_key()] == {"int4|w|r1": "fused_cpu", "int8|w|r1": "dequant"}
+
+
+def test_cache_file_is_off_unless_asked(monkeypatch):
+    assert tuner.cache_path() is None
+    monkeypatch.setenv("MONOQUANT_KERNEL_CACHE", "default")
+    assert tuner.cache_path() == tuner.DEFAULT_CACHE
+
+
+def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
+    """Without VNNI/AMX, _int_mm is a slow loop: never a candidate; the fake-quantized float path runs."""
+    model = nn.Sequential(nn.Linear(64, 48))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    q = model[0]
+    x = torch.randn(5, 64)
+    monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: True)
+    with torch.no_grad():
+        y_int = q(x)
+    assert q.last_kernel == "w8a8_int_mm"
+    monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: False)
+    with torch.no_grad():
+        y_float = q(x)
+    assert q.last_kernel == "act_sim"
+    torch.testing.assert_close(y_float, y_int, rtol=2e-2, atol=2e-2)  # same quantized function, float math
