@@ -78,7 +78,7 @@ def test_lightning_cli_fit_from_a_yaml_file_quantizes_with_gptq_and_skip_rules(t
     assert list(cfg.skip.exclude) == ["head"] and cfg.skip.min_params == 1024
     rows = {r.name: r for r in cb.report.layers}
     assert rows["fc"].scheme == "int4-affine-g32" and rows["fc"].method == "gptq"
-    assert rows["features.2"].method == "rtn (gptq is for Linear layers)"
+    assert rows["features.2"].method == "gptq"  # convolutions get GPTQ too
     assert rows["head"].skipped and "exclude" in rows["head"].reason
     assert rows["features.0"].skipped  # 288 weights < min_params
     assert not mq.needs_calibration(cli.model) and rows["fc"].output_sqnr_db is not None
