@@ -205,6 +205,40 @@ class WeightSpec:
         return None
 
 
+def resolve_group_size(group_size: int, cols: int) -> int | None:
+    """The group size for rows of ``cols`` weights when ``group_size`` was asked for: ``group_size`` if it divides
+    them; one group per row if the row is no longer; else the largest of ``group_size/2, /4, ...`` (down to 32)
+    that divides the row; else ``None``."""
+    if cols % group_size == 0:
+        return group_size
+    if cols <= group_size:
+        return cols
+    g = group_size // 2
+    while g >= 32:
+        if cols % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+class GroupWise:
+    """Mixin of formats with one scale per ``group_size`` weights along the input dimension (INT4, NF4)."""
+
+    group_size: int
+
+    def resolve_group_size(self, cols: int) -> int | None:
+        """The group size used for rows of length ``cols``, or ``None`` if no acceptable group exists
+        (see :func:`resolve_group_size`)."""
+        return resolve_group_size(self.group_size, cols)
+
+    def unfit_reason(self, cols: int) -> str | None:
+        if self.resolve_group_size(cols) is None:
+            name = type(self).__name__
+            return (f"input size {cols} has no {self.kind.upper()} group size <= {self.group_size} (>= 32) dividing "
+                    f"it; pass {name}(group_size=...) that divides it")
+        return None
+
+
 def _same_type(value: Any, default: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(default, bool)

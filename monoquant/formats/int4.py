@@ -12,32 +12,16 @@ import torch
 from ..errors import ConfigError
 from ..packing import INT4_CODES, pack_int4, unpack_int4_into
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
-from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, check_method, register_format
+from .base import SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
 from .integer import IntegerFormat
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes the packed INT4 kernels accept, largest first."""
 
 
-def resolve_group_size(group_size: int, cols: int) -> int | None:
-    """The group size for rows of ``cols`` weights when ``group_size`` was asked for: ``group_size`` if it divides
-    them; one group per row if the row is no longer; else the largest of ``group_size/2, /4, ...`` (down to 32)
-    that divides the row; else ``None``."""
-    if cols % group_size == 0:
-        return group_size
-    if cols <= group_size:
-        return cols
-    g = group_size // 2
-    while g >= 32:
-        if cols % g == 0:
-            return g
-        g //= 2
-    return None
-
-
 @register_format
 @dataclass(frozen=True)
-class Int4(IntegerFormat):
+class Int4(GroupWise, IntegerFormat):
     """4-bit weights, group-wise along the input dimension, packed two per byte, affine by default.
 
     ``group_size`` must be positive. When a layer's input size is not a multiple of it, the group is chosen
@@ -81,16 +65,6 @@ class Int4(IntegerFormat):
         if group_size is None:
             raise ConfigError("an Int4 weight needs a resolved group size")
         return PerGroup(group_size)
-
-    def resolve_group_size(self, cols: int) -> int | None:
-        """The group size used for rows of length ``cols``, or ``None`` if no acceptable group exists."""
-        return resolve_group_size(self.group_size, cols)
-
-    def unfit_reason(self, cols: int) -> str | None:
-        if self.resolve_group_size(cols) is None:
-            return (f"input size {cols} has no INT4 group size <= {self.group_size} (>= 32) dividing it; "
-                    "pass Int4(group_size=...) that divides it")
-        return None
 
     def describe(self, group_size: int | None = None) -> str:
         return f"int4-{'sym' if self.symmetric else 'affine'}-g{group_size or self.group_size}"

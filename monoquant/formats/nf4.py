@@ -34,8 +34,7 @@ import torch
 from ..errors import ConfigError, NonFiniteWeightError
 from ..packing import pack_int4, unpack_int4_into
 from ..qtypes import PerGroup
-from .base import SCALE_DTYPE, Stored, WeightSpec, register_format
-from .int4 import resolve_group_size
+from .base import SCALE_DTYPE, GroupWise, Stored, WeightSpec, register_format
 
 # The NF4 code of bitsandbytes (``bitsandbytes.functional.get_4bit_type("nf4")``), written out as it is there.
 # Derivation (``create_normal_map(offset=0.9677083, use_extra_value=True)``): the standard normal quantiles
@@ -71,7 +70,7 @@ class NF4Weight(NamedTuple):
 
 @register_format
 @dataclass(frozen=True)
-class NF4(WeightSpec):
+class NF4(GroupWise, WeightSpec):
     """4-bit normal-float weights (QLoRA / bitsandbytes NF4): absmax per group along the input dimension,
     codes packed two per byte, decoded by table lookup.
 
@@ -101,16 +100,6 @@ class NF4(WeightSpec):
 
     def describe(self, group_size: int | None = None) -> str:
         return f"nf4-g{group_size or self.group_size}"
-
-    def resolve_group_size(self, cols: int) -> int | None:
-        """The group size used for rows of length ``cols``, or ``None`` if no acceptable group exists."""
-        return resolve_group_size(self.group_size, cols)
-
-    def unfit_reason(self, cols: int) -> str | None:
-        if self.resolve_group_size(cols) is None:
-            return (f"input size {cols} has no NF4 group size <= {self.group_size} (>= 32) dividing it; "
-                    "pass NF4(group_size=...) that divides it")
-        return None
 
     def empty_buffers(self, n: int, k: int, group_size: int | None, device: Any = None) -> Stored:
         return NF4Weight(torch.empty(n, (k + 1) // 2, dtype=torch.uint8, device=device),
