@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml integrations/lightning/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q $(TORCH_PIN) -e ".[dev,transformers,plot]" -e "integrations/lightning[examples]"
+	$(BIN)/python -m pip install -q $(TORCH_PIN) -e ".[dev,transformers,plot]" -e "integrations/lightning[examples,cli]"
 	touch $(STAMP)
 
 demo: venv
