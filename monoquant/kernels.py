@@ -1,6 +1,9 @@
 """Picks the fastest correct matmul for a quantized layer, and runs it.
 
-The table (first matching row wins; "rows" is the number of input rows, ``x.numel() // in_features``):
+The table (first matching row wins; "rows" is the number of input rows, ``x.numel() // in_features``). A
+low-bit kernel is only a candidate for layers whose weight format lists it in ``spec.kernels()`` (INT4:
+``int4pack_*``, ``fused_cpu``; symmetric INT8: ``int8pack_cpu``, ``fused_cpu``, ``w8a8_*``; affine INT8:
+``fused_cpu``; NF4 and half formats: none), so a new format never runs a kernel written for another layout:
 
 =================  =====================================================================  ==============
 kernel             applies when                                                           computes in
