@@ -31,15 +31,18 @@ from torch import nn
 import monoquant as mq
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    fn()
-    times = []
+def paired_ms(ref: Callable[[], object], fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Medians of ``ref`` and ``fn`` timed alternately in the same rounds, so a load burst on a shared machine
+    hits both alike (sequential blocks gave float32 times differing 1.8x between two runs here)."""
+    for f in (ref, fn, ref, fn):
+        f()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for f, out in ((ref, times[0]), (fn, times[1])):
+            t0 = time.perf_counter()
+            f()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 class Attention(nn.Module):
@@ -120,7 +123,6 @@ def bench_encoder(reps: int) -> int:
     model = Stack(6, 384, 6, 1536).eval()
     x = torch.randn(32, 64, 384)
     print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
-    fp32 = median_ms(functools.partial(model, x), reps)
     failures = 0
     has_dot = mq.kernels.cpu_has_int_dot()
     for name, weights, act, target in (
@@ -128,7 +130,7 @@ def bench_encoder(reps: int) -> int:
         ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
     ):
         q = quantize(model, weights, act)
-        ms = median_ms(functools.partial(q, x), reps)
+        fp32, ms = paired_ms(functools.partial(model, x), functools.partial(q, x), reps)
         failures += not report(name, fp32, ms, target)
         print(kernels_used(q))
     return failures

@@ -4,7 +4,7 @@
 >>> report = mq.quantize_(model, mq.Int4(group_size=128))   # doctest: +SKIP
 """
 
-from . import accuracy, formats, functional
+from . import accuracy, formats, functional, schemes
 from ._version import __version__
 from .calibration import calibrate, calibrate_with, freeze, needs_calibration, sync_observers
 from .compare import Comparison, OutputStats, batch_size, compare, evaluating
@@ -88,5 +88,5 @@ __all__ = [
     "MonoQuantError", "ConfigError", "ModelError", "InputError", "NonFiniteWeightError", "CalibrationError",
     "SerializationError", "AccuracyError", "InferenceOnlyError", "MissingExtraError",
     # modules
-    "accuracy", "formats", "functional", "__version__",
+    "accuracy", "formats", "functional", "schemes", "__version__",
 ]

@@ -85,7 +85,9 @@ def group_view(x: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) 
 def minmax(x: torch.Tensor, granularity: PerTensor | PerChannel | PerGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` per qparam slot (see :func:`group_view` for the shapes)."""
     view = group_view(x, granularity)
-    mn, mx = torch.aminmax(view, dim=-1)
+    # two reductions, not torch.aminmax(dim=-1): same values, but aminmax along a dim measured ~35x slower
+    # (7.8 ms vs 0.2 ms for 2048 x 1536 on 2 threads, torch 2.13 CPU) and it sits on every dynamic-activation call
+    mn, mx = view.amin(dim=-1), view.amax(dim=-1)
     if isinstance(granularity, PerTensor):
         return mn.reshape(()), mx.reshape(())
     return mn, mx

@@ -321,8 +321,10 @@ def _bf16_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Add the bias to a kernel's fresh ``[rows, N]`` output (in place unless autograd needs it) and shape it."""
     if module.bias is not None:
-        y = torch.add(y, module.bias.to(y.dtype))
+        bias = module.bias.to(y.dtype)
+        y = torch.add(y, bias) if y.requires_grad else y.add_(bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -484,7 +486,7 @@ def _uncalibrated(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _w8a8(module, x: torch.Tensor, use_int_mm: bool) -> torch.Tensor:
-    """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then one float32 rescale.
+    """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then a float32 rescale.
 
     Affine input codes ``[0, 255]`` are shifted by -128 into int8 and the shift moves into the zero-point,
     whose contribution ``zero * rowsum(W_q)`` is subtracted exactly. The simulated path computes the same
@@ -493,17 +495,20 @@ def _w8a8(module, x: torch.Tensor, use_int_mm: bool) -> torch.Tensor:
     act = module.input_quantizer
     codes, x_scale, x_zero = act.quantize(_flat(x))
     zero = None if act.qtype.symmetric else x_zero - 128
-    a = (codes if zero is None else codes - 128).to(torch.int8)
+    a = (codes if zero is None else codes.sub_(128)).to(torch.int8)  # codes is ours: shift in place
     wq = module.qweight
     if use_int_mm:
         acc = torch._int_mm(a, wq.t())
-        if zero is not None:
-            acc -= zero.to(torch.int32) * _cache(module, "w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
+        if zero is not None:  # one in-place rank-1 update (an outer product then a subtraction was 2 passes)
+            rowsum = _cache(module, "w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
+            acc.addr_(zero.reshape(-1).to(torch.int32).expand(acc.shape[0]), rowsum, alpha=-1)
     else:
         acc = a.double() @ wq.double().t()
         if zero is not None:
-            acc -= zero.double() * _cache(module, "w8a8_rowsum_f64", lambda: wq.double().sum(1))
-    y = acc.to(torch.float32) * (x_scale.float() * module.scale.float())
+            acc.addr_(zero.reshape(-1).double().expand(acc.shape[0]),
+                      _cache(module, "w8a8_rowsum_f64", lambda: wq.double().sum(1)), alpha=-1)
+    # the integer sums are exact; scale per row of x, then per output channel, in place (no [rows, N] temporary)
+    y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())
     return _finish(module, y, x)
 
 

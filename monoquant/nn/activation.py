@@ -114,7 +114,7 @@ class ActivationQuantizer(nn.Module):
         their scale and zero-point: ``clamp(round(x / scale) + zero, qmin, qmax)`` in float32 (one rounding of
         the quotient, then exact integer arithmetic), so the integer and simulated paths agree bit for bit."""
         scale, zero = self.qparams(x2d)
-        codes = torch.round(x2d.float() / scale)
+        codes = torch.div(x2d.float(), scale).round_()
         if not self.qtype.symmetric:
             codes += zero
         return codes.clamp_(self.qtype.qmin, self.qtype.qmax), scale, zero
