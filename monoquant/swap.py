@@ -63,11 +63,10 @@ class Swap:
         self._flags: list[nn.TransformerEncoderLayer] = []  # encoder layers whose fast-path flag this swap cleared
         self.replaced: dict[int, nn.Module] = {}  # id(old) -> new
 
-    def replace(self, old: nn.Module, new: nn.Module, *, hooks: bool = True) -> None:
-        """Put ``new`` wherever ``old`` is registered in the model (``old`` itself is left unchanged)."""
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` wherever ``old`` is registered in the model, with ``old``'s hooks (``old`` is unchanged)."""
         places = self._parents.get(id(old), [])
-        if hooks:
-            move_hooks(old, new)
+        move_hooks(old, new)
         for parent, attr in places:
             self._journal.append((parent, attr, parent._modules[attr]))
             setattr(parent, attr, new)
@@ -116,15 +115,9 @@ class Swap:
         self.undo()  # a no-op after commit()
 
 
-def route_encoder_layers_through_kernels(model: nn.Module) -> None:
-    """Clear the fused fast-path flag of encoder layers with quantized linears (:meth:`Swap.route_encoder_layers`)."""
-    swap = Swap(model)
-    swap.route_encoder_layers()
-    swap.commit()
-
-
 def restore_encoder_fast_paths(model: nn.Module) -> None:
-    """Undo :func:`route_encoder_layers_through_kernels` on every encoder layer of ``model``."""
+    """Turn the fused fast path back on for every encoder layer whose flag :meth:`Swap.route_encoder_layers`
+    cleared (once its quantized linears are float again: :func:`monoquant.dequantize_`)."""
     for layer in model.modules():
         if isinstance(layer, nn.TransformerEncoderLayer) and hasattr(layer, _SAVED_FAST_PATH_FLAG):
             layer.activation_relu_or_gelu = getattr(layer, _SAVED_FAST_PATH_FLAG)
