@@ -123,11 +123,12 @@ def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) 
     row = report.row(name)
     if q is None:
         row.skipped, row.reason = True, note
-        row.scheme = row.kernel = ""
+        row.scheme = row.kind = row.kernel = ""
         row.weight_sqnr_db = row.output_sqnr_db = None
         row.bytes_after = row.bytes_before
         return
-    row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
+    row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+    row.bytes_after = q.storage_bytes()
     row.note = note
 
 

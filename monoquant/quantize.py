@@ -149,7 +149,7 @@ def quantize_(
     built: list[tuple[_Planned, QuantModule]] = []
     done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
     for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
-        qcls = quant_class_for(item.module)
+        qcls = item.qcls
         try:
             q = qcls.from_float(item.module, item.config, name=item.name, group_size=item.decision.group_size)
         except (ConfigError, RuntimeError, ValueError, IndexError) as e:
@@ -164,7 +164,8 @@ def quantize_(
         done.setdefault(id(item.module.weight), q)
         row = report.row(item.name)
         row.method = calibration.prepare(q, weight, item.config, item.name)
-        row.scheme, row.kernel, row.bytes_after = q.scheme(), q.kernel_summary(), q.storage_bytes()
+        row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+        row.bytes_after = q.storage_bytes()
         row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
         built.append((item, q))
     del done
@@ -194,7 +195,7 @@ def quantize_(
         warnings.warn(f"quantize_ found no layer to quantize in {type(model).__name__} "
                       f"({len(report.layers)} candidates, all skipped); see the report for reasons",
                       NothingQuantizedWarning, stacklevel=2)
-    kinds = {r.name: _kind_of(r.scheme) for r in report.quantized}
+    kinds = {r.name: r.format_kind for r in report.quantized}
     order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
     check(report, limits, kinds, order, on_failure, stacklevel=4)
     return report
@@ -212,7 +213,8 @@ def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantRe
     owners: dict[int, list[str]] = defaultdict(list)  # id(float weight) -> names of the layers sharing it
     for name, module in model.named_modules():
         if isinstance(module, QuantModule):
-            report.layers.append(LayerReport(name, type(module).__name__, module.scheme(), skipped=True,
+            report.layers.append(LayerReport(name, type(module).__name__, module.scheme(), kind=module.spec.kind,
+                                             skipped=True,
                                              reason=f"already quantized ({module.scheme()})",
                                              bytes_before=module.storage_bytes(), bytes_after=module.storage_bytes()))
             continue
@@ -270,10 +272,6 @@ def _decide_tied(names: list[str], decided: dict[str, _Planned], modules: dict[s
             cols = item.qcls.float_weight(item.module)[0].numel()
             item.decision = Decision(True, group_size=spec.resolve_group_size(cols))
             item.config = dataclasses.replace(item.config, weights=spec)
-
-
-def _kind_of(scheme: str) -> str:
-    return scheme.split("-", 1)[0]
 
 
 def dequantize_(model: nn.Module) -> nn.Module:

@@ -43,6 +43,13 @@ class LayerReport:
     reason: str = ""
     method: str = ""
     note: str = ""
+    kind: str = ""
+    """The weight format's registered ``kind`` (``"int4"``, ``"nf4"``, ``"fp8-e4m3"``...): what thresholds are
+    keyed by. Empty on rows built by hand, whose ``scheme`` prefix then stands for it."""
+
+    @property
+    def format_kind(self) -> str:
+        return self.kind or self.scheme.split("-", 1)[0]
 
     @property
     def quantized(self) -> bool:

@@ -133,7 +133,7 @@ def check_end_to_end(report: QuantReport, thresholds: Thresholds | Mapping[str, 
     the floor is the one for the lowest-precision weight kind in the report. ``on_failure`` as in
     :func:`monoquant.quantize_`.
     """
-    kinds = {row.name: row.scheme.split("-", 1)[0] for row in report.quantized}
+    kinds = {row.name: row.format_kind for row in report.quantized}
     _act(report, _end_to_end_problems(report, Thresholds.coerce(thresholds), kinds), on_failure, 4)
 
 

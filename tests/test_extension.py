@@ -42,3 +42,14 @@ def test_the_readme_custom_format_works_end_to_end(tmp_path, monkeypatch, regist
     assert torch.equal(mq.load(fresh, model.state_dict())(x), model(x))  # recognised by its own infer()
     thresholds = mq.Thresholds()
     assert thresholds.weight_sqnr_db["fp8-e4m3"] == 25.0
+
+
+def test_thresholds_apply_to_a_custom_format_by_its_kind(tmp_path, monkeypatch, registry_restored):
+    """Floors are looked up by the format's registered kind ("fp8-e4m3"), not by its scheme string's prefix."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_readme_example(), "README.md", "exec"), {})
+    fp8 = mq.FORMATS["fp8-e4m3"]
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    with pytest.warns(mq.AccuracyWarning, match=r"layer '0' \(fp8-e4m3\): weight SQNR .* below 99 dB"):
+        report = mq.quantize_(model, fp8(), thresholds={"weight_sqnr_db": {"fp8-e4m3": 99.0}})
+    assert {r.kind for r in report.quantized} == {"fp8-e4m3"}
