@@ -302,8 +302,8 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
     if geometry is not None and geometry != _geometry(current):
         raise SerializationError(f"{where}: the file's layer is {geometry} but the model's is "
                                  f"{_geometry(current)}: the file was saved from another architecture")
-    common = dict(group_size=entry.get("group_size"), device="meta", compute_dtype=_dtype_from(entry["compute_dtype"])
-                  if entry.get("compute_dtype") else None, dtype=_dtype_from(entry.get("float_dtype")))
+    common = dict(group_size=entry.get("group_size"), device="meta",
+                  compute_dtype=_dtype_from(entry.get("compute_dtype")), dtype=_dtype_from(entry.get("float_dtype")))
     try:
         q = cls(**cls.geometry_of(current), bias=bool(entry.get("bias")), spec=spec, **common)
     except (ValueError, TypeError, ConfigError) as e:

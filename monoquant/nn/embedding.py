@@ -71,9 +71,10 @@ class QuantEmbedding(QuantModule):
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise InputError(f"QuantEmbedding looks up integer indices, got {what}; pass a LongTensor of token ids")
         flat = ids.reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise InputError(f"QuantEmbedding has {self.num_embeddings} rows but got indices from "
-                             f"{int(flat.min())} to {int(flat.max())}")
+        if flat.numel():
+            lo, hi = (int(v) for v in torch.aminmax(flat))  # one reduction (and one device sync) per lookup
+            if lo < 0 or hi >= self.num_embeddings:
+                raise InputError(f"QuantEmbedding has {self.num_embeddings} rows but got indices from {lo} to {hi}")
         self.last_kernel = "gather_dequant"
         dtype = self.compute_dtype or self.float_dtype
         rows = self.spec.take_rows(self.stored, flat)
