@@ -74,12 +74,8 @@ def pin(name: str | None) -> Iterator[None]:
 
     Checked against :data:`monoquant.kernels.KERNELS` by the caller (:func:`monoquant.kernels.pin`).
     """
-    stack = _STATE.__dict__.setdefault("pins", [])
-    stack.append(name)
-    try:
+    with _pushed("pins", name):
         yield
-    finally:
-        stack.pop()
 
 
 def tuning_enabled() -> bool:
@@ -93,8 +89,15 @@ def tuning_enabled() -> bool:
 @contextlib.contextmanager
 def tuning(enabled: bool) -> Iterator[None]:
     """Turn measurement on or off inside the ``with`` block (off: the deterministic static table)."""
-    stack = _STATE.__dict__.setdefault("tuning", [])
-    stack.append(enabled)
+    with _pushed("tuning", enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _pushed(stack_name: str, value: object) -> Iterator[None]:
+    """``value`` on top of this thread's stack ``stack_name`` for the ``with`` block."""
+    stack = _STATE.__dict__.setdefault(stack_name, [])
+    stack.append(value)
     try:
         yield
     finally:
