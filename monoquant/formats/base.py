@@ -171,7 +171,8 @@ class WeightSpec:
 
     @property
     def supports_gptq(self) -> bool:
-        """Whether ``method="gptq"`` can produce this format (needs :meth:`quantize_columns`)."""
+        """Whether ``method="gptq"`` can produce this format (it needs a uniform integer grid: ``weight_qtype``,
+        ``qparams`` and ``encode``, as :class:`~monoquant.formats.IntegerFormat` has)."""
         return False
 
     # ---- files -----------------------------------------------------------------------------------------------

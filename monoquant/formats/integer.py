@@ -56,11 +56,6 @@ class IntegerFormat(WeightSpec):
         # round the scale to its stored dtype first, so codes are computed with the scale that is stored
         return scale.to(SCALE_DTYPE).double(), zero
 
-    def quantize_columns(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                         granularity: PerTensor | PerChannel | PerGroup) -> torch.Tensor:
-        """Integer codes (int64) of ``w`` with qparams already expanded to broadcast against it (used by GPTQ)."""
-        return F.quantize(w, scale, zero, self.weight_qtype())
-
     def quantize(self, weight2d: torch.Tensor, group_size: int | None = None,
                  observer: Observer | None = None) -> Stored:
         scale, zero = self.qparams(weight2d, group_size, observer)
