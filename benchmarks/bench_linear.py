@@ -19,10 +19,16 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-from torch import nn
+import _simulate
 
-import monoquant as mq
+SIMULATE_AVX2 = _simulate.requested()  # before torch is imported
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import monoquant as mq  # noqa: E402
+
+SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 
 
 def median_ms(fn: Callable[[], object], *, reps: int, budget_s: float = 2.0) -> float:
@@ -183,6 +189,8 @@ def crossover(reps: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(_simulate.FLAG, action="store_true",
+                        help="time as an AVX2-only CPU would (see benchmarks/_simulate.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15, help="timed runs per figure (median reported)")
     parser.add_argument("--crossover", action="store_true",
@@ -192,6 +200,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(cpu_line())
+    if SIMULATION:
+        print(SIMULATION)
     start = time.perf_counter()
     failures = 0
     with torch.inference_mode():

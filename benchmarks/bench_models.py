@@ -24,11 +24,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import _simulate
 
-import monoquant as mq
+SIMULATE_AVX2 = _simulate.requested()  # before torch is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import monoquant as mq  # noqa: E402
+
+SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 
 
 def paired_ms(ref: Callable[[], object], fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -164,6 +170,8 @@ def bench_decoder(reps: int, tokens: int = 8) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(_simulate.FLAG, action="store_true",
+                        help="time as an AVX2-only CPU would (see benchmarks/_simulate.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-decoder", action="store_true")
@@ -173,6 +181,8 @@ def main() -> int:
     print(f"CPU: {mq.fused.cpu_identity()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"fused kernel: {mq.fused.simd()}, integer dot products: {k.cpu_has_int_dot()}, "
           f"fast bf16: {k.cpu_has_fast_bf16()}")
+    if SIMULATION:
+        print(SIMULATION)
     failures = 0
     with torch.inference_mode():
         failures += bench_encoder(args.reps)

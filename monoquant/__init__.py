@@ -6,7 +6,7 @@
 
 from . import accuracy, formats, functional, schemes
 from ._version import __version__
-from .calibration import calibrate, calibrate_with, freeze, needs_calibration, sync_observers
+from .calibration import calibrate, calibrate_and_freeze, calibrate_with, freeze, needs_calibration, sync_observers
 from .compare import Comparison, OutputStats, batch_size, compare, evaluating
 from .config import QuantConfig, as_config
 from .data import run_batch
@@ -74,8 +74,8 @@ __all__ = [
     "register_layer",
     # observers and calibration
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "MSEObserver",
-    "HessianObserver", "NonFiniteInputWarning", "calibrate", "calibrate_with", "freeze", "needs_calibration",
-    "sync_observers", "run_batch",
+    "HessianObserver", "NonFiniteInputWarning", "calibrate", "calibrate_and_freeze", "calibrate_with", "freeze",
+    "needs_calibration", "sync_observers", "run_batch",
     # measuring
     "compare", "Comparison", "OutputStats", "batch_size", "evaluating", "Thresholds", "check_end_to_end",
     "sensitivity", "LayerSensitivity", "rules_from_sensitivity", "exact_pattern", "QuantReport", "LayerReport",

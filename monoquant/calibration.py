@@ -9,8 +9,9 @@ Flow::
     mq.sync_observers(model)                  # distributed only: all-reduce every observer (no-op otherwise)
     mq.freeze(model)                          # fix activation qparams, run GPTQ, drop observers
 
-or in one call: ``mq.quantize_(model, cfg, calibration_data=loader)``, or ``mq.calibrate_with(model, loader)``
-then ``mq.freeze(model)``.
+or in one call: ``mq.quantize_(model, cfg, calibration_data=loader)`` or ``mq.calibrate_and_freeze(model, loader)``
+(both calibrate GPTQ layers sequentially, see :func:`calibrate_and_freeze`), or ``mq.calibrate_with(model,
+loader)`` then ``mq.freeze(model)`` (one pass).
 
 Which layers need data: those whose config quantizes activations statically (``activations=mq.Int8()``) and
 those whose weight method is ``"gptq"`` (Linear and convolution layers; a convolution's Hessian is built
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import functional as F
@@ -97,26 +99,47 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     observer would see anything) is switched off meanwhile. Layers with static activation quantization see
     (and pass on) float inputs while calibrating. Warns when nothing in the model needs calibration.
     """
-    layers = _pending_layers(model)
+    layers = [q for _, q in _pending_layers(model)]
     if not layers:
         warnings.warn(f"mq.calibrate: nothing in {type(model).__name__} needs calibration (no static activation "
                       "quantization, no method='gptq' layer waiting for freeze)", UserWarning, stacklevel=3)
+    with _calibration_mode(model, layers, layers):
+        yield model
+
+
+class _StageDone(BaseException):
+    """Ends a forward pass of sequential calibration once the stage's last layer has seen its input (a
+    ``BaseException``, so a model's own ``except Exception`` cannot swallow it)."""
+
+
+def _stop_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+    raise _StageDone
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module, pending: list[QuantModule], observed: list[QuantModule],
+                      stop_after: QuantModule | None = None) -> Iterator[None]:
+    """Eval + no_grad + fast path off; ``pending`` layers pass float inputs on, ``observed`` ones feed their
+    observers; the forward pass ends (:class:`_StageDone`) once ``stop_after`` has seen its input."""
     flags = [(m, m.training) for m in model.modules()]
     handles = []
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        for _, q in layers:
+        for q in observed:
             handles.append(q.register_forward_pre_hook(_observe_inputs))
+        if stop_after is not None:  # registered last: runs after the layer's own observer
+            handles.append(stop_after.register_forward_pre_hook(_stop_forward))
+        for q in pending:
             if q.input_quantizer is not None:
                 q.input_quantizer.calibrating = True
         model.eval()
         with torch.no_grad():
-            yield model
+            yield
     finally:
         for h in handles:
             h.remove()
-        for _, q in layers:
+        for q in pending:
             if q.input_quantizer is not None:
                 q.input_quantizer.calibrating = False
         for m, flag in flags:
@@ -173,7 +196,16 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
     computed GPTQ weights are held until then (their quantized size, next to the float weights being replaced).
     Returns one :class:`FrozenLayer` per layer that changed.
     """
-    layers = _pending_layers(model)
+    results = _compute_frozen(_pending_layers(model))
+    _apply_frozen(results)
+    return [row for row, _, _ in results]
+
+
+_Result = tuple[FrozenLayer, Any, Any]  # (row, GPTQ stored weight or None, activation qparams or None)
+
+
+def _compute_frozen(layers: list[tuple[str, QuantModule]]) -> list[_Result]:
+    """What freezing ``layers`` gives, changing nothing; raises naming every layer that saw no data."""
     unseen = [name for name, q in layers
               if (q.gptq is not None and not q.gptq.hessian.has_seen_data)
               or (q.input_quantizer is not None and q.input_quantizer.needs_calibration
@@ -182,7 +214,7 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
         raise CalibrationError(f"cannot freeze: no calibration data reached {unseen}; run batches that go "
                                "through these layers under `with mq.calibrate(model):` (nothing was changed)")
     results = []
-    for name, q in layers:  # compute: nothing changes yet
+    for name, q in layers:
         row = FrozenLayer(name, q, getattr(q.spec, "method", ""))
         stored = act_qparams = None
         if q.gptq is not None:
@@ -194,11 +226,156 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
         if act is not None and not act.ready:
             act_qparams = act.observed_qparams()
         results.append((row, stored, act_qparams))
-    for row, stored, act_qparams in results:  # apply: plain copies
+    return results
+
+
+def _apply_frozen(results: list[_Result]) -> Callable[[], None]:
+    """Apply computed results (plain copies); returns a function that puts every layer back as it was."""
+    saved = []
+    for row, stored, act_qparams in results:
         q = row.module
+        old_stored = None if stored is None else type(stored)(*(None if t is None else t.clone() for t in q.stored))
+        saved.append((q, q.gptq, old_stored, None if act_qparams is None else q.input_quantizer.observer))
         if stored is not None:
             q.set_stored(stored)
             q.gptq = None
         if act_qparams is not None:
             q.input_quantizer.freeze(act_qparams)
-    return [row for row, _, _ in results]
+
+    def undo() -> None:
+        for q, gptq, old_stored, observer in reversed(saved):
+            if old_stored is not None:
+                q.set_stored(old_stored)
+                q.gptq = gptq
+            if observer is not None:
+                q.input_quantizer.thaw(observer)
+
+    return undo
+
+
+@dataclass
+class _Stage:
+    """Layers calibrated and frozen together in sequential calibration, and where their forward pass may end."""
+
+    layers: list[tuple[str, QuantModule]]
+    stop_after: QuantModule | None
+
+
+def _sequential(q: QuantModule) -> bool:
+    return q.gptq is not None and q.gptq.options.sequential
+
+
+def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
+                 forward_fn: data_mod.ForwardFn | None) -> list[_Stage]:
+    """Sequential-calibration stages from one forward pass of ``first_batch``.
+
+    Sequential GPTQ layers go in the order the forward pass first calls them; consecutive ones that read the very
+    same input tensor (q/k/v projections) share a stage. Every other pending layer (static activations only,
+    ``sequential=False``, or never called) is calibrated with the first stage, on float inputs as in a one-pass
+    calibration. A stage's forward pass ends after its last layer when each of its layers runs once per pass.
+    """
+    first_call: dict[int, tuple[int, Any]] = {}  # id(layer) -> (call position, first input)
+    calls: dict[int, int] = {}
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        first_call.setdefault(id(module), (len(first_call), args[0] if args else None))
+
+    modules = [q for _, q in layers]
+    handles = [q.register_forward_pre_hook(record) for q in modules]
+    try:
+        with _calibration_mode(model, modules, []):
+            data_mod.run_batch(model, first_batch, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    ordered = sorted((item for item in layers if _sequential(item[1]) and id(item[1]) in first_call),
+                     key=lambda item: first_call[id(item[1])][0])
+    others = [item for item in layers if item not in ordered]
+    groups: list[list[tuple[str, QuantModule]]] = []
+    for item in ordered:
+        if groups and first_call[id(item[1])][1] is first_call[id(groups[-1][-1][1])][1]:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    if not groups:
+        return [_Stage(others, None)]
+    stages = []
+    for i, group in enumerate(groups):
+        members = group + (others if i == 0 else [])
+        once = not (i == 0 and others) and all(calls[id(q)] == 1 for _, q in group)
+        stages.append(_Stage(members, group[-1][1] if once else None))
+    return stages
+
+
+def calibrate_and_freeze(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    max_batches: int | None = data_mod.DEFAULT_MAX_BATCHES,
+    forward_fn: data_mod.ForwardFn | None = None,
+    progress: bool | None = None,
+) -> list[FrozenLayer]:
+    """Calibrate every pending layer of ``model`` on ``data`` and freeze it; what ``quantize_`` does with data.
+
+    Without sequential GPTQ layers this is :func:`calibrate_with`, :func:`sync_observers` and :func:`freeze`.
+    With them (``method="gptq"``, ``sequential`` on by default) it calibrates in stages: the GPTQ layers in the
+    order the model runs them (layers reading the same input, such as q/k/v, together), each stage's Hessians
+    collected with every earlier stage already quantized and frozen, so each layer compensates the error of
+    the layers before it as the deployed model will see it (GPTQ's own procedure). That costs one pass over
+    ``data`` per stage (a pass ends right after the stage's layers when they run once per forward), so
+    ``max_batches`` matters more; ``sequential=False`` on the spec keeps the single pass.
+
+    ``data``, ``max_batches``, ``forward_fn``, ``progress``: as for :func:`calibrate_with` (a one-shot iterator is
+    read once into a list of its first ``max_batches`` batches). Each stage's layers start from empty statistics
+    (whatever they saw before the call is not used), and they are all-reduced over ranks before the stage freezes
+    when ``torch.distributed`` is initialised. All or nothing: if any stage fails, every layer is put back as it
+    was before the call (still calibrating; the statistics this call gathered are dropped) and the error is
+    re-raised.
+    """
+    layers = _pending_layers(model)
+    if not any(_sequential(q) for _, q in layers):
+        calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
+        sync_observers(model)
+        return freeze(model)
+    data = data_mod.reiterable(data, max_batches)
+    first = next(data_mod.iter_batches(data, max_batches, progress=False), _NO_BATCH)
+    if first is _NO_BATCH:
+        raise CalibrationError("calibration data yielded no batch; pass a non-empty DataLoader or list of batches")
+    stages = _plan_stages(model, layers, first, forward_fn)
+    frozen: list[FrozenLayer] = []
+    undo: list[Callable[[], None]] = []
+    started: list[_Stage] = []
+    try:
+        bar = tqdm(stages, desc="calibrating (sequential)", unit="stage", leave=False,
+                   disable=data_mod.tqdm_disable(progress))
+        for stage in bar:
+            pending = [q for _, q in _pending_layers(model)]
+            started.append(stage)
+            _reset_observers(stage)
+            with _calibration_mode(model, pending, [q for _, q in stage.layers], stage.stop_after):
+                for batch in data_mod.iter_batches(data, max_batches, progress=False):
+                    with contextlib.suppress(_StageDone):
+                        data_mod.run_batch(model, batch, forward_fn)
+            for _, q in stage.layers:
+                sync_observers(q)  # no-op unless torch.distributed is initialised
+            results = _compute_frozen(stage.layers)
+            undo.append(_apply_frozen(results))
+            frozen += [row for row, _, _ in results]
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        for stage in started:
+            _reset_observers(stage)
+        raise
+    return frozen
+
+
+def _reset_observers(stage: _Stage) -> None:
+    for _, q in stage.layers:
+        for obs in q.modules():
+            if isinstance(obs, Observer):
+                obs.reset()
+
+
+_NO_BATCH = object()

@@ -13,7 +13,7 @@ Tensors are moved to the model's device first (recursively inside tuples, lists 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -94,3 +94,16 @@ def iter_batches(
         for batch in itertools.islice(data, max_batches):
             yield batch
             bar.update(1)
+
+
+def reiterable(data: Iterable[Any] | None, max_batches: int | None) -> Iterable[Any] | None:
+    """``data`` itself if it can be iterated more than once, else its first ``max_batches`` batches as a list (a
+    generator would be exhausted by the first pass: calibration before measurement, or the first stage of a
+    sequential calibration)."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
+        next(iter_batches(data))  # raises the usual error message
+    if iter(data) is data:  # a one-shot iterator
+        return list(iter_batches(data, max_batches, progress=False))
+    return data

@@ -119,6 +119,7 @@ def gptq_quantize(
     act_order: bool = False,
     damping: float = 0.01,
     static_groups: bool = False,
+    refit_scales: bool = False,
 ) -> Stored:
     """GPTQ-quantize a ``[N, K]`` float weight into the spec's stored buffers.
 
@@ -126,7 +127,8 @@ def gptq_quantize(
     blocks and block ``g`` is compensated with ``hessian[g]``. ``act_order``: process columns by decreasing
     ``diag(H)``. ``static_groups`` (INT4): every group's qparams come from the original weight up front, else
     each group's come from its error-compensated weights when its first column is reached. Ranges are chosen by
-    the spec's weight observer. The stored layout is the canonical one (same as round-to-nearest) in every case.
+    the spec's weight observer. ``refit_scales``: afterwards, :func:`refit_group_scales` (not for one scale per
+    tensor). The stored layout is the canonical one (same as round-to-nearest) in every case.
     """
     n, k = weight2d.shape
     hs = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
@@ -151,7 +153,11 @@ def gptq_quantize(
     for i, h in enumerate(hs):
         sl = slice(i * rows, (i + 1) * rows)
         fixed = None if static is None else (static[0][sl], static[1][sl])
-        parts.append(_gptq_rows(spec, w[sl], h.to(w.device), g, fixed, act_order=act_order, damping=damping))
+        h = h.to(w.device)
+        codes_i, scale_i, zero_i = _gptq_rows(spec, w[sl], h, g, fixed, act_order=act_order, damping=damping)
+        if refit_scales and not (static is not None and scalar):
+            scale_i = refit_group_scales(w[sl], h, codes_i, scale_i, zero_i, g or k)
+        parts.append((codes_i, scale_i, zero_i))
     codes, scale, zero = (torch.cat(t) for t in zip(*parts))
     if static is not None and scalar:
         scale, zero = scale[:1].reshape(()), zero[:1].reshape(())
@@ -214,6 +220,45 @@ def _gptq_rows(
     return codes[:, position], scale_all, zero_all
 
 
+def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, group_size: int, chunk: int = 256) -> torch.Tensor:
+    """Least-squares scales for fixed integer codes and zero-points: each row's output error ``e H e^T``.
+
+    With codes ``q`` and zero-points ``z`` fixed, a row's dequantized weight ``s_g * (q - z_g)`` is linear in its
+    group scales ``s``, so the scales minimising the row's output error on the calibration inputs solve a
+    ``groups x groups`` system (``[M, K]`` weight ``w``, ``[K, K]`` Hessian; ``scale``/``zero`` are ``[M, K //
+    group_size]`` or ``[M]``). Rounding picked the codes for the old scales; this fixes the scales for the codes.
+    A row keeps its old scales unless the new ones are all positive and lower its error. Same shape and dtype as
+    ``scale``.
+    """
+    m, k = w.shape
+    groups = k // group_size
+    w64, h64 = w.double(), hessian.double()
+    old = scale.reshape(m, groups).double()
+    centred = (codes.double() - zero.reshape(m, groups, 1).double().expand(m, groups, group_size).reshape(m, k))
+    blocks = h64.reshape(groups, group_size, groups, group_size)
+    new = old.clone()
+    for r0 in range(0, m, chunk):
+        d = centred[r0:r0 + chunk].reshape(-1, groups, group_size)
+        gram = torch.einsum("rgi,gihj,rhj->rgh", d, blocks, d)
+        rhs = (d * (w64[r0:r0 + chunk] @ h64).reshape(-1, groups, group_size)).sum(-1)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        diag.add_(1e-12 * diag.mean(-1, keepdim=True) + 1e-300)  # dead groups: a solvable system, scale ~ 0
+        sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
+        before = old[r0:r0 + chunk]
+        better = torch.isfinite(sol).all(-1) & (sol > 0).all(-1)
+        sol = torch.where(better[:, None], sol, before)
+        errors = [_row_errors(w64[r0:r0 + chunk], (d * s.unsqueeze(-1)).reshape(-1, k), h64) for s in (sol, before)]
+        new[r0:r0 + chunk] = torch.where((better & (errors[0] < errors[1]))[:, None], sol, before)
+    return new.reshape(scale.shape).to(scale.dtype)
+
+
+def _row_errors(w: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Each row's output error ``e H e^T`` with ``e = w - dequantized``."""
+    e = w - dequantized
+    return ((e @ hessian) * e).sum(-1)
+
+
 def output_sqnr(weight2d: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """SQNR (dB) of ``x W^T`` vs ``x W_q^T`` over the calibration rows, exactly, from ``H = mean x^T x``.
 
@@ -237,18 +282,24 @@ class GPTQOptions:
     act_order: bool = False
     damping: float = 0.01
     static_groups: bool = False
+    refit_scales: bool = False
+    sequential: bool = False
+    """Collect the Hessian with every layer that runs before this one already quantized (see
+    :func:`monoquant.calibrate_and_freeze`); a property of the calibration run, not of :func:`gptq_quantize`."""
 
     @classmethod
     def of(cls, spec: WeightSpec) -> GPTQOptions:
         """The options a ``method="gptq"`` spec asks for: its ``act_order``/``static_groups`` when set, else
         those of :data:`DEFAULT_OPTIONS`; its ``damping``."""
-        act_order, static_groups = getattr(spec, "act_order", None), getattr(spec, "static_groups", None)
-        return cls(act_order=DEFAULT_OPTIONS.act_order if act_order is None else act_order,
-                   damping=spec.damping,
-                   static_groups=DEFAULT_OPTIONS.static_groups if static_groups is None else static_groups)
+        def option(name: str) -> bool:
+            value = getattr(spec, name, None)
+            return getattr(DEFAULT_OPTIONS, name) if value is None else value
+
+        return cls(act_order=option("act_order"), damping=spec.damping, static_groups=option("static_groups"),
+                   refit_scales=option("refit_scales"), sequential=option("sequential"))
 
 
-DEFAULT_OPTIONS = GPTQOptions(act_order=True, static_groups=True)
+DEFAULT_OPTIONS = GPTQOptions(act_order=True, static_groups=True, refit_scales=True, sequential=False)
 """What ``method="gptq"`` does when the spec leaves an option unset (measured: benchmarks/bench_accuracy.py)."""
 
 
@@ -280,11 +331,12 @@ class GPTQState(nn.Module):
         w2d = self.weight.reshape(self.weight.shape[0], -1)
         opts = self.options
         stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
-                               static_groups=opts.static_groups)
+                               static_groups=opts.static_groups, refit_scales=opts.refit_scales)
         deq = spec.dequantize(stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 
     def extra_repr(self) -> str:
         o = self.options
-        return (f"act_order={o.act_order}, damping={o.damping}, static_groups={o.static_groups}"
+        return (f"act_order={o.act_order}, damping={o.damping}, static_groups={o.static_groups}, "
+                f"refit_scales={o.refit_scales}, sequential={o.sequential}"
                 + ("" if self.conv is None else f", conv={self.conv}"))

@@ -6,7 +6,7 @@ a failure rolls back with the rest of ``quantize_``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import functional as F
 from .compare import Comparison, Reference, batch_size, measure, record_outputs
 from .config import QuantConfig
-from .data import ForwardFn, iter_batches, tqdm_disable
+from .data import ForwardFn, tqdm_disable
 from .errors import ConfigError
 from .formats import Int8
 from .nn import QuantModule, quant_class_for
@@ -48,18 +48,6 @@ def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     """SQNR (dB) of ``q``'s dequantized weight against its float twin's."""
     with torch.no_grad():
         return F.sqnr(type(q).float_weight(float_module), q.dequantize_weight(torch.float32))
-
-
-def materialize(data: Iterable[Any] | None, max_batches: int | None) -> Iterable[Any] | None:
-    """``data`` itself if it can be iterated twice, else its first ``max_batches`` batches as a list (a
-    generator would be exhausted by calibration before measurement could see it)."""
-    if data is None:
-        return None
-    if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
-        next(iter_batches(data))  # raises the usual error message
-    if iter(data) is data:  # a one-shot iterator
-        return list(iter_batches(data, max_batches, progress=False))
-    return data
 
 
 def count_samples(data: Iterable[Any], max_batches: int | None) -> int | None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import calibration, measure
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
-from .data import DEFAULT_MAX_BATCHES, ForwardFn, tqdm_disable
+from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import ConfigError, ModelError
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
@@ -141,7 +141,7 @@ def quantize_(
     limits = Thresholds.coerce(thresholds)
     if target_sqnr is not None and calibration_data is None:
         raise ConfigError("target_sqnr needs calibration_data=... to measure the model output on")
-    data = measure.materialize(calibration_data, max_batches)
+    data = reiterable(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
     report, plan = _plan(model, cfg, rules)
 
@@ -178,10 +178,8 @@ def quantize_(
             swap.replace(item.module, q)
         swap.route_encoder_layers()
         if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
-            calibration.calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn,
-                                       progress=progress)
-            calibration.sync_observers(model)  # no-op unless torch.distributed is initialised
-            report.record_frozen(calibration.freeze(model))  # GPTQ output SQNR from the Hessian
+            report.record_frozen(calibration.calibrate_and_freeze(  # GPTQ output SQNR from the Hessian
+                model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress))
         if references is not None:  # measure, and meet target_sqnr if asked
             swapped = {item.name: measure.Swapped(item.module, q) for item, q in built}
             measure.measure_into(report, model, swapped, swap, cfg, references, forward_fn, target_sqnr, progress)

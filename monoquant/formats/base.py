@@ -269,7 +269,8 @@ def spec_from_dict(d: object, where: str = "file header") -> WeightSpec:
     return format_class(d.get("kind"), where).from_dict(d, where)
 
 
-def check_method(method: str, observer: object = None, act_order: bool = False, damping: float = 0.01) -> None:
+def check_method(method: str, observer: object = None, act_order: bool | None = False, damping: float = 0.01,
+                 sequential: bool | None = None, refit_scales: bool | None = None) -> None:
     """Validate the quantization method options shared by the integer formats."""
     methods = ("rtn", "mse", "gptq")
     if method not in methods:
@@ -278,5 +279,8 @@ def check_method(method: str, observer: object = None, act_order: bool = False, 
         raise ConfigError("method='mse' picks the MSEObserver; pass either method='mse' or observer=..., not both")
     if act_order and method != "gptq":
         raise ConfigError("act_order=True only applies to method='gptq'")
+    for name, value in (("sequential", sequential), ("refit_scales", refit_scales)):
+        if value is not None and (method != "gptq" or not isinstance(value, bool)):
+            raise ConfigError(f"{name} only applies to method='gptq' and must be True or False, got {value!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise ConfigError(f"damping must be a positive fraction of the Hessian's mean diagonal, got {damping}")

@@ -29,7 +29,8 @@ class Int4(GroupWise, IntegerFormat):
     largest of ``group_size/2, group_size/4, ...`` (down to 32) that divides the row; else the layer is
     skipped and reported.
 
-    ``method``, ``act_order``, ``damping``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or ``"gptq"``).
+    ``method``, ``act_order``, ``damping``, ``sequential``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or
+    ``"gptq"``).
     ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
     starts, instead of from its error-compensated weights when its first column comes up; the stored layout
     is the same either way.
@@ -49,12 +50,15 @@ class Int4(GroupWise, IntegerFormat):
     act_order: bool | None = None
     damping: float = 0.01
     static_groups: bool | None = None
+    refit_scales: bool | None = None
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
-        check_method(self.method, self.observer, self.act_order, self.damping)
+        check_method(self.method, self.observer, self.act_order, self.damping, self.sequential,
+                     self.refit_scales)
         if self.static_groups is not None and self.method != "gptq":
             raise ConfigError("static_groups only applies to method='gptq'")
 

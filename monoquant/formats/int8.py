@@ -29,7 +29,9 @@ class Int8(IntegerFormat):
     ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
     :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see
     :mod:`monoquant.gptq`, with ``act_order`` (``None``: GPTQ's default, on) and ``damping``, a fraction of
-    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver).
+    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver). ``sequential``
+    (``None``: on) collects each GPTQ layer's Hessian with the layers that run before it already quantized, when
+    calibration data is given to :func:`~monoquant.quantize_` or :func:`~monoquant.calibrate_and_freeze`.
     """
 
     kind: ClassVar[str] = "int8"
@@ -45,13 +47,16 @@ class Int8(IntegerFormat):
     dynamic: bool = False
     act_order: bool | None = None
     damping: float = 0.01
+    refit_scales: bool | None = None
+    sequential: bool | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in ("channel", "tensor"):
             raise ConfigError(f"Int8 granularity must be 'channel' or 'tensor', got {self.granularity!r}")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
-        check_method(self.method, self.observer, self.act_order, self.damping)
+        check_method(self.method, self.observer, self.act_order, self.damping, self.sequential,
+                     self.refit_scales)
 
     def weight_qtype(self) -> QType:
         return QType(8, symmetric=True if self.symmetric is None else self.symmetric)

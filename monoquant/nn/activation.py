@@ -20,7 +20,7 @@ from torch import nn
 from .. import functional as F
 from ..errors import CalibrationError, ConfigError
 from ..formats import Int8
-from ..observers import HistogramObserver, apply_keeping_dtypes
+from ..observers import HistogramObserver, Observer, apply_keeping_dtypes
 from ..qtypes import PerChannel, PerTensor
 
 
@@ -92,6 +92,12 @@ class ActivationQuantizer(nn.Module):
         self.frozen.fill_(True)
         self._frozen_cache = True
         self.observer = None
+
+    def thaw(self, observer: Observer) -> None:
+        """Undo :meth:`freeze`: calibrating again with ``observer`` (the one ``freeze`` dropped)."""
+        self.observer = observer
+        self.frozen.fill_(False)
+        self._frozen_cache = False
 
     def check_ready(self) -> None:
         if not self.ready:

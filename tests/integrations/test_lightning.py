@@ -370,6 +370,23 @@ def test_static_activations_are_calibrated_on_validation_batches_like_a_manual_c
         assert torch.equal(got[k], want[k]), k
 
 
+def test_sequential_gptq_reruns_the_validation_batches_per_stage_like_calibrate_and_freeze():
+    model = MLP()
+    val = loader(classification_data(48, seed=1))
+    cfg = mq.QuantConfig(mq.Int8(method="gptq", sequential=True), skip=mq.SkipRules(min_params=0))
+    cb = PostTrainingQuantization(cfg, calibration_batches=3, compare_batches=1)
+    _, snap = fit(model, cb, val=val)
+    assert not mq.needs_calibration(model)
+    manual = snap.float_model
+    mq.quantize_(manual, cfg)
+    frozen = mq.calibrate_and_freeze(manual, list(val)[:3])
+    assert len(frozen) == len(cb.report.quantized) >= 2 and {r.method for r in cb.report.quantized} == {"gptq"}
+    got, want = model.state_dict(), manual.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_calibration_without_validation_data_fails_before_training():
     model = MLP()
     cb = PostTrainingQuantization(W8A8)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,6 +83,17 @@ def take_batches(trainer: pl.Trainer, loaders: list[Iterable[Any]], limits: list
             batch = trainer.precision_plugin.convert_input(batch)
             batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=idx)
             yield trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
+
+
+class Replay:
+    """An iterable that starts over from ``make()`` on every ``iter()`` (sequential calibration reads its batches
+    once per stage; a generator could be read only once)."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._make())
 
 
 def _call_form(batch: Any) -> tuple[str, tuple[Any, ...], dict[str, Any]] | None:

@@ -17,7 +17,7 @@ import monoquant as mq
 from monoquant import CalibrationError, ConfigError, evaluating, run_batch
 
 from .artifact import write_artifact
-from .batches import check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
+from .batches import Replay, check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
 from .best import WEIGHTS, BestWeights, Weights, load_best_weights, resolve_weights
 from .checkpoint import STATE_FORMAT, config_to_dict, float_layers_in, restore_from_state_dict
 from .comparison import OutputComparison
@@ -433,16 +433,23 @@ class PostTrainingQuantization(Callback):
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loaders: list[Iterable[Any]],
                    limits: list[float], report: mq.QuantReport) -> None:
+        """Calibrate and freeze (sequential GPTQ stages read the batches once per stage)."""
         seen = 0
-        with mq.calibrate(pl_module):
-            for batch in take_batches(trainer, loaders, limits, self.calibration_batches):
-                self._forward(trainer, pl_module, batch)
-                seen += 1
-        if seen == 0:
+
+        def forward(module: pl.LightningModule, batch: Any) -> Any:
+            nonlocal seen
+            seen += 1
+            return self._forward(trainer, module, batch)
+
+        batches = Replay(lambda: take_batches(trainer, loaders, limits, self.calibration_batches))
+        try:  # statistics are all-reduced over ranks inside (no-op without torch.distributed)
+            frozen = mq.calibrate_and_freeze(pl_module, batches, max_batches=None, forward_fn=forward, progress=False)
+        except CalibrationError as e:
+            if seen:
+                raise
             source = "the validation dataloaders" if self.calibration_dataloader is None else "calibration_dataloader"
-            raise no_data_error(f"{source} gave no batch")
-        mq.sync_observers(pl_module)  # all-reduce over ranks (no-op without torch.distributed)
-        report.record_frozen(mq.freeze(pl_module))
+            raise no_data_error(f"{source} gave no batch") from e
+        report.record_frozen(frozen)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
