@@ -108,6 +108,12 @@ def bench_rows(table: Table, reps: int) -> None:
                 target = ROW_TARGETS[rows]
             table.add(f"4096x4096 rows {rows}", f"{name} speedup", fp32, ms, fp32 / ms, f">= {target}x",
                       fp32 / ms >= target, q.last_kernel or "")
+        if rows == 2048 and mq.kernels.cpu_has_fast_bf16():
+            # what any dequantize + bf16 path can reach here: a bf16 GEMM with the weight already in bf16
+            xb, wb = x.bfloat16(), lin.weight.detach().bfloat16()
+            ms = median_ms(functools.partial(torch.mm, xb, wb.t()), reps=reps)
+            table.rows.append((f"4096x4096 rows {rows}", "bf16 GEMM alone", f"{fp32:.3f}", f"{ms:.3f}",
+                               f"{fp32 / ms:.3f}x", "(ceiling)", "torch.mm bf16", "info"))
 
 
 def cpu_line() -> str:
