@@ -10,8 +10,8 @@ Flow::
     mq.freeze(model)                          # fix activation qparams, run GPTQ, drop observers
 
 or in one call: ``mq.quantize_(model, cfg, calibration_data=loader)`` or ``mq.calibrate_and_freeze(model, loader)``
-(both calibrate GPTQ layers sequentially, see :func:`calibrate_and_freeze`), or ``mq.calibrate_with(model,
-loader)`` then ``mq.freeze(model)`` (one pass).
+(both calibrate ``sequential=True`` GPTQ layers in stages, see :func:`calibrate_and_freeze`), or
+``mq.calibrate_with(model, loader)`` then ``mq.freeze(model)`` (always one pass).
 
 Which layers need data: those whose config quantizes activations statically (``activations=mq.Int8()``) and
 those whose weight method is ``"gptq"`` (Linear and convolution layers; a convolution's Hessian is built
@@ -319,12 +319,12 @@ def calibrate_and_freeze(
     """Calibrate every pending layer of ``model`` on ``data`` and freeze it; what ``quantize_`` does with data.
 
     Without sequential GPTQ layers this is :func:`calibrate_with`, :func:`sync_observers` and :func:`freeze`.
-    With them (``method="gptq"``, ``sequential`` on by default) it calibrates in stages: the GPTQ layers in the
+    With them (``method="gptq", sequential=True``; off by default) it calibrates in stages: the GPTQ layers in the
     order the model runs them (layers reading the same input, such as q/k/v, together), each stage's Hessians
     collected with every earlier stage already quantized and frozen, so each layer compensates the error of
     the layers before it as the deployed model will see it (GPTQ's own procedure). That costs one pass over
     ``data`` per stage (a pass ends right after the stage's layers when they run once per forward), so
-    ``max_batches`` matters more; ``sequential=False`` on the spec keeps the single pass.
+    ``max_batches`` matters more.
 
     ``data``, ``max_batches``, ``forward_fn``, ``progress``: as for :func:`calibrate_with` (a one-shot iterator is
     read once into a list of its first ``max_batches`` batches). Each stage's layers start from empty statistics
@@ -339,8 +339,9 @@ def calibrate_and_freeze(
         sync_observers(model)
         return freeze(model)
     data = data_mod.reiterable(data, max_batches)
-    first = next(data_mod.iter_batches(data, max_batches, progress=False), _NO_BATCH)
-    if first is _NO_BATCH:
+    no_batch = object()
+    first = next(data_mod.iter_batches(data, max_batches, progress=False), no_batch)
+    if first is no_batch:
         raise CalibrationError("calibration data yielded no batch; pass a non-empty DataLoader or list of batches")
     stages = _plan_stages(model, layers, first, forward_fn)
     frozen: list[FrozenLayer] = []
@@ -376,6 +377,3 @@ def _reset_observers(stage: _Stage) -> None:
         for obs in q.modules():
             if isinstance(obs, Observer):
                 obs.reset()
-
-
-_NO_BATCH = object()

@@ -143,7 +143,7 @@ def gptq_quantize(
     g = group_size if grouped else None
     w = weight2d.detach().float()
     rows = n // hs.shape[0]
-    static = None
+    static, scalar = None, False  # scalar: one scale for the whole tensor (INT8 per-tensor)
     if not grouped or static_groups:  # INT8 per-channel/per-tensor qparams always come from the original weight
         static = spec.qparams(w, g)
         scalar = static[0].dim() == 0
@@ -155,11 +155,11 @@ def gptq_quantize(
         fixed = None if static is None else (static[0][sl], static[1][sl])
         h = h.to(w.device)
         codes_i, scale_i, zero_i = _gptq_rows(spec, w[sl], h, g, fixed, act_order=act_order, damping=damping)
-        if refit_scales and not (static is not None and scalar):
+        if refit_scales and not scalar:
             scale_i = refit_group_scales(w[sl], h, codes_i, scale_i, zero_i, g or k)
         parts.append((codes_i, scale_i, zero_i))
     codes, scale, zero = (torch.cat(t) for t in zip(*parts))
-    if static is not None and scalar:
+    if scalar:
         scale, zero = scale[:1].reshape(()), zero[:1].reshape(())
     return spec.encode(codes, scale, zero)
 
@@ -289,8 +289,8 @@ class GPTQOptions:
 
     @classmethod
     def of(cls, spec: WeightSpec) -> GPTQOptions:
-        """The options a ``method="gptq"`` spec asks for: its ``act_order``/``static_groups`` when set, else
-        those of :data:`DEFAULT_OPTIONS`; its ``damping``."""
+        """The options a ``method="gptq"`` spec asks for: each of its ``act_order``, ``static_groups``,
+        ``refit_scales`` and ``sequential`` when set, else that of :data:`DEFAULT_OPTIONS`; its ``damping``."""
         def option(name: str) -> bool:
             value = getattr(spec, name, None)
             return getattr(DEFAULT_OPTIONS, name) if value is None else value

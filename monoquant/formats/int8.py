@@ -29,9 +29,11 @@ class Int8(IntegerFormat):
     ``method``: ``"rtn"`` (round to nearest with the qparams of ``observer``), ``"mse"`` (the
     :class:`~monoquant.MSEObserver` clipping search) or ``"gptq"`` (needs calibration data; see
     :mod:`monoquant.gptq`, with ``act_order`` (``None``: GPTQ's default, on) and ``damping``, a fraction of
-    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver). ``sequential``
-    (``None``: on) collects each GPTQ layer's Hessian with the layers that run before it already quantized, when
-    calibration data is given to :func:`~monoquant.quantize_` or :func:`~monoquant.calibrate_and_freeze`.
+    the Hessian's mean diagonal; ranges from ``observer``, default the MSEObserver). ``refit_scales``
+    (``None``: on) re-solves the scales for the codes GPTQ chose (:func:`monoquant.gptq.refit_group_scales`);
+    ``sequential`` (``None``: off) collects each GPTQ layer's Hessian with the layers that run before it already
+    quantized, when calibration data is given to :func:`~monoquant.quantize_` or
+    :func:`~monoquant.calibrate_and_freeze`.
     """
 
     kind: ClassVar[str] = "int8"
