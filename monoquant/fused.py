@@ -1,4 +1,5 @@
-"""The compiled fused dequantize + matmul kernel (``csrc/fused_linear.cpp``): building it, and calling it.
+"""The compiled fused dequantize + matmul kernel and the one-pass dequantize (``csrc/fused_linear.cpp``):
+building them, and calling them.
 
 The C++ file is compiled at first use with :func:`torch.utils.cpp_extension.load` on the machine that runs
 it, with ``-O3 -march=native`` so that its AVX-512 or AVX2 path matches this CPU (a portable scalar loop
@@ -132,3 +133,15 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 zero_point: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``."""
     return load().int8_linear(x, qweight, scale, zero_point)  # type: ignore[union-attr]
+
+
+def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: torch.Tensor,
+                    zero_point: torch.Tensor | None, group_size: int | None, row_start: int,
+                    scaled: bool = True) -> torch.Tensor:
+    """Write output rows ``row_start : row_start + len(out)`` of an ``"int4"`` or ``"int8"`` weight (stored
+    layout) into the float32 or bf16 ``out`` (``[rows, K]``, contiguous) in one pass; bit-identical to
+    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out)."""
+    module = load()
+    if kind == "int4":
+        return module.dequantize_int4(out, qweight, scale, zero_point, group_size, row_start)  # type: ignore[union-attr]
+    return module.dequantize_int8(out, qweight, scale, zero_point, row_start, scaled)  # type: ignore[union-attr]

@@ -89,6 +89,43 @@ def test_fused_kernel_rejects_wrong_buffers_with_a_message():
         fused.int4_linear(torch.randn(1, 64).double(), q.qweight, q.scale, q.zero_point, 32)
 
 
+@needs_ext
+@settings(max_examples=80, deadline=None)
+@given(spec=specs, groups=st.integers(1, 9), n=st.integers(1, 40), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), scaled=st.booleans(),
+       scale_factor=st.sampled_from([1.0, 1e-30, 3e-39, 1e30]), seed=st.integers(0, 2**16))
+def test_compiled_dequantize_is_bit_identical(spec, groups, n, data, dtype, scaled, scale_factor, seed):
+    """The one-pass compiled dequantize equals the format's PyTorch passes bit for bit: any group, odd K, a slice
+    of rows, float32 and bf16 (round to nearest even of the float32 product), tiny, subnormal and huge scales."""
+    k = groups * (spec.group_size if spec.kind == "int4" else 37)
+    q = layer(k, n, spec, seed)
+    q.scale.mul_(scale_factor)
+    row_start = data.draw(st.integers(0, n - 1))
+    rows = data.draw(st.integers(1, n - row_start))
+    out = torch.full((rows, k), float("nan"), dtype=dtype)
+    fused.dequantize_into(out, spec.kind, q.qweight, q.scale, q.zero_point, q.group_size, row_start, scaled)
+    ref = torch.empty(rows, k, dtype=dtype)
+    q.spec.dequantize_into(ref, q.stored, row_start, q.spec.dequant_params(q.stored, dtype), q.group_size,
+                           scaled=scaled)
+    assert torch.equal(out.view(torch.int16) if dtype == torch.bfloat16 else out.view(torch.int32),
+                       ref.view(torch.int16) if dtype == torch.bfloat16 else ref.view(torch.int32))
+
+
+@needs_ext
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=128), mq.Int8(symmetric=False)], ids=lambda s: s.describe())
+def test_layers_dequantize_with_the_compiled_pass_and_without_it_alike(spec, monkeypatch):
+    q = layer(4096, 48, spec)
+    x = torch.randn(300, 4096)
+    with torch.no_grad(), kernels.pin("dequant"):
+        compiled = [q.dequantize_weight(torch.bfloat16), q.dequantize_weight(torch.float32), q(x)]
+    monkeypatch.setitem(fused._STATE, "module", None)
+    assert not q._compiled_dequantize_ok(torch.empty(1, 4096))
+    with torch.no_grad(), kernels.pin("dequant"):
+        fallback = [q.dequantize_weight(torch.bfloat16), q.dequantize_weight(torch.float32), q(x)]
+    for a, b in zip(compiled, fallback):
+        assert torch.equal(a, b)
+
+
 def test_without_a_compiler_the_pytorch_kernels_run(monkeypatch):
     """The fallback: when the extension cannot be built, fused_cpu is never chosen and results are unchanged."""
     monkeypatch.setitem(fused._STATE, "module", None)
@@ -120,3 +157,28 @@ def test_cpu_identity_names_model_and_simd_flags():
         text = f.read()
     if "avx2" in text.split():
         assert "avx2" in ident.split("[")[1]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@needs_ext
+@pytest.mark.skipif("avx2" not in _cpu_flags() or "avx512f" not in _cpu_flags(),
+                    reason="the AVX2 path is what this CPU builds natively (or it cannot run it)")
+def test_the_avx2_build_matches_the_reference_on_an_avx512_machine():
+    """An AVX-512 machine normally builds and tests only the AVX-512 path; build the AVX2 one too (what an
+    AVX2-only CPU runs) and check its matmul and dequantize in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, MONOQUANT_EXT_ARCH="haswell")
+    script = Path(__file__).with_name("_avx2_check.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "avx2 ok" in done.stdout, done.stdout + done.stderr

@@ -358,6 +358,222 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Dequantize into a float32 or bf16 buffer, one pass, bit-identical to IntegerFormat.dequantize_into:
+//   out[r, k] = (q[row_start + r, k] - z) * s    in float32; in bf16: the float32 product of the exact
+//   integer (q - z) and bf16(s), rounded once to bf16 (round to nearest even), which is what PyTorch's bf16
+//   sub_ and mul_ passes compute. With scaled = false the scale is left out (INT8: the caller scales the
+//   matmul output instead). The codes are widened in registers, so nothing but `out` is written.
+
+inline float bf16_round(float f) { return static_cast<float>(c10::BFloat16(f)); }
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// store LANES float32 values, or LANES bf16 values rounded to nearest even (NaN stays NaN)
+inline void store_out(float* p, vec v) {
+#if defined(__AVX512F__)
+  _mm512_storeu_ps(p, v);
+#else
+  _mm256_storeu_ps(p, v);
+#endif
+}
+inline void store_out(c10::BFloat16* p, vec v) {
+#if defined(__AVX512F__)
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+#else
+  __m256i bits = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  // pack 8 x int32 (each < 65536) into 8 x uint16: packus works per 128-bit lane, so fix the order after
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
+}
+
+// the first LANES bytes of `codes` as floats
+inline vec widen_u8(__m128i codes) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+#else
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+#endif
+}
+inline vec widen_i8(__m128i codes) {
+#if defined(__AVX512F__)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+#else
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+#endif
+}
+inline vec vsub(vec a, vec b) {
+#if defined(__AVX512F__)
+  return _mm512_sub_ps(a, b);
+#else
+  return _mm256_sub_ps(a, b);
+#endif
+}
+
+// 16 codes (as uint8 in column order) -> 16 outputs (q - z) * s
+template <typename T>
+inline void dequant16(T* out, __m128i codes, vec z, vec s, bool scaled, bool is_signed) {
+  for (int h = 0; h < 16 / LANES; ++h) {
+    const __m128i part = h == 0 ? codes : _mm_srli_si128(codes, 8);
+    vec f = is_signed ? widen_i8(part) : widen_u8(part);
+    f = vsub(f, z);
+    if (scaled) f = vmul(f, s);
+    store_out(out + h * LANES, f);
+  }
+}
+#endif
+
+template <typename T>
+inline T to_out(float v);
+template <>
+inline float to_out<float>(float v) { return v; }
+template <>
+inline c10::BFloat16 to_out<c10::BFloat16>(float v) { return c10::BFloat16(v); }
+
+// INT4: rows [r0, r1) of `out` from packed rows row_start + r
+template <typename T>
+void dequant_int4_rows(T* out, const uint8_t* q, const float* s, const uint8_t* z, int64_t K, int64_t KB,
+                       int64_t G, int64_t g, int64_t row_start, int64_t r0, int64_t r1, bool bf16) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = row_start + r;
+    const uint8_t* qr = q + n * KB;
+    T* o = out + r * K;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float sv = bf16 ? bf16_round(s[n * G + gi]) : s[n * G + gi];
+      const float zv = z ? static_cast<float>(z[n * G + gi]) : 8.0f;
+      int64_t k = gi * g;
+      const int64_t ke = k + g;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      if ((k & 1) == 0) {
+        const vec vs = vset(sv), vz = vset(zv);
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        for (; k + 32 <= ke; k += 32) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k / 2));
+          const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+          dequant16(o + k, _mm_unpacklo_epi8(lo, hi), vz, vs, true, false);
+          dequant16(o + k + 16, _mm_unpackhi_epi8(lo, hi), vz, vs, true, false);
+        }
+      }
+#endif
+      for (; k < ke; ++k) {
+        const uint8_t byte = qr[k >> 1];
+        const float code = static_cast<float>((k & 1) ? (byte >> 4) : (byte & 0xF));
+        o[k] = to_out<T>((code - zv) * sv);
+      }
+    }
+  }
+}
+
+// INT8 (int8 symmetric or uint8 affine codes): rows [r0, r1) of `out`
+template <typename T, typename Q>
+void dequant_int8_rows(T* out, const Q* q, const float* s, const uint8_t* z, bool per_row, int64_t K,
+                       int64_t row_start, int64_t r0, int64_t r1, bool scaled, bool bf16) {
+  constexpr bool is_signed = std::is_same<Q, int8_t>::value;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = row_start + r;
+    const int64_t i = per_row ? n : 0;
+    const float sv = bf16 ? bf16_round(s[i]) : s[i];
+    const float zv = z ? static_cast<float>(z[i]) : 0.0f;
+    const Q* qr = q + n * K;
+    T* o = out + r * K;
+    int64_t k = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const vec vs = vset(sv), vz = vset(zv);
+    for (; k + 16 <= K; k += 16)
+      dequant16(o + k, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k)), vz, vs, scaled,
+                is_signed);
+#endif
+    for (; k < K; ++k) {
+      const float d = static_cast<float>(qr[k]) - zv;
+      o[k] = to_out<T>(scaled ? d * sv : d);
+    }
+  }
+}
+
+void check_out(const torch::Tensor& out, int64_t K, int64_t row_start, int64_t N) {
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.is_contiguous() && out.size(1) == K,
+              "dequantize: out must be a contiguous CPU [rows, K] tensor");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16,
+              "dequantize: out must be float32 or bfloat16");
+  TORCH_CHECK(row_start >= 0 && row_start + out.size(0) <= N, "dequantize: rows out of range");
+}
+
+constexpr int64_t DEQUANT_GRAIN = 16;  // output rows per parallel task
+
+torch::Tensor dequantize_int4(torch::Tensor out, const torch::Tensor& qweight, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& zero_point, int64_t group_size,
+                              int64_t row_start) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2 &&
+              qweight.is_contiguous(), "dequantize_int4: qweight must be contiguous uint8 [N, ceil(K/2)]");
+  const int64_t N = qweight.size(0), K = out.size(1);
+  check_out(out, K, row_start, N);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0 && qweight.size(1) == (K + 1) / 2,
+              "dequantize_int4: group_size must divide K and qweight must be [N, ceil(K/2)]");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * G,
+              "dequantize_int4: scale must be contiguous float32 [N, K/group_size]");
+  const uint8_t* zp = nullptr;
+  if (zero_point.has_value()) {
+    TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->is_contiguous() &&
+                zero_point->numel() == N * G, "dequantize_int4: zero_point must be uint8 [N, K/group_size]");
+    zp = zero_point->data_ptr<uint8_t>();
+  }
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t KB = qweight.size(1);
+  at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
+    if (out.scalar_type() == torch::kFloat32)
+      dequant_int4_rows(out.data_ptr<float>(), q, s, zp, K, KB, G, group_size, row_start, r0, r1, false);
+    else
+      dequant_int4_rows(out.data_ptr<c10::BFloat16>(), q, s, zp, K, KB, G, group_size, row_start, r0, r1, true);
+  });
+  return out;
+}
+
+torch::Tensor dequantize_int8(torch::Tensor out, const torch::Tensor& qweight, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& zero_point, int64_t row_start, bool scaled) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.dim() == 2 && qweight.is_contiguous(),
+              "dequantize_int8: qweight must be contiguous [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  check_out(out, K, row_start, N);
+  const bool per_row = scale.dim() > 0;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+              scale.numel() == (per_row ? N : 1), "dequantize_int8: scale must be float32 [N] or a scalar");
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  const float* s = scale.data_ptr<float>();
+  if (zero_point.has_value()) {
+    TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && zero_point->scalar_type() == torch::kUInt8 &&
+                zero_point->numel() == scale.numel(), "dequantize_int8: affine codes and zero_point must be uint8");
+    const uint8_t* q = qweight.data_ptr<uint8_t>();
+    const uint8_t* z = zero_point->data_ptr<uint8_t>();
+    at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
+      if (bf16)
+        dequant_int8_rows(out.data_ptr<c10::BFloat16>(), q, s, z, per_row, K, row_start, r0, r1, scaled, true);
+      else
+        dequant_int8_rows(out.data_ptr<float>(), q, s, z, per_row, K, row_start, r0, r1, scaled, false);
+    });
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "dequantize_int8: symmetric codes must be int8");
+    const int8_t* q = qweight.data_ptr<int8_t>();
+    at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
+      if (bf16)
+        dequant_int8_rows(out.data_ptr<c10::BFloat16>(), q, s, nullptr, per_row, K, row_start, r0, r1, scaled, true);
+      else
+        dequant_int8_rows(out.data_ptr<float>(), q, s, nullptr, per_row, K, row_start, r0, r1, scaled, false);
+    });
+  }
+  return out;
+}
+
 std::string simd() { return SIMD; }
 
 }  // namespace
@@ -365,5 +581,7 @@ std::string simd() { return SIMD; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "INT4 (group-wise) dequantize + matmul, float32 accumulation");
   m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul, float32 accumulation");
+  m.def("dequantize_int4", &dequantize_int4, "INT4 codes -> float32/bf16 rows of the weight, one pass");
+  m.def("dequantize_int8", &dequantize_int8, "INT8 codes -> float32/bf16 rows of the weight, one pass");
   m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
 }

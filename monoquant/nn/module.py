@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import fused
 from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
 from ..formats import Int8, Stored, WeightSpec
@@ -193,9 +194,21 @@ class QuantModule(nn.Module):
         (:meth:`WeightSpec.dequantize_into`) does the work, with its parameters cached per dtype.
         ``scaled=False`` leaves out a per-row scale the caller applies to the matmul output instead
         (:meth:`output_scale`): ``x @ ((q - z) s)^T = (x @ (q - z)^T) s`` with ``rows`` times fewer multiplications.
+
+        On CPU, for float32 or bf16 ``out`` and a format whose stored layout the compiled kernel reads (the
+        formats that list ``fused_cpu`` in :meth:`WeightSpec.kernels`), the compiled one-pass dequantize
+        (:func:`monoquant.fused.dequantize_into`, bit-identical, 5-10x faster for INT4) does it instead.
         """
+        if self._compiled_dequantize_ok(out):
+            return fused.dequantize_into(out, self.spec.kind, self.qweight, self.scale, self.zero_point,
+                                         self.group_size, row_start, scaled)
         return self.spec.dequantize_into(out, self.stored, row_start, self.dequant_params(out.dtype),
                                          self.group_size, scratch, scaled=scaled)
+
+    def _compiled_dequantize_ok(self, out: torch.Tensor) -> bool:
+        return (out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous()
+                and self.qweight.device.type == "cpu" and "fused_cpu" in self.spec.kernels()
+                and self.spec.kind in ("int4", "int8") and fused.available())
 
     def dequant_params(self, dtype: torch.dtype) -> tuple:
         """The format's dequantization parameters in ``dtype``, computed once per dtype and cached."""

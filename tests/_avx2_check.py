@@ -1,0 +1,31 @@
+"""Run by ``test_fused.py`` in a subprocess with ``MONOQUANT_EXT_ARCH=haswell``: the compiled kernel's AVX2 path
+(what an AVX2-only CPU runs) against the PyTorch reference, on an AVX-512 machine too. Exits non-zero on a mismatch."""
+
+import torch
+import torch.nn.functional as F
+
+import monoquant as mq
+from monoquant import fused, schemes
+
+assert fused.simd() == "avx2", (fused.simd(), fused.load_error())
+g = torch.Generator().manual_seed(0)
+for spec in (mq.Int4(group_size=128), mq.Int4(group_size=32, symmetric=True), mq.Int4(group_size=48),
+             mq.Int8(), mq.Int8(symmetric=False)):
+    group = spec.group_size if spec.kind == "int4" else None
+    for k in (384, 4608):
+        q = mq.QuantLinear(k, 72, spec=spec, group_size=group)
+        q.set_stored(schemes.quantize_weight(spec, torch.randn(72, k, generator=g) * 0.1, group))
+        w = schemes.dequantize_weight(q.spec, q.stored, k, group, torch.float64)
+        for rows in (1, 3, 4, 5, 9):
+            x = torch.randn(rows, k, generator=g)
+            y = (fused.int4_linear(x, q.qweight, q.scale, q.zero_point, group) if spec.kind == "int4"
+                 else fused.int8_linear(x, q.qweight, q.scale, q.zero_point))
+            magnitude = x.double().abs() @ w.abs().t()
+            assert torch.all((y.double() - F.linear(x.double(), w)).abs() <= 1e-4 * magnitude + 1e-12), (spec, k, rows)
+        for dtype in (torch.float32, torch.bfloat16):
+            out = torch.empty(60, k, dtype=dtype)
+            fused.dequantize_into(out, spec.kind, q.qweight, q.scale, q.zero_point, group, 5, True)
+            ref = torch.empty(60, k, dtype=dtype)
+            spec.dequantize_into(ref, q.stored, 5, spec.dequant_params(q.stored, dtype), group)
+            assert torch.equal(out, ref), (spec, k, dtype)
+print("avx2 ok")
