@@ -87,7 +87,7 @@ Both sides scale with the layer's size, so the crossing row count does not depen
 
 FUSED_MAX_ROWS = 8
 """Largest row count the static table sends to the compiled ``fused_cpu`` kernel (it re-reads the weight
-once per 8 (AVX-512) or 4 (AVX2) input rows, so its cost grows with rows like the packed kernels')."""
+once per 8 input rows, so its cost grows with rows like the packed kernels')."""
 
 TUNE_MAX_ROWS = {"fused_cpu": 64, "int4pack_cpu": 256, "int8pack_cpu": 256}
 """Largest row count at which these kernels are timed as candidates: their time grows linearly with rows,

@@ -16,7 +16,7 @@ for spec in (mq.Int4(group_size=128), mq.Int4(group_size=32, symmetric=True), mq
         q = mq.QuantLinear(k, 72, spec=spec, group_size=group)
         q.set_stored(schemes.quantize_weight(spec, torch.randn(72, k, generator=g) * 0.1, group))
         w = schemes.dequantize_weight(q.spec, q.stored, k, group, torch.float64)
-        for rows in (1, 3, 4, 5, 9):
+        for rows in (1, 2, 3, 4, 5, 8, 9, 17):
             x = torch.randn(rows, k, generator=g)
             y = (fused.int4_linear(x, q.qweight, q.scale, q.zero_point, group) if spec.kind == "int4"
                  else fused.int8_linear(x, q.qweight, q.scale, q.zero_point))
