@@ -138,7 +138,11 @@ class ActivationQuantizer(nn.Module):
         else:  # explicit size: reshape(0, -1) raises on an empty batch
             x2d = xd.reshape(x.shape[0], math.prod(x.shape[1:]))
         codes, scale, zero = self.quantize(x2d)
-        out = F.dequantize(codes, scale, zero, torch.float32).to(x.dtype).reshape(x.shape)
+        # (codes - zero) * scale in float32, in place: codes is a fresh float32 tensor of ours, and two fresh
+        # input-sized temporaries measured 30 ms of page faults for a 2048x4096 input
+        if not self.qtype.symmetric:
+            codes.sub_(zero.float())
+        out = codes.mul_(scale.float()).to(x.dtype).reshape(x.shape)
         return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
