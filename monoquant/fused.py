@@ -62,7 +62,7 @@ def _arch() -> str:
 
 def _extension_name() -> str:
     digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
-                            + _arch().encode() + b"openmp")
+                            + _arch().encode() + b"openmp fp-contract=off")
     return f"monoquant_fused_{digest.hexdigest()[:12]}"
 
 
@@ -87,7 +87,8 @@ def _build() -> tuple[ModuleType | None, str | None]:
             os.makedirs(build_dir, exist_ok=True)
         _put_ninja_on_path()
         # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
-        flags = ["-O3", f"-march={_arch()}", "-fopenmp"]
+        # -ffp-contract=off: a multiply then an add stays two roundings, as in the PyTorch ops it must equal
+        flags = ["-O3", f"-march={_arch()}", "-fopenmp", "-ffp-contract=off"]
         module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
                                     extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
         return module, None
@@ -145,3 +146,33 @@ def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: 
     if kind == "int4":
         return module.dequantize_int4(out, qweight, scale, zero_point, group_size, row_start)  # type: ignore[union-attr]
     return module.dequantize_int8(out, qweight, scale, zero_point, row_start, scaled)  # type: ignore[union-attr]
+
+
+W8A8_MAX_K = 1 << 17
+"""Largest input size :func:`w8a8_gemm` accepts: int8 x int8 pair sums stay exact in int32 up to 2**17 terms."""
+
+
+def w8a8_pack(qweight: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 weight codes ``[N, K]`` in the panel layout :func:`w8a8_gemm` reads (same number of bytes,
+    plus padding to 16 rows and an even ``K``)."""
+    return load().w8a8_pack(qweight)  # type: ignore[union-attr]
+
+
+def w8a8_gemm(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact ``codes @ W^T`` in int32 (``[M, N]``) for int8 input codes ``[M, K]`` and a :func:`w8a8_pack`-ed
+    weight of ``n`` rows: int16 pairs multiplied with ``vpmaddwd`` (AVX2), for CPUs without VNNI or AMX."""
+    return load().w8a8_gemm(codes, packed, n)  # type: ignore[union-attr]
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
+                  shift: int) -> torch.Tensor:
+    """int8 ``clamp(round(x / scale) + zero_point, qmin, qmax) - shift`` of contiguous float32 ``x`` ``[M, K]``
+    (scale and zero-point: one per row or one), in one pass; bit-identical to the float32 PyTorch ops."""
+    return load().quantize_rows(x, scale, zero_point, qmin, qmax, shift)  # type: ignore[union-attr]
+
+
+def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,
+    ``w_scale`` per column or one), in one pass; bit-identical to the PyTorch ops in that order."""
+    return load().rescale_rows(acc, x_scale, w_scale, bias)  # type: ignore[union-attr]

@@ -32,6 +32,10 @@ kernel             applies when                                                 
                    ``torch._int_mm`` present, CPU with integer dot products (VNNI or AMX,  float32 rescale
                    :func:`cpu_has_int_dot`; elsewhere it is a slow reference loop) or CUDA
                    (rows > 16, N % 8 == 0, K % 8 == 0), input needs no gradient
+``w8a8_fused``     same layers on CPU, compiled kernel built (:mod:`monoquant.fused`),     int32, then the
+                   K <= 2**17: codes widened to int16 pairs, ``vpmaddwd`` (AVX2: twice    same rescale
+                   float32's multiply-adds per instruction); the weight is repacked once
+                   (cached, same bytes); bit-identical to ``w8a8_int_mm``
 ``w8a8_sim``       same layers when this torch has no ``torch._int_mm``: the same integer  float64, then
                    products in float64 (exact), bit-identical to ``w8a8_int_mm``          the same rescale
 ``act_sim``        every other layer with INT8 activations (INT4, affine INT8, half, and   as the weight
@@ -93,7 +97,7 @@ TUNE_MAX_ROWS = {"fused_cpu": 64, "int4pack_cpu": 256, "int8pack_cpu": 256}
 """Largest row count at which these kernels are timed as candidates: their time grows linearly with rows,
 so past this they cannot win and timing them would cost more than the measurement is worth."""
 
-ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_sim", "act_sim")
+ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_fused", "w8a8_sim", "act_sim")
 """Kernels for layers that wait for GPTQ or quantize their inputs (the second table)."""
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22
@@ -156,11 +160,19 @@ def _activation_candidates(module, device: torch.device, rows: int, needs_grad: 
         return None if act.calibrating else ["uncalibrated"]
     spec = module.spec
     if "w8a8_int_mm" in spec.kernels() and not needs_grad:
-        if _int_mm_ok(module, device, rows, needs_grad):
-            return ["w8a8_int_mm", "act_sim"]
+        cands = ["w8a8_int_mm"] if _int_mm_ok(module, device, rows, needs_grad) else []
+        if _w8a8_fused_ok(module, device):
+            cands.append("w8a8_fused")
+        if cands:
+            return [*cands, "act_sim"]
         if not _HAS["int_mm"]:
             return ["w8a8_sim", "act_sim"]
     return ["act_sim"]
+
+
+def _w8a8_fused_ok(module, device: torch.device) -> bool:
+    return (device.type == "cpu" and "w8a8_fused" in module.spec.kernels()
+            and module.weight2d_shape[1] <= fused.W8A8_MAX_K and fused.available())
 
 
 def _fused_ok(module, device: torch.device, needs_grad: bool) -> bool:
@@ -485,39 +497,50 @@ def _uncalibrated(module, x: torch.Tensor) -> torch.Tensor:
     return _dequant(module, x)
 
 
-def _w8a8(module, x: torch.Tensor, use_int_mm: bool) -> torch.Tensor:
+def _w8a8(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``x W^T`` from INT8 input codes and INT8 weight codes: exact integer sum, then a float32 rescale.
 
     Affine input codes ``[0, 255]`` are shifted by -128 into int8 and the shift moves into the zero-point,
-    whose contribution ``zero * rowsum(W_q)`` is subtracted exactly. The simulated path computes the same
-    integers in float64 (exact below 2**53), so both round to the same float32 values.
+    whose contribution ``zero * rowsum(W_q)`` is subtracted exactly. ``backend``: ``"int_mm"``
+    (``torch._int_mm``), ``"fused"`` (the compiled int16-pair GEMM, :func:`monoquant.fused.w8a8_gemm`) or
+    ``"sim"`` (the same integers in float64, exact below 2**53); all three round to the same float32 values.
     """
     act = module.input_quantizer
-    codes, x_scale, x_zero = act.quantize(_flat(x))
+    a, x_scale, x_zero = act.int8_codes(_flat(x))
     zero = None if act.qtype.symmetric else x_zero - 128
-    a = (codes if zero is None else codes.sub_(128)).to(torch.int8)  # codes is ours: shift in place
     wq = module.qweight
-    if use_int_mm:
-        acc = torch._int_mm(a, wq.t())
-        if zero is not None:  # one in-place rank-1 update (an outer product then a subtraction was 2 passes)
-            rowsum = _cache(module, "w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
-            acc.addr_(zero.reshape(-1).to(torch.int32).expand(acc.shape[0]), rowsum, alpha=-1)
-    else:
+    if backend == "sim":
         acc = a.double() @ wq.double().t()
         if zero is not None:
             acc.addr_(zero.reshape(-1).double().expand(acc.shape[0]),
                       _cache(module, "w8a8_rowsum_f64", lambda: wq.double().sum(1)), alpha=-1)
-    # the integer sums are exact; scale per row of x, then per output channel, in place (no [rows, N] temporary)
-    y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())
+    else:
+        if backend == "int_mm":
+            acc = torch._int_mm(a, wq.t())
+        else:  # the compiled vpmaddwd GEMM, on the weight repacked once into its panels
+            acc = fused.w8a8_gemm(a, _cache(module, "w8a8_packed", lambda: fused.w8a8_pack(wq)), wq.shape[0])
+        if zero is not None:  # one in-place rank-1 update (an outer product then a subtraction was 2 passes)
+            rowsum = _cache(module, "w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
+            acc.addr_(zero.reshape(-1).to(torch.int32).expand(acc.shape[0]), rowsum, alpha=-1)
+    # the integer sums are exact; scale per row of x, then per output channel, then add the bias
+    if acc.dtype == torch.int32 and acc.device.type == "cpu" and fused.available():  # the same, in one pass
+        bias = None if module.bias is None else module.bias.float().contiguous()
+        y = fused.rescale_rows(acc, x_scale.float().contiguous(), module.scale.float().contiguous(), bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())  # in place: no [rows, N] temporary
     return _finish(module, y, x)
 
 
 def _w8a8_int_mm(module, x: torch.Tensor) -> torch.Tensor:
-    return _w8a8(module, x, use_int_mm=True)
+    return _w8a8(module, x, "int_mm")
+
+
+def _w8a8_fused(module, x: torch.Tensor) -> torch.Tensor:
+    return _w8a8(module, x, "fused")
 
 
 def _w8a8_sim(module, x: torch.Tensor) -> torch.Tensor:
-    return _w8a8(module, x, use_int_mm=False)
+    return _w8a8(module, x, "sim")
 
 
 def _act_sim(module, x: torch.Tensor) -> torch.Tensor:
@@ -529,6 +552,7 @@ _LINEAR: dict[str, Callable] = {
     "gptq_pending": _gptq_pending,
     "uncalibrated": _uncalibrated,
     "w8a8_int_mm": _w8a8_int_mm,
+    "w8a8_fused": _w8a8_fused,
     "w8a8_sim": _w8a8_sim,
     "act_sim": _act_sim,
     "int4pack_cuda": _int4pack_cuda,

@@ -1,5 +1,6 @@
-"""Run by ``test_fused.py`` in a subprocess with ``MONOQUANT_EXT_ARCH=haswell``: the compiled kernel's AVX2 path
-(what an AVX2-only CPU runs) against the PyTorch reference, on an AVX-512 machine too. Exits non-zero on a mismatch."""
+"""Run by ``test_fused.py`` in a subprocess with ``MONOQUANT_EXT_ARCH=haswell``: the compiled kernels' AVX2 paths
+(what an AVX2-only CPU runs: matmul, dequantize, the W8A8 GEMM) against the PyTorch reference, on an AVX-512
+machine too. Exits non-zero on a mismatch."""
 
 import torch
 import torch.nn.functional as F
@@ -28,4 +29,8 @@ for spec in (mq.Int4(group_size=128), mq.Int4(group_size=32, symmetric=True), mq
             ref = torch.empty(60, k, dtype=dtype)
             spec.dequantize_into(ref, q.stored, 5, spec.dequant_params(q.stored, dtype), group)
             assert torch.equal(out, ref), (spec, k, dtype)
+for m, n, k in ((1, 5, 3), (7, 33, 101), (13, 16, 64), (40, 70, 4097)):
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    assert torch.equal(fused.w8a8_gemm(a, fused.w8a8_pack(w), n).long(), a.long() @ w.long().t()), (m, n, k)
 print("avx2 ok")

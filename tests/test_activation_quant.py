@@ -5,7 +5,7 @@ from torch import nn
 
 import monoquant as mq
 from monoquant import functional as F
-from monoquant import kernels
+from monoquant import fused, kernels
 
 
 def _calibrated_linear(cfg, k=64, n=48, batches=3):
@@ -37,7 +37,12 @@ def test_w8a8_int_mm_is_bit_identical_to_simulated_and_matches_reference(act, mo
     x = torch.randn(2, 5, 64) * 2
     y = q(x)
     assert q.last_kernel == "w8a8_int_mm" and y.shape == (2, 5, 48) and y.dtype == torch.float32
+    if fused.available():  # the compiled int16-pair GEMM: the same integers
+        with kernels.pin("w8a8_fused"):
+            y_fused = q(x)
+        assert q.last_kernel == "w8a8_fused" and torch.equal(y, y_fused)
     monkeypatch.setitem(kernels._HAS, "int_mm", False)
+    monkeypatch.setitem(fused._STATE, "module", None)
     y_sim = q(x)
     assert q.last_kernel == "w8a8_sim"
     assert torch.equal(y, y_sim)

@@ -126,6 +126,76 @@ def test_layers_dequantize_with_the_compiled_pass_and_without_it_alike(spec, mon
         assert torch.equal(a, b)
 
 
+@needs_ext
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 300), seed=st.integers(0, 2**16),
+       extreme=st.booleans())
+def test_w8a8_gemm_is_exact(m, n, k, seed, extreme):
+    """Every int32 sum exact, for row counts across the 1..6-row tiles, panels cut short and odd K; ``extreme``
+    fills both sides with -128, the largest products."""
+    g = torch.Generator().manual_seed(seed)
+    if extreme:
+        a, w = torch.full((m, k), -128, dtype=torch.int8), torch.full((n, k), -128, dtype=torch.int8)
+    else:
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    acc = fused.w8a8_gemm(a, fused.w8a8_pack(w), n)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), a.long() @ w.long().t())
+
+
+@needs_ext
+def test_w8a8_gemm_rejects_what_it_cannot_do_exactly():
+    with pytest.raises(RuntimeError, match="2\\^17"):
+        fused.w8a8_pack(torch.zeros(1, fused.W8A8_MAX_K + 1, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8"):
+        fused.w8a8_pack(torch.zeros(2, 4, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="disagree"):
+        fused.w8a8_gemm(torch.zeros(1, 6, dtype=torch.int8), fused.w8a8_pack(torch.zeros(2, 4, dtype=torch.int8)), 2)
+
+
+@needs_ext
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 12), k=st.integers(1, 70), symmetric=st.booleans(), per_row=st.booleans(),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_rows_equals_the_float32_ops(m, k, symmetric, per_row, ties, seed):
+    """Division, round half to even (``ties``: inputs exactly halfway between codes), zero-point, clamp (inputs
+    beyond the range) and shift, bit for bit against the PyTorch ops ``ActivationQuantizer.quantize`` runs."""
+    g = torch.Generator().manual_seed(seed)
+    qt = mq.QType(bits=8, symmetric=symmetric)
+    scale = (torch.rand(m if per_row else 1, 1, generator=g) * 0.1 + 1e-3).float()
+    zero = torch.zeros_like(scale, dtype=torch.int32) if symmetric else torch.randint(0, 256, scale.shape,
+                                                                                      generator=g, dtype=torch.int32)
+    if ties:
+        x = ((torch.randint(-300, 300, (m, k), generator=g) + 0.5) * scale).float()
+    else:
+        x = torch.randn(m, k, generator=g) * 300 * scale
+    shift = 0 if symmetric else 128
+    codes = fused.quantize_rows(x, scale.reshape(-1).contiguous(), None if symmetric else zero.reshape(-1),
+                                qt.qmin, qt.qmax, shift)
+    ref = torch.div(x, scale).round_()
+    if not symmetric:
+        ref += zero
+    ref = ref.clamp_(qt.qmin, qt.qmax).sub_(shift).to(torch.int8)
+    assert torch.equal(codes, ref)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), x_rows=st.booleans(), w_cols=st.booleans(),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_rescale_rows_equals_the_float32_ops(m, n, x_rows, w_cols, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2**31, 2**31 - 1, (m, n), generator=g, dtype=torch.int32)
+    xs = torch.rand(m if x_rows else 1, 1, generator=g) * 1e-3
+    ws = torch.rand(n if w_cols else 1, generator=g) * 1e-2
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = fused.rescale_rows(acc, xs.reshape(-1).contiguous(), ws, bias)
+    ref = acc.to(torch.float32).mul_(xs).mul_(ws)
+    if bias is not None:
+        ref.add_(bias)
+    assert torch.equal(y, ref)
+
+
 def test_without_a_compiler_the_pytorch_kernels_run(monkeypatch):
     """The fallback: when the extension cannot be built, fused_cpu is never chosen and results are unchanged."""
     monkeypatch.setitem(fused._STATE, "module", None)

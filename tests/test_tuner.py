@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import monoquant as mq
-from monoquant import kernels, tuner
+from monoquant import fused, kernels, tuner
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +201,11 @@ def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
         y_int = q(x)
     assert q.last_kernel == "w8a8_int_mm"
     monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: False)
+    if fused.available():  # the compiled int16-pair GEMM instead: the same integers, so the same output
+        with torch.no_grad():
+            y_fused = q(x)
+        assert q.last_kernel == "w8a8_fused" and torch.equal(y_fused, y_int)
+        monkeypatch.setitem(fused._STATE, "module", None)
     with torch.no_grad():
         y_float = q(x)
     assert q.last_kernel == "act_sim"

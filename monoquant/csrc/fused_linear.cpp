@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <vector>
 
@@ -614,6 +616,221 @@ torch::Tensor dequantize_int8(torch::Tensor out, const torch::Tensor& qweight, c
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Exact INT8 x INT8 -> INT32 GEMM for CPUs without integer dot-product instructions (AVX2; where VNNI or AMX
+// exist, torch._int_mm is faster). acc[m, n] = sum_k a[m, k] * w[n, k], every sum exact in int32: the codes
+// are widened to int16 and multiplied in pairs with vpmaddwd (16 products per instruction, twice the
+// multiply-adds of a float32 FMA), |a|, |w| <= 128 so a pair is <= 2^15 and K <= 2^17 keeps the sum in range.
+// The weight is packed once (w8a8_pack) into panels of 16 output rows, each column pair of the 16 rows next
+// to each other: packed[p, k/2, c, j] = w[16 p + c, k + j] (zero padding), the order vpmaddwd multiplies
+// against a broadcast pair of input codes. Threads split the panels; each works on blocks of PANELS_PER_BLOCK
+// panels (the block's weight stays in L2) and walks all input rows through it, MR rows at a time.
+
+constexpr int64_t W8A8_MAX_K = 1 << 17;
+constexpr int64_t PANEL = 16;
+constexpr int64_t PANELS_PER_BLOCK = 8;
+constexpr int64_t W8A8_ROWS_PER_TASK = 192;  // a multiple of the 6-row tile
+
+torch::Tensor w8a8_pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kInt8 && w.dim() == 2,
+              "w8a8_pack: weight codes must be a CPU int8 [N, K] tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K <= W8A8_MAX_K, "w8a8_pack: K above 2^17 could overflow the int32 sums");
+  const int64_t P = (N + PANEL - 1) / PANEL, KP = (K + 1) / 2;
+  auto packed = torch::zeros({P, KP, PANEL, 2}, w.options());
+  const auto wc = w.contiguous();
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < PANEL && p * PANEL + c < N; ++c)
+        for (int64_t k = 0; k < K; ++k)
+          dst[((p * KP + k / 2) * PANEL + c) * 2 + (k & 1)] = src[(p * PANEL + c) * K + k];
+  });
+  return packed;
+}
+
+#if defined(__AVX2__)
+// MR input rows x one panel (16 output rows), all K: 2 * MR accumulators of 8 int32 sums
+template <int MR>
+void w8a8_tile(const int16_t* a16, int64_t lda, const int8_t* panel, int64_t KP, int32_t* c, int64_t ldc,
+               int64_t cols) {
+  __m256i acc[MR][2];
+  MQ_UNROLL
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kp * 32)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kp * 32 + 16)));
+    MQ_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a16 + r * lda + 2 * kp, sizeof(pair));
+      const __m256i x = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, w1));
+    }
+  }
+  MQ_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    if (cols == PANEL) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), acc[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), acc[r][1]);
+    } else {
+      alignas(32) int32_t tmp[PANEL];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), acc[r][1]);
+      std::copy(tmp, tmp + cols, c + r * ldc);
+    }
+  }
+}
+#endif
+
+torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& packed, int64_t N) {
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == torch::kInt8 && a.dim() == 2,
+              "w8a8_gemm: input codes must be a CPU int8 [M, K] tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.dim() == 4 && packed.size(2) == PANEL &&
+              packed.size(3) == 2 && packed.is_contiguous(), "w8a8_gemm: weight must come from w8a8_pack");
+  const int64_t M = a.size(0), K = a.size(1), KP = packed.size(1), P = packed.size(0);
+  TORCH_CHECK(KP == (K + 1) / 2 && P == (N + PANEL - 1) / PANEL, "w8a8_gemm: input and packed weight disagree");
+  auto c = torch::empty({M, N}, a.options().dtype(torch::kInt32));
+  // input codes widened to int16 once, rows padded to an even length (the pad multiplies a zero weight)
+  auto a16 = torch::zeros({M, 2 * KP}, a.options().dtype(torch::kInt16));
+  a16.narrow(1, 0, K).copy_(a);
+  const int16_t* ap = a16.data_ptr<int16_t>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  int32_t* cp = c.data_ptr<int32_t>();
+  // tasks: (block of panels) x (chunk of input rows), so that small layers still keep every thread busy
+  const int64_t blocks = (P + PANELS_PER_BLOCK - 1) / PANELS_PER_BLOCK;
+  const int64_t chunks = (M + W8A8_ROWS_PER_TASK - 1) / W8A8_ROWS_PER_TASK;
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, m_end = std::min(M, (t % chunks + 1) * W8A8_ROWS_PER_TASK);
+      const int64_t p_end = std::min(P, (b + 1) * PANELS_PER_BLOCK);
+      for (int64_t m0 = (t % chunks) * W8A8_ROWS_PER_TASK; m0 < m_end; ) {
+        const int64_t mr = std::min<int64_t>(6, m_end - m0);
+        for (int64_t p = b * PANELS_PER_BLOCK; p < p_end; ++p) {
+          const int64_t cols = std::min(PANEL, N - p * PANEL);
+          const int16_t* arow = ap + m0 * 2 * KP;
+          const int8_t* panel = wp + p * KP * PANEL * 2;
+          int32_t* crow = cp + m0 * N + p * PANEL;
+#if defined(__AVX2__)
+          switch (mr) {
+#define MQ_CASE(R) case R: w8a8_tile<R>(arow, 2 * KP, panel, KP, crow, N, cols); break;
+            MQ_CASE(1) MQ_CASE(2) MQ_CASE(3) MQ_CASE(4) MQ_CASE(5) MQ_CASE(6)
+#undef MQ_CASE
+          }
+#else
+          for (int64_t r = 0; r < mr; ++r)
+            for (int64_t col = 0; col < cols; ++col) {
+              int32_t sum = 0;
+              for (int64_t kp = 0; kp < KP; ++kp)
+                for (int j = 0; j < 2; ++j)
+                  sum += static_cast<int32_t>(arow[r * 2 * KP + 2 * kp + j]) * panel[(kp * PANEL + col) * 2 + j];
+              crow[r * N + col] = sum;
+            }
+#endif
+        }
+        m0 += mr;
+      }
+    }
+  });
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The float32 passes around an integer GEMM, one pass each, bit-identical to the PyTorch ops they replace
+// (monoquant/nn/activation.py and kernels._w8a8; this file is built with -ffp-contract=off, so a multiply
+// followed by an add is never fused into one rounding):
+//   quantize_rows: codes[m, k] = clamp(round_half_even(x[m, k] / s) + z, qmin, qmax) - shift, as int8
+//   rescale_rows:  y[m, n] = (float(acc[m, n]) * xs) * ws (+ b[n]), scales per row (xs), per column (ws)
+//                  or one value each
+
+torch::Tensor quantize_rows(const torch::Tensor& x, const torch::Tensor& scale,
+                            const c10::optional<torch::Tensor>& zero, double qmin, double qmax, int64_t shift) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "quantize_rows: x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+              (scale.numel() == 1 || scale.numel() == M), "quantize_rows: float32 scale per row or one");
+  const float* zp_f = nullptr;
+  torch::Tensor zf;
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->numel() == scale.numel(), "quantize_rows: zero-point shaped like the scale");
+    zf = zero->to(torch::kFloat32).contiguous();
+    zp_f = zf.data_ptr<float>();
+  }
+  TORCH_CHECK(qmin - shift >= -128 && qmax - shift <= 127, "quantize_rows: shifted codes must fit int8");
+  auto out = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  int8_t* op = out.data_ptr<int8_t>();
+  const bool per_row = scale.numel() == M;
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), sh = static_cast<float>(shift);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float s = sp[per_row ? m : 0];
+      const float z = zp_f ? zp_f[per_row ? m : 0] : 0.0f;
+      const float* xr = xp + m * K;
+      int8_t* o = op + m * K;
+      int64_t k = 0;
+#if defined(__AVX2__)
+      const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(lo),
+                   vhi = _mm256_set1_ps(hi), vsh = _mm256_set1_ps(sh);
+      for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (zp_f) v = _mm256_add_ps(v, vz);
+        v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);  // NaN -> lo (no undefined cast)
+        const __m256i i32 = _mm256_cvtps_epi32(v);
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(i16, i16));
+      }
+#endif
+      for (; k < K; ++k) {
+        float v = std::nearbyint(xr[k] / s);
+        if (zp_f) v += z;
+        v = std::min(std::max(v, lo), hi) - sh;
+        o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
+                           const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
+              "rescale_rows: acc must be contiguous int32 [M, N]");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() &&
+              (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: float32 x_scale per row or one");
+  TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() &&
+              (w_scale.numel() == 1 || w_scale.numel() == N), "rescale_rows: float32 w_scale per column or one");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "rescale_rows: float32 bias [N]");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, acc.options().dtype(torch::kFloat32));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* xs = x_scale.data_ptr<float>();
+  const float* ws = w_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool xs_rows = x_scale.numel() == M, ws_cols = w_scale.numel() == N;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float a = xs[xs_rows ? m : 0];
+      for (int64_t n = 0; n < N; ++n) {
+        float v = static_cast<float>(ap[m * N + n]) * a;
+        v = v * ws[ws_cols ? n : 0];
+        yp[m * N + n] = bp ? v + bp[n] : v;
+      }
+    }
+  });
+  return y;
+}
+
 std::string simd() { return SIMD; }
 
 }  // namespace
@@ -623,5 +840,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul, float32 accumulation");
   m.def("dequantize_int4", &dequantize_int4, "INT4 codes -> float32/bf16 rows of the weight, one pass");
   m.def("dequantize_int8", &dequantize_int8, "INT8 codes -> float32/bf16 rows of the weight, one pass");
+  m.def("w8a8_pack", &w8a8_pack, "INT8 weight codes -> the panel layout w8a8_gemm reads");
+  m.def("w8a8_gemm", &w8a8_gemm, "exact INT8 x INT8 -> INT32 GEMM (vpmaddwd), for CPUs without VNNI/AMX");
+  m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 codes (round half even, clamp, shift), one pass");
+  m.def("rescale_rows", &rescale_rows, "int32 sums -> float32 (row scale, column scale, bias), one pass");
   m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
 }

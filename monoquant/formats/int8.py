@@ -89,7 +89,7 @@ class Int8(IntegerFormat):
 
     def kernels(self) -> tuple[str, ...]:
         if self.weight_qtype().symmetric:
-            return ("int8pack_cpu", "fused_cpu", "w8a8_int_mm", "w8a8_sim")
+            return ("int8pack_cpu", "fused_cpu", "w8a8_int_mm", "w8a8_fused", "w8a8_sim")
         return ("fused_cpu",)
 
     @classmethod

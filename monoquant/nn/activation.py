@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .. import fused
 from ..errors import CalibrationError, ConfigError
 from ..formats import Int8
 from ..observers import HistogramObserver, Observer, apply_keeping_dtypes
@@ -124,6 +125,20 @@ class ActivationQuantizer(nn.Module):
         if not self.qtype.symmetric:
             codes += zero
         return codes.clamp_(self.qtype.qmin, self.qtype.qmax), scale, zero
+
+    def int8_codes(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`quantize`'s codes as int8, affine codes ``[0, 255]`` shifted by -128 (``shift`` = 128, else 0),
+        with the scale and zero-point: what an integer GEMM multiplies. On CPU with the compiled kernels built
+        (:func:`monoquant.fused.quantize_rows`) this is one pass, bit-identical to :meth:`quantize`'s float passes."""
+        shift = 0 if self.qtype.symmetric else 128
+        if x2d.device.type == "cpu" and fused.available():
+            scale, zero = self.qparams(x2d)
+            xf = x2d.float().contiguous()
+            codes = fused.quantize_rows(xf, scale.float().contiguous(), None if shift == 0 else zero,
+                                        self.qtype.qmin, self.qtype.qmax, shift)
+            return codes, scale, zero
+        codes, scale, zero = self.quantize(x2d)
+        return (codes.sub_(shift) if shift else codes).to(torch.int8), scale, zero
 
     def fake_quantize(self, x: torch.Tensor, *, per: str = "token") -> torch.Tensor:
         """``x`` quantized then dequantized (same dtype and shape): what the integer path sees.
