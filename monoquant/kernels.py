@@ -64,7 +64,8 @@ and keeps the fastest, the plain ``dequant`` (or, with INT8 activations, ``act_s
 ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Kernel-specific weight layouts are derived from the stored (canonical) buffers at first use and cached
-on the module (``module._kernel_cache``), never stored in ``state_dict``.
+on the module (``module._kernel_cache``), never stored in ``state_dict``. Timing builds every candidate's
+layout; afterwards only the layouts of kernels the layer runs stay cached (:data:`KERNEL_LAYOUTS`).
 """
 
 from __future__ import annotations
@@ -276,7 +277,25 @@ def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str
     choice = module._kernel_cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
     if not weights_only:
         module.__dict__.setdefault("measured_kernels", {})[bucket] = choice
+    _drop_unused_layouts(module)
     return choice
+
+
+KERNEL_LAYOUTS = {"int4pack_cpu": ("int4pack_cpu",), "int4pack_cuda": ("int4pack_cuda",),
+                  "int8pack_cpu": ("int8pack_scales",), "w8a8_fused": ("w8a8_packed",)}
+"""The ``module._kernel_cache`` entries (repacked weights) each kernel builds at its first call."""
+
+
+def _drop_unused_layouts(module) -> None:
+    """Free the repacked weights of kernels that were timed but run nowhere on this layer: timing builds every
+    candidate's layout (up to a copy of the weight each), and only the winners' should stay resident. A kernel
+    chosen later for another row count rebuilds its layout once."""
+    cache = module._kernel_cache
+    used = {choice for key, choice in cache.items() if isinstance(key, tuple) and key[:1] == ("tuned",)}
+    for name, keys in KERNEL_LAYOUTS.items():
+        if name not in used:
+            for key in keys:
+                cache.pop(key, None)
 
 
 @contextlib.contextmanager

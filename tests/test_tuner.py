@@ -210,3 +210,22 @@ def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
         y_float = q(x)
     assert q.last_kernel == "act_sim"
     torch.testing.assert_close(y_float, y_int, rtol=2e-2, atol=2e-2)  # same quantized function, float math
+
+
+@pytest.mark.parametrize("fastest", ["dequant", "int4pack_cpu"])
+def test_tuning_keeps_only_the_winners_repacked_weights(fastest, monkeypatch):
+    """Timing builds each candidate's repacked weight; a layer keeps only the layouts of kernels it runs."""
+    if not kernels._HAS["int4pack_cpu"]:
+        pytest.skip("this torch has no CPU int4pack kernel")
+    q = mq.QuantLinear.from_float(nn.Linear(512, 256), mq.Int4(group_size=32))
+
+    def fake_time(call):
+        call()  # builds the layout, as a real timing does
+        return 0.5 if call.func.__name__ == f"_{fastest}" else 1.0
+
+    monkeypatch.setattr(tuner, "time_call", fake_time)
+    with torch.no_grad():
+        q(torch.randn(3, 512))
+    assert q.last_kernel == fastest
+    assert ("int4pack_cpu" in q._kernel_cache) == (fastest == "int4pack_cpu")
+    assert "w8a8_packed" not in q._kernel_cache
