@@ -525,7 +525,8 @@ def _w8a8(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     ``"sim"`` (the same integers in float64, exact below 2**53); all three round to the same float32 values.
     """
     act = module.input_quantizer
-    a, x_scale, x_zero = act.int8_codes(_flat(x))
+    x2d = _flat(x)
+    a, x_scale, x_zero = act.int8_codes(x2d)
     zero = None if act.qtype.symmetric else x_zero - 128
     wq = module.qweight
     if backend == "sim":
@@ -545,9 +546,21 @@ def _w8a8(module, x: torch.Tensor, backend: str) -> torch.Tensor:
     if acc.dtype == torch.int32 and acc.device.type == "cpu" and fused.available():  # the same, in one pass
         bias = None if module.bias is None else module.bias.float().contiguous()
         y = fused.rescale_rows(acc, x_scale.float().contiguous(), module.scale.float().contiguous(), bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())  # in place: no [rows, N] temporary
-    return _finish(module, y, x)
+    else:
+        y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())  # in place: no temporary
+        if module.bias is not None:
+            y.add_(module.bias.to(y.dtype))
+    _nan_where_input_was_not_finite(y, x2d, act, x_scale)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _nan_where_input_was_not_finite(y: torch.Tensor, x2d: torch.Tensor, act, x_scale: torch.Tensor) -> None:
+    """Integer codes cannot carry inf or NaN (a NaN became an arbitrary code, an inf the largest one), so the
+    output rows of input rows holding one are set to NaN, as float math would make them, instead of plausible
+    numbers. Dynamic qparams are non-finite exactly for those rows; static ones need a look at the input."""
+    bad = ~torch.isfinite(x_scale.reshape(-1)) if act.dynamic else ~torch.isfinite(x2d).all(dim=-1)
+    if y.device.type != "cpu" or bool(bad.any()):  # CUDA: no host sync, one masked pass
+        y.masked_fill_(bad.unsqueeze(-1), float("nan"))
 
 
 def _w8a8_int_mm(module, x: torch.Tensor) -> torch.Tensor:

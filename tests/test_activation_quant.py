@@ -156,3 +156,24 @@ def test_int8pack_is_not_chosen_for_inputs_it_would_crash_on(k):
     q = mq.QuantLinear.from_float(nn.Linear(k, 16), mq.Int8())
     assert kernels.choose_linear_kernel(q, torch.device("cpu"), 2, False) != "int8pack_cpu"
     assert q(torch.randn(2, k)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("act", [mq.Int8(), mq.Int8(symmetric=True, dynamic=True), mq.Int8(dynamic=True)])
+@pytest.mark.parametrize("kernel", ["w8a8_int_mm", "w8a8_fused", "w8a8_sim"])
+def test_integer_paths_turn_non_finite_input_rows_into_nan_rows(act, kernel, monkeypatch):
+    """A NaN or inf cannot be an INT8 code: those rows' outputs are NaN (as in float), the other rows unchanged."""
+    monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: True)
+    if kernel == "w8a8_fused" and not fused.available():
+        pytest.skip("no compiled kernel here")
+    if kernel == "w8a8_sim":
+        monkeypatch.setitem(kernels._HAS, "int_mm", False)
+        monkeypatch.setitem(fused._STATE, "module", None)
+    q, _ = _calibrated_linear((mq.Int8(), act))
+    x = torch.randn(5, 64)
+    with kernels.pin(kernel):
+        clean = q(x)
+        x[1, 3], x[3, 0] = float("nan"), float("inf")
+        y = q(x)
+    assert q.last_kernel == kernel
+    assert torch.isnan(y[[1, 3]]).all() and torch.isfinite(y[[0, 2, 4]]).all()
+    assert torch.equal(y[[0, 2, 4]], clean[[0, 2, 4]])
