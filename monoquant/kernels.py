@@ -555,10 +555,8 @@ def _w8a8(module, x: torch.Tensor, backend: str) -> torch.Tensor:
 
 
 def _nan_where_input_was_not_finite(y: torch.Tensor, x2d: torch.Tensor, act, x_scale: torch.Tensor) -> None:
-    """Integer codes cannot carry inf or NaN (a NaN became an arbitrary code, an inf the largest one), so the
-    output rows of input rows holding one are set to NaN, as float math would make them, instead of plausible
-    numbers. Dynamic qparams are non-finite exactly for those rows; static ones need a look at the input."""
-    bad = ~torch.isfinite(x_scale.reshape(-1)) if act.dynamic else ~torch.isfinite(x2d).all(dim=-1)
+    """NaN output rows for input rows with an inf or NaN (:meth:`ActivationQuantizer.nonfinite_rows`)."""
+    bad = act.nonfinite_rows(x2d, x_scale)
     if y.device.type != "cpu" or bool(bad.any()):  # CUDA: no host sync, one masked pass
         y.masked_fill_(bad.unsqueeze(-1), float("nan"))
 

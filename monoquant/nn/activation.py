@@ -126,6 +126,16 @@ class ActivationQuantizer(nn.Module):
             codes += zero
         return codes.clamp_(self.qtype.qmin, self.qtype.qmax), scale, zero
 
+    def nonfinite_rows(self, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Bool ``[rows]``: the rows of ``x2d`` holding an inf or NaN (``scale`` from :meth:`qparams`).
+
+        No code stands for them (an inf would become the largest code, a NaN an arbitrary one), so every
+        path sets their outputs to NaN, as float math would, rather than return plausible numbers. Dynamic
+        qparams are non-finite exactly for those rows; static ones need a look at the input."""
+        if self.dynamic:
+            return ~torch.isfinite(scale.reshape(-1))
+        return ~torch.isfinite(x2d).all(dim=-1)
+
     def int8_codes(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`quantize`'s codes as int8, affine codes ``[0, 255]`` shifted by -128 (``shift`` = 128, else 0),
         with the scale and zero-point: what an integer GEMM multiplies. On CPU with the compiled kernels built
@@ -157,7 +167,11 @@ class ActivationQuantizer(nn.Module):
         # input-sized temporaries measured 30 ms of page faults for a 2048x4096 input
         if not self.qtype.symmetric:
             codes.sub_(zero.float())
-        out = codes.mul_(scale.float()).to(x.dtype).reshape(x.shape)
+        codes.mul_(scale.float())
+        bad = self.nonfinite_rows(x2d, scale)
+        if bad.device.type != "cpu" or bool(bad.any()):
+            codes.masked_fill_(bad.unsqueeze(-1), float("nan"))
+        out = codes.to(x.dtype).reshape(x.shape)
         return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
