@@ -171,6 +171,15 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return load().quantize_rows(x, scale, zero_point, qmin, qmax, shift)  # type: ignore[union-attr]
 
 
+def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero_point)`` of contiguous float32 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
+    qparams: int8 codes shifted by -128 when affine, float32 scale ``[M]``, int32 zero-point ``[M]``; one pass
+    per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
+    codes, scale, zero = load().dynamic_quantize_rows(x, qmin, qmax, symmetric, eps)  # type: ignore[union-attr]
+    return codes, scale, zero
+
+
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,

@@ -33,4 +33,13 @@ for m, n, k in ((1, 5, 3), (7, 33, 101), (13, 16, 64), (40, 70, 4097)):
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     assert torch.equal(fused.w8a8_gemm(a, fused.w8a8_pack(w), n).long(), a.long() @ w.long().t()), (m, n, k)
+from monoquant.nn.activation import ActivationQuantizer  # noqa: E402
+
+for symmetric in (True, False):
+    act = ActivationQuantizer(mq.Int8(symmetric=symmetric, dynamic=True))
+    x = torch.randn(37, 301, generator=g) * 3
+    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, 2.0**-23)
+    ref_codes, ref_scale, ref_zero = act.quantize(x)
+    assert torch.equal(scale, ref_scale.reshape(-1)) and torch.equal(zero, ref_zero.reshape(-1).int())
+    assert torch.equal(codes, ref_codes.sub(0 if symmetric else 128).to(torch.int8)), symmetric
 print("avx2 ok")

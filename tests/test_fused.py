@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import monoquant as mq
+from monoquant import functional as F_
 from monoquant import fused, kernels, schemes
+from monoquant.nn.activation import ActivationQuantizer
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=f"no compiled kernel here: {fused.load_error()}")
 
@@ -177,6 +179,25 @@ def test_quantize_rows_equals_the_float32_ops(m, k, symmetric, per_row, ties, se
         ref += zero
     ref = ref.clamp_(qt.qmin, qt.qmax).sub_(shift).to(torch.int8)
     assert torch.equal(codes, ref)
+
+
+@needs_ext
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(1, 12), k=st.integers(1, 70), symmetric=st.booleans(), seed=st.integers(0, 2**16),
+       rows=st.sampled_from(["normal", "positive", "negative", "zero", "constant", "tiny", "huge", "ties"]))
+def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symmetric, seed, rows):
+    """Per-row min/max, the float64 qparams (eps floor, zero-point rounding) and the codes, bit for bit against
+    what ``ActivationQuantizer.qparams`` + ``quantize`` compute, on rows that hit each branch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x = {"normal": x, "positive": x.abs(), "negative": -x.abs(), "zero": x * 0, "constant": x * 0 + 0.37,
+         "tiny": x * 1e-42, "huge": x * 1e30, "ties": torch.round(x * 10) + 0.5}[rows].float()
+    act = ActivationQuantizer(mq.Int8(symmetric=symmetric, dynamic=True))
+    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, F_.SCALE_EPS)
+    ref_codes, ref_scale, ref_zero = act.quantize(x)
+    shift = 0 if symmetric else 128
+    assert torch.equal(scale, ref_scale.reshape(-1)) and torch.equal(zero, ref_zero.reshape(-1).to(torch.int32))
+    assert torch.equal(codes, ref_codes.sub(shift).to(torch.int8))
 
 
 @needs_ext

@@ -828,6 +828,95 @@ torch::Tensor quantize_rows(const torch::Tensor& x, const torch::Tensor& scale,
   return out;
 }
 
+// Dynamic per-row qparams and codes in one pass over each row, bit-identical to ActivationQuantizer.qparams
+// (F.minmax in float32, then F.qparams_from_minmax in float64, the scale rounded to float32) followed by
+// quantize_rows. A row with a NaN gets a NaN scale (and zero-point 0), as torch's NaN-propagating min/max give.
+std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
+                                                 double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "dynamic_quantize_rows: x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K > 0, "dynamic_quantize_rows: rows must not be empty");
+  const int64_t shift = symmetric ? 0 : 128;
+  TORCH_CHECK(qmin - shift >= -128 && qmax - shift <= 127, "dynamic_quantize_rows: shifted codes must fit int8");
+  auto codes = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto scale = torch::empty({M}, x.options());
+  auto zero = torch::empty({M}, x.options().dtype(torch::kInt32));
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = codes.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  int32_t* zp = zero.data_ptr<int32_t>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), sh = static_cast<float>(shift);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * K;
+      float mn = xr[0], mx = xr[0];
+      bool nan = false;
+      int64_t k = 0;
+#if defined(__AVX2__)
+      if (K >= 8) {
+        __m256 vmn = _mm256_loadu_ps(xr), vmx = vmn, vnan = _mm256_cmp_ps(vmn, vmn, _CMP_UNORD_Q);
+        for (k = 8; k + 8 <= K; k += 8) {
+          const __m256 v = _mm256_loadu_ps(xr + k);
+          vmn = _mm256_min_ps(vmn, v);
+          vmx = _mm256_max_ps(vmx, v);
+          vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        alignas(32) float a[8], b[8];
+        _mm256_store_ps(a, vmn);
+        _mm256_store_ps(b, vmx);
+        nan = _mm256_movemask_ps(vnan) != 0;
+        mn = a[0], mx = b[0];
+        for (int i = 1; i < 8; ++i) mn = std::min(mn, a[i]), mx = std::max(mx, b[i]);
+      }
+#endif
+      for (; k < K; ++k) {
+        nan |= xr[k] != xr[k];
+        mn = std::min(mn, xr[k]);
+        mx = std::max(mx, xr[k]);
+      }
+      double s, z = 0.0;
+      if (nan) {
+        s = std::nan("");
+      } else if (symmetric) {
+        s = std::max(std::fabs(static_cast<double>(mn)), std::fabs(static_cast<double>(mx))) / qmax;
+        s = s < eps ? eps : s;
+      } else {
+        const double l = std::min(static_cast<double>(mn), 0.0), h = std::max(static_cast<double>(mx), 0.0);
+        s = (h - l) / (qmax - qmin);
+        s = s < eps ? eps : s;
+        z = std::min(std::max(std::nearbyint(qmin - l / s), qmin), qmax);
+        if (z != z) z = 0.0;  // an inf range
+      }
+      const float sf = static_cast<float>(s), zf = static_cast<float>(z);
+      sp[m] = sf;
+      zp[m] = static_cast<int32_t>(z);
+      int8_t* o = cp + m * K;
+      k = 0;
+#if defined(__AVX2__)
+      const __m256 vs = _mm256_set1_ps(sf), vz = _mm256_set1_ps(zf), vlo = _mm256_set1_ps(lo),
+                   vhi = _mm256_set1_ps(hi), vsh = _mm256_set1_ps(sh);
+      for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (!symmetric) v = _mm256_add_ps(v, vz);
+        v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);
+        const __m256i i32 = _mm256_cvtps_epi32(v);
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(i16, i16));
+      }
+#endif
+      for (; k < K; ++k) {
+        float v = std::nearbyint(xr[k] / sf);
+        if (!symmetric) v += zf;
+        v = std::min(std::max(v, lo), hi) - sh;
+        o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
+      }
+    }
+  });
+  return {codes, scale, zero};
+}
+
 torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
                            const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
@@ -874,6 +963,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_pack", &w8a8_pack, "INT8 weight codes -> the panel layout w8a8_gemm reads");
   m.def("w8a8_gemm", &w8a8_gemm, "exact INT8 x INT8 -> INT32 GEMM (vpmaddwd), for CPUs without VNNI/AMX");
   m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 codes (round half even, clamp, shift), one pass");
+  m.def("dynamic_quantize_rows", &dynamic_quantize_rows, "per-row min/max qparams and int8 codes, one pass per row");
   m.def("rescale_rows", &rescale_rows, "int32 sums -> float32 (row scale, column scale, bias), one pass");
   m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
 }

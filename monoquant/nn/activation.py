@@ -139,9 +139,15 @@ class ActivationQuantizer(nn.Module):
     def int8_codes(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`quantize`'s codes as int8, affine codes ``[0, 255]`` shifted by -128 (``shift`` = 128, else 0),
         with the scale and zero-point: what an integer GEMM multiplies. On CPU with the compiled kernels built
-        (:func:`monoquant.fused.quantize_rows`) this is one pass, bit-identical to :meth:`quantize`'s float passes."""
+        (:func:`monoquant.fused.quantize_rows`, and for dynamic qparams
+        :func:`monoquant.fused.dynamic_quantize_rows`) this is one pass, bit-identical to :meth:`qparams` and
+        :meth:`quantize`."""
         shift = 0 if self.qtype.symmetric else 128
         if x2d.device.type == "cpu" and fused.available():
+            if self.dynamic and x2d.shape[-1] > 0:  # the per-row qparams too, in the same pass over each row
+                codes, scale, zero = fused.dynamic_quantize_rows(x2d.float().contiguous(), self.qtype.qmin,
+                                                                 self.qtype.qmax, self.qtype.symmetric, F.SCALE_EPS)
+                return codes, scale.unsqueeze(-1), zero.unsqueeze(-1)
             scale, zero = self.qparams(x2d)
             xf = x2d.float().contiguous()
             codes = fused.quantize_rows(xf, scale.float().contiguous(), None if shift == 0 else zero,
