@@ -1,4 +1,5 @@
-// Fused dequantize + matmul for quantized linear layers on CPU, for small row counts (GEMV / skinny GEMM).
+// The compiled CPU kernels of monoquant: fused dequantize + matmul for small row counts (GEMV / skinny GEMM),
+// one-pass dequantize, and an exact INT8 GEMM with its quantize / rescale passes (each section says more).
 //
 // Reads monoquant's canonical stored buffers directly (no repacking, no float copy of the weight):
 //   INT4: qweight uint8 [N, ceil(K/2)] (low nibble = even column), scale float32 [N, K/g],
@@ -22,6 +23,9 @@
 //   int8_linear(x, qweight, scale, zero_point_or_None)
 //   dequantize_int4(out, qweight, scale, zero_point_or_None, group_size, row_start)
 //   dequantize_int8(out, qweight, scale, zero_point_or_None, row_start, scaled)
+//   w8a8_pack(qweight), w8a8_gemm(codes, packed, N): exact INT8 x INT8 -> INT32 GEMM (AVX2 vpmaddwd)
+//   quantize_rows(x, scale, zero_or_None, qmin, qmax, shift), dynamic_quantize_rows(x, qmin, qmax, symmetric,
+//   eps), rescale_rows(acc, x_scale, w_scale, bias_or_None): the float32 passes around an integer GEMM
 //   simd() -> "avx512", "avx2" or "scalar"
 
 #include <torch/extension.h>
@@ -776,6 +780,31 @@ torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& packed, int
 //   rescale_rows:  y[m, n] = (float(acc[m, n]) * xs) * ws (+ b[n]), scales per row (xs), per column (ws)
 //                  or one value each
 
+// codes of one row: clamp(round_half_even(x / s) + z, lo, hi) - sh as int8 (a NaN gives lo - sh)
+inline void quantize_row(const float* xr, int8_t* o, int64_t K, float s, float z, bool add_zero, float lo, float hi,
+                         float sh) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi),
+               vsh = _mm256_set1_ps(sh);
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (add_zero) v = _mm256_add_ps(v, vz);
+    v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);  // NaN -> lo (no undefined cast)
+    const __m256i i32 = _mm256_cvtps_epi32(v);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(i16, i16));
+  }
+#endif
+  for (; k < K; ++k) {
+    float v = std::nearbyint(xr[k] / s);
+    if (add_zero) v += z;
+    v = std::min(std::max(v, lo), hi) - sh;
+    o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
+  }
+}
+
 torch::Tensor quantize_rows(const torch::Tensor& x, const torch::Tensor& scale,
                             const c10::optional<torch::Tensor>& zero, double qmin, double qmax, int64_t shift) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
@@ -801,28 +830,7 @@ torch::Tensor quantize_rows(const torch::Tensor& x, const torch::Tensor& scale,
     for (int64_t m = m0; m < m1; ++m) {
       const float s = sp[per_row ? m : 0];
       const float z = zp_f ? zp_f[per_row ? m : 0] : 0.0f;
-      const float* xr = xp + m * K;
-      int8_t* o = op + m * K;
-      int64_t k = 0;
-#if defined(__AVX2__)
-      const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(lo),
-                   vhi = _mm256_set1_ps(hi), vsh = _mm256_set1_ps(sh);
-      for (; k + 8 <= K; k += 8) {
-        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        if (zp_f) v = _mm256_add_ps(v, vz);
-        v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);  // NaN -> lo (no undefined cast)
-        const __m256i i32 = _mm256_cvtps_epi32(v);
-        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(i16, i16));
-      }
-#endif
-      for (; k < K; ++k) {
-        float v = std::nearbyint(xr[k] / s);
-        if (zp_f) v += z;
-        v = std::min(std::max(v, lo), hi) - sh;
-        o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
-      }
+      quantize_row(xp + m * K, op + m * K, K, s, z, zp_f != nullptr, lo, hi, sh);
     }
   });
   return out;
@@ -891,27 +899,7 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
       const float sf = static_cast<float>(s), zf = static_cast<float>(z);
       sp[m] = sf;
       zp[m] = static_cast<int32_t>(z);
-      int8_t* o = cp + m * K;
-      k = 0;
-#if defined(__AVX2__)
-      const __m256 vs = _mm256_set1_ps(sf), vz = _mm256_set1_ps(zf), vlo = _mm256_set1_ps(lo),
-                   vhi = _mm256_set1_ps(hi), vsh = _mm256_set1_ps(sh);
-      for (; k + 8 <= K; k += 8) {
-        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        if (!symmetric) v = _mm256_add_ps(v, vz);
-        v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);
-        const __m256i i32 = _mm256_cvtps_epi32(v);
-        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(i16, i16));
-      }
-#endif
-      for (; k < K; ++k) {
-        float v = std::nearbyint(xr[k] / sf);
-        if (!symmetric) v += zf;
-        v = std::min(std::max(v, lo), hi) - sh;
-        o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
-      }
+      quantize_row(xr, cp + m * K, K, sf, zf, !symmetric, lo, hi, sh);
     }
   });
   return {codes, scale, zero};
