@@ -1,7 +1,7 @@
 // The compiled CPU kernels of monoquant: fused dequantize + matmul for small row counts (GEMV / skinny GEMM),
 // one-pass dequantize, and an exact INT8 GEMM with its quantize / rescale passes (each section says more).
 //
-// Reads monoquant's canonical stored buffers directly (no repacking, no float copy of the weight):
+// The fused matmul and the dequantize read the canonical stored buffers directly (no repacking, no float copy):
 //   INT4: qweight uint8 [N, ceil(K/2)] (low nibble = even column), scale float32 [N, K/g],
 //         zero_point uint8 [N, K/g] or absent (symmetric: codes are offset by 8);
 //   INT8: qweight int8 [N, K] (symmetric) or uint8 [N, K] with zero_point uint8 [N] or [];
