@@ -550,15 +550,8 @@ def _w8a8(module, x: torch.Tensor, backend: str) -> torch.Tensor:
         y = acc.to(torch.float32).mul_(x_scale.float()).mul_(module.scale.float())  # in place: no temporary
         if module.bias is not None:
             y.add_(module.bias.to(y.dtype))
-    _nan_where_input_was_not_finite(y, x2d, act, x_scale)
+    act.nan_nonfinite_rows_(y, x2d, x_scale)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _nan_where_input_was_not_finite(y: torch.Tensor, x2d: torch.Tensor, act, x_scale: torch.Tensor) -> None:
-    """NaN output rows for input rows with an inf or NaN (:meth:`ActivationQuantizer.nonfinite_rows`)."""
-    bad = act.nonfinite_rows(x2d, x_scale)
-    if y.device.type != "cpu" or bool(bad.any()):  # CUDA: no host sync, one masked pass
-        y.masked_fill_(bad.unsqueeze(-1), float("nan"))
 
 
 def _w8a8_int_mm(module, x: torch.Tensor) -> torch.Tensor:

@@ -126,15 +126,17 @@ class ActivationQuantizer(nn.Module):
             codes += zero
         return codes.clamp_(self.qtype.qmin, self.qtype.qmax), scale, zero
 
-    def nonfinite_rows(self, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Bool ``[rows]``: the rows of ``x2d`` holding an inf or NaN (``scale`` from :meth:`qparams`).
+    def nan_nonfinite_rows_(self, out2d: torch.Tensor, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Set to NaN, in place, the rows of ``out2d`` whose input row in ``x2d`` holds an inf or NaN (``scale``
+        from :meth:`qparams`); returns ``out2d``.
 
-        No code stands for them (an inf would become the largest code, a NaN an arbitrary one), so every
-        path sets their outputs to NaN, as float math would, rather than return plausible numbers. Dynamic
-        qparams are non-finite exactly for those rows; static ones need a look at the input."""
-        if self.dynamic:
-            return ~torch.isfinite(scale.reshape(-1))
-        return ~torch.isfinite(x2d).all(dim=-1)
+        No code stands for such a row (an inf would become the largest code, a NaN an arbitrary one), so every
+        path makes its output NaN, as float math would, rather than return plausible numbers. Dynamic qparams
+        are non-finite exactly for those rows; static ones need a look at the input."""
+        bad = ~torch.isfinite(scale.reshape(-1)) if self.dynamic else ~torch.isfinite(x2d).all(dim=-1)
+        if out2d.device.type != "cpu" or bool(bad.any()):  # CUDA: no host sync, one masked pass
+            out2d.masked_fill_(bad.unsqueeze(-1), float("nan"))
+        return out2d
 
     def int8_codes(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`quantize`'s codes as int8, affine codes ``[0, 255]`` shifted by -128 (``shift`` = 128, else 0),
@@ -174,10 +176,7 @@ class ActivationQuantizer(nn.Module):
         if not self.qtype.symmetric:
             codes.sub_(zero.float())
         codes.mul_(scale.float())
-        bad = self.nonfinite_rows(x2d, scale)
-        if bad.device.type != "cpu" or bool(bad.any()):
-            codes.masked_fill_(bad.unsqueeze(-1), float("nan"))
-        out = codes.to(x.dtype).reshape(x.shape)
+        out = self.nan_nonfinite_rows_(codes, x2d, scale).to(x.dtype).reshape(x.shape)
         return x + (out - x).detach() if x.requires_grad else out
 
     def extra_repr(self) -> str:
