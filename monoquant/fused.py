@@ -176,8 +176,7 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
     """``(codes, scale, zero_point)`` of contiguous float32 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
     qparams: int8 codes shifted by -128 when affine, float32 scale ``[M]``, int32 zero-point ``[M]``; one pass
     per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
-    codes, scale, zero = load().dynamic_quantize_rows(x, qmin, qmax, symmetric, eps)  # type: ignore[union-attr]
-    return codes, scale, zero
+    return tuple(load().dynamic_quantize_rows(x, qmin, qmax, symmetric, eps))  # type: ignore[union-attr,return-value]
 
 
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import monoquant as mq
 from monoquant import fused, schemes
+from monoquant.functional import SCALE_EPS
 
 assert fused.simd() == "avx2", (fused.simd(), fused.load_error())
 g = torch.Generator().manual_seed(0)
@@ -38,7 +39,7 @@ from monoquant.nn.activation import ActivationQuantizer  # noqa: E402
 for symmetric in (True, False):
     act = ActivationQuantizer(mq.Int8(symmetric=symmetric, dynamic=True))
     x = torch.randn(37, 301, generator=g) * 3
-    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, 2.0**-23)
+    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, SCALE_EPS)
     ref_codes, ref_scale, ref_zero = act.quantize(x)
     assert torch.equal(scale, ref_scale.reshape(-1)) and torch.equal(zero, ref_zero.reshape(-1).int())
     assert torch.equal(codes, ref_codes.sub(0 if symmetric else 128).to(torch.int8)), symmetric

@@ -13,10 +13,10 @@
 // rows at once, so each weight byte is read once per 8 rows; an INT4 group's products are summed unscaled and
 // scaled once per group. Output rows are split across threads with at::parallel_for, and each tile prefetches
 // the next tile's weight rows (a row-major weight is many short streams that hardware prefetchers start late
-// on: measured 1.17 -> 0.76 ms for a cold 4096x4096 INT4 GEMV on AVX2). Which SIMD path runs is decided by the compiler flags: monoquant/fused.py builds
-// this file on the machine that uses it with -march=native, so __AVX512F__ / __AVX2__ describe this CPU;
-// without either, a portable scalar loop is compiled. INT4 layers whose group is not a multiple of the
-// vector block (2 * lanes columns) take the scalar loop as well.
+// on: measured 1.17 -> 0.76 ms for a cold 4096x4096 INT4 GEMV on AVX2). Which SIMD path runs is decided by
+// the compiler flags: monoquant/fused.py builds this file on the machine that uses it with -march=native, so
+// __AVX512F__ / __AVX2__ describe this CPU; without either, a portable scalar loop is compiled. INT4 layers
+// whose group is not a multiple of the vector block (2 * lanes columns) take the scalar loop as well.
 //
 // Python entry points (float32 contiguous x [M, K]; output float32 [M, N], bias added by the caller):
 //   int4_linear(x, qweight, scale, zero_point_or_None, group_size)
@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -54,18 +55,18 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vset(float v) { return _mm512_set1_ps(v); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+// the first LANES bytes of `b` as floats, unsigned or signed
+inline vec widen_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+inline vec widen_i8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+inline __m128i load_lanes(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 // 2 * LANES INT4 codes from LANES packed bytes: even columns in lo, odd columns in hi
 inline void int4_codes(const uint8_t* p, vec& lo, vec& hi) {
   __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
   hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
-inline vec int8_codes(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec uint8_codes(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 const char* SIMD = "avx512";
 #elif defined(__AVX2__)
@@ -79,6 +80,11 @@ inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vset(float v) { return _mm256_set1_ps(v); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec widen_u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline vec widen_i8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+inline __m128i load_lanes(const void* p) { return _mm_loadl_epi64(static_cast<const __m128i*>(p)); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -90,17 +96,17 @@ inline void int4_codes(const uint8_t* p, vec& lo, vec& hi) {
   lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0xF)));
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
-inline vec int8_codes(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline vec uint8_codes(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 const char* SIMD = "avx2";
 #else
 constexpr int LANES = 0;
 constexpr int MAX_ROWS = 4;
 const char* SIMD = "scalar";
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// LANES codes from memory as floats
+inline vec int8_codes(const int8_t* p) { return widen_i8(load_lanes(p)); }
+inline vec uint8_codes(const uint8_t* p) { return widen_u8(load_lanes(p)); }
 #endif
 
 constexpr int64_t GRAIN = 64;        // output rows per parallel task (at::parallel_for splits into >= this)
@@ -446,13 +452,7 @@ inline float bf16_round(float f) { return static_cast<float>(c10::BFloat16(f)); 
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 // store LANES float32 values, or LANES bf16 values rounded to nearest even (NaN stays NaN)
-inline void store_out(float* p, vec v) {
-#if defined(__AVX512F__)
-  _mm512_storeu_ps(p, v);
-#else
-  _mm256_storeu_ps(p, v);
-#endif
-}
+inline void store_out(float* p, vec v) { vstore(p, v); }
 inline void store_out(c10::BFloat16* p, vec v) {
 #if defined(__AVX512F__)
   __m512i bits = _mm512_castps_si512(v);
@@ -470,29 +470,6 @@ inline void store_out(c10::BFloat16* p, vec v) {
   // pack 8 x int32 (each < 65536) into 8 x uint16: packus works per 128-bit lane, so fix the order after
   __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-#endif
-}
-
-// the first LANES bytes of `codes` as floats
-inline vec widen_u8(__m128i codes) {
-#if defined(__AVX512F__)
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
-#else
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
-#endif
-}
-inline vec widen_i8(__m128i codes) {
-#if defined(__AVX512F__)
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
-#else
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
-#endif
-}
-inline vec vsub(vec a, vec b) {
-#if defined(__AVX512F__)
-  return _mm512_sub_ps(a, b);
-#else
-  return _mm256_sub_ps(a, b);
 #endif
 }
 
@@ -519,7 +496,8 @@ inline c10::BFloat16 to_out<c10::BFloat16>(float v) { return c10::BFloat16(v); }
 // INT4: rows [r0, r1) of `out` from packed rows row_start + r
 template <typename T>
 void dequant_int4_rows(T* out, const uint8_t* q, const float* s, const uint8_t* z, int64_t K, int64_t KB,
-                       int64_t G, int64_t g, int64_t row_start, int64_t r0, int64_t r1, bool bf16) {
+                       int64_t G, int64_t g, int64_t row_start, int64_t r0, int64_t r1) {
+  constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = row_start + r;
     const uint8_t* qr = q + n * KB;
@@ -553,7 +531,8 @@ void dequant_int4_rows(T* out, const uint8_t* q, const float* s, const uint8_t* 
 // INT8 (int8 symmetric or uint8 affine codes): rows [r0, r1) of `out`
 template <typename T, typename Q>
 void dequant_int8_rows(T* out, const Q* q, const float* s, const uint8_t* z, bool per_row, int64_t K,
-                       int64_t row_start, int64_t r0, int64_t r1, bool scaled, bool bf16) {
+                       int64_t row_start, int64_t r0, int64_t r1, bool scaled) {
+  constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
   constexpr bool is_signed = std::is_same<Q, int8_t>::value;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = row_start + r;
@@ -586,6 +565,17 @@ void check_out(const torch::Tensor& out, int64_t K, int64_t row_start, int64_t N
 
 constexpr int64_t DEQUANT_GRAIN = 16;  // output rows per parallel task
 
+// rows of a float32 or bf16 `out`, split across threads: f(typed out pointer, first row, end row)
+template <typename F>
+void for_out_rows(torch::Tensor& out, F&& f) {
+  at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
+    if (out.scalar_type() == torch::kFloat32)
+      f(out.data_ptr<float>(), r0, r1);
+    else
+      f(out.data_ptr<c10::BFloat16>(), r0, r1);
+  });
+}
+
 torch::Tensor dequantize_int4(torch::Tensor out, const torch::Tensor& qweight, const torch::Tensor& scale,
                               const c10::optional<torch::Tensor>& zero_point, int64_t group_size,
                               int64_t row_start) {
@@ -607,11 +597,8 @@ torch::Tensor dequantize_int4(torch::Tensor out, const torch::Tensor& qweight, c
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const float* s = scale.data_ptr<float>();
   const int64_t KB = qweight.size(1);
-  at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
-    if (out.scalar_type() == torch::kFloat32)
-      dequant_int4_rows(out.data_ptr<float>(), q, s, zp, K, KB, G, group_size, row_start, r0, r1, false);
-    else
-      dequant_int4_rows(out.data_ptr<c10::BFloat16>(), q, s, zp, K, KB, G, group_size, row_start, r0, r1, true);
+  for_out_rows(out, [&](auto* o, int64_t r0, int64_t r1) {
+    dequant_int4_rows(o, q, s, zp, K, KB, G, group_size, row_start, r0, r1);
   });
   return out;
 }
@@ -625,28 +612,19 @@ torch::Tensor dequantize_int8(torch::Tensor out, const torch::Tensor& qweight, c
   const bool per_row = scale.dim() > 0;
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
               scale.numel() == (per_row ? N : 1), "dequantize_int8: scale must be float32 [N] or a scalar");
-  const bool bf16 = out.scalar_type() == torch::kBFloat16;
   const float* s = scale.data_ptr<float>();
+  auto rows = [&](const auto* q, const uint8_t* z) {
+    for_out_rows(out, [&](auto* o, int64_t r0, int64_t r1) {
+      dequant_int8_rows(o, q, s, z, per_row, K, row_start, r0, r1, scaled);
+    });
+  };
   if (zero_point.has_value()) {
     TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && zero_point->scalar_type() == torch::kUInt8 &&
                 zero_point->numel() == scale.numel(), "dequantize_int8: affine codes and zero_point must be uint8");
-    const uint8_t* q = qweight.data_ptr<uint8_t>();
-    const uint8_t* z = zero_point->data_ptr<uint8_t>();
-    at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
-      if (bf16)
-        dequant_int8_rows(out.data_ptr<c10::BFloat16>(), q, s, z, per_row, K, row_start, r0, r1, scaled, true);
-      else
-        dequant_int8_rows(out.data_ptr<float>(), q, s, z, per_row, K, row_start, r0, r1, scaled, false);
-    });
+    rows(qweight.data_ptr<uint8_t>(), zero_point->data_ptr<uint8_t>());
   } else {
     TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "dequantize_int8: symmetric codes must be int8");
-    const int8_t* q = qweight.data_ptr<int8_t>();
-    at::parallel_for(0, out.size(0), DEQUANT_GRAIN, [&](int64_t r0, int64_t r1) {
-      if (bf16)
-        dequant_int8_rows(out.data_ptr<c10::BFloat16>(), q, s, nullptr, per_row, K, row_start, r0, r1, scaled, true);
-      else
-        dequant_int8_rows(out.data_ptr<float>(), q, s, nullptr, per_row, K, row_start, r0, r1, scaled, false);
-    });
+    rows(qweight.data_ptr<int8_t>(), nullptr);
   }
   return out;
 }
