@@ -8,10 +8,11 @@ from . import accuracy, formats, functional, schemes
 from ._version import __version__
 from .calibration import calibrate, calibrate_and_freeze, calibrate_with, freeze, needs_calibration, sync_observers
 from .compare import Comparison, OutputStats, batch_size, compare, evaluating
-from .config import QuantConfig, as_config
+from .config import QuantConfig, as_config, spec_named
 from .data import run_batch
 from .errors import (
     AccuracyError,
+    AlreadyQuantizedError,
     CalibrationError,
     ConfigError,
     InferenceOnlyError,
@@ -56,7 +57,7 @@ from .observers import (
 )
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 from .quantize import dequantize_, quantize_
-from .report import AccuracyWarning, LayerReport, NothingQuantizedWarning, QuantReport
+from .report import AccuracyWarning, CalibrationPendingWarning, LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import SkipRules, exact_pattern
 from .serialization import load, save
 from .thresholds import Thresholds, check_end_to_end
@@ -64,7 +65,7 @@ from .tuning import LayerSensitivity, rules_from_sensitivity, sensitivity
 
 __all__ = [
     # quantizing
-    "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config",
+    "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config", "spec_named",
     # weight formats (see monoquant.formats; register_format adds one)
     "WeightSpec", "Int8", "Int4", "NF4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
     "spec_from_dict",
@@ -79,14 +80,14 @@ __all__ = [
     # measuring
     "compare", "Comparison", "OutputStats", "batch_size", "evaluating", "Thresholds", "check_end_to_end",
     "sensitivity", "LayerSensitivity", "rules_from_sensitivity", "exact_pattern", "QuantReport", "LayerReport",
-    "AccuracyWarning", "NothingQuantizedWarning",
+    "AccuracyWarning", "NothingQuantizedWarning", "CalibrationPendingWarning",
     # files
     "save", "load",
     # qtypes
     "QType", "PerTensor", "PerChannel", "PerGroup",
     # errors
-    "MonoQuantError", "ConfigError", "ModelError", "InputError", "NonFiniteWeightError", "CalibrationError",
-    "SerializationError", "AccuracyError", "InferenceOnlyError", "MissingExtraError",
+    "MonoQuantError", "ConfigError", "ModelError", "AlreadyQuantizedError", "InputError", "NonFiniteWeightError",
+    "CalibrationError", "SerializationError", "AccuracyError", "InferenceOnlyError", "MissingExtraError",
     # modules
     "accuracy", "formats", "functional", "schemes", "__version__",
 ]

@@ -1,3 +1,3 @@
 """The installed monoquant version (one place; written into file headers)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -73,13 +73,15 @@ def _pending(module: nn.Module) -> bool:
     return module.gptq is not None or (act is not None and act.needs_calibration)
 
 
-def _pending_layers(model: nn.Module) -> list[tuple[str, QuantModule]]:
+def pending_layers(model: nn.Module) -> list[tuple[str, QuantModule]]:
+    """``(name, layer)`` of every quantized layer in ``model`` that waits for calibration data and :func:`freeze`
+    (GPTQ weights, static activations): until then it computes in float."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule) and _pending(m)]
 
 
 def needs_calibration(model: nn.Module) -> bool:
     """True when some layer of ``model`` waits for calibration data and :func:`freeze`."""
-    return bool(_pending_layers(model))
+    return bool(pending_layers(model))
 
 
 def _observe_inputs(module: QuantModule, args: tuple[Any, ...]) -> None:
@@ -99,7 +101,7 @@ def calibrate(model: nn.Module) -> Iterator[nn.Module]:
     observer would see anything) is switched off meanwhile. Layers with static activation quantization see
     (and pass on) float inputs while calibrating. Warns when nothing in the model needs calibration.
     """
-    layers = [q for _, q in _pending_layers(model)]
+    layers = [q for _, q in pending_layers(model)]
     if not layers:
         warnings.warn(f"mq.calibrate: nothing in {type(model).__name__} needs calibration (no static activation "
                       "quantization, no method='gptq' layer waiting for freeze)", UserWarning, stacklevel=3)
@@ -196,7 +198,7 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
     computed GPTQ weights are held until then (their quantized size, next to the float weights being replaced).
     Returns one :class:`FrozenLayer` per layer that changed.
     """
-    results = _compute_frozen(_pending_layers(model))
+    results = _compute_frozen(pending_layers(model))
     _apply_frozen(results)
     return [row for row, _, _ in results]
 
@@ -333,7 +335,7 @@ def calibrate_and_freeze(
     was before the call (still calibrating; the statistics this call gathered are dropped) and the error is
     re-raised.
     """
-    layers = _pending_layers(model)
+    layers = pending_layers(model)
     if not any(_sequential(q) for _, q in layers):
         calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
         sync_observers(model)
@@ -351,7 +353,7 @@ def calibrate_and_freeze(
         bar = tqdm(stages, desc="calibrating (sequential)", unit="stage", leave=False,
                    disable=data_mod.tqdm_disable(progress))
         for stage in bar:
-            pending = [q for _, q in _pending_layers(model)]
+            pending = [q for _, q in pending_layers(model)]
             started.append(stage)
             _reset_observers(stage)
             with _calibration_mode(model, pending, [q for _, q in stage.layers], stage.stop_after):

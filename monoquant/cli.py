@@ -341,6 +341,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    conv1d=args.conv1d) for n, d, s in table]
     _check_conv1d_patterns(args.conv1d, table, plans)
     out_table = _check_collisions(plans, table)
+    if not args.allow_unquantized and all(p.quant is None for p in plans):
+        reasons = sorted({p.reason for p in plans})
+        raise ConfigError(f"no tensor of {src} would be quantized (every one stays float: {'; '.join(reasons[:3])}"
+                          f"{'; ...' if len(reasons) > 3 else ''}); no output was written. Change the options, or "
+                          "pass --allow-unquantized to write the file anyway")
     modules = {p.layer: module_entry(p.quant, geometry=False) for p in plans if p.quant is not None}
     total = sum(math.prod(s) * d.itemsize for _, d, s in table)
     rows: list[tuple[str, str, str, str, int, int]] = []
@@ -472,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default for --bits 8)")
     sym.add_argument("--affine", action="store_true", help="scales and zero-points (default for --bits 4)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--allow-unquantized", action="store_true",
+                   help="write the output even when no tensor gets quantized (by default that is an error, exit 1)")
     q.set_defaults(func=cmd_quantize)
     i = sub.add_parser("inspect", help="print the header of a monoquant file",
                        description="Print versions, each quantized layer's scheme and size, and totals.")
@@ -488,6 +495,19 @@ def _os_error_message(e: OSError, args: argparse.Namespace) -> str:
     return f"{' -> '.join(map(str, files))}: {reason}"
 
 
+SIGPIPE = 13
+"""The signal number a Unix tool dies of when its reader closes the pipe (exit status 141 in a shell)."""
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monoquant`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -497,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
+    except BrokenPipeError:  # `monoquant inspect f | head`: the reader left; say nothing, like other Unix tools
+        _stdout_to_devnull()
+        return 128 + SIGPIPE
     except (MonoQuantError, OSError) as e:
         msg = str(e) if isinstance(e, MonoQuantError) else _os_error_message(e, args)
         print(f"monoquant: error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import functional as F
 from .data import ForwardFn, iter_batches, run_batch
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, InputError, ModelError, MonoQuantError
 
 
 def _output_tensors(out: Any, path: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -62,6 +62,17 @@ def batch_size(batch: Any) -> int:
     """Samples in a batch: the leading dim of its first tensor (1 when it holds none, or a 0-d one)."""
     t = _first_tensor(batch)
     return int(t.shape[0]) if t is not None and t.dim() else 1
+
+
+def describe_batch(batch: Any) -> str:
+    """A short description of a batch for messages: its tensors' shapes and dtypes."""
+    if isinstance(batch, torch.Tensor):
+        return f"{batch.dtype} {list(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe_batch(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (list, tuple)):
+        return "(" + ", ".join(describe_batch(v) for v in batch) + ")"
+    return type(batch).__name__
 
 
 @dataclass
@@ -190,9 +201,17 @@ def record_outputs(model: nn.Module, data: Iterable[Any], forward_fn: ForwardFn 
     """The first ``max_batches`` batches of ``data`` and the float model's outputs on them."""
     ref = Reference([], [], [])
     with evaluating(model):
-        for batch in iter_batches(data, max_batches, desc="float reference", progress=False):
+        for i, batch in enumerate(iter_batches(data, max_batches, desc="float reference", progress=False)):
             ref.batches.append(batch)
-            ref.outputs.append(run_batch(model, batch, forward_fn))
+            try:
+                ref.outputs.append(run_batch(model, batch, forward_fn))
+            except MonoQuantError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise InputError(f"calibration batch {i} ({describe_batch(batch)}) does not run through the float "
+                                 f"{type(model).__name__}: {type(e).__name__}: {e}. Nothing was changed; pass "
+                                 "batches that the model itself accepts (model(batch), model(**batch) for a dict), or "
+                                 "forward_fn=lambda model, batch: ...") from e
             ref.samples.append(batch_size(batch))
     return ref
 

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ConfigError
-from .formats import BFloat16, Float16, Int4, Int8, WeightSpec
+from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec
 from .formats.int4 import KERNEL_GROUP_SIZES
 
 if TYPE_CHECKING:
     from .rules import SkipRules
 
-__all__ = ["KERNEL_GROUP_SIZES", "BFloat16", "Float16", "Int4", "Int8", "QuantConfig", "WeightSpec", "as_config"]
+__all__ = ["KERNEL_GROUP_SIZES", "BFloat16", "Float16", "Int4", "Int8", "QuantConfig", "WeightSpec", "as_config",
+           "spec_named"]
 
 @dataclass
 class QuantConfig:
@@ -73,12 +74,26 @@ class QuantConfig:
         return (acts is not None and not acts.dynamic) or getattr(self.weights, "method", "rtn") == "gptq"
 
 
-def as_config(config: QuantConfig | WeightSpec) -> QuantConfig:
-    """Accept a full :class:`QuantConfig` or a bare weight spec (meaning weight-only quantization)."""
+def spec_named(name: str) -> WeightSpec:
+    """The registered format called ``name`` (its ``kind``: ``"int8"``, ``"int4"``, ``"nf4"``...) with its
+    defaults, e.g. ``spec_named("int4") == mq.Int4()``."""
+    cls = FORMATS.get(name.strip().lower())
+    if cls is None:
+        raise ConfigError(f"no weight format is called {name!r}; the registered ones are {sorted(FORMATS)} "
+                          "(or pass a spec such as mq.Int4(group_size=64))")
+    return cls()
+
+
+def as_config(config: QuantConfig | WeightSpec | str) -> QuantConfig:
+    """Accept a full :class:`QuantConfig`, a bare weight spec (meaning weight-only quantization) or a format's
+    name such as ``"int4"`` (that format with its defaults, weight-only)."""
     if isinstance(config, QuantConfig):
         return config
+    if isinstance(config, str):
+        config = spec_named(config)
     if isinstance(config, WeightSpec):
         return QuantConfig(weights=config)
     raise ConfigError(
-        f"expected mq.QuantConfig(...) or a weight spec such as mq.Int4(), got {type(config).__name__}"
+        f"expected mq.QuantConfig(...), a weight spec such as mq.Int4() or a format name such as 'int4', got "
+        f"{type(config).__name__}"
     )

@@ -20,6 +20,11 @@ class ModelError(MonoQuantError, TypeError):
     """The thing given as a model cannot be quantized as asked (not an ``nn.Module``, wrong layer type...)."""
 
 
+class AlreadyQuantizedError(ModelError):
+    """The model is already quantized where a float model is needed (``quantize_`` with nothing float left,
+    ``sensitivity``); the message names ``mq.dequantize_``."""
+
+
 class NonFiniteWeightError(MonoQuantError, ValueError):
     """A weight holds NaN or Inf values; the message names the layer."""
 

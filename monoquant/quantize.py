@@ -21,9 +21,9 @@ from . import calibration, measure
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
-from .errors import ConfigError, ModelError
+from .errors import AlreadyQuantizedError, ConfigError, ModelError
 from .nn import QuantModule, quant_class_for
-from .report import LayerReport, NothingQuantizedWarning, QuantReport
+from .report import CalibrationPendingWarning, LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
 from .swap import Swap, restore_encoder_fast_paths
 from .thresholds import ON_FAILURE, Thresholds, check
@@ -55,6 +55,23 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantModule]]:
+    """``(name, layer)`` of every monoquant quantized layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+
+
+def refuse_quantized(model: nn.Module, what: str) -> None:
+    """Raise :class:`AlreadyQuantizedError` if ``model`` holds quantized layers where ``what`` needs a float model."""
+    done = quantized_layers(model)
+    if done:
+        name, layer = done[0]
+        raise AlreadyQuantizedError(
+            f"{what} needs the float model, but {type(model).__name__} already holds {len(done)} quantized layer(s) "
+            f"(e.g. {name or '<root>'}: {layer.scheme()}); nothing was changed. Run it on the float model before "
+            "quantizing, or turn the model back to float first with mq.dequantize_(model) (float weights "
+            "rebuilt from the stored low-bit ones, so their rounding error stays)")
+
+
 def candidate_class(module: nn.Module, cfg: QuantConfig) -> type[QuantModule] | None:
     """The layer class that would replace float ``module`` under ``cfg`` (``None``: not a candidate, e.g. an
     embedding when ``cfg.embeddings`` is not set, or a layer that is already quantized)."""
@@ -81,7 +98,7 @@ def _float_bytes(module: nn.Module) -> int:
 
 def quantize_(
     model: nn.Module,
-    config: QuantConfig | WeightSpec,
+    config: QuantConfig | WeightSpec | str,
     *,
     calibration_data: Iterable[Any] | None = None,
     forward_fn: ForwardFn | None = None,
@@ -95,7 +112,8 @@ def quantize_(
 
     Args:
         model: any ``nn.Module``; nested containers, modules used twice and tied weights are handled.
-        config: a :class:`QuantConfig`, or a bare weight spec such as ``mq.Int4()`` (weight-only).
+        config: a :class:`QuantConfig`, a bare weight spec such as ``mq.Int4()`` (weight-only), or a format name
+            such as ``"int4"`` (that format with its defaults, weight-only).
         calibration_data: batches (see :mod:`monoquant.data`). When given, the float model's outputs on the
             first :data:`~monoquant.measure.MEASURE_BATCHES` batches are recorded, and after quantization the
             report gets each layer's output SQNR on the same real inputs and the end-to-end output SQNR and
@@ -144,6 +162,9 @@ def quantize_(
     data = reiterable(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
     report, plan = _plan(model, cfg, rules)
+    already = [r for r in report.layers if r.reason.startswith("already quantized")]
+    if already and len(already) == len(report.layers):
+        refuse_quantized(model, "quantize_")
 
     # every layer is built (and calibration state attached) before the model is touched
     built: list[tuple[_Planned, QuantModule]] = []
@@ -187,6 +208,11 @@ def quantize_(
     del built  # the float layers can go now
 
     report.unmatched_rules = rules.unmatched()
+    _report_pending(report, model)
+    if already:
+        report.warn(f"{len(already)} layer(s) were already quantized and were left as they are (e.g. "
+                    f"{already[0].name}: {already[0].scheme}); to quantize them with this config, run "
+                    "mq.dequantize_(model) first", UserWarning, stacklevel=4)
     if references is None and report.quantized:
         report.notes.append(NOT_MEASURED_NOTE)
     if not report.quantized and not any(r.reason.startswith("already quantized") for r in report.layers):
@@ -197,6 +223,19 @@ def quantize_(
     order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
     check(report, limits, kinds, order, on_failure, stacklevel=4)
     return report
+
+
+def _report_pending(report: QuantReport, model: nn.Module) -> None:
+    """Mark the rows of layers still waiting for calibration, and say so: they are not quantized yet."""
+    pending = {name for name, _ in calibration.pending_layers(model)}
+    for row in report.layers:
+        row.pending = row.quantized and row.name in pending
+    if report.pending:
+        names = ", ".join(row.name for row in report.pending[:5]) + (", ..." if len(report.pending) > 5 else "")
+        why = "GPTQ / static activations need calibration data"
+        report.warn(f"{len(report.pending)} layer(s) wait for calibration and compute in float until then ({names}: "
+                    f"{why}); pass calibration_data=... to quantize_, or run mq.calibrate(model, data) then "
+                    "mq.freeze(model)", CalibrationPendingWarning, stacklevel=4)
 
 
 def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantReport, list[_Planned]]:

@@ -27,6 +27,10 @@ class NothingQuantizedWarning(UserWarning):
     """``quantize_`` found no layer to quantize."""
 
 
+class CalibrationPendingWarning(UserWarning):
+    """``quantize_`` left layers waiting for calibration data: they compute in float until ``mq.freeze``."""
+
+
 @dataclass
 class LayerReport:
     """One row of the report."""
@@ -43,6 +47,9 @@ class LayerReport:
     reason: str = ""
     method: str = ""
     note: str = ""
+    pending: bool = False
+    """Quantized layer still waiting for calibration data (GPTQ, static activations): it computes in float
+    until ``mq.calibrate`` + ``mq.freeze``."""
     kind: str = ""
     """The weight format's registered ``kind`` (``"int4"``, ``"nf4"``, ``"fp8-e4m3"``...): what thresholds are
     keyed by. Empty on rows built by hand, whose ``scheme`` prefix then stands for it."""
@@ -54,6 +61,11 @@ class LayerReport:
     @property
     def quantized(self) -> bool:
         return not self.skipped
+
+    @property
+    def done(self) -> bool:
+        """Quantized and frozen: the layer computes with its low-bit weights now."""
+        return not self.skipped and not self.pending
 
 
 def _fmt_db(x: float | None) -> str:
@@ -85,6 +97,11 @@ class QuantReport:
     @property
     def quantized(self) -> list[LayerReport]:
         return [row for row in self.layers if not row.skipped]
+
+    @property
+    def pending(self) -> list[LayerReport]:
+        """Rows of layers that wait for calibration (they compute in float until ``mq.freeze``)."""
+        return [row for row in self.layers if row.quantized and row.pending]
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -159,7 +176,8 @@ class QuantReport:
                      str(r.bytes_after if r.quantized else r.bytes_before), note or "-")
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
-        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept float; "
+        waiting = f", {len(self.pending)} waiting for calibration" if self.pending else ""
+        lines.append(f"{len(self.quantized) - len(self.pending)} quantized{waiting}, {len(self.skipped)} kept float; "
                      f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
         if "sqnr_db" in self.end_to_end:
             lines.append(f"model output vs float: SQNR {_fmt_db(self.end_to_end['sqnr_db'])} dB")
@@ -180,7 +198,8 @@ class QuantReport:
         right = {4, 5, 6, 7}  # numbers are right-aligned
         rows = [head]
         for r in self.layers:
-            note = ("skipped: " + r.reason) if r.skipped else "; ".join(x for x in (r.method, r.note) if x)
+            pending = "waiting for calibration: runs in float until mq.calibrate + mq.freeze" if r.pending else ""
+            note = ("skipped: " + r.reason) if r.skipped else "; ".join(x for x in (r.method, pending, r.note) if x)
             rows.append((
                 r.name or "<root>", r.module_type, r.scheme if r.quantized else "float", r.kernel or "-",
                 _fmt_bytes(r.bytes_before), _fmt_bytes(r.bytes_after if r.quantized else r.bytes_before),
@@ -190,7 +209,8 @@ class QuantReport:
         lines = ["  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
                            for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.quantized)} quantized, {len(self.skipped)} kept float; "
+        waiting = f", {len(self.pending)} waiting for calibration" if self.pending else ""
+        lines.append(f"{len(self.quantized) - len(self.pending)} quantized{waiting}, {len(self.skipped)} kept float; "
                      f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
         e2e = self.end_to_end
         if "sqnr_db" in e2e:

@@ -116,7 +116,7 @@ def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]
         raise SerializationError(f"{path} is a safetensors file but not a monoquant file (no monoquant header); "
                                  "load plain safetensors with safetensors.torch.load_file + model.load_state_dict")
     version = meta.get("format_version", "")
-    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= FORMAT_VERSION:
         raise SerializationError(f"{path} has format version {version!r}, this monoquant reads 1..{FORMAT_VERSION}; "
                                  "upgrade monoquant to read it")
     try:
@@ -389,9 +389,13 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
     found = [r for f in FORMATS.values() if (r := f.infer(buffers, cols)) is not None]
     if len(found) != 1:
         described = {n: f"{t.dtype} {list(t.shape)}" for n, t in buffers.items()}
+        lacking = [set(f.buffer_names()) - set(buffers) for f in FORMATS.values()
+                   if set(buffers) < set(f.buffer_names())]
+        missing = sorted(set.intersection(*lacking)) if lacking else []  # what every format they could be needs
+        hint = f" (missing: {', '.join(prefix + n for n in missing)})" if not found and missing else ""
         raise SerializationError(f"{prefix}qweight and its buffers {described} are "
                                  f"{'no' if not found else 'an ambiguous'} monoquant weight format for {cols} input "
-                                 "columns; load the file written by mq.save instead of a bare state dict")
+                                 f"columns{hint}; load the file written by mq.save instead of a bare state dict")
     spec, group_size = found[0]
     bias = state.get(prefix + "bias")
     float_dtype = bias.dtype if bias is not None else (

@@ -18,7 +18,7 @@ from .config import QuantConfig, WeightSpec, as_config
 from .data import ForwardFn, tqdm_disable
 from .errors import ConfigError
 from .measure import MEASURE_BATCHES
-from .quantize import candidate_class, quantize_
+from .quantize import candidate_class, quantize_, refuse_quantized
 from .report import NothingQuantizedWarning
 from .rules import SkipRules
 from .swap import Swap
@@ -36,7 +36,7 @@ class LayerSensitivity:
 
 def sensitivity(
     model: nn.Module,
-    config: QuantConfig | WeightSpec,
+    config: QuantConfig | WeightSpec | str,
     data: Iterable[Any],
     *,
     forward_fn: ForwardFn | None = None,
@@ -52,6 +52,7 @@ def sensitivity(
         One :class:`LayerSensitivity` per quantizable layer, most damaging (lowest output SQNR) first.
     """
     cfg = as_config(config)
+    refuse_quantized(model, "mq.sensitivity (each layer quantized alone against the float model)")
     _check_data(data)
     references = record_outputs(model, data, forward_fn, max_batches)
     if not references:

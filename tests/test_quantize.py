@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -274,7 +273,9 @@ def test_errors_are_clear():
     with pytest.raises(mq.ModelError, match=r"expected a torch\.nn\.Module, got dict"):
         mq.quantize_({"w": torch.zeros(2)}, mq.Int8())
     with pytest.raises(mq.ConfigError, match=r"expected mq\.QuantConfig"):
-        mq.quantize_(nn.Linear(2, 2), "int8")
+        mq.quantize_(nn.Linear(2, 2), 8)
+    with pytest.raises(mq.ConfigError, match=r"no weight format is called 'int3'"):
+        mq.quantize_(nn.Linear(2, 2), "int3")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -299,16 +300,25 @@ def test_meta_device_model_gets_config_error_and_changes_nothing():
     assert [type(m) for m in model] == [nn.Linear, nn.Linear]
 
 
-def test_quantizing_twice_is_idempotent_and_reported():
+def test_quantizing_a_quantized_model_again_is_refused_and_changes_nothing():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     mq.quantize_(model, cfg(mq.Int4(group_size=32)))
-    first = model[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        report = mq.quantize_(model, cfg(mq.Int8()))
+    first, state = model[0], {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mq.AlreadyQuantizedError, match=r"already holds 2 quantized layer\(s\) \(e\.g\. 0: "
+                       r"int4-affine-g32\); nothing was changed.*mq\.dequantize_\(model\)"):
+        mq.quantize_(model, cfg(mq.Int8()))
     assert model[0] is first and model[0].scheme() == "int4-affine-g32"
-    assert report.skipped == {"0": "already quantized (int4-affine-g32)", "1": "already quantized (int4-affine-g32)"}
-    assert report.quantized == []
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_quantizing_the_float_rest_of_a_partly_quantized_model_says_what_it_left():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    model[0] = mq.QuantLinear.from_float(model[0], mq.Int4(group_size=32))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) were already quantized and were left as they are \(e\.g\. "
+                      r"0: int4-affine-g32\); .*run mq\.dequantize_\(model\) first"):
+        report = mq.quantize_(model, cfg(mq.Int8()))
+    assert report.skipped == {"0": "already quantized (int4-affine-g32)"}
+    assert [r.name for r in report.quantized] == ["1"] and model[1].scheme() == "int8-sym-channel"
 
 
 def test_nothing_to_quantize_warns():

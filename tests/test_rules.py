@@ -14,7 +14,7 @@ class Net(nn.Module):
         self.stem = nn.Conv2d(3, 8, 3)  # 216 weights: tiny
         self.encoder = nn.ModuleList([nn.ModuleDict({"fc1": nn.Linear(64, 128), "fc2": nn.Linear(128, 64)})
                                       for _ in range(2)])
-        self.odd = nn.Linear(300, 64)  # 300 has no INT4 group >= 32 dividing it
+        self.odd = nn.Linear(262, 64)  # 262 = 2 x 131 has no divisor from 32 to 64
         self.lm_head = nn.Linear(64, 100)
 
 
@@ -25,7 +25,8 @@ def run(rules, spec=None, model=None):
 
 @pytest.mark.parametrize("cols, group, expected", [
     (4096, 128, 128), (128, 128, 128), (96, 128, 96), (9, 128, 9), (320, 128, 64), (288, 256, 32),
-    (300, 128, None), (480, 96, 96), (144, 96, 48), (200, 64, None), (4128, 128, 32),
+    (300, 128, 100), (480, 96, 96), (144, 96, 48), (200, 64, 50), (4128, 128, 32), (256, 100, 64), (250, 128, 125),
+    (262, 128, None), (262, 64, None), (100, 24, None), (96, 24, 24),
 ])
 def test_int4_resolve_group_size_policy(cols, group, expected):
     assert mq.Int4(group_size=group).resolve_group_size(cols) == expected
@@ -37,8 +38,8 @@ def test_defaults_keep_tiny_layers_and_optionally_heads():
     report, model = run(mq.SkipRules.defaults(skip_head=True))
     assert report.skipped == {
         "stem": f"too small: 216 weights < min_params={DEFAULT_MIN_PARAMS}",
-        "odd": "input size 300 has no INT4 group size <= 64 (>= 32) dividing it; "
-               "pass Int4(group_size=...) that divides it",
+        "odd": "input size 262 has no divisor between 32 and 64 to use as the INT4 group size (its divisors below "
+               "32: [1, 2]); pass Int4(group_size=...) with a divisor of 262",
         "lm_head": HEAD_REASON,
     }
     assert [r.name for r in report.quantized] == [

@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 import monoquant as mq
-from monoquant.calibration import _pending_layers, _plan_stages
+from monoquant.calibration import _plan_stages, pending_layers
 from monoquant.gptq import GPTQOptions, gptq_quantize
 
 
@@ -43,7 +43,7 @@ def _names(stages):
 
 def test_stages_follow_call_order_and_group_layers_reading_the_same_tensor():
     model = _swapped()
-    stages = _plan_stages(model, _pending_layers(model), BATCHES[0], None)
+    stages = _plan_stages(model, pending_layers(model), BATCHES[0], None)
     assert _names(stages) == [["a"], ["q", "k", "v"], ["out"]]
     assert [s.stop_after for s in stages] == [model.a, model.v, model.out]
 
@@ -91,7 +91,7 @@ def test_a_layer_called_twice_per_forward_is_not_cut_short():
             return self.shared(self.shared(self.first(x)))
 
     model = _swapped(model=Twice())
-    stages = _plan_stages(model, _pending_layers(model), BATCHES[0], None)
+    stages = _plan_stages(model, pending_layers(model), BATCHES[0], None)
     assert _names(stages) == [["first"], ["shared"]] and stages[1].stop_after is None
     mq.calibrate_and_freeze(model, BATCHES, progress=False)
     assert not mq.needs_calibration(model)
@@ -111,7 +111,7 @@ def test_a_failing_stage_puts_every_layer_back_as_it_was():
 
     with pytest.raises(RuntimeError, match="loader died"):
         mq.calibrate_and_freeze(model, BATCHES, forward_fn=flaky, progress=False)
-    assert [n for n, _ in _pending_layers(model)] == ["a", "q", "k", "v", "out"]
+    assert [n for n, _ in pending_layers(model)] == ["a", "q", "k", "v", "out"]
     for name, m in model.named_children():
         for key, t in m.state_dict().items():
             assert torch.equal(t, before[name][key]), (name, key)  # weights, and statistics back to none
@@ -129,7 +129,7 @@ def test_a_layer_no_batch_reaches_is_named_and_nothing_changes():
     model = _swapped(model=Branch())
     with pytest.raises(mq.CalibrationError, match="unused"):
         mq.calibrate_and_freeze(model, BATCHES, progress=False)
-    assert len(_pending_layers(model)) == 6
+    assert len(pending_layers(model)) == 6
 
 
 def test_one_shot_iterators_static_activations_and_quantize_with_data():

@@ -86,6 +86,12 @@ class WeightSpec:
         if not type(self).kind:
             raise ConfigError(f"{type(self).__name__} is the abstract base of weight formats and stores nothing; "
                               "use mq.Int8(), mq.Int4(group_size=128), mq.NF4(), mq.Float16() or another format")
+        missing = [m for m in REQUIRED_METHODS if getattr(type(self), m) is getattr(WeightSpec, m)]
+        if missing:
+            raise ConfigError(f"{type(self).__name__} (kind {type(self).kind!r}) does not implement "
+                              f"{', '.join(missing)}: "
+                              f"a weight format must define {', '.join(REQUIRED_METHODS)} (the README's 'Extending "
+                              "monoquant' section shows a complete format)")
 
     # ---- naming --------------------------------------------------------------------------------------------
     def describe(self, group_size: int | None = None) -> str:
@@ -206,20 +212,35 @@ class WeightSpec:
         return None
 
 
+MIN_FALLBACK_GROUP = 32
+"""The smallest group :func:`resolve_group_size` falls back to when the asked-for size does not divide a row."""
+
+
+REQUIRED_METHODS = ("empty_buffers", "quantize", "dequantize_into")
+"""What every weight format must implement itself (the rest has working defaults)."""
+
+
 def resolve_group_size(group_size: int, cols: int) -> int | None:
-    """The group size for rows of ``cols`` weights when ``group_size`` was asked for: ``group_size`` if it divides
-    them; one group per row if the row is no longer; else the largest of ``group_size/2, /4, ...`` (down to 32)
-    that divides the row; else ``None``."""
+    """The group size for rows of ``cols`` weights when ``group_size`` was asked for:
+
+    1. ``group_size`` if it divides the row; one group per row if the row is no longer;
+    2. else the largest of ``group_size/2, /4, ...`` (down to :data:`MIN_FALLBACK_GROUP`, 32) that divides it:
+       for a power-of-two request these are the sizes the packed low-bit kernels take;
+    3. else the largest divisor of the row between ``group_size`` and 32 (e.g. 100 asked on a 256-wide row
+       gives 64, 128 on a 250-wide row gives 125);
+    4. else ``None`` (smaller groups cost more scale bytes than they save error): the layer stays float with a
+       reason that lists the row's smaller divisors.
+    """
     if cols % group_size == 0:
         return group_size
     if cols <= group_size:
         return cols
     g = group_size // 2
-    while g >= 32:
+    while g >= MIN_FALLBACK_GROUP:
         if cols % g == 0:
             return g
         g //= 2
-    return None
+    return next((g for g in range(group_size - 1, MIN_FALLBACK_GROUP - 1, -1) if cols % g == 0), None)
 
 
 class GroupWise:
@@ -235,8 +256,13 @@ class GroupWise:
     def unfit_reason(self, cols: int) -> str | None:
         if self.resolve_group_size(cols) is None:
             name = type(self).__name__
-            return (f"input size {cols} has no {self.kind.upper()} group size <= {self.group_size} (>= 32) dividing "
-                    f"it; pass {name}(group_size=...) that divides it")
+            divisors = [g for g in range(1, min(self.group_size, MIN_FALLBACK_GROUP)) if cols % g == 0]
+            if self.group_size <= MIN_FALLBACK_GROUP:
+                return (f"{self.kind.upper()} group size {self.group_size} does not divide input size {cols}; pass "
+                        f"{name}(group_size=...) with a divisor of {cols} (e.g. {divisors[-1]})")
+            return (f"input size {cols} has no divisor between {MIN_FALLBACK_GROUP} and {self.group_size} to use as "
+                    f"the {self.kind.upper()} group size (its divisors below {MIN_FALLBACK_GROUP}: {divisors}); pass "
+                    f"{name}(group_size=...) with a divisor of {cols}")
         return None
 
 

@@ -25,9 +25,9 @@ class Int4(GroupWise, IntegerFormat):
     """4-bit weights, group-wise along the input dimension, packed two per byte, affine by default.
 
     ``group_size`` must be positive. When a layer's input size is not a multiple of it, the group is chosen
-    by :meth:`resolve_group_size`: one group per row if the row is no longer than ``group_size``; else the
-    largest of ``group_size/2, group_size/4, ...`` (down to 32) that divides the row; else the layer is
-    skipped and reported.
+    by :func:`~monoquant.formats.base.resolve_group_size`: one group per row if the row is no longer than
+    ``group_size``; else the largest of ``group_size/2, /4, ...`` (down to 32) that divides the row; else the
+    largest divisor of the row between ``group_size`` and 32; else the layer is skipped and reported.
 
     ``method``, ``act_order``, ``damping``, ``sequential``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or
     ``"gptq"``).

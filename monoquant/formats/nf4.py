@@ -76,7 +76,8 @@ class NF4(GroupWise, WeightSpec):
 
     ``group_size`` (default 64, bitsandbytes' block size) must be positive; when a layer's input size is not a
     multiple of it the group is chosen as for :class:`~monoquant.Int4` (one group per row if the row is no longer;
-    else the largest of ``group_size/2, /4, ...`` down to 32 that divides the row; else the layer is skipped).
+    else the largest of ``group_size/2, /4, ...`` down to 32 that divides the row; else the largest divisor of the
+    row between ``group_size`` and 32; else the layer is skipped).
     Quantization is round-to-nearest with the absmax scale: there is no observer, ``method`` or GPTQ.
     """
 

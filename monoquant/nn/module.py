@@ -158,8 +158,12 @@ class QuantModule(nn.Module):
         self._kernel_cache.clear()
 
     @classmethod
-    def _spec_of(cls, config: QuantConfig | WeightSpec) -> tuple[WeightSpec, torch.dtype | None]:
-        cfg = as_config(config)
+    def _spec_of(cls, config: QuantConfig | WeightSpec | str) -> tuple[WeightSpec, torch.dtype | None]:
+        """The format this class is built with: a bare spec (or format name) given to one layer class is that
+        layer's format; a :class:`QuantConfig` gives it through the class's ``config_field``."""
+        if not isinstance(config, QuantConfig):
+            return as_config(config).weights, None
+        cfg = config
         spec = getattr(cfg, cls.config_field)
         if spec is None:
             raise ConfigError(f"{cls.__name__} takes its format from QuantConfig({cls.config_field}=...), which is "
@@ -249,7 +253,8 @@ class QuantModule(nn.Module):
         observer: Observer | None = None,
         group_size: int | None = None,
     ) -> QuantModule:
-        """Quantize float ``module``'s weight with ``config`` (a weight spec or full config; default ``Int8()``).
+        """Quantize float ``module``'s weight with ``config``: a weight spec or format name (this layer's format), or a
+        full config (the format in its ``config_field``); default ``Int8()``.
 
         ``name`` is used in error messages; ``observer`` overrides the spec's weight observer; ``group_size``
         overrides the INT4 group chosen by :meth:`Int4.resolve_group_size`.

@@ -145,7 +145,16 @@ def test_bad_indices_and_configs_are_refused():
     with pytest.raises(mq.ConfigError, match="embeddings are looked up"):
         mq.QuantConfig(mq.Int8(), embeddings=mq.Int8(method="gptq"))
     with pytest.raises(mq.ConfigError, match=r"QuantConfig\(embeddings=\.\.\.\)"):
-        mq.QuantEmbedding.from_float(nn.Embedding(10, 32), mq.Int8())
+        mq.QuantEmbedding.from_float(nn.Embedding(10, 32), mq.QuantConfig(mq.Int8()))  # embeddings not set
+
+
+def test_a_bare_spec_given_to_the_embedding_class_is_its_format():
+    emb = nn.Embedding(10, 32)
+    by_spec = mq.QuantEmbedding.from_float(emb, mq.Int4(group_size=32))
+    by_config = mq.QuantEmbedding.from_float(emb, mq.QuantConfig(mq.Int8(), embeddings=mq.Int4(group_size=32)))
+    assert by_spec.scheme() == by_config.scheme() == "int4-affine-g32"
+    assert torch.equal(by_spec.qweight, by_config.qweight) and torch.equal(by_spec.scale, by_config.scale)
+    assert mq.QuantEmbedding.from_float(emb, "int8").scheme() == mq.QuantEmbedding.from_float(emb, mq.Int8()).scheme()
 
 
 def test_state_dict_load_infers_the_embedding_format():

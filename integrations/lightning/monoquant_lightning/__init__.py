@@ -5,6 +5,7 @@
 >>> trainer = L.Trainer(callbacks=[ModelCheckpoint(monitor="val_acc", mode="max"), ptq])  # doctest: +SKIP
 """
 
+from ._version import __version__
 from .callback import PostTrainingQuantization
 from .checkpoint import (
     QuantizedCheckpointMixin,
@@ -16,7 +17,5 @@ from .configs import coerce_config, let_jsonargparse_build_configs
 
 let_jsonargparse_build_configs()  # LightningCLI: class_path: monoquant.QuantConfig / monoquant.Int4 in YAML files
 
-__version__ = "0.1.0"
-
-__all__ = ["PostTrainingQuantization", "QuantizedCheckpointMixin", "coerce_config", "find_callback_state",
-           "load_quantized_checkpoint", "restore_quantized_structure"]
+__all__ = ["PostTrainingQuantization", "QuantizedCheckpointMixin", "__version__", "coerce_config",
+           "find_callback_state", "load_quantized_checkpoint", "restore_quantized_structure"]
