@@ -516,7 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"monoquant: error: --group-size must be positive, got {args.group_size}", file=sys.stderr)
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's final flush
+        return status
     except BrokenPipeError:  # `monoquant inspect f | head`: the reader left; say nothing, like other Unix tools
         _stdout_to_devnull()
         return 128 + SIGPIPE

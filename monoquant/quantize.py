@@ -23,14 +23,16 @@ from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
 from .nn import QuantModule, quant_class_for
-from .report import CalibrationPendingWarning, LayerReport, NothingQuantizedWarning, QuantReport
+from .report import (
+    NOT_MEASURED_NOTE,
+    CalibrationPendingWarning,
+    LayerReport,
+    NothingQuantizedWarning,
+    QuantReport,
+)
 from .rules import Decision, SkipRules
 from .swap import Swap, restore_encoder_fast_paths
 from .thresholds import ON_FAILURE, Thresholds, check
-
-NOT_MEASURED_NOTE = ("accuracy was not measured (only weight SQNR): pass calibration_data=... (a few batches of real "
-                     "inputs) to quantize_ to measure each layer's output SQNR and the model output's, or compare "
-                     "afterwards with mq.compare(float_model, model, data)")
 
 MHA_OUT_PROJ_REASON = ("nn.MultiheadAttention reads out_proj.weight directly instead of calling it, "
                        "so no low-bit kernel could run")
@@ -233,9 +235,9 @@ def _report_pending(report: QuantReport, model: nn.Module) -> None:
     if report.pending:
         names = ", ".join(row.name for row in report.pending[:5]) + (", ..." if len(report.pending) > 5 else "")
         why = "GPTQ / static activations need calibration data"
-        report.warn(f"{len(report.pending)} layer(s) wait for calibration and compute in float until then ({names}: "
-                    f"{why}); pass calibration_data=... to quantize_, or run mq.calibrate(model, data) then "
-                    "mq.freeze(model)", CalibrationPendingWarning, stacklevel=4)
+        warnings.warn(f"{len(report.pending)} layer(s) wait for calibration and compute in float until then ({names}: "
+                      f"{why}); pass calibration_data=... to quantize_, or run mq.calibrate_and_freeze(model, data) "
+                      "afterwards", CalibrationPendingWarning, stacklevel=3)
 
 
 def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantReport, list[_Planned]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 
 
 __all__ = ["AccuracyWarning", "LayerReport", "NothingQuantizedWarning", "QuantReport", "plot_sensitivity"]
+
+
+NOT_MEASURED_NOTE = ("accuracy was not measured (only weight SQNR): pass calibration_data=... (a few batches of "
+                     "real inputs) to quantize_ to measure each layer's output SQNR and the model output's, or "
+                     "compare afterwards with mq.compare(float_model, model, data)")
+"""The note of a report whose model output was not compared with the float model."""
 
 
 class AccuracyWarning(UserWarning):
@@ -49,7 +55,7 @@ class LayerReport:
     note: str = ""
     pending: bool = False
     """Quantized layer still waiting for calibration data (GPTQ, static activations): it computes in float
-    until ``mq.calibrate`` + ``mq.freeze``."""
+    until ``mq.calibrate_and_freeze`` (or ``mq.calibrate`` + ``mq.freeze``)."""
     kind: str = ""
     """The weight format's registered ``kind`` (``"int4"``, ``"nf4"``, ``"fp8-e4m3"``...): what thresholds are
     keyed by. Empty on rows built by hand, whose ``scheme`` prefix then stands for it."""
@@ -100,7 +106,9 @@ class QuantReport:
 
     @property
     def pending(self) -> list[LayerReport]:
-        """Rows of layers that wait for calibration (they compute in float until ``mq.freeze``)."""
+        """Rows of layers that wait for calibration (they compute in float until ``mq.freeze``).
+
+        ``mq.calibrate_and_freeze`` returns what :meth:`record_frozen` takes to bring the rows up to date."""
         return [row for row in self.layers if row.quantized and row.pending]
 
     @property
@@ -126,12 +134,20 @@ class QuantReport:
                 return r
         raise KeyError(name)
 
+    def record_end_to_end(self, values: Mapping[str, float]) -> None:
+        """Record a model-output comparison measured after :func:`monoquant.quantize_` (``report.end_to_end``
+        keys): the report no longer says that accuracy was not measured."""
+        self.end_to_end.update(values)
+        if NOT_MEASURED_NOTE in self.notes:
+            self.notes.remove(NOT_MEASURED_NOTE)
+
     def record_frozen(self, frozen: Iterable[FrozenLayer]) -> None:
         """Update the rows of layers that :func:`monoquant.freeze` just finished (its return value): kernel and
         bytes as they are now, and the weight / output SQNR that freeze measured (GPTQ), where it measured one."""
         rows = {row.name: row for row in self.layers}
         for done in frozen:
             row = rows[done.name]
+            row.pending = False
             row.kernel, row.bytes_after = done.module.kernel_summary(), done.module.storage_bytes()
             if done.weight_sqnr_db is not None:
                 row.weight_sqnr_db = done.weight_sqnr_db
@@ -181,6 +197,7 @@ class QuantReport:
                      f"{_fmt_bytes(self.bytes_before)} -> {_fmt_bytes(self.bytes_after)} ({self.size_ratio:.3f}x)")
         if "sqnr_db" in self.end_to_end:
             lines.append(f"model output vs float: SQNR {_fmt_db(self.end_to_end['sqnr_db'])} dB")
+        lines += [f"- WARNING: {w}" for w in self.warnings] + [f"- NOTE: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -198,7 +215,7 @@ class QuantReport:
         right = {4, 5, 6, 7}  # numbers are right-aligned
         rows = [head]
         for r in self.layers:
-            pending = "waiting for calibration: runs in float until mq.calibrate + mq.freeze" if r.pending else ""
+            pending = "waiting for calibration: runs in float until mq.calibrate_and_freeze" if r.pending else ""
             note = ("skipped: " + r.reason) if r.skipped else "; ".join(x for x in (r.method, pending, r.note) if x)
             rows.append((
                 r.name or "<root>", r.module_type, r.scheme if r.quantized else "float", r.kernel or "-",

@@ -19,7 +19,14 @@ from monoquant import CalibrationError, ConfigError, evaluating, run_batch
 from .artifact import write_artifact
 from .batches import Replay, check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
 from .best import WEIGHTS, BestWeights, Weights, load_best_weights, resolve_weights
-from .checkpoint import STATE_FORMAT, config_to_dict, float_layers_in, restore_from_state_dict
+from .checkpoint import (
+    STATE_FORMAT,
+    config_to_dict,
+    drop_route_key,
+    float_layers_in,
+    mark_quantized,
+    restore_from_state_dict,
+)
 from .comparison import OutputComparison
 from .configs import ConfigLike, coerce_config
 
@@ -33,6 +40,9 @@ def no_data_error(why: str) -> CalibrationError:
                             f"quantization or method='gptq') but {why}; pass "
                             "PostTrainingQuantization(..., calibration_dataloader=loader), or give fit validation data")
 
+
+REPORT_FILE = "monoquant_report.md"
+"""The report's file name in the trainer's log directory."""
 
 class _LoadHook:
     """A ``load_state_dict`` hook that calls a method of the callback through a weak reference, so that a
@@ -188,6 +198,8 @@ class PostTrainingQuantization(Callback):
         self.accuracy_check: dict[str, Any] | None = None
         self.source: dict[str, Any] | None = None  # which float weights were quantized (weights, checkpoint...)
         self.saved_path: Path | None = None
+        self.report_path: Path | None = None
+        """Where the report was written as Markdown (``<trainer.log_dir>/monoquant_report.md``), on rank zero."""
         self._monitor_history: dict[int, float] = {}  # global_step -> monitor value, from fit's validations
         self._fit_loaders: Loaders | None = None  # the last fit's batch sources, to re-quantize float checkpoints
         self._hooks: list[Any] = []
@@ -229,6 +241,12 @@ class PostTrainingQuantization(Callback):
             self.float_metric = state_dict.get("float_metric")
 
     # ---- hooks --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A quantized model's checkpoint carries a key that tells a plain ``load_from_checkpoint`` what to do."""
+        if self.quantized and isinstance(checkpoint.get("state_dict"), dict):
+            mark_quantized(checkpoint["state_dict"])
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Prepare ``pl_module`` to receive a checkpoint (``trainer.test(model, ckpt_path=...)``).
 
@@ -255,6 +273,7 @@ class PostTrainingQuantization(Callback):
 
     def _before_load(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._requantized = False
+        drop_route_key(state_dict, prefix)
         if not float_layers_in(module, state_dict, prefix):
             restore_from_state_dict(module, state_dict, self.config, prefix)
             return
@@ -400,6 +419,7 @@ class PostTrainingQuantization(Callback):
         with warnings.catch_warnings():
             if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
                 warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", mq.CalibrationPendingWarning)  # calibrated right below
             report = mq.quantize_(pl_module, self.config, progress=False)
             if mq.needs_calibration(pl_module):
                 self._calibrate(trainer, pl_module, loaders, limits, report)
@@ -427,7 +447,7 @@ class PostTrainingQuantization(Callback):
             for batch, ref in zip(batches, references):
                 comparison.update(ref, self._forward(trainer, pl_module, batch), batch)
         end_to_end, per_layer = comparison.compute(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-        report.end_to_end.update(end_to_end)
+        report.record_end_to_end(end_to_end)
         for name, value in per_layer.items():
             report.row(name).output_sqnr_db = value
 
@@ -466,6 +486,7 @@ class PostTrainingQuantization(Callback):
             return
         if self.verbose:
             print(report)
+        self.report_path = self._write_report(trainer, report)
         metrics: dict[str, float] = {
             "quant/layers_quantized": float(len(report.quantized)),
             "quant/layers_skipped": float(len(report.skipped)),
@@ -481,6 +502,20 @@ class PostTrainingQuantization(Callback):
             if row.output_sqnr_db is not None:
                 metrics[f"quant/output_sqnr_db/{row.name}"] = float(row.output_sqnr_db)
         self._log(trainer, metrics)
+
+    @staticmethod
+    def _write_report(trainer: pl.Trainer, report: mq.QuantReport) -> Path:
+        """Write the report as Markdown into the trainer's log directory (where CSV / TensorBoard users look) and
+        hand it to every logger that takes text (TensorBoard's ``add_text``); rank zero only."""
+        markdown = report.to_markdown()
+        path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown + "\n", encoding="utf-8")
+        for logger in trainer.loggers:
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if callable(add_text):
+                add_text("monoquant/report", markdown, global_step=trainer.global_step)
+        return path
 
     def _check_accuracy(self, trainer: pl.Trainer, quant_value: float) -> None:
         float_value = self.float_metric

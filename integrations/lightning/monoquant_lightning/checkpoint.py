@@ -62,6 +62,23 @@ LOAD_FROM_CHECKPOINT_ROUTE = ("for MyModule.load_from_checkpoint(path), define t
                               "(from monoquant_lightning import QuantizedCheckpointMixin)")
 """The one-line route for ``load_from_checkpoint``, named by the errors of this module."""
 
+ROUTE_KEY = f"monoquant: this checkpoint holds quantized layers; {LOAD_FROM_CHECKPOINT_ROUTE}"
+"""A key the callback adds to ``checkpoint["state_dict"]`` of a quantized model (an empty tensor). The routes
+that understand quantized checkpoints drop it; a plain ``MyModule.load_from_checkpoint(path)`` of a module
+without :class:`QuantizedCheckpointMixin` fails on it, and PyTorch's "Unexpected key(s)" message then names the
+mixin and the one-line fix, instead of only listing ``qweight`` keys."""
+
+
+def mark_quantized(state_dict: dict[str, Any]) -> None:
+    """Add :data:`ROUTE_KEY` to a quantized model's checkpoint state dict."""
+    state_dict[ROUTE_KEY] = torch.zeros(0)
+
+
+def drop_route_key(state_dict: Any, prefix: str = "") -> None:
+    """Remove :data:`ROUTE_KEY` (if there) before the state dict is loaded."""
+    if isinstance(state_dict, dict):
+        state_dict.pop(prefix + ROUTE_KEY, None)
+
 
 class QuantizedCheckpointMixin:
     """Lets ``MyModule.load_from_checkpoint(path)`` load checkpoints saved after quantization.
@@ -129,7 +146,10 @@ def restore_quantized_structure(module: nn.Module, checkpoint: dict[str, Any], s
 
     Raises:
         SerializationError: the checkpoint's layers don't match ``module`` (names or schemes).
+
+    Also drops :data:`ROUTE_KEY` from ``checkpoint["state_dict"]``, so the state dict then loads strictly.
     """
+    drop_route_key(checkpoint.get("state_dict"))
     state = find_callback_state(checkpoint, state_key)
     if state is None:
         stored = quantized_names(checkpoint.get("state_dict") or {})
