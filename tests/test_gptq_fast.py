@@ -88,7 +88,8 @@ def _hessian(k, seed):
 def test_inverse_cholesky_equals_the_reference(seed):
     h = _hessian(192, seed)
     got, want = gptq._inverse_cholesky(h, 0.01), reference_inverse_cholesky(h, 0.01)
-    assert torch.allclose(got, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+    assert got.dtype == torch.float32  # the precision GPTQ uses it in (0.2 cast its float64 factor to float32)
+    assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
     assert torch.equal(got, got.triu())
 
 
