@@ -585,7 +585,8 @@ def _quantile(counts: torch.Tensor, starts: torch.Tensor, width: float, frac: fl
 
 
 CLIP_SEARCH_ELEMENTS = 1 << 22
-"""Most ``candidates x values`` the PyTorch clipping search holds at once (float64: 32 MiB per temporary)."""
+"""Most ``candidates x values`` the PyTorch clipping search holds at once (float64: 32 MiB per temporary); the
+compiled search converts at most this many values to float64 at once."""
 
 
 def clip_errors(slots: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor,
@@ -598,12 +599,16 @@ def clip_errors(slots: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios:
     :data:`CLIP_SEARCH_ELEMENTS`. Both compute every element's error with the float64 formulas of
     :mod:`monoquant.functional`; only the summation order differs.
     """
-    slots = slots.double().contiguous()
-    if slots.device.type == "cpu" and fused.available():
-        return fused.mse_clip_errors(slots, lo.contiguous(), hi.contiguous(), ratios.double().contiguous(),
-                                     qtype.qmin, qtype.qmax, qtype.symmetric, F.SCALE_EPS)
     s, width = slots.shape
     errs = torch.empty(ratios.numel(), s, dtype=torch.float64, device=slots.device)
+    if slots.device.type == "cpu" and fused.available():
+        rows, ratios = max(1, CLIP_SEARCH_ELEMENTS // max(width, 1)), ratios.double().contiguous()
+        for r0 in range(0, s, rows):  # float64 copies of at most CLIP_SEARCH_ELEMENTS values at a time
+            errs[:, r0:r0 + rows] = fused.mse_clip_errors(
+                slots[r0:r0 + rows].double().contiguous(), lo[r0:r0 + rows].contiguous(),
+                hi[r0:r0 + rows].contiguous(), ratios, qtype.qmin, qtype.qmax, qtype.symmetric, F.SCALE_EPS)
+        return errs
+    slots = slots.double()
     rows = max(1, CLIP_SEARCH_ELEMENTS // max(width * ratios.numel(), 1))
     cands = ratios.numel() if rows > 1 else max(1, CLIP_SEARCH_ELEMENTS // max(width, 1))
     for r0 in range(0, s, rows):

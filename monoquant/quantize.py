@@ -22,6 +22,7 @@ from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import ConfigError, ModelError
+from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import LayerReport, NothingQuantizedWarning, QuantReport
 from .rules import Decision, SkipRules
@@ -168,6 +169,7 @@ def quantize_(
         row.bytes_after = q.storage_bytes()
         row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
         built.append((item, q))
+        release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
     del done
 
     # the float model's outputs on the first few batches, recorded before anything changes
