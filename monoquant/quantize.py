@@ -122,7 +122,10 @@ def quantize_(
     layer that saw no data, GPTQ, measurement, an interrupt) every original module is put back and the error is
     re-raised: the model is exactly as before (same module objects, tensors, hooks and flags). The price is
     memory: the float layers stay alive until the call succeeds, so a model briefly holds its float and its
-    quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128).
+    quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128), plus the temporaries of the
+    layer in work (each layer's are returned to the operating system before the next layer's are made). With
+    GPTQ, every layer's Hessian (``in x in`` float32) is held from calibration until all layers are frozen, and
+    the computed weights (their quantized size) until all are applied.
 
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
