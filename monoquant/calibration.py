@@ -38,6 +38,7 @@ from .config import QuantConfig
 from .errors import CalibrationError
 from .gptq import GPTQOptions, GPTQState
 from .im2col import ConvGeometry
+from .memory import release_freed_memory
 from .nn.activation import ActivationQuantizer
 from .nn.linear import QuantLinear
 from .nn.module import QuantModule
@@ -224,6 +225,8 @@ def _compute_frozen(layers: list[tuple[str, QuantModule]]) -> list[_Result]:
             with torch.no_grad():
                 deq = q.spec.dequantize(stored, q.weight2d_shape[1], q.group_size, torch.float32)
                 row.weight_sqnr_db = F.sqnr(q.gptq.weight.reshape(deq.shape), deq)
+            del deq
+            release_freed_memory()  # GPTQ's temporaries (inverse factor, transposed weight): one layer's at a time
         act = q.input_quantizer
         if act is not None and not act.ready:
             act_qparams = act.observed_qparams()

@@ -184,3 +184,12 @@ def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor
     """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,
     ``w_scale`` per column or one), in one pass; bit-identical to the PyTorch ops in that order."""
     return load().rescale_rows(acc, x_scale, w_scale, bias)  # type: ignore[union-attr]
+
+
+def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
+                    qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
+    """float64 ``[C, S]``: for each of ``C`` ratios ``r`` and each row (slot) of the contiguous float64 ``view``
+    ``[S, L]``, the summed squared error of fake-quantizing the row with the qparams of ``[r * lo, r * hi]``
+    (``lo``/``hi``: float64 ``[S]``). The same float64 arithmetic as :func:`monoquant.functional.qparams_from_minmax`
+    and :func:`~monoquant.functional.fake_quantize` (scale rounded to float32), summed in another order."""
+    return load().mse_clip_errors(view, lo, hi, ratios, qmin, qmax, symmetric, eps)  # type: ignore[union-attr]

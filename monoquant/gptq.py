@@ -27,6 +27,14 @@ Storage and kernels are unchanged: only the integer codes and scales differ from
 
 What ``method="gptq"`` uses when a spec leaves these unset is :data:`DEFAULT_OPTIONS` (measured in
 ``benchmarks/bench_accuracy.py``).
+
+Speed and precision: the weight is processed transposed (a column is a contiguous row), errors are spread by
+rank-one updates only inside a :data:`SUB_BLOCK_SIZE`-column sub-block, by matrix products to the rest of the
+:data:`BLOCK_SIZE`-column block and, once per block, to the columns after it (the paper's lazy batch updates).
+The Hessian's Cholesky factorisation runs in float64; the inverse factor, the updates, the refit's Gram
+matrices and the output SQNR's products in float32 (sums of the latter in float64). Codes and qparams are
+computed in float64 exactly as round-to-nearest computes them. ``tests/_gptq_reference.py`` keeps 0.2's
+implementation, which the tests compare against (output SQNR within 0.05 dB).
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ from .qtypes import QType
 
 BLOCK_SIZE = 128
 """Columns quantized between two lazy (matrix-multiply) error updates of the remaining weight."""
+
+SUB_BLOCK_SIZE = 16
+"""Columns inside a block between two matrix-multiply updates of the rest of the block: each column's
+rank-one update touches at most this many columns (kept in cache), the rest is updated once per sub-block."""
 
 
 class HessianObserver(Observer):
@@ -101,13 +113,20 @@ class HessianObserver(Observer):
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damping * mean(diag H) * I)^-1``, in float64 for stability."""
+    """Upper Cholesky factor ``U`` of ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), float32.
+
+    With ``J`` the reversal permutation, ``J H J = L L^T`` (one Cholesky factorisation) gives ``H^-1 = U^T U``
+    for the upper triangular ``U = J L^-1 J``: one factorisation and one triangular solve, instead of forming the
+    inverse (``cholesky_inverse``) and factorising it again. The factorisation runs in float64 (it is where
+    rounding could break positive definiteness); the triangular solve in float32, the precision GPTQ uses ``U`` in.
+    """
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damping * float(torch.diag(h).mean()))
-    lower = torch.linalg.cholesky(h)
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    lower = torch.linalg.cholesky(h.flip(0, 1)).float()
+    eye = torch.eye(h.shape[0], dtype=lower.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 def gptq_quantize(
@@ -184,44 +203,54 @@ def _gptq_rows(
     perm = (torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order
             else torch.arange(k, device=w.device))
     position = torch.argsort(perm)  # processing position of each stored column
-    w = w[:, perm].clone()
+    order = perm.tolist()
+    # transposed, in processing order: column j of the weight is the contiguous row wt[j]
+    wt = w.t()[perm].contiguous()
     hinv = _inverse_cholesky(hessian[perm][:, perm], damping).float().to(w.device)
-    codes = torch.empty(m, k, dtype=torch.int64, device=w.device)
+    codes_t = torch.empty(k, m, dtype=torch.int16, device=w.device)
     if static is not None:
         scale_all, zero_all = static
+        scale_t, zero_t = scale_all.double().t().contiguous(), zero_all.double().t().contiguous()
     else:
         scale_all = torch.empty(m, k // g, dtype=torch.float64, device=w.device)
         zero_all = torch.empty(m, k // g, dtype=torch.int64, device=w.device)
+        scale_t = torch.empty(k // g, m, dtype=torch.float64, device=w.device)
+        zero_t = torch.empty(k // g, m, dtype=torch.float64, device=w.device)
     chosen: set[int] = set()
     for b0 in range(0, k, BLOCK_SIZE):
         b1 = min(b0 + BLOCK_SIZE, k)
-        wb, hb = w[:, b0:b1].clone(), hinv[b0:b1, b0:b1]
+        wb, hb = wt[b0:b1].clone(), hinv[b0:b1, b0:b1]
         errs = torch.zeros_like(wb)
-        for i in range(b1 - b0):
-            col = int(perm[b0 + i])
-            if g is None:
-                s, z = scale_all, zero_all
-            else:
-                slot = col // g
-                if static is None and slot not in chosen:
-                    # no column of this group is quantized yet: w at block start minus this block's updates so far
-                    cols = position[slot * g:(slot + 1) * g]
-                    current = w[:, cols] - errs[:, :i] @ hinv[b0:b0 + i, cols]
-                    s, z = spec.qparams(current, g)
-                    scale_all[:, slot], zero_all[:, slot] = s[:, 0], z[:, 0]
-                    chosen.add(slot)
-                s, z = scale_all[:, slot], zero_all[:, slot]
-            q = F.quantize(wb[:, i], s, z, qtype)
-            codes[:, b0 + i] = q
-            err = (wb[:, i] - F.dequantize(q, s, z, torch.float64).float()) / hb[i, i]
-            wb[:, i:] -= err[:, None] * hb[i, i:][None, :]
-            errs[:, i] = err
-        w[:, b1:] -= errs @ hinv[b0:b1, b1:]
-    return codes[:, position], scale_all, zero_all
+        for s0 in range(0, b1 - b0, SUB_BLOCK_SIZE):
+            s1 = min(s0 + SUB_BLOCK_SIZE, b1 - b0)
+            for i in range(s0, s1):
+                if g is None:
+                    s, z = scale_t, zero_t
+                else:
+                    slot = order[b0 + i] // g
+                    if static is None and slot not in chosen:
+                        # no column of this group is quantized yet: w at block start minus this block's updates
+                        cols = position[slot * g:(slot + 1) * g]
+                        current = wt[cols] - hinv[b0:b0 + i, cols].t() @ errs[:i]
+                        sc, zc = spec.qparams(current.t(), g)
+                        scale_all[:, slot], zero_all[:, slot] = sc[:, 0], zc[:, 0]
+                        scale_t[slot], zero_t[slot] = sc[:, 0], zc[:, 0]
+                        chosen.add(slot)
+                    s, z = scale_t[slot], zero_t[slot]
+                # F.quantize then F.dequantize, in float64 as they compute it, without their conversions
+                x = wb[i]
+                q = torch.round(x.double() / s).add_(z).clamp_(qtype.qmin, qtype.qmax)
+                codes_t[b0 + i] = q
+                err = (x - q.sub_(z).mul_(s).float()).div_(hb[i, i])
+                wb[i:s1] -= hb[i, i:s1, None] * err[None, :]
+                errs[i] = err
+            wb[s1:] -= hb[s0:s1, s1:].t() @ errs[s0:s1]
+        wt[b1:] -= hinv[b0:b1, b1:].t() @ errs
+    return codes_t[position].t().to(torch.int64), scale_all, zero_all
 
 
 def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                       zero: torch.Tensor, group_size: int, chunk: int = 256) -> torch.Tensor:
+                       zero: torch.Tensor, group_size: int, chunk: int = 128) -> torch.Tensor:
     """Least-squares scales for fixed integer codes and zero-points: each row's output error ``e H e^T``.
 
     With codes ``q`` and zero-points ``z`` fixed, a row's dequantized weight ``s_g * (q - z_g)`` is linear in its
@@ -233,22 +262,27 @@ def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tens
     """
     m, k = w.shape
     groups = k // group_size
-    w64, h64 = w.double(), hessian.double()
+    h32 = hessian.float()
     old = scale.reshape(m, groups).double()
-    centred = (codes.double() - zero.reshape(m, groups, 1).double().expand(m, groups, group_size).reshape(m, k))
-    blocks = h64.reshape(groups, group_size, groups, group_size)
+    centred = codes.float() - zero.reshape(m, groups, 1).float().expand(m, groups, group_size).reshape(m, k)
+    h_rows = h32.reshape(groups, group_size, k)
     new = old.clone()
     for r0 in range(0, m, chunk):
-        d = centred[r0:r0 + chunk].reshape(-1, groups, group_size)
-        gram = torch.einsum("rgi,gihj,rhj->rgh", d, blocks, d)
-        rhs = (d * (w64[r0:r0 + chunk] @ h64).reshape(-1, groups, group_size)).sum(-1)
+        d = centred[r0:r0 + chunk]
+        r = d.shape[0]
+        dg = d.reshape(r, groups, group_size)
+        # gram[r, g, h] = d_rg . H_gh . d_rh: the groups' rows of H times each row's codes, then each group's sum
+        rows_h = torch.bmm(dg.transpose(0, 1), h_rows).reshape(groups, r, groups, group_size)
+        gram = torch.einsum("grhj,rhj->rgh", rows_h, dg).double()
+        rhs = (dg * (w[r0:r0 + chunk].float() @ h32).reshape(r, groups, group_size)).sum(-1).double()
         diag = gram.diagonal(dim1=1, dim2=2)
         diag.add_(1e-12 * diag.mean(-1, keepdim=True) + 1e-300)  # dead groups: a solvable system, scale ~ 0
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
         before = old[r0:r0 + chunk]
         better = torch.isfinite(sol).all(-1) & (sol > 0).all(-1)
         sol = torch.where(better[:, None], sol, before)
-        errors = [_row_errors(w64[r0:r0 + chunk], (d * s.unsqueeze(-1)).reshape(-1, k), h64) for s in (sol, before)]
+        # a row's error for scales s is w H w^T - 2 s . rhs + s^T gram s; the first term is the same for both
+        errors = [((gram @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1) - 2 * (v * rhs).sum(-1) for v in (sol, before)]
         new[r0:r0 + chunk] = torch.where((better & (errors[0] < errors[1]))[:, None], sol, before)
     return new.reshape(scale.shape).to(scale.dtype)
 
@@ -266,12 +300,14 @@ def output_sqnr(weight2d: torch.Tensor, dequantized: torch.Tensor, hessian: torc
     and is left out of the signal. A ``[G, K, K]`` Hessian (grouped convolution) applies to ``G`` equal
     blocks of rows.
     """
-    h = hessian.double() if hessian.dim() == 3 else hessian.double().unsqueeze(0)
+    h = hessian.float() if hessian.dim() == 3 else hessian.float().unsqueeze(0)
     w = weight2d.double().reshape(h.shape[0], -1, weight2d.shape[1])
-    d = w - dequantized.double().reshape(w.shape)
-    # quadratic forms of a PSD matrix: a rounding-level negative value means zero
-    signal = max(float(((w @ h) * w).sum()), 0.0)
-    noise = max(float(((d @ h) * d).sum()), 0.0)
+    d = (w - dequantized.double().reshape(w.shape)).float()
+    w = w.float()
+    # float32 products (relative error ~1e-6, far below what a dB figure shows), summed in float64; quadratic
+    # forms of a PSD matrix: a rounding-level negative value means zero
+    signal = max(float(((w @ h) * w).sum(dtype=torch.float64)), 0.0)
+    noise = max(float(((d @ h) * d).sum(dtype=torch.float64)), 0.0)
     return F.sqnr_from_powers(signal, noise)
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional as F
+from . import fused
 from .errors import CalibrationError, ConfigError
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 
@@ -583,6 +584,43 @@ def _quantile(counts: torch.Tensor, starts: torch.Tensor, width: float, frac: fl
     return float(starts[i]) + width * min(max(inside, 0.0), 1.0)
 
 
+CLIP_SEARCH_ELEMENTS = 1 << 22
+"""Most ``candidates x values`` the PyTorch clipping search holds at once (float64: 32 MiB per temporary); the
+compiled search converts at most this many values to float64 at once."""
+
+
+def clip_errors(slots: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor,
+                qtype: QType) -> torch.Tensor:
+    """float64 ``[C, S]``: the summed squared error of fake-quantizing each row of ``slots`` (``[S, L]``) with
+    the qparams of ``[r * lo, r * hi]`` for each of the ``C`` ``ratios`` (``lo``/``hi``: ``[S]``).
+
+    The compiled kernel (:func:`monoquant.fused.mse_clip_errors`, one pass per slot and candidate) runs on CPU
+    when it is built; else the PyTorch ops do, vectorised over slots and candidates in chunks of at most
+    :data:`CLIP_SEARCH_ELEMENTS`. Both compute every element's error with the float64 formulas of
+    :mod:`monoquant.functional`; only the summation order differs.
+    """
+    s, width = slots.shape
+    errs = torch.empty(ratios.numel(), s, dtype=torch.float64, device=slots.device)
+    if slots.device.type == "cpu" and fused.available():
+        rows, ratios = max(1, CLIP_SEARCH_ELEMENTS // max(width, 1)), ratios.double().contiguous()
+        for r0 in range(0, s, rows):  # float64 copies of at most CLIP_SEARCH_ELEMENTS values at a time
+            errs[:, r0:r0 + rows] = fused.mse_clip_errors(
+                slots[r0:r0 + rows].double().contiguous(), lo[r0:r0 + rows].contiguous(),
+                hi[r0:r0 + rows].contiguous(), ratios, qtype.qmin, qtype.qmax, qtype.symmetric, F.SCALE_EPS)
+        return errs
+    slots = slots.double()
+    rows = max(1, CLIP_SEARCH_ELEMENTS // max(width * ratios.numel(), 1))
+    cands = ratios.numel() if rows > 1 else max(1, CLIP_SEARCH_ELEMENTS // max(width, 1))
+    for r0 in range(0, s, rows):
+        x = slots[r0:r0 + rows]
+        for c0 in range(0, ratios.numel(), cands):
+            r = ratios[c0:c0 + cands].reshape(-1, 1)
+            scale, zero = F.qparams_from_minmax(lo[r0:r0 + rows] * r, hi[r0:r0 + rows] * r, qtype)
+            approx = F.fake_quantize(x, scale.float().double().unsqueeze(-1), zero.unsqueeze(-1), qtype)
+            errs[c0:c0 + cands, r0:r0 + rows] = (x - approx).pow_(2).sum(-1)
+    return errs
+
+
 class MSEObserver(MinMaxObserver):
     """Searches a clipping ratio per qparam slot (tensor, channel or group) minimising the squared error.
 
@@ -612,13 +650,9 @@ class MSEObserver(MinMaxObserver):
             view = view.reshape(1, 1, -1)
         elif view.dim() == 2:
             view = view.unsqueeze(1)
-        lo = self.min_val.double().reshape(view.shape[:2])
-        hi = self.max_val.double().reshape(view.shape[:2])
-        errs = torch.empty((self.grid, *view.shape[:2]), dtype=torch.float64, device=view.device)
-        for i, r in enumerate(self._ratios().tolist()):
-            scale, zero = F.qparams_from_minmax(lo * r, hi * r, self.qtype)
-            approx = F.fake_quantize(view, scale.float().double().unsqueeze(-1), zero.unsqueeze(-1), self.qtype)
-            errs[i] = (view - approx).pow(2).sum(-1)
+        slots = view.reshape(-1, view.shape[-1])
+        lo, hi = self.min_val.double().reshape(-1), self.max_val.double().reshape(-1)
+        errs = clip_errors(slots, lo, hi, self._ratios().to(view.device), self.qtype)
         errs = errs.reshape(self.grid, *self.min_val.shape)
         self.errors = errs if self.errors.shape != errs.shape else self.errors + errs
 

@@ -22,6 +22,7 @@ from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
+from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import (
     NOT_MEASURED_NOTE,
@@ -141,7 +142,10 @@ def quantize_(
     layer that saw no data, GPTQ, measurement, an interrupt) every original module is put back and the error is
     re-raised: the model is exactly as before (same module objects, tensors, hooks and flags). The price is
     memory: the float layers stay alive until the call succeeds, so a model briefly holds its float and its
-    quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128).
+    quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128), plus the temporaries of the
+    layer in work (each layer's are returned to the operating system before the next layer's are made). With
+    GPTQ, every layer's Hessian (``in x in`` float32) is held from calibration until all layers are frozen, and
+    the computed weights (their quantized size) until all are applied.
 
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
@@ -191,6 +195,7 @@ def quantize_(
         row.bytes_after = q.storage_bytes()
         row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
         built.append((item, q))
+        release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
     del done
 
     # the float model's outputs on the first few batches, recorded before anything changes

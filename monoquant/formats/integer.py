@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from ..observers import Observer
 
 
+QUANTIZE_CHUNK = 1 << 20
+"""Most weight values :meth:`IntegerFormat.quantize` converts at once (its temporaries: 8 bytes per value)."""
+
+
 class IntegerFormat(WeightSpec):
     """Shared behaviour of integer formats with a scale and an optional zero-point per qparam slot."""
 
@@ -60,10 +64,24 @@ class IntegerFormat(WeightSpec):
                  observer: Observer | None = None) -> Stored:
         scale, zero = self.qparams(weight2d, group_size, observer)
         granularity = self.weight_granularity(group_size)
-        view = F.group_view(weight2d.detach(), granularity)
-        codes = F.quantize(view, F.expand_qparam(scale, granularity), F.expand_qparam(zero, granularity),
-                           self.weight_qtype())
-        return self.encode(codes.reshape(weight2d.shape[0], -1), scale, zero)
+        w = weight2d.detach()
+        if isinstance(granularity, PerChannel) and granularity.axis != 0:
+            view = F.group_view(w, granularity)
+            codes = F.quantize(view, F.expand_qparam(scale, granularity), F.expand_qparam(zero, granularity),
+                               self.weight_qtype())
+            return self.encode(codes.reshape(w.shape[0], -1), scale, zero)
+        # row chunks into int16 codes: the float64 and int64 temporaries of F.quantize stay bounded (they were
+        # 16x the float32 layer), the codes are the same
+        codes = torch.empty(w.shape[0], w[0].numel() if w.shape[0] else 0, dtype=torch.int16, device=w.device)
+        rows = max(1, QUANTIZE_CHUNK // max(codes.shape[1], 1))
+        for r0 in range(0, w.shape[0], rows):
+            sl = slice(r0, r0 + rows)
+            s, z = (scale, zero) if isinstance(granularity, PerTensor) else (scale[sl], zero[sl])
+            view = F.group_view(w[sl], granularity)
+            part = F.quantize(view, F.expand_qparam(s, granularity), F.expand_qparam(z, granularity),
+                              self.weight_qtype())
+            codes[sl] = part.reshape(codes[sl].shape)
+        return self.encode(codes, scale, zero)
 
     def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Stored:
         """Store integer ``codes`` (int64 in the qtype's range, ``[N, K]``) with their qparams."""
