@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from monoquant_lightning import PostTrainingQuantization
 from sklearn.datasets import load_digits
 from torch import nn
@@ -89,7 +90,10 @@ def run(name: str, spec: mq.WeightSpec, data: Digits, out_dir: Path) -> dict[str
     best = ModelCheckpoint(dirpath=checkpoints, monitor="val_acc", mode="max")
     ptq = PostTrainingQuantization(config, weights="best", save_to=out_dir / f"digits-{name}.safetensors",
                                    monitor="val_acc", tolerance=0.02)
-    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=1, callbacks=[best, ptq], logger=False,
+    logs = out_dir / f"logs-{name}"
+    shutil.rmtree(logs, ignore_errors=True)
+    trainer = pl.Trainer(max_epochs=6, accelerator="cpu", devices=1, callbacks=[best, ptq],
+                         logger=CSVLogger(out_dir, name=f"logs-{name}", version=0),  # metrics.csv + the report
                          enable_progress_bar=False, enable_model_summary=False)
     print(f"\n== {name}: training, then quantizing the best epoch's weights when training ends ==")
     trainer.fit(model, datamodule=data)  # the callback prints the per-layer report and the file it wrote
@@ -101,6 +105,7 @@ def run(name: str, spec: mq.WeightSpec, data: Digits, out_dir: Path) -> dict[str
         if issubclass(w.category, mq.AccuracyWarning):
             print(f"AccuracyWarning: {w.message}")
 
+    print(f"report and metrics: {sorted(p.name for p in Path(trainer.log_dir).iterdir())} in {trainer.log_dir}")
     path = ptq.saved_path
     reloaded = mq.load(DigitsCNN(), path)  # inference without Lightning
     x = torch.stack([data.val_set[i][0] for i in range(64)])
