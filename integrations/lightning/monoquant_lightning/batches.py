@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from monoquant.data import call_form
+from monoquant import call_form
 
 
 def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
@@ -100,6 +100,6 @@ FORWARD_FN_HINT = "pass PostTrainingQuantization(..., forward_fn=lambda module, 
 def check_batch_fits_forward(module: pl.LightningModule, batch: Any) -> None:
     """Raise :class:`~monoquant.ConfigError` if the default feeding rule cannot call ``module.forward`` on
     ``batch`` (e.g. a dict batch ``{"inputs"}`` for ``forward(self, x)``), naming ``forward_fn``; keys ``forward``
-    does not take are left out with a warning. The rule is the core's (:func:`monoquant.data.call_form`).
+    does not take are left out with a warning. The rule is the core's (:func:`monoquant.call_form`).
     """
     call_form(module, batch, hint=FORWARD_FN_HINT)
