@@ -46,8 +46,8 @@ FORMAT = "monoquant"
 FORMAT_VERSION = 1
 """Bumped whenever a file written by this version could be misread by an older one."""
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "file_metadata", "load", "module_entry", "parse_metadata", "save",
-           "spec_from_dict", "spec_to_dict"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_METHOD", "config_metadata", "file_metadata", "header_of",
+           "install_layers", "load", "module_entry", "parse_metadata", "save", "spec_from_dict", "spec_to_dict"]
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
@@ -262,10 +262,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """
     model = _check_model(model)
     state = model.state_dict()
-    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
-    for name, m in quantized:
-        _check_saveable(name, m)
-    modules = {name: module_entry(m) for name, m in quantized}
+    modules = header_of(model)
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     table: list[tuple[str, torch.Tensor]] = []
@@ -560,21 +557,7 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     source = _state_dict_source(path, model) if isinstance(path, Mapping) else _file_source(path)
     modules = source.modules
 
-    swaps: dict[int, QuantModule] = {}
-    currents: dict[int, nn.Module] = {}
-    for name in sorted(modules):
-        try:
-            current = model.get_submodule(name)
-        except AttributeError:
-            raise SerializationError(f"{source.where} has a quantized layer {name!r} that the model lacks: it "
-                                     "was saved from another architecture") from None
-        q = _build(name, modules[name], current, source.where)
-        if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
-            if type(current) is not type(q):
-                raise SerializationError(f"{source.where} holds a single {type(q).__name__}; the model must be one "
-                                         f"too (it is {type(current).__name__}), or wrap the layer in a container")
-            continue
-        swaps[id(current)], currents[id(current)] = q, current
+    swaps, currents = _build_all(model, modules, source.where)
     expected = _expected_state(model, swaps)
     # float parameters tied in the model (same Parameter under several names) are tied again after loading
     ties: dict[int, list[str]] = {}
@@ -635,6 +618,48 @@ def _skip_unexpected(source: _Source, model: nn.Module, expected: Mapping[str, t
         source.aliases.pop(name, None)
     kept = set(expected) | set(source.aliases.values())
     source.tensors = {n: t for n, t in source.tensors.items() if n in kept}
+
+
+def _build_all(model: nn.Module, modules: Mapping[str, Any], where: str,
+               ) -> tuple[dict[int, QuantModule], dict[int, nn.Module]]:
+    """Empty quantized layers for a header's ``modules`` entries, keyed by ``id`` of the model's layer they replace,
+    and those layers (``(swaps, currents)``)."""
+    swaps: dict[int, QuantModule] = {}
+    currents: dict[int, nn.Module] = {}
+    for name in sorted(modules):
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise SerializationError(f"{where} has a quantized layer {name!r} that the model lacks: it "
+                                     "was saved from another architecture") from None
+        q = _build(name, modules[name], current, where)
+        if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
+            if type(current) is not type(q):
+                raise SerializationError(f"{where} holds a single {type(q).__name__}; the model must be one "
+                                         f"too (it is {type(current).__name__}), or wrap the layer in a container")
+            continue
+        swaps[id(current)], currents[id(current)] = q, current
+    return swaps, currents
+
+
+def install_layers(model: nn.Module, modules: Mapping[str, Any], where: str) -> None:
+    """Swap ``model``'s layers for the empty (meta-device) quantized layers that ``modules`` (a header's layer
+    entries, see :func:`module_entry`) describe, for a loader that fills every tensor by name afterwards
+    (transformers' ``from_pretrained``). ``where`` names the checkpoint in messages."""
+    swaps, currents = _build_all(_check_model(model), modules, where)
+    with Swap(model) as swap:
+        for key, q in swaps.items():
+            swap.replace(currents[key], q)
+        swap.route_encoder_layers()
+        swap.commit()
+
+
+def header_of(model: nn.Module) -> dict[str, Any]:
+    """``{layer name: header entry}`` of every quantized layer of ``model`` (each must be frozen)."""
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
+    for name, m in quantized:
+        _check_saveable(name, m)
+    return {name: module_entry(m) for name, m in quantized}
 
 
 def _alias_tied_names(source: _Source, ties: Iterable[list[str]]) -> None:
