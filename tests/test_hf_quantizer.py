@@ -159,3 +159,27 @@ def test_from_pretrained_peak_memory_is_the_quantized_bytes_not_the_float_ones(t
     print(f"from_pretrained peak RSS growth {peak / 2**20:.1f} MB; quantized file {quantized_bytes / 2**20:.1f} MB; "
           f"float weights {float_bytes / 2**20:.1f} MB")
     assert peak < 1.3 * quantized_bytes
+
+
+def readme_section_blocks(title: str) -> list[str]:
+    """The ```python blocks of the README section ``title`` (up to the next heading)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{title}\n", 1)[1].split("\n#", 1)[0]
+    return [b.split("\n", 1)[1].rsplit("```", 1)[0] for b in section.split("```python")[1:]]
+
+
+def test_the_readme_transformers_blocks_run_as_written(tmp_path, monkeypatch):
+    blocks = readme_section_blocks("### Hugging Face transformers")
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = MODELS["gpt2"][0]().eval()
+    model.save_pretrained(tmp_path / "float")
+    expected = model
+    scope = {"model": model, "batches": [IDS[:, :5], IDS[:, 2:]], "float_folder": str(tmp_path / "float")}
+    exec(compile(blocks[0], "README.md", "exec"), scope)  # quantize_, report, save_pretrained, from_pretrained
+    assert isinstance(scope["model"].transformer.h[0].mlp.c_fc, mq.QuantHFConv1D)
+    assert torch.equal(output("gpt2", scope["model"]), output("gpt2", expected))
+    assert (tmp_path / "layers.png").is_file() and (tmp_path / "tiny-int4" / "config.json").is_file()
+    exec(compile(blocks[1], "README.md", "exec"), scope)  # quantizing a float checkpoint while loading
+    assert isinstance(scope["model"].transformer.h[1].attn.c_attn, mq.QuantHFConv1D)
