@@ -151,3 +151,18 @@ def test_a_batch_forward_cannot_take_is_refused_naming_forward_fn():
         call_form(nn.Linear(4, 4), {"inputs": torch.ones(1, 4)})
     with pytest.raises(mq.ConfigError, match=r"batch of type str.*forward_fn="):
         call_form(nn.Linear(4, 4), "text")
+
+
+def test_a_folder_holding_one_monoquant_file_loads(tmp_path):
+    """``dst/config.json`` (no monoquant quantization_config) + ``dst/model.safetensors`` written by ``mq.save``."""
+    model = bert()
+    mq.quantize_(model, INT8)
+    mq.save(model, tmp_path / "model.safetensors")
+    bert_config().to_json_file(tmp_path / "config.json")
+    with torch.device("meta"):
+        skeleton = BertModel(bert_config()).eval()
+    with torch.no_grad():
+        assert torch.equal(mq.load(skeleton, tmp_path)(ids()).last_hidden_state, model(ids()).last_hidden_state)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(mq.SerializationError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
+        mq.load(bert(), tmp_path)
