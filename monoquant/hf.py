@@ -19,6 +19,7 @@ Importing this module registers the ``"monoquant"`` quantization method with tra
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -27,8 +28,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .config import QuantConfig, WeightSpec, as_config
 from .errors import ConfigError, SerializationError
+from .nn import QuantModule
 from .quantize import quantize_
-from .serialization import FORMAT_VERSION, QUANT_METHOD, header_of, install_layers
+from .serialization import FORMAT_VERSION, QUANT_METHOD, header_of, install_layers, stored_once
 
 __all__ = ["MonoQuantConfig", "MonoQuantHfQuantizer", "attach", "detach"]
 
@@ -81,19 +83,27 @@ class MonoQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             install_layers(model, self.quantization_config.modules, "the checkpoint's quantization_config")
+            _untie_quantized(model)
+            aliases = {f"^{re.escape(a)}$" for a in self.quantization_config.aliases}  # filled by _share, not missing
+            model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | aliases
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            _share(model, self.quantization_config.aliases)
+        else:
             quantize_(model, self.quantization_config.config, progress=False)
             self.pre_quantized = True
         self.quantization_config.modules = header_of(model)
         return model
 
-    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
-        """Before ``save_pretrained`` writes ``config.json``: the header describes the model as it is now."""
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
+        """Before ``save_pretrained`` writes ``config.json``: the header describes the model as it is now, and a
+        tensor shared by several names (a head tied to a quantized embedding) is stored once, the other names
+        recorded as aliases (safetensors refuses shared tensors; transformers knows only tied float weights)."""
         self.quantization_config.modules = header_of(model)
-        return None, {}
+        state, self.quantization_config.aliases = stored_once(model.state_dict())
+        return state, {}
 
     def is_serializable(self) -> bool:
         return True
@@ -101,6 +111,32 @@ class MonoQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _untie_quantized(model: nn.Module) -> None:
+    """Leave quantized layers out of transformers' tied-weight table (``{"lm_head.weight": "...embed_tokens.weight"}``):
+    they have no float ``weight`` to tie; their shared buffers are tied by :func:`_share` from the header's aliases."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return
+
+    def quantized(key: str) -> bool:
+        prefix = key.rpartition(".")[0]
+        try:
+            return isinstance(model.get_submodule(prefix), QuantModule)
+        except AttributeError:
+            return False
+
+    model.all_tied_weights_keys = {t: s for t, s in tied.items() if not (quantized(t) or quantized(s))}
+
+
+def _share(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias name the same tensor as its stored name again (transformers left the aliases empty)."""
+    for alias, target in aliases.items():
+        prefix, _, attr = alias.rpartition(".")
+        owner = model.get_submodule(prefix) if prefix else model
+        slots = owner._parameters if attr in owner._parameters else owner._buffers
+        slots[attr] = model.get_parameter(target) if attr in owner._parameters else model.get_buffer(target)
 
 
 register_quantization_config(QUANT_METHOD)(MonoQuantConfig)

@@ -47,7 +47,8 @@ FORMAT_VERSION = 1
 """Bumped whenever a file written by this version could be misread by an older one."""
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_METHOD", "config_metadata", "file_metadata", "header_of",
-           "install_layers", "load", "module_entry", "parse_metadata", "save", "spec_from_dict", "spec_to_dict"]
+           "install_layers", "load", "module_entry", "parse_metadata", "save", "spec_from_dict", "spec_to_dict",
+           "stored_once"]
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
@@ -263,9 +264,23 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     model = _check_model(model)
     state = model.state_dict()
     modules = header_of(model)
+    table, aliases = stored_once(state)
+    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in table.items()],
+                           file_metadata(modules, aliases)) as writer:
+        for name, t in table.items():
+            writer.write(name, t)
+
+
+def stored_once(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)``: ``state`` with each tensor kept under its first name only, and ``{other name: first
+    name}`` for tensors shared by several names (tied weights, buffers of tied quantized layers).
+
+    Raises:
+        SerializationError: an entry is not a tensor, on the meta device, or not dense.
+    """
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    table: list[tuple[str, torch.Tensor]] = []
+    table: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise SerializationError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; "
@@ -281,11 +296,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             aliases[name] = stored[key]
         else:
             stored[key] = name
-            table.append((name, t))
-    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in table],
-                           file_metadata(modules, aliases)) as writer:
-        for name, t in table:
-            writer.write(name, t)
+            table[name] = t
+    return table, aliases
 
 
 # ---- load -------------------------------------------------------------------------------------------------

@@ -183,3 +183,16 @@ def test_the_readme_transformers_blocks_run_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "layers.png").is_file() and (tmp_path / "tiny-int4" / "config.json").is_file()
     exec(compile(blocks[1], "README.md", "exec"), scope)  # quantizing a float checkpoint while loading
     assert isinstance(scope["model"].transformer.h[1].attn.c_attn, mq.QuantHFConv1D)
+
+
+def test_a_head_tied_to_a_quantized_embedding_round_trips_sharing_its_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config()).eval()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), embeddings=mq.Int8()))
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    model.save_pretrained(tmp_path)
+    aliases = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["aliases"]
+    assert aliases == {"lm_head.qweight": "model.embed_tokens.qweight", "lm_head.scale": "model.embed_tokens.scale"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+    assert torch.equal(output("llama-tied", loaded), output("llama-tied", model))
