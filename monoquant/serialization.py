@@ -415,8 +415,9 @@ def _folder_source(folder: str | os.PathLike) -> _Source:
     elif os.path.isfile(single):
         files = [single]
     else:
-        raise SerializationError(f"{folder} is a folder with neither {WEIGHTS_FILE} nor {INDEX_FILE}; pass the "
-                                 "monoquant file itself, or a folder written by model.save_pretrained")
+        raise SerializationError(f"{folder} is a directory, not a file, and has neither {WEIGHTS_FILE} nor "
+                                 f"{INDEX_FILE}; pass the monoquant file itself, or a folder written by "
+                                 "model.save_pretrained")
     headers = [stio.read_header(f) for f in files]
     shards = {name: h for h in headers for name in h.tensors}
     tensors = {name: info for h in headers for name, info in h.tensors.items()}
