@@ -3,8 +3,9 @@
 Nothing is downloaded: both models are built from their configs and trained for a few hundred steps on a synthetic
 language made up here (a random second-order Markov chain), so that perplexity means something and its ideal value
 is known. Each model is then quantized to INT8, INT4-g128 round-to-nearest and INT4-g128 GPTQ; the script prints
-perplexity before and after, saves the GPTQ model, reloads it into a freshly built model and checks that greedy
-generation gives the same tokens before saving and after reloading. It also writes the per-layer report as Markdown
+perplexity before and after, saves the GPTQ model with ``save_pretrained``, reloads it with
+``AutoModelForCausalLM.from_pretrained`` and checks that greedy generation gives the same tokens before saving and
+after reloading. It also writes the per-layer report as Markdown
 and a chart, and a chart of the layer sensitivity ranking.
 
 Run: python examples/transformers_causal_lm.py [--out DIR] [--steps N]
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import monoquant as mq
+import monoquant.hf  # registers monoquant with transformers: from_pretrained reads quantized folders
 from monoquant.report import plot_sensitivity
 
 VOCAB = 32
@@ -156,15 +158,15 @@ def main() -> None:
                 Path(f"{stem}_report.md").write_text(report.to_markdown())
                 report.plot(f"{stem}_report.png", title=f"{arch}, INT4-g128 GPTQ")
                 before = greedy(quantized, prompt)
-                mq.save(quantized, f"{stem}.safetensors")
-                # a fresh model; GPT-2 could be built under torch.device("meta") (no float weight allocated), but
-                # Llama's rotary inv_freq is a non-persistent buffer, not in any file, that would stay without data
-                fresh = build()
-                mq.load(fresh, f"{stem}.safetensors").eval()
+                # mq.quantize_ made the model's save_pretrained write the quantized tensors and their header
+                # (config.json's quantization_config); from_pretrained builds it on the meta device and loads them
+                # straight into quantized layers: no float weight is allocated, generation is identical
+                quantized.save_pretrained(stem)
+                fresh = AutoModelForCausalLM.from_pretrained(stem).eval()
                 after = greedy(fresh, prompt)
-                assert torch.equal(before, after), "generation changed after save + load"
-                print(f"greedy generation before save and after reload: identical {after.tolist()}")
-                print(f"wrote {stem}.safetensors, {stem}_report.md, {stem}_report.png")
+                assert torch.equal(before, after), "generation changed after save_pretrained + from_pretrained"
+                print(f"greedy generation before save_pretrained and after from_pretrained: identical {after.tolist()}")
+                print(f"wrote {stem}/ (save_pretrained), {stem}_report.md, {stem}_report.png")
         table.append((arch, perplexity(model, held_out), ppl))
         if arch == "GPT-2":
             ranking = mq.sensitivity(model, mq.Int4(group_size=128), calibration)

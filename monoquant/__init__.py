@@ -9,7 +9,7 @@ from ._version import __version__
 from .calibration import calibrate, calibrate_and_freeze, calibrate_with, freeze, needs_calibration, sync_observers
 from .compare import Comparison, OutputStats, batch_size, compare, evaluating
 from .config import QuantConfig, as_config, spec_named
-from .data import run_batch
+from .data import call_form, run_batch
 from .errors import (
     AccuracyError,
     AlreadyQuantizedError,
@@ -76,7 +76,7 @@ __all__ = [
     # observers and calibration
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "MSEObserver",
     "HessianObserver", "NonFiniteInputWarning", "calibrate", "calibrate_and_freeze", "calibrate_with", "freeze",
-    "needs_calibration", "sync_observers", "run_batch",
+    "needs_calibration", "sync_observers", "run_batch", "call_form",
     # measuring
     "compare", "Comparison", "OutputStats", "batch_size", "evaluating", "Thresholds", "check_end_to_end",
     "sensitivity", "LayerSensitivity", "rules_from_sensitivity", "exact_pattern", "QuantReport", "LayerReport",

@@ -7,6 +7,8 @@ after the swap, every original module is put back and the error re-raised, so th
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -229,6 +231,8 @@ def quantize_(
     kinds = {r.name: r.format_kind for r in report.quantized}
     order = [r.name for r in report.layers if not r.reason.startswith("already quantized")]
     check(report, limits, kinds, order, on_failure, stacklevel=4)
+    if report.quantized:
+        _tell_transformers(model, "attach")
     return report
 
 
@@ -336,4 +340,17 @@ def dequantize_(model: nn.Module) -> nn.Module:
                 swap.replace(module, f)
         swap.commit()
     restore_encoder_fast_paths(model)
+    _tell_transformers(model, "detach")
     return model
+
+
+def _tell_transformers(model: nn.Module, action: str) -> None:
+    """Run ``monoquant.hf.<action>(model)`` (attach/detach the ``save_pretrained`` quantizer) on a transformers model.
+
+    The integration sits above this layer and needs transformers, so it is looked up by name, and only when the
+    model is a transformers ``PreTrainedModel`` (transformers is then already imported): the core never imports it.
+    """
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
+    if pretrained is not None and isinstance(model, pretrained):
+        getattr(importlib.import_module("monoquant.hf"), action)(model)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from . import safetensors_io as stio
 from .data import model_device
 from .errors import ConfigError, SerializationError
 from .formats import FORMATS, spec_from_dict, spec_to_dict
+from .model_keys import ignorable_keys, materialize_buffers
 from .nn import QuantModule, layer_class, quant_class_for
 from .nn.registry import LAYERS
 from .quantize import _check_model
@@ -43,8 +46,9 @@ FORMAT = "monoquant"
 FORMAT_VERSION = 1
 """Bumped whenever a file written by this version could be misread by an older one."""
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "file_metadata", "load", "module_entry", "parse_metadata", "save",
-           "spec_from_dict", "spec_to_dict"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_METHOD", "config_metadata", "file_metadata", "header_of",
+           "install_layers", "load", "module_entry", "parse_metadata", "save", "spec_from_dict", "spec_to_dict",
+           "stored_once"]
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
@@ -109,8 +113,13 @@ def file_metadata(modules: Mapping[str, Any], aliases: Mapping[str, str]) -> dic
             "aliases": json.dumps(aliases, sort_keys=True)}
 
 
-def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(modules, aliases)`` from a monoquant file's metadata, after checking its format and version."""
+def parse_metadata(header: stio.Header, shards: Mapping[str, stio.Header] | None = None,
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(modules, aliases)`` from a monoquant file's metadata, after checking its format and version.
+
+    ``shards`` maps each tensor name to the header of the file holding it, for a checkpoint split over several
+    files (``header`` then lists them all); default: ``header``'s own file.
+    """
     meta, path = header.metadata, header.path
     if meta.get("format") != FORMAT:
         raise SerializationError(f"{path} is a safetensors file but not a monoquant file (no monoquant header); "
@@ -132,8 +141,12 @@ def parse_metadata(header: stio.Header) -> tuple[dict[str, Any], dict[str, str]]
             raise SerializationError(f"{path}: alias {alias!r} is also a stored tensor; the header is corrupt")
     for name, entry in modules.items():
         validate_entry(entry, f"{path}: layer {name!r}")
-        _check_static_activations(header, name, entry)
+        _check_static_activations((shards or {}).get(_flag_name(name), header), name, entry)
     return modules, aliases
+
+
+def _flag_name(layer: str) -> str:
+    return f"{layer}.input_quantizer.frozen" if layer else "input_quantizer.frozen"
 
 
 def _check_static_activations(header: stio.Header, name: str, entry: Mapping[str, Any]) -> None:
@@ -144,7 +157,7 @@ def _check_static_activations(header: stio.Header, name: str, entry: Mapping[str
     """
     if entry.get("activations") is None or getattr(spec_from_dict(entry["activations"]), "dynamic", True):
         return
-    flag = f"{name}.input_quantizer.frozen" if name else "input_quantizer.frozen"
+    flag = _flag_name(name)
     info = header.tensors.get(flag)
     if info is None or info.nbytes > 16:
         return  # missing or misshapen: reported with the other tensors when loading
@@ -250,13 +263,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """
     model = _check_model(model)
     state = model.state_dict()
-    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
-    for name, m in quantized:
-        _check_saveable(name, m)
-    modules = {name: module_entry(m) for name, m in quantized}
+    modules = header_of(model)
+    table, aliases = stored_once(state)
+    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in table.items()],
+                           file_metadata(modules, aliases)) as writer:
+        for name, t in table.items():
+            writer.write(name, t)
+
+
+def stored_once(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)``: ``state`` with each tensor kept under its first name only, and ``{other name: first
+    name}`` for tensors shared by several names (tied weights, buffers of tied quantized layers).
+
+    Raises:
+        SerializationError: an entry is not a tensor, on the meta device, or not dense.
+    """
     stored: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    table: list[tuple[str, torch.Tensor]] = []
+    table: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise SerializationError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; "
@@ -272,11 +296,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             aliases[name] = stored[key]
         else:
             stored[key] = name
-            table.append((name, t))
-    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in table],
-                           file_metadata(modules, aliases)) as writer:
-        for name, t in table:
-            writer.write(name, t)
+            table[name] = t
+    return table, aliases
 
 
 # ---- load -------------------------------------------------------------------------------------------------
@@ -365,14 +386,79 @@ class _Source:
     tensors: Mapping[str, Any]  # name -> anything with .dtype and .shape
     aliases: dict[str, str]
     modules: dict[str, Any]
-    read: Callable[[torch.device], dict[str, torch.Tensor]]
+    read: Callable[[torch.device, Iterable[str]], dict[str, torch.Tensor]]  # (device, stored names) -> tensors
 
 
 def _file_source(path: str | os.PathLike) -> _Source:
+    if os.path.isdir(path):
+        return _folder_source(path)
     header = stio.read_header(path)
     modules, aliases = parse_metadata(header)
     return _Source(str(header.path), header.tensors, aliases, modules,
-                   lambda device: stio.read_tensors(header, device=device))
+                   lambda device, names: stio.read_tensors(header, names, device=device))
+
+
+def _folder_source(folder: str | os.PathLike) -> _Source:
+    """A Hugging Face style folder: ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
+
+    The monoquant header is the ``quantization_config`` of the folder's ``config.json`` (``save_pretrained`` of a
+    quantized model) or, for a single file, that file's own metadata (``mq.save``, ``monoquant quantize``).
+    """
+    index, single = os.path.join(folder, INDEX_FILE), os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SerializationError(f"{index} is not a safetensors index ({e}); save the model again") from e
+    elif os.path.isfile(single):
+        files = [single]
+    else:
+        raise SerializationError(f"{folder} is a directory, not a file, and has neither {WEIGHTS_FILE} nor "
+                                 f"{INDEX_FILE}; pass the monoquant file itself, or a folder written by "
+                                 "model.save_pretrained")
+    headers = [stio.read_header(f) for f in files]
+    shards = {name: h for h in headers for name in h.tensors}
+    tensors = {name: info for h in headers for name, info in h.tensors.items()}
+    metadata = config_metadata(folder)
+    if metadata is None:
+        if len(headers) > 1:
+            raise SerializationError(f"{folder}: its config.json has no monoquant quantization_config, so the "
+                                     "shards' layers are unknown; save the quantized model with save_pretrained")
+        metadata = headers[0].metadata
+    merged = stio.Header(path=headers[0].path if len(headers) == 1 else Path(folder),
+                         tensors=tensors, metadata=metadata)
+    modules, aliases = parse_metadata(merged, shards)
+
+    def read(device: torch.device, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[int, list[str]] = {}
+        for n in names:
+            by_file.setdefault(id(shards[n]), []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for h in headers:
+            out.update(stio.read_tensors(h, by_file.get(id(h), []), device=device))
+        return out
+
+    return _Source(str(folder), tensors, aliases, modules, read)
+
+
+WEIGHTS_FILE, INDEX_FILE, CONFIG_FILE = "model.safetensors", "model.safetensors.index.json", "config.json"
+QUANT_METHOD = "monoquant"
+"""``quant_method`` of the ``quantization_config`` that ``save_pretrained`` writes for a monoquant model."""
+
+
+def config_metadata(folder: str | os.PathLike) -> dict[str, str] | None:
+    """The monoquant header kept in ``folder/config.json``'s ``quantization_config`` (as file metadata), if any."""
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            qc = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or "modules" not in qc:
+        return None
+    return {"format": FORMAT, "format_version": str(qc.get("format_version", "")),
+            "modules": json.dumps(qc["modules"]), "aliases": json.dumps(qc.get("aliases", {}))}
 
 
 _WEIGHT_BUFFERS = ("qweight", "scale", "zero_point")
@@ -438,11 +524,12 @@ def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _
         cls = type(current) if isinstance(current, QuantModule) else quant_class_for(current)
         if cls is not None and prefix + "qweight" in state:
             modules[name] = _infer_entry(prefix, state, current, cls)
-    return _Source("the state dict", state, {}, modules, lambda device: _contiguous_on(state, device))
+    return _Source("the state dict", state, {}, modules,
+                   lambda device, names: _contiguous_on({n: state[n] for n in names}, device))
 
 
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
-         device: torch.device | str | None = None) -> nn.Module:
+         device: torch.device | str | None = None, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
 
     ``model`` is the float architecture the file was saved from, built normally or on the meta device
@@ -462,35 +549,32 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     reports the ``qweight``/``scale`` keys as unexpected). Loaded tensors are used as they are (not copied)
     when already on ``device``.
 
+    ``path`` may also be a folder written by ``save_pretrained`` of a quantized transformers model (one
+    ``model.safetensors`` or shards listed in ``model.safetensors.index.json``; the header is the
+    ``quantization_config`` of its ``config.json``) or holding one monoquant ``model.safetensors``.
+
+    Keys the model declares ignorable are skipped with a warning that names them: its non-persistent buffers
+    (old checkpoints hold BERT's ``embeddings.position_ids``, which newer code no longer saves) and keys
+    matching the model's ``_keys_to_ignore_on_load_unexpected`` patterns (a transformers convention).
+
+    Non-persistent buffers are in no file: on a model built on the meta device, a transformers model gets
+    them from its own weight init, as ``from_pretrained`` does (``position_ids``, rotary ``inv_freq``...); any
+    other model's are named in a warning (recreate them before the first forward).
+
     Args:
         device: where loaded tensors go; default: the device of the model's first real tensor, else CPU.
+        strict: ``False`` skips any other key the model has no place for, listing them in a warning, instead of
+            raising. Tensors the model needs but the file lacks are always an error.
 
     Raises:
         SerializationError: the file is missing, truncated, not a monoquant file, of an unknown format
             version, or does not match the model (its message names the first problem).
-
-    Non-persistent buffers (absent from ``state_dict``) are not in the file: a meta-device model keeps them
-    on the meta device, so recreate them after loading if the model has any.
     """
     model = _check_model(model)
     source = _state_dict_source(path, model) if isinstance(path, Mapping) else _file_source(path)
     modules = source.modules
 
-    swaps: dict[int, QuantModule] = {}
-    currents: dict[int, nn.Module] = {}
-    for name in sorted(modules):
-        try:
-            current = model.get_submodule(name)
-        except AttributeError:
-            raise SerializationError(f"{source.where} has a quantized layer {name!r} that the model lacks: it "
-                                     "was saved from another architecture") from None
-        q = _build(name, modules[name], current, source.where)
-        if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
-            if type(current) is not type(q):
-                raise SerializationError(f"{source.where} holds a single {type(q).__name__}; the model must be one "
-                                         f"too (it is {type(current).__name__}), or wrap the layer in a container")
-            continue
-        swaps[id(current)], currents[id(current)] = q, current
+    swaps, currents = _build_all(model, modules, source.where)
     expected = _expected_state(model, swaps)
     # float parameters tied in the model (same Parameter under several names) are tied again after loading
     ties: dict[int, list[str]] = {}
@@ -498,11 +582,12 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         if isinstance(t, nn.Parameter):
             ties.setdefault(id(t), []).append(key)
     _alias_tied_names(source, ties.values())
+    _skip_unexpected(source, model, expected, strict)
     _check_tensors(source, expected)
     check_aliases(source.where, source.aliases, expected, _expected_state(model, {}), set(modules))
 
     target = torch.device(device) if device is not None else model_device(model)
-    state = source.read(target)
+    state = source.read(target, sorted(set(source.tensors) & (set(expected) | set(source.aliases.values()))))
     state.update({alias: state[stored] for alias, stored in source.aliases.items()})
 
     with Swap(model) as swap:  # a failure while loading tensors puts the original layers back
@@ -521,7 +606,77 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
         for key in keys[1:]:
             mod, attr = _owner(model, key)
             mod._parameters[attr] = first_mod._parameters[first_attr]
+    _, left = materialize_buffers(model, target)
+    if left:
+        warnings.warn(f"{_first(set(left))} of the model are non-persistent buffers (in no file) still on the meta "
+                      "device; give them their values before the first forward", stacklevel=2)
     return model
+
+
+def _skip_unexpected(source: _Source, model: nn.Module, expected: Mapping[str, torch.Tensor], strict: bool) -> None:
+    """Leave out of ``source`` the keys the model has no place for that it declares ignorable (with a warning
+    naming them) and, when not ``strict``, all others too (listed in a warning)."""
+    unexpected = (set(source.tensors) | set(source.aliases)) - set(expected)
+    if not unexpected:
+        return
+    ignored = ignorable_keys(model, unexpected)
+    others = sorted(unexpected - set(ignored))
+    if others and strict:
+        raise SerializationError(f"{source.where} has {len(others)} tensor(s) the model has no place for: "
+                                 f"{_first(set(others))}; build the same architecture the file was saved from, or "
+                                 "pass strict=False to skip them")
+    if ignored:
+        warnings.warn(f"{source.where}: skipping {ignored}, which {type(model).__name__} declares ignorable "
+                      "(non-persistent buffers or _keys_to_ignore_on_load_unexpected)", stacklevel=3)
+    if others:
+        warnings.warn(f"{source.where}: skipping {len(others)} tensor(s) the model has no place for "
+                      f"(strict=False): {others}", stacklevel=3)
+    for name in unexpected:
+        source.aliases.pop(name, None)
+    kept = set(expected) | set(source.aliases.values())
+    source.tensors = {n: t for n, t in source.tensors.items() if n in kept}
+
+
+def _build_all(model: nn.Module, modules: Mapping[str, Any], where: str,
+               ) -> tuple[dict[int, QuantModule], dict[int, nn.Module]]:
+    """Empty quantized layers for a header's ``modules`` entries, keyed by ``id`` of the model's layer they replace,
+    and those layers (``(swaps, currents)``)."""
+    swaps: dict[int, QuantModule] = {}
+    currents: dict[int, nn.Module] = {}
+    for name in sorted(modules):
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise SerializationError(f"{where} has a quantized layer {name!r} that the model lacks: it "
+                                     "was saved from another architecture") from None
+        q = _build(name, modules[name], current, where)
+        if name == "":  # the model itself is the layer: it cannot be replaced in place, only filled
+            if type(current) is not type(q):
+                raise SerializationError(f"{where} holds a single {type(q).__name__}; the model must be one "
+                                         f"too (it is {type(current).__name__}), or wrap the layer in a container")
+            continue
+        swaps[id(current)], currents[id(current)] = q, current
+    return swaps, currents
+
+
+def install_layers(model: nn.Module, modules: Mapping[str, Any], where: str) -> None:
+    """Swap ``model``'s layers for the empty (meta-device) quantized layers that ``modules`` (a header's layer
+    entries, see :func:`module_entry`) describe, for a loader that fills every tensor by name afterwards
+    (transformers' ``from_pretrained``). ``where`` names the checkpoint in messages."""
+    swaps, currents = _build_all(_check_model(model), modules, where)
+    with Swap(model) as swap:
+        for key, q in swaps.items():
+            swap.replace(currents[key], q)
+        swap.route_encoder_layers()
+        swap.commit()
+
+
+def header_of(model: nn.Module) -> dict[str, Any]:
+    """``{layer name: header entry}`` of every quantized layer of ``model`` (each must be frozen)."""
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
+    for name, m in quantized:
+        _check_saveable(name, m)
+    return {name: module_entry(m) for name, m in quantized}
 
 
 def _alias_tied_names(source: _Source, ties: Iterable[list[str]]) -> None:

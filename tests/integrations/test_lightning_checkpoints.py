@@ -207,16 +207,40 @@ class DictMLP(MLP):
         self.log("val_acc", (self(batch["x"]).argmax(-1) == batch["y"]).float().mean())
 
 
+class InputsDS(XY):
+    def __getitem__(self, i):
+        return {"inputs": self.x[i], "y": self.y[i]}
+
+
+class InputsMLP(MLP):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch["inputs"]), batch["y"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch["inputs"]).argmax(-1) == batch["y"]).float().mean())
+
+
 def test_dict_batches_that_forward_cannot_take_fail_before_training_naming_forward_fn():
-    model = DictMLP()
+    model = InputsMLP()
     tr = trainer([PostTrainingQuantization(INT4)])
-    with pytest.raises(mq.ConfigError, match=r"dicts with keys \['x', 'y'\] .*forward_fn=") as info:
-        tr.fit(model, loader(XY()), loader(XY()))
-    assert "unexpected keyword argument 'y'" in str(info.value)
+    with pytest.raises(mq.ConfigError, match=r"dicts with keys \['inputs', 'y'\] .*forward_fn=") as info:
+        tr.fit(model, loader(InputsDS()), loader(InputsDS()))
+    assert "missing a required argument: 'x'" in str(info.value)
+    assert "PostTrainingQuantization(..., forward_fn=" in str(info.value)
     assert tr.global_step == 0 and isinstance(model.fc1, nn.Linear)
 
-    cb = PostTrainingQuantization(INT4, forward_fn=lambda module, batch: module(batch["x"]))
-    fit(model, cb, train=loader(XY()), val=loader(XY()))
+    cb = PostTrainingQuantization(INT4, forward_fn=lambda module, batch: module(batch["inputs"]))
+    fit(model, cb, train=loader(InputsDS()), val=loader(InputsDS()))
+    assert isinstance(model.fc1, mq.QuantLinear) and cb.report.end_to_end["batches"] == 2
+
+
+def test_dict_batch_keys_forward_does_not_take_are_left_out_with_one_warning():
+    """``{"x", "y"}`` for ``forward(self, x)``: the label is dropped (noted once), the model is fed ``x``."""
+    model = DictMLP()
+    cb = PostTrainingQuantization(INT4)
+    with pytest.warns(UserWarning, match=r"forward takes no \['y'\]") as caught:
+        fit(model, cb, train=loader(XY()), val=loader(XY()))
+    assert sum("takes no ['y']" in str(w.message) for w in caught) == 1
     assert isinstance(model.fc1, mq.QuantLinear) and cb.report.end_to_end["batches"] == 2
 
 

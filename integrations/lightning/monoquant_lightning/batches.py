@@ -9,17 +9,15 @@ LightningModule's (or DataModule's) ``on_before_batch_transfer``, ``transfer_bat
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from monoquant import ConfigError
+from monoquant import call_form
 
 
 def flatten_loaders(loaders: Any) -> list[Iterable[Any]]:
@@ -96,37 +94,12 @@ class Replay:
         return iter(self._make())
 
 
-def _call_form(batch: Any) -> tuple[str, tuple[Any, ...], dict[str, Any]] | None:
-    """How the default feeding rule calls the module on ``batch``: (description, args, kwargs)."""
-    if isinstance(batch, torch.Tensor):
-        return "module(batch)", (batch,), {}
-    if isinstance(batch, dict):
-        return "module(**batch)", (), batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return "module(batch[0])", (batch[0],), {}
-    return None  # the feeding rule itself raises a ConfigError naming forward_fn for these
+FORWARD_FN_HINT = "pass PostTrainingQuantization(..., forward_fn=lambda module, batch: module(...))"
 
 
 def check_batch_fits_forward(module: pl.LightningModule, batch: Any) -> None:
     """Raise :class:`~monoquant.ConfigError` if the default feeding rule cannot call ``module.forward`` on
-    ``batch`` (e.g. a dict batch ``{"x", "y"}`` for ``forward(self, x)``), naming ``forward_fn``.
-
-    Only the signature is checked (``inspect.Signature.bind``); nothing runs.
+    ``batch`` (e.g. a dict batch ``{"inputs"}`` for ``forward(self, x)``), naming ``forward_fn``; keys ``forward``
+    does not take are left out with a warning. The rule is the core's (:func:`monoquant.call_form`).
     """
-    form = _call_form(batch)
-    if form is None:
-        return
-    how, args, kwargs = form
-    try:
-        signature = inspect.signature(module.forward)
-    except (TypeError, ValueError):  # no introspectable signature (a C function...): nothing to check
-        return
-    try:
-        signature.bind(*args, **kwargs)
-    except TypeError as e:
-        keys = f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""
-        raise ConfigError(
-            f"PostTrainingQuantization feeds each validation/calibration batch as {how}, but the batches are "
-            f"{type(batch).__name__}s{keys} and {type(module).__name__}.forward{signature} cannot take that "
-            f"({e}); pass PostTrainingQuantization(..., forward_fn=lambda module, batch: module(...)), e.g. "
-            "forward_fn=lambda module, batch: module(batch['x'])") from e
+    call_form(module, batch, hint=FORWARD_FN_HINT)

@@ -96,9 +96,10 @@ class PostTrainingQuantization(Callback):
     with ``trainer.strategy.batch_to_device``, so the module's batch-transfer hooks apply. Batches run in
     eval mode under ``torch.no_grad()`` and the precision plugin's context (autocast for ``"bf16-mixed"``),
     as in the validation loop; training flags are restored afterwards. When ``fit`` starts (before any
-    training step) one such batch is checked against the module's ``forward`` signature, so a batch the
-    default feeding rule cannot pass (a dict with a label key for ``forward(self, x)``) is a
-    :class:`monoquant.ConfigError` naming ``forward_fn`` then, not a ``TypeError`` after training.
+    training step) one such batch is checked against the module's ``forward`` signature
+    (:func:`monoquant.call_form`): dict keys ``forward`` does not take (a label key for ``forward(self, x)``) are
+    left out with one warning, and a batch it still cannot take is a :class:`monoquant.ConfigError` naming
+    ``forward_fn`` then, not a ``TypeError`` after training.
 
     Accuracy watch: with ``monitor`` (any metric the module logs during validation, e.g. ``"val_acc"``), the
     callback records the float model's value (that of the quantized weights: the best checkpoint's with
@@ -132,7 +133,7 @@ class PostTrainingQuantization(Callback):
             the validation dataloaders (for a module without validation data). It is used as given on every
             rank: give it a ``DistributedSampler`` to shard it under DDP.
         forward_fn: ``forward_fn(module, batch) -> output``; default: ``module(batch)`` for a tensor,
-            ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict.
+            ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict or any ``Mapping``.
         monitor, mode, tolerance, on_failure: the accuracy watch described above. ``on_failure`` also
             applies to the end-to-end comparison: a model-output SQNR or top-1 agreement below ``thresholds``
             warns (or raises) when quantization ends, like ``mq.quantize_(..., calibration_data=...)``.
