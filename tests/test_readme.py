@@ -123,13 +123,15 @@ def _lightning_names() -> dict[str, object]:
 
 
 def _transformers_names() -> dict[str, object]:
+    """A tiny Llama-style causal LM (also saved as a float folder), token batches, the names the section imports."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained("float-model")  # in the test's working folder
     return {"torch": torch, "mq": mq, "model": model, "AutoModelForCausalLM": transformers.AutoModelForCausalLM,
-            "batches": [torch.randint(0, 128, (2, 16)) for _ in range(4)]}
+            "batches": [torch.randint(0, 128, (2, 16)) for _ in range(4)], "float_folder": "float-model"}
 
 
 def names_for(code: str) -> dict[str, object]:
