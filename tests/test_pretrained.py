@@ -1,0 +1,131 @@
+"""``mq.quantize_pretrained``: block by block from a sharded HF folder, equal to ``quantize_`` on the whole model."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import monoquant as mq
+from monoquant import pipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore::monoquant.AccuracyWarning")
+transformers = pytest.importorskip("transformers")
+
+BATCHES = [torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+def _gptq():  # MinMax ranges keep the test fast; the block path does not depend on the range search
+    return mq.Int4(group_size=16, method="gptq", sequential=True, observer=mq.MinMaxObserver())
+
+
+def _config():
+    return transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(_config()).save_pretrained(folder, safe_serialization=True, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").is_file()  # sharded
+    return folder
+
+
+def _whole(src, spec, data):
+    model = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    _whole.report = mq.quantize_(model, spec, calibration_data=data, on_failure="ignore")
+    return model.state_dict()
+
+
+def _assert_equal_files(state, path):
+    got = load_file(path)
+    assert sorted(got) == sorted(state)
+    assert [k for k in state if not torch.equal(state[k], got[k])] == []
+
+
+def test_gptq_sequential_equals_quantize_on_whole_model(src, tmp_path):
+    report = mq.quantize_pretrained(src, tmp_path, _gptq(), BATCHES, progress=False)
+    _assert_equal_files(_whole(src, _gptq(), BATCHES), tmp_path / "model.safetensors")
+    assert [r.name for r in report.quantized] == [r.name for r in _whole.report.quantized]
+    assert len(report.quantized) == 3 * 5 + 1  # q/o/gate/up/down per block + lm_head (k/v are below min size)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(_config())
+    mq.load(skeleton, tmp_path / "model.safetensors")
+    assert isinstance(skeleton.model.layers[2].mlp.down_proj, mq.QuantLinear)
+
+
+def test_rtn_without_data_equals_quantize(src, tmp_path):
+    mq.quantize_pretrained(src, tmp_path, mq.Int8(), progress=False)
+    _assert_equal_files(_whole(src, mq.Int8(), None), tmp_path / "model.safetensors")
+
+
+def test_gptq_without_data_is_refused(src, tmp_path):
+    with pytest.raises(mq.ConfigError, match="calibration_data"):
+        mq.quantize_pretrained(src, tmp_path, _gptq(), progress=False)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_resume_after_a_failure_skips_finished_blocks(src, tmp_path, monkeypatch):
+    real_save, real_part = pipeline.save, pipeline._quantize_part
+    saved = []
+
+    def save_then_die(module, path):
+        if "block-00001" in str(path):
+            raise KeyboardInterrupt  # killed while writing block 1
+        real_save(module, path)
+        saved.append(path.name)
+
+    monkeypatch.setattr(pipeline, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        mq.quantize_pretrained(src, tmp_path, _gptq(), BATCHES, progress=False)
+    assert saved == ["block-00000.safetensors"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+    quantized = []
+
+    def count(module, cfg, data, forward_fn, prefix, progress):
+        quantized.append(prefix)
+        return real_part(module, cfg, data, forward_fn, prefix, progress)
+
+    monkeypatch.setattr(pipeline, "save", real_save)
+    monkeypatch.setattr(pipeline, "_quantize_part", count)
+    mq.quantize_pretrained(src, tmp_path, _gptq(), BATCHES, progress=False)
+    assert quantized == ["model.layers.1.", "model.layers.2.", ""]  # block 0 was not redone
+    _assert_equal_files(_whole(src, _gptq(), BATCHES), tmp_path / "model.safetensors")
+    assert not (tmp_path / pipeline.PARTS_DIR).exists()
+
+
+def test_parts_of_another_job_are_refused(src, tmp_path, monkeypatch):
+    (tmp_path / pipeline.PARTS_DIR).mkdir()
+    (tmp_path / pipeline.PARTS_DIR / "job.json").write_text('{"source": "elsewhere"}')
+    with pytest.raises(mq.ConfigError, match="another quantization"):
+        mq.quantize_pretrained(src, tmp_path, mq.Int8(), progress=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, src, dst):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mq.quantize_pretrained(src, dst, _gptq(), BATCHES, progress=False)  # each rank runs BATCHES[rank::2]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_two_gloo_processes_give_the_same_file_as_one(src, tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(src), str(tmp_path / "two")), nprocs=2, join=True)
+    mq.quantize_pretrained(src, tmp_path / "one", _gptq(), BATCHES, progress=False)
+    _assert_equal_files(load_file(tmp_path / "one" / "model.safetensors"), tmp_path / "two" / "model.safetensors")
