@@ -129,3 +129,26 @@ def test_two_gloo_processes_give_the_same_file_as_one(src, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(src), str(tmp_path / "two")), nprocs=2, join=True)
     mq.quantize_pretrained(src, tmp_path / "one", _gptq(), BATCHES, progress=False)
     _assert_equal_files(load_file(tmp_path / "one" / "model.safetensors"), tmp_path / "two" / "model.safetensors")
+
+
+def test_cli_equals_the_function(src, tmp_path, capsys):
+    from monoquant.cli import main
+
+    mq.quantize_pretrained(src, tmp_path / "api", mq.Int4(group_size=16), progress=False)
+    assert main(["quantize-pretrained", str(src), str(tmp_path / "cli"), "--bits", "4", "--group-size", "16",
+                 "--no-progress"]) == 0
+    _assert_equal_files(load_file(tmp_path / "api" / "model.safetensors"), tmp_path / "cli" / "model.safetensors")
+    assert "layers quantized" in capsys.readouterr().out
+
+
+def test_cli_gptq_reads_token_ids(src, tmp_path, capsys):
+    from monoquant.cli import main
+
+    torch.save(torch.cat(BATCHES), tmp_path / "tokens.pt")
+    assert main(["quantize-pretrained", str(src), str(tmp_path / "out"), "--bits", "4", "--group-size", "16",
+                 "--method", "gptq", "--no-progress"]) == 1  # no --calibration
+    assert "calibration_data" in capsys.readouterr().err
+    torch.save(torch.randn(2, 3), tmp_path / "floats.pt")
+    assert main(["quantize-pretrained", str(src), str(tmp_path / "out"), "--bits", "4", "--method", "gptq",
+                 "--calibration", str(tmp_path / "floats.pt")]) == 1
+    assert "2-D integer tensor of token ids" in capsys.readouterr().err
