@@ -456,10 +456,10 @@ def _extend(report: QuantReport, part: QuantReport) -> None:
 
 def _run_before_first_block(model: nn.Module, first: _Slot, batches: list[Any], forward_fn: ForwardFn | None,
                             candidates: set[str]) -> set[str]:
-    """The candidate layers that run before the first block (found on one batch; none without data: then only
-    layers that need no data, such as embeddings, are quantized before the blocks)."""
+    """The candidate layers that run before the first block, found on one batch. Without data there is none:
+    no activation is carried, so every layer outside the blocks is quantized at the end, with the same result."""
     if not batches:
-        return {n for n in candidates if "embed" in n.rsplit(".", 1)[-1]}
+        return set()
     seen: set[str] = set()
     names = {id(m): n for n, m in model.named_modules() if n in candidates}
     handles = [m.register_forward_pre_hook(lambda mod, a: seen.add(names[id(mod)]))

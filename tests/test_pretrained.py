@@ -60,6 +60,20 @@ def test_gptq_sequential_equals_quantize_on_whole_model(src, tmp_path):
     assert isinstance(skeleton.model.layers[2].mlp.down_proj, mq.QuantLinear)
 
 
+def test_quantized_embedding_runs_before_the_blocks_as_in_quantize(src, tmp_path):
+    cfg = mq.QuantConfig(_gptq(), embeddings=mq.Int8())  # block 0 sees the quantized embedding's outputs
+    report = mq.quantize_pretrained(src, tmp_path, cfg, BATCHES, progress=False)
+    assert report.layers[0].name == "model.embed_tokens" and not report.layers[0].skipped
+    _assert_equal_files(_whole(src, cfg, BATCHES), tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=16, method="gptq", observer=mq.MinMaxObserver())],
+                         ids=["rtn-with-data", "gptq-one-pass"])
+def test_float_activations_are_carried_unless_sequential(src, tmp_path, spec):
+    mq.quantize_pretrained(src, tmp_path, spec, BATCHES, progress=False)
+    _assert_equal_files(_whole(src, spec, BATCHES), tmp_path / "model.safetensors")
+
+
 def test_rtn_without_data_equals_quantize(src, tmp_path):
     mq.quantize_pretrained(src, tmp_path, mq.Int8(), progress=False)
     _assert_equal_files(_whole(src, mq.Int8(), None), tmp_path / "model.safetensors")
