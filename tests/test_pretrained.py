@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -166,3 +168,60 @@ def test_cli_gptq_reads_token_ids(src, tmp_path, capsys):
     assert main(["quantize-pretrained", str(src), str(tmp_path / "out"), "--bits", "4", "--method", "gptq",
                  "--calibration", str(tmp_path / "floats.pt")]) == 1
     assert "2-D integer tensor of token ids" in capsys.readouterr().err
+
+
+CAPPED_CHILD = r"""
+import resource, sys
+from pathlib import Path
+import torch, transformers
+import monoquant as mq
+from monoquant.pipeline import _skeleton
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+what, src, dst, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(1)
+_skeleton(Path(src))  # every library mapped before the cap: only what quantizing allocates counts
+warm = torch.nn.Sequential(torch.nn.Linear(64, 64))
+mq.save(mq.quantize_(warm, mq.Int8(), progress=False) and warm, Path(dst).parent / "warm.safetensors")
+warm(torch.randn(2, 64))
+cap = status("VmSize") + budget
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+try:
+    if what == "blocks":
+        mq.quantize_pretrained(src, dst, mq.Int8(), progress=False)
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(src)
+        mq.quantize_(model, mq.Int8(), progress=False)
+except (MemoryError, RuntimeError, OSError) as e:
+    import traceback; traceback.print_exc()
+    print("OUT OF MEMORY", type(e).__name__)
+    sys.exit(3)
+print("DONE")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
+def test_block_by_block_fits_where_the_whole_model_does_not(tmp_path):
+    """A child process caps its address space at its size after imports + a third of the checkpoint: the whole
+    model cannot even be loaded under it, quantize_pretrained finishes."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=704, num_hidden_layers=24,
+                                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True, max_shard_size="4MB")
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    budget = total // 3
+    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    runs = {what: subprocess.run([sys.executable, "-c", CAPPED_CHILD, what, str(src), str(tmp_path / what),
+                                  str(budget)], capture_output=True, text=True, env=env, timeout=600)
+            for what in ("whole", "blocks")}
+    assert runs["whole"].returncode == 3, runs["whole"].stderr[-2000:]  # the cap bites
+    assert runs["blocks"].returncode == 0, runs["blocks"].stderr[-2000:]
+    assert total > 3 * budget - 8
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    mq.load(skeleton, tmp_path / "blocks" / "model.safetensors")
+    assert isinstance(skeleton.model.layers[23].mlp.up_proj, mq.QuantLinear)
