@@ -55,6 +55,7 @@ from .observers import (
     NonFiniteInputWarning,
     Observer,
 )
+from .pipeline import quantize_pretrained
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
 from .quantize import dequantize_, quantize_
 from .report import AccuracyWarning, CalibrationPendingWarning, LayerReport, NothingQuantizedWarning, QuantReport
@@ -82,7 +83,7 @@ __all__ = [
     "sensitivity", "LayerSensitivity", "rules_from_sensitivity", "exact_pattern", "QuantReport", "LayerReport",
     "AccuracyWarning", "NothingQuantizedWarning", "CalibrationPendingWarning",
     # files
-    "save", "load",
+    "save", "load", "quantize_pretrained",
     # qtypes
     "QType", "PerTensor", "PerChannel", "PerGroup",
     # errors

@@ -25,6 +25,13 @@
             --conv1d '*.c_attn' --conv1d '*.c_proj' --conv1d '*.c_fc'
 
 
+``monoquant quantize-pretrained SRC DST --bits 4|8 | --format F [--method rtn|mse|gptq] [--sequential]
+[--calibration TOKENS.pt] [--batch-size 8]``
+    Quantizes a Hugging Face model folder one block at a time with :func:`monoquant.quantize_pretrained`
+    (needs transformers): DST/model.safetensors plus copies of SRC's config and tokenizer files. GPTQ needs
+    ``--calibration``: a torch file holding a 2-D tensor of token ids, fed in batches of ``--batch-size`` rows.
+    Rerun the same command after a kill to resume.
+
 ``monoquant inspect FILE``
     Prints the header of a monoquant file: versions, each quantized layer's class, scheme, weight shape and
     stored bytes, and totals.
@@ -42,6 +49,7 @@ file remains (see :class:`monoquant.safetensors_io.StreamWriter`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import math
@@ -372,6 +380,45 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrained_spec(args: argparse.Namespace) -> WeightSpec:
+    spec = _spec(args)
+    if args.method == "rtn" and not args.sequential:
+        return spec
+    if args.method == "rtn" or not hasattr(spec, "method"):
+        raise ConfigError(f"--method {args.method} and --sequential apply to int8 and int4 (--sequential to gptq)")
+    options: dict = {"method": args.method}
+    if args.sequential:
+        options["sequential"] = True
+    return dataclasses.replace(spec, **options)
+
+
+def _token_batches(path: str | None, batch_size: int) -> list[torch.Tensor] | None:
+    """Batches of ``batch_size`` rows from a torch file holding one 2-D integer tensor of token ids."""
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if path is None:
+        return None
+    tokens = torch.load(path, weights_only=True)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+        raise ConfigError(f"--calibration {path} must hold one 2-D integer tensor of token ids [samples, tokens] "
+                          "(torch.save(ids, path)); it holds a " + (f"{tokens.dim()}-D {tokens.dtype} tensor"
+                                                                    if isinstance(tokens, torch.Tensor)
+                                                                    else type(tokens).__name__))
+    return list(tokens.split(batch_size))
+
+
+def cmd_quantize_pretrained(args: argparse.Namespace) -> int:
+    from .pipeline import quantize_pretrained
+
+    spec = _pretrained_spec(args)
+    batches = _token_batches(args.calibration, args.batch_size)
+    report = quantize_pretrained(args.input, args.output, spec, batches, max_batches=args.max_batches,
+                                 progress=False if args.no_progress else None)
+    print(f"{len(report.quantized)} layers quantized ({report.size_ratio:.3f}x the float size) -> "
+          f"{Path(args.output) / 'model.safetensors'}")
+    return 0
+
+
 def _check_conv1d_patterns(patterns: Sequence[str], table: Table, plans: Sequence[_Plan]) -> None:
     """A ``--conv1d`` pattern that names no 2-D weight is a typo: without it those layers would be quantized
     as ``[out, in]`` Linear weights, which ``mq.load`` then rejects."""
@@ -480,6 +527,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-unquantized", action="store_true",
                    help="write the output even when no tensor gets quantized (by default that is an error, exit 1)")
     q.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("quantize-pretrained", help="quantize a Hugging Face model folder block by block",
+                       description="Quantize a Hugging Face model folder (config.json + safetensors shards) one "
+                                   "block at a time, so models larger than memory fit; resumable after a kill. "
+                                   "Writes DST/model.safetensors (load with mq.load) and copies the other files.")
+    p.add_argument("input", metavar="SRC", help="the model folder (save_pretrained output)")
+    p.add_argument("output", metavar="DST", help="the output folder")
+    fmt = p.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--bits", type=int, choices=(4, 8), help="4: INT4 group-wise; 8: INT8 per channel")
+    fmt.add_argument("--format", choices=sorted(CLI_FORMATS), help="a weight format by name")
+    p.add_argument("--group-size", type=int, default=None, help="group size for int4 (default 128) and nf4 (64)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points")
+    sym.add_argument("--affine", action="store_true", help="scales and zero-points")
+    p.add_argument("--method", choices=("rtn", "mse", "gptq"), default="rtn", help="how weights are rounded "
+                   "(gptq needs --calibration)")
+    p.add_argument("--sequential", action="store_true", help="gptq: each block on the outputs of the blocks "
+                                                             "before it as quantized")
+    p.add_argument("--calibration", metavar="FILE", help="a torch file holding a 2-D tensor of token ids "
+                                                          "[samples, tokens]")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration rows per batch (default 8)")
+    p.add_argument("--max-batches", type=int, default=None, help="use at most this many batches (default all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize_pretrained)
     i = sub.add_parser("inspect", help="print the header of a monoquant file",
                        description="Print versions, each quantized layer's scheme and size, and totals.")
     i.add_argument("file", metavar="FILE")
