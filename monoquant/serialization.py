@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub_formats
 from . import safetensors_io as stio
 from .data import model_device
 from .errors import ConfigError, SerializationError
@@ -73,6 +74,8 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
     act = getattr(q, "input_quantizer", None)
     if act is not None:
         entry["activations"] = spec_to_dict(act.spec)
+    if getattr(q, "input_permutation", None) is not None:
+        entry["input_permutation"] = True
     return entry
 
 
@@ -195,6 +198,8 @@ def validate_entry(entry: Any, where: str) -> None:
                     ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
     geometry = entry.get("geometry")
     _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
+    perm = entry.get("input_permutation", False)
+    _check_type(where, "input_permutation", perm, type(perm) is bool, "true or false")
     for field in ("spec", "activations"):
         if entry.get(field) is not None:
             spec_from_dict(entry[field], f"{where}: header field {field!r}")
@@ -234,8 +239,12 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, *, format: str = FORMAT) -> None:
     """Write ``model`` (quantized or not) to one safetensors file at ``path``, readable by :func:`load`.
+
+    ``format="gptq"`` (or ``"gptq_v2"``) writes the Hub's GPTQ layout instead, for other tools to read: every
+    quantized layer must be a weight-only INT4 ``nn.Linear`` of one group size; a ``quantize_config.json``
+    is written next to ``path`` (see :mod:`monoquant.hub_formats`, also for the float16 scales).
 
     Every tensor of ``model.state_dict()`` is stored bit-exactly; tensors shared between several names are
     stored once. The file is written to a temporary file of its own next to ``path``, fsynced and renamed, so
@@ -249,6 +258,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             disk...); the old file at ``path`` is then kept and no temporary file remains.
     """
     model = _check_model(model)
+    if format != FORMAT:
+        return _save_gptq(model, path, format)
     state = model.state_dict()
     quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantModule)]
     for name, m in quantized:
@@ -277,6 +288,29 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                            file_metadata(modules, aliases)) as writer:
         for name, t in table:
             writer.write(name, t)
+
+
+def _save_gptq(model: nn.Module, path: str | os.PathLike, format: str) -> None:
+    """:func:`save` with ``format="gptq"``/``"gptq_v2"``: tensors and metadata from :mod:`monoquant.hub_formats`."""
+    version = hub_formats.GPTQ_FORMATS.get(format)
+    if version is None:
+        raise ConfigError(f"format must be {FORMAT!r} or one of {sorted(hub_formats.GPTQ_FORMATS)}, got {format!r}")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            _check_saveable(name, m)
+    tensors, config = hub_formats.gptq_tensors(model, version)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                           {"format": "pt", "quantization_config": text}) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    sidecar = os.path.join(os.path.dirname(os.path.abspath(path)), "quantize_config.json")
+    try:
+        with open(sidecar, "w") as fh:
+            fh.write(text + "\n")
+    except OSError as e:
+        raise SerializationError(f"wrote {path} but not {sidecar}: {e}; the file also holds its quantization "
+                                 "config in its metadata") from e
 
 
 # ---- load -------------------------------------------------------------------------------------------------
@@ -312,6 +346,10 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
         raise SerializationError(f"{where}: weight shape {entry.get('weight_shape')} in the file, "
                                  f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
     _attach_activations(name, q, entry)
+    if entry.get("input_permutation"):
+        if not hasattr(q, "input_permutation"):
+            raise SerializationError(f"{where}: {cls.__name__} has no input permutation; the file is corrupt")
+        q.input_permutation = torch.empty(q.weight2d_shape[1], dtype=torch.int64, device="meta")
     q.train(current.training)
     return q
 
@@ -368,8 +406,11 @@ class _Source:
     read: Callable[[torch.device], dict[str, torch.Tensor]]
 
 
-def _file_source(path: str | os.PathLike) -> _Source:
+def _file_source(path: str | os.PathLike, model: nn.Module, quantization_config: Any = None) -> _Source:
     header = stio.read_header(path)
+    if header.metadata.get("format") != FORMAT and hub_formats.is_hub_checkpoint(header.tensors):
+        config = quantization_config or hub_formats.config_near(path, header.metadata)
+        return _hub_source(str(header.path), stio.read_tensors(header), model, config)
     modules, aliases = parse_metadata(header)
     return _Source(str(header.path), header.tensors, aliases, modules,
                    lambda device: stio.read_tensors(header, device=device))
@@ -399,7 +440,8 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
     compute_dtype = current.compute_dtype if isinstance(current, QuantModule) else None
     return {"class": cls.__name__, "spec": spec_to_dict(spec), "group_size": group_size, "weight_shape": list(shape),
             "bias": bias is not None, "float_dtype": _dtype_name(float_dtype),
-            "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout}
+            "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout,
+            "input_permutation": prefix + "input_permutation" in state}
 
 
 def _check_state(state: Mapping[Any, Any]) -> None:
@@ -426,7 +468,16 @@ def _contiguous_on(state: Mapping[str, torch.Tensor], device: torch.device) -> d
     return {k: v.to(device).contiguous() for k, v in state.items()}
 
 
-def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
+def _hub_source(where: str, tensors: Mapping[str, torch.Tensor], model: nn.Module, config: Any) -> _Source:
+    """A GPTQ/AWQ checkpoint, converted to monoquant's tensors and header entries by :mod:`.hub_formats`."""
+    _check_state(tensors)
+    state, modules = hub_formats.from_hub(tensors, model, config, where)
+    return _Source(where, state, {}, modules, lambda device: _contiguous_on(state, device))
+
+
+def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module, quantization_config: Any = None) -> _Source:
+    if hub_formats.is_hub_checkpoint(state):
+        return _hub_source("the state dict", state, model, quantization_config)
     _check_state(state)
     modules = {}
     for name, current in model.named_modules():
@@ -438,7 +489,7 @@ def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _
 
 
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
-         device: torch.device | str | None = None) -> nn.Module:
+         device: torch.device | str | None = None, quantization_config: Any = None) -> nn.Module:
     """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
 
     ``model`` is the float architecture the file was saved from, built normally or on the meta device
@@ -458,8 +509,18 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     reports the ``qweight``/``scale`` keys as unexpected). Loaded tensors are used as they are (not copied)
     when already on ``device``.
 
+    ``path`` may also be a Hub INT4 checkpoint (or its state dict) in the GPTQ layout (v1 or v2 zero-points,
+    with or without act-order ``g_idx``) or the AWQ GEMM layout: its layers become ``Int4`` ``QuantLinear``
+    layers with bit-identical dequantized weights, running on monoquant's kernels (see
+    :mod:`monoquant.hub_formats`). The model must have the checkpoint's float dtype (usually
+    ``model.half()``) for its other tensors.
+
     Args:
         device: where loaded tensors go; default: the device of the model's first real tensor, else CPU.
+        quantization_config: for Hub checkpoints, their quantization config (a dict, a ``config.json``'s
+            content or a transformers ``GPTQConfig``/``AwqConfig``); default: the one in ``config.json``,
+            ``quantize_config.json`` or ``quant_config.json`` next to ``path``, else worked out from the
+            tensors' shapes (GPTQ zero-points then read as v1).
 
     Raises:
         SerializationError: the file is missing, truncated, not a monoquant file, of an unknown format
@@ -469,7 +530,8 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     on the meta device, so recreate them after loading if the model has any.
     """
     model = _check_model(model)
-    source = _state_dict_source(path, model) if isinstance(path, Mapping) else _file_source(path)
+    source = (_state_dict_source(path, model, quantization_config) if isinstance(path, Mapping)
+              else _file_source(path, model, quantization_config))
     modules = source.modules
 
     swaps: dict[int, QuantModule] = {}

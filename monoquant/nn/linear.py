@@ -19,6 +19,11 @@ class QuantLinear(QuantModule):
 
     Build one with :meth:`from_float` (or let :func:`monoquant.quantize_` do it). The constructor makes an
     empty layer of the right shapes, which is what :func:`monoquant.load` fills from a file.
+
+    ``input_permutation`` (``None`` unless set; an int64 ``[in_features]`` buffer, saved and loaded with the
+    layer) reorders the input features before the stored weight is applied: ``y = x[..., p] W_p^T + b`` where
+    ``W_p = W[:, p]`` is what the buffers hold. Act-order checkpoints from the Hub (GPTQ ``g_idx``) keep their
+    group layout this way (:mod:`monoquant.hub_formats`); :attr:`weight` and :meth:`to_float` give ``W``.
     """
 
     float_module_type = nn.Linear
@@ -42,10 +47,21 @@ class QuantLinear(QuantModule):
         self.out_features = out_features
         self._init_quant((out_features, in_features), spec or Int8(), bias=bias, group_size=group_size,
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
+        self.register_buffer("input_permutation", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, self.in_features)
+        if self.input_permutation is not None:
+            x = x.index_select(-1, self.input_permutation)
         return kernels.linear(self, x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized float weight in the input order of the float layer (see ``input_permutation``)."""
+        w = super().weight
+        if self.input_permutation is None or self.gptq is not None:
+            return w
+        return w.index_select(1, torch.argsort(self.input_permutation))
 
     def kernel_summary(self) -> str:
         return kernels.kernel_summary(self)
