@@ -112,23 +112,28 @@ def config_near(path: str | os.PathLike, metadata: Mapping[str, str] | None = No
     return {}
 
 
+def _name(value: Any) -> str:
+    """A config value as a lower-case string (transformers' configs hold enums such as ``QuantizationMethod.AWQ``)."""
+    return str(getattr(value, "value", value)).lower()
+
+
 def layout_of(config: Mapping[str, Any], where: str) -> HubLayout:
     """The :class:`HubLayout` a quantization config describes (empty config: worked out per layer from shapes)."""
     if not config:
         return HubLayout()
-    method = str(config.get("quant_method", "gptq")).lower()
+    method = _name(config.get("quant_method", "gptq"))
     bits = config.get("bits", config.get("w_bit", 4))
     if bits != 4:
         raise SerializationError(f"{where} holds {bits}-bit {method.upper()} weights; monoquant reads 4-bit GPTQ "
                                  "and AWQ checkpoints only (quantize the float model with mq.Int8() instead)")
     if method == "gptq":
-        fmt = str(config.get("checkpoint_format", "gptq")).lower()
+        fmt = _name(config.get("checkpoint_format", "gptq"))
         if fmt not in GPTQ_FORMATS:
             raise SerializationError(f"{where}: unknown GPTQ checkpoint_format {fmt!r}; monoquant reads "
                                      f"{sorted(GPTQ_FORMATS)}")
         return HubLayout("gptq", GPTQ_FORMATS[fmt])
     if method == "awq":
-        version = str(config.get("version", "gemm")).lower()
+        version = _name(config.get("version", "gemm"))
         if version != "gemm" or config.get("zero_point", True) is False:
             raise SerializationError(f"{where}: AWQ version {version!r} (zero_point={config.get('zero_point')}) "
                                      "is not supported; monoquant reads AWQ GEMM checkpoints with zero-points")
