@@ -295,3 +295,63 @@ def test_save_gptq_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ConfigError, match="format must be"):
         mq.save(model, tmp_path / "c.safetensors", format="awq")
     assert not list(tmp_path.iterdir())
+
+
+# ---- a Llama-style model from the transformers side -------------------------------------------------------
+def quantize_act_order(w: torch.Tensor, group: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """Min-max INT4 of ``w`` (``[N, K]``) with act-order groups (a random column order, as GPTQ's ``desc_act``
+    makes), packed as GPTQ v1: ``(tensors, dequantized float64 weight)``."""
+    n, k = w.shape
+    g_idx = torch.from_numpy(np.random.default_rng(seed).permutation(k) // group)
+    q, zeros, scales = torch.zeros(k, n, dtype=torch.int64), [], []
+    for g in range(k // group):
+        cols = (g_idx == g).nonzero().flatten()
+        block = w[:, cols].double()
+        lo, hi = block.min(1).values.clamp(max=0), block.max(1).values.clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-4).half()
+        zero = torch.round(-lo / scale.double()).clamp(1, 15).long()  # >= 1: v1 stores zero - 1
+        q[cols] = (torch.round(block / scale.double()[:, None]) + zero[:, None]).clamp(0, 15).long().t()
+        zeros.append(zero), scales.append(scale)
+    zeros_gn, scales_gn = torch.stack(zeros), torch.stack(scales)
+    tensors = {"qweight": pack_gptq_qweight(q.numpy()), "qzeros": pack_rows_along_outputs(zeros_gn.numpy() - 1),
+               "scales": scales_gn, "g_idx": g_idx.int()}
+    deq = scales_gn.double()[g_idx].t() * (q.t() - zeros_gn[g_idx].t()).double()
+    return tensors, deq
+
+
+@pytest.mark.transformers
+def test_llama_gptq_act_order_checkpoint_from_a_folder(tmp_path):
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import transformers_causal_lm as lm
+
+    torch.manual_seed(0)
+    model = lm.tiny_llama().eval()
+    state, dequantized = {}, {}
+    for i, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            tensors, dequantized[name] = quantize_act_order(module.weight.detach(), 32, seed=i)
+            state.update({f"{name}.{key}": t for key, t in tensors.items()})
+    linear_weights = {f"{name}.weight" for name in dequantized}
+    state.update({k: v.clone() for k, v in model.state_dict().items()
+                  if k not in linear_weights and k != "lm_head.weight"})
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                        "sym": False, "checkpoint_format": "gptq"}
+    model.config.save_pretrained(tmp_path)  # config.json with the quantization_config, as the Hub has it
+
+    torch.manual_seed(1)
+    loaded = mq.load(lm.tiny_llama().eval(), tmp_path / "model.safetensors")
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, mq.QuantLinear)) == sorted(dequantized)
+    assert all(loaded.get_submodule(n).input_permutation is not None for n in dequantized)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again
+    with torch.no_grad():
+        for name, w in dequantized.items():
+            model.get_submodule(name).weight.copy_(w.float())
+        tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+        with mq.kernels.pin("dequant"):
+            got = loaded(input_ids=tokens).logits
+        ref = model(input_ids=tokens).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
