@@ -101,7 +101,7 @@ def config_near(path: str | os.PathLike, metadata: Mapping[str, str] | None = No
             except (OSError, json.JSONDecodeError) as e:
                 raise SerializationError(f"{file} is not readable JSON ({e}); fix or remove it, or pass "
                                          "quantization_config= to mq.load") from e
-            if config.get("quant_method") or "bits" in config:
+            if config.get("quant_method") or "bits" in config or "w_bit" in config:
                 return config
     text = (metadata or {}).get("quantization_config")
     if text:
@@ -121,7 +121,10 @@ def layout_of(config: Mapping[str, Any], where: str) -> HubLayout:
     """The :class:`HubLayout` a quantization config describes (empty config: worked out per layer from shapes)."""
     if not config:
         return HubLayout()
-    method = _name(config.get("quant_method", "gptq"))
+    method = config.get("quant_method")
+    if method is None:  # AutoAWQ's quant_config.json names no method; its fields do
+        method = "awq" if {"w_bit", "q_group_size", "zero_point", "version"} & set(config) else "gptq"
+    method = _name(method)
     bits = config.get("bits", config.get("w_bit", 4))
     if bits != 4:
         raise SerializationError(f"{where} holds {bits}-bit {method.upper()} weights; monoquant reads 4-bit GPTQ "

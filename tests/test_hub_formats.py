@@ -185,6 +185,18 @@ def test_file_with_config_json_next_to_it(tmp_path):
     assert not torch.equal(v1.up.weight, weights["up"].float())
 
 
+def test_autoawq_quant_config_json_without_a_method_name(tmp_path):
+    state, weights = checkpoint("awq")
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4,
+                                                            "version": "GEMM"}))
+    model = mq.load(TwoLayers(), tmp_path / "model.safetensors")
+    assert torch.equal(model.up.weight, weights["up"].float())
+    (tmp_path / "quant_config.json").write_text(json.dumps({"w_bit": 4, "version": "GEMV"}))
+    with pytest.raises(SerializationError, match="GEMM"):
+        mq.load(TwoLayers(), tmp_path / "model.safetensors")
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_without_config_the_layout_comes_from_shapes(tmp_path, method):
     state, weights = checkpoint(method)
