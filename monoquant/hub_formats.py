@@ -70,7 +70,7 @@ class HubLayout:
 def is_hub_checkpoint(tensors: Mapping[str, Any]) -> bool:
     """Whether ``tensors`` (name -> anything with a ``dtype``) hold GPTQ/AWQ layers: an int32 ``*.qweight``
     with its ``*.scales`` beside it."""
-    return any(name.endswith(".qweight") and getattr(t, "dtype", None) == torch.int32
+    return any(isinstance(name, str) and name.endswith(".qweight") and getattr(t, "dtype", None) == torch.int32
                and f"{name[:-len('qweight')]}scales" in tensors for name, t in tensors.items())
 
 

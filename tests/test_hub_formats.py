@@ -367,3 +367,19 @@ def test_llama_gptq_act_order_checkpoint_from_a_folder(tmp_path):
             got = loaded(input_ids=tokens).logits
         ref = model(input_ids=tokens).logits
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("break_it,match", [
+    (lambda s: s.update({"up.qweight": s["up.qweight"][:-1]}), "qweight is"),
+    (lambda s: s.pop("up.qzeros"), "without qzeros"),
+    (lambda s: s.update({"up.scales": s["up.scales"][:, :8]}), "scales is"),
+    (lambda s: s.update({"norm.qweight": s["up.qweight"], "norm.scales": s["up.scales"]}), "LayerNorm"),
+])
+def test_broken_checkpoints_raise_and_change_nothing(break_it, match):
+    state, _ = checkpoint("gptq")
+    break_it(state)
+    model = TwoLayers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SerializationError, match=match):
+        mq.load(model, state, quantization_config=config("gptq"))
+    assert isinstance(model.up, nn.Linear) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
