@@ -226,6 +226,17 @@ def test_converted_model_saves_and_loads_in_monoquant_format(tmp_path):
         assert torch.equal(again(x), model(x))
 
 
+def test_a_corrupt_permutation_is_refused():
+    state, _ = checkpoint("gptq", act_order=True)
+    saved = mq.load(TwoLayers(), state, quantization_config=config("gptq")).state_dict()
+    saved["up.input_permutation"] = saved["up.input_permutation"].clone()
+    saved["up.input_permutation"][0] = saved["up.input_permutation"][1]
+    model = TwoLayers()
+    with pytest.raises(SerializationError, match="not a permutation"):
+        mq.load(model, saved)
+    assert isinstance(model.up, nn.Linear)
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"quant_method": "gptq", "bits": 8}, "8-bit"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "GEMM"),

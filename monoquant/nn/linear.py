@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..errors import SerializationError
 from ..formats import Int8, WeightSpec
 from .module import QuantModule
 from .registry import register_layer
@@ -54,6 +55,15 @@ class QuantLinear(QuantModule):
         if self.input_permutation is not None:
             x = x.index_select(-1, self.input_permutation)
         return kernels.linear(self, x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        perm = self.input_permutation
+        if perm is None or perm.device.type == "meta":
+            return
+        if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(self.in_features, device=perm.device)):
+            raise SerializationError(f"{prefix}input_permutation is not a permutation of the {self.in_features} "
+                                     "input features; the file is corrupt (save the model again)")
 
     @property
     def weight(self) -> torch.Tensor:
