@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub_formats
 from . import safetensors_io as stio
 from .data import model_device
 from .errors import ConfigError, SerializationError
@@ -77,6 +78,8 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
     act = getattr(q, "input_quantizer", None)
     if act is not None:
         entry["activations"] = spec_to_dict(act.spec)
+    if getattr(q, "input_permutation", None) is not None:
+        entry["input_permutation"] = True
     return entry
 
 
@@ -208,6 +211,8 @@ def validate_entry(entry: Any, where: str) -> None:
                     ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
     geometry = entry.get("geometry")
     _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
+    perm = entry.get("input_permutation", False)
+    _check_type(where, "input_permutation", perm, type(perm) is bool, "true or false")
     for field in ("spec", "activations"):
         if entry.get(field) is not None:
             spec_from_dict(entry[field], f"{where}: header field {field!r}")
@@ -247,8 +252,12 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
+def save(model: nn.Module, path: str | os.PathLike, *, format: str = FORMAT) -> None:
     """Write ``model`` (quantized or not) to one safetensors file at ``path``, readable by :func:`load`.
+
+    ``format="gptq"`` (or ``"gptq_v2"``) writes the Hub's GPTQ layout instead, for other tools to read: every
+    quantized layer must be a weight-only INT4 ``nn.Linear`` of one group size; a ``quantize_config.json``
+    is written next to ``path`` (see :mod:`monoquant.hub_formats`, also for the float16 scales).
 
     Every tensor of ``model.state_dict()`` is stored bit-exactly; tensors shared between several names are
     stored once. The file is written to a temporary file of its own next to ``path``, fsynced and renamed, so
@@ -262,6 +271,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             disk...); the old file at ``path`` is then kept and no temporary file remains.
     """
     model = _check_model(model)
+    if format != FORMAT:
+        return _save_gptq(model, path, format)
     state = model.state_dict()
     modules = header_of(model)
     table, aliases = stored_once(state)
@@ -300,6 +311,29 @@ def stored_once(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict
     return table, aliases
 
 
+def _save_gptq(model: nn.Module, path: str | os.PathLike, format: str) -> None:
+    """:func:`save` with ``format="gptq"``/``"gptq_v2"``: tensors and metadata from :mod:`monoquant.hub_formats`."""
+    version = hub_formats.GPTQ_FORMATS.get(format)
+    if version is None:
+        raise ConfigError(f"format must be {FORMAT!r} or one of {sorted(hub_formats.GPTQ_FORMATS)}, got {format!r}")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            _check_saveable(name, m)
+    tensors, config = hub_formats.gptq_tensors(model, version)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    with stio.StreamWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                           {"format": "pt", "quantization_config": text}) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+    sidecar = os.path.join(os.path.dirname(os.path.abspath(path)), "quantize_config.json")
+    try:
+        with open(sidecar, "w") as fh:
+            fh.write(text + "\n")
+    except OSError as e:
+        raise SerializationError(f"wrote {path} but not {sidecar}: {e}; the file also holds its quantization "
+                                 "config in its metadata") from e
+
+
 # ---- load -------------------------------------------------------------------------------------------------
 def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str) -> QuantModule:
     """An empty (meta-device) quantized layer for ``entry`` (already checked by :func:`validate_entry`), shaped like
@@ -333,6 +367,10 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
         raise SerializationError(f"{where}: weight shape {entry.get('weight_shape')} in the file, "
                                  f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
     _attach_activations(name, q, entry)
+    if entry.get("input_permutation"):
+        if not hasattr(q, "input_permutation"):
+            raise SerializationError(f"{where}: {cls.__name__} has no input permutation; the file is corrupt")
+        q.input_permutation = torch.empty(q.weight2d_shape[1], dtype=torch.int64, device="meta")
     q.train(current.training)
     return q
 
@@ -389,10 +427,13 @@ class _Source:
     read: Callable[[torch.device, Iterable[str]], dict[str, torch.Tensor]]  # (device, stored names) -> tensors
 
 
-def _file_source(path: str | os.PathLike) -> _Source:
+def _file_source(path: str | os.PathLike, model: nn.Module, quantization_config: Any = None) -> _Source:
     if os.path.isdir(path):
         return _folder_source(path)
     header = stio.read_header(path)
+    if header.metadata.get("format") != FORMAT and hub_formats.is_hub_checkpoint(header.tensors):
+        config = quantization_config or hub_formats.config_near(path, header.metadata)
+        return _hub_source(str(header.path), stio.read_tensors(header), model, config)
     modules, aliases = parse_metadata(header)
     return _Source(str(header.path), header.tensors, aliases, modules,
                    lambda device, names: stio.read_tensors(header, names, device=device))
@@ -489,7 +530,8 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
     compute_dtype = current.compute_dtype if isinstance(current, QuantModule) else None
     return {"class": cls.__name__, "spec": spec_to_dict(spec), "group_size": group_size, "weight_shape": list(shape),
             "bias": bias is not None, "float_dtype": _dtype_name(float_dtype),
-            "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout}
+            "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout,
+            "input_permutation": prefix + "input_permutation" in state}
 
 
 def _check_state(state: Mapping[Any, Any]) -> None:
@@ -516,7 +558,17 @@ def _contiguous_on(state: Mapping[str, torch.Tensor], device: torch.device) -> d
     return {k: v.to(device).contiguous() for k, v in state.items()}
 
 
-def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _Source:
+def _hub_source(where: str, tensors: Mapping[str, torch.Tensor], model: nn.Module, config: Any) -> _Source:
+    """A GPTQ/AWQ checkpoint, converted to monoquant's tensors and header entries by :mod:`.hub_formats`."""
+    _check_state(tensors)
+    state, modules = hub_formats.from_hub(tensors, model, config, where)
+    return _Source(where, state, {}, modules,
+                   lambda device, names: _contiguous_on({n: state[n] for n in names}, device))
+
+
+def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module, quantization_config: Any = None) -> _Source:
+    if hub_formats.is_hub_checkpoint(state):
+        return _hub_source("the state dict", state, model, quantization_config)
     _check_state(state)
     modules = {}
     for name, current in model.named_modules():
@@ -529,7 +581,8 @@ def _state_dict_source(state: Mapping[str, torch.Tensor], model: nn.Module) -> _
 
 
 def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
-         device: torch.device | str | None = None, strict: bool = True) -> nn.Module:
+         device: torch.device | str | None = None, strict: bool = True,
+         quantization_config: Any = None) -> nn.Module:
     """Load a file written by :func:`save` (or ``monoquant quantize``) into ``model`` and return it.
 
     ``model`` is the float architecture the file was saved from, built normally or on the meta device
@@ -561,17 +614,28 @@ def load(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
     them from its own weight init, as ``from_pretrained`` does (``position_ids``, rotary ``inv_freq``...); any
     other model's are named in a warning (recreate them before the first forward).
 
+    ``path`` may also be a Hub INT4 checkpoint (or its state dict) in the GPTQ layout (v1 or v2 zero-points,
+    with or without act-order ``g_idx``) or the AWQ GEMM layout: its layers become ``Int4`` ``QuantLinear``
+    layers with bit-identical dequantized weights, running on monoquant's kernels (see
+    :mod:`monoquant.hub_formats`). The model must have the checkpoint's float dtype (usually
+    ``model.half()``) for its other tensors.
+
     Args:
         device: where loaded tensors go; default: the device of the model's first real tensor, else CPU.
         strict: ``False`` skips any other key the model has no place for, listing them in a warning, instead of
             raising. Tensors the model needs but the file lacks are always an error.
+        quantization_config: for Hub checkpoints, their quantization config (a dict, a ``config.json``'s
+            content or a transformers ``GPTQConfig``/``AwqConfig``); default: the one in ``config.json``,
+            ``quantize_config.json`` or ``quant_config.json`` next to ``path``, else worked out from the
+            tensors' shapes (GPTQ zero-points then read as v1).
 
     Raises:
         SerializationError: the file is missing, truncated, not a monoquant file, of an unknown format
             version, or does not match the model (its message names the first problem).
     """
     model = _check_model(model)
-    source = _state_dict_source(path, model) if isinstance(path, Mapping) else _file_source(path)
+    source = (_state_dict_source(path, model, quantization_config) if isinstance(path, Mapping)
+              else _file_source(path, model, quantization_config))
     modules = source.modules
 
     swaps, currents = _build_all(model, modules, source.where)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..errors import SerializationError
 from ..formats import Int8, WeightSpec
 from .module import QuantModule
 from .registry import register_layer
@@ -19,6 +20,11 @@ class QuantLinear(QuantModule):
 
     Build one with :meth:`from_float` (or let :func:`monoquant.quantize_` do it). The constructor makes an
     empty layer of the right shapes, which is what :func:`monoquant.load` fills from a file.
+
+    ``input_permutation`` (``None`` unless set; an int64 ``[in_features]`` buffer, saved and loaded with the
+    layer) reorders the input features before the stored weight is applied: ``y = x[..., p] W_p^T + b`` where
+    ``W_p = W[:, p]`` is what the buffers hold. Act-order checkpoints from the Hub (GPTQ ``g_idx``) keep their
+    group layout this way (:mod:`monoquant.hub_formats`); :attr:`weight` and :meth:`to_float` give ``W``.
     """
 
     float_module_type = nn.Linear
@@ -42,10 +48,30 @@ class QuantLinear(QuantModule):
         self.out_features = out_features
         self._init_quant((out_features, in_features), spec or Int8(), bias=bias, group_size=group_size,
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
+        self.register_buffer("input_permutation", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, self.in_features)
+        if self.input_permutation is not None:
+            x = x.index_select(-1, self.input_permutation)
         return kernels.linear(self, x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        perm = self.input_permutation
+        if perm is None or perm.device.type == "meta":
+            return
+        if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(self.in_features, device=perm.device)):
+            raise SerializationError(f"{prefix}input_permutation is not a permutation of the {self.in_features} "
+                                     "input features; the file is corrupt (save the model again)")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized float weight in the input order of the float layer (see ``input_permutation``)."""
+        w = super().weight
+        if self.input_permutation is None or self.gptq is not None:
+            return w
+        return w.index_select(1, torch.argsort(self.input_permutation))
 
     def kernel_summary(self) -> str:
         return kernels.kernel_summary(self)
