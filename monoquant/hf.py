@@ -146,7 +146,7 @@ register_quantizer(QUANT_METHOD)(MonoQuantHfQuantizer)
 def attach(model: nn.Module) -> None:
     """Mark a quantized transformers model as monoquant-quantized, so that ``save_pretrained`` writes its quantized
     tensors with the header in ``config.json`` (``mq.quantize_`` calls this on transformers models)."""
-    qc = MonoQuantConfig(modules=header_of(model))
+    qc = MonoQuantConfig()  # the header is written by save_pretrained: layers may still be calibrating now
     quantizer = MonoQuantHfQuantizer(qc, pre_quantized=True)
     model.config.quantization_config = qc
     model.hf_quantizer = quantizer

@@ -196,3 +196,15 @@ def test_a_head_tied_to_a_quantized_embedding_round_trips_sharing_its_buffers(tm
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
     assert torch.equal(output("llama-tied", loaded), output("llama-tied", model))
+
+
+def test_static_activations_calibrated_later_save_once_frozen(tmp_path):
+    """quantize_ without data attaches the quantizer anyway; save_pretrained refuses until mq.freeze, like mq.save."""
+    torch.manual_seed(0)
+    model = BertModel(bert_config()).eval()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8()))
+    with pytest.raises(mq.SerializationError, match=r"still being calibrated.*mq.freeze\(model\)"):
+        model.save_pretrained(tmp_path)
+    mq.calibrate_and_freeze(model, [IDS, IDS[:, :4]])
+    model.save_pretrained(tmp_path)
+    assert torch.equal(output("bert", AutoModel.from_pretrained(tmp_path).eval()), output("bert", model))
