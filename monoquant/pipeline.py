@@ -247,12 +247,12 @@ class _Parts:
     def start(self, job: dict[str, Any]) -> None:
         """Create the folder, or check that the one found belongs to the same job."""
         path = self.root / "job.json"
-        if path.is_file():
-            if json.loads(path.read_text()) != job:
-                raise ConfigError(f"{self.root} holds the parts of another quantization (other source, config or "
-                                  "calibration); delete that folder or choose another destination")
-            return
-        if self.rank == 0:
+        found = json.loads(path.read_text()) if path.is_file() else None
+        _barrier()  # every rank has looked before rank 0 writes
+        if found is not None and found != job:
+            raise ConfigError(f"{self.root} holds the parts of another quantization (other source, config or "
+                              "calibration); delete that folder or choose another destination")
+        if found is None and self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(".job.json.tmp")
             tmp.write_text(json.dumps(job, sort_keys=True))
