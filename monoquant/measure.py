@@ -47,7 +47,10 @@ class Swapped:
 def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     """SQNR (dB) of ``q``'s dequantized weight against its float twin's."""
     with torch.no_grad():
-        return F.sqnr(type(q).float_weight(float_module), q.dequantize_weight(torch.float32))
+        deq = q.dequantize_weight(torch.float32)
+        if q.input_scale is not None:  # AWQ / SmoothQuant: the layer stores W s and multiplies its input by 1 / s
+            deq = deq * q.input_scale
+        return F.sqnr(type(q).float_weight(float_module), deq)
 
 
 def count_samples(data: Iterable[Any], max_batches: int | None) -> int | None:

@@ -73,6 +73,8 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
     act = getattr(q, "input_quantizer", None)
     if act is not None:
         entry["activations"] = spec_to_dict(act.spec)
+    if q.input_scale is not None:  # AWQ / SmoothQuant scales no preceding op could absorb: buffer input_scale
+        entry["input_scale"] = True
     return entry
 
 
@@ -195,6 +197,8 @@ def validate_entry(entry: Any, where: str) -> None:
                     ("null or " if optional else "") + "the name of a floating-point torch dtype ('float32'...)")
     geometry = entry.get("geometry")
     _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
+    scaled = entry.get("input_scale", False)
+    _check_type(where, "input_scale", scaled, type(scaled) is bool, "true or false")
     for field in ("spec", "activations"):
         if entry.get(field) is not None:
             spec_from_dict(entry[field], f"{where}: header field {field!r}")
@@ -312,6 +316,10 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
         raise SerializationError(f"{where}: weight shape {entry.get('weight_shape')} in the file, "
                                  f"{list(q.weight_shape)} in the model: the file was saved from another architecture")
     _attach_activations(name, q, entry)
+    if entry.get("input_scale"):
+        if not q.supports_input_scale:
+            raise SerializationError(f"{where}: the file gives {cls.__name__} an input scale, which it cannot apply")
+        q.set_input_scale(torch.empty(q.weight2d_shape[1], device="meta"))
     q.train(current.training)
     return q
 

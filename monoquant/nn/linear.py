@@ -24,6 +24,7 @@ class QuantLinear(QuantModule):
     float_module_type = nn.Linear
     GEOMETRY = ("in_features", "out_features")
     kernel_family = "linear"
+    supports_input_scale = True
 
     def __init__(
         self,
@@ -45,7 +46,7 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x, self.in_features)
-        return kernels.linear(self, x)
+        return kernels.linear(self, self.scale_input(x))
 
     def kernel_summary(self) -> str:
         return kernels.kernel_summary(self)
