@@ -23,9 +23,10 @@ residual connection, or an RMSNorm computing ``(1 + w) x``, cannot absorb the sc
 nothing can absorb them, the quantized layer keeps ``1 / s`` as its ``input_scale`` buffer (one multiply per input
 element, saved and loaded with the layer). Folding leaves the float model's output unchanged (up to rounding).
 
-The search runs on the float model's activations (one pass over the calibration data), one group of layers at a
-time; only ``nn.Linear`` layers whose weight no other layer shares are scaled (other layers keep the method's
-rounding: RTN for ``"awq"``, GPTQ for ``"awq+gptq"``). Memory: one ``[K, K]`` float32 Hessian per group of
+The search runs on the float model's activations (one pass over the calibration data; with ``torch.distributed``
+initialised the statistics are all-reduced so every rank chooses the same scales and folds), one group at a time;
+only ``nn.Linear`` layers whose weight no other layer shares are scaled (other layers keep the method's rounding:
+RTN for ``"awq"``, GPTQ for ``"awq+gptq"``). Memory: one ``[K, K]`` float32 Hessian per group of
 layers with ``K`` inputs (AWQ only), held until the scales are chosen.
 """
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import data as data_mod
@@ -46,7 +48,7 @@ from .compare import _output_tensors
 from .errors import CalibrationError
 from .formats import WeightSpec
 from .gptq import HessianObserver
-from .observers import MinMaxObserver
+from .observers import MinMaxObserver, distributed_ready
 from .qtypes import PerTensor
 
 SCALE_GRID = 20
@@ -220,6 +222,17 @@ def _collect(model: nn.Module, groups: list[_Group], data: Iterable[Any], forwar
     finally:
         for h in handles:
             h.remove()
+    if distributed_ready():  # every rank must choose the same scales: statistics over all ranks' data
+        for group in groups:
+            if group.abs_sum is None:
+                raise CalibrationError(f"no calibration batch reached {[i.name for i in group.layers]} on this rank")
+            dist.all_reduce(group.abs_sum)
+            dist.all_reduce(group.abs_max, op=dist.ReduceOp.MAX)
+            rows = torch.tensor(group.rows, device=group.abs_sum.device)
+            dist.all_reduce(rows)
+            group.rows = int(rows)
+            if group.hessian is not None:
+                group.hessian.sync()
 
 
 def _rtn(spec: WeightSpec, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -350,7 +363,10 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
             _fold(group, scaling._saved)
             with _float_pass(model):
                 after = [t for _, t in _output_tensors(data_mod.run_batch(model, first, forward_fn))]
-            if _relative_change(reference, after) <= FOLD_TOLERANCE:
+            exact = torch.tensor(float(_relative_change(reference, after) <= FOLD_TOLERANCE))
+            if distributed_ready():  # one decision for all ranks (each checked its own first batch)
+                dist.all_reduce(exact, op=dist.ReduceOp.MIN)
+            if exact.item() == 1.0:
                 group.folded = True
             else:  # the produced tensor feeds something else too (a residual): undo this fold
                 with torch.no_grad():
