@@ -111,6 +111,10 @@ def quantize_(
         thresholds: :class:`~monoquant.Thresholds` or a dict overriding some of its fields.
         progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
 
+    ``method="awq"``/``"awq+gptq"`` and ``QuantConfig(smoothquant=...)`` need ``calibration_data``: the channel
+    scales are chosen on it before any layer is built, and folded into the float model's norms where exact (see
+    :mod:`monoquant.awq`; a failure later undoes the folds too).
+
     Layers that need data (static activation quantization, ``method="gptq"``) are calibrated on
     ``calibration_data`` (up to ``max_batches`` batches, see :func:`monoquant.calibrate_with`), their
     statistics all-reduced when ``torch.distributed`` is initialised (each rank may pass its own shard: every
