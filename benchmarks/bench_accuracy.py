@@ -147,18 +147,22 @@ def capture_inputs(model: nn.Module, data: list[torch.Tensor]) -> dict[str, list
 
 
 def timed_quantize(model: nn.Module, cfg: mq.QuantConfig, calib: list[torch.Tensor]) -> tuple[float, mq.QuantReport]:
-    """Seconds to quantize (swap, then calibrate + freeze when the method needs data), and the report."""
+    """Seconds to quantize (swap, then calibrate + freeze when the method needs data), and the report. AWQ and
+    SmoothQuant choose their scales inside ``quantize_``, which then also calibrates and measures."""
     t0 = time.perf_counter()
-    report = mq.quantize_(model, cfg, progress=False)
+    scaled = getattr(cfg.weights, "method", "") in ("awq", "awq+gptq") or cfg.smoothquant is not None
+    report = mq.quantize_(model, cfg, progress=False, calibration_data=calib if scaled else None)
     if mq.needs_calibration(model):
         report.record_frozen(mq.calibrate_and_freeze(model, calib, progress=False))
     return time.perf_counter() - t0, report
 
 
-def evaluate(model: nn.Module, data, spec: mq.WeightSpec, skip: mq.SkipRules | None = None):
-    """(median layer SQNR, end-to-end SQNR, seconds, layers, GPTQ layers) of ``model`` quantized with ``spec``."""
+def evaluate(model: nn.Module, data, spec: mq.WeightSpec, skip: mq.SkipRules | None = None,
+             config: mq.QuantConfig | None = None):
+    """(median layer SQNR, end-to-end SQNR, seconds, layers, GPTQ layers) of ``model`` quantized with ``spec`` (or
+    the whole ``config``)."""
     q = copy.deepcopy(model)
-    seconds, report = timed_quantize(q, mq.QuantConfig(spec, skip=skip), data[0])
+    seconds, report = timed_quantize(q, config or mq.QuantConfig(spec, skip=skip), data[0])
     float_inputs = capture_inputs(model, data[1])
     modules = dict(q.named_modules())
     float_modules = dict(model.named_modules())
@@ -170,7 +174,7 @@ def evaluate(model: nn.Module, data, spec: mq.WeightSpec, skip: mq.SkipRules | N
             layer_sqnr.append(mq.functional.sqnr(ref, torch.cat([modules[row.name](x).flatten() for x in xs])))
         ref = torch.cat([model(x) for x in data[1]])
         out = torch.cat([q(x) for x in data[1]])
-    n_gptq = sum(r.method == "gptq" for r in report.quantized)
+    n_gptq = sum(r.method in ("gptq", "awq+gptq") for r in report.quantized)
     return statistics.median(layer_sqnr), mq.functional.sqnr(ref, out), seconds, len(layer_sqnr), n_gptq
 
 
@@ -263,6 +267,98 @@ def big_linear_stack(rows: int = 64, batches: int = 8) -> None:
         del q
 
 
+def awq_table(model: nn.Module, data, groups: tuple[int, ...] = (128, 32)) -> list[str]:
+    """RTN / GPTQ / AWQ / AWQ+GPTQ on the transformer stack; target: AWQ+GPTQ >= 1 dB over GPTQ at INT4-g128."""
+    print("\nactivation-aware scaling, transformer stack: end-to-end SQNR dB")
+    print(f"{'scheme':10} {'method':9} {'layer SQNR dB (median)':>23} {'end-to-end SQNR dB':>19} {'vs GPTQ':>8} "
+          f"{'quantize s':>11}")
+    verdicts = []
+    for group in groups:
+        results = {}
+        for method in ("rtn", "gptq", "awq", "awq+gptq"):
+            layer, e2e, seconds, _, _ = evaluate(model, data, mq.Int4(group_size=group, method=method))
+            results[method] = e2e
+            gain = f"{e2e - results['gptq']:+8.2f}" if "gptq" in results else " " * 8
+            print(f"{'INT4-g' + str(group):10} {method:9} {layer:23.2f} {e2e:19.2f} {gain} {seconds:11.2f}")
+        if group == 128:
+            verdicts.append(verdict("transformer stack, AWQ+GPTQ vs GPTQ at INT4-g128",
+                                    results["awq+gptq"] - results["gptq"], 1.0))
+    return verdicts
+
+
+def llama_perplexity(steps: int = 200) -> list[str]:
+    """Held-out perplexity of examples/transformers_causal_lm.py's Llama-style model (trained ``steps`` steps on its
+    synthetic language) at INT4-g128 per method; target: AWQ+GPTQ within +0.2% of float."""
+    import transformers_causal_lm as lm
+
+    torch.manual_seed(0)
+    lang = lm.make_language()
+    held_out = lm.sample(lang, 64, seed=1)
+    calibration = [lm.sample(lang, 16, seed=2 + i) for i in range(4)]
+    t0 = time.perf_counter()
+    model = lm.train(lm.tiny_llama(), lang, steps)
+    base = lm.perplexity(model, held_out)
+    print(f"\nLlama-style model of examples/transformers_causal_lm.py (trained {steps} steps in "
+          f"{time.perf_counter() - t0:.0f} s): held-out perplexity at INT4-g128")
+    print(f"{'method':9} {'perplexity':>10} {'vs float':>9} {'quantize s':>11}")
+    print(f"{'float':9} {base:10.4f}")
+    rise = {}
+    for method in ("rtn", "gptq", "awq", "awq+gptq"):
+        quantized = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        mq.quantize_(quantized, mq.Int4(group_size=128, method=method), calibration_data=calibration, progress=False)
+        seconds = time.perf_counter() - t0
+        ppl = lm.perplexity(quantized, held_out)
+        rise[method] = 100 * (ppl / base - 1)
+        print(f"{method:9} {ppl:10.4f} {rise[method]:+8.2f}% {seconds:11.2f}")
+    ok = rise["awq+gptq"] <= 0.2
+    return [f"target Llama perplexity increase, AWQ+GPTQ at INT4-g128: {rise['awq+gptq']:+.2f}% (<= +0.20%) "
+            f"{'PASS' if ok else 'FAIL'}"]
+
+
+class OutlierBlocks(nn.Module):
+    """Pre-norm residual MLP blocks whose LayerNorms amplify a few channels 100x: the activation outliers of large
+    language models (a handful of hidden channels far larger than the rest, feeding every block's Linear layers)."""
+
+    def __init__(self, d: int = 256, blocks: int = 3, outliers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(FEATURES, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.up = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(blocks))
+        self.head = nn.Linear(d, FEATURES)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for norm in self.norms:
+                norm.weight[torch.randperm(d, generator=g)[:outliers]] *= 100
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            h = h + down(torch.relu(up(norm(h))))
+        return self.head(h)
+
+
+def smoothquant_table() -> list[str]:
+    """Static W8A8 with and without SmoothQuant on :class:`OutlierBlocks`; target: >= 3 dB at the default alpha."""
+    model = OutlierBlocks().eval()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, SEQ, FEATURES, generator=g) for _ in range(8)]
+    held_out = [torch.randn(16, SEQ, FEATURES, generator=g) for _ in range(4)]
+    print("\nSmoothQuant, static W8A8 (per-tensor INT8 activations), residual MLP blocks with 4 of 256 channels 100x:")
+    print(f"{'smoothquant alpha':18} {'end-to-end SQNR dB':>19} {'vs plain':>9} {'quantize s':>11}")
+    results = {}
+    for alpha in (None, 0.25, mq.SMOOTHQUANT_ALPHA, 0.75):
+        cfg = mq.QuantConfig(mq.Int8(), activations=mq.Int8(), smoothquant=alpha)
+        _, e2e, seconds, _, _ = evaluate(model, (calib, held_out), cfg.weights, config=cfg)
+        results[alpha] = e2e
+        label = "off" if alpha is None else f"{alpha:g}" + (" (default)" if alpha == mq.SMOOTHQUANT_ALPHA else "")
+        print(f"{label:18} {e2e:19.2f} {e2e - results[None]:+9.2f} {seconds:11.2f}")
+    return [verdict("SmoothQuant W8A8 static vs plain, default alpha", results[mq.SMOOTHQUANT_ALPHA] - results[None],
+                    3.0)]
+
+
 def cpu_name() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -283,8 +379,9 @@ def main() -> None:
                         help="load the trained transformer stack and its data from this file if it exists, "
                              "else train and save them there (training takes minutes on a busy CPU)")
     parser.add_argument("--variant-groups", default="128,32", help="INT4 group sizes of the GPTQ variant table")
-    parser.add_argument("--only", default="mlp,cnn,transformer,variants",
-                        help="comma-separated sections: mlp, cnn, transformer, variants")
+    parser.add_argument("--only", default="mlp,cnn,transformer,variants,awq,llama,smoothquant",
+                        help="comma-separated sections: mlp, cnn, transformer, variants, awq, llama (needs "
+                             "transformers), smoothquant")
     args = parser.parse_args()
     sections = set(args.only.split(","))
     if args.threads:
@@ -292,7 +389,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=mq.AccuracyWarning)  # INT4 first+last layers: deliberate here
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     verdicts = []
-    if sections & {"transformer", "variants"}:
+    if sections & {"transformer", "variants", "awq"}:
         if args.cache is not None and args.cache.exists():
             transformer, calib, held_out = torch.load(args.cache, weights_only=False)
             print(f"transformer stack loaded from {args.cache}")
@@ -309,6 +406,12 @@ def main() -> None:
         if "variants" in sections:
             groups = tuple(int(g) for g in args.variant_groups.split(","))
             verdicts += variant_table(transformer, (calib, held_out), groups)
+        if "awq" in sections:
+            verdicts += awq_table(transformer, (calib, held_out))
+    if "llama" in sections:
+        verdicts += llama_perplexity()
+    if "smoothquant" in sections:
+        verdicts += smoothquant_table()
     if "cnn" in sections:
         cnn, cnn_calib, cnn_held, acc = cnn_data()
         verdicts += method_table(f"example CNN (examples/lightning_digits.py DigitsCNN, float val acc {acc:.3f})",

@@ -8,7 +8,7 @@ from . import accuracy, formats, functional, schemes
 from ._version import __version__
 from .calibration import calibrate, calibrate_and_freeze, calibrate_with, freeze, needs_calibration, sync_observers
 from .compare import Comparison, OutputStats, batch_size, compare, evaluating
-from .config import QuantConfig, as_config, spec_named
+from .config import SMOOTHQUANT_ALPHA, QuantConfig, as_config, spec_named
 from .data import call_form, run_batch
 from .errors import (
     AccuracyError,
@@ -66,7 +66,7 @@ from .tuning import LayerSensitivity, rules_from_sensitivity, sensitivity
 
 __all__ = [
     # quantizing
-    "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config", "spec_named",
+    "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config", "spec_named", "SMOOTHQUANT_ALPHA",
     # weight formats (see monoquant.formats; register_format adds one)
     "WeightSpec", "Int8", "Int4", "NF4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
     "spec_from_dict",

@@ -14,8 +14,8 @@ or in one call: ``mq.quantize_(model, cfg, calibration_data=loader)`` or ``mq.ca
 ``mq.calibrate_with(model, loader)`` then ``mq.freeze(model)`` (always one pass).
 
 Which layers need data: those whose config quantizes activations statically (``activations=mq.Int8()``) and
-those whose weight method is ``"gptq"`` (Linear and convolution layers; a convolution's Hessian is built
-from its input patches, see :mod:`monoquant.im2col`). Until :func:`freeze`, a GPTQ layer computes with its
+those whose weight method is ``"gptq"`` or ``"awq+gptq"`` (Linear and convolution layers; a convolution's Hessian is
+built from its input patches, see :mod:`monoquant.im2col`). Until :func:`freeze`, a GPTQ layer computes with its
 float weight and a static activation layer refuses to run outside :func:`calibrate`.
 """
 
@@ -36,6 +36,7 @@ from . import data as data_mod
 from . import functional as F
 from .config import QuantConfig
 from .errors import CalibrationError
+from .formats.base import GPTQ_METHODS
 from .gptq import GPTQOptions, GPTQState
 from .im2col import ConvGeometry
 from .memory import release_freed_memory
@@ -63,7 +64,7 @@ def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, nam
     method = getattr(spec, "method", "")
     if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)
-    if method == "gptq":
+    if method in GPTQ_METHODS:
         conv = None if isinstance(q, QuantLinear) else ConvGeometry.of(q)
         q.gptq = GPTQState(float_weight, name, GPTQOptions.of(spec), conv=conv)
     return method
@@ -86,7 +87,7 @@ def needs_calibration(model: nn.Module) -> bool:
 
 
 def _observe_inputs(module: QuantModule, args: tuple[Any, ...]) -> None:
-    x = args[0]
+    x = module.scale_input(args[0])  # what the weight and the activation quantizer see
     if module.gptq is not None:
         module.gptq.observe(x)
     if module.input_quantizer is not None:

@@ -12,13 +12,19 @@ import torch
 
 from .errors import ConfigError
 from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec
+from .formats.base import AWQ_METHODS, GPTQ_METHODS
 from .formats.int4 import KERNEL_GROUP_SIZES
 
 if TYPE_CHECKING:
     from .rules import SkipRules
 
-__all__ = ["KERNEL_GROUP_SIZES", "BFloat16", "Float16", "Int4", "Int8", "QuantConfig", "WeightSpec", "as_config",
-           "spec_named"]
+__all__ = ["KERNEL_GROUP_SIZES", "SMOOTHQUANT_ALPHA", "BFloat16", "Float16", "Int4", "Int8", "QuantConfig",
+           "WeightSpec", "as_config", "spec_named"]
+
+SMOOTHQUANT_ALPHA = 0.5
+"""SmoothQuant's default migration strength (Xiao et al., 2023: 0.5 suits most models; raise it towards 0.75 when
+activation outliers are extreme, lower it when weights have outliers of their own)."""
+
 
 @dataclass
 class QuantConfig:
@@ -34,6 +40,11 @@ class QuantConfig:
             language-model head whose weight is tied to a quantized embedding shares its quantized table.
         compute_dtype: ``None`` lets the kernel table choose (bf16 where a low-bit kernel or a fast bf16
             GEMM exists); ``torch.float32`` forces float32 compute everywhere.
+        smoothquant: SmoothQuant migration strength ``alpha`` in ``[0, 1]`` for INT8 activations (needs
+            ``activations=mq.Int8(...)`` and ``calibration_data``): each Linear's input channel ``j`` is divided by
+            ``max|x_j|^alpha / max|W_j|^(1 - alpha)`` and its weight column multiplied by it, moving activation
+            outliers into the weights; folded into the preceding norm or Linear where possible (see
+            :mod:`monoquant.awq`). ``True`` means :data:`SMOOTHQUANT_ALPHA` (0.5, the paper's default); ``None``: off.
     """
 
     weights: WeightSpec
@@ -41,6 +52,7 @@ class QuantConfig:
     skip: SkipRules | None = None
     compute_dtype: torch.dtype | None = None
     embeddings: WeightSpec | None = None
+    smoothquant: float | bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightSpec):
@@ -53,25 +65,51 @@ class QuantConfig:
         if getattr(self.weights, "dynamic", False):
             raise ConfigError("dynamic=True is for activations: pass activations=mq.Int8(dynamic=True) "
                               "(weights are always quantized ahead of time)")
-        if self.activations is not None and self.activations.method == "gptq":
-            raise ConfigError("method='gptq' is for weights: pass weights=mq.Int8(method='gptq') or "
-                              "mq.Int4(method='gptq')")
+        if self.activations is not None and self.activations.method != "rtn":
+            m = self.activations.method
+            raise ConfigError(f"method={m!r} is for weights: pass weights=mq.Int8(method={m!r}) or "
+                              f"mq.Int4(method={m!r})")
+        self._check_smoothquant()
         if self.embeddings is not None:
             if not isinstance(self.embeddings, WeightSpec):
                 raise ConfigError(f"embeddings must be a weight format such as mq.Int8() or None, got "
                                   f"{self.embeddings!r}")
-            if getattr(self.embeddings, "method", "rtn") == "gptq" or getattr(self.embeddings, "dynamic", False):
-                raise ConfigError("embeddings are looked up, not multiplied: GPTQ and dynamic=True do not apply; "
+            if getattr(self.embeddings, "method", "rtn") in GPTQ_METHODS + AWQ_METHODS or \
+                    getattr(self.embeddings, "dynamic", False):
+                raise ConfigError("embeddings are looked up, not multiplied: GPTQ, AWQ and dynamic=True do not apply; "
                                   "pass e.g. embeddings=mq.Int8() or mq.Int4(group_size=64)")
         if self.compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                               f"got {self.compute_dtype!r}")
 
+    def _check_smoothquant(self) -> None:
+        alpha = self.smoothquant
+        if alpha is None:
+            return
+        if alpha is False or not isinstance(alpha, (bool, int, float)) or not 0 <= float(alpha) <= 1:
+            raise ConfigError(f"smoothquant must be None, True (alpha {SMOOTHQUANT_ALPHA}) or a migration strength "
+                              f"alpha in [0, 1], got {alpha!r}")
+        if self.activations is None:
+            raise ConfigError("smoothquant moves activation outliers into the weights for INT8 activations: pass "
+                              "activations=mq.Int8() with it, or drop smoothquant")
+        if getattr(self.weights, "method", "rtn") in AWQ_METHODS:
+            raise ConfigError("smoothquant and method='awq' both scale each layer's input channels; pick one "
+                              "(smoothquant for INT8 activations, awq for low-bit weights)")
+
+    @property
+    def smoothquant_alpha(self) -> float | None:
+        """The SmoothQuant migration strength in effect (``None``: off)."""
+        if self.smoothquant is None:
+            return None
+        return SMOOTHQUANT_ALPHA if self.smoothquant is True else float(self.smoothquant)
+
     @property
     def needs_calibration(self) -> bool:
-        """True when quantizing with this config needs calibration data: static activations or GPTQ weights."""
+        """True when quantizing with this config needs calibration data: static activations, GPTQ or AWQ weights."""
         acts = self.activations
-        return (acts is not None and not acts.dynamic) or getattr(self.weights, "method", "rtn") == "gptq"
+        method = getattr(self.weights, "method", "rtn")
+        return ((acts is not None and not acts.dynamic) or method in GPTQ_METHODS + AWQ_METHODS
+                or self.smoothquant is not None)
 
 
 def spec_named(name: str) -> WeightSpec:

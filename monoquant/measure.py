@@ -52,7 +52,10 @@ def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     with torch.no_grad():
         w = type(q).float_weight(float_module).detach()
         w = w.reshape(w.shape[0], -1)
-        deq = q.dequantize_weight(torch.float32).reshape(w.shape)
+        deq = q.dequantize_weight(torch.float32)
+        if q.input_scale is not None:  # AWQ / SmoothQuant: the layer stores W s and multiplies its input by 1 / s
+            deq = deq * q.input_scale
+        deq = deq.reshape(w.shape)
         rows = max(1, WEIGHT_SQNR_CHUNK // max(w.shape[1], 1))
         signal = noise = 0.0
         for r0 in range(0, w.shape[0], rows):

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibration, measure
+from . import awq, calibration, measure
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
+from .formats.base import AWQ_METHODS
 from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import (
@@ -133,6 +134,10 @@ def quantize_(
         thresholds: :class:`~monoquant.Thresholds` or a dict overriding some of its fields.
         progress: show a progress bar; ``None`` shows one only when stderr is a terminal.
 
+    ``method="awq"``/``"awq+gptq"`` and ``QuantConfig(smoothquant=...)`` need ``calibration_data``: the channel
+    scales are chosen on it before any layer is built, and folded into the float model's norms where exact (see
+    :mod:`monoquant.awq`; a failure later undoes the folds too).
+
     Layers that need data (static activation quantization, ``method="gptq"``) are calibrated on
     ``calibration_data`` (up to ``max_batches`` batches, see :func:`monoquant.calibrate_with`), their
     statistics all-reduced when ``torch.distributed`` is initialised (each rank may pass its own shard: every
@@ -174,46 +179,56 @@ def quantize_(
     if already and len(already) == len(report.layers):
         refuse_quantized(model, "quantize_")
 
-    # every layer is built (and calibration state attached) before the model is touched
-    built: list[tuple[_Planned, QuantModule]] = []
-    done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
-    for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
-        qcls = item.qcls
-        try:
-            q = qcls.from_float(item.module, item.config, name=item.name, group_size=item.decision.group_size)
-        except (ConfigError, RuntimeError, ValueError, IndexError) as e:
-            raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
-                              f"float with SkipRules(exclude=[{item.name!r}])") from e
-        weight = qcls.float_weight(item.module)
-        twin = done.get(id(item.module.weight))
-        if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
-                and twin.weight_shape == q.weight_shape):
-            for buf in q.spec.buffer_names():
-                q._buffers[buf] = twin._buffers[buf]
-        done.setdefault(id(item.module.weight), q)
-        row = report.row(item.name)
-        row.method = calibration.prepare(q, weight, item.config, item.name)
-        row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
-        row.bytes_after = q.storage_bytes()
-        row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
-        built.append((item, q))
-        release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
-    del done
+    # AWQ / SmoothQuant: channel scales chosen on the float model and folded where exact (undone on failure)
+    scaling = _scale_channels(model, plan, cfg, data, forward_fn, max_batches, report)
+    try:
+        # every layer is built (and calibration state attached) before the model is touched
+        built: list[tuple[_Planned, QuantModule]] = []
+        done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
+        for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
+            qcls = item.qcls
+            source = scaling.source(item.name, item.module)  # W s for AWQ / SmoothQuant layers
+            try:
+                q = qcls.from_float(source, item.config, name=item.name, group_size=item.decision.group_size)
+            except (ConfigError, RuntimeError, ValueError, IndexError) as e:
+                raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
+                                  f"float with SkipRules(exclude=[{item.name!r}])") from e
+            if scaling.input_scale(item.name) is not None:
+                q.set_input_scale(scaling.input_scale(item.name))
+            weight = qcls.float_weight(source)
+            twin = done.get(id(item.module.weight))
+            if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
+                    and twin.weight_shape == q.weight_shape):
+                for buf in q.spec.buffer_names():
+                    q._buffers[buf] = twin._buffers[buf]
+            done.setdefault(id(item.module.weight), q)
+            row = report.row(item.name)
+            row.method = calibration.prepare(q, weight, item.config, item.name)
+            row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+            row.bytes_after = q.storage_bytes()
+            row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
+            built.append((item, q))
+            release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
+        del done
 
-    # the float model's outputs on the first few batches, recorded before anything changes
-    references = measure.record_reference(model, report, data, forward_fn, max_batches)
+        # the float model's outputs on the first few batches, recorded before any layer is swapped (AWQ folds
+        # leave them unchanged)
+        references = measure.record_reference(model, report, data, forward_fn, max_batches)
 
-    with Swap(model) as swap:  # any exception below puts every original module back
-        for item, q in built:
-            swap.replace(item.module, q)
-        swap.route_encoder_layers()
-        if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
-            report.record_frozen(calibration.calibrate_and_freeze(  # GPTQ output SQNR from the Hessian
-                model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress))
-        if references is not None:  # measure, and meet target_sqnr if asked
-            swapped = {item.name: measure.Swapped(item.module, q) for item, q in built}
-            measure.measure_into(report, model, swapped, swap, cfg, references, forward_fn, target_sqnr, progress)
-        swap.commit()
+        with Swap(model) as swap:  # any exception below puts every original module back
+            for item, q in built:
+                swap.replace(item.module, q)
+            swap.route_encoder_layers()
+            if data is not None and calibration.needs_calibration(model):  # static activations, GPTQ
+                report.record_frozen(calibration.calibrate_and_freeze(  # GPTQ output SQNR from the Hessian
+                    model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress))
+            if references is not None:  # measure, and meet target_sqnr if asked
+                swapped = {item.name: measure.Swapped(item.module, q) for item, q in built}
+                measure.measure_into(report, model, swapped, swap, cfg, references, forward_fn, target_sqnr, progress)
+            swap.commit()
+    except BaseException:
+        scaling.undo()
+        raise
     del built  # the float layers can go now
 
     report.unmatched_rules = rules.unmatched()
@@ -247,6 +262,31 @@ def _report_pending(report: QuantReport, model: nn.Module) -> None:
         warnings.warn(f"{len(report.pending)} layer(s) wait for calibration and compute in float until then ({names}: "
                       f"{why}); pass calibration_data=... to quantize_, or run mq.calibrate_and_freeze(model, data) "
                       "afterwards", CalibrationPendingWarning, stacklevel=3)
+
+
+def _scale_channels(model: nn.Module, plan: list[_Planned], cfg: QuantConfig, data: Iterable[Any] | None,
+                    forward_fn: ForwardFn | None, max_batches: int | None, report: QuantReport) -> awq.Scaling:
+    """Run AWQ (``method="awq"``/``"awq+gptq"`` layers) or SmoothQuant (``cfg.smoothquant``) on the planned layers."""
+    alpha = cfg.smoothquant_alpha
+    untied = awq.scalable(model)
+    layers = []
+    for item in plan:
+        spec = item.config.weights
+        uses_awq = getattr(spec, "method", "") in AWQ_METHODS
+        smooth = alpha is not None and item.config.activations is not None and item.qcls.quantizes_inputs
+        if not (uses_awq or smooth):
+            continue
+        if data is None:
+            raise ConfigError(f"{'SmoothQuant' if smooth else f'method={spec.method!r}'} searches per-channel "
+                              "scales on calibration activations: pass calibration_data=... (a few batches of real "
+                              "inputs) to quantize_; nothing was changed")
+        if id(item.module) in untied:
+            group = item.qcls._resolve_group_size(spec, item.module.in_features, item.decision.group_size)
+            layers.append(awq.ScaledLayer(item.name, item.module, spec, group, alpha if smooth else None))
+    scaling = awq.scale_layers(model, layers, data, forward_fn, max_batches) if layers else awq.Scaling()
+    if scaling.groups:
+        report.notes.append(scaling.summary("SmoothQuant" if alpha is not None else "AWQ"))
+    return scaling
 
 
 def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantReport, list[_Planned]]:

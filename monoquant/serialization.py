@@ -80,6 +80,8 @@ def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
         entry["activations"] = spec_to_dict(act.spec)
     if getattr(q, "input_permutation", None) is not None:
         entry["input_permutation"] = True
+    if q.input_scale is not None:  # AWQ / SmoothQuant scales no preceding op could absorb: buffer input_scale
+        entry["input_scale"] = True
     return entry
 
 
@@ -213,6 +215,8 @@ def validate_entry(entry: Any, where: str) -> None:
     _check_type(where, "geometry", geometry, geometry is None or isinstance(geometry, dict), "null or an object")
     perm = entry.get("input_permutation", False)
     _check_type(where, "input_permutation", perm, type(perm) is bool, "true or false")
+    scaled = entry.get("input_scale", False)
+    _check_type(where, "input_scale", scaled, type(scaled) is bool, "true or false")
     for field in ("spec", "activations"):
         if entry.get(field) is not None:
             spec_from_dict(entry[field], f"{where}: header field {field!r}")
@@ -371,6 +375,10 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
         if not hasattr(q, "input_permutation"):
             raise SerializationError(f"{where}: {cls.__name__} has no input permutation; the file is corrupt")
         q.input_permutation = torch.empty(q.weight2d_shape[1], dtype=torch.int64, device="meta")
+    if entry.get("input_scale"):
+        if not q.supports_input_scale:
+            raise SerializationError(f"{where}: the file gives {cls.__name__} an input scale, which it cannot apply")
+        q.set_input_scale(torch.empty(q.weight2d_shape[1], device="meta"))
     q.train(current.training)
     return q
 

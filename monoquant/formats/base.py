@@ -123,7 +123,7 @@ class WeightSpec:
 
         proto = getattr(self, "observer", None)
         if proto is None:
-            return MSEObserver() if getattr(self, "method", "rtn") in ("mse", "gptq") else MinMaxObserver()
+            return MSEObserver() if getattr(self, "method", "rtn") in ("mse", *GPTQ_METHODS) else MinMaxObserver()
         if isinstance(proto, torch.nn.Module):
             return copy.deepcopy(proto)
         if callable(proto):
@@ -295,18 +295,30 @@ def spec_from_dict(d: object, where: str = "file header") -> WeightSpec:
     return format_class(d.get("kind"), where).from_dict(d, where)
 
 
+METHODS = ("rtn", "mse", "gptq", "awq", "awq+gptq")
+"""Weight methods of the integer formats: round to nearest, MSE clipping search, GPTQ, activation-aware scaling
+(AWQ) with its clipping search, and AWQ scales followed by GPTQ rounding."""
+GPTQ_METHODS = ("gptq", "awq+gptq")
+"""Methods whose rounding is GPTQ's (they take the GPTQ options and wait for calibration data)."""
+AWQ_METHODS = ("awq", "awq+gptq")
+"""Methods that search per-input-channel scales on calibration activations (:mod:`monoquant.awq`)."""
+
+
 def check_method(method: str, observer: object = None, act_order: bool | None = False, damping: float = 0.01,
                  sequential: bool | None = None, refit_scales: bool | None = None) -> None:
     """Validate the quantization method options shared by the integer formats."""
-    methods = ("rtn", "mse", "gptq")
-    if method not in methods:
-        raise ConfigError(f"method must be one of {methods}, got {method!r}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     if method == "mse" and observer is not None:
         raise ConfigError("method='mse' picks the MSEObserver; pass either method='mse' or observer=..., not both")
-    if act_order and method != "gptq":
-        raise ConfigError("act_order=True only applies to method='gptq'")
+    if method == "awq" and observer is not None:
+        raise ConfigError("method='awq' chooses clipping ranges by its own search on the layer output; pass either "
+                          "method='awq' or observer=..., not both (method='awq+gptq' takes an observer)")
+    if act_order and method not in GPTQ_METHODS:
+        raise ConfigError(f"act_order=True only applies to method='gptq' or 'awq+gptq', not {method!r}")
     for name, value in (("sequential", sequential), ("refit_scales", refit_scales)):
-        if value is not None and (method != "gptq" or not isinstance(value, bool)):
-            raise ConfigError(f"{name} only applies to method='gptq' and must be True or False, got {value!r}")
+        if value is not None and (method not in GPTQ_METHODS or not isinstance(value, bool)):
+            raise ConfigError(f"{name} only applies to method='gptq' or 'awq+gptq' and must be True or False, "
+                              f"got {value!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise ConfigError(f"damping must be a positive fraction of the Hessian's mean diagonal, got {damping}")

@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..packing import INT4_CODES, pack_int4, unpack_int4_into
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
-from .base import SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
+from .base import GPTQ_METHODS, SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
 from .integer import IntegerFormat
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -29,8 +29,8 @@ class Int4(GroupWise, IntegerFormat):
     ``group_size``; else the largest of ``group_size/2, /4, ...`` (down to 32) that divides the row; else the
     largest divisor of the row between ``group_size`` and 32; else the layer is skipped and reported.
 
-    ``method``, ``act_order``, ``damping``, ``sequential``: as for :class:`Int8` (``"rtn"``, ``"mse"`` or
-    ``"gptq"``).
+    ``method``, ``act_order``, ``damping``, ``sequential``: as for :class:`Int8` (``"rtn"``, ``"mse"``,
+    ``"gptq"``, ``"awq"`` or ``"awq+gptq"``).
     ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
     starts, instead of from its error-compensated weights when its first column comes up; the stored layout
     is the same either way.
@@ -59,8 +59,8 @@ class Int4(GroupWise, IntegerFormat):
             raise ConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
         check_method(self.method, self.observer, self.act_order, self.damping, self.sequential,
                      self.refit_scales)
-        if self.static_groups is not None and self.method != "gptq":
-            raise ConfigError("static_groups only applies to method='gptq'")
+        if self.static_groups is not None and self.method not in GPTQ_METHODS:
+            raise ConfigError("static_groups only applies to method='gptq' or 'awq+gptq'")
 
     def weight_qtype(self) -> QType:
         return QType(4, symmetric=self.symmetric)

@@ -33,7 +33,9 @@ class Int8(IntegerFormat):
     (``None``: on) re-solves the scales for the codes GPTQ chose (:func:`monoquant.gptq.refit_group_scales`);
     ``sequential`` (``None``: off) collects each GPTQ layer's Hessian with the layers that run before it already
     quantized, when calibration data is given to :func:`~monoquant.quantize_` or
-    :func:`~monoquant.calibrate_and_freeze`.
+    :func:`~monoquant.calibrate_and_freeze`. ``"awq"`` (activation-aware scaling with its clipping search) and
+    ``"awq+gptq"`` (AWQ scales, then GPTQ rounding with the GPTQ options) need ``calibration_data`` in
+    :func:`~monoquant.quantize_`; see :mod:`monoquant.awq`.
     """
 
     kind: ClassVar[str] = "int8"

@@ -30,6 +30,7 @@ class QuantLinear(QuantModule):
     float_module_type = nn.Linear
     GEOMETRY = ("in_features", "out_features")
     kernel_family = "linear"
+    supports_input_scale = True
 
     def __init__(
         self,
@@ -54,7 +55,7 @@ class QuantLinear(QuantModule):
         self.check_input(x, self.in_features)
         if self.input_permutation is not None:
             x = x.index_select(-1, self.input_permutation)
-        return kernels.linear(self, x)
+        return kernels.linear(self, self.scale_input(x))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

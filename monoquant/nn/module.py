@@ -93,6 +93,9 @@ class QuantModule(nn.Module):
         for name in (*names, *(b for b in _OPTIONAL_BUFFERS if b not in names)):
             self.register_buffer(name, getattr(buffers, name, None))
         self.register_buffer("bias", torch.zeros(n, device=device, dtype=self.float_dtype) if bias else None)
+        # per-input-channel multiplier applied to every input before anything else (AWQ / SmoothQuant scales that
+        # no preceding op could absorb, see monoquant.awq); None for almost every layer
+        self.register_buffer("input_scale", None)
 
     @staticmethod
     def _resolve_group_size(spec: WeightSpec, k: int, group_size: int | None) -> int | None:
@@ -175,6 +178,26 @@ class QuantModule(nn.Module):
         """Why float ``module`` cannot be replaced by this class (an option it cannot honour), else ``None``."""
         return None
 
+    # ---- input scale -------------------------------------------------------------------------------
+    def set_input_scale(self, scale: torch.Tensor | None) -> None:
+        """Multiply every input by ``scale`` (``[K]``, float32, one per input channel) before the layer computes;
+        ``None`` removes it. Kept as the ``input_scale`` buffer, so it is saved and loaded with the layer."""
+        if scale is not None:
+            k = self.weight2d_shape[1]
+            if not self.supports_input_scale or scale.shape != (k,) or not scale.is_floating_point():
+                raise ConfigError(f"{type(self).__name__}: an input scale must be a float tensor of shape [{k}] on a "
+                                  f"layer that takes [..., {k}] inputs, got {tuple(scale.shape)}")
+            scale = scale.detach().to(torch.float32)
+        self.register_buffer("input_scale", scale)
+        self._kernel_cache.clear()
+
+    supports_input_scale: bool = False
+    """Whether the layer's input is ``[..., K]`` so that a per-input-channel scale applies (linear layers)."""
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times the layer's input scale (``x`` itself when it has none): the first step of ``forward``."""
+        return x if self.input_scale is None else x * self.input_scale.to(x.dtype)
+
     # ---- dequantization -----------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype | None = None, *, flat: bool = False,
                           rows: slice | None = None) -> torch.Tensor:
@@ -229,13 +252,15 @@ class QuantModule(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dequantized float weight, rebuilt on every access (for code that reads ``.weight`` directly).
+        """Dequantized float weight, rebuilt on every access (for code that reads ``.weight`` directly), with the
+        input scale (if any) folded in, so that ``x @ weight.T`` is what the layer computes.
 
         While a ``method="gptq"`` weight waits for :func:`monoquant.freeze` this is the float weight it computes with.
         """
-        if self.gptq is not None:
-            return self.gptq.weight
-        return self.dequantize_weight()
+        w = self.gptq.weight if self.gptq is not None else self.dequantize_weight()
+        if self.input_scale is None:
+            return w
+        return w * self.input_scale.to(w.dtype)  # the weight a float layer without the input scale computes with
 
     @classmethod
     def geometry_of(cls, module: nn.Module) -> dict[str, Any]:

@@ -387,6 +387,24 @@ def test_sequential_gptq_reruns_the_validation_batches_per_stage_like_calibrate_
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.parametrize("cfg", [
+    mq.QuantConfig(mq.Int4(group_size=32, method="awq+gptq"), skip=mq.SkipRules(min_params=0)),
+    mq.QuantConfig(mq.Int8(), activations=mq.Int8(), smoothquant=0.5, skip=mq.SkipRules(min_params=0)),
+], ids=["awq+gptq", "smoothquant"])
+def test_channel_scaling_takes_the_callbacks_batches_like_quantize_(cfg):
+    model = MLP()
+    val = loader(classification_data(48, seed=1))
+    cb = PostTrainingQuantization(cfg, calibration_batches=3, compare_batches=1)
+    _, snap = fit(model, cb, val=val)
+    assert not mq.needs_calibration(model)
+    manual = snap.float_model
+    mq.quantize_(manual, cfg, calibration_data=list(val)[:3])
+    got, want = model.state_dict(), manual.state_dict()
+    assert got.keys() == want.keys() and any(k.endswith("input_scale") for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_calibration_without_validation_data_fails_before_training():
     model = MLP()
     cb = PostTrainingQuantization(W8A8)

@@ -420,8 +420,14 @@ class PostTrainingQuantization(Callback):
         with warnings.catch_warnings():
             if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
                 warnings.simplefilter("ignore")
+            # AWQ / SmoothQuant choose channel scales inside quantize_, which then also calibrates and freezes
+            method = getattr(self.config.weights, "method", "")
+            scales = self.config.smoothquant is not None or method in ("awq", "awq+gptq")
+            batches = Replay(lambda: take_batches(trainer, loaders, limits, self.calibration_batches))
+            data = dict(calibration_data=batches, max_batches=None,
+                        forward_fn=lambda module, batch: self._forward(trainer, module, batch)) if scales else {}
             warnings.simplefilter("ignore", mq.CalibrationPendingWarning)  # calibrated right below
-            report = mq.quantize_(pl_module, self.config, progress=False)
+            report = mq.quantize_(pl_module, self.config, progress=False, **data)
             if mq.needs_calibration(pl_module):
                 self._calibrate(trainer, pl_module, loaders, limits, report)
             if not loaders:
