@@ -156,12 +156,13 @@ def test_spec_fields_names_and_validation():
 
 def test_group_size_resolution_and_unfit_layers_are_reported():
     spec = mq.NF4(group_size=64)
-    assert [spec.resolve_group_size(k) for k in (128, 40, 96, 100)] == [64, 40, 32, None]
-    assert "pass NF4(group_size=...)" in spec.unfit_reason(100) and spec.unfit_reason(96) is None
-    model = nn.Sequential(nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 8))
+    assert [spec.resolve_group_size(k) for k in (128, 40, 96, 100, 134)] == [64, 40, 32, 50, None]
+    assert "pass NF4(group_size=...)" in spec.unfit_reason(134) and spec.unfit_reason(96) is None
+    model = nn.Sequential(nn.Linear(134, 64), nn.ReLU(), nn.Linear(64, 8))  # 134 = 2 x 67: no group from 32 to 64
     report = mq.quantize_(model, mq.QuantConfig(spec, skip=mq.SkipRules.none()), thresholds=None, progress=False)
     assert type(model[0]) is nn.Linear and type(model[2]) is mq.QuantLinear
-    assert "no NF4 group size" in report.row("0").reason and report.row("2").scheme == "nf4-g64"
+    assert "no divisor between 32 and 64 to use as the NF4 group size" in report.row("0").reason
+    assert report.row("2").scheme == "nf4-g64"
 
 
 class _Net(nn.Module):

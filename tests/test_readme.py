@@ -73,7 +73,8 @@ def _plain_names() -> dict[str, object]:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 64),
                                                                         torch.randint(0, 10, (64,))), batch_size=16)
     return {"torch": torch, "nn": nn, "mq": mq, "MyNet": MyNet, "model": model, "float_model": copy.deepcopy(model),
-            "other_model": MyNet(), "loader": loader, "cfg": mq.QuantConfig(mq.Int8())}
+            "other_model": MyNet(), "loader": loader, "cfg": mq.QuantConfig(mq.Int8()),
+            "batches": [torch.randn(16, 64) for _ in range(4)]}
 
 
 def _lightning_names() -> dict[str, object]:
@@ -130,8 +131,10 @@ def _transformers_names() -> dict[str, object]:
                                       num_attention_heads=4, num_key_value_heads=2)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained("float-model")  # in the test's working folder
+    model.save_pretrained("llama-7b")  # the folder the "larger than memory" block names (a tiny stand-in)
     return {"torch": torch, "mq": mq, "model": model, "AutoModelForCausalLM": transformers.AutoModelForCausalLM,
-            "batches": [torch.randint(0, 128, (2, 16)) for _ in range(4)], "float_folder": "float-model"}
+            "AutoConfig": transformers.AutoConfig, "batches": [torch.randint(0, 128, (2, 16)) for _ in range(4)],
+            "float_folder": "float-model"}
 
 
 def names_for(code: str) -> dict[str, object]:

@@ -489,11 +489,12 @@ class PostTrainingQuantization(Callback):
 
     # ---- reporting ----------------------------------------------------------------------------------
     def _publish(self, trainer: pl.Trainer, report: mq.QuantReport) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir is a broadcast
         if not trainer.is_global_zero:
             return
         if self.verbose:
             print(report)
-        self.report_path = self._write_report(trainer, report)
+        self.report_path = self._write_report(trainer, report, log_dir)
         metrics: dict[str, float] = {
             "quant/layers_quantized": float(len(report.quantized)),
             "quant/layers_skipped": float(len(report.skipped)),
@@ -511,11 +512,11 @@ class PostTrainingQuantization(Callback):
         self._log(trainer, metrics)
 
     @staticmethod
-    def _write_report(trainer: pl.Trainer, report: mq.QuantReport) -> Path:
+    def _write_report(trainer: pl.Trainer, report: mq.QuantReport, log_dir: Path) -> Path:
         """Write the report as Markdown into the trainer's log directory (where CSV / TensorBoard users look) and
         hand it to every logger that takes text (TensorBoard's ``add_text``); rank zero only."""
         markdown = report.to_markdown()
-        path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_FILE
+        path = log_dir / REPORT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(markdown + "\n", encoding="utf-8")
         for logger in trainer.loggers:
