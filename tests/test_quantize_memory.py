@@ -67,9 +67,11 @@ def _peak(layers: int, width: int) -> tuple[int, int]:
 def test_peak_memory_is_bounded_by_the_quantized_bytes_and_two_layers_temporaries():
     # 2048 wide: layers' temporaries above glibc's mmap threshold, where 0.2 kept them, layer after layer
     # (0.2: 1 layer 149 MB above the float model, 16 layers 347 MB > 36 MB quantized + 2 x 147 MB)
+    # one layer's temporaries measure 2.2x-4.5x the float32 layer from run to run (allocator state), so the bound
+    # allows 6x per layer; 0.2 peaked at 8.9x for one layer and grew with the layer count (347 MB for 16)
+    layer = 2048 * 2048 * 4
     one, q_one = _peak(1, 2048)
     many, q_many = _peak(16, 2048)
-    temporaries = max(one - q_one, 0)
-    assert temporaries < 16 * 2048 * 2048  # under 4x the float32 layer (0.2: 8.9x; measured 3.4x)
+    assert one - q_one < 6 * layer
     # issue 21: quantized bytes + the temporaries of the two largest layers (all layers are the same size here)
-    assert many <= q_many + 2 * temporaries
+    assert many <= q_many + 2 * 6 * layer
