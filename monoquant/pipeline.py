@@ -25,7 +25,7 @@ import gc
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .calibration import needs_calibration
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, iter_batches, run_batch, tqdm_disable
 from .errors import ConfigError, MissingExtraError, SerializationError
+from .model_keys import materialize_buffers
 from .quantize import candidate_class, quantize_
 from .report import QuantReport
 from .rules import SkipRules, exact_pattern
@@ -110,23 +111,6 @@ class _Checkpoint:
         return out
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Inside it, every new parameter lives on the meta device; buffers (rotary tables...) are computed as usual."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def _skeleton(src: Path) -> nn.Module:
     """The model of ``src/config.json`` with its parameters on the meta device, in eval mode, without a cache."""
     try:
@@ -139,8 +123,12 @@ def _skeleton(src: Path) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(src)
     architectures = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-    with _parameters_on_meta():
+    with torch.device("meta"):  # nothing is allocated: not even one layer's weight at a time
         model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    _, left = materialize_buffers(model, torch.device("cpu"))  # rotary tables etc., as from_pretrained makes them
+    if left:
+        raise ConfigError(f"{type(model).__name__} has non-persistent buffers {left} that only its own code can "
+                          "compute; load it whole and use mq.quantize_ instead")
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a cache would carry keys and values from batch to batch
     return model.eval()

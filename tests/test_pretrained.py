@@ -205,7 +205,7 @@ print("DONE")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status: Linux")
 def test_block_by_block_fits_where_the_whole_model_does_not(tmp_path):
-    """A child process caps its address space at its size after imports + half the checkpoint: the whole
+    """A child process caps its address space at its size after imports + a third of the checkpoint: the whole
     model cannot even be loaded under it, quantize_pretrained finishes."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=704, num_hidden_layers=24,
@@ -213,14 +213,14 @@ def test_block_by_block_fits_where_the_whole_model_does_not(tmp_path):
     src = tmp_path / "src"
     transformers.LlamaForCausalLM(config).save_pretrained(src, safe_serialization=True, max_shard_size="4MB")
     total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    budget = total // 2  # a third was too tight where nothing had byte-compiled monoquant yet (fresh clones)
+    budget = total // 3
     env = dict(os.environ, MALLOC_ARENA_MAX="2")
     runs = {what: subprocess.run([sys.executable, "-c", CAPPED_CHILD, what, str(src), str(tmp_path / what),
                                   str(budget)], capture_output=True, text=True, env=env, timeout=600)
             for what in ("whole", "blocks")}
     assert runs["whole"].returncode == 3, runs["whole"].stderr[-2000:]  # the cap bites
     assert runs["blocks"].returncode == 0, runs["blocks"].stderr[-2000:]
-    assert total > 2 * budget - 8
+    assert total > 3 * budget - 8
     with torch.device("meta"):
         skeleton = transformers.LlamaForCausalLM(config)
     mq.load(skeleton, tmp_path / "blocks" / "model.safetensors")
