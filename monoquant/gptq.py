@@ -272,9 +272,10 @@ def refit_group_scales(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tens
         r = d.shape[0]
         dg = d.reshape(r, groups, group_size)
         # gram[r, g, h] = d_rg . H_gh . d_rh: the groups' rows of H times each row's codes, then each group's sum
-        rows_h = torch.bmm(dg.transpose(0, 1), h_rows).reshape(groups, r, groups, group_size)
-        gram = torch.einsum("grhj,rhj->rgh", rows_h, dg).double()
-        rhs = (dg * (w[r0:r0 + chunk].float() @ h32).reshape(r, groups, group_size)).sum(-1).double()
+        rows_h = torch.bmm(dg.transpose(0, 1), h_rows)
+        gram = torch.einsum("grhj,rhj->rgh", rows_h.reshape(groups, r, groups, group_size), dg).double()
+        # rhs[r, g] = d_rg . (w_r H)_g = (d_rg H_g:) . w_r (H is symmetric): from rows_h, no second K x K product
+        rhs = torch.einsum("grk,rk->rg", rows_h, w[r0:r0 + chunk].float()).double()
         diag = gram.diagonal(dim1=1, dim2=2)
         diag.add_(1e-12 * diag.mean(-1, keepdim=True) + 1e-300)  # dead groups: a solvable system, scale ~ 0
         sol = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)
