@@ -10,12 +10,15 @@
    squares over the layer counts) next to the quantized bytes per layer, and the bound of issue 21 item 2:
    quantized bytes + the temporaries of the two largest layers (a layer's temporaries: the peak above float
    of a one-layer model minus its quantized bytes, measured in the same way).
-2. The default GPTQ config on one ``width x width`` layer (``--gptq-widths``, default 2048 and 4096), with the
+2. RTN throughput: INT8 and INT4-g128 ``quantize_`` on 8 ``Linear(4096, 4096)`` (``--rtn-layers``,
+   ``--rtn-width``) in GB/s of float weights (issue 21's target: >= 1 GB/s), with a clone of the same float
+   weights timed in the same process for scale.
+3. The default GPTQ config on one ``width x width`` layer (``--gptq-widths``, default 2048 and 4096), with the
    float PyTorch matmul of the same layer on the calibration rows timed in the same process for scale: the
    target of issue 21 is <= 4 s at 4096 on 2 threads.
 
 Run: ``python benchmarks/bench_quantize.py [--threads 2] [--layers 4 8 16 32 64] [--widths 1024 2048 4096]
-[--gptq-widths 2048 4096] [--only models|gptq] [--small]``. Timings on a shared machine are noisy: compare within
+[--gptq-widths 2048 4096] [--only models|rtn|gptq] [--small]``. Timings on a shared machine are noisy: compare within
 one run. Name the CPU next to any figure (printed at the top).
 """
 
@@ -117,6 +120,37 @@ def bench_models(layer_counts: list[int], widths: list[int], threads: int) -> No
            ("method", "width", "peak MB/layer", "quantized MB/layer", "1-layer temporaries MB"), slopes)
 
 
+def bench_rtn_rate(layers: int, width: int, threads: int, repeats: int) -> None:
+    """RTN throughput (issue 21: >= 1 GB/s of float weights) of INT8 and INT4-g128 on ``layers`` x
+    ``Linear(width, width)``, against a float PyTorch pass over the same weights (a clone) in the same process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    weights = [torch.randn(width, width) * 0.02 for _ in range(layers)]
+    gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
+    mq.quantize_(nn.Sequential(nn.Linear(256, 256)), mq.Int8(), progress=False)  # first-use costs (extension)
+    rows = []
+    for name, spec in (("int8 (per channel)", mq.Int8()), ("int4-g128", mq.Int4(group_size=128))):
+        times, clones = [], []
+        for _ in range(repeats):
+            model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)]).eval()
+            with torch.no_grad():
+                for layer, w in zip(model, weights):
+                    layer.weight.copy_(w)
+            t0 = time.perf_counter()
+            mq.quantize_(model, spec, progress=False)
+            times.append(time.perf_counter() - t0)
+            del model
+            t0 = time.perf_counter()
+            copies = [w.clone() for w in weights]
+            clones.append(time.perf_counter() - t0)
+            del copies
+        sec, ref = statistics.median(times), statistics.median(clones)
+        rows.append((name, f"{sec:.3f}", f"{gb / sec:.2f}", f"{ref * 1e3:.0f}", f"{sec / ref:.1f}",
+                     "yes" if gb / sec >= 1.0 else "NO"))
+    _table(f"RTN quantize_ of {layers} x Linear({width}, {width}) ({gb:.2f} GB float32); {threads} threads; "
+           f"median of {repeats}", ("spec", "seconds", "GB/s", "float clone ms", "ratio to clone", ">= 1 GB/s"), rows)
+
+
 def bench_gptq_layer(widths: list[int], threads: int, repeats: int) -> None:
     from monoquant.gptq import DEFAULT_OPTIONS, HessianObserver, gptq_quantize
 
@@ -158,15 +192,20 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--gptq-widths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", choices=("models", "gptq"))
+    p.add_argument("--only", choices=("models", "rtn", "gptq"))
+    p.add_argument("--rtn-layers", type=int, default=8)
+    p.add_argument("--rtn-width", type=int, default=4096)
     p.add_argument("--small", action="store_true", help="tiny sizes: checks that the script runs")
     args = p.parse_args()
     if args.small:
         args.layers, args.widths, args.gptq_widths, args.repeats = [2, 4], [256], [256], 1
+        args.rtn_layers, args.rtn_width = 2, 256
     print(f"CPU: {cpu_identity()}; torch {torch.__version__}")
-    if args.only != "gptq":
+    if args.only in (None, "models"):
         bench_models(args.layers, args.widths, args.threads)
-    if args.only != "models":
+    if args.only in (None, "rtn"):
+        bench_rtn_rate(args.rtn_layers, args.rtn_width, args.threads, args.repeats)
+    if args.only in (None, "gptq"):
         bench_gptq_layer(args.gptq_widths, args.threads, args.repeats)
 
 

@@ -47,25 +47,28 @@ class Swapped:
 def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     """SQNR (dB) of ``q``'s dequantized weight against its float twin's.
 
-    Row chunks of at most :data:`WEIGHT_SQNR_CHUNK` values, float32 differences and float64 sums: a layer's
-    temporaries stay a few MB whatever its size (float64 copies of whole weights cost 4x the layer)."""
+    Row chunks of at most :data:`WEIGHT_SQNR_CHUNK` values, each dequantized into one reused float32 buffer, with
+    float32 differences and sums (cascade-summed by PyTorch: relative error ~1e-8) added up in float64: the
+    temporaries stay a few hundred KB whatever the layer's size (a whole dequantized weight, freshly allocated,
+    cost more in page faults than the arithmetic; float64 copies of whole weights cost 4x the layer)."""
     with torch.no_grad():
         w = type(q).float_weight(float_module).detach()
         w = w.reshape(w.shape[0], -1)
-        deq = q.dequantize_weight(torch.float32)
-        if q.input_scale is not None:  # AWQ / SmoothQuant: the layer stores W s and multiplies its input by 1 / s
-            deq = deq * q.input_scale
-        deq = deq.reshape(w.shape)
         rows = max(1, WEIGHT_SQNR_CHUNK // max(w.shape[1], 1))
+        buf = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.float32, device=w.device)
+        scale = None if q.input_scale is None else q.input_scale.reshape(1, -1).float()
         signal = noise = 0.0
         for r0 in range(0, w.shape[0], rows):
             ref = w[r0:r0 + rows].float()  # a view of the weight when it is float32: never written to
-            signal += float(ref.square().sum(dtype=torch.float64))
-            noise += float((ref - deq[r0:r0 + rows]).square_().sum(dtype=torch.float64))
+            deq = q.dequantize_into(buf[:ref.shape[0]], r0)
+            if scale is not None:  # AWQ / SmoothQuant: the layer stores W s and multiplies its input by 1 / s
+                deq.mul_(scale)
+            signal += float(ref.square().sum())
+            noise += float(deq.sub_(ref).square_().sum())
         return F.sqnr_from_powers(signal, noise)
 
 
-WEIGHT_SQNR_CHUNK = 1 << 20
+WEIGHT_SQNR_CHUNK = 1 << 18
 """Most weight values :func:`weight_sqnr` holds in a temporary at once."""
 
 

@@ -196,10 +196,33 @@ class MinMaxObserver(Observer):
         super().__init__()
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self._slot_range: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel and per-group statistics: the slots' extremes first, and the tensor's (and the NaN/+-inf
+        check) from them, instead of one more pass over ``x``; anything non-finite takes the general path."""
+        if isinstance(self.granularity, PerTensor) or not x.numel() or x.dim() < 2:
+            return super().forward(x)
+        data = x.detach()
+        data = data.float() if data.dtype != torch.float64 else data
+        mn, mx = F.minmax(data, self.granularity)
+        lo, hi = mn.amin(), mx.amax()
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return super().forward(x)  # raises on NaN, replaces +-inf by 0 with a warning
+        self._batch_range, self._slot_range = (lo, hi), (mn, mx)
+        try:
+            self._observe(data)
+        finally:
+            self._slot_range = None
+        self.seen.fill_(True)
+        return x
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.granularity, PerTensor):
             return self._batch_range  # computed once by forward()
+        if self._slot_range is not None:
+            return self._slot_range  # computed once by forward()
         return F.minmax(x, self.granularity)
 
     def _observe(self, x: torch.Tensor) -> None:

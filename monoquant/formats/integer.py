@@ -29,8 +29,13 @@ if TYPE_CHECKING:
     from ..observers import Observer
 
 
-QUANTIZE_CHUNK = 1 << 20
-"""Most weight values :meth:`IntegerFormat.quantize` converts at once (its temporaries: 8 bytes per value)."""
+def _code_dtype(qtype: QType) -> torch.dtype:
+    """The narrowest integer dtype that holds every code of ``qtype``."""
+    if qtype.qmin >= 0 and qtype.qmax <= 255:
+        return torch.uint8
+    if qtype.qmin >= -128 and qtype.qmax <= 127:
+        return torch.int8
+    return torch.int16
 
 
 class IntegerFormat(WeightSpec):
@@ -70,17 +75,11 @@ class IntegerFormat(WeightSpec):
             codes = F.quantize(view, F.expand_qparam(scale, granularity), F.expand_qparam(zero, granularity),
                                self.weight_qtype())
             return self.encode(codes.reshape(w.shape[0], -1), scale, zero)
-        # row chunks into int16 codes: the float64 and int64 temporaries of F.quantize stay bounded (they were
-        # 16x the float32 layer), the codes are the same
-        codes = torch.empty(w.shape[0], w[0].numel() if w.shape[0] else 0, dtype=torch.int16, device=w.device)
-        rows = max(1, QUANTIZE_CHUNK // max(codes.shape[1], 1))
-        for r0 in range(0, w.shape[0], rows):
-            sl = slice(r0, r0 + rows)
-            s, z = (scale, zero) if isinstance(granularity, PerTensor) else (scale[sl], zero[sl])
-            view = F.group_view(w[sl], granularity)
-            part = F.quantize(view, F.expand_qparam(s, granularity), F.expand_qparam(z, granularity),
-                              self.weight_qtype())
-            codes[sl] = part.reshape(codes[sl].shape)
+        # row chunks in one reused float64 buffer, codes straight into the narrowest integer dtype that holds them
+        # (what encode stores for the 8-bit formats, so its conversion is a no-op): the temporaries were 16x the
+        # float32 layer, then a few MB but freshly allocated per chunk; the codes are the same
+        codes = F.quantize_rows(w.reshape(w.shape[0], -1), scale, zero, self.weight_qtype(), granularity,
+                                _code_dtype(self.weight_qtype()))
         return self.encode(codes, scale, zero)
 
     def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Stored:

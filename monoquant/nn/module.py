@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import functional as F
 from .. import fused
 from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
@@ -134,7 +135,7 @@ class QuantModule(nn.Module):
         if weight.device.type == "meta":
             raise ConfigError(f"layer {name or '<module>'} is on the meta device: load real weights before "
                               "quantizing, or use mq.load(model, path) to load a quantized file")
-        if not torch.isfinite(weight).all():
+        if not F.all_finite(weight):
             raise NonFiniteWeightError(
                 f"layer {name or '<module>'} has NaN or Inf in its weight; fix the checkpoint or skip the layer "
                 "with SkipRules(exclude=[...])"
