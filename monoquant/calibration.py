@@ -37,7 +37,7 @@ from . import functional as F
 from .config import QuantConfig
 from .errors import CalibrationError
 from .formats.base import GPTQ_METHODS
-from .gptq import GPTQOptions, GPTQState
+from .gptq import GPTQOptions, GPTQState, working_bytes
 from .im2col import ConvGeometry
 from .memory import release_freed_memory
 from .nn.activation import ActivationQuantizer
@@ -271,16 +271,11 @@ def _sequential(q: QuantModule) -> bool:
     return q.gptq is not None and q.gptq.options.sequential
 
 
-def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
-                 forward_fn: data_mod.ForwardFn | None) -> list[_Stage]:
-    """Sequential-calibration stages from one forward pass of ``first_batch``.
-
-    Sequential GPTQ layers go in the order the forward pass first calls them; consecutive ones that read the very
-    same input tensor (q/k/v projections) share a stage. Every other pending layer (static activations only,
-    ``sequential=False``, or never called) is calibrated with the first stage, on float inputs as in a one-pass
-    calibration. A stage's forward pass ends after its last layer when each of its layers runs once per pass.
-    """
-    first_call: dict[int, tuple[int, Any]] = {}  # id(layer) -> (call position, first input)
+def _call_order(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
+                forward_fn: data_mod.ForwardFn | None) -> tuple[dict[int, tuple[int, Any]], dict[int, int]]:
+    """One forward pass of ``first_batch`` (pending layers passing float inputs on): ``id(layer) -> (position of
+    its first call, its first input)`` and ``id(layer) -> calls``, for the ``layers`` the pass reached."""
+    first_call: dict[int, tuple[int, Any]] = {}
     calls: dict[int, int] = {}
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -295,6 +290,63 @@ def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_
     finally:
         for h in handles:
             h.remove()
+    return first_call, calls
+
+
+def hessian_budget(layers: list[tuple[str, QuantModule]]) -> int:
+    """Bytes of GPTQ Hessians that :func:`calibrate_and_freeze` collects in one pass over the data by default:
+    twice the largest layer's Hessian plus its freezing temporaries (:func:`monoquant.gptq.working_bytes`).
+
+    Freezing a pass's layers one by one then holds at most that pass's Hessians plus one layer's temporaries,
+    within what issue 21 bounds ``quantize_``'s peak by: the quantized bytes + the temporaries and Hessians of
+    the two largest layers. (For ``Linear(2048, 2048)`` layers: 14 Hessians per pass.)"""
+    sizes = [(q.gptq.hessian.statistic_bytes, working_bytes(*q.weight2d_shape)) for _, q in layers
+             if q.gptq is not None]
+    if not sizes:
+        return 0
+    largest = max(h for h, _ in sizes)
+    return 2 * largest + max(w for _, w in sizes)
+
+
+def _plan_hessian_passes(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
+                         forward_fn: data_mod.ForwardFn | None, budget: int) -> list[_Stage]:
+    """One-pass calibration split into passes that each collect at most ``budget`` bytes of GPTQ Hessians (at least
+    one layer per pass): GPTQ layers in the order the model first calls them; every other pending layer (static
+    activations, layers the first batch did not reach) with the first pass. A pass ends after its last layer
+    when every GPTQ layer it holds runs once per forward."""
+    first_call, calls = _call_order(model, layers, first_batch, forward_fn)
+    ordered = sorted((item for item in layers if item[1].gptq is not None and id(item[1]) in first_call),
+                     key=lambda item: first_call[id(item[1])][0])
+    others = [item for item in layers if item not in ordered]
+    groups: list[list[tuple[str, QuantModule]]] = []
+    held = 0
+    for item in ordered:
+        size = item[1].gptq.hessian.statistic_bytes
+        if not groups or held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(item)
+        held += size
+    if not groups:
+        return [_Stage(others, None)]
+    stages = []
+    for i, group in enumerate(groups):
+        members = group + (others if i == 0 else [])
+        once = not (i == 0 and others) and all(calls[id(q)] == 1 for _, q in group)
+        stages.append(_Stage(members, group[-1][1] if once else None))
+    return stages
+
+
+def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
+                 forward_fn: data_mod.ForwardFn | None) -> list[_Stage]:
+    """Sequential-calibration stages from one forward pass of ``first_batch``.
+
+    Sequential GPTQ layers go in the order the forward pass first calls them; consecutive ones that read the very
+    same input tensor (q/k/v projections) share a stage. Every other pending layer (static activations only,
+    ``sequential=False``, or never called) is calibrated with the first stage, on float inputs as in a one-pass
+    calibration. A stage's forward pass ends after its last layer when each of its layers runs once per pass.
+    """
+    first_call, calls = _call_order(model, layers, first_batch, forward_fn)
     ordered = sorted((item for item in layers if _sequential(item[1]) and id(item[1]) in first_call),
                      key=lambda item: first_call[id(item[1])][0])
     others = [item for item in layers if item not in ordered]
@@ -321,10 +373,20 @@ def calibrate_and_freeze(
     max_batches: int | None = data_mod.DEFAULT_MAX_BATCHES,
     forward_fn: data_mod.ForwardFn | None = None,
     progress: bool | None = None,
+    hessian_bytes: int | None = None,
 ) -> list[FrozenLayer]:
     """Calibrate every pending layer of ``model`` on ``data`` and freeze it; what ``quantize_`` does with data.
 
-    Without sequential GPTQ layers this is :func:`calibrate_with`, :func:`sync_observers` and :func:`freeze`.
+    Without sequential GPTQ layers this is :func:`calibrate_with`, :func:`sync_observers` and :func:`freeze`
+    when the GPTQ layers' Hessians (``in x in`` float32 each) fit in ``hessian_bytes`` (default
+    :func:`hessian_budget`: twice the largest Hessian plus one layer's GPTQ temporaries). Else the same
+    calibration runs as several passes over ``data``, each collecting the Hessians of the next GPTQ layers (in the
+    order the model calls them) up to that budget; each pass's results are computed and its Hessians handed
+    back before the next pass, and all results are applied after the last one, so the results are those of
+    one pass (every layer computes in float until then) while memory holds one pass's Hessians, not every
+    layer's. A pass ends after its last layer when each of its layers runs once per forward; the whole model
+    is run once more per pass otherwise. If a pass fails, the statistics this call gathered are dropped and
+    every layer is left calibrating, as before the call.
     With them (``method="gptq", sequential=True``; off by default) it calibrates in stages: the GPTQ layers in the
     order the model runs them (layers reading the same input, such as q/k/v, together), each stage's Hessians
     collected with every earlier stage already quantized and frozen, so each layer compensates the error of
@@ -341,15 +403,16 @@ def calibrate_and_freeze(
     """
     layers = pending_layers(model)
     if not any(_sequential(q) for _, q in layers):
-        calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
-        sync_observers(model)
-        return freeze(model)
+        budget = hessian_budget(layers) if hessian_bytes is None else hessian_bytes
+        if sum(q.gptq.hessian.statistic_bytes for _, q in layers if q.gptq is not None) <= budget:
+            calibrate_with(model, data, max_batches=max_batches, forward_fn=forward_fn, progress=progress)
+            sync_observers(model)
+            return freeze(model)
+        data = data_mod.reiterable(data, max_batches)
+        return _calibrate_in_passes(model, layers, data, _first_batch(data, max_batches), budget,
+                                    max_batches=max_batches, forward_fn=forward_fn, progress=progress)
     data = data_mod.reiterable(data, max_batches)
-    no_batch = object()
-    first = next(data_mod.iter_batches(data, max_batches, progress=False), no_batch)
-    if first is no_batch:
-        raise CalibrationError("calibration data yielded no batch; pass a non-empty DataLoader or list of batches")
-    stages = _plan_stages(model, layers, first, forward_fn)
+    stages = _plan_stages(model, layers, _first_batch(data, max_batches), forward_fn)
     frozen: list[FrozenLayer] = []
     undo: list[Callable[[], None]] = []
     started: list[_Stage] = []
@@ -367,6 +430,7 @@ def calibrate_and_freeze(
             for _, q in stage.layers:
                 sync_observers(q)  # no-op unless torch.distributed is initialised
             results = _compute_frozen(stage.layers)
+            _release_hessians(stage)
             undo.append(_apply_frozen(results))
             frozen += [row for row, _, _ in results]
     except BaseException:
@@ -376,6 +440,56 @@ def calibrate_and_freeze(
             _reset_observers(stage)
         raise
     return frozen
+
+
+def _first_batch(data: Iterable[Any], max_batches: int | None) -> Any:
+    no_batch = object()
+    first = next(data_mod.iter_batches(data, max_batches, progress=False), no_batch)
+    if first is no_batch:
+        raise CalibrationError("calibration data yielded no batch; pass a non-empty DataLoader or list of batches")
+    return first
+
+
+def _release_hessians(stage: _Stage) -> None:
+    """Hand back the Hessians of a stage whose results are computed (a rollback drops its statistics anyway)."""
+    for _, q in stage.layers:
+        if q.gptq is not None:
+            q.gptq.hessian.reset()
+    release_freed_memory()
+
+
+def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]], data: Iterable[Any],
+                         first: Any, budget: int, *, max_batches: int | None,
+                         forward_fn: data_mod.ForwardFn | None, progress: bool | None) -> list[FrozenLayer]:
+    """One-pass calibration with at most ``budget`` bytes of Hessians at a time: a pass over ``data`` per group
+    of GPTQ layers (:func:`_plan_hessian_passes`), each group's results computed and its Hessians handed back
+    before the next pass, and every result applied only after the last pass. Every layer runs in float until
+    then, so each Hessian is collected on the inputs the one pass gives it and the results are the same."""
+    stages = _plan_hessian_passes(model, layers, first, forward_fn, budget)
+    modules = [q for _, q in layers]
+    results: list[_Result] = []
+    started: list[_Stage] = []
+    try:
+        bar = tqdm(stages, desc="calibrating (Hessians in passes)", unit="pass", leave=False,
+                   disable=data_mod.tqdm_disable(progress))
+        for stage in bar:
+            started.append(stage)
+            with _calibration_mode(model, modules, [q for _, q in stage.layers], stage.stop_after):
+                for batch in data_mod.iter_batches(data, max_batches, progress=False):
+                    with contextlib.suppress(_StageDone):
+                        data_mod.run_batch(model, batch, forward_fn)
+            for _, q in stage.layers:
+                sync_observers(q)  # no-op unless torch.distributed is initialised
+            results += _compute_frozen(stage.layers)
+            _release_hessians(stage)
+    except BaseException:
+        for stage in started:
+            _reset_observers(stage)
+        raise
+    position = {id(q): i for i, q in enumerate(modules)}
+    results.sort(key=lambda r: position[id(r[0].module)])
+    _apply_frozen(results)
+    return [row for row, _, _ in results]
 
 
 def _reset_observers(stage: _Stage) -> None:

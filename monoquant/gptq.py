@@ -66,6 +66,10 @@ class HessianObserver(Observer):
     With ``groups > 1`` (grouped and depthwise convolutions) it keeps one statistic per group and takes inputs
     of shape ``[groups, rows, in_features]`` (see :func:`monoquant.im2col.conv_patches`); otherwise any
     ``[..., in_features]`` tensor. ``sync`` sums both over ranks. Gives a Hessian (:meth:`hessian`), not qparams.
+
+    The ``[groups, in, in]`` statistic is allocated when the first input arrives and handed back by
+    :meth:`reset`, so a model whose layers all wait for GPTQ holds only the Hessians of the layers being
+    calibrated (see :func:`monoquant.calibrate_and_freeze`), not one per layer from the moment it is built.
     """
 
     _drops_nonfinite = False
@@ -77,14 +81,25 @@ class HessianObserver(Observer):
         if groups < 1:
             raise ConfigError(f"HessianObserver groups must be >= 1, got {groups}")
         self.in_features, self.groups = in_features, groups
-        self.register_buffer("xtx", torch.zeros(groups, in_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("xtx", torch.zeros(groups, 0, 0, dtype=dtype, device=device))  # allocated on use
         self.register_buffer("rows", torch.zeros((), dtype=torch.int64, device=device))
+
+    @property
+    def statistic_bytes(self) -> int:
+        """Bytes of the ``[groups, in, in]`` statistic once allocated (what calibrating this layer holds)."""
+        return self.groups * self.in_features ** 2 * self.xtx.element_size()
+
+    def _allocate(self) -> None:
+        if self.xtx.shape[-1] != self.in_features:
+            self.xtx = torch.zeros(self.groups, self.in_features, self.in_features, dtype=self.xtx.dtype,
+                                   device=self.xtx.device)
 
     def _observe(self, x: torch.Tensor) -> None:
         grouped = self.groups > 1
         if x.shape[-1] != self.in_features or (grouped and (x.dim() != 3 or x.shape[0] != self.groups)):
             want = f"[{self.groups}, rows, {self.in_features}]" if grouped else f"[..., {self.in_features}]"
             raise ConfigError(f"{self._where()} expects inputs of shape {want}, got {tuple(x.shape)}")
+        self._allocate()
         x3d = x.reshape(self.groups, -1, self.in_features).to(self.xtx.dtype)
         self.xtx.baddbmm_(x3d.transpose(1, 2), x3d)
         self.rows += x3d.shape[1]
@@ -100,16 +115,26 @@ class HessianObserver(Observer):
         raise ConfigError("HessianObserver collects GPTQ statistics, not qparams: read .hessian()")
 
     def _sync(self, group: dist.ProcessGroup | None) -> None:
+        self._allocate()  # a rank that saw no data adds zeros
         dist.all_reduce(self.xtx, group=group)
         dist.all_reduce(self.rows, group=group)
 
     def reset(self) -> None:
+        """Forget everything and hand the statistic's memory back."""
         super().reset()
-        self.xtx.zero_()
+        self.xtx = torch.zeros(self.groups, 0, 0, dtype=self.xtx.dtype, device=self.xtx.device)
         self.rows.zero_()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, groups={self.groups}"
+
+
+def working_bytes(rows: int, cols: int) -> int:
+    """About how many bytes of temporaries freezing one GPTQ layer of ``[rows, cols]`` allocates besides its Hessian
+    (the float64 Hessian copies and Cholesky factor, the float32 inverse factor, the transposed weight, codes,
+    and the float64 products of the output SQNR): ``24 cols^2 + 24 rows cols``, a little under what a
+    ``Linear(2048, 2048)`` measured (``benchmarks/bench_quantize.py``: about 240 MB above its Hessian)."""
+    return 24 * cols * cols + 24 * rows * cols
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:

@@ -151,8 +151,10 @@ def quantize_(
     memory: the float layers stay alive until the call succeeds, so a model briefly holds its float and its
     quantized weights (about 1.25x the float size at INT8 and 1.14x at INT4-g128), plus the temporaries of the
     layer in work (each layer's are returned to the operating system before the next layer's are made). With
-    GPTQ, every layer's Hessian (``in x in`` float32) is held from calibration until all layers are frozen, and
-    the computed weights (their quantized size) until all are applied.
+    GPTQ, the Hessians (``in x in`` float32) of at most :func:`~monoquant.calibration.hessian_budget`'s worth of
+    layers are held at a time (more layers: one pass over the data per group of them, same results, see
+    :func:`~monoquant.calibrate_and_freeze`), and the computed weights (their quantized size) until all are
+    applied.
 
     Returns:
         A :class:`QuantReport` with one row per candidate layer (quantized, or skipped with its reason).
