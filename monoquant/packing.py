@@ -38,7 +38,9 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
         if flat.storage_offset() % 2:
             flat = flat.clone()
         v = flat.view(torch.int16)
-        return (v | (v >> 4)).to(torch.uint8).reshape(q.shape[0], q.shape[1] // 2)
+        packed = v >> 4
+        packed |= v
+        return packed.to(torch.uint8).reshape(q.shape[0], q.shape[1] // 2)
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 

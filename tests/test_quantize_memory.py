@@ -2,6 +2,7 @@
 the peak RSS above the float model measured in a subprocess: the quantized bytes + one layer's temporaries."""
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -62,15 +63,24 @@ def _peak(layers: int, width: int) -> tuple[int, int]:
     return peak, quantized
 
 
+def _median_peak(layers: int, width: int, runs: int = 3) -> tuple[int, int]:
+    """Median over fresh processes of the peak above the float model (the allocator's state moves it by a few MB
+    from run to run), with the quantized bytes (the same in every run)."""
+    peaks = [_peak(layers, width) for _ in range(runs)]
+    return statistics.median(p for p, _ in peaks), peaks[0][1]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_is_bounded_by_the_quantized_bytes_and_two_layers_temporaries():
     # 2048 wide: layers' temporaries above glibc's mmap threshold, where 0.2 kept them, layer after layer
-    # (0.2: 1 layer 149 MB above the float model, 16 layers 347 MB > 36 MB quantized + 2 x 147 MB)
-    # one layer's temporaries measure 2.2x-4.5x the float32 layer from run to run (allocator state), so the bound
-    # allows 6x per layer; 0.2 peaked at 8.9x for one layer and grew with the layer count (347 MB for 16)
+    # (0.2: 1 layer 149 MB above the float model, 16 layers 347 MB > 36 MB quantized + 2 x 147 MB).
+    # RTN's temporaries are now cache-sized chunks plus the layer's codes (one byte per weight) and their packing:
+    # one layer measured 0.59x-0.62x the float32 layer above its quantized bytes (before: 2.2x-4.5x, the
+    # allocator's state deciding, which needed a 6x allowance); 16 layers 0.73x-0.97x above theirs
     layer = 2048 * 2048 * 4
-    one, q_one = _peak(1, 2048)
-    many, q_many = _peak(16, 2048)
-    assert one - q_one < 6 * layer
-    # issue 21: quantized bytes + the temporaries of the two largest layers (all layers are the same size here)
-    assert many <= q_many + 2 * 6 * layer
+    one, q_one = _median_peak(1, 2048)
+    many, q_many = _median_peak(16, 2048)
+    assert one - q_one < layer
+    # issue 21: quantized bytes + the temporaries of the two largest layers (all layers are the same size here),
+    # a layer's temporaries being what the one-layer model measured above its quantized bytes
+    assert many <= q_many + 2 * (one - q_one)
