@@ -96,9 +96,10 @@ def _slope(xs: list[int], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
 
 
-def bench_models(layer_counts: list[int], widths: list[int], threads: int) -> None:
+def bench_models(layer_counts: list[int], widths: list[int], threads: int,
+                 methods: tuple[str, ...] = ("rtn", "gptq")) -> None:
     rows, slopes = [], []
-    for method in ("rtn", "gptq"):
+    for method in methods:
         for width in widths:
             one = measure(1, width, method, threads)
             temporaries = max(one["peak_above"] - one["quantized"], 0)
@@ -111,6 +112,7 @@ def bench_models(layer_counts: list[int], widths: list[int], threads: int) -> No
                 rows.append((method, str(width), str(n), f"{r['seconds']:.2f}", f"{r['seconds'] / n:.3f}", rate,
                              _mb(r["float"]), _mb(r["quantized"]), _mb(r["peak_above"]), _mb(bound),
                              "yes" if r["peak_above"] <= bound else "NO"))
+                print("measured:", "  ".join(rows[-1]), flush=True)  # long runs: each row as soon as it is known
             q_per_layer = r["quantized"] / layer_counts[-1]
             slopes.append((method, str(width), _mb(_slope(layer_counts, peaks)), _mb(q_per_layer), _mb(temporaries)))
     _table(f"quantize_ time and peak RSS above the float model (INT4 g128; {threads} threads; MB = 2**20 bytes)",
@@ -193,6 +195,8 @@ def main() -> None:
     p.add_argument("--gptq-widths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", choices=("models", "rtn", "gptq"))
+    p.add_argument("--methods", nargs="+", choices=("rtn", "gptq"), default=["rtn", "gptq"],
+                   help="methods of the model-size table")
     p.add_argument("--rtn-layers", type=int, default=8)
     p.add_argument("--rtn-width", type=int, default=4096)
     p.add_argument("--small", action="store_true", help="tiny sizes: checks that the script runs")
@@ -202,7 +206,7 @@ def main() -> None:
         args.rtn_layers, args.rtn_width = 2, 256
     print(f"CPU: {cpu_identity()}; torch {torch.__version__}")
     if args.only in (None, "models"):
-        bench_models(args.layers, args.widths, args.threads)
+        bench_models(args.layers, args.widths, args.threads, tuple(args.methods))
     if args.only in (None, "rtn"):
         bench_rtn_rate(args.rtn_layers, args.rtn_width, args.threads, args.repeats)
     if args.only in (None, "gptq"):

@@ -12,8 +12,11 @@ Conventions (used everywhere in monoquant):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -194,8 +197,10 @@ def top1_agreement(reference: torch.Tensor, approximation: torch.Tensor) -> floa
     return agree / total if total else float("nan")
 
 
-_VERIFIED_FINITE: dict[int, tuple[weakref.ref, tuple]] = {}
-"""``id(t)`` -> (a weak reference to ``t``, its fingerprint) of tensors :func:`all_finite` found finite."""
+_FINITE_MEMO: contextvars.ContextVar[dict[int, tuple[weakref.ref, tuple]] | None] = contextvars.ContextVar(
+    "monoquant_finite_memo", default=None)
+"""Inside :func:`remembering_finite_checks`: ``id(t)`` -> (a weak reference to ``t``, its fingerprint) of the
+tensors :func:`all_finite` found finite."""
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -203,28 +208,36 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride(), t.device)
 
 
+@contextlib.contextmanager
+def remembering_finite_checks(memo: dict | None = None) -> Iterator[dict]:
+    """Inside, :func:`all_finite` remembers each tensor it found finite (with its storage, version counter and
+    view) in ``memo`` (a new dict by default; pass the same one to several blocks) and does not scan it again:
+    ``quantize_`` checks every weight while planning and ``from_float`` checks it again while building.
+
+    Only around code of monoquant's own: a write through ``tensor.data`` does not move the version counter, so a
+    NaN written that way between two checks would go unseen; outside this context every call scans."""
+    token = _FINITE_MEMO.set({} if memo is None else memo)
+    try:
+        yield _FINITE_MEMO.get()
+    finally:
+        _FINITE_MEMO.reset(token)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` holds no NaN and no +-inf: one read (``aminmax``, whose extremes NaN and +-inf reach) and no
     temporary the size of ``t`` (``isfinite(t).all()`` made a bool copy: 200 ms for a 4096x4096 float32 weight
-    on 2 busy threads, against 12 ms).
-
-    A tensor found finite is remembered (weakly) with its storage, version counter and view, so the checks that
-    ``quantize_`` and ``from_float`` both make scan each weight once; writing to it in place (which bumps the
-    version counter) or rebinding its ``.data`` makes the next call scan again."""
+    on 2 busy threads, against 12 ms). Inside :func:`remembering_finite_checks` a tensor found finite is not
+    scanned again while its storage, version counter and view stay the same."""
     if not t.is_floating_point() or not t.numel():
         return True
-    known = _VERIFIED_FINITE.get(id(t))
+    memo = _FINITE_MEMO.get()
+    known = None if memo is None else memo.get(id(t))
     if known is not None and known[0]() is t and known[1] == _fingerprint(t):
         return True
     lo, hi = torch.aminmax(t.detach())
     finite = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-    if finite:
-        if len(_VERIFIED_FINITE) >= 4096:  # forget the tensors that are gone
-            for key in [k for k, (ref, _) in _VERIFIED_FINITE.items() if ref() is None]:
-                del _VERIFIED_FINITE[key]
-            if len(_VERIFIED_FINITE) >= 4096:
-                _VERIFIED_FINITE.clear()
-        _VERIFIED_FINITE[id(t)] = (weakref.ref(t), _fingerprint(t))
+    if finite and memo is not None:
+        memo[id(t)] = (weakref.ref(t), _fingerprint(t))
     return finite
 
 

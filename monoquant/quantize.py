@@ -176,7 +176,9 @@ def quantize_(
         raise ConfigError("target_sqnr needs calibration_data=... to measure the model output on")
     data = reiterable(calibration_data, max_batches)
     rules = cfg.skip if cfg.skip is not None else SkipRules.defaults()
-    report, plan = _plan(model, cfg, rules)
+    finite_checks: dict = {}  # each weight is scanned for NaN/Inf once, while planning, not again while building
+    with F.remembering_finite_checks(finite_checks):
+        report, plan = _plan(model, cfg, rules)
     already = [r for r in report.layers if r.reason.startswith("already quantized")]
     if already and len(already) == len(report.layers):
         refuse_quantized(model, "quantize_")
@@ -187,30 +189,31 @@ def quantize_(
         # every layer is built (and calibration state attached) before the model is touched
         built: list[tuple[_Planned, QuantModule]] = []
         done: dict[int, QuantModule] = {}  # id(float weight) -> quantized module, to keep tied Linears tied
-        for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
-            qcls = item.qcls
-            source = scaling.source(item.name, item.module)  # W s for AWQ / SmoothQuant layers
-            try:
-                q = qcls.from_float(source, item.config, name=item.name, group_size=item.decision.group_size)
-            except (ConfigError, RuntimeError, ValueError, IndexError) as e:
-                raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
-                                  f"float with SkipRules(exclude=[{item.name!r}])") from e
-            if scaling.input_scale(item.name) is not None:
-                q.set_input_scale(scaling.input_scale(item.name))
-            weight = qcls.float_weight(source)
-            twin = done.get(id(item.module.weight))
-            if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
-                    and twin.weight_shape == q.weight_shape):
-                for buf in q.spec.buffer_names():
-                    q._buffers[buf] = twin._buffers[buf]
-            done.setdefault(id(item.module.weight), q)
-            row = report.row(item.name)
-            row.method = calibration.prepare(q, weight, item.config, item.name)
-            row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
-            row.bytes_after = q.storage_bytes()
-            row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
-            built.append((item, q))
-            release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
+        with F.remembering_finite_checks(finite_checks):
+            for item in tqdm(plan, desc="quantizing", unit="layer", disable=tqdm_disable(progress)):
+                qcls = item.qcls
+                source = scaling.source(item.name, item.module)  # W s for AWQ / SmoothQuant layers
+                try:
+                    q = qcls.from_float(source, item.config, name=item.name, group_size=item.decision.group_size)
+                except (ConfigError, RuntimeError, ValueError, IndexError) as e:
+                    raise ConfigError(f"layer {item.name!r} cannot be quantized ({e}); nothing was changed. Keep it "
+                                      f"float with SkipRules(exclude=[{item.name!r}])") from e
+                if scaling.input_scale(item.name) is not None:
+                    q.set_input_scale(scaling.input_scale(item.name))
+                weight = qcls.float_weight(source)
+                twin = done.get(id(item.module.weight))
+                if (twin is not None and twin.spec == q.spec and twin.group_size == q.group_size
+                        and twin.weight_shape == q.weight_shape):
+                    for buf in q.spec.buffer_names():
+                        q._buffers[buf] = twin._buffers[buf]
+                done.setdefault(id(item.module.weight), q)
+                row = report.row(item.name)
+                row.method = calibration.prepare(q, weight, item.config, item.name)
+                row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+                row.bytes_after = q.storage_bytes()
+                row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
+                built.append((item, q))
+                release_freed_memory()  # this layer's temporaries: else the process keeps them, layer after layer
         del done
 
         # the float model's outputs on the first few batches, recorded before any layer is swapped (AWQ folds

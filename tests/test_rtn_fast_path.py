@@ -79,25 +79,38 @@ def test_quantize_rows_equals_quantize_including_exact_ties(rows, groups, group,
     assert torch.equal(got.long(), want)
 
 
-def test_all_finite_scans_a_weight_once_and_again_after_it_changes(monkeypatch):
+def test_all_finite_scans_a_weight_once_inside_quantize_and_again_after_it_changes(monkeypatch):
     w = torch.nn.Parameter(torch.randn(64, 32))
     calls = []
     real = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda t, *a, **k: calls.append(1) or real(t, *a, **k))
     assert F.all_finite(w) and F.all_finite(w)
-    assert len(calls) == 1
-    with torch.no_grad():
-        w[3, 5] = float("nan")  # in place: the version counter moves
+    assert len(calls) == 2  # outside the context every call scans (a write through .data moves no version counter)
+    with F.remembering_finite_checks():
+        assert F.all_finite(w) and F.all_finite(w)
+        assert len(calls) == 3
+        with torch.no_grad():
+            w[3, 5] = float("nan")  # in place: the version counter moves
+        assert not F.all_finite(w)
+        w.data = torch.full((64, 32), 2.0)  # rebound storage
+        assert F.all_finite(w) and len(calls) == 5
+    w.data[0, 0] = float("inf")
     assert not F.all_finite(w)
-    w.data = torch.full((64, 32), float("inf"))  # rebound storage
-    assert not F.all_finite(w)
-    assert len(calls) == 3
     for bad in (float("nan"), float("inf"), float("-inf")):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             t = torch.zeros(5, 7, dtype=dtype)
             t[4, 6] = bad
             assert not F.all_finite(t)
     assert F.all_finite(torch.empty(0, 3)) and F.all_finite(torch.arange(5))
+
+
+def test_quantize_scans_each_weight_once(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    scanned = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t, *a, **k: scanned.append(t.is_floating_point()) or real(t, *a, **k))
+    mq.quantize_(model, mq.Int4(group_size=32), progress=False)
+    assert scanned.count(True) == 2  # the float weights, once each (the other scan: pack_int4's range check)
 
 
 def test_a_weight_made_non_finite_after_a_check_is_still_refused():
