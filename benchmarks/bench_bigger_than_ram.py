@@ -74,13 +74,12 @@ def write_checkpoint(folder: Path, layers: int, hidden: int, intermediate: int, 
     import transformers
 
     from monoquant import safetensors_io as stio
-    from monoquant.pipeline import _parameters_on_meta
 
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                       num_hidden_layers=layers, num_attention_heads=hidden // 64,
                                       num_key_value_heads=hidden // 64, tie_word_embeddings=False,
                                       architectures=["LlamaForCausalLM"])
-    with _parameters_on_meta():
+    with torch.device("meta"):  # shapes only: nothing is allocated
         skeleton = transformers.LlamaForCausalLM(config)
     shapes = {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
     shards: dict[str, list[str]] = {}
