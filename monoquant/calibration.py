@@ -293,6 +293,20 @@ def _call_order(model: nn.Module, layers: list[tuple[str, QuantModule]], first_b
     return first_call, calls
 
 
+def _stages_of(groups: list[list[tuple[str, QuantModule]]], others: list[tuple[str, QuantModule]],
+               calls: dict[int, int]) -> list[_Stage]:
+    """Stages from groups of layers in call order, the ``others`` joining the first; a stage's forward pass ends
+    after its last layer when each of its layers runs once per forward (and no other joined it)."""
+    if not groups:
+        return [_Stage(others, None)]
+    stages = []
+    for i, group in enumerate(groups):
+        members = group + (others if i == 0 else [])
+        once = not (i == 0 and others) and all(calls[id(q)] == 1 for _, q in group)
+        stages.append(_Stage(members, group[-1][1] if once else None))
+    return stages
+
+
 def hessian_budget(layers: list[tuple[str, QuantModule]]) -> int:
     """Bytes of GPTQ Hessians that :func:`calibrate_and_freeze` collects in one pass over the data by default:
     twice the largest layer's Hessian plus its freezing temporaries (:func:`monoquant.gptq.working_bytes`).
@@ -327,14 +341,7 @@ def _plan_hessian_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
             held = 0
         groups[-1].append(item)
         held += size
-    if not groups:
-        return [_Stage(others, None)]
-    stages = []
-    for i, group in enumerate(groups):
-        members = group + (others if i == 0 else [])
-        once = not (i == 0 and others) and all(calls[id(q)] == 1 for _, q in group)
-        stages.append(_Stage(members, group[-1][1] if once else None))
-    return stages
+    return _stages_of(groups, others, calls)
 
 
 def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_batch: Any,
@@ -356,14 +363,7 @@ def _plan_stages(model: nn.Module, layers: list[tuple[str, QuantModule]], first_
             groups[-1].append(item)
         else:
             groups.append([item])
-    if not groups:
-        return [_Stage(others, None)]
-    stages = []
-    for i, group in enumerate(groups):
-        members = group + (others if i == 0 else [])
-        once = not (i == 0 and others) and all(calls[id(q)] == 1 for _, q in group)
-        stages.append(_Stage(members, group[-1][1] if once else None))
-    return stages
+    return _stages_of(groups, others, calls)
 
 
 def calibrate_and_freeze(
