@@ -50,7 +50,8 @@ from .packing import pack_int4, unpack_int4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AWQ GEMM packing: nibble ``i`` of a word holds output column ``AWQ_ORDER[i]`` of its eight."""
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-_HUB_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+HUB_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+"""The tensors of one GPTQ/AWQ layer in a checkpoint (``g_idx``: GPTQ only; ``bias``: when the layer has one)."""
 CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
 """Files next to a checkpoint that may hold its quantization config, in the order they are looked for."""
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -67,6 +68,13 @@ class HubLayout:
 
 
 # ---- recognising ----------------------------------------------------------------------------------------
+def hub_layers(tensors: Mapping[str, Any]) -> list[str]:
+    """The names (prefixes) of the GPTQ/AWQ layers in ``tensors`` (name -> anything with a ``dtype``): those with
+    an int32 ``{prefix}.qweight``. Sorted."""
+    return sorted(name[: -len(".qweight")] for name, t in tensors.items()
+                  if isinstance(name, str) and name.endswith(".qweight") and getattr(t, "dtype", None) == torch.int32)
+
+
 def is_hub_checkpoint(tensors: Mapping[str, Any]) -> bool:
     """Whether ``tensors`` (name -> anything with a ``dtype``) hold GPTQ/AWQ layers: an int32 ``*.qweight``
     with its ``*.scales`` beside it."""
@@ -225,7 +233,9 @@ def unpack_awq(where: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: 
 
 
 # ---- reading a checkpoint into monoquant's layers ------------------------------------------------------------
-def _float_linear(model: nn.Module, prefix: str, where: str) -> nn.Module:
+def float_linear(model: nn.Module, prefix: str, where: str) -> nn.Module:
+    """The ``nn.Linear`` (or its ``QuantLinear``) at ``prefix`` in ``model`` that a Hub layer is read into;
+    ``SerializationError`` naming ``where`` when the model has no such layer or it is of another kind."""
     try:
         current = model.get_submodule(prefix)
     except AttributeError:
@@ -255,13 +265,11 @@ def from_hub(tensors: Mapping[str, torch.Tensor], model: nn.Module, config: Any 
     layout = layout_of(config_dict(config), where)
     state = dict(tensors)
     modules: dict[str, dict[str, Any]] = {}
-    prefixes = sorted(name[: -len(".qweight")] for name, t in tensors.items()
-                      if name.endswith(".qweight") and t.dtype == torch.int32)
-    for prefix in prefixes:
+    for prefix in hub_layers(tensors):
         here = f"{where}: layer {prefix!r}"
-        current = _float_linear(model, prefix, where)
+        current = float_linear(model, prefix, where)
         n, k = current.out_features, current.in_features
-        parts = {name: state.pop(f"{prefix}.{name}", None) for name in _HUB_BUFFERS}
+        parts = {name: state.pop(f"{prefix}.{name}", None) for name in HUB_TENSORS}
         if parts["qzeros"] is None or parts["scales"] is None:
             raise SerializationError(f"{here} has a qweight without qzeros and scales; the checkpoint is "
                                      "incomplete (monoquant reads GPTQ/AWQ layers with zero-points)")
