@@ -489,3 +489,49 @@ def test_from_pretrained_refuses_what_monoquant_cannot_read(tmp_path):
         assert AUTO_QUANTIZER_MAPPING["gptq"] is not mqhf.HubCheckpointQuantizer
     finally:
         AUTO_QUANTIZER_MAPPING.update({m: mqhf.HubCheckpointQuantizer for m in mqhf.HUB_METHODS})
+
+
+# ---- monoquant inspect -------------------------------------------------------------------------------------
+def test_inspect_describes_hub_files_and_folders(tmp_path, capsys):
+    from monoquant.cli import main
+
+    state, _ = checkpoint("gptq", version=2, act_order=True)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config("gptq", 2)}))
+    for target in (tmp_path, tmp_path / "model.safetensors"):
+        assert main(["inspect", str(target)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"{target}: Hub INT4 checkpoint (GPTQ v2), 1 file(s)")
+        assert out[1].startswith(f"quantization_config: {tmp_path / 'config.json'}: quant_method=gptq, bits=4")
+        assert out[2] == "bits 4, group size 32, act-order: yes"
+        rows = [line.split() for line in out[4:6]]
+        assert [r[:5] for r in rows] == [["down", "GPTQ", "v2", "32x64", "32"], ["up", "GPTQ", "v2", "64x128", "32"]]
+        assert [r[5] for r in rows] == ["yes", "yes"]
+        assert out[6].startswith("2 INT4 layers:")
+    # AWQ, sharded behind an index, no config: the layout comes from the shapes
+    awq, _ = checkpoint("awq")
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    names = sorted(awq)
+    save_file({n: awq[n] for n in names[:3]}, folder / "a.safetensors")
+    save_file({n: awq[n] for n in names[3:]}, folder / "b.safetensors")
+    weight_map = {n: "a.safetensors" if i < 3 else "b.safetensors" for i, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{folder}: Hub INT4 checkpoint (AWQ GEMM), 2 file(s)")
+    assert out[1].startswith("quantization_config: none found")
+    assert out[2] == "bits 4, group size 32, act-order: no"
+    assert [line.split()[:6] for line in out[4:6]] == [["down", "AWQ", "GEMM", "32x64", "32", "no"],
+                                                       ["up", "AWQ", "GEMM", "64x128", "32", "no"]]
+
+
+def test_inspect_of_an_unreadable_hub_config_fails_with_one_line(tmp_path, capsys):
+    from monoquant.cli import main
+
+    state, _ = checkpoint("gptq")
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 3}}))
+    assert main(["inspect", str(tmp_path / "model.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("monoquant: error:") and "3-bit" in err and err.count("\n") == 1
