@@ -286,6 +286,15 @@ def awq_table(model: nn.Module, data, groups: tuple[int, ...] = (128, 32)) -> li
         if group == 128:
             verdicts.append(verdict("transformer stack, AWQ+GPTQ vs GPTQ at INT4-g128",
                                     results["awq+gptq"] - results["gptq"], 1.0))
+            # the ceiling: the 16-input embed layer quantized alone (all else float) caps the end-to-end SQNR
+            only_embed = mq.SkipRules.defaults(exclude=[n for n, m in model.named_modules()
+                                                        if isinstance(m, nn.Linear) and n != "embed"])
+            alone = {m: evaluate(model, data, mq.Int4(group_size=group, method=m), only_embed)[1]
+                     for m in ("gptq", "awq+gptq")}
+            verdicts.append(f"(bound) INT4-g{group}: embed alone quantized (all else float) gives "
+                            f"{alone['gptq']:.2f} dB with GPTQ, {alone['awq+gptq']:.2f} dB with AWQ+GPTQ: at most "
+                            f"{alone['awq+gptq'] - results['gptq']:+.2f} dB over GPTQ's {results['gptq']:.2f} dB "
+                            "for any AWQ+GPTQ of the whole stack")
     return verdicts
 
 
