@@ -34,7 +34,8 @@
 
 ``monoquant inspect FILE``
     Prints the header of a monoquant file: versions, each quantized layer's class, scheme, weight shape and
-    stored bytes, and totals.
+    stored bytes, and totals. For a Hub GPTQ/AWQ checkpoint (a ``.safetensors`` file, an index, or a folder
+    holding them): its layout, bits, group size and act-order, per layer (:func:`monoquant.hub_formats.describe`).
 
 Errors (bad arguments, unreadable or corrupt files) print one line to stderr and exit with status 1 (2 for
 usage errors); there is no traceback. ``quantize`` checks before writing anything that OUT is not one of the
@@ -51,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import json
 import math
 import os
 import sys
@@ -63,8 +63,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import functional as F
+from . import hub_formats, schemes
 from . import safetensors_io as stio
-from . import schemes
 from .errors import ConfigError, MonoQuantError, SerializationError
 from .formats import NF4, BFloat16, Float16, Int4, Int8, WeightSpec
 from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantHFConv1D, QuantLinear, QuantModule
@@ -109,27 +109,6 @@ class _Checkpoint:
     tensors: Callable[[], Iterator[_Tensor]]
 
 
-def _shard_paths(index: Path) -> list[Path]:
-    """The shard files a ``*.safetensors.index.json`` lists, each confined to the index's directory."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SerializationError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
-    # confined by name, not by following links: a Hugging Face cache's shards are symlinks to ../../blobs
-    folder = Path(os.path.normpath(index.parent.absolute()))
-    paths = []
-    for shard in shards:
-        if not isinstance(shard, str) or not shard:
-            raise SerializationError(f"{index}: weight_map values must be shard file names, got {shard!r}")
-        resolved = Path(os.path.normpath(folder / shard))
-        if resolved == folder or not resolved.is_relative_to(folder):
-            raise SerializationError(f"{index} lists shard {shard!r}, which is not a file inside the index's folder "
-                                     f"{folder}; shards must sit next to their index (refusing to read it)")
-        paths.append(resolved)
-    return paths
-
-
 def _open_checkpoint(path: Path) -> _Checkpoint:
     """The checkpoint's files, tensor table, and a function that yields its tensors one at a time."""
     if not path.exists():
@@ -138,7 +117,7 @@ def _open_checkpoint(path: Path) -> _Checkpoint:
         raise SerializationError(f"{path} is a directory; give a .safetensors file, a *.safetensors.index.json "
                                  "or a torch state-dict file")
     if path.name.endswith(".index.json"):
-        files = [path, *_shard_paths(path)]
+        files = [path, *stio.index_shards(path)]
         headers = [stio.read_header(shard) for shard in files[1:]]
     elif path.suffix == ".safetensors":
         files, headers = [path], [stio.read_header(path)]
@@ -465,6 +444,10 @@ def _print_summary(rows: list[tuple[str, str, str, str, int, int]], out: Path) -
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    hub = hub_formats.describe(args.file)  # a Hub GPTQ/AWQ file or folder: its own summary
+    if hub is not None:
+        print("\n".join(hub.lines()))
+        return 0
     header = stio.read_header(args.file)
     modules, aliases = parse_metadata(header)
     meta = header.metadata

@@ -15,24 +15,38 @@ Importing this module registers the ``"monoquant"`` quantization method with tra
   use instead.
 
 ``mq.load(model, d)`` reads the same folders without transformers' loader.
+
+It also makes monoquant the reader of the Hub's INT4 checkpoints: ``from_pretrained`` of a folder (or Hub repo)
+whose ``config.json`` has a GPTQ ``quantization_config`` (``quant_method "gptq"``, 4 bits, ``checkpoint_format``
+``gptq``/``gptq_v2``, with or without ``desc_act``) or an AWQ one (``quant_method "awq"``, ``version "gemm"``)
+loads their layers as monoquant ``Int4`` ``QuantLinear`` layers on the CPU, with bit-exact dequantized weights
+(:mod:`monoquant.hub_formats`), instead of transformers' GPU-first GPTQ/AWQ backends. Such a model is then a
+monoquant model (``save_pretrained`` writes monoquant's format; ``mq.save(model, f, format="gptq")`` writes
+GPTQ). :func:`use_transformers_for_hub_checkpoints` hands the two methods back to transformers.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import hub_formats
+from . import safetensors_io as stio
 from .config import QuantConfig, WeightSpec, as_config
 from .errors import ConfigError, SerializationError
 from .nn import QuantModule
 from .quantize import quantize_
-from .serialization import FORMAT_VERSION, QUANT_METHOD, header_of, install_layers, stored_once
+from .serialization import FORMAT_VERSION, QUANT_METHOD, header_of, install_layers, load, stored_once
 
-__all__ = ["MonoQuantConfig", "MonoQuantHfQuantizer", "attach", "detach"]
+__all__ = ["HubCheckpointQuantizer", "MonoQuantConfig", "MonoQuantHfQuantizer", "attach", "detach",
+           "use_transformers_for_hub_checkpoints"]
 
 
 class MonoQuantConfig(QuantizationConfigMixin):
@@ -141,6 +155,87 @@ def _share(model: nn.Module, aliases: dict[str, str]) -> None:
 
 register_quantization_config(QUANT_METHOD)(MonoQuantConfig)
 register_quantizer(QUANT_METHOD)(MonoQuantHfQuantizer)
+
+
+# ---- Hub GPTQ / AWQ checkpoints ------------------------------------------------------------------------------
+class _HubSlot(nn.Module):
+    """Stands in for one ``nn.Linear`` while transformers loads a Hub layer's tensors (``qweight``, ``qzeros``,
+    ``scales``, ``g_idx``, ``bias``, shaped as the checkpoint has them) into its buffers; ``linear`` is the
+    (meta-device) float layer it replaces, put back before the tensors are converted."""
+
+    def __init__(self, linear: nn.Linear, tensors: dict[str, stio.TensorInfo]) -> None:
+        super().__init__()
+        self.__dict__["linear"] = linear  # not a submodule: its float weight is in no checkpoint
+        for name, info in tensors.items():
+            self.register_buffer(name, torch.empty(info.shape, dtype=info.dtype, device="meta"))
+
+
+class HubCheckpointQuantizer(HfQuantizer):
+    """transformers' ``from_pretrained`` of a GPTQ or AWQ checkpoint, read into monoquant's INT4 layers (see the
+    module docstring). The config is transformers' own ``GPTQConfig``/``AwqConfig``, parsed from ``config.json``."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._slots: dict[str, _HubSlot] = {}
+
+    def _config(self) -> dict[str, Any]:
+        return hub_formats.config_dict(self.quantization_config)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        method = hub_formats.layout_of(self._config(), "the checkpoint's quantization_config").method
+        if not self.pre_quantized:
+            raise ConfigError(f"monoquant reads {method.upper()} checkpoints but does not quantize float ones "
+                              "while loading with a GPTQConfig/AwqConfig: load the float model with "
+                              "from_pretrained(path), then call mq.quantize_(model, mq.Int4(group_size=128, "
+                              f"method={method + '+gptq' if method == 'awq' else method!r}), calibration_data=...)")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        files = list(checkpoint_files or [])
+        if not files or any(not str(f).endswith(".safetensors") for f in files):
+            raise SerializationError(f"monoquant reads GPTQ/AWQ checkpoints from safetensors files; this one has "
+                                     f"{[Path(f).name for f in files]}: convert it to safetensors first")
+        tensors = {name: info for f in files for name, info in stio.read_header(f).tensors.items()}
+        where = str(Path(files[0]).parent)
+        for prefix in hub_formats.hub_layers(tensors):
+            linear = hub_formats.float_linear(model, prefix, where)
+            parts = {n: tensors[f"{prefix}.{n}"] for n in hub_formats.HUB_TENSORS if f"{prefix}.{n}" in tensors}
+            self._slots[prefix] = _HubSlot(linear, parts)
+            model.set_submodule(prefix, self._slots[prefix])
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        hub: dict[str, torch.Tensor] = {}
+        for prefix, slot in self._slots.items():
+            hub.update({f"{prefix}.{n}": t for n, t in slot.named_buffers()})
+            model.set_submodule(prefix, slot.linear)
+        float_keys = {f"{prefix}.{n}" for prefix in self._slots for n in ("weight", "bias")}
+        state = {k: t for k, t in model.state_dict().items() if k not in float_keys}
+        self._slots.clear()
+        load(model, {**state, **hub}, quantization_config=self._config())
+        attach(model)  # from now on a monoquant model: save_pretrained writes monoquant's format
+        return model
+
+    def is_serializable(self) -> bool:
+        return False  # never asked: the loaded model carries MonoQuantHfQuantizer
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+HUB_METHODS = ("gptq", "awq")
+"""The ``quant_method`` values whose checkpoints monoquant reads in ``from_pretrained`` once this module is imported."""
+_TRANSFORMERS_OWN = {method: AUTO_QUANTIZER_MAPPING[method] for method in HUB_METHODS}
+AUTO_QUANTIZER_MAPPING.update({method: HubCheckpointQuantizer for method in HUB_METHODS})
+
+
+def use_transformers_for_hub_checkpoints() -> None:
+    """Give GPTQ and AWQ checkpoints back to transformers' own quantizers (its GPU backends), undoing what
+    importing this module did; checkpoints already loaded stay as they are."""
+    AUTO_QUANTIZER_MAPPING.update(_TRANSFORMERS_OWN)
 
 
 def attach(model: nn.Module) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import safetensors_io as stio
 from .errors import SerializationError
 from .formats import Int4, spec_to_dict
 from .nn import QuantLinear, QuantModule, quant_class_for
@@ -50,7 +51,8 @@ from .packing import pack_int4, unpack_int4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AWQ GEMM packing: nibble ``i`` of a word holds output column ``AWQ_ORDER[i]`` of its eight."""
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-_HUB_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+HUB_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+"""The tensors of one GPTQ/AWQ layer in a checkpoint (``g_idx``: GPTQ only; ``bias``: when the layer has one)."""
 CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
 """Files next to a checkpoint that may hold its quantization config, in the order they are looked for."""
 GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -67,6 +69,13 @@ class HubLayout:
 
 
 # ---- recognising ----------------------------------------------------------------------------------------
+def hub_layers(tensors: Mapping[str, Any]) -> list[str]:
+    """The names (prefixes) of the GPTQ/AWQ layers in ``tensors`` (name -> anything with a ``dtype``): those with
+    an int32 ``{prefix}.qweight``. Sorted."""
+    return sorted(name[: -len(".qweight")] for name, t in tensors.items()
+                  if isinstance(name, str) and name.endswith(".qweight") and getattr(t, "dtype", None) == torch.int32)
+
+
 def is_hub_checkpoint(tensors: Mapping[str, Any]) -> bool:
     """Whether ``tensors`` (name -> anything with a ``dtype``) hold GPTQ/AWQ layers: an int32 ``*.qweight``
     with its ``*.scales`` beside it."""
@@ -92,6 +101,12 @@ def config_near(path: str | os.PathLike, metadata: Mapping[str, str] | None = No
     """The quantization config of the checkpoint at ``path``: from a file in :data:`CONFIG_FILES` next to it
     (the first that has one), else from its safetensors metadata (``quantization_config``, as
     :func:`gptq_tensors`' writer stores it); ``{}`` when there is none."""
+    return _config_and_source(path, metadata)[0]
+
+
+def _config_and_source(path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+                       ) -> tuple[dict[str, Any], str | None]:
+    """:func:`config_near`, and where the config was found (a file's path, ``"the file's metadata"``, ``None``)."""
     folder = Path(path).parent
     for name in CONFIG_FILES:
         file = folder / name
@@ -102,14 +117,14 @@ def config_near(path: str | os.PathLike, metadata: Mapping[str, str] | None = No
                 raise SerializationError(f"{file} is not readable JSON ({e}); fix or remove it, or pass "
                                          "quantization_config= to mq.load") from e
             if config.get("quant_method") or "bits" in config or "w_bit" in config:
-                return config
+                return config, str(file)
     text = (metadata or {}).get("quantization_config")
     if text:
         try:
-            return config_dict(json.loads(text))
+            return config_dict(json.loads(text)), "the file's metadata"
         except json.JSONDecodeError as e:
             raise SerializationError(f"{path}: corrupt quantization_config metadata ({e})") from e
-    return {}
+    return {}, None
 
 
 def _name(value: Any) -> str:
@@ -225,7 +240,9 @@ def unpack_awq(where: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: 
 
 
 # ---- reading a checkpoint into monoquant's layers ------------------------------------------------------------
-def _float_linear(model: nn.Module, prefix: str, where: str) -> nn.Module:
+def float_linear(model: nn.Module, prefix: str, where: str) -> nn.Module:
+    """The ``nn.Linear`` (or its ``QuantLinear``) at ``prefix`` in ``model`` that a Hub layer is read into;
+    ``SerializationError`` naming ``where`` when the model has no such layer or it is of another kind."""
     try:
         current = model.get_submodule(prefix)
     except AttributeError:
@@ -255,13 +272,11 @@ def from_hub(tensors: Mapping[str, torch.Tensor], model: nn.Module, config: Any 
     layout = layout_of(config_dict(config), where)
     state = dict(tensors)
     modules: dict[str, dict[str, Any]] = {}
-    prefixes = sorted(name[: -len(".qweight")] for name, t in tensors.items()
-                      if name.endswith(".qweight") and t.dtype == torch.int32)
-    for prefix in prefixes:
+    for prefix in hub_layers(tensors):
         here = f"{where}: layer {prefix!r}"
-        current = _float_linear(model, prefix, where)
+        current = float_linear(model, prefix, where)
         n, k = current.out_features, current.in_features
-        parts = {name: state.pop(f"{prefix}.{name}", None) for name in _HUB_BUFFERS}
+        parts = {name: state.pop(f"{prefix}.{name}", None) for name in HUB_TENSORS}
         if parts["qzeros"] is None or parts["scales"] is None:
             raise SerializationError(f"{here} has a qweight without qzeros and scales; the checkpoint is "
                                      "incomplete (monoquant reads GPTQ/AWQ layers with zero-points)")
@@ -372,3 +387,110 @@ def gptq_tensors(model: nn.Module, version: int = 1) -> tuple[dict[str, torch.Te
               "static_groups": False, "true_sequential": True,
               "checkpoint_format": next(f for f, v in GPTQ_FORMATS.items() if v == version)}
     return tensors, config
+
+
+# ---- describing a checkpoint (monoquant inspect) ----------------------------------------------------------
+@dataclass(frozen=True)
+class HubLayerInfo:
+    """One GPTQ/AWQ layer as its tensors' shapes describe it (``shape``: ``(outputs, inputs)``)."""
+
+    name: str
+    layout: HubLayout
+    shape: tuple[int, int]
+    group_size: int
+    act_order: bool
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class HubSummary:
+    """What :func:`describe` found: the files read, the quantization config and where it came from, the layers,
+    and the bytes of all tensors."""
+
+    path: Path
+    files: list[Path]
+    config: dict[str, Any]
+    config_source: str
+    layers: list[HubLayerInfo]
+    total_bytes: int
+
+    def lines(self) -> list[str]:
+        """A human-readable report: a summary line per setting, then one row per layer, then totals."""
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.2f} MiB"
+
+        methods = sorted({_layout_name(layer.layout) for layer in self.layers})
+        groups = sorted({layer.group_size for layer in self.layers})
+        ordered = sum(layer.act_order for layer in self.layers)
+        out = [f"{self.path}: Hub INT4 checkpoint ({', '.join(methods)}), {len(self.files)} file(s), "
+               f"{mib(self.total_bytes)}",
+               f"quantization_config: {self.config_source}",
+               f"bits 4, group size {', '.join(map(str, groups))}, act-order: " + (
+                   "yes" if ordered == len(self.layers) else f"{ordered} of {len(self.layers)} layers" if ordered
+                   else "no")]
+        head = ("layer", "layout", "weight shape", "group size", "act-order", "bytes")
+        body = [(layer.name, _layout_name(layer.layout), f"{layer.shape[0]}x{layer.shape[1]}", str(layer.group_size),
+                 "yes" if layer.act_order else "no", mib(layer.nbytes)) for layer in self.layers]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+        out += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                for r in [head, *body]]
+        quant = sum(layer.nbytes for layer in self.layers)
+        out.append(f"{len(self.layers)} INT4 layers: {mib(quant)}; other tensors: {mib(self.total_bytes - quant)}")
+        out.append("load with: import monoquant.hf, then AutoModel*.from_pretrained(folder); or mq.load(model, file)")
+        return out
+
+
+def _layout_name(layout: HubLayout) -> str:
+    return "AWQ GEMM" if layout.method == "awq" else f"GPTQ v{layout.version}"
+
+
+def _checkpoint_files(path: Path) -> list[Path] | None:
+    """The safetensors files of a checkpoint given as a file, an index or a folder (``None``: none there)."""
+    if path.is_dir():
+        index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+        if index.is_file():
+            return stio.index_shards(index)
+        return [single] if single.is_file() else None
+    if path.name.endswith(".safetensors.index.json"):
+        return stio.index_shards(path)
+    return [path] if path.suffix == ".safetensors" and path.is_file() else None
+
+
+def describe(path: str | os.PathLike) -> HubSummary | None:
+    """A summary of the GPTQ/AWQ checkpoint at ``path`` (a ``.safetensors`` file, a ``*.safetensors.index.json``
+    or a folder holding one of them), read from the files' headers, the ``g_idx`` tensors and the quantization
+    config next to them; ``None`` when ``path`` holds no GPTQ/AWQ layer (a monoquant file, a float checkpoint).
+
+    Raises ``SerializationError`` for unreadable files and for configs monoquant cannot read (8-bit, AWQ GEMV)."""
+    path = Path(path)
+    files = _checkpoint_files(path)
+    if files is None:
+        return None
+    headers = [stio.read_header(f) for f in files]
+    tensors = {name: (h, info) for h in headers for name, info in h.tensors.items()}
+    if not is_hub_checkpoint({name: info for name, (_, info) in tensors.items()}):
+        return None
+    config, found = _config_and_source(files[0], headers[0].metadata)
+    source = "none found (layout worked out from the tensor shapes; GPTQ zero-points read as v1)"
+    if found is not None:
+        source = f"{found}: " + ", ".join(f"{k}={config[k]}" for k in (
+            "quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "version", "w_bit",
+            "q_group_size", "zero_point") if k in config)
+    layout = layout_of(config, str(path))
+    layers = []
+    for prefix in hub_layers({name: info for name, (_, info) in tensors.items()}):
+        parts = {n: tensors[f"{prefix}.{n}"] for n in HUB_TENSORS if f"{prefix}.{n}" in tensors}
+        if "scales" not in parts:
+            raise SerializationError(f"{path}: layer {prefix!r} has a qweight without scales; the checkpoint is "
+                                     "incomplete")
+        qweight, (groups, n) = parts["qweight"][1].shape, parts["scales"][1].shape
+        kind = layout if layout.method else HubLayout("gptq" if qweight[1] == n or "g_idx" in parts else "awq")
+        k = 8 * qweight[0] if kind.method == "gptq" else qweight[0]  # GPTQ packs along the inputs, AWQ the outputs
+        act_order = False
+        if "g_idx" in parts:
+            header, _ = parts["g_idx"]
+            g_idx = stio.read_tensors(header, [f"{prefix}.g_idx"])[f"{prefix}.g_idx"]
+            act_order = bool((g_idx[1:] < g_idx[:-1]).any())
+        layers.append(HubLayerInfo(prefix, kind, (n, k), k // max(groups, 1), act_order,
+                                   sum(info.nbytes for _, info in parts.values())))
+    return HubSummary(path, files, config, source, layers, sum(info.nbytes for _, info in tensors.values()))

@@ -91,6 +91,27 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path, tensors, metadata)
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` lists, each confined to the index's directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SerializationError(f"{index} is not a safetensors index (JSON with a 'weight_map'): {e}") from e
+    # confined by name, not by following links: a Hugging Face cache's shards are symlinks to ../../blobs
+    folder = Path(os.path.normpath(index.parent.absolute()))
+    paths = []
+    for shard in shards:
+        if not isinstance(shard, str) or not shard:
+            raise SerializationError(f"{index}: weight_map values must be shard file names, got {shard!r}")
+        resolved = Path(os.path.normpath(folder / shard))
+        if resolved == folder or not resolved.is_relative_to(folder):
+            raise SerializationError(f"{index} lists shard {shard!r}, which is not a file inside the index's folder "
+                                     f"{folder}; shards must sit next to their index (refusing to read it)")
+        paths.append(resolved)
+    return paths
+
+
 def _readinto(fh: BinaryIO, view: memoryview) -> None:
     while len(view):
         got = fh.readinto(view)

@@ -342,14 +342,18 @@ def quantize_act_order(w: torch.Tensor, group: int, seed: int) -> tuple[dict, to
     return tensors, deq
 
 
-@pytest.mark.transformers
-def test_llama_gptq_act_order_checkpoint_from_a_folder(tmp_path):
+def _causal_lm_example():
     pytest.importorskip("transformers")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import transformers_causal_lm as lm
+    return lm
 
+
+@pytest.mark.transformers
+def test_llama_gptq_act_order_checkpoint_from_a_folder(tmp_path):
+    lm = _causal_lm_example()
     torch.manual_seed(0)
     model = lm.tiny_llama().eval()
     state, dequantized = {}, {}
@@ -394,3 +398,140 @@ def test_broken_checkpoints_raise_and_change_nothing(break_it, match):
     with pytest.raises(SerializationError, match=match):
         mq.load(model, state, quantization_config=config("gptq"))
     assert isinstance(model.up, nn.Linear) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+HUB_CONFIGS = {
+    "gptq v1 act-order": ("gptq", 1, True, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                            "sym": False, "checkpoint_format": "gptq"}),
+    "gptq v2": ("gptq", 2, False, {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
+                                   "sym": True, "checkpoint_format": "gptq_v2"}),
+    "awq gemm": ("awq", 1, False, {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm",
+                                   "zero_point": True}),
+}
+
+
+def write_hub_llama(folder, kind: str):
+    """A tiny Llama (examples/transformers_causal_lm.py) written as the Hub has such checkpoints: every Linear but
+    the tied head packed by the reference packers above, config.json with the quantization_config. Returns the
+    float model holding the dequantized weights, and those weights by layer."""
+    lm = _causal_lm_example()
+    method, version, act_order, qc = HUB_CONFIGS[kind]
+    torch.manual_seed(0)
+    model = lm.tiny_llama().eval()
+    state, dequantized = {}, {}
+    for i, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            n, k = module.weight.shape
+            tensors, w = hub_layer(method, n, k, 32, version=version, act_order=act_order, seed=i)
+            dequantized[name] = w.float()
+            state.update({f"{name}.{key}": t for key, t in tensors.items()})
+    with torch.no_grad():
+        for name, w in dequantized.items():
+            model.get_submodule(name).weight.copy_(w)
+    state.update({k: v.clone() for k, v in model.state_dict().items()
+                  if k.rpartition(".")[0] not in dequantized and k != "lm_head.weight"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.quantization_config = qc
+    model.config.save_pretrained(folder)
+    del model.config.quantization_config
+    return model, dequantized
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("kind", sorted(HUB_CONFIGS))
+def test_from_pretrained_reads_hub_checkpoints_into_monoquant_layers(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    import monoquant.hf  # noqa: F401  (makes monoquant the reader of GPTQ/AWQ checkpoints)
+
+    reference, dequantized = write_hub_llama(tmp_path, kind)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, mq.QuantLinear)}
+    assert sorted(layers) == sorted(dequantized)
+    for name, layer in layers.items():
+        assert layer.spec.kind == "int4" and layer.group_size == 32
+        assert (layer.input_permutation is not None) == HUB_CONFIGS[kind][2]
+        assert torch.equal(layer.weight, dequantized[name]), name  # bit-exact dequantized weights
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tied head stays tied
+    tokens = torch.randint(0, reference.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with mq.kernels.pin("dequant"):
+            got = loaded(input_ids=tokens).logits
+        ref = reference(input_ids=tokens).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # the loaded model is a monoquant model: it saves in monoquant's format and loads back bit-exactly
+    loaded.save_pretrained(tmp_path / "mq")
+    qc = json.loads((tmp_path / "mq" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "monoquant" and sorted(qc["modules"]) == sorted(dequantized)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "mq").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=tokens).logits, loaded(input_ids=tokens).logits)
+
+
+@pytest.mark.transformers
+def test_from_pretrained_refuses_what_monoquant_cannot_read(tmp_path):
+    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    import monoquant.hf as mqhf
+
+    write_hub_llama(tmp_path, "gptq v1 act-order")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["bits"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SerializationError, match="8-bit"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    _causal_lm_example().tiny_llama().save_pretrained(tmp_path / "float")
+    with pytest.raises(ConfigError, match=r"mq\.quantize_"):  # a float checkpoint quantized while loading
+        AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=GPTQConfig(bits=4))
+    mqhf.use_transformers_for_hub_checkpoints()
+    try:
+        assert AUTO_QUANTIZER_MAPPING["gptq"] is not mqhf.HubCheckpointQuantizer
+    finally:
+        AUTO_QUANTIZER_MAPPING.update({m: mqhf.HubCheckpointQuantizer for m in mqhf.HUB_METHODS})
+
+
+# ---- monoquant inspect -------------------------------------------------------------------------------------
+def test_inspect_describes_hub_files_and_folders(tmp_path, capsys):
+    from monoquant.cli import main
+
+    state, _ = checkpoint("gptq", version=2, act_order=True)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config("gptq", 2)}))
+    for target in (tmp_path, tmp_path / "model.safetensors"):
+        assert main(["inspect", str(target)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"{target}: Hub INT4 checkpoint (GPTQ v2), 1 file(s)")
+        assert out[1].startswith(f"quantization_config: {tmp_path / 'config.json'}: quant_method=gptq, bits=4")
+        assert out[2] == "bits 4, group size 32, act-order: yes"
+        rows = [line.split() for line in out[4:6]]
+        assert [r[:5] for r in rows] == [["down", "GPTQ", "v2", "32x64", "32"], ["up", "GPTQ", "v2", "64x128", "32"]]
+        assert [r[5] for r in rows] == ["yes", "yes"]
+        assert out[6].startswith("2 INT4 layers:")
+    # AWQ, sharded behind an index, no config: the layout comes from the shapes
+    awq, _ = checkpoint("awq")
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    names = sorted(awq)
+    save_file({n: awq[n] for n in names[:3]}, folder / "a.safetensors")
+    save_file({n: awq[n] for n in names[3:]}, folder / "b.safetensors")
+    weight_map = {n: "a.safetensors" if i < 3 else "b.safetensors" for i, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{folder}: Hub INT4 checkpoint (AWQ GEMM), 2 file(s)")
+    assert out[1].startswith("quantization_config: none found")
+    assert out[2] == "bits 4, group size 32, act-order: no"
+    assert [line.split()[:6] for line in out[4:6]] == [["down", "AWQ", "GEMM", "32x64", "32", "no"],
+                                                       ["up", "AWQ", "GEMM", "64x128", "32", "no"]]
+
+
+def test_inspect_of_an_unreadable_hub_config_fails_with_one_line(tmp_path, capsys):
+    from monoquant.cli import main
+
+    state, _ = checkpoint("gptq")
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 3}}))
+    assert main(["inspect", str(tmp_path / "model.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("monoquant: error:") and "3-bit" in err and err.count("\n") == 1
