@@ -107,8 +107,10 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, path))
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the compiled kernel can run here (builds it on first call)."""
+    """Whether the compiled kernel can run here (builds it on first call; torch.compile and torch.export take
+    the answer as a constant instead of tracing the build)."""
     return load() is not None
 
 
@@ -124,16 +126,150 @@ def simd() -> str:
     return module.simd() if module is not None else "none"
 
 
+def _kernel(name: str):
+    """The compiled function ``name`` (the extension is built on first call)."""
+    return getattr(load(), name)
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    """Register the decorated function as the custom op ``monoquant::name`` (its CPU implementation calls the
+    compiled function of that name) and return the op; ``@op.register_fake`` then gives its output shapes."""
+    def register(fn):
+        return torch.library.custom_op(f"monoquant::{name}", fn, mutates_args=mutates_args, device_types="cpu")
+    return register
+
+
+def _call(op, name: str, *args):
+    """``op(*args)`` while torch.compile / torch.export trace, else the compiled function ``name`` itself: the
+    same code either way, without the custom op's Python dispatch on every eager call."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return getattr(load(), name)(*args)
+
+
+@_op("int4_linear")
+def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    return _kernel("int4_linear")(x, qweight, scale, zero_point, group_size)
+
+
+@_int4_linear_op.register_fake
+def _(x, qweight, scale, zero_point, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+@_op("int8_linear")
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    zero_point: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("int8_linear")(x, qweight, scale, zero_point)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scale, zero_point):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+@_op("dequantize_int4", mutates_args=("out",))
+def _dequantize_int4_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, group_size: int, row_start: int) -> None:
+    _kernel("dequantize_int4")(out, qweight, scale, zero_point, group_size, row_start)
+
+
+@_dequantize_int4_op.register_fake
+def _(out, qweight, scale, zero_point, group_size, row_start):
+    return None
+
+
+@_op("dequantize_int8", mutates_args=("out",))
+def _dequantize_int8_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, row_start: int, scaled: bool) -> None:
+    _kernel("dequantize_int8")(out, qweight, scale, zero_point, row_start, scaled)
+
+
+@_dequantize_int8_op.register_fake
+def _(out, qweight, scale, zero_point, row_start, scaled):
+    return None
+
+
+@_op("w8a8_pack")
+def _w8a8_pack_op(qweight: torch.Tensor) -> torch.Tensor:
+    return _kernel("w8a8_pack")(qweight)
+
+
+@_w8a8_pack_op.register_fake
+def _(qweight):
+    n, k = qweight.shape
+    return qweight.new_empty(((n + 15) // 16, (k + 1) // 2, 16, 2), dtype=torch.int8)
+
+
+@_op("w8a8_gemm")
+def _w8a8_gemm_op(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return _kernel("w8a8_gemm")(codes, packed, n)
+
+
+@_w8a8_gemm_op.register_fake
+def _(codes, packed, n):
+    return codes.new_empty((codes.shape[0], n), dtype=torch.int32)
+
+
+@_op("quantize_rows")
+def _quantize_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
+                      shift: int) -> torch.Tensor:
+    return _kernel("quantize_rows")(x, scale, zero_point, qmin, qmax, shift)
+
+
+@_quantize_rows_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, shift):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@_op("dynamic_quantize_rows")
+def _dynamic_quantize_rows_op(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_kernel("dynamic_quantize_rows")(x, qmin, qmax, symmetric, eps))  # type: ignore[return-value]
+
+
+@_dynamic_quantize_rows_op.register_fake
+def _(x, qmin, qmax, symmetric, eps):
+    m = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.int32))
+
+
+@_op("rescale_rows")
+def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("rescale_rows")(acc, x_scale, w_scale, bias)
+
+
+@_rescale_rows_op.register_fake
+def _(acc, x_scale, w_scale, bias):
+    return acc.new_empty(acc.shape, dtype=torch.float32)
+
+
+@_op("mse_clip_errors")
+def _mse_clip_errors_op(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
+                        qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
+    return _kernel("mse_clip_errors")(view, lo, hi, ratios, qmin, qmax, symmetric, eps)
+
+
+@_mse_clip_errors_op.register_fake
+def _(view, lo, hi, ratios, qmin, qmax, symmetric, eps):
+    return view.new_empty((ratios.shape[0], view.shape[0]), dtype=torch.float64)
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                 group_size: int) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``."""
-    return load().int4_linear(x, qweight, scale, zero_point, group_size)  # type: ignore[union-attr]
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int4_linear``)."""
+    return _call(_int4_linear_op, "int4_linear", x, qweight, scale, zero_point, group_size)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``."""
-    return load().int8_linear(x, qweight, scale, zero_point)  # type: ignore[union-attr]
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int8_linear``)."""
+    return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
 
 
 def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: torch.Tensor,
@@ -141,11 +277,14 @@ def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: 
                     scaled: bool = True) -> torch.Tensor:
     """Write output rows ``row_start : row_start + len(out)`` of an ``"int4"`` or ``"int8"`` weight (stored
     layout) into the float32 or bf16 ``out`` (``[rows, K]``, contiguous) in one pass; bit-identical to
-    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out)."""
-    module = load()
+    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out).
+    Custom ops ``monoquant::dequantize_int4`` / ``dequantize_int8`` (which write ``out`` in place)."""
     if kind == "int4":
-        return module.dequantize_int4(out, qweight, scale, zero_point, group_size, row_start)  # type: ignore[union-attr]
-    return module.dequantize_int8(out, qweight, scale, zero_point, row_start, scaled)  # type: ignore[union-attr]
+        _call(_dequantize_int4_op, "dequantize_int4", out, qweight, scale, zero_point, group_size,
+              row_start)
+    else:
+        _call(_dequantize_int8_op, "dequantize_int8", out, qweight, scale, zero_point, row_start, scaled)
+    return out
 
 
 W8A8_MAX_K = 1 << 17
@@ -155,20 +294,20 @@ W8A8_MAX_K = 1 << 17
 def w8a8_pack(qweight: torch.Tensor) -> torch.Tensor:
     """Symmetric INT8 weight codes ``[N, K]`` in the panel layout :func:`w8a8_gemm` reads (same number of bytes,
     plus padding to 16 rows and an even ``K``)."""
-    return load().w8a8_pack(qweight)  # type: ignore[union-attr]
+    return _call(_w8a8_pack_op, "w8a8_pack", qweight)
 
 
 def w8a8_gemm(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """Exact ``codes @ W^T`` in int32 (``[M, N]``) for int8 input codes ``[M, K]`` and a :func:`w8a8_pack`-ed
     weight of ``n`` rows: int16 pairs multiplied with ``vpmaddwd`` (AVX2), for CPUs without VNNI or AMX."""
-    return load().w8a8_gemm(codes, packed, n)  # type: ignore[union-attr]
+    return _call(_w8a8_gemm_op, "w8a8_gemm", codes, packed, n)
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                   shift: int) -> torch.Tensor:
     """int8 ``clamp(round(x / scale) + zero_point, qmin, qmax) - shift`` of contiguous float32 ``x`` ``[M, K]``
     (scale and zero-point: one per row or one), in one pass; bit-identical to the float32 PyTorch ops."""
-    return load().quantize_rows(x, scale, zero_point, qmin, qmax, shift)  # type: ignore[union-attr]
+    return _call(_quantize_rows_op, "quantize_rows", x, scale, zero_point, qmin, qmax, shift)
 
 
 def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
@@ -176,14 +315,15 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
     """``(codes, scale, zero_point)`` of contiguous float32 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
     qparams: int8 codes shifted by -128 when affine, float32 scale ``[M]``, int32 zero-point ``[M]``; one pass
     per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
-    return tuple(load().dynamic_quantize_rows(x, qmin, qmax, symmetric, eps))  # type: ignore[union-attr,return-value]
+    return tuple(_call(_dynamic_quantize_rows_op, "dynamic_quantize_rows",  # type: ignore[return-value]
+                       x, qmin, qmax, symmetric, eps))
 
 
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,
     ``w_scale`` per column or one), in one pass; bit-identical to the PyTorch ops in that order."""
-    return load().rescale_rows(acc, x_scale, w_scale, bias)  # type: ignore[union-attr]
+    return _call(_rescale_rows_op, "rescale_rows", acc, x_scale, w_scale, bias)
 
 
 def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
@@ -192,4 +332,4 @@ def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rati
     ``[S, L]``, the summed squared error of fake-quantizing the row with the qparams of ``[r * lo, r * hi]``
     (``lo``/``hi``: float64 ``[S]``). The same float64 arithmetic as :func:`monoquant.functional.qparams_from_minmax`
     and :func:`~monoquant.functional.fake_quantize` (scale rounded to float32), summed in another order."""
-    return load().mse_clip_errors(view, lo, hi, ratios, qmin, qmax, symmetric, eps)  # type: ignore[union-attr]
+    return _call(_mse_clip_errors_op, "mse_clip_errors", view, lo, hi, ratios, qmin, qmax, symmetric, eps)

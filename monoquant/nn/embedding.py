@@ -71,7 +71,7 @@ class QuantEmbedding(QuantModule):
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise InputError(f"QuantEmbedding looks up integer indices, got {what}; pass a LongTensor of token ids")
         flat = ids.reshape(-1).long()
-        if flat.numel():
+        if flat.numel() and not torch.compiler.is_compiling():  # traced: the gather itself checks the bounds
             lo, hi = (int(v) for v in torch.aminmax(flat))  # one reduction (and one device sync) per lookup
             if lo < 0 or hi >= self.num_embeddings:
                 raise InputError(f"QuantEmbedding has {self.num_embeddings} rows but got indices from {lo} to {hi}")
