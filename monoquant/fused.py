@@ -5,22 +5,32 @@ The C++ file is compiled at first use with :func:`torch.utils.cpp_extension.load
 it, with ``-O3 -march=native`` so that its AVX-512 or AVX2 path matches this CPU (a portable scalar loop
 otherwise; ``MONOQUANT_EXT_ARCH`` overrides ``native``, which is how the AVX2 path is tested on an AVX-512
 machine). It reads the layer's stored buffers directly and accumulates in float32; see the C++ file's
-header for the arithmetic.
+header for the arithmetic. A build prints one line to stderr while it runs (``monoquant: building ... done in
+28.7 s``); ``monoquant doctor --build`` does it ahead of time (nothing is built at ``pip install``).
 
-Build cache: ``$MONOQUANT_EXT_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else
-``~/.cache/torch_extensions``; the extension's name includes a digest of the source, the CPU model and its
-flags, so a cache directory shared between machines never loads a build for another CPU.
-``MONOQUANT_NO_EXT=1`` turns the compiled kernel off (the PyTorch kernels remain). Without a compiler
-(or ``ninja``) the build fails once, :func:`load_error` says why, and the ``fused_*`` kernels are simply not
-candidates: nothing else changes.
+Build cache (:func:`build_directory`): one folder per build under ``$MONOQUANT_EXT_DIR`` if set, else
+``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else ``~/.cache/torch_extensions``. The folder's name is a
+digest of the source, the CPU model and its flags, torch's version, the build flags *and the locations of this
+package and of torch*, so a cache shared between machines never loads a build for another CPU, and two checkouts
+or virtual environments never overwrite (and so rebuild) each other's build. A finished build is imported
+directly, without running the compiler or ``ninja`` again. ``MONOQUANT_NO_EXT=1`` turns the compiled kernel
+off (the PyTorch kernels remain). Without a compiler (or ``ninja``) the build fails once, :func:`load_error`
+says why, and the ``fused_*`` kernels are simply not candidates: nothing else changes.
+
+Every compiled function is also a :mod:`torch.library` custom op (``monoquant::int4_linear``, ...) with a fake
+implementation, which is what torch.compile and torch.export see; eager calls go to the compiled function
+directly.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "fused_linear.cpp"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 
 
 def cpu_identity() -> str:
@@ -50,8 +61,11 @@ def cpu_identity() -> str:
     return f"{model} [{flags}]"
 
 
-def _build_dir() -> str | None:
-    return os.environ.get("MONOQUANT_EXT_DIR") or None
+def cache_root() -> Path:
+    """Where builds are kept: ``$MONOQUANT_EXT_DIR``, else ``$TORCH_EXTENSIONS_DIR``, else
+    ``~/.cache/torch_extensions``; each build in its own folder below (:func:`build_directory`)."""
+    root = os.environ.get("MONOQUANT_EXT_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
 
 def _arch() -> str:
@@ -60,10 +74,33 @@ def _arch() -> str:
     return os.environ.get("MONOQUANT_EXT_ARCH", "native")
 
 
-def _extension_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
-                            + _arch().encode() + b"openmp fp-contract=off")
-    return f"monoquant_fused_{digest.hexdigest()[:12]}"
+def _flags() -> list[str]:
+    # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
+    # -ffp-contract=off: a multiply then an add stays two roundings, as in the PyTorch ops it must equal
+    return ["-O3", f"-march={_arch()}", "-fopenmp", "-ffp-contract=off"]
+
+
+def installation() -> str:
+    """The locations of this package and of torch: part of the build's cache key, so that two checkouts or two
+    virtual environments sharing one cache directory keep one build each."""
+    return f"{Path(__file__).resolve().parent}|{Path(torch.__file__).resolve().parent}"
+
+
+def extension_name() -> str:
+    """The build's name (and folder name): ``monoquant_fused_`` and a digest of everything the build depends on."""
+    key = (SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
+           + " ".join(_flags()).encode() + installation().encode())
+    return f"monoquant_fused_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def build_directory() -> Path:
+    """The folder this installation's build lives in (:func:`cache_root` / :func:`extension_name`)."""
+    return cache_root() / extension_name()
+
+
+def built_library() -> Path:
+    """The compiled library file; it exists once a build has finished here."""
+    return build_directory() / f"{extension_name()}{_LIB_SUFFIX}"
 
 
 def load() -> ModuleType | None:
@@ -80,20 +117,45 @@ def _build() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("MONOQUANT_NO_EXT", "") not in ("", "0"):
         return None, "disabled by MONOQUANT_NO_EXT"
     try:
-        from torch.utils import cpp_extension
-
-        build_dir = _build_dir()
-        if build_dir:
-            os.makedirs(build_dir, exist_ok=True)
-        _put_ninja_on_path()
-        # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
-        # -ffp-contract=off: a multiply then an add stays two roundings, as in the PyTorch ops it must equal
-        flags = ["-O3", f"-march={_arch()}", "-fopenmp", "-ffp-contract=off"]
-        module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
-                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
-        return module, None
+        library = built_library()
+        if library.exists():  # a finished build for exactly this source, CPU, torch and installation
+            try:
+                return _import_library(extension_name(), library), None
+            except ImportError:  # a damaged file: build it again below
+                pass
+        return _compile(), None
     except Exception as exc:  # no compiler, no ninja, headers missing: the PyTorch kernels remain
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+
+
+def _import_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile() -> ModuleType:
+    """Build the extension into :func:`build_directory`, saying so on one line of stderr (with the time taken)."""
+    from torch.utils import cpp_extension
+
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    _put_ninja_on_path()
+    sys.stderr.write(f"monoquant: building the compiled CPU kernels (once per installation) into {folder} ... ")
+    sys.stderr.flush()
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(extension_name(), [str(SOURCE)], extra_cflags=_flags(),
+                                    extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+    except Exception:
+        sys.stderr.write(f"failed after {time.perf_counter() - start:.1f} s; the PyTorch kernels will be used "
+                         "(`monoquant doctor` says why)\n")
+        raise
+    sys.stderr.write(f"done in {time.perf_counter() - start:.1f} s\n")
+    return module
 
 
 def _put_ninja_on_path() -> None:
@@ -112,6 +174,19 @@ def available() -> bool:
     """Whether the compiled kernel can run here (builds it on first call; torch.compile and torch.export take
     the answer as a constant instead of tracing the build)."""
     return load() is not None
+
+
+def build_state() -> str:
+    """One line on the compiled kernels here: loaded, built but not loaded yet, not built yet, disabled, or why
+    they could not be built (does not build anything)."""
+    if "module" in _STATE:
+        module = _STATE["module"]
+        return f"loaded ({module.simd()} path)" if module is not None else f"unavailable: {_STATE.get('error')}"
+    if os.environ.get("MONOQUANT_NO_EXT", "") not in ("", "0"):
+        return "disabled by MONOQUANT_NO_EXT"
+    if built_library().exists():
+        return "built (loaded at first use, without compiling)"
+    return "not built yet (built at first use, or now with `monoquant doctor --build`)"
 
 
 def load_error() -> str | None:

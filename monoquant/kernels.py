@@ -111,6 +111,13 @@ _HAS = {
     "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
     "int_mm": hasattr(torch, "_int_mm"),
 }
+
+
+def torch_ops_present() -> dict[str, bool]:
+    """Which of the torch ops behind the packed and integer kernels this torch build has (for ``monoquant doctor``)."""
+    return dict(_HAS)
+
+
 CUDA_INNER_K_TILES = 8
 """``innerKTiles`` of the CUDA int4pack layout (2, 4 or 8 are valid; 8 is what torchao uses; K must be a multiple
 of ``16 * innerKTiles``). The CPU op ignores the argument (its layout does not tile K), so 1 is passed there."""
