@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import monoquant as mq
-from monoquant import fused, ops
+from monoquant import fused, kernels, ops
 from monoquant.errors import ModelError
 from monoquant.nn import QuantConv2d, QuantEmbedding, QuantLinear
 
@@ -67,10 +67,12 @@ def test_export_of_a_quantized_mlp_has_one_op_per_layer_and_equal_outputs():
     with torch.no_grad():
         expected = model(x)
         program = torch.export.export(model, (x,))
+        model[0].__dict__.pop("kernels_run")  # forget the eager call: the record below is the op's
         got = program.module()(x)
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert targets == ["monoquant.linear.default", "aten.gelu.default", "monoquant.linear.default"]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert set(kernels.kernels_run(model[0])) == {4}  # the op runs the eager dispatch, which records it
 
 
 def test_a_graph_whose_layer_was_freed_says_to_compile_again():
