@@ -19,11 +19,11 @@ needs_ext = pytest.mark.skipif(not fused.available(), reason=f"no compiled kerne
 
 
 class EveryLayer(nn.Module):
-    """An INT8 embedding, INT8 / INT4 / NF4 linears and an INT4 and an INT8 Conv2d."""
+    """An INT4 embedding, INT8 / INT4 / NF4 linears and an INT4 and an INT8 Conv2d."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb = QuantEmbedding.from_float(nn.Embedding(50, 64), mq.Int8())
+        self.emb = QuantEmbedding.from_float(nn.Embedding(50, 64), mq.Int4(group_size=32))
         self.int8 = QuantLinear.from_float(nn.Linear(64, 64), mq.Int8())
         self.int4 = QuantLinear.from_float(nn.Linear(64, 64), mq.Int4(group_size=32))
         self.nf4 = QuantLinear.from_float(nn.Linear(64, 32), mq.NF4())
@@ -35,24 +35,33 @@ class EveryLayer(nn.Module):
         return h, self.conv8(torch.relu(self.conv4(img)))
 
 
-def inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randint(0, 50, (3, 5)), torch.randn(2, 4, 9, 9)
-
-
 def test_compile_fullgraph_equals_eager_on_every_layer_type():
     model = EveryLayer().eval()
-    ids, img = inputs()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break fails the test
+    calls = [(torch.randint(0, 50, (3, 5)), torch.randn(2, 4, 9, 9)),  # the second shapes recompile with
+             (torch.randint(0, 50, (2, 7)), torch.randn(3, 4, 9, 9))]  # symbolic sizes
     with torch.no_grad():
-        expected = model(ids, img)
         start = time.perf_counter()
-        got = compiled(ids, img)
+        for ids, img in calls:
+            for got, expected in zip(compiled(ids, img), model(ids, img)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         seconds = time.perf_counter() - start
-        again = compiled(*(t.clone() for t in (ids, img)))
-    for e, g, a in zip(expected, got, again):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-    assert seconds < 120, f"compiling a 6-layer model took {seconds:.0f} s"
+        bad = calls[1][0].clone()
+        bad[1, 3] = 50  # one row past the table: the compiled gather refuses it (eager: InputError)
+        with pytest.raises((RuntimeError, IndexError), match=r"out of bounds|out of range"):
+            compiled(bad, calls[1][1])
+    assert seconds < 180, f"compiling a 6-layer model twice took {seconds:.0f} s"
+
+
+def test_compile_fullgraph_of_a_conv_with_dynamic_int8_activations():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    x = torch.randn(4, 3, 8, 8)
+    x[1, 0, 0, 0] = float("inf")  # that sample's output is NaN on both paths, the others are numbers
+    with torch.no_grad():
+        expected, got = model(x), torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert got[1].isnan().all() and not got[[0, 2, 3]].isnan().any()
 
 
 def mlp() -> nn.Module:
@@ -129,3 +138,16 @@ def test_every_compiled_kernel_is_a_custom_op_with_a_fake_implementation(name):
     mutation declarations (the dequantize ops write ``out`` in place)."""
     op = getattr(torch.ops.monoquant, name).default
     torch.library.opcheck(op, _fused_op_cases()[name])
+
+
+@pytest.mark.parametrize("dtype, k", [(torch.bfloat16, 8), (torch.float32, 6), (torch.float32, 5)])
+def test_the_python_nibble_unpack_is_a_custom_op_too(dtype, k):
+    """Its dtype-reinterpreting views fail inside Inductor with symbolic shapes, so traced code calls it as an op."""
+    packed = torch.randint(0, 256, (3, (k + 1) // 2), dtype=torch.uint8)
+    values = [float(v) / 3 for v in range(16)]
+    torch.library.opcheck(torch.ops.monoquant.unpack_int4_into.default, (torch.empty(3, k, dtype=dtype), packed,
+                                                                          values))
+    out = torch.empty(3, k, dtype=dtype)
+    torch.ops.monoquant.unpack_int4_into(out, packed, values)
+    codes = torch.stack((packed & 15, packed >> 4), -1).reshape(3, -1)[:, :k].long()
+    assert torch.equal(out, torch.tensor(values).to(dtype)[codes])

@@ -10,6 +10,9 @@ Embeddings stay float unless the config names a format for them: ``QuantConfig(w
 stay float with that reason; ``padding_idx`` is kept (the padding row is stored like any other; it is zero in a
 trained model and quantizes to exactly zero). ``scale_grad_by_freq`` and ``sparse`` only affect gradients, which
 quantized tables do not receive.
+
+An index outside the table raises :class:`~monoquant.InputError`; in a graph compiled by torch.compile the
+check is the gather's own (a ``RuntimeError``: index out of bounds), as reading it back would break the graph.
 """
 
 from __future__ import annotations
