@@ -1,17 +1,24 @@
 """End-to-end time of quantized models against the same float32 models, with the kernel each layer used.
 
-Run: python benchmarks/bench_models.py [--threads 2] [--reps 5] [--skip-decoder]
+Run: python benchmarks/bench_models.py [--threads 2] [--reps 5] [--skip-decoder] [--skip-compile]
 
-Two models (issue 13), each timed in one process, float32 first, medians of ``--reps`` runs after warm-up
-(the warm-up is also when kernels are chosen by measurement, see :mod:`monoquant.tuner`):
+Three models, each timed in one process, float32 first, medians of ``--reps`` runs after warm-up (the warm-up
+is also when kernels are chosen by measurement, see :mod:`monoquant.tuner`). Every model also gets the row a
+user would compare with first, the same model cast with ``model.to(torch.bfloat16)`` (bf16 input), and every
+quantized row prints its time against that cast too:
 
 - a BERT-style encoder: 6 layers, d=384, 6 heads, FFN 1536, a batch of 32 sequences of 64 tokens; float32,
-  INT4-g128 weight-only, and INT8 weights with dynamic per-token INT8 activations;
+  INT4-g128 weight-only, INT8 weight-only, and INT8 weights with dynamic per-token INT8 activations; and the
+  INT4 model under ``torch.compile(fullgraph=True)`` against the same model eager (each quantized linear is one
+  ``monoquant::linear`` custom op in the graph);
 - a decoder-style block stack generating one token at a time: d=2048, 16 heads, FFN 4096, 8 layers, batch 1,
-  a key/value cache after a 16-token prompt; the time per generated token, float32 and INT4-g128.
+  a key/value cache after a 16-token prompt; the time per generated token, float32 and INT4-g128;
+- a small digits CNN (3 Conv2d + 2 Linear, 8x8 images, batch 256): INT4 and INT8 weight-only, INT8 + dynamic
+  INT8 activations, and the INT8 model compiled against eager.
 
 Targets: encoder INT4 <= 0.9x float32 time; encoder with dynamic INT8 activations <= 0.6x where the CPU has
-integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x.
+integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x; a compiled
+quantized model <= 1.0x its eager time. The bf16-cast comparisons are printed without targets.
 """
 
 from __future__ import annotations
@@ -37,18 +44,18 @@ import monoquant as mq  # noqa: E402
 SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 
 
-def paired_ms(ref: Callable[[], object], fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """Medians of ``ref`` and ``fn`` timed alternately in the same rounds, so a load burst on a shared machine
-    hits both alike (sequential blocks gave float32 times differing 1.8x between two runs here)."""
-    for f in (ref, fn, ref, fn):
+def paired_ms(*fns: Callable[[], object], reps: int) -> list[float]:
+    """Medians of ``fns`` timed alternately in the same rounds, so a load burst on a shared machine hits them alike
+    (sequential blocks gave float32 times differing 1.8x between two runs here)."""
+    for f in (*fns, *fns):
         f()
-    times: tuple[list[float], list[float]] = ([], [])
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for f, out in ((ref, times[0]), (fn, times[1])):
+        for f, out in zip(fns, times):
             t0 = time.perf_counter()
             f()
             out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 class Attention(nn.Module):
@@ -106,39 +113,112 @@ def quantize(model: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSpe
 
 
 def kernels_used(model: nn.Module) -> str:
-    """The kernel each quantized layer ran last, one line per block: ``attn.q=fused_cpu ...``."""
-    lines = []
-    for i, block in enumerate(model.blocks):
-        cells = [f"{name}={m.last_kernel}" for name, m in block.named_modules() if isinstance(m, mq.QuantLinear)]
-        lines.append(f"    block {i}: " + " ".join(cells))
-    totals = Counter(m.last_kernel for m in model.modules() if isinstance(m, mq.QuantLinear))
-    lines.append("    totals: " + ", ".join(f"{k} x{n}" for k, n in totals.most_common()))
+    """The kernels each quantized layer ran (per row bucket, :func:`monoquant.kernels.kernel_summary`), one line per
+    block of a block stack, else one line for the model."""
+    def cells(module: nn.Module) -> str:
+        return " ".join(f"{name}={m.kernel_summary()}" for name, m in module.named_modules()
+                        if isinstance(m, mq.QuantModule))
+
+    lines = ([f"    block {i}: {cells(block)}" for i, block in enumerate(model.blocks)] if hasattr(model, "blocks")
+             else [f"    {cells(model)}"])
+    totals = Counter(m.last_kernel for m in model.modules() if isinstance(m, mq.QuantModule))
+    lines.append("    last kernel totals: " + ", ".join(f"{k} x{n}" for k, n in totals.most_common()))
     return "\n".join(lines)
 
 
-def report(name: str, fp32_ms: float, q_ms: float, target: float | None) -> bool:
+def report(name: str, fp32_ms: float, q_ms: float, target: float | None, bf16_ms: float | None = None,
+           base: str = "fp32") -> bool:
     ratio = q_ms / fp32_ms
     verdict = "(no target here)" if target is None else ("PASS" if ratio <= target else "FAIL")
     goal = "" if target is None else f"target <= {target}x  "
-    print(f"  {name:<34} fp32 {fp32_ms:9.2f} ms  quant {q_ms:9.2f} ms  time ratio {ratio:.3f}x  {goal}{verdict}")
+    vs_bf16 = "" if bf16_ms is None else f"  vs bf16 cast {q_ms / bf16_ms:.3f}x"
+    print(f"  {name:<36} {base} {fp32_ms:9.2f} ms  quant {q_ms:9.2f} ms  time ratio {ratio:.3f}x{vs_bf16}  "
+          f"{goal}{verdict}")
     return target is None or ratio <= target
 
 
-def bench_encoder(reps: int) -> int:
+def bf16_cast(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``model.to(torch.bfloat16)`` (a copy) called on bf16 ``x``: what a user would try before quantizing."""
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    return functools.partial(cast, x.to(torch.bfloat16))
+
+
+def bf16_row(fp32_ms: float, bf16_ms: float) -> None:
+    print(f"  {'bf16 cast (model.to(torch.bfloat16))':<36} fp32 {fp32_ms:9.2f} ms  bf16  {bf16_ms:9.2f} ms  "
+          f"time ratio {bf16_ms / fp32_ms:.3f}x  (the user's alternative)")
+
+
+def compiled_row(name: str, q: nn.Module, x: torch.Tensor, reps: int) -> bool:
+    """``torch.compile(q, fullgraph=True)`` against ``q`` eager (compile time printed); target <= 1.0x."""
+    start = time.perf_counter()
+    compiled = torch.compile(q, fullgraph=True)
+    compiled(x)
+    seconds = time.perf_counter() - start
+    eager, ms = paired_ms(functools.partial(q, x), functools.partial(compiled, x), reps=reps)
+    ok = report(f"{name} compiled (fullgraph)", eager, ms, 1.0, base="eager")
+    print(f"    (compiled in {seconds:.1f} s)")
+    return ok
+
+
+def bench_encoder(reps: int, compile_too: bool) -> int:
     torch.manual_seed(0)
     model = Stack(6, 384, 6, 1536).eval()
     x = torch.randn(32, 64, 384)
     print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
     failures = 0
     has_dot = mq.kernels.cpu_has_int_dot()
+    cast = bf16_cast(model, x)
     for name, weights, act, target in (
         ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
+        ("INT8 weight-only", mq.Int8(), None, None),
         ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
     ):
         q = quantize(model, weights, act)
-        fp32, ms = paired_ms(functools.partial(model, x), functools.partial(q, x), reps)
-        failures += not report(name, fp32, ms, target)
+        fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps)
+        bf16_row(fp32, bf16)  # timed in the same rounds as the quantized model below
+        failures += not report(name, fp32, ms, target, bf16)
         print(kernels_used(q))
+        if compile_too and act is None and weights.kind == "int4":
+            failures += not compiled_row(name, q, x, reps)
+    return failures
+
+
+class DigitsCNN(nn.Module):
+    """3 Conv2d + 2 Linear on 8x8 grey digits (the issue's small CNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(64 * 4 * 4, 128)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.features(x).flatten(1))))
+
+
+def bench_cnn(reps: int, compile_too: bool) -> int:
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    x = torch.randn(256, 1, 8, 8)
+    print("digits CNN: 3 Conv2d + 2 Linear, 8x8 images, batch 256")
+    failures = 0
+    cast = bf16_cast(model, x)
+    for name, weights, act in (
+        ("INT4 weight-only", mq.Int4(), None),
+        ("INT8 weight-only", mq.Int8(), None),
+        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True)),
+    ):
+        q = quantize(model, weights, act)
+        fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps)
+        bf16_row(fp32, bf16)  # timed in the same rounds as the quantized model below
+        failures += not report(name, fp32, ms, None, bf16)
+        print(kernels_used(q))
+        if compile_too and act is None and weights.kind == "int8":
+            failures += not compiled_row(name, q, x, reps)
     return failures
 
 
@@ -149,21 +229,26 @@ def bench_decoder(reps: int, tokens: int = 8) -> int:
     prompt = torch.randn(1, 16, d)
     print(f"decoder: {layers} layers, d={d}, FFN {2 * d}, batch 1, one token at a time after a 16-token prompt")
 
-    def token_ms(m: nn.Module) -> float:
+    def token_ms(m: nn.Module, dtype: torch.dtype = torch.float32) -> float:
         caches: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        m(prompt, caches, causal=True)
+        m(prompt.to(dtype), caches, causal=True)
         times = []
         for _ in range(tokens + 2):
-            step = torch.randn(1, 1, d)
+            step = torch.randn(1, 1, d, dtype=dtype)
             t0 = time.perf_counter()
             m(step, caches, causal=True)
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times[2:])
 
     fp32 = statistics.median(token_ms(model) for _ in range(reps))
+    model.to(torch.bfloat16)  # in place (memory); the float32 weights are rebuilt from the same seed below
+    bf16 = statistics.median(token_ms(model, torch.bfloat16) for _ in range(reps))
+    bf16_row(fp32, bf16)
+    torch.manual_seed(0)
+    model = Stack(layers, d, 16, 2 * d).eval()  # the float32 weights again
     mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=128), skip=mq.SkipRules.none()))  # in place: memory
     q_ms = statistics.median(token_ms(model) for _ in range(reps))
-    ok = report("INT4-g128 token latency", fp32, q_ms, 0.3)
+    ok = report("INT4-g128 token latency", fp32, q_ms, 0.3, bf16)
     print(kernels_used(model))
     return not ok
 
@@ -175,6 +260,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-decoder", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (compiling takes a while)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     k = mq.kernels
@@ -185,7 +271,8 @@ def main() -> int:
         print(SIMULATION)
     failures = 0
     with torch.inference_mode():
-        failures += bench_encoder(args.reps)
+        failures += bench_encoder(args.reps, not args.skip_compile)
+        failures += bench_cnn(args.reps, not args.skip_compile)
         if not args.skip_decoder:
             failures += bench_decoder(args.reps)
     print(f"{failures} target(s) missed")

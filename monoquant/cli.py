@@ -37,6 +37,10 @@
     stored bytes, and totals. For a Hub GPTQ/AWQ checkpoint (a ``.safetensors`` file, an index, or a folder
     holding them): its layout, bits, group size and act-order, per layer (:func:`monoquant.hub_formats.describe`).
 
+``monoquant doctor [--build]``
+    Prints the CPU features the kernels use, which kernels can run here, and the compiled kernels' build state,
+    cache folder and this installation's build folder (:mod:`monoquant.doctor`); ``--build`` builds them now.
+
 Errors (bad arguments, unreadable or corrupt files) print one line to stderr and exit with status 1 (2 for
 usage errors); there is no traceback. ``quantize`` checks before writing anything that OUT is not one of the
 files it reads (IN or a shard of its index, compared by inode, so links count), that every shard an index
@@ -472,6 +476,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    for line in doctor.report(build=args.build):
+        print(line)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -537,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print versions, each quantized layer's scheme and size, and totals.")
     i.add_argument("file", metavar="FILE")
     i.set_defaults(func=cmd_inspect)
+    d = sub.add_parser("doctor", help="print CPU features, which kernels can run here and the build state",
+                       description="Print the CPU features monoquant's kernels use, which kernels can run here, "
+                                   "and the compiled kernels' build state and cache folder.")
+    d.add_argument("--build", action="store_true", help="build the compiled kernels now if they are not built "
+                                                        "(otherwise they are built at first use)")
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -5,22 +5,32 @@ The C++ file is compiled at first use with :func:`torch.utils.cpp_extension.load
 it, with ``-O3 -march=native`` so that its AVX-512 or AVX2 path matches this CPU (a portable scalar loop
 otherwise; ``MONOQUANT_EXT_ARCH`` overrides ``native``, which is how the AVX2 path is tested on an AVX-512
 machine). It reads the layer's stored buffers directly and accumulates in float32; see the C++ file's
-header for the arithmetic.
+header for the arithmetic. A build prints one line to stderr while it runs (``monoquant: building ... done in
+28.7 s``); ``monoquant doctor --build`` does it ahead of time (nothing is built at ``pip install``).
 
-Build cache: ``$MONOQUANT_EXT_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else
-``~/.cache/torch_extensions``; the extension's name includes a digest of the source, the CPU model and its
-flags, so a cache directory shared between machines never loads a build for another CPU.
-``MONOQUANT_NO_EXT=1`` turns the compiled kernel off (the PyTorch kernels remain). Without a compiler
-(or ``ninja``) the build fails once, :func:`load_error` says why, and the ``fused_*`` kernels are simply not
-candidates: nothing else changes.
+Build cache (:func:`build_directory`): one folder per build under ``$MONOQUANT_EXT_DIR`` if set, else
+``$TORCH_EXTENSIONS_DIR`` (PyTorch's own variable), else ``~/.cache/torch_extensions``. The folder's name is a
+digest of the source, the CPU model and its flags, torch's version, the build flags *and the locations of this
+package and of torch*, so a cache shared between machines never loads a build for another CPU, and two checkouts
+or virtual environments never overwrite (and so rebuild) each other's build. A finished build is imported
+directly, without running the compiler or ``ninja`` again. ``MONOQUANT_NO_EXT=1`` turns the compiled kernel
+off (the PyTorch kernels remain). Without a compiler (or ``ninja``) the build fails once, :func:`load_error`
+says why, and the ``fused_*`` kernels are simply not candidates: nothing else changes.
+
+Every compiled function is also a :mod:`torch.library` custom op (``monoquant::int4_linear``, ...) with a fake
+implementation, which is what torch.compile and torch.export see; eager calls go to the compiled function
+directly.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "fused_linear.cpp"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
+_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 
 
 def cpu_identity() -> str:
@@ -50,8 +61,11 @@ def cpu_identity() -> str:
     return f"{model} [{flags}]"
 
 
-def _build_dir() -> str | None:
-    return os.environ.get("MONOQUANT_EXT_DIR") or None
+def cache_root() -> Path:
+    """Where builds are kept: ``$MONOQUANT_EXT_DIR``, else ``$TORCH_EXTENSIONS_DIR``, else
+    ``~/.cache/torch_extensions``; each build in its own folder below (:func:`build_directory`)."""
+    root = os.environ.get("MONOQUANT_EXT_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
 
 def _arch() -> str:
@@ -60,10 +74,33 @@ def _arch() -> str:
     return os.environ.get("MONOQUANT_EXT_ARCH", "native")
 
 
-def _extension_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
-                            + _arch().encode() + b"openmp fp-contract=off")
-    return f"monoquant_fused_{digest.hexdigest()[:12]}"
+def _flags() -> list[str]:
+    # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
+    # -ffp-contract=off: a multiply then an add stays two roundings, as in the PyTorch ops it must equal
+    return ["-O3", f"-march={_arch()}", "-fopenmp", "-ffp-contract=off"]
+
+
+def installation() -> str:
+    """The locations of this package and of torch: part of the build's cache key, so that two checkouts or two
+    virtual environments sharing one cache directory keep one build each."""
+    return f"{Path(__file__).resolve().parent}|{Path(torch.__file__).resolve().parent}"
+
+
+def extension_name() -> str:
+    """The build's name (and folder name): ``monoquant_fused_`` and a digest of everything the build depends on."""
+    key = (SOURCE.read_bytes() + cpu_identity().encode() + torch.__version__.encode()
+           + " ".join(_flags()).encode() + installation().encode())
+    return f"monoquant_fused_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def build_directory() -> Path:
+    """The folder this installation's build lives in (:func:`cache_root` / :func:`extension_name`)."""
+    return cache_root() / extension_name()
+
+
+def built_library() -> Path:
+    """The compiled library file; it exists once a build has finished here."""
+    return build_directory() / f"{extension_name()}{_LIB_SUFFIX}"
 
 
 def load() -> ModuleType | None:
@@ -80,20 +117,45 @@ def _build() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("MONOQUANT_NO_EXT", "") not in ("", "0"):
         return None, "disabled by MONOQUANT_NO_EXT"
     try:
-        from torch.utils import cpp_extension
-
-        build_dir = _build_dir()
-        if build_dir:
-            os.makedirs(build_dir, exist_ok=True)
-        _put_ninja_on_path()
-        # -fopenmp: at::parallel_for is inlined into this file and runs serially without it
-        # -ffp-contract=off: a multiply then an add stays two roundings, as in the PyTorch ops it must equal
-        flags = ["-O3", f"-march={_arch()}", "-fopenmp", "-ffp-contract=off"]
-        module = cpp_extension.load(_extension_name(), [str(SOURCE)], extra_cflags=flags,
-                                    extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
-        return module, None
+        library = built_library()
+        if library.exists():  # a finished build for exactly this source, CPU, torch and installation
+            try:
+                return _import_library(extension_name(), library), None
+            except ImportError:  # a damaged file: build it again below
+                pass
+        return _compile(), None
     except Exception as exc:  # no compiler, no ninja, headers missing: the PyTorch kernels remain
         return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+
+
+def _import_library(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile() -> ModuleType:
+    """Build the extension into :func:`build_directory`, saying so on one line of stderr (with the time taken)."""
+    from torch.utils import cpp_extension
+
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    _put_ninja_on_path()
+    sys.stderr.write(f"monoquant: building the compiled CPU kernels (once per installation) into {folder} ... ")
+    sys.stderr.flush()
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(extension_name(), [str(SOURCE)], extra_cflags=_flags(),
+                                    extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+    except Exception:
+        sys.stderr.write(f"failed after {time.perf_counter() - start:.1f} s; the PyTorch kernels will be used "
+                         "(`monoquant doctor` says why)\n")
+        raise
+    sys.stderr.write(f"done in {time.perf_counter() - start:.1f} s\n")
+    return module
 
 
 def _put_ninja_on_path() -> None:
@@ -107,9 +169,24 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, path))
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the compiled kernel can run here (builds it on first call)."""
+    """Whether the compiled kernel can run here (builds it on first call; torch.compile and torch.export take
+    the answer as a constant instead of tracing the build)."""
     return load() is not None
+
+
+def build_state() -> str:
+    """One line on the compiled kernels here: loaded, built but not loaded yet, not built yet, disabled, or why
+    they could not be built (does not build anything)."""
+    if "module" in _STATE:
+        module = _STATE["module"]
+        return f"loaded ({module.simd()} path)" if module is not None else f"unavailable: {_STATE.get('error')}"
+    if os.environ.get("MONOQUANT_NO_EXT", "") not in ("", "0"):
+        return "disabled by MONOQUANT_NO_EXT"
+    if built_library().exists():
+        return "built (loaded at first use, without compiling)"
+    return "not built yet (built at first use, or now with `monoquant doctor --build`)"
 
 
 def load_error() -> str | None:
@@ -124,16 +201,150 @@ def simd() -> str:
     return module.simd() if module is not None else "none"
 
 
+def _kernel(name: str):
+    """The compiled function ``name`` (the extension is built on first call)."""
+    return getattr(load(), name)
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    """Register the decorated function as the custom op ``monoquant::name`` (its CPU implementation calls the
+    compiled function of that name) and return the op; ``@op.register_fake`` then gives its output shapes."""
+    def register(fn):
+        return torch.library.custom_op(f"monoquant::{name}", fn, mutates_args=mutates_args, device_types="cpu")
+    return register
+
+
+def _call(op, name: str, *args):
+    """``op(*args)`` while torch.compile / torch.export trace, else the compiled function ``name`` itself: the
+    same code either way, without the custom op's Python dispatch on every eager call."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return getattr(load(), name)(*args)
+
+
+@_op("int4_linear")
+def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    return _kernel("int4_linear")(x, qweight, scale, zero_point, group_size)
+
+
+@_int4_linear_op.register_fake
+def _(x, qweight, scale, zero_point, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+@_op("int8_linear")
+def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    zero_point: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("int8_linear")(x, qweight, scale, zero_point)
+
+
+@_int8_linear_op.register_fake
+def _(x, qweight, scale, zero_point):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+@_op("dequantize_int4", mutates_args=("out",))
+def _dequantize_int4_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, group_size: int, row_start: int) -> None:
+    _kernel("dequantize_int4")(out, qweight, scale, zero_point, group_size, row_start)
+
+
+@_dequantize_int4_op.register_fake
+def _(out, qweight, scale, zero_point, group_size, row_start):
+    return None
+
+
+@_op("dequantize_int8", mutates_args=("out",))
+def _dequantize_int8_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, row_start: int, scaled: bool) -> None:
+    _kernel("dequantize_int8")(out, qweight, scale, zero_point, row_start, scaled)
+
+
+@_dequantize_int8_op.register_fake
+def _(out, qweight, scale, zero_point, row_start, scaled):
+    return None
+
+
+@_op("w8a8_pack")
+def _w8a8_pack_op(qweight: torch.Tensor) -> torch.Tensor:
+    return _kernel("w8a8_pack")(qweight)
+
+
+@_w8a8_pack_op.register_fake
+def _(qweight):
+    n, k = qweight.shape
+    return qweight.new_empty(((n + 15) // 16, (k + 1) // 2, 16, 2), dtype=torch.int8)
+
+
+@_op("w8a8_gemm")
+def _w8a8_gemm_op(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return _kernel("w8a8_gemm")(codes, packed, n)
+
+
+@_w8a8_gemm_op.register_fake
+def _(codes, packed, n):
+    return codes.new_empty((codes.shape[0], n), dtype=torch.int32)
+
+
+@_op("quantize_rows")
+def _quantize_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
+                      shift: int) -> torch.Tensor:
+    return _kernel("quantize_rows")(x, scale, zero_point, qmin, qmax, shift)
+
+
+@_quantize_rows_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, shift):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@_op("dynamic_quantize_rows")
+def _dynamic_quantize_rows_op(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_kernel("dynamic_quantize_rows")(x, qmin, qmax, symmetric, eps))  # type: ignore[return-value]
+
+
+@_dynamic_quantize_rows_op.register_fake
+def _(x, qmin, qmax, symmetric, eps):
+    m = x.shape[0]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.int32))
+
+
+@_op("rescale_rows")
+def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("rescale_rows")(acc, x_scale, w_scale, bias)
+
+
+@_rescale_rows_op.register_fake
+def _(acc, x_scale, w_scale, bias):
+    return acc.new_empty(acc.shape, dtype=torch.float32)
+
+
+@_op("mse_clip_errors")
+def _mse_clip_errors_op(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
+                        qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
+    return _kernel("mse_clip_errors")(view, lo, hi, ratios, qmin, qmax, symmetric, eps)
+
+
+@_mse_clip_errors_op.register_fake
+def _(view, lo, hi, ratios, qmin, qmax, symmetric, eps):
+    return view.new_empty((ratios.shape[0], view.shape[0]), dtype=torch.float64)
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                 group_size: int) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``."""
-    return load().int4_linear(x, qweight, scale, zero_point, group_size)  # type: ignore[union-attr]
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int4_linear``)."""
+    return _call(_int4_linear_op, "int4_linear", x, qweight, scale, zero_point, group_size)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``."""
-    return load().int8_linear(x, qweight, scale, zero_point)  # type: ignore[union-attr]
+    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int8_linear``)."""
+    return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
 
 
 def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: torch.Tensor,
@@ -141,11 +352,14 @@ def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: 
                     scaled: bool = True) -> torch.Tensor:
     """Write output rows ``row_start : row_start + len(out)`` of an ``"int4"`` or ``"int8"`` weight (stored
     layout) into the float32 or bf16 ``out`` (``[rows, K]``, contiguous) in one pass; bit-identical to
-    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out)."""
-    module = load()
+    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out).
+    Custom ops ``monoquant::dequantize_int4`` / ``dequantize_int8`` (which write ``out`` in place)."""
     if kind == "int4":
-        return module.dequantize_int4(out, qweight, scale, zero_point, group_size, row_start)  # type: ignore[union-attr]
-    return module.dequantize_int8(out, qweight, scale, zero_point, row_start, scaled)  # type: ignore[union-attr]
+        _call(_dequantize_int4_op, "dequantize_int4", out, qweight, scale, zero_point, group_size,
+              row_start)
+    else:
+        _call(_dequantize_int8_op, "dequantize_int8", out, qweight, scale, zero_point, row_start, scaled)
+    return out
 
 
 W8A8_MAX_K = 1 << 17
@@ -155,20 +369,20 @@ W8A8_MAX_K = 1 << 17
 def w8a8_pack(qweight: torch.Tensor) -> torch.Tensor:
     """Symmetric INT8 weight codes ``[N, K]`` in the panel layout :func:`w8a8_gemm` reads (same number of bytes,
     plus padding to 16 rows and an even ``K``)."""
-    return load().w8a8_pack(qweight)  # type: ignore[union-attr]
+    return _call(_w8a8_pack_op, "w8a8_pack", qweight)
 
 
 def w8a8_gemm(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """Exact ``codes @ W^T`` in int32 (``[M, N]``) for int8 input codes ``[M, K]`` and a :func:`w8a8_pack`-ed
     weight of ``n`` rows: int16 pairs multiplied with ``vpmaddwd`` (AVX2), for CPUs without VNNI or AMX."""
-    return load().w8a8_gemm(codes, packed, n)  # type: ignore[union-attr]
+    return _call(_w8a8_gemm_op, "w8a8_gemm", codes, packed, n)
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                   shift: int) -> torch.Tensor:
     """int8 ``clamp(round(x / scale) + zero_point, qmin, qmax) - shift`` of contiguous float32 ``x`` ``[M, K]``
     (scale and zero-point: one per row or one), in one pass; bit-identical to the float32 PyTorch ops."""
-    return load().quantize_rows(x, scale, zero_point, qmin, qmax, shift)  # type: ignore[union-attr]
+    return _call(_quantize_rows_op, "quantize_rows", x, scale, zero_point, qmin, qmax, shift)
 
 
 def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
@@ -176,14 +390,15 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
     """``(codes, scale, zero_point)`` of contiguous float32 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
     qparams: int8 codes shifted by -128 when affine, float32 scale ``[M]``, int32 zero-point ``[M]``; one pass
     per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
-    return tuple(load().dynamic_quantize_rows(x, qmin, qmax, symmetric, eps))  # type: ignore[union-attr,return-value]
+    return tuple(_call(_dynamic_quantize_rows_op, "dynamic_quantize_rows",  # type: ignore[return-value]
+                       x, qmin, qmax, symmetric, eps))
 
 
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,
     ``w_scale`` per column or one), in one pass; bit-identical to the PyTorch ops in that order."""
-    return load().rescale_rows(acc, x_scale, w_scale, bias)  # type: ignore[union-attr]
+    return _call(_rescale_rows_op, "rescale_rows", acc, x_scale, w_scale, bias)
 
 
 def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
@@ -192,4 +407,4 @@ def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rati
     ``[S, L]``, the summed squared error of fake-quantizing the row with the qparams of ``[r * lo, r * hi]``
     (``lo``/``hi``: float64 ``[S]``). The same float64 arithmetic as :func:`monoquant.functional.qparams_from_minmax`
     and :func:`~monoquant.functional.fake_quantize` (scale rounded to float32), summed in another order."""
-    return load().mse_clip_errors(view, lo, hi, ratios, qmin, qmax, symmetric, eps)  # type: ignore[union-attr]
+    return _call(_mse_clip_errors_op, "mse_clip_errors", view, lo, hi, ratios, qmin, qmax, symmetric, eps)

@@ -111,6 +111,13 @@ _HAS = {
     "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
     "int_mm": hasattr(torch, "_int_mm"),
 }
+
+
+def torch_ops_present() -> dict[str, bool]:
+    """Which of the torch ops behind the packed and integer kernels this torch build has (for ``monoquant doctor``)."""
+    return dict(_HAS)
+
+
 CUDA_INNER_K_TILES = 8
 """``innerKTiles`` of the CUDA int4pack layout (2, 4 or 8 are valid; 8 is what torchao uses; K must be a multiple
 of ``16 * innerKTiles``). The CPU op ignores the argument (its layout does not tile K), so 1 is passed there."""
@@ -275,8 +282,6 @@ def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str
                     str(x.dtype).removeprefix("torch."), str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_LINEAR[name], module, x) for name in cands}
     choice = module._kernel_cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
-    if not weights_only:
-        module.__dict__.setdefault("measured_kernels", {})[bucket] = choice
     _drop_unused_layouts(module)
     return choice
 
@@ -313,24 +318,45 @@ def tuning(enabled: bool):
     return tuner.tuning(enabled)
 
 
+def kernels_run(module) -> dict[int, str]:
+    """Row bucket (:func:`monoquant.tuner.row_bucket`) -> the kernel ``forward`` last ran for inputs of that many
+    rows on ``module`` (measured, pinned or static, whichever decided); empty before any forward."""
+    return module.__dict__.get("kernels_run", {})
+
+
+def _record_run(module, x: torch.Tensor, name: str) -> None:
+    act = module.input_quantizer
+    if module.gptq is not None or (act is not None and not act.ready):
+        return  # a calibration pass: not what the layer runs once frozen
+    runs = module.__dict__.setdefault("kernels_run", {})
+    runs[tuner.row_bucket(x.numel() // max(1, x.shape[-1]))] = name
+
+
 def kernel_summary(module) -> str:
-    """What the report shows as a layer's kernel: the choice for 1 row, and for 4096 rows if it differs
-    (``"int4pack_cpu/dequant_bf16"``), or once ``forward`` has measured choices, the kernels it chose from
-    small to large row counts."""
-    measured = getattr(module, "measured_kernels", None)
-    if measured:  # what forward measured and ran, by row bucket
-        names = [measured[b] for b in sorted(measured)]
-        return "/".join(dict.fromkeys(names))
+    """What the report shows as a layer's kernel. Once ``forward`` has run: the kernel that ran per row bucket,
+    neighbouring buckets that ran the same kernel merged (``"r1-8 fused_cpu, r2048 dequant_bf16"``: up to 8 rows,
+    and 1025-2048 rows). Before any forward: the static table's guess for 1 and 4096 rows, marked
+    (``"int4pack_cpu/dequant_bf16 (static guess, not run yet)"``)."""
+    runs = kernels_run(module)
+    if runs:
+        spans: list[list] = []  # [first bucket, last bucket, kernel]
+        for bucket in sorted(runs):
+            if spans and spans[-1][2] == runs[bucket]:
+                spans[-1][1] = bucket
+            else:
+                spans.append([bucket, bucket, runs[bucket]])
+        return ", ".join(f"r{lo}{'' if lo == hi else f'-{hi}'} {name}" for lo, hi, name in spans)
     device = module.qweight.device
     small = choose_linear_kernel(module, device, 1, needs_grad=False)
     large = choose_linear_kernel(module, device, 4096, needs_grad=False)
-    return small if small == large else f"{small}/{large}"
+    return (small if small == large else f"{small}/{large}") + " (static guess, not run yet)"
 
 
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
     name = select_kernel(module, x)
     module.last_kernel = name
+    _record_run(module, x, name)
     return _LINEAR[name](module, x)
 
 

@@ -137,7 +137,8 @@ def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) 
         row.weight_sqnr_db = row.output_sqnr_db = None
         row.bytes_after = row.bytes_before
         return
-    row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+    row.scheme, row.kind = q.scheme(), q.spec.kind
+    row.follow_kernel(q)
     row.bytes_after = q.storage_bytes()
     row.note = note
 

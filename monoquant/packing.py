@@ -82,6 +82,27 @@ def _nibble_table(values: tuple[float, ...], dtype: torch.dtype, device: torch.d
 
 def unpack_int4_into(out: torch.Tensor, packed: torch.Tensor, values: tuple[float, ...] = INT4_CODES,
                      scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``values[code]`` for every 4-bit code of ``packed`` into ``out``; see :func:`_unpack_int4_into`.
+    While torch.compile / torch.export trace, the custom op ``monoquant::unpack_int4_into`` (the same code, opaque
+    to the compiler: its dtype-reinterpreting views do not survive Inductor with symbolic shapes)."""
+    if torch.compiler.is_compiling():
+        _unpack_int4_into_op(out, packed, list(values))
+        return out
+    return _unpack_int4_into(out, packed, values, scratch)
+
+
+@torch.library.custom_op("monoquant::unpack_int4_into", mutates_args=("out",))
+def _unpack_int4_into_op(out: torch.Tensor, packed: torch.Tensor, values: list[float]) -> None:
+    _unpack_int4_into(out, packed, tuple(values), None)
+
+
+@_unpack_int4_into_op.register_fake
+def _(out, packed, values):
+    return None
+
+
+def _unpack_int4_into(out: torch.Tensor, packed: torch.Tensor, values: tuple[float, ...] = INT4_CODES,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``values[code]`` for every 4-bit code of ``packed`` (``[rows, ceil(K/2)]``) into ``out`` (``[rows, K]``).
 
     ``values`` (16 entries; default: the codes themselves, 0..15) lets a codebook format such as NF4 decode in

@@ -209,7 +209,8 @@ def quantize_(
                 done.setdefault(id(item.module.weight), q)
                 row = report.row(item.name)
                 row.method = calibration.prepare(q, weight, item.config, item.name)
-                row.scheme, row.kind, row.kernel = q.scheme(), q.spec.kind, q.kernel_summary()
+                row.scheme, row.kind = q.scheme(), q.spec.kind
+                row.follow_kernel(q)
                 row.bytes_after = q.storage_bytes()
                 row.weight_sqnr_db = measure.weight_sqnr(item.module, q)
                 built.append((item, q))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,23 @@ class LayerReport:
     kind: str = ""
     """The weight format's registered ``kind`` (``"int4"``, ``"nf4"``, ``"fp8-e4m3"``...): what thresholds are
     keyed by. Empty on rows built by hand, whose ``scheme`` prefix then stands for it."""
+
+    def follow_kernel(self, module: Any) -> None:
+        """Show ``module``'s kernel (:meth:`~monoquant.nn.QuantModule.kernel_summary`) in this row, now and, while
+        the layer lives, each time the report is shown (:meth:`QuantReport.refresh_kernels`): what ran per row
+        bucket once the model has run, else the static guess, marked."""
+        self.kernel = module.kernel_summary()
+        self._layer = weakref.ref(module)
+
+    def refresh_kernel(self) -> None:
+        """Bring :attr:`kernel` up to date with the layer it follows (if any, and if it still exists)."""
+        ref = self.__dict__.get("_layer")
+        module = ref() if ref is not None else None
+        if module is not None and not self.skipped:
+            self.kernel = module.kernel_summary()
+
+    def __getstate__(self) -> dict[str, Any]:  # pickling and copying keep the text, not the link to the layer
+        return {k: v for k, v in self.__dict__.items() if k != "_layer"}
 
     @property
     def format_kind(self) -> str:
@@ -148,7 +166,8 @@ class QuantReport:
         for done in frozen:
             row = rows[done.name]
             row.pending = False
-            row.kernel, row.bytes_after = done.module.kernel_summary(), done.module.storage_bytes()
+            row.follow_kernel(done.module)
+            row.bytes_after = done.module.storage_bytes()
             if done.weight_sqnr_db is not None:
                 row.weight_sqnr_db = done.weight_sqnr_db
             if done.output_sqnr_db is not None:
@@ -158,11 +177,18 @@ class QuantReport:
         self.warnings.append(message)
         warnings.warn(message, category, stacklevel=stacklevel)
 
+    def refresh_kernels(self) -> None:
+        """Update every row's kernel from its layer (done by :meth:`to_dict`, :meth:`to_markdown` and ``str``):
+        the report shows what ran since it was made, not only what was known when ``quantize_`` returned."""
+        for row in self.layers:
+            row.refresh_kernel()
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data for loggers: ``json.dumps(report.to_dict(), allow_nan=False)`` works.
 
         An infinite SQNR (exact reconstruction) becomes the string ``"inf"``; ``None`` means not measured.
         """
+        self.refresh_kernels()
         return _jsonable({
             "layers": [asdict(r) for r in self.layers],
             "unmatched_rules": list(self.unmatched_rules),
@@ -181,6 +207,7 @@ class QuantReport:
         """A Markdown table of the layers (name, type, scheme, kernel, weight / output SQNR, bytes, skip reason or
         method) followed by the totals and, when measured, the model output's SQNR; for notes, PRs and model cards.
         """
+        self.refresh_kernels()
         head = ("layer", "type", "scheme", "kernel", "weight SQNR dB", "output SQNR dB", "bytes before",
                 "bytes after", "skipped because / note")
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(("---", "---", "---", "---", "---:", "---:", "---:",
@@ -211,6 +238,7 @@ class QuantReport:
         return plot_report(self, path, title=title)
 
     def __str__(self) -> str:
+        self.refresh_kernels()
         head = ("layer", "type", "scheme", "kernel", "before", "after", "W SQNR dB", "out SQNR dB", "note")
         right = {4, 5, 6, 7}  # numbers are right-aligned
         rows = [head]

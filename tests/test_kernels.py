@@ -194,3 +194,28 @@ def test_int4_unpack_tables_cover_every_byte_pair(dtype):
     out = torch.empty(256, 1024, dtype=dtype)
     mq.packing.unpack_int4_into(out, packed)
     assert torch.equal(out, mq.packing.unpack_int4(packed, 1024).to(dtype))
+
+
+def test_kernel_summary_shows_what_ran_per_row_bucket_and_marks_the_static_guess(monkeypatch):
+    monkeypatch.setenv("MONOQUANT_TUNE", "0")
+    q = q_linear(256, 64, mq.Int4(group_size=64))
+    cpu = torch.device("cpu")
+    small, large = (kernels.choose_linear_kernel(q, cpu, rows, False) for rows in (1, 4096))
+    guess = small if small == large else f"{small}/{large}"
+    assert kernels.kernel_summary(q) == f"{guess} (static guess, not run yet)" and kernels.kernels_run(q) == {}
+    with torch.no_grad():
+        for rows in (1, 2, 3000, 5):
+            q(torch.randn(rows, 256))
+    ran = {bucket: kernels.choose_linear_kernel(q, cpu, bucket, False) for bucket in (1, 2, 8, 4096)}
+    assert kernels.kernels_run(q) == ran
+    with kernels.pin("dequant"), torch.no_grad():
+        q(torch.randn(4, 256))  # bucket 4 now ran the pinned kernel
+    ran[4] = "dequant"
+    spans = []
+    for bucket in sorted(ran):
+        if spans and spans[-1][2] == ran[bucket]:
+            spans[-1][1] = bucket
+        else:
+            spans.append([bucket, bucket, ran[bucket]])
+    assert kernels.kernel_summary(q) == ", ".join(f"r{a}{'' if a == b else f'-{b}'} {k}" for a, b, k in spans)
+    assert q.kernel_summary() == kernels.kernel_summary(q)

@@ -160,3 +160,31 @@ def test_plot_refuses_unknown_extensions_and_names_the_extra_when_matplotlib_is_
         report.plot(tmp_path / "r.png")
     assert isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ImportError)
     assert not (tmp_path / "r.png").exists()
+
+
+def test_kernel_column_shows_the_static_guess_until_the_model_runs_then_what_ran(monkeypatch):
+    import copy
+    import gc
+    import pickle
+
+    from monoquant import kernels
+
+    monkeypatch.setenv("MONOQUANT_TUNE", "0")
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    report = mq.quantize_(model, mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()))
+    cpu = torch.device("cpu")
+    guesses = []
+    for layer in (model[0], model[2]):
+        small, large = (kernels.choose_linear_kernel(layer, cpu, rows, False) for rows in (1, 4096))
+        guesses.append((small if small == large else f"{small}/{large}") + " (static guess, not run yet)")
+    assert [r.kernel for r in report.quantized] == guesses
+    with torch.no_grad():
+        model(torch.randn(3, 64))
+    ran = [f"r4 {kernels.choose_linear_kernel(layer, cpu, 4, False)}" for layer in (model[0], model[2])]
+    assert [row["kernel"] for row in report.to_dict()["layers"]] == ran  # shown as it is now
+    assert [r.kernel for r in report.quantized] == ran and f" {ran[0]} " in str(report)
+    copied = pickle.loads(pickle.dumps(report))  # the text travels, the link to the layers does not
+    assert [r.kernel for r in copy.deepcopy(copied).quantized] == ran
+    del model, layer
+    gc.collect()
+    assert [r.kernel for r in report.quantized] == ran and f" {ran[0]} " in str(report)  # layers gone: last text

@@ -134,7 +134,8 @@ class ActivationQuantizer(nn.Module):
         path makes its output NaN, as float math would, rather than return plausible numbers. Dynamic qparams
         are non-finite exactly for those rows; static ones need a look at the input."""
         bad = ~torch.isfinite(scale.reshape(-1)) if self.dynamic else ~torch.isfinite(x2d).all(dim=-1)
-        if out2d.device.type != "cpu" or bool(bad.any()):  # CUDA: no host sync, one masked pass
+        # CUDA and traced graphs (torch.compile): no host sync, one masked pass
+        if out2d.device.type != "cpu" or torch.compiler.is_compiling() or bool(bad.any()):
             out2d.masked_fill_(bad.unsqueeze(-1), float("nan"))
         return out2d
 

@@ -10,6 +10,9 @@ Embeddings stay float unless the config names a format for them: ``QuantConfig(w
 stay float with that reason; ``padding_idx`` is kept (the padding row is stored like any other; it is zero in a
 trained model and quantizes to exactly zero). ``scale_grad_by_freq`` and ``sparse`` only affect gradients, which
 quantized tables do not receive.
+
+An index outside the table raises :class:`~monoquant.InputError`; in a graph compiled by torch.compile the
+check is the gather's own (a ``RuntimeError``: index out of bounds), as reading it back would break the graph.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class QuantEmbedding(QuantModule):
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise InputError(f"QuantEmbedding looks up integer indices, got {what}; pass a LongTensor of token ids")
         flat = ids.reshape(-1).long()
-        if flat.numel():
+        if flat.numel() and not torch.compiler.is_compiling():  # traced: the gather itself checks the bounds
             lo, hi = (int(v) for v in torch.aminmax(flat))  # one reduction (and one device sync) per lookup
             if lo < 0 or hi >= self.num_embeddings:
                 raise InputError(f"QuantEmbedding has {self.num_embeddings} rows but got indices from {lo} to {hi}")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from .. import kernels, ops
 from ..errors import SerializationError
 from ..formats import Int8, WeightSpec
 from .module import QuantModule
@@ -55,7 +55,10 @@ class QuantLinear(QuantModule):
         self.check_input(x, self.in_features)
         if self.input_permutation is not None:
             x = x.index_select(-1, self.input_permutation)
-        return kernels.linear(self, self.scale_input(x))
+        x = self.scale_input(x)
+        if torch.compiler.is_compiling():  # one custom op per layer for torch.compile / torch.export
+            return ops.linear(self, x)
+        return kernels.linear(self, x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
