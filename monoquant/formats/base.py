@@ -32,6 +32,7 @@ from ..errors import ConfigError, SerializationError
 
 if TYPE_CHECKING:
     from ..observers import Observer
+    from .kernel import KernelCandidate
 
 class StoredWeight(NamedTuple):
     """A quantized weight's buffers (the integer and half formats'); ``None`` for a buffer the spec does not use."""
@@ -170,10 +171,21 @@ class WeightSpec:
         out = torch.empty(qweight.shape[0], cols, dtype=dtype, device=qweight.device)
         return self.dequantize_into(out, stored, 0, self.dequant_params(stored, dtype), group_size)
 
+    def compiled_dequantize_into(self, out: torch.Tensor, stored: Stored, row_start: int,
+                                 group_size: int | None, scaled: bool = True) -> torch.Tensor | None:
+        """A faster (compiled) :meth:`dequantize_into` for this ``out`` with bit-identical results, or ``None``
+        when the format has none for it (the default)."""
+        return None
+
     # ---- kernels and GPTQ ------------------------------------------------------------------------------------
-    def kernels(self) -> tuple[str, ...]:
-        """Low-bit kernels (see :mod:`monoquant.kernels`) that may run this format, besides dequantize + GEMM."""
+    def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
+        """The low-bit kernels that can run this format's stored layout, preferred first (see
+        :mod:`monoquant.formats.kernel`); dequantize + matmul, which runs every format, is not listed."""
         return ()
+
+    def kernels(self) -> tuple[str, ...]:
+        """Names of :meth:`kernel_candidates`."""
+        return tuple(c.name for c in self.kernel_candidates())
 
     @property
     def supports_gptq(self) -> bool:

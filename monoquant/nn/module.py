@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import fused
 from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
 from ..formats import Int8, Stored, WeightSpec
+from ..formats.kernel import QuantWeight
 from ..observers import Observer, apply_keeping_dtypes
 from .registry import replaces
 
@@ -72,17 +72,15 @@ class QuantModule(nn.Module):
     ) -> None:
         if not isinstance(spec, WeightSpec):
             raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
-        self.spec = spec
         if group_size is not None and (type(group_size) is not int or group_size <= 0):
             raise ConfigError(f"{type(self).__name__}: group_size must be a positive integer or None, "
                               f"got {group_size!r}")
         self.weight_shape = torch.Size(weight_shape)
         group_size = self._resolve_group_size(spec, self.weight2d_shape[1], group_size)
-        self.group_size = group_size
+        # the one object kernels read and record into: format, group size, buffers (read from this layer), caches
+        self.quant_weight = QuantWeight(spec, group_size, self.weight2d_shape, self._stored_buffers)
         self.compute_dtype = compute_dtype
         self.float_dtype = dtype or torch.get_default_dtype()
-        self.last_kernel: str | None = None
-        self._kernel_cache: dict[str, Any] = {}
         # calibration state (monoquant.calibration.prepare): an ActivationQuantizer when the config quantizes
         # activations; a GPTQState while a method="gptq" weight waits for mq.freeze
         self.input_quantizer: nn.Module | None = None
@@ -121,7 +119,41 @@ class QuantModule(nn.Module):
     @property
     def stored(self) -> Stored:
         """The stored weight buffers (the format's ``stored_type``, as :meth:`WeightSpec.quantize` returns them)."""
-        return self.spec.stored_type(*(getattr(self, name) for name in self.spec.buffer_names()))
+        return self._stored_buffers()
+
+    def _stored_buffers(self) -> Stored:
+        spec = self.spec
+        return spec.stored_type(*(getattr(self, name) for name in spec.buffer_names()))
+
+    # ---- the stored weight (format, group size, caches, what the kernels recorded) ------------------
+    @property
+    def spec(self) -> WeightSpec:
+        """The weight format (``self.quant_weight.format``)."""
+        return self.quant_weight.format
+
+    @property
+    def group_size(self) -> int | None:
+        """The resolved group size (``self.quant_weight.group_size``; ``None`` for formats without groups)."""
+        return self.quant_weight.group_size
+
+    @property
+    def last_kernel(self) -> str | None:
+        """The kernel the last ``forward`` ran (recorded in ``quant_weight``)."""
+        return self.quant_weight.last_kernel
+
+    @last_kernel.setter
+    def last_kernel(self, name: str | None) -> None:
+        self.quant_weight.last_kernel = name
+
+    @property
+    def measured_kernels(self) -> dict[int, str]:
+        """The kernels ``forward`` measured and ran, by row bucket (recorded in ``quant_weight``)."""
+        return self.quant_weight.measured
+
+    @property
+    def _kernel_cache(self) -> dict:
+        """What is derived from the buffers (``quant_weight.cache``: layouts, parameters, tuned choices)."""
+        return self.quant_weight.cache
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -158,7 +190,7 @@ class QuantModule(nn.Module):
                 buf = getattr(self, name)
                 if buf is not None:
                     buf.copy_(getattr(stored, name))
-        self._kernel_cache.clear()
+        self.quant_weight.clear_cache()
 
     @classmethod
     def _spec_of(cls, config: QuantConfig | WeightSpec | str) -> tuple[WeightSpec, torch.dtype | None]:
@@ -189,7 +221,7 @@ class QuantModule(nn.Module):
                                   f"layer that takes [..., {k}] inputs, got {tuple(scale.shape)}")
             scale = scale.detach().to(torch.float32)
         self.register_buffer("input_scale", scale)
-        self._kernel_cache.clear()
+        self.quant_weight.clear_cache()
 
     supports_input_scale: bool = False
     """Whether the layer's input is ``[..., K]`` so that a per-input-channel scale applies (linear layers)."""
@@ -218,37 +250,21 @@ class QuantModule(nn.Module):
 
         ``out`` is a contiguous float tensor of shape ``[rows, K]``; ``scratch`` (optional, uint8, at least
         ``2 * rows * (K + 1)`` bytes) is reused for unpacking. The format's one dequantization
-        (:meth:`WeightSpec.dequantize_into`) does the work, with its parameters cached per dtype.
+        (:meth:`WeightSpec.dequantize_into`, or its compiled twin :meth:`WeightSpec.compiled_dequantize_into`)
+        does the work, with its parameters cached per dtype (:meth:`QuantWeight.dequantize_into`).
         ``scaled=False`` leaves out a per-row scale the caller applies to the matmul output instead
         (:meth:`output_scale`): ``x @ ((q - z) s)^T = (x @ (q - z)^T) s`` with ``rows`` times fewer multiplications.
-
-        On CPU, for float32 or bf16 ``out`` and a format whose stored layout the compiled kernel reads (the
-        formats that list ``fused_cpu`` in :meth:`WeightSpec.kernels`), the compiled one-pass dequantize
-        (:func:`monoquant.fused.dequantize_into`, bit-identical, 5-10x faster for INT4) does it instead.
         """
-        if self._compiled_dequantize_ok(out):
-            return fused.dequantize_into(out, self.spec.kind, self.qweight, self.scale, self.zero_point,
-                                         self.group_size, row_start, scaled)
-        return self.spec.dequantize_into(out, self.stored, row_start, self.dequant_params(out.dtype),
-                                         self.group_size, scratch, scaled=scaled)
-
-    def _compiled_dequantize_ok(self, out: torch.Tensor) -> bool:
-        return (out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous()
-                and self.qweight.device.type == "cpu" and "fused_cpu" in self.spec.kernels()
-                and self.spec.kind in ("int4", "int8") and fused.available())
+        return self.quant_weight.dequantize_into(out, row_start, scratch, scaled=scaled)
 
     def dequant_params(self, dtype: torch.dtype) -> tuple:
         """The format's dequantization parameters in ``dtype``, computed once per dtype and cached."""
-        params = self._kernel_cache.get(("dequant", dtype))
-        if params is None:
-            with torch.inference_mode(False), torch.no_grad():
-                params = self._kernel_cache[("dequant", dtype)] = self.spec.dequant_params(self.stored, dtype)
-        return params
+        return self.quant_weight.dequant_params(dtype)
 
     def output_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The per-output-row scale (``[N, 1]`` or scalar) in ``dtype`` that ``dequantize_into(..., scaled=False)``
         leaves out, or ``None`` when the format has none."""
-        return self.spec.output_scale(self.dequant_params(dtype))
+        return self.quant_weight.output_scale(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -321,14 +337,14 @@ class QuantModule(nn.Module):
         The bias follows the model's dtype (and with it the output's compute dtype); integer codes and
         float32 scales keep theirs, so a ``model.half()`` cannot silently round the scales.
         """
-        self._kernel_cache = {}
+        self.quant_weight.clear_cache()
         apply_keeping_dtypes(self, fn, recurse, names=self.spec.buffer_names())
         # the float dtype follows the conversion whether or not there is a bias to carry it
         self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._kernel_cache = {}
+        self.quant_weight.clear_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def storage_bytes(self) -> int:
