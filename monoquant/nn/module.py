@@ -14,6 +14,7 @@ fine-tune.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,7 @@ from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
 from ..formats import Int8, Stored, WeightSpec
 from ..formats.kernel import QuantWeight
+from ..im2col import ConvGeometry
 from ..observers import Observer, apply_keeping_dtypes
 from .registry import replaces
 
@@ -43,6 +45,20 @@ class QuantModule(nn.Module):
     * ``kernel_family``: how its forward is computed (``"linear"``, ``"conv"``, ``"embedding"``), shown by
       :meth:`kernel_summary`;
     * ``config_field``: which :class:`~monoquant.QuantConfig` field names its weight format.
+
+    and implements the contract the rest of monoquant relies on (nothing else checks layer types):
+
+    * :meth:`float_weight` (float module -> its weight in the stored layout ``weight_shape``, ``[out, in, ...]``)
+      and :meth:`float_layout` (the inverse: a stored-layout weight -> the float module's layout), which
+      :attr:`weight` and :meth:`to_float` use;
+    * :meth:`input_spec`: the input's feature count and dimension, checked by :meth:`prepare_input`;
+    * ``forward`` starts with :meth:`prepare_input` (the one shared input-preparation step: refuse a bad input,
+      apply the input transform, feed calibration observers), then computes with :meth:`compute_weight` (the
+      pending GPTQ float weight or the dequantized one) or through :mod:`monoquant.kernels`, quantizing the input
+      with :meth:`quantize_input` when it has no kernel that takes INT8 inputs;
+    * ``supports_gptq`` and :meth:`gptq_geometry`: whether GPTQ can calibrate the layer and how its Hessian is
+      built from the prepared input (``None``: rows of ``[..., K]``; a :class:`~monoquant.im2col.ConvGeometry`:
+      convolution patches).
     """
 
     float_module_type: ClassVar[type[nn.Module] | None] = None
@@ -54,8 +70,8 @@ class QuantModule(nn.Module):
     config_field: ClassVar[str] = "weights"
     """The :class:`~monoquant.QuantConfig` field holding this layer type's weight format; layers whose field is
     ``None`` (``embeddings`` by default) are not candidates for ``quantize_`` at all."""
-    spec: WeightSpec
-    group_size: int | None
+    supports_gptq: ClassVar[bool] = True
+    """Whether ``method="gptq"`` can calibrate this layer type (layers that cannot stay float, with the reason)."""
     compute_dtype: torch.dtype | None
     weight_shape: torch.Size
 
@@ -210,6 +226,59 @@ class QuantModule(nn.Module):
         """Why float ``module`` cannot be replaced by this class (an option it cannot honour), else ``None``."""
         return None
 
+    # ---- the input: one shared preparation step ------------------------------------------------------
+    calibration_tap: Callable[[QuantModule, torch.Tensor], None] | None = None
+    """Set by :mod:`monoquant.calibration` while it collects statistics: called by :meth:`prepare_input` with the
+    prepared input (what the weight and the activation quantizer see)."""
+
+    def input_spec(self) -> tuple[int | None, int]:
+        """``(features, dim)``: the size the input must have along ``dim`` (``None``: not checked)."""
+        return self.weight2d_shape[1], -1
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer does to its input before the stored weight applies: the input scale (layers with a
+        stored input reordering, such as Hub act-order ``QuantLinear``, apply it first)."""
+        return self.scale_input(x)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The one input-preparation step every ``forward`` starts with: refuse an input the float layer would
+        refuse (:meth:`check_input` with :meth:`input_spec`), apply :meth:`transform_input`, and while
+        calibration runs hand the result to its observers (GPTQ Hessian, activation observer). A layer called
+        with several inputs, or with its input as a keyword, is observed on the tensor its weight applies to."""
+        features, dim = self.input_spec()
+        self.check_input(x, features, dim)
+        x = self.transform_input(x)
+        if self.calibration_tap is not None:
+            self.calibration_tap(self, x)
+        return x
+
+    def quantize_input(self, x: torch.Tensor, *, sample_dims: int | None = None) -> torch.Tensor:
+        """``x`` through the layer's activation quantizer (quantized, then dequantized), for layers that compute in
+        float: unchanged without one, or while it is still calibrating; a static one not frozen outside
+        calibration raises. ``sample_dims``: dims of one sample (dynamic qparams per sample, an unbatched input
+        being one sample); ``None``: per token (row of ``[-1, x.shape[-1]]``)."""
+        act = self.input_quantizer
+        if act is None or (not act.ready and act.calibrating):
+            return x
+        if sample_dims is None:
+            return act.fake_quantize(x)
+        unbatched = x.dim() == sample_dims
+        x = act.fake_quantize(x.unsqueeze(0) if unbatched else x, per="sample")
+        return x.squeeze(0) if unbatched else x
+
+    def compute_weight(self, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+        """The weight ``forward`` computes with, in the stored layout and ``dtype``: the float one while a
+        ``method="gptq"`` weight waits for :func:`monoquant.freeze`, else the dequantized one; records what ran
+        (``"gptq_pending"``, else ``kernel``) in :attr:`last_kernel`."""
+        pending = self.gptq is not None
+        self.last_kernel = "gptq_pending" if pending else kernel
+        return self.gptq.weight.to(dtype) if pending else self.dequantize_weight(dtype)
+
+    def gptq_geometry(self) -> ConvGeometry | None:
+        """How GPTQ builds this layer's Hessian from its prepared input: ``None`` for rows of ``[..., K]`` (linear
+        layers); convolutions return their :class:`~monoquant.im2col.ConvGeometry` (patches)."""
+        return None
+
     # ---- input scale -------------------------------------------------------------------------------
     def set_input_scale(self, scale: torch.Tensor | None) -> None:
         """Multiply every input by ``scale`` (``[K]``, float32, one per input channel) before the layer computes;
@@ -274,9 +343,15 @@ class QuantModule(nn.Module):
         While a ``method="gptq"`` weight waits for :func:`monoquant.freeze` this is the float weight it computes with.
         """
         w = self.gptq.weight if self.gptq is not None else self.dequantize_weight()
-        if self.input_scale is None:
-            return w
-        return w * self.input_scale.to(w.dtype)  # the weight a float layer without the input scale computes with
+        if self.input_scale is not None:  # the weight a float layer without the input scale computes with
+            w = w * self.input_scale.to(w.dtype)
+        return self.float_layout(w)
+
+    @classmethod
+    def float_layout(cls, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the stored layout (``weight_shape``) laid out as the float module stores it: the inverse of
+        :meth:`float_weight` (the same tensor for layers whose float type stores ``[out, in, ...]``)."""
+        return weight
 
     @classmethod
     def geometry_of(cls, module: nn.Module) -> dict[str, Any]:
@@ -324,7 +399,7 @@ class QuantModule(nn.Module):
         dequantized one, or the float one while a ``method="gptq"`` weight waits for :func:`monoquant.freeze`."""
         module = self.make_float()
         with torch.no_grad():
-            type(self).float_weight(module).copy_(self.weight)
+            module.weight.copy_(self.weight)  # `weight` is in the float module's layout (float_layout)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
         module.train(self.training)
