@@ -177,6 +177,12 @@ class WeightSpec:
         when the format has none for it (the default)."""
         return None
 
+    # ---- accuracy ----------------------------------------------------------------------------------------------
+    def promotion(self) -> WeightSpec | None:
+        """The higher-precision format a layer moves to when this one misses an accuracy target
+        (``quantize_(..., target_sqnr=...)`` tries it before float), or ``None``: straight to float."""
+        return None
+
     # ---- kernels and GPTQ ------------------------------------------------------------------------------------
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         """The low-bit kernels that can run this format's stored layout, preferred first (see

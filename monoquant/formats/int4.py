@@ -160,6 +160,11 @@ class Int4(GroupWise, IntegerFormat):
     def group_rows_view(self, out: torch.Tensor, group_size: int | None) -> torch.Tensor:
         return out.view(out.shape[0], out.shape[1] // group_size, group_size)
 
+    def promotion(self) -> WeightSpec | None:
+        from .int8 import Int8  # the next precision up: 8-bit weights per output channel
+
+        return Int8()
+
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4)
 
