@@ -296,8 +296,9 @@ def format_class(kind: object, where: str = "file header") -> type[WeightSpec]:
     """The registered format class for ``kind`` (``SerializationError`` when there is none)."""
     cls = FORMATS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise SerializationError(f"{where}: unknown weight spec kind {kind!r} (known: {sorted(FORMATS)}); was the "
-                                 "file written by a newer monoquant?")
+        raise SerializationError(f"{where}: unknown weight spec kind {kind!r} (known: {sorted(FORMATS)}); import the "
+                                 "module that registers it first (command line: monoquant --plugin MODULE ...), or "
+                                 "the file was written by a newer monoquant")
     return cls
 
 

@@ -70,6 +70,12 @@ class _QuantConvNd(QuantModule):
     def kernel_summary(self) -> str:
         return "dequant_conv"  # PyTorch has no low-bit convolution kernel
 
+    rank_fallback = True
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        return cls(shape[1], shape[0], tuple(shape[2:]), bias=bias, spec=spec, **kwargs)
+
     def input_spec(self) -> tuple[int | None, int]:
         return self.in_channels, -(self._dims + 1)
 
@@ -111,6 +117,7 @@ class QuantConv1d(_QuantConvNd):
     float_module_type = nn.Conv1d
     _dims = 1
     _conv = staticmethod(F.conv1d)
+    float_weight_ranks = (3,)
 
 
 @register_layer
@@ -120,6 +127,7 @@ class QuantConv2d(_QuantConvNd):
     float_module_type = nn.Conv2d
     _dims = 2
     _conv = staticmethod(F.conv2d)
+    float_weight_ranks = (4,)
 
 
 @register_layer
@@ -129,3 +137,4 @@ class QuantConv3d(_QuantConvNd):
     float_module_type = nn.Conv3d
     _dims = 3
     _conv = staticmethod(F.conv3d)
+    float_weight_ranks = (5,)

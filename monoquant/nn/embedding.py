@@ -66,7 +66,12 @@ class QuantEmbedding(QuantModule):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
                             device=self.qweight.device, dtype=self.float_dtype)
 
+    float_weight_ranks = (2,)
     supports_gptq = False  # its input is indices: there is no Hessian of inputs to compensate rounding with
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        return cls(shape[0], shape[1], bias=bias, spec=spec, **kwargs)
 
     def input_spec(self) -> tuple[int | None, int]:
         return None, -1

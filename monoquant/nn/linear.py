@@ -31,6 +31,8 @@ class QuantLinear(QuantModule):
     GEOMETRY = ("in_features", "out_features")
     kernel_family = "linear"
     supports_input_scale = True
+    float_weight_ranks = (2,)
+    rank_fallback = True
 
     def __init__(
         self,
@@ -50,6 +52,11 @@ class QuantLinear(QuantModule):
         self._init_quant((out_features, in_features), spec or Int8(), bias=bias, group_size=group_size,
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
         self.register_buffer("input_permutation", None)
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        out_features, in_features = shape
+        return cls(in_features, out_features, bias, spec, **kwargs)
 
     def input_spec(self) -> tuple[int | None, int]:
         return self.in_features, -1

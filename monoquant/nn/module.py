@@ -70,6 +70,13 @@ class QuantModule(nn.Module):
     config_field: ClassVar[str] = "weights"
     """The :class:`~monoquant.QuantConfig` field holding this layer type's weight format; layers whose field is
     ``None`` (``embeddings`` by default) are not candidates for ``quantize_`` at all."""
+    float_weight_ranks: ClassVar[tuple[int, ...]] = ()
+    """Ranks of the float weights this class can stand for (``(2,)`` for linear layers); with
+    :meth:`empty_for_weight`, what lets a checkpoint tool build it from a tensor shape alone."""
+    rank_fallback: ClassVar[bool] = False
+    """Whether ``monoquant quantize`` (which has no model to ask) takes this class for a weight of one of its
+    ``float_weight_ranks`` that no ``--layer`` pattern names: the documented fallback (Linear for 2-D, the
+    ``QuantConv`` classes for 3-5-D); the first registered such class per rank wins."""
     supports_gptq: ClassVar[bool] = True
     """Whether ``method="gptq"`` can calibrate this layer type (layers that cannot stay float, with the reason)."""
     compute_dtype: torch.dtype | None
@@ -187,6 +194,18 @@ class QuantModule(nn.Module):
                 f"layer {name or '<module>'} has NaN or Inf in its weight; fix the checkpoint or skip the layer "
                 "with SkipRules(exclude=[...])"
             )
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        """An empty layer (buffers of the right shapes) for a float weight of ``shape`` as the float module stores
+        it, with default geometry otherwise (stride 1, no padding, one group); ``kwargs`` go to the constructor
+        (``group_size``, ``device``, ``dtype``). For checkpoint tools that have tensors but no model."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a weight shape alone")
+
+    @classmethod
+    def stored_weight_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored layout's shape (``weight_shape``) of a float weight of ``shape``: ``float_weight``'s shape."""
+        return tuple(shape)
 
     @classmethod
     def float_weight(cls, module: nn.Module) -> torch.Tensor:
