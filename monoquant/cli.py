@@ -8,7 +8,8 @@
     as the fallback for its rank (``rank_fallback``: ``QuantLinear`` for 2 dimensions, ``QuantConv1d/2d/3d`` for
     3, 4 or 5), unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size
     that divides its rows. ``--format`` takes any registered format (:data:`~monoquant.formats.FORMATS`);
-    ``--plugin MODULE`` imports a module first, so the formats and layer classes it registers are known. Everything else (biases, norms, embeddings, buffers) is copied unchanged. Input: a
+    ``--plugin MODULE`` imports a module first, so the formats and layer classes it registers are known.
+    Everything else (biases, norms, embeddings, buffers) is copied unchanged. Input: a
     ``.safetensors`` file, a sharded ``*.safetensors.index.json`` with its shards, or a torch state-dict
     file (read with ``weights_only=True``). Safetensors input is read one tensor at a time and the output
     written as it is produced, so memory stays near the largest tensor, not the checkpoint's size.
