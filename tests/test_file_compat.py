@@ -1,5 +1,5 @@
-"""Files written by monoquant 0.1.0 (committed in tests/fixtures/v0_1_0, made by its make_fixtures.py) still load
-into a float skeleton and compute what they computed then."""
+"""Files written by monoquant 0.1.0 and 0.2.0 (committed in tests/fixtures/v*, made by fixtures/make_fixtures.py)
+still load into a float skeleton and compute what they computed then."""
 
 import importlib.util
 import json
@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import monoquant as mq
 
-FIXTURES = Path(__file__).parent / "fixtures" / "v0_1_0"
-_spec = importlib.util.spec_from_file_location("v0_1_0_fixtures", FIXTURES / "make_fixtures.py")
+FIXTURES = Path(__file__).parent / "fixtures"
+VERSIONS = {"0.1.0": FIXTURES / "v0_1_0", "0.2.0": FIXTURES / "v0_2_0"}
+_spec = importlib.util.spec_from_file_location("monoquant_fixtures", FIXTURES / "make_fixtures.py")
 made = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(made)
 
@@ -24,12 +25,13 @@ EXPECTED = {  # file -> (weight spec, activation spec, the layers 0.1.0 quantize
 }
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", EXPECTED)
-def test_a_0_1_0_file_loads_and_computes_what_it_computed_then(name):
-    path = FIXTURES / f"{name}.safetensors"
+def test_an_older_file_loads_and_computes_what_it_computed_then(version, name):
+    path = VERSIONS[version] / f"{name}.safetensors"
     with safe_open(str(path), "pt") as f:
-        assert f.metadata()["monoquant_version"] == "0.1.0"
-    outputs = load_file(str(FIXTURES / "outputs.safetensors"))
+        assert f.metadata()["monoquant_version"] == version
+    outputs = load_file(str(VERSIONS[version] / "outputs.safetensors"))
     model = mq.load(made.Net().eval(), path)
     spec, acts, quantized = EXPECTED[name]
     assert [n for n, m in model.named_modules() if isinstance(m, mq.QuantModule)] == quantized
@@ -42,7 +44,7 @@ def test_a_0_1_0_file_loads_and_computes_what_it_computed_then(name):
 
 
 def test_the_0_1_0_header_kept_the_method_inside_the_spec():
-    """What these fixtures exercise: 0.1.0 wrote the method options into every spec entry."""
-    with safe_open(str(FIXTURES / "int4_gptq_act_order.safetensors"), "pt") as f:
+    """What these fixtures exercise: 0.1.0 and 0.2.0 wrote the method options into every spec entry."""
+    with safe_open(str(VERSIONS["0.1.0"] / "int4_gptq_act_order.safetensors"), "pt") as f:
         entry = json.loads(f.metadata()["modules"])["fc1"]
     assert entry["spec"]["method"] == "gptq" and entry["spec"]["act_order"] is True and "method" not in entry
