@@ -16,6 +16,7 @@ from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import GPTQ_METHODS, SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
 from .integer import IntegerFormat, fused_candidate
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
+from .method import METHOD_FIELD
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes the packed INT4 kernels accept, largest first."""
@@ -116,12 +117,12 @@ class Int4(GroupWise, IntegerFormat):
     group_size: int = 128
     symmetric: bool = False
     observer: Any = field(default=None, compare=False)
-    method: str = "rtn"
-    act_order: bool | None = None
-    damping: float = 0.01
-    static_groups: bool | None = None
-    refit_scales: bool | None = None
-    sequential: bool | None = None
+    method: str = field(default="rtn", metadata=METHOD_FIELD)
+    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
+    damping: float = field(default=0.01, metadata=METHOD_FIELD)
+    static_groups: bool | None = field(default=None, metadata=METHOD_FIELD)
+    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
+    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates

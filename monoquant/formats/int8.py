@@ -15,6 +15,7 @@ from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, check_method, register_format
 from .integer import IntegerFormat, fused_candidate
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
+from .method import METHOD_FIELD
 
 ObserverLike = Any  # an Observer instance (used as a prototype) or a zero-argument factory returning one
 
@@ -146,12 +147,12 @@ class Int8(IntegerFormat):
     symmetric: bool | None = None
     granularity: Literal["channel", "tensor"] = "channel"
     observer: ObserverLike = field(default=None, compare=False)
-    method: str = "rtn"
+    method: str = field(default="rtn", metadata=METHOD_FIELD)
     dynamic: bool = False
-    act_order: bool | None = None
-    damping: float = 0.01
-    refit_scales: bool | None = None
-    sequential: bool | None = None
+    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
+    damping: float = field(default=0.01, metadata=METHOD_FIELD)
+    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
+    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("channel", "tensor"):
