@@ -29,8 +29,9 @@ def test_the_public_spelling_builds_the_format_and_the_method():
 
 
 options = st.fixed_dictionaries({}, optional={
-    "act_order": st.none() | st.booleans(), "damping": st.floats(0.001, 1.0), "static_groups": st.none() | st.booleans(),
-    "refit_scales": st.none() | st.booleans(), "sequential": st.none() | st.booleans()})
+    "act_order": st.none() | st.booleans(), "damping": st.floats(0.001, 1.0),
+    "static_groups": st.none() | st.booleans(), "refit_scales": st.none() | st.booleans(),
+    "sequential": st.none() | st.booleans()})
 
 
 @settings(max_examples=80, deadline=None)
