@@ -366,8 +366,7 @@ class QuantModule(nn.Module):
             w = w * self.input_scale.to(w.dtype)
         return self.float_layout(w)
 
-    @classmethod
-    def float_layout(cls, weight: torch.Tensor) -> torch.Tensor:
+    def float_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight in the stored layout (``weight_shape``) laid out as the float module stores it: the inverse of
         :meth:`float_weight` (the same tensor for layers whose float type stores ``[out, in, ...]``)."""
         return weight
