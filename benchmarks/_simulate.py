@@ -28,7 +28,10 @@ def requested() -> bool:
 
 def mask_capabilities(mq) -> str:
     """Make monoquant's CPU checks answer as on an AVX2-only CPU; returns a line for the benchmark header."""
-    mq.kernels.cpu_has_int_dot = lambda: False
-    mq.kernels.cpu_has_fast_bf16 = lambda: False
+    from monoquant import hardware
+
+    hardware.cpu_has_int_dot = lambda: False  # read by the formats' INT8-input kernels
+    hardware.cpu_has_fast_bf16 = lambda: False
+    mq.kernels.cpu_has_fast_bf16 = lambda: False  # read by the shared dequantize rows
     return ("SIMULATED AVX2-only CPU (--simulate-avx2): " + " ".join(f"{k}={v}" for k, v in ENV.items())
             + "; VNNI/AMX/bf16 checks forced off")

@@ -203,23 +203,27 @@ def bench_conv(table: Table, reps: int) -> None:
 
 
 def crossover(reps: int) -> None:
-    """Packed kernel vs dequantize + GEMM vs fp32 by row count (4096x4096): where PACKED_MAX_ROWS should be."""
+    """Packed kernel vs dequantize + GEMM vs fp32 by row count (4096x4096): where the packed candidates'
+    ``max_rows`` (registered by the Int8 and Int4 formats) should be."""
     lin = nn.Linear(4096, 4096)
-    limits = dict(mq.kernels.PACKED_MAX_ROWS)
-    print(f"\ncrossover, Linear 4096->4096 (current PACKED_MAX_ROWS={limits})")
-    print("rows  fp32 ms  " + "  ".join(f"{n} packed ms  {n} dequant ms" for n in ("INT8", "INT4")))
     qs = [quantized(lin, mq.Int8()), quantized(lin, mq.Int4(group_size=128))]
+    packed = [next(c for c in q.spec.kernel_candidates() if c.name.endswith("pack_cpu")) for q in qs]
+    limits = [c.max_rows for c in packed]
+    print("\ncrossover, Linear 4096->4096 (current max_rows: "
+          + ", ".join(f"{c.name}={c.max_rows}" for c in packed) + ")")
+    print("rows  fp32 ms  " + "  ".join(f"{n} packed ms  {n} dequant ms" for n in ("INT8", "INT4")))
     try:
         for rows in (8, 16, 24, 32, 48, 64, 96):
             x = torch.randn(rows, 4096)
             cells = [f"{rows:<4}  {median_ms(functools.partial(lin, x), reps=reps):7.3f}"]
-            for q in qs:
+            for q, c in zip(qs, packed):
                 for limit in (10**9, 0):
-                    mq.kernels.PACKED_MAX_ROWS = {"int4": limit, "int8": limit}
+                    c.max_rows = limit
                     cells.append(f"{median_ms(functools.partial(q, x), reps=reps):14.3f}")
             print("  ".join(cells))
     finally:
-        mq.kernels.PACKED_MAX_ROWS = limits
+        for c, limit in zip(packed, limits):
+            c.max_rows = limit
 
 
 def main() -> int:
@@ -254,7 +258,7 @@ def main() -> int:
             failures += table.failures
     print(f"{failures} target(s) missed; {time.perf_counter() - start:.0f} s")
     if args.crossover:
-        with torch.inference_mode(), mq.kernels.tuning(False):  # PACKED_MAX_ROWS is the static table's
+        with torch.inference_mode(), mq.kernels.tuning(False):  # max_rows is the static table's
             crossover(max(3, args.reps // 3))
     return 0
 

@@ -35,13 +35,11 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import functional as F
 from .config import QuantConfig
-from .errors import CalibrationError
+from .errors import CalibrationError, ConfigError
 from .formats.base import GPTQ_METHODS
 from .gptq import GPTQOptions, GPTQState, working_bytes
-from .im2col import ConvGeometry
 from .memory import release_freed_memory
 from .nn.activation import ActivationQuantizer
-from .nn.linear import QuantLinear
 from .nn.module import QuantModule
 from .observers import Observer, distributed_ready
 
@@ -65,8 +63,10 @@ def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, nam
     if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)
     if method in GPTQ_METHODS:
-        conv = None if isinstance(q, QuantLinear) else ConvGeometry.of(q)
-        q.gptq = GPTQState(float_weight, name, GPTQOptions.of(spec), conv=conv)
+        if not q.supports_gptq:
+            raise ConfigError(f"layer {name}: {type(q).__name__} cannot be calibrated by GPTQ; quantize it with "
+                              "another method (a rule such as SkipRules(exclude=[...]) or a per-layer config)")
+        q.gptq = GPTQState(float_weight, name, GPTQOptions.of(spec), conv=q.gptq_geometry())
     return method
 
 
@@ -86,8 +86,8 @@ def needs_calibration(model: nn.Module) -> bool:
     return bool(pending_layers(model))
 
 
-def _observe_inputs(module: QuantModule, args: tuple[Any, ...]) -> None:
-    x = module.scale_input(args[0])  # what the weight and the activation quantizer see
+def _observe(module: QuantModule, x: torch.Tensor) -> None:
+    """The calibration tap (:attr:`QuantModule.calibration_tap`): feed the prepared input to the observers."""
     if module.gptq is not None:
         module.gptq.observe(x)
     if module.input_quantizer is not None:
@@ -116,7 +116,12 @@ class _StageDone(BaseException):
     ``BaseException``, so a model's own ``except Exception`` cannot swallow it)."""
 
 
-def _stop_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+def _stop_forward(module: QuantModule, x: torch.Tensor) -> None:
+    raise _StageDone
+
+
+def _observe_then_stop(module: QuantModule, x: torch.Tensor) -> None:
+    _observe(module, x)
     raise _StageDone
 
 
@@ -124,16 +129,17 @@ def _stop_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
 def _calibration_mode(model: nn.Module, pending: list[QuantModule], observed: list[QuantModule],
                       stop_after: QuantModule | None = None) -> Iterator[None]:
     """Eval + no_grad + fast path off; ``pending`` layers pass float inputs on, ``observed`` ones feed their
-    observers; the forward pass ends (:class:`_StageDone`) once ``stop_after`` has seen its input."""
+    observers (through their :attr:`~QuantModule.calibration_tap`, called by ``prepare_input`` with the prepared
+    input); the forward pass ends (:class:`_StageDone`) once ``stop_after`` has seen its input."""
     flags = [(m, m.training) for m in model.modules()]
-    handles = []
+    tapped = [*observed, *([] if stop_after is None else [stop_after])]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        for q in observed:
-            handles.append(q.register_forward_pre_hook(_observe_inputs))
-        if stop_after is not None:  # registered last: runs after the layer's own observer
-            handles.append(stop_after.register_forward_pre_hook(_stop_forward))
+        for q in observed:  # each layer's prepare_input hands its prepared input to the tap
+            q.calibration_tap = _observe
+        if stop_after is not None:  # after the layer's own observers have seen the input
+            stop_after.calibration_tap = _observe_then_stop if any(q is stop_after for q in observed) else _stop_forward
         for q in pending:
             if q.input_quantizer is not None:
                 q.input_quantizer.calibrating = True
@@ -141,8 +147,8 @@ def _calibration_mode(model: nn.Module, pending: list[QuantModule], observed: li
         with torch.no_grad():
             yield
     finally:
-        for h in handles:
-            h.remove()
+        for q in tapped:
+            q.__dict__.pop("calibration_tap", None)
         for q in pending:
             if q.input_quantizer is not None:
                 q.input_quantizer.calibrating = False

@@ -1,11 +1,15 @@
 """The ``monoquant`` command (also ``python -m monoquant``).
 
-``monoquant quantize IN OUT --bits 4|8 [--group-size 128] [--skip PATTERN ...] [--conv1d PATTERN ...]
-[--symmetric|--affine]``
+``monoquant [--plugin MODULE] quantize IN OUT --bits 4|8 | --format F [--group-size 128] [--skip PATTERN ...]
+[--conv1d PATTERN ...] [--layer GLOB=CLASS ...] [--symmetric|--affine]``
     Quantizes a checkpoint without the model's code: every floating-point tensor named ``*.weight`` (or
-    ``weight``) with 2 dimensions becomes a ``QuantLinear`` and with 3, 4 or 5 a ``QuantConv1d/2d/3d``,
-    unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size that divides
-    its rows. Everything else (biases, norms, embeddings, buffers) is copied unchanged. Input: a
+    ``weight``) becomes the registered layer class a ``--layer GLOB=CLASS`` pattern names for it, else -- the
+    documented fallback, since a checkpoint cannot say which layer a tensor belongs to -- the class registered
+    as the fallback for its rank (``rank_fallback``: ``QuantLinear`` for 2 dimensions, ``QuantConv1d/2d/3d`` for
+    3, 4 or 5), unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size
+    that divides its rows. ``--format`` takes any registered format (:data:`~monoquant.formats.FORMATS`);
+    ``--plugin MODULE`` imports a module first, so the formats and layer classes it registers are known.
+    Everything else (biases, norms, embeddings, buffers) is copied unchanged. Input: a
     ``.safetensors`` file, a sharded ``*.safetensors.index.json`` with its shards, or a torch state-dict
     file (read with ``weights_only=True``). Safetensors input is read one tensor at a time and the output
     written as it is produced, so memory stays near the largest tensor, not the checkpoint's size.
@@ -32,10 +36,11 @@
     ``--calibration``: a torch file holding a 2-D tensor of token ids, fed in batches of ``--batch-size`` rows.
     Rerun the same command after a kill to resume.
 
-``monoquant inspect FILE``
+``monoquant [--plugin MODULE] inspect FILE``
     Prints the header of a monoquant file: versions, each quantized layer's class, scheme, weight shape and
-    stored bytes, and totals. For a Hub GPTQ/AWQ checkpoint (a ``.safetensors`` file, an index, or a folder
-    holding them): its layout, bits, group size and act-order, per layer (:func:`monoquant.hub_formats.describe`).
+    stored bytes, and totals (a custom format's file with the ``--plugin`` that registers it). For a Hub
+    GPTQ/AWQ checkpoint (a ``.safetensors`` file, an index, or a folder holding them): its layout, bits, group
+    size and act-order, per layer (:func:`monoquant.hub_formats.describe`).
 
 ``monoquant doctor [--build]``
     Prints the CPU features the kernels use, which kernels can run here, and the compiled kernels' build state,
@@ -56,12 +61,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import importlib
 import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -70,8 +77,8 @@ from . import functional as F
 from . import hub_formats, schemes
 from . import safetensors_io as stio
 from .errors import ConfigError, MonoQuantError, SerializationError
-from .formats import NF4, BFloat16, Float16, Int4, Int8, WeightSpec
-from .nn import QuantConv1d, QuantConv2d, QuantConv3d, QuantHFConv1D, QuantLinear, QuantModule
+from .formats import FORMATS, IntegerFormat, WeightSpec
+from .nn import LAYERS, QuantHFConv1D, QuantModule, layer_class
 from .rules import DEFAULT_MIN_PARAMS
 from .serialization import file_metadata, module_entry, parse_metadata
 
@@ -81,7 +88,17 @@ DEFAULT_SKIP = ("*embed*", "*norm*")
 CHUNK_ELEMENTS = 1 << 18
 """Weights are quantized this many elements (whole rows) at a time, to bound temporary memory."""
 
-_QUANT_BY_DIM: dict[int, type[QuantModule]] = {2: QuantLinear, 3: QuantConv1d, 4: QuantConv2d, 5: QuantConv3d}
+
+
+def rank_fallbacks() -> dict[int, type[QuantModule]]:
+    """Weight rank -> the layer class ``quantize`` takes for it when no ``--layer`` pattern names one: the first
+    registered class with ``rank_fallback`` for that rank (Linear for 2-D, ``QuantConv1d/2d/3d`` for 3-5-D)."""
+    table: dict[int, type[QuantModule]] = {}
+    for cls in LAYERS.values():
+        if cls.rank_fallback:
+            for rank in cls.float_weight_ranks:
+                table.setdefault(rank, cls)
+    return table
 
 
 # ---- reading checkpoints -------------------------------------------------------------------------------------
@@ -186,21 +203,26 @@ class _Plan:
     layer: str = ""
     quant: QuantModule | None = None  # an empty meta-device layer: buffer names, shapes, dtypes
     reason: str = ""
-    transposed: bool = False  # a Conv1D weight, stored [in, out]
 
 
 def _matching(patterns: Sequence[str], layer: str, name: str) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(name, p)), None)
 
 
+LayerPatterns = Sequence[tuple[str, type[QuantModule]]]
+"""``(glob, layer class)`` from ``--layer GLOB=CLASS`` (and ``--conv1d GLOB``), first match wins."""
+
+
 def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpec, skip: Sequence[str],
-          has_bias: bool, conv1d: Sequence[str] = ()) -> _Plan:
+          has_bias: bool, layers: LayerPatterns = ()) -> _Plan:
     plan = _Plan(name, shape)
     if not (name == "weight" or name.endswith(".weight")):
         plan.reason = "not a weight"
         return plan
     layer = name[: -len("weight")].rstrip(".")
-    if not dtype.is_floating_point or len(shape) not in _QUANT_BY_DIM:
+    named = next((cls for pattern, cls in layers if _matching([pattern], layer, name)), None)
+    cls = named if named is not None and len(shape) in named.float_weight_ranks else rank_fallbacks().get(len(shape))
+    if not dtype.is_floating_point or cls is None:
         plan.reason = f"{len(shape)}-D {str(dtype).removeprefix('torch.')}"
         return plan
     hit = _matching(skip, layer, name)
@@ -211,21 +233,13 @@ def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpe
     if numel < DEFAULT_MIN_PARAMS:
         plan.reason = f"too small ({numel} < {DEFAULT_MIN_PARAMS} weights)"
         return plan
-    plan.transposed = len(shape) == 2 and _matching(conv1d, layer, name) is not None
-    cls = QuantHFConv1D if plan.transposed else _QUANT_BY_DIM[len(shape)]
-    cols = shape[0] if plan.transposed else math.prod(shape[1:])
+    cols = math.prod(cls.stored_weight_shape(shape)[1:])
     reason = spec.unfit_reason(cols)
     if reason is not None:
         plan.reason = reason
         return plan
-    group_size = spec.resolve_group_size(cols)
-    common = dict(group_size=group_size, device="meta", dtype=dtype)
-    if cls is QuantHFConv1D:
-        q = cls(shape[1], shape[0], has_bias, spec, **common)  # nf = out = shape[1], nx = in = shape[0]
-    elif cls is QuantLinear:
-        q = cls(shape[1], shape[0], has_bias, spec, **common)
-    else:
-        q = cls(shape[1], shape[0], shape[2:], 1, 0, 1, 1, has_bias, "zeros", spec, **common)
+    q = cls.empty_for_weight(shape, has_bias, spec, group_size=spec.resolve_group_size(cols), device="meta",
+                             dtype=dtype)
     plan.layer, plan.quant = layer, q
     return plan
 
@@ -240,7 +254,8 @@ def _outputs(plan: _Plan, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tu
 def _quantize(plan: _Plan, weight: torch.Tensor) -> tuple[list[torch.Tensor], float]:
     """Stored buffers of ``weight`` (quantized a few rows at a time) and its SQNR in dB."""
     q = plan.quant
-    w2d = weight.t() if plan.transposed else weight.reshape(weight.shape[0], -1)
+    w2d = q.float_weight(SimpleNamespace(weight=weight))  # the stored layout, as from the float layer
+    w2d = w2d.reshape(w2d.shape[0], -1)
     step = max(1, CHUNK_ELEMENTS // max(1, w2d.shape[1]))
     parts, signal, noise = [], 0.0, 0.0
     for i in range(0, w2d.shape[0], step):
@@ -266,23 +281,41 @@ def _fmt_bytes(n: float) -> str:
     return ""
 
 
-CLI_FORMATS = {"int8": Int8, "int4": Int4, "nf4": NF4, "float16": Float16, "bfloat16": BFloat16}
-"""Formats ``--format`` can name (those whose options the command line has)."""
+def cli_formats() -> dict[str, type[WeightSpec]]:
+    """The formats ``--format`` can name: every registered one that can be built from the command line's options
+    (its fields all have defaults), highest precision first."""
+    usable = {}
+    for kind, cls in FORMATS.items():
+        try:
+            cls()
+        except (TypeError, ConfigError):
+            continue
+        usable[kind] = cls
+    return dict(sorted(usable.items(), key=lambda item: -item[1].bits))
+
+
+def _with_field(field: str) -> list[str]:
+    return [kind for kind, cls in cli_formats().items() if field in {f.name for f in dataclasses.fields(cls)}]
+
+
+def _bits_format(bits: int) -> str:
+    """``--bits N``: the registered integer format with N-bit weights."""
+    return next(kind for kind, cls in FORMATS.items() if issubclass(cls, IntegerFormat) and cls.bits == bits)
 
 
 def _spec(args: argparse.Namespace) -> WeightSpec:
     symmetric = True if args.symmetric else (False if args.affine else None)
-    kind = args.format or {8: "int8", 4: "int4"}[args.bits]
+    kind = args.format or _bits_format(args.bits)
     options: dict = {}
-    if args.group_size is not None:
-        if kind not in ("int4", "nf4"):
-            raise ConfigError(f"--group-size applies to int4 and nf4, not {kind}")
-        options["group_size"] = args.group_size
-    if symmetric is not None:
-        if kind not in ("int8", "int4"):
-            raise ConfigError(f"--symmetric/--affine apply to int8 and int4, not {kind}")
-        options["symmetric"] = symmetric
-    return CLI_FORMATS[kind](**options)
+    for flag, field, value in (("--group-size", "group_size", args.group_size),
+                               ("--symmetric/--affine", "symmetric", symmetric)):
+        if value is None:
+            continue
+        takes = _with_field(field)
+        if kind not in takes:
+            raise ConfigError(f"{flag} appl{'ies' if '/' not in flag else 'y'} to {' and '.join(takes)}, not {kind}")
+        options[field] = value
+    return cli_formats()[kind](**options)
 
 
 def _check_output(out: Path, inputs: Sequence[Path]) -> None:
@@ -328,9 +361,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_output(out, ckpt.files)
     table, tensors = ckpt.table, ckpt.tensors
     names = {n for n, _, _ in table}
+    layers = _layer_patterns(args)
     plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names,
-                   conv1d=args.conv1d) for n, d, s in table]
+                   layers=layers) for n, d, s in table]
     _check_conv1d_patterns(args.conv1d, table, plans)
+    _check_layer_patterns(layers, table)
     out_table = _check_collisions(plans, table)
     if not args.allow_unquantized and all(p.quant is None for p in plans):
         reasons = sorted({p.reason for p in plans})
@@ -411,6 +446,32 @@ def _check_conv1d_patterns(patterns: Sequence[str], table: Table, plans: Sequenc
         if not hits:
             raise ConfigError(f"--conv1d {pattern!r} matches no 2-D *.weight tensor of the checkpoint; give the "
                               "layer names as globs, e.g. '*.c_attn' for GPT-2's h.0.attn.c_attn")
+
+
+def _layer_patterns(args: argparse.Namespace) -> list[tuple[str, type[QuantModule]]]:
+    """``--conv1d GLOB`` (as ``--layer GLOB=QuantHFConv1D``) and ``--layer GLOB=CLASS``, checked against LAYERS."""
+    pairs: list[tuple[str, type[QuantModule]]] = [(p, QuantHFConv1D) for p in args.conv1d]
+    for item in args.layer:
+        pattern, _, name = item.rpartition("=")
+        cls = layer_class(name)
+        if not pattern or cls is None or not cls.float_weight_ranks:
+            known = sorted(n for n, c in LAYERS.items() if c.float_weight_ranks)
+            raise ConfigError(f"--layer {item!r}: give GLOB=CLASS with CLASS one of {', '.join(known)} (a layer class "
+                              "registered by an imported module counts too: --plugin MODULE)")
+        pairs.append((pattern, cls))
+    return pairs
+
+
+def _check_layer_patterns(layers: LayerPatterns, table: Table) -> None:
+    """A ``--layer`` pattern that names no weight of a rank its class takes is a typo."""
+    for pattern, cls in layers:
+        if cls is QuantHFConv1D:
+            continue  # --conv1d, checked with its own message
+        if not any(n.endswith("weight") and len(shape) in cls.float_weight_ranks
+                   and _matching([pattern], n[: -len("weight")].rstrip("."), n) for n, _, shape in table):
+            ranks = "/".join(map(str, cls.float_weight_ranks))
+            raise ConfigError(f"--layer {pattern}={cls.__name__} matches no {ranks}-D *.weight tensor of the "
+                              "checkpoint; give the layer names as globs, e.g. '*.up'")
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -494,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="monoquant", description="Quantize checkpoints and inspect monoquant files.")
     parser.add_argument("--version", action="version", version=f"monoquant {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, so the formats and layer classes it registers can be selected "
+                             "and inspected; repeatable")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     q = sub.add_parser("quantize", help="quantize the weight matrices and conv kernels of a checkpoint",
                        description="Quantize every 2-D weight matrix and 3-5-D conv kernel (*.weight) of a "
@@ -503,8 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
     fmt = q.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--bits", type=int, choices=(4, 8), help="4: INT4 group-wise; 8: INT8 per channel")
-    fmt.add_argument("--format", choices=sorted(CLI_FORMATS), help="a weight format by name (int8, int4, nf4, "
-                                                                   "float16, bfloat16)")
+    fmt.add_argument("--format", choices=list(cli_formats()),
+                     help=f"a registered weight format by name ({', '.join(cli_formats())}; --plugin adds others)")
     q.add_argument("--group-size", type=int, default=None, help="group size along the input dimension for int4 "
                                                                "(default 128) and nf4 (default 64)")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -514,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--conv1d", action="append", default=[], metavar="PATTERN",
                    help="layers whose 2-D weight is stored [in, out] as in transformers' Conv1D (GPT-2: '*.c_attn' "
                         "'*.c_proj' '*.c_fc'); they load as QuantHFConv1D; repeatable")
+    q.add_argument("--layer", action="append", default=[], metavar="GLOB=CLASS",
+                   help="quantize layers matching GLOB as the registered layer class CLASS (e.g. "
+                        "'*.up=QuantConvTranspose2d'); without one, a weight's rank picks the class (2-D: QuantLinear, "
+                        "3-5-D: QuantConv1d/2d/3d); repeatable")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points "
                                                               "(default for --bits 8)")
@@ -530,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="DST", help="the output folder")
     fmt = p.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--bits", type=int, choices=(4, 8), help="4: INT4 group-wise; 8: INT8 per channel")
-    fmt.add_argument("--format", choices=sorted(CLI_FORMATS), help="a weight format by name")
+    fmt.add_argument("--format", choices=list(cli_formats()), help="a registered weight format by name")
     p.add_argument("--group-size", type=int, default=None, help="group size for int4 (default 128) and nf4 (64)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points")
@@ -579,8 +647,29 @@ def _stdout_to_devnull() -> None:
         pass
 
 
+def _import_plugins(argv: Sequence[str]) -> str | None:
+    """Import the ``--plugin`` modules named before the command (they register formats and layer classes, which
+    the parser's choices list); an error line, or ``None``."""
+    for i, arg in enumerate(argv):
+        if arg in ("quantize", "quantize-pretrained", "inspect"):
+            break
+        module = arg.partition("=")[2] if arg.startswith("--plugin=") else (
+            argv[i + 1] if arg == "--plugin" and i + 1 < len(argv) else None)
+        if module:
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # any import failure of a user module: one line, no traceback
+                return f"--plugin {module}: cannot import it ({type(e).__name__}: {e})"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monoquant`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    error = _import_plugins(argv)
+    if error is not None:
+        print(f"monoquant: error: {error}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     group_size = getattr(args, "group_size", None)
     if group_size is not None and group_size <= 0:

@@ -48,7 +48,7 @@ from torch import nn
 from . import functional as F
 from .errors import CalibrationError, ConfigError
 from .formats import Stored, WeightSpec
-from .im2col import ConvGeometry, conv_patches
+from .im2col import ConvGeometry
 from .observers import Observer
 from .qtypes import QType
 
@@ -382,7 +382,7 @@ class GPTQState(nn.Module):
         self.hessian.name = layer_name
 
     def observe(self, x: torch.Tensor) -> None:
-        self.hessian(x if self.conv is None else conv_patches(x.detach(), self.conv))
+        self.hessian(x if self.conv is None else self.conv.patches(x.detach()))
 
     def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[Stored, float]:
         """Run GPTQ; returns the stored weight and the layer's output SQNR (dB) on the calibration inputs."""

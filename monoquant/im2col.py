@@ -40,6 +40,11 @@ class ConvGeometry:
     def dims(self) -> int:
         return len(self.kernel_size)
 
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The input patches GPTQ builds a layer's Hessian from (:func:`conv_patches`); a layer whose input
+        reaches its kernel otherwise (a transposed convolution) returns a subclass that overrides this."""
+        return conv_patches(x, self)
+
 
 def conv_patches(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
     """``[groups, rows, in_channels/groups * prod(kernel)]`` input patches of a conv for input ``x``.

@@ -19,7 +19,7 @@ from .compare import Comparison, Reference, batch_size, measure, record_outputs
 from .config import QuantConfig
 from .data import ForwardFn, tqdm_disable
 from .errors import ConfigError
-from .formats import Int8
+from .formats import WeightSpec
 from .nn import QuantModule, quant_class_for
 from .report import QuantReport
 from .swap import Swap
@@ -143,17 +143,28 @@ def _fill_row(report: QuantReport, name: str, q: QuantModule | None, note: str) 
     row.note = note
 
 
-INT8_TOLERANCE_DB = 1.0
-"""Target mode keeps a layer at INT8 rather than float when INT8 gets the model output within this many dB
-of what float gets (or reaches the target outright)."""
+PROMOTION_TOLERANCE_DB = 1.0
+"""Target mode keeps a layer at a promoted format (:meth:`WeightSpec.promotion`, INT8 for INT4 and NF4) rather
+than float when it gets the model output within this many dB of what float gets (or reaches the target
+outright)."""
 
 
-def _int8_twin(name: str, sw: Swapped, cfg: QuantConfig) -> nn.Module:
-    """The float layer quantized to INT8 weights (weight-only)."""
-    q8 = quant_class_for(sw.float_module).from_float(
-        sw.float_module, QuantConfig(Int8(), compute_dtype=cfg.compute_dtype), name=name)
-    q8.train(sw.quant_module.training)
-    return q8
+def _promoted_twin(name: str, sw: Swapped, spec: WeightSpec, cfg: QuantConfig) -> nn.Module:
+    """The float layer quantized with ``spec`` (weight-only, RTN)."""
+    q = quant_class_for(sw.float_module).from_float(
+        sw.float_module, QuantConfig(spec, compute_dtype=cfg.compute_dtype), name=name)
+    q.train(sw.quant_module.training)
+    return q
+
+
+def _promotions(spec: WeightSpec) -> list[WeightSpec]:
+    """The formats ``spec`` promotes to, in order (each one's :meth:`WeightSpec.promotion`), ending before float."""
+    chain: list[WeightSpec] = []
+    nxt = spec.promotion()
+    while nxt is not None and nxt not in chain and len(chain) < 8:
+        chain.append(nxt)
+        nxt = nxt.promotion()
+    return chain
 
 
 def meet_target(
@@ -171,8 +182,9 @@ def meet_target(
     """Keep the most damaging layers at higher precision until the model output's SQNR reaches ``target_sqnr``.
 
     Damage is measured leave-one-out: the end-to-end SQNR gained by putting each layer back in float, all others
-    staying quantized. Layers are then taken most damaging first: an INT4 layer goes to INT8 weights when that
-    reaches the target or comes within :data:`INT8_TOLERANCE_DB` of what float gives, else to float. Updates
+    staying quantized. Layers are then taken most damaging first: a layer goes to the formats its format promotes
+    to (:meth:`WeightSpec.promotion`: INT4 and NF4 -> INT8) when one reaches the target or comes within
+    :data:`PROMOTION_TOLERANCE_DB` of what float gives, else to float. Updates
     ``report`` rows (``note`` / skip ``reason`` say why) and returns the final comparison."""
     if current.sqnr_db >= target_sqnr:
         return current
@@ -189,17 +201,20 @@ def meet_target(
         why = f"to meet target_sqnr={target_sqnr:g} dB: model output SQNR {current.sqnr_db:.1f} -> "
         sw.put(swap, sw.float_module)
         as_float = measure(model, references, forward_fn)[0]
-        if cfg.weights.bits < Int8.bits:
-            q8 = _int8_twin(name, sw, cfg)
-            sw.put(swap, q8)
-            as_int8 = measure(model, references, forward_fn)[0]
-            if as_int8.sqnr_db >= min(target_sqnr, as_float.sqnr_db - INT8_TOLERANCE_DB):
-                sw.quant_module = q8
-                _fill_row(report, name, q8, f"kept at int8 {why}{as_int8.sqnr_db:.1f} dB")
-                report.row(name).weight_sqnr_db = weight_sqnr(sw.float_module, q8)
-                current = as_int8
-                continue
+        kept = False
+        for higher in _promotions(cfg.weights):
+            twin = _promoted_twin(name, sw, higher, cfg)
+            sw.put(swap, twin)
+            promoted = measure(model, references, forward_fn)[0]
+            if promoted.sqnr_db >= min(target_sqnr, as_float.sqnr_db - PROMOTION_TOLERANCE_DB):
+                sw.quant_module = twin
+                _fill_row(report, name, twin, f"kept at {higher.kind} {why}{promoted.sqnr_db:.1f} dB")
+                report.row(name).weight_sqnr_db = weight_sqnr(sw.float_module, twin)
+                current, kept = promoted, True
+                break
             sw.put(swap, sw.float_module)
+        if kept:
+            continue
         _fill_row(report, name, None, f"kept float {why}{as_float.sqnr_db:.1f} dB")
         current = as_float
     for name in [n for n, sw in swapped.items() if report.row(n).skipped]:

@@ -2,9 +2,9 @@
 :mod:`torch.library` op, so that ``torch.compile(model, fullgraph=True)`` and :func:`torch.export.export` see one
 opaque node per layer instead of tracing the dispatch (timing, caches, CPU-feature checks) in Python.
 
-The op takes the input, the layer's stored buffers (so that a graph depends on them) and a handle naming the live
-layer; its implementation runs :func:`monoquant.kernels.linear` on that layer, exactly as eager ``forward`` does,
-so a compiled model computes the same numbers, keeps the tuner's measured choice per row bucket and records the
+The op takes the input, the layer's stored buffers and bias (so that a graph depends on them) and a handle
+naming the live layer; its implementation runs :func:`monoquant.kernels.linear` on that layer, exactly as eager
+``forward`` does, so a compiled model computes the same numbers, keeps the tuner's measured choice per row bucket and records the
 kernel it ran (:func:`monoquant.kernels.kernels_run`, what the report shows). Its fake implementation only gives
 the output shape (``[..., out_features]`` in the input's dtype). The compiled (C++) kernels are custom ops of their own
 (:mod:`monoquant.fused`), for the code that torch.compile does trace (convolutions, embeddings).
@@ -51,18 +51,17 @@ def _layer(handle: int) -> torch.nn.Module:
 
 
 @torch.library.custom_op("monoquant::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-               bias: torch.Tensor | None, out_features: int, handle: int) -> torch.Tensor:
+def _linear_op(x: torch.Tensor, buffers: list[torch.Tensor], out_features: int, handle: int) -> torch.Tensor:
     return kernels.linear(_layer(handle), x)
 
 
 @_linear_op.register_fake
-def _(x, qweight, scale, zero_point, bias, out_features, handle):
+def _(x, buffers, out_features, handle):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for ``x`` through the op ``monoquant::linear`` (what ``QuantLinear.forward`` calls
     while torch.compile or torch.export trace it)."""
-    return _linear_op(x, module.qweight, module.scale, module.zero_point, module.bias, module.weight2d_shape[0],
-                      layer_handle(module))
+    buffers = [b for b in (*(getattr(module, n) for n in module.spec.buffer_names()), module.bias) if b is not None]
+    return _linear_op(x, buffers, module.weight2d_shape[0], layer_handle(module))

@@ -24,7 +24,7 @@ from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
-from .formats.base import AWQ_METHODS
+from .formats.base import AWQ_METHODS, GPTQ_METHODS
 from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import (
@@ -87,10 +87,13 @@ def candidate_class(module: nn.Module, cfg: QuantConfig) -> type[QuantModule] | 
     return qcls if qcls is not None and getattr(cfg, qcls.config_field, None) is not None else None
 
 
-def _structural_skip(module: nn.Module, qcls: type[QuantModule]) -> str | None:
+def _structural_skip(module: nn.Module, qcls: type[QuantModule], spec: WeightSpec) -> str | None:
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
+    if getattr(spec, "method", "rtn") in GPTQ_METHODS and not qcls.supports_gptq:
+        return (f"{qcls.__name__} cannot be calibrated by GPTQ (method={spec.method!r}); give it another method "
+                "with a per-layer config to quantize it")
     weight = qcls.float_weight(module)
     if weight.numel() == 0:
         return f"empty weight {list(weight.shape)}: nothing to quantize"
@@ -320,7 +323,7 @@ def _plan(model: nn.Module, cfg: QuantConfig, rules: SkipRules) -> tuple[QuantRe
             continue
         own = cfg if qcls.config_field == "weights" else dataclasses.replace(
             cfg, weights=getattr(cfg, qcls.config_field))
-        reason = _structural_skip(module, qcls)
+        reason = _structural_skip(module, qcls, own.weights)
         decision = Decision(False, reason) if reason else rules.decide(name, module, own.weights)
         decided[name] = _Planned(name, module, qcls, decision, own)
         report.layers.append(LayerReport(name, type(module).__name__, bytes_before=_float_bytes(module)))

@@ -8,8 +8,10 @@ File layout (format version 1):
   stored once and listed in the ``aliases`` map.
 * string metadata: ``format`` = ``"monoquant"``, ``format_version``, ``monoquant_version``, ``torch_version``,
   ``aliases`` (JSON ``{name: stored name}``) and ``modules``: JSON ``{layer name: entry}`` describing each
-  quantized layer: ``class`` (``QuantLinear``, ``QuantConv2d``...), ``spec`` (kind and fields of the weight
-  spec), ``scheme``, ``group_size``, ``weight_shape``, ``bias``, ``float_dtype``, ``compute_dtype``, ``layout``
+  quantized layer: ``class`` (``QuantLinear``, ``QuantConv2d``...), ``spec`` (kind and storage fields of the
+  weight format: what the bytes mean), ``method`` (provenance: how they were made, :class:`~monoquant.formats.
+  method.MethodConfig`; absent for round to nearest; files before 0.3 kept these options inside ``spec``, and
+  still load), ``scheme``, ``group_size``, ``weight_shape``, ``bias``, ``float_dtype``, ``compute_dtype``, ``layout``
   ``activations`` (the input quantizer's spec, for layers that quantize their inputs) and, when written by
   :func:`save`, ``geometry`` (the constructor arguments, checked against the model).
 
@@ -36,7 +38,8 @@ from . import hub_formats
 from . import safetensors_io as stio
 from .data import model_device
 from .errors import ConfigError, SerializationError
-from .formats import FORMATS, spec_from_dict, spec_to_dict
+from .formats import FORMATS, WeightSpec, spec_from_dict, spec_to_dict
+from .formats.method import MethodConfig
 from .model_keys import ignorable_keys, materialize_buffers
 from .nn import QuantModule, layer_class, quant_class_for
 from .nn.registry import LAYERS
@@ -68,11 +71,14 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 def module_entry(q: QuantModule, *, geometry: bool = True) -> dict[str, Any]:
     """The header entry that describes quantized layer ``q`` (``geometry=False`` when it is unknown)."""
     entry: dict[str, Any] = {
-        "class": type(q).__name__, "spec": spec_to_dict(q.spec), "scheme": q.scheme(), "group_size": q.group_size,
+        "class": type(q).__name__, "spec": q.spec.storage_dict(), "scheme": q.scheme(), "group_size": q.group_size,
         "weight_shape": list(q.weight_shape), "bias": q.bias is not None,
         "float_dtype": _dtype_name(q.float_dtype), "compute_dtype": _dtype_name(q.compute_dtype),
         "layout": q.spec.layout,
     }
+    method = q.spec.method_config
+    if method is not None and method != MethodConfig():  # provenance: how the bytes were made (absent: RTN)
+        entry["method"] = method.to_dict()
     if geometry:
         entry["geometry"] = _geometry(q)
     act = getattr(q, "input_quantizer", None)
@@ -217,9 +223,22 @@ def validate_entry(entry: Any, where: str) -> None:
     _check_type(where, "input_permutation", perm, type(perm) is bool, "true or false")
     scaled = entry.get("input_scale", False)
     _check_type(where, "input_scale", scaled, type(scaled) is bool, "true or false")
-    for field in ("spec", "activations"):
-        if entry.get(field) is not None:
-            spec_from_dict(entry[field], f"{where}: header field {field!r}")
+    entry_spec(entry, where)
+    if entry.get("activations") is not None:
+        spec_from_dict(entry["activations"], f"{where}: header field 'activations'")
+
+
+def entry_spec(entry: Mapping[str, Any], where: str) -> WeightSpec:
+    """The weight spec a layer's header entry describes: its storage fields (``spec``) made by its provenance
+    (``method``, written since 0.3; files from 0.1 and 0.2 kept the method options inside ``spec``)."""
+    spec = spec_from_dict(entry.get("spec"), f"{where}: header field 'spec'")
+    if entry.get("method") is None:
+        return spec
+    method = MethodConfig.from_dict(entry["method"], f"{where}: header field 'method'")
+    try:
+        return spec.with_method(method)
+    except ConfigError as e:
+        raise SerializationError(f"{where}: header field 'method' does not fit the {spec.kind} spec: {e}") from e
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -353,7 +372,7 @@ def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str)
         raise SerializationError(f"{where} is {type(current).__name__} in the model but {cls.__name__} in "
                                  "the file: the file was saved from another architecture (if it was written by "
                                  f"`monoquant quantize`, rerun that with {rerun} '{name}')")
-    spec = spec_from_dict(entry.get("spec"), f"{where} spec")
+    spec = entry_spec(entry, where)
     if entry.get("layout") != spec.layout:
         raise SerializationError(f"{where}: unknown weight layout {entry.get('layout')!r} for {spec.kind}; "
                                  "was the file written by a newer monoquant?")
@@ -536,7 +555,7 @@ def _infer_entry(prefix: str, state: Mapping[str, torch.Tensor], current: nn.Mod
     float_dtype = bias.dtype if bias is not None else (
         current.float_dtype if isinstance(current, QuantModule) else cls.float_weight(current).dtype)
     compute_dtype = current.compute_dtype if isinstance(current, QuantModule) else None
-    return {"class": cls.__name__, "spec": spec_to_dict(spec), "group_size": group_size, "weight_shape": list(shape),
+    return {"class": cls.__name__, "spec": spec.storage_dict(), "group_size": group_size, "weight_shape": list(shape),
             "bias": bias is not None, "float_dtype": _dtype_name(float_dtype),
             "compute_dtype": _dtype_name(compute_dtype), "layout": spec.layout,
             "input_permutation": prefix + "input_permutation" in state}

@@ -53,3 +53,33 @@ def test_thresholds_apply_to_a_custom_format_by_its_kind(tmp_path, monkeypatch, 
     with pytest.warns(mq.AccuracyWarning, match=r"layer '0' \(fp8-e4m3\): weight SQNR .* below 99 dB"):
         report = mq.quantize_(model, fp8(), thresholds={"weight_sqnr_db": {"fp8-e4m3": 99.0}})
     assert {r.kind for r in report.quantized} == {"fp8-e4m3"}
+
+
+def test_the_readme_format_brings_its_own_kernel_and_the_tuner_times_it(tmp_path, monkeypatch, registry_restored):
+    """The FP8 example's ``fp8_bf16`` kernel: registered by the format alone, eligible by CPU feature, exact on the
+    bf16-rounded input, timed against dequantize + GEMM, and its layout kept only where it wins."""
+    from monoquant import hardware, kernels, tuner
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_readme_example(), "README.md", "exec"), scope)
+    assert "fp8_bf16" in kernels.kernel_names()
+    q = mq.QuantLinear.from_float(torch.nn.Linear(512, 256), scope["FP8"]())
+    x = torch.randn(4, 512)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert "fp8_bf16" not in kernels._weight_candidates(q, cpu, 4, False, kernels.TUNE_MAX_ROWS)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert kernels.choose_linear_kernel(q, cpu, 4, False) == "fp8_bf16"  # the static table: the format's first
+    with torch.no_grad(), kernels.pin("fp8_bf16"):
+        y = q(x)
+    assert q.last_kernel == "fp8_bf16"
+    ref = torch.nn.functional.linear(x.bfloat16().double(), q.dequantize_weight(torch.float64), q.bias.double())
+    assert float((y.double() - ref).norm() / ref.norm()) < 2**-8  # exact bf16 products; the bf16 output rounded once
+    for fastest in ("fp8_bf16", "dequant"):
+        tuner.clear()
+        q.quant_weight.clear_cache()
+        monkeypatch.setattr(tuner, "time_call", lambda call, f=fastest: 0.5 if call.func.__name__ == f"_{f}" else 1.0)
+        with torch.no_grad():
+            q(x)
+        assert q.last_kernel == fastest and ("fp8_bf16" in q._kernel_cache) == (fastest == "fp8_bf16")

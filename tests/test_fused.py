@@ -121,7 +121,7 @@ def test_layers_dequantize_with_the_compiled_pass_and_without_it_alike(spec, mon
     with torch.no_grad(), kernels.pin("dequant"):
         compiled = [q.dequantize_weight(torch.bfloat16), q.dequantize_weight(torch.float32), q(x)]
     monkeypatch.setitem(fused._STATE, "module", None)
-    assert not q._compiled_dequantize_ok(torch.empty(1, 4096))
+    assert q.spec.compiled_dequantize_into(torch.empty(1, 4096), q.stored, 0, q.group_size) is None
     with torch.no_grad(), kernels.pin("dequant"):
         fallback = [q.dequantize_weight(torch.bfloat16), q.dequantize_weight(torch.float32), q(x)]
     for a, b in zip(compiled, fallback):

@@ -9,6 +9,8 @@ from torch import nn
 
 import monoquant as mq
 from monoquant import kernels
+from monoquant.formats.int4 import INT4PACK_CPU
+from monoquant.formats.int8 import INT8PACK_CPU
 
 
 def rel_err(y, ref):
@@ -39,7 +41,7 @@ def test_table_on_cpu(monkeypatch, bf16, fused_on):
     monkeypatch.setattr(kernels.fused, "available", lambda: fused_on)
     big = "dequant_bf16" if bf16 else "dequant"
     small = "fused_cpu" if fused_on else big  # where the packed kernels do not apply, up to FUSED_MAX_ROWS
-    lim4, lim8 = kernels.PACKED_MAX_ROWS["int4"], kernels.PACKED_MAX_ROWS["int8"]
+    lim4, lim8 = INT4PACK_CPU.max_rows, INT8PACK_CPU.max_rows
     cases = [
         (q_linear(256, 32, mq.Int4(group_size=128)), 1, False, "int4pack_cpu"),
         (q_linear(256, 32, mq.Int4(group_size=128)), lim4, False, "int4pack_cpu"),
@@ -111,12 +113,12 @@ def test_int8pack_cpu_matches_dequantized_reference(spec):
 @pytest.mark.parametrize("k, n", [(64, 40), (96, 3000)])  # one chunk; five chunks (see the monkeypatch)
 def test_dequant_paths_match_reference(monkeypatch, spec, k, n):
     monkeypatch.setattr(kernels, "DEQUANT_CHUNK_ELEMENTS", 96 * 700)  # several chunks with a ragged last one
-    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 0)
+    for candidate in (*mq.Int4().kernel_candidates(), *mq.Int8().kernel_candidates()):
+        monkeypatch.setattr(candidate, "max_rows", 0)  # the static table sends no row to a low-bit kernel
     monkeypatch.setenv("MONOQUANT_TUNE", "0")  # the static table: these are the dequantize paths' tests
     q = q_linear(k, n, spec)
     for rows in (3, 300):
         x = torch.randn(rows, k)
-        monkeypatch.setattr(kernels, "PACKED_MAX_ROWS", {"int4": 0, "int8": 0})
         assert _check(q, x, 1e-2) in ("dequant_bf16", "dequant")
         q32 = q_linear(k, n, spec, compute_dtype=torch.float32)
         q32.load_state_dict(q.state_dict())

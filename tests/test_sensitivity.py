@@ -88,3 +88,16 @@ def test_sensitivity_with_gptq_measures_the_quantized_layer_not_the_pending_floa
     # a pending GPTQ layer computes with its float weight (infinite SQNR); a frozen one cannot reach 60 dB at INT4
     assert all(r.sqnr_db < 60 for r in results)
     assert all(isinstance(m, torch.nn.Linear) for m in (model.fc1, model.fc2, model.fc3))
+
+
+def test_target_mode_promotes_along_the_order_the_format_declares(monkeypatch):
+    """INT4 declares INT8 as its promotion; a format that declares another one gets that instead (here float16)."""
+    assert mq.Int4().promotion() == mq.Int8() and mq.NF4().promotion() == mq.Int8() and mq.Int8().promotion() is None
+    monkeypatch.setattr(mq.Int4, "promotion", lambda self: mq.Float16())
+    model = Net().eval()
+    data = batches()
+    report = mq.quantize_(model, _cfg(), calibration_data=data, target_sqnr=30.0)
+    kept = [r for r in report.quantized if r.note.startswith("kept at float16")]
+    assert kept and all(r.scheme == "float16" for r in kept)
+    assert not any(r.note.startswith("kept at int8") for r in report.quantized)
+    assert report.end_to_end["sqnr_db"] >= 30.0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import monoquant as mq
-from monoquant import fused, kernels, tuner
+from monoquant import fused, hardware, kernels, tuner
 
 
 @pytest.fixture(autouse=True)
@@ -196,11 +196,11 @@ def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     q = model[0]
     x = torch.randn(5, 64)
-    monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_int_dot", lambda: True)
     with torch.no_grad():
         y_int = q(x)
     assert q.last_kernel == "w8a8_int_mm"
-    monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_int_dot", lambda: False)
     if fused.available():  # the compiled int16-pair GEMM instead: the same integers, so the same output
         with torch.no_grad():
             y_fused = q(x)

@@ -29,9 +29,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 
 from ..errors import ConfigError, SerializationError
+from .method import AWQ_METHODS, GPTQ_METHODS, METHOD_FIELD, METHODS, MethodConfig, check_method
+
+__all__ = ["AWQ_METHODS", "FORMATS", "GPTQ_METHODS", "METHODS", "METHOD_FIELD", "MIN_FALLBACK_GROUP", "SCALE_DTYPE",
+           "GroupWise", "MethodConfig", "Stored", "StoredWeight", "WeightSpec", "check_method", "format_class",
+           "register_format", "resolve_group_size", "spec_from_dict", "spec_to_dict"]
 
 if TYPE_CHECKING:
     from ..observers import Observer
+    from .kernel import KernelCandidate
 
 class StoredWeight(NamedTuple):
     """A quantized weight's buffers (the integer and half formats'); ``None`` for a buffer the spec does not use."""
@@ -170,10 +176,27 @@ class WeightSpec:
         out = torch.empty(qweight.shape[0], cols, dtype=dtype, device=qweight.device)
         return self.dequantize_into(out, stored, 0, self.dequant_params(stored, dtype), group_size)
 
+    def compiled_dequantize_into(self, out: torch.Tensor, stored: Stored, row_start: int,
+                                 group_size: int | None, scaled: bool = True) -> torch.Tensor | None:
+        """A faster (compiled) :meth:`dequantize_into` for this ``out`` with bit-identical results, or ``None``
+        when the format has none for it (the default)."""
+        return None
+
+    # ---- accuracy ----------------------------------------------------------------------------------------------
+    def promotion(self) -> WeightSpec | None:
+        """The higher-precision format a layer moves to when this one misses an accuracy target
+        (``quantize_(..., target_sqnr=...)`` tries it before float), or ``None``: straight to float."""
+        return None
+
     # ---- kernels and GPTQ ------------------------------------------------------------------------------------
-    def kernels(self) -> tuple[str, ...]:
-        """Low-bit kernels (see :mod:`monoquant.kernels`) that may run this format, besides dequantize + GEMM."""
+    def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
+        """The low-bit kernels that can run this format's stored layout, preferred first (see
+        :mod:`monoquant.formats.kernel`); dequantize + matmul, which runs every format, is not listed."""
         return ()
+
+    def kernels(self) -> tuple[str, ...]:
+        """Names of :meth:`kernel_candidates`."""
+        return tuple(c.name for c in self.kernel_candidates())
 
     @property
     def supports_gptq(self) -> bool:
@@ -181,11 +204,47 @@ class WeightSpec:
         ``qparams`` and ``encode``, as :class:`~monoquant.formats.IntegerFormat` has)."""
         return False
 
+    # ---- storage apart from method ---------------------------------------------------------------------------
+    @classmethod
+    def method_fields(cls) -> tuple[str, ...]:
+        """The fields that say how a weight is made (``method`` and its options, marked ``METHOD_FIELD``), not what
+        its bytes mean; empty for formats made one way only."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("method"))
+
+    @property
+    def method_config(self) -> MethodConfig | None:
+        """How weights of this spec are made, as its own object (``None`` for formats without a method)."""
+        names = self.method_fields()
+        if not names:
+            return None
+        options = {n: getattr(self, n) for n in names if n != "method"}
+        return MethodConfig(getattr(self, "method", "rtn"), **options)
+
+    def storage(self) -> WeightSpec:
+        """This format with what its bytes mean only (every method field at its default)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("method")}
+        return dataclasses.replace(self, **defaults) if defaults else self
+
+    def with_method(self, method: MethodConfig) -> WeightSpec:
+        """This format made by ``method`` (the public spelling ``Int4(method="gptq", ...)`` builds the same)."""
+        names = set(self.method_fields())
+        options = {"method": method.name, **{k: v for k, v in method.options().items() if v is not None}}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no method option(s) {unknown} (it takes {sorted(names)})")
+        return dataclasses.replace(self, **options)
+
     # ---- files -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The storage-relevant fields, as a file header stores them (observers are not stored)."""
+        """Every field of the spec: the storage fields and the method ones (observers are not written).
+        File headers keep them apart: :meth:`storage_dict` and ``method_config.to_dict()``."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
         return {"kind": self.kind, **fields}
+
+    def storage_dict(self) -> dict[str, Any]:
+        """What the stored bytes mean, as a file header's ``spec`` entry stores it: the kind and storage fields."""
+        method = set(self.method_fields())
+        return {k: v for k, v in self.to_dict().items() if k not in method}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "file header") -> WeightSpec:
@@ -278,8 +337,9 @@ def format_class(kind: object, where: str = "file header") -> type[WeightSpec]:
     """The registered format class for ``kind`` (``SerializationError`` when there is none)."""
     cls = FORMATS.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise SerializationError(f"{where}: unknown weight spec kind {kind!r} (known: {sorted(FORMATS)}); was the "
-                                 "file written by a newer monoquant?")
+        raise SerializationError(f"{where}: unknown weight spec kind {kind!r} (known: {sorted(FORMATS)}); import the "
+                                 "module that registers it first (command line: monoquant --plugin MODULE ...), or "
+                                 "the file was written by a newer monoquant")
     return cls
 
 
@@ -293,32 +353,3 @@ def spec_from_dict(d: object, where: str = "file header") -> WeightSpec:
     if not isinstance(d, Mapping):
         raise SerializationError(f"{where}: a weight spec must be a JSON object, got {d!r}")
     return format_class(d.get("kind"), where).from_dict(d, where)
-
-
-METHODS = ("rtn", "mse", "gptq", "awq", "awq+gptq")
-"""Weight methods of the integer formats: round to nearest, MSE clipping search, GPTQ, activation-aware scaling
-(AWQ) with its clipping search, and AWQ scales followed by GPTQ rounding."""
-GPTQ_METHODS = ("gptq", "awq+gptq")
-"""Methods whose rounding is GPTQ's (they take the GPTQ options and wait for calibration data)."""
-AWQ_METHODS = ("awq", "awq+gptq")
-"""Methods that search per-input-channel scales on calibration activations (:mod:`monoquant.awq`)."""
-
-
-def check_method(method: str, observer: object = None, act_order: bool | None = False, damping: float = 0.01,
-                 sequential: bool | None = None, refit_scales: bool | None = None) -> None:
-    """Validate the quantization method options shared by the integer formats."""
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "mse" and observer is not None:
-        raise ConfigError("method='mse' picks the MSEObserver; pass either method='mse' or observer=..., not both")
-    if method == "awq" and observer is not None:
-        raise ConfigError("method='awq' chooses clipping ranges by its own search on the layer output; pass either "
-                          "method='awq' or observer=..., not both (method='awq+gptq' takes an observer)")
-    if act_order and method not in GPTQ_METHODS:
-        raise ConfigError(f"act_order=True only applies to method='gptq' or 'awq+gptq', not {method!r}")
-    for name, value in (("sequential", sequential), ("refit_scales", refit_scales)):
-        if value is not None and (method not in GPTQ_METHODS or not isinstance(value, bool)):
-            raise ConfigError(f"{name} only applies to method='gptq' or 'awq+gptq' and must be True or False, "
-                              f"got {value!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-        raise ConfigError(f"damping must be a positive fraction of the Hessian's mean diagonal, got {damping}")

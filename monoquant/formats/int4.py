@@ -9,14 +9,84 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import fused, hardware
 from ..errors import ConfigError
-from ..packing import INT4_CODES, pack_int4, unpack_int4_into
+from ..packing import INT4_CODES, pack_int4, unpack_int4, unpack_int4_into
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import GPTQ_METHODS, SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
-from .integer import IntegerFormat
+from .integer import IntegerFormat, fused_candidate
+from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
+from .method import METHOD_FIELD
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes the packed INT4 kernels accept, largest first."""
+
+CUDA_INNER_K_TILES = 8
+"""``innerKTiles`` of the CUDA int4pack layout (2, 4 or 8 are valid; 8 is what torchao uses; K must be a multiple
+of ``16 * innerKTiles``). The CPU op ignores the argument (its layout does not tile K), so 1 is passed there."""
+
+
+# ---- the kernels that run INT4 (registered by Int4.kernel_candidates) -------------------------------------
+def _group_ok(w: QuantWeight) -> bool:
+    g = w.group_size
+    return g in KERNEL_GROUP_SIZES and w.shape2d[1] % g == 0
+
+
+def _scale_and_zeros(w: QuantWeight) -> torch.Tensor:
+    """``[K/g, N, 2]`` bf16 (scale, offset) with ``w = (q - 8) * scale + offset``, as the int4pack ops want."""
+    stored = w.stored
+    scale = stored.scale.float()
+    offset = torch.zeros_like(scale) if stored.zero_point is None else (8.0 - stored.zero_point.float()) * scale
+    return torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def _int4pack_cpu_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return (q.low_bit_ok and q.device.type == "cpu" and hardware.HAS["int4pack_cpu"] and _group_ok(w)
+            and q.n % 16 == 0)
+
+
+def _int4pack_cpu(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    def make():
+        codes = unpack_int4(w.stored.qweight, w.shape2d[1]).to(torch.int32)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), _scale_and_zeros(w)
+
+    packed, sz = w.cached("int4pack_cpu", make)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(bf16_rows(x2d), packed, w.group_size, sz)
+
+
+def _int4pack_cuda_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return (q.low_bit_ok and q.device.type == "cuda" and hardware.HAS["int4pack_cuda"] and _group_ok(w) and q.n % 8 == 0
+            and q.k % (16 * CUDA_INNER_K_TILES) == 0 and hardware.cuda_supports_int4pack(q.device))
+
+
+def _int4pack_cuda(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    def make():
+        codes = unpack_int4(w.stored.qweight, w.shape2d[1])
+        even_high = (codes[:, 0::2] << 4) | codes[:, 1::2]  # the CUDA op wants the even column high
+        return (torch.ops.aten._convert_weight_to_int4pack(even_high.contiguous(), CUDA_INNER_K_TILES),
+                _scale_and_zeros(w))
+
+    packed, sz = w.cached("int4pack_cuda", make)
+    return torch.ops.aten._weight_int4pack_mm(bf16_rows(x2d), packed, w.group_size, sz)
+
+
+def _fused_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    stored = w.stored
+    return fused.int4_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point,
+                             w.group_size)
+
+
+INT4PACK_CUDA = KernelCandidate("int4pack_cuda", _int4pack_cuda, _int4pack_cuda_eligible, layouts=("int4pack_cuda",))
+"""torch's tinygemm INT4 kernel on CUDA >= sm80 (bf16)."""
+INT4PACK_CPU = KernelCandidate("int4pack_cpu", _int4pack_cpu, _int4pack_cpu_eligible, max_rows=48, tune_max_rows=256,
+                               layouts=("int4pack_cpu",))
+"""torch's packed INT4 kernel on CPU (bf16). ``max_rows``: its time grows linearly with rows while a dequantize
++ bf16 GEMM costs a near-constant dequantize plus a cheap GEMM; measured with ``bench_linear.py --crossover``
+(4096x4096, AVX512 + AMX), packed vs dequantize ms at 48 / 64 rows: 9.2 vs 11.6 / 12.3 vs 12.1 on 2 threads,
+18.8 vs 17.6 / 25.2 vs 17.0 on 1 thread. Both sides scale with the layer's size, so the crossing row count does
+not depend on it."""
+FUSED_INT4 = fused_candidate(_fused_int4)
+"""The compiled kernel on the stored INT4 layout (float32)."""
 
 
 @register_format
@@ -42,16 +112,17 @@ class Int4(GroupWise, IntegerFormat):
     thresholds: ClassVar[Mapping[str, float]] = {"weight_sqnr_db": 12.0, "output_sqnr_db": 10.0,
                                                  "end_to_end_sqnr_db": 8.0}
     symmetric_offset: ClassVar[int] = 8
+    fused_layout: ClassVar[str | None] = "int4"
 
     group_size: int = 128
     symmetric: bool = False
     observer: Any = field(default=None, compare=False)
-    method: str = "rtn"
-    act_order: bool | None = None
-    damping: float = 0.01
-    static_groups: bool | None = None
-    refit_scales: bool | None = None
-    sequential: bool | None = None
+    method: str = field(default="rtn", metadata=METHOD_FIELD)
+    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
+    damping: float = field(default=0.01, metadata=METHOD_FIELD)
+    static_groups: bool | None = field(default=None, metadata=METHOD_FIELD)
+    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
+    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
 
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
@@ -90,8 +161,13 @@ class Int4(GroupWise, IntegerFormat):
     def group_rows_view(self, out: torch.Tensor, group_size: int | None) -> torch.Tensor:
         return out.view(out.shape[0], out.shape[1] // group_size, group_size)
 
-    def kernels(self) -> tuple[str, ...]:
-        return ("int4pack_cuda", "int4pack_cpu", "fused_cpu")
+    def promotion(self) -> WeightSpec | None:
+        from .int8 import Int8  # the next precision up: 8-bit weights per output channel
+
+        return Int8()
+
+    def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
+        return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4)
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

@@ -9,12 +9,111 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .. import fused, hardware
 from ..errors import ConfigError
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, check_method, register_format
-from .integer import IntegerFormat
+from .integer import IntegerFormat, fused_candidate
+from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
+from .method import METHOD_FIELD
 
 ObserverLike = Any  # an Observer instance (used as a prototype) or a zero-argument factory returning one
+
+
+# ---- the kernels that run INT8 (registered by Int8.kernel_candidates) -------------------------------------
+def _int8pack_cpu_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    # the op crashes the process for other K (torch 2.13)
+    return q.low_bit_ok and q.device.type == "cpu" and hardware.HAS["int8pack"] and q.k % 16 == 0
+
+
+def _int8pack_cpu(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    stored = w.stored
+    scales = w.cached("int8pack_scales", lambda: stored.scale.expand(w.shape2d[0]).to(torch.bfloat16).contiguous())
+    return torch.ops.aten._weight_int8pack_mm(bf16_rows(x2d), stored.qweight, scales)
+
+
+def _fused_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    stored = w.stored
+    return fused.int8_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point)
+
+
+def _int_mm_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    fast_here = q.device.type == "cuda" or hardware.cpu_has_int_dot()  # elsewhere _int_mm is a slow reference loop
+    return (hardware.HAS["int_mm"] and not q.needs_grad and fast_here
+            and hardware.int_mm_shape_ok(q.device, q.rows, q.n, q.k))
+
+
+def _w8a8_fused_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return q.device.type == "cpu" and not q.needs_grad and q.k <= fused.W8A8_MAX_K and fused.available()
+
+
+def _w8a8_sim_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return not hardware.HAS["int_mm"] and not q.needs_grad
+
+
+def _w8a8(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """``x W^T + b`` from INT8 input codes and INT8 weight codes: exact integer sum, then a float32 rescale.
+
+    Affine input codes ``[0, 255]`` are shifted by -128 into int8 and the shift moves into the zero-point,
+    whose contribution ``zero * rowsum(W_q)`` is subtracted exactly. ``backend``: ``"int_mm"``
+    (``torch._int_mm``), ``"fused"`` (the compiled int16-pair GEMM, :func:`monoquant.fused.w8a8_gemm`) or
+    ``"sim"`` (the same integers in float64, exact below 2**53); all three round to the same float32 values.
+    """
+    a, x_scale, x_zero = act.int8_codes(x2d)
+    zero = None if act.qtype.symmetric else x_zero - 128
+    stored = w.stored
+    wq = stored.qweight
+    if backend == "sim":
+        acc = a.double() @ wq.double().t()
+        if zero is not None:
+            acc.addr_(zero.reshape(-1).double().expand(acc.shape[0]),
+                      w.cached("w8a8_rowsum_f64", lambda: wq.double().sum(1)), alpha=-1)
+    else:
+        if backend == "int_mm":
+            acc = torch._int_mm(a, wq.t())
+        else:  # the compiled vpmaddwd GEMM, on the weight repacked once into its panels
+            acc = fused.w8a8_gemm(a, w.cached("w8a8_packed", lambda: fused.w8a8_pack(wq)), wq.shape[0])
+        if zero is not None:  # one in-place rank-1 update (an outer product then a subtraction was 2 passes)
+            rowsum = w.cached("w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
+            acc.addr_(zero.reshape(-1).to(torch.int32).expand(acc.shape[0]), rowsum, alpha=-1)
+    # the integer sums are exact; scale per row of x, then per output channel, then add the bias
+    if acc.dtype == torch.int32 and acc.device.type == "cpu" and fused.available():  # the same, in one pass
+        b = None if bias is None else bias.float().contiguous()
+        y = fused.rescale_rows(acc, x_scale.float().contiguous(), stored.scale.float().contiguous(), b)
+    else:
+        y = acc.to(torch.float32).mul_(x_scale.float()).mul_(stored.scale.float())  # in place: no temporary
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
+    act.nan_nonfinite_rows_(y, x2d, x_scale)
+    return y
+
+
+def _w8a8_int_mm(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None) -> torch.Tensor:
+    return _w8a8(w, x2d, act, bias, "int_mm")
+
+
+def _w8a8_fused(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None) -> torch.Tensor:
+    return _w8a8(w, x2d, act, bias, "fused")
+
+
+def _w8a8_sim(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None) -> torch.Tensor:
+    return _w8a8(w, x2d, act, bias, "sim")
+
+
+INT8PACK_CPU = KernelCandidate("int8pack_cpu", _int8pack_cpu, _int8pack_cpu_eligible, max_rows=12, tune_max_rows=256,
+                               layouts=("int8pack_scales",))
+"""torch's packed INT8 weight-only kernel on CPU (bf16), symmetric weights. ``max_rows`` measured with
+``bench_linear.py --crossover`` (4096x4096, AVX512 + AMX), packed vs dequantize ms at 24 / 32 rows: 4.8 vs 5.7 /
+6.3 vs 5.6 on 2 threads, 9.6 vs 10.1 / 13.0 vs 10.6 on 1 thread."""
+FUSED_INT8 = fused_candidate(_fused_int8)
+"""The compiled kernel on the stored INT8 layout (float32), symmetric or affine."""
+W8A8_INT_MM = KernelCandidate("w8a8_int_mm", _w8a8_int_mm, _int_mm_eligible, int8_inputs=True)
+"""INT8 activations x INT8 weights with ``torch._int_mm`` (CPU with VNNI/AMX, or CUDA)."""
+W8A8_FUSED = KernelCandidate("w8a8_fused", _w8a8_fused, _w8a8_fused_eligible, int8_inputs=True,
+                             layouts=("w8a8_packed",))
+"""The same products with the compiled int16-pair GEMM on CPU (weight repacked once); bit-identical."""
+W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_inputs=True, fallback=True)
+"""The same integer products in float64 (exact) where this torch has no ``torch._int_mm``."""
 
 
 @register_format
@@ -43,16 +142,17 @@ class Int8(IntegerFormat):
     bits: ClassVar[int] = 8
     thresholds: ClassVar[Mapping[str, float]] = {"weight_sqnr_db": 28.0, "output_sqnr_db": 25.0,
                                                  "end_to_end_sqnr_db": 20.0}
+    fused_layout: ClassVar[str | None] = "int8"
 
     symmetric: bool | None = None
     granularity: Literal["channel", "tensor"] = "channel"
     observer: ObserverLike = field(default=None, compare=False)
-    method: str = "rtn"
+    method: str = field(default="rtn", metadata=METHOD_FIELD)
     dynamic: bool = False
-    act_order: bool | None = None
-    damping: float = 0.01
-    refit_scales: bool | None = None
-    sequential: bool | None = None
+    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
+    damping: float = field(default=0.01, metadata=METHOD_FIELD)
+    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
+    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("channel", "tensor"):
@@ -89,10 +189,10 @@ class Int8(IntegerFormat):
     def output_scale(self, params: tuple) -> torch.Tensor | None:
         return params[0]  # one scale per output row (or one for all): it commutes with the matmul
 
-    def kernels(self) -> tuple[str, ...]:
+    def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         if self.weight_qtype().symmetric:
-            return ("int8pack_cpu", "fused_cpu", "w8a8_int_mm", "w8a8_fused", "w8a8_sim")
-        return ("fused_cpu",)
+            return (INT8PACK_CPU, FUSED_INT8, W8A8_INT_MM, W8A8_FUSED, W8A8_SIM)
+        return (FUSED_INT8,)
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

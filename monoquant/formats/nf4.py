@@ -99,6 +99,11 @@ class NF4(GroupWise, WeightSpec):
     def __post_init__(self) -> None:
         PerGroup(self.group_size)  # validates
 
+    def promotion(self) -> WeightSpec | None:
+        from .int8 import Int8  # the next precision up: 8-bit weights per output channel
+
+        return Int8()
+
     def describe(self, group_size: int | None = None) -> str:
         return f"nf4-g{group_size or self.group_size}"
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from ..formats import Int8, WeightSpec
+from ..im2col import ConvGeometry
 from .module import QuantModule
 from .registry import register_layer
 
@@ -69,19 +70,24 @@ class _QuantConvNd(QuantModule):
     def kernel_summary(self) -> str:
         return "dequant_conv"  # PyTorch has no low-bit convolution kernel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x, self.in_channels, dim=-(self._dims + 1))
+    rank_fallback = True
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        return cls(shape[1], shape[0], tuple(shape[2:]), bias=bias, spec=spec, **kwargs)
+
+    def input_spec(self) -> tuple[int | None, int]:
+        return self.in_channels, -(self._dims + 1)
+
+    def gptq_geometry(self) -> ConvGeometry:
+        return ConvGeometry.of(self)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
+        x = self.prepare_input(input)
         dtype = self.compute_dtype or x.dtype
-        pending = self.gptq is not None  # method="gptq" before mq.freeze: compute with the float weight
-        self.last_kernel = "gptq_pending" if pending else "dequant_conv"
-        weight = self.gptq.weight.to(dtype) if pending else self.dequantize_weight(dtype)
+        weight = self.compute_weight(dtype, "dequant_conv")
         bias = None if self.bias is None else self.bias.to(dtype)
-        act = self.input_quantizer
-        if act is not None and (act.ready or not act.calibrating):  # static ones raise until frozen
-            # dynamic qparams are per sample: an unbatched input is one sample, not one per channel
-            unbatched = x.dim() == self._dims + 1
-            x = act.fake_quantize(x.unsqueeze(0) if unbatched else x, per="sample")
-            x = x.squeeze(0) if unbatched else x
+        x = self.quantize_input(x, sample_dims=self._dims + 1)  # static ones raise until frozen
         x_in = x.to(dtype)
         if self.padding_mode != "zeros":
             x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -111,6 +117,7 @@ class QuantConv1d(_QuantConvNd):
     float_module_type = nn.Conv1d
     _dims = 1
     _conv = staticmethod(F.conv1d)
+    float_weight_ranks = (3,)
 
 
 @register_layer
@@ -120,6 +127,7 @@ class QuantConv2d(_QuantConvNd):
     float_module_type = nn.Conv2d
     _dims = 2
     _conv = staticmethod(F.conv2d)
+    float_weight_ranks = (4,)
 
 
 @register_layer
@@ -129,3 +137,4 @@ class QuantConv3d(_QuantConvNd):
     float_module_type = nn.Conv3d
     _dims = 3
     _conv = staticmethod(F.conv3d)
+    float_weight_ranks = (5,)

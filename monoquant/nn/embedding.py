@@ -69,10 +69,27 @@ class QuantEmbedding(QuantModule):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
                             device=self.qweight.device, dtype=self.float_dtype)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+    float_weight_ranks = (2,)
+    supports_gptq = False  # its input is indices: there is no Hessian of inputs to compensate rounding with
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        return cls(shape[0], shape[1], bias=bias, spec=spec, **kwargs)
+
+    def input_spec(self) -> tuple[int | None, int]:
+        return None, -1
+
+    def check_input(self, x: object, features: int | None, dim: int = -1) -> None:
+        """Refuse anything but integer indices (range checks come with the lookup)."""
+        if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"QuantEmbedding looks up integer indices, got {what}; pass a LongTensor of token ids")
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # indices: no input scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
+        ids = self.prepare_input(input)
         flat = ids.reshape(-1).long()
         if flat.numel() and not torch.compiler.is_compiling():  # traced: the gather itself checks the bounds
             lo, hi = (int(v) for v in torch.aminmax(flat))  # one reduction (and one device sync) per lookup

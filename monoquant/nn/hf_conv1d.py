@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import MissingExtraError
 from ..formats import WeightSpec
 from .linear import QuantLinear
+from .module import QuantModule
 from .registry import register_layer
 
 
@@ -37,6 +38,7 @@ class QuantHFConv1D(QuantLinear):
     float_module_type = None  # not nn.Linear: transformers' class, matched by name (never imported)
     float_module_path = "transformers.pytorch_utils.Conv1D"
     GEOMETRY = ("nf", "nx")
+    rank_fallback = False  # a 2-D checkpoint weight is a Linear one unless a pattern names it (--conv1d)
 
     def __init__(
         self,
@@ -53,6 +55,15 @@ class QuantHFConv1D(QuantLinear):
         super().__init__(nx, nf, bias, spec, group_size=group_size, compute_dtype=compute_dtype, device=device,
                          dtype=dtype)
         self.nf, self.nx = nf, nx
+
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        nx, nf = shape  # Conv1D stores [in, out]
+        return cls(nf, nx, bias, spec, **kwargs)
+
+    @classmethod
+    def stored_weight_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(shape))
 
     @classmethod
     def float_weight(cls, module: nn.Module) -> torch.Tensor:

@@ -31,6 +31,8 @@ class QuantLinear(QuantModule):
     GEOMETRY = ("in_features", "out_features")
     kernel_family = "linear"
     supports_input_scale = True
+    float_weight_ranks = (2,)
+    rank_fallback = True
 
     def __init__(
         self,
@@ -51,11 +53,22 @@ class QuantLinear(QuantModule):
                          compute_dtype=compute_dtype, device=device, dtype=dtype)
         self.register_buffer("input_permutation", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x, self.in_features)
+    @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        out_features, in_features = shape
+        return cls(in_features, out_features, bias, spec, **kwargs)
+
+    def input_spec(self) -> tuple[int | None, int]:
+        return self.in_features, -1
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Reorder the input features (``input_permutation``, when set), then apply the input scale."""
         if self.input_permutation is not None:
             x = x.index_select(-1, self.input_permutation)
-        x = self.scale_input(x)
+        return self.scale_input(x)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
+        x = self.prepare_input(input)
         if torch.compiler.is_compiling():  # one custom op per layer for torch.compile / torch.export
             return ops.linear(self, x)
         return kernels.linear(self, x)

@@ -14,16 +14,18 @@ fine-tune.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import functional as F
-from .. import fused
 from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
 from ..formats import Int8, Stored, WeightSpec
+from ..formats.kernel import QuantWeight
+from ..im2col import ConvGeometry
 from ..observers import Observer, apply_keeping_dtypes
 from .registry import replaces
 
@@ -44,6 +46,20 @@ class QuantModule(nn.Module):
     * ``kernel_family``: how its forward is computed (``"linear"``, ``"conv"``, ``"embedding"``), shown by
       :meth:`kernel_summary`;
     * ``config_field``: which :class:`~monoquant.QuantConfig` field names its weight format.
+
+    and implements the contract the rest of monoquant relies on (nothing else checks layer types):
+
+    * :meth:`float_weight` (float module -> its weight in the stored layout ``weight_shape``, ``[out, in, ...]``)
+      and :meth:`float_layout` (the inverse: a stored-layout weight -> the float module's layout), which
+      :attr:`weight` and :meth:`to_float` use;
+    * :meth:`input_spec`: the input's feature count and dimension, checked by :meth:`prepare_input`;
+    * ``forward`` starts with :meth:`prepare_input` (the one shared input-preparation step: refuse a bad input,
+      apply the input transform, feed calibration observers), then computes with :meth:`compute_weight` (the
+      pending GPTQ float weight or the dequantized one) or through :mod:`monoquant.kernels`, quantizing the input
+      with :meth:`quantize_input` when it has no kernel that takes INT8 inputs;
+    * ``supports_gptq`` and :meth:`gptq_geometry`: whether GPTQ can calibrate the layer and how its Hessian is
+      built from the prepared input (``None``: rows of ``[..., K]``; a :class:`~monoquant.im2col.ConvGeometry`:
+      convolution patches).
     """
 
     float_module_type: ClassVar[type[nn.Module] | None] = None
@@ -55,8 +71,15 @@ class QuantModule(nn.Module):
     config_field: ClassVar[str] = "weights"
     """The :class:`~monoquant.QuantConfig` field holding this layer type's weight format; layers whose field is
     ``None`` (``embeddings`` by default) are not candidates for ``quantize_`` at all."""
-    spec: WeightSpec
-    group_size: int | None
+    float_weight_ranks: ClassVar[tuple[int, ...]] = ()
+    """Ranks of the float weights this class can stand for (``(2,)`` for linear layers); with
+    :meth:`empty_for_weight`, what lets a checkpoint tool build it from a tensor shape alone."""
+    rank_fallback: ClassVar[bool] = False
+    """Whether ``monoquant quantize`` (which has no model to ask) takes this class for a weight of one of its
+    ``float_weight_ranks`` that no ``--layer`` pattern names: the documented fallback (Linear for 2-D, the
+    ``QuantConv`` classes for 3-5-D); the first registered such class per rank wins."""
+    supports_gptq: ClassVar[bool] = True
+    """Whether ``method="gptq"`` can calibrate this layer type (layers that cannot stay float, with the reason)."""
     compute_dtype: torch.dtype | None
     weight_shape: torch.Size
 
@@ -73,17 +96,15 @@ class QuantModule(nn.Module):
     ) -> None:
         if not isinstance(spec, WeightSpec):
             raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
-        self.spec = spec
         if group_size is not None and (type(group_size) is not int or group_size <= 0):
             raise ConfigError(f"{type(self).__name__}: group_size must be a positive integer or None, "
                               f"got {group_size!r}")
         self.weight_shape = torch.Size(weight_shape)
         group_size = self._resolve_group_size(spec, self.weight2d_shape[1], group_size)
-        self.group_size = group_size
+        # the one object kernels read and record into: format, group size, buffers (read from this layer), caches
+        self.quant_weight = QuantWeight(spec, group_size, self.weight2d_shape, self._stored_buffers)
         self.compute_dtype = compute_dtype
         self.float_dtype = dtype or torch.get_default_dtype()
-        self.last_kernel: str | None = None
-        self._kernel_cache: dict[str, Any] = {}
         # calibration state (monoquant.calibration.prepare): an ActivationQuantizer when the config quantizes
         # activations; a GPTQState while a method="gptq" weight waits for mq.freeze
         self.input_quantizer: nn.Module | None = None
@@ -122,7 +143,41 @@ class QuantModule(nn.Module):
     @property
     def stored(self) -> Stored:
         """The stored weight buffers (the format's ``stored_type``, as :meth:`WeightSpec.quantize` returns them)."""
-        return self.spec.stored_type(*(getattr(self, name) for name in self.spec.buffer_names()))
+        return self._stored_buffers()
+
+    def _stored_buffers(self) -> Stored:
+        spec = self.spec
+        return spec.stored_type(*(getattr(self, name) for name in spec.buffer_names()))
+
+    # ---- the stored weight (format, group size, caches, what the kernels recorded) ------------------
+    @property
+    def spec(self) -> WeightSpec:
+        """The weight format (``self.quant_weight.format``)."""
+        return self.quant_weight.format
+
+    @property
+    def group_size(self) -> int | None:
+        """The resolved group size (``self.quant_weight.group_size``; ``None`` for formats without groups)."""
+        return self.quant_weight.group_size
+
+    @property
+    def last_kernel(self) -> str | None:
+        """The kernel the last ``forward`` ran (recorded in ``quant_weight``)."""
+        return self.quant_weight.last_kernel
+
+    @last_kernel.setter
+    def last_kernel(self, name: str | None) -> None:
+        self.quant_weight.last_kernel = name
+
+    @property
+    def kernels_run(self) -> dict[int, str]:
+        """Row bucket -> the kernel ``forward`` last ran for that many rows (recorded in ``quant_weight``)."""
+        return self.quant_weight.ran
+
+    @property
+    def _kernel_cache(self) -> dict:
+        """What is derived from the buffers (``quant_weight.cache``: layouts, parameters, tuned choices)."""
+        return self.quant_weight.cache
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -142,6 +197,18 @@ class QuantModule(nn.Module):
             )
 
     @classmethod
+    def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
+        """An empty layer (buffers of the right shapes) for a float weight of ``shape`` as the float module stores
+        it, with default geometry otherwise (stride 1, no padding, one group); ``kwargs`` go to the constructor
+        (``group_size``, ``device``, ``dtype``). For checkpoint tools that have tensors but no model."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a weight shape alone")
+
+    @classmethod
+    def stored_weight_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored layout's shape (``weight_shape``) of a float weight of ``shape``: ``float_weight``'s shape."""
+        return tuple(shape)
+
+    @classmethod
     def float_weight(cls, module: nn.Module) -> torch.Tensor:
         """The weight of float ``module`` laid out as this class stores it (``[out, in, ...]``); a view, not a copy
         (layers whose float type stores it otherwise, such as transformers' ``Conv1D``, override this)."""
@@ -159,7 +226,7 @@ class QuantModule(nn.Module):
                 buf = getattr(self, name)
                 if buf is not None:
                     buf.copy_(getattr(stored, name))
-        self._kernel_cache.clear()
+        self.quant_weight.clear_cache()
 
     @classmethod
     def _spec_of(cls, config: QuantConfig | WeightSpec | str) -> tuple[WeightSpec, torch.dtype | None]:
@@ -179,6 +246,59 @@ class QuantModule(nn.Module):
         """Why float ``module`` cannot be replaced by this class (an option it cannot honour), else ``None``."""
         return None
 
+    # ---- the input: one shared preparation step ------------------------------------------------------
+    calibration_tap: Callable[[QuantModule, torch.Tensor], None] | None = None
+    """Set by :mod:`monoquant.calibration` while it collects statistics: called by :meth:`prepare_input` with the
+    prepared input (what the weight and the activation quantizer see)."""
+
+    def input_spec(self) -> tuple[int | None, int]:
+        """``(features, dim)``: the size the input must have along ``dim`` (``None``: not checked)."""
+        return self.weight2d_shape[1], -1
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer does to its input before the stored weight applies: the input scale (layers with a
+        stored input reordering, such as Hub act-order ``QuantLinear``, apply it first)."""
+        return self.scale_input(x)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The one input-preparation step every ``forward`` starts with: refuse an input the float layer would
+        refuse (:meth:`check_input` with :meth:`input_spec`), apply :meth:`transform_input`, and while
+        calibration runs hand the result to its observers (GPTQ Hessian, activation observer). A layer called
+        with several inputs, or with its input as a keyword, is observed on the tensor its weight applies to."""
+        features, dim = self.input_spec()
+        self.check_input(x, features, dim)
+        x = self.transform_input(x)
+        if self.calibration_tap is not None:
+            self.calibration_tap(self, x)
+        return x
+
+    def quantize_input(self, x: torch.Tensor, *, sample_dims: int | None = None) -> torch.Tensor:
+        """``x`` through the layer's activation quantizer (quantized, then dequantized), for layers that compute in
+        float: unchanged without one, or while it is still calibrating; a static one not frozen outside
+        calibration raises. ``sample_dims``: dims of one sample (dynamic qparams per sample, an unbatched input
+        being one sample); ``None``: per token (row of ``[-1, x.shape[-1]]``)."""
+        act = self.input_quantizer
+        if act is None or (not act.ready and act.calibrating):
+            return x
+        if sample_dims is None:
+            return act.fake_quantize(x)
+        unbatched = x.dim() == sample_dims
+        x = act.fake_quantize(x.unsqueeze(0) if unbatched else x, per="sample")
+        return x.squeeze(0) if unbatched else x
+
+    def compute_weight(self, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+        """The weight ``forward`` computes with, in the stored layout and ``dtype``: the float one while a
+        ``method="gptq"`` weight waits for :func:`monoquant.freeze`, else the dequantized one; records what ran
+        (``"gptq_pending"``, else ``kernel``) in :attr:`last_kernel`."""
+        pending = self.gptq is not None
+        self.last_kernel = "gptq_pending" if pending else kernel
+        return self.gptq.weight.to(dtype) if pending else self.dequantize_weight(dtype)
+
+    def gptq_geometry(self) -> ConvGeometry | None:
+        """How GPTQ builds this layer's Hessian from its prepared input: ``None`` for rows of ``[..., K]`` (linear
+        layers); convolutions return their :class:`~monoquant.im2col.ConvGeometry` (patches)."""
+        return None
+
     # ---- input scale -------------------------------------------------------------------------------
     def set_input_scale(self, scale: torch.Tensor | None) -> None:
         """Multiply every input by ``scale`` (``[K]``, float32, one per input channel) before the layer computes;
@@ -190,7 +310,7 @@ class QuantModule(nn.Module):
                                   f"layer that takes [..., {k}] inputs, got {tuple(scale.shape)}")
             scale = scale.detach().to(torch.float32)
         self.register_buffer("input_scale", scale)
-        self._kernel_cache.clear()
+        self.quant_weight.clear_cache()
 
     supports_input_scale: bool = False
     """Whether the layer's input is ``[..., K]`` so that a per-input-channel scale applies (linear layers)."""
@@ -219,37 +339,21 @@ class QuantModule(nn.Module):
 
         ``out`` is a contiguous float tensor of shape ``[rows, K]``; ``scratch`` (optional, uint8, at least
         ``2 * rows * (K + 1)`` bytes) is reused for unpacking. The format's one dequantization
-        (:meth:`WeightSpec.dequantize_into`) does the work, with its parameters cached per dtype.
+        (:meth:`WeightSpec.dequantize_into`, or its compiled twin :meth:`WeightSpec.compiled_dequantize_into`)
+        does the work, with its parameters cached per dtype (:meth:`QuantWeight.dequantize_into`).
         ``scaled=False`` leaves out a per-row scale the caller applies to the matmul output instead
         (:meth:`output_scale`): ``x @ ((q - z) s)^T = (x @ (q - z)^T) s`` with ``rows`` times fewer multiplications.
-
-        On CPU, for float32 or bf16 ``out`` and a format whose stored layout the compiled kernel reads (the
-        formats that list ``fused_cpu`` in :meth:`WeightSpec.kernels`), the compiled one-pass dequantize
-        (:func:`monoquant.fused.dequantize_into`, bit-identical, 5-10x faster for INT4) does it instead.
         """
-        if self._compiled_dequantize_ok(out):
-            return fused.dequantize_into(out, self.spec.kind, self.qweight, self.scale, self.zero_point,
-                                         self.group_size, row_start, scaled)
-        return self.spec.dequantize_into(out, self.stored, row_start, self.dequant_params(out.dtype),
-                                         self.group_size, scratch, scaled=scaled)
-
-    def _compiled_dequantize_ok(self, out: torch.Tensor) -> bool:
-        return (out.device.type == "cpu" and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous()
-                and self.qweight.device.type == "cpu" and "fused_cpu" in self.spec.kernels()
-                and self.spec.kind in ("int4", "int8") and fused.available())
+        return self.quant_weight.dequantize_into(out, row_start, scratch, scaled=scaled)
 
     def dequant_params(self, dtype: torch.dtype) -> tuple:
         """The format's dequantization parameters in ``dtype``, computed once per dtype and cached."""
-        params = self._kernel_cache.get(("dequant", dtype))
-        if params is None:
-            with torch.inference_mode(False), torch.no_grad():
-                params = self._kernel_cache[("dequant", dtype)] = self.spec.dequant_params(self.stored, dtype)
-        return params
+        return self.quant_weight.dequant_params(dtype)
 
     def output_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The per-output-row scale (``[N, 1]`` or scalar) in ``dtype`` that ``dequantize_into(..., scaled=False)``
         leaves out, or ``None`` when the format has none."""
-        return self.spec.output_scale(self.dequant_params(dtype))
+        return self.quant_weight.output_scale(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -259,9 +363,14 @@ class QuantModule(nn.Module):
         While a ``method="gptq"`` weight waits for :func:`monoquant.freeze` this is the float weight it computes with.
         """
         w = self.gptq.weight if self.gptq is not None else self.dequantize_weight()
-        if self.input_scale is None:
-            return w
-        return w * self.input_scale.to(w.dtype)  # the weight a float layer without the input scale computes with
+        if self.input_scale is not None:  # the weight a float layer without the input scale computes with
+            w = w * self.input_scale.to(w.dtype)
+        return self.float_layout(w)
+
+    def float_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the stored layout (``weight_shape``) laid out as the float module stores it: the inverse of
+        :meth:`float_weight` (the same tensor for layers whose float type stores ``[out, in, ...]``)."""
+        return weight
 
     @classmethod
     def geometry_of(cls, module: nn.Module) -> dict[str, Any]:
@@ -309,7 +418,7 @@ class QuantModule(nn.Module):
         dequantized one, or the float one while a ``method="gptq"`` weight waits for :func:`monoquant.freeze`."""
         module = self.make_float()
         with torch.no_grad():
-            type(self).float_weight(module).copy_(self.weight)
+            module.weight.copy_(self.weight)  # `weight` is in the float module's layout (float_layout)
             if self.bias is not None:
                 module.bias.copy_(self.bias)
         module.train(self.training)
@@ -322,14 +431,14 @@ class QuantModule(nn.Module):
         The bias follows the model's dtype (and with it the output's compute dtype); integer codes and
         float32 scales keep theirs, so a ``model.half()`` cannot silently round the scales.
         """
-        self._kernel_cache = {}
+        self.quant_weight.clear_cache()
         apply_keeping_dtypes(self, fn, recurse, names=self.spec.buffer_names())
         # the float dtype follows the conversion whether or not there is a bias to carry it
         self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._kernel_cache = {}
+        self.quant_weight.clear_cache()
         super()._load_from_state_dict(*args, **kwargs)
 
     def storage_bytes(self) -> int:

@@ -1,0 +1,153 @@
+"""What a format's kernels see and declare: the layer's :class:`QuantWeight` and the :class:`KernelCandidate`.
+
+A format lists the low-bit kernels that can run its stored layout in :meth:`WeightSpec.kernel_candidates`
+(torchao's ``implements``, in one method): each candidate says when it applies (``eligible``, asked with a
+:class:`KernelQuery`: shape, group, rows, device, compute dtype, gradient; the CPU features come from
+:mod:`monoquant.hardware`), which repacked layouts it caches on the weight (``layouts``) and how it computes
+(``run``, one callable). :mod:`monoquant.kernels` adds the shared candidates every format has (dequantize +
+matmul), the tuner times whatever is eligible, and nothing outside the format knows its layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .base import Stored, WeightSpec
+
+
+@dataclass(frozen=True)
+class KernelQuery:
+    """The situation a kernel candidate is asked about."""
+
+    n: int
+    """Output features (rows of the ``[N, K]`` weight)."""
+    k: int
+    """Input features."""
+    group_size: int | None
+    device: torch.device
+    rows: int
+    """Input rows of this call (``x.numel() // K``)."""
+    compute_dtype: torch.dtype | None
+    """The dtype the layer was asked to compute in (``None``: the kernel's natural one)."""
+    needs_grad: bool
+    """The input requires a gradient (only the differentiable dequantize paths apply)."""
+
+    @property
+    def low_bit_ok(self) -> bool:
+        """Whether a kernel that computes in bf16 may run: no other compute dtype forced, no gradient wanted."""
+        return self.compute_dtype in (None, torch.bfloat16) and not self.needs_grad
+
+
+@dataclass(eq=False)
+class KernelCandidate:
+    """One low-bit kernel a format can run (see the module docstring).
+
+    ``run(weight, x2d)`` takes the layer's :class:`QuantWeight` and the input as ``[rows, K]`` and returns the
+    ``[rows, N]`` product without the bias (any float dtype; the dispatcher adds the bias and casts).
+    Candidates with ``int8_inputs=True`` run on INT8 input codes instead: ``run(weight, x2d, act, bias)``
+    quantizes ``x2d`` with the layer's activation quantizer ``act`` and returns the finished ``[rows, N]``
+    output, bias included. ``fallback`` candidates (an exact but slow reference) are only offered when no other
+    INT8-input candidate is eligible, and are then used without timing. The row limits are plain attributes,
+    so a benchmark may move them (``bench_linear.py --crossover``).
+    """
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    eligible: Callable[[QuantWeight, KernelQuery], bool]
+    max_rows: int | None = None
+    """Largest row count the static table (tuning off) sends to it; ``None``: any."""
+    tune_max_rows: int | None = None
+    """Largest row count at which it is timed as a candidate (its time grows with rows); ``None``: any."""
+    layouts: tuple[str, ...] = ()
+    """Keys of the repacked weights it caches on the :class:`QuantWeight` (freed when it runs nowhere)."""
+    int8_inputs: bool = False
+    fallback: bool = False
+
+
+class QuantWeight:
+    """A quantized layer's weight as its kernels see it: format, resolved group size, ``[N, K]`` shape, the
+    stored buffers (read from the layer that registers them, so ``state_dict``, ``.to()`` and loading keep
+    working) and everything derived from them -- dequantization parameters per dtype, repacked kernel layouts,
+    tuned choices (``cache``) -- plus what the kernels recorded: ``last_kernel`` and ``ran`` (row bucket ->
+    the kernel ``forward`` last ran there). The layer owns exactly one; nothing else writes kernel state onto the layer.
+    """
+
+    def __init__(self, fmt: WeightSpec, group_size: int | None, shape2d: tuple[int, int],
+                 buffers: Callable[[], Stored]) -> None:
+        self.format = fmt
+        self.group_size = group_size
+        self.shape2d = shape2d
+        self._buffers = buffers
+        self.cache: dict[Any, Any] = {}
+        self.last_kernel: str | None = None
+        self.ran: dict[int, str] = {}
+
+    @property
+    def stored(self) -> Stored:
+        """The stored buffers (the format's ``stored_type``)."""
+        return self._buffers()
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.qweight.device
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The cached value for ``key`` (a repacked layout, parameters...), built by ``make`` at first use."""
+        cache = self.cache
+        if key not in cache:
+            with torch.inference_mode(False), torch.no_grad():
+                cache[key] = make()
+        return cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget everything derived from the buffers (they changed or moved)."""
+        self.cache.clear()
+
+    def candidates(self) -> tuple[KernelCandidate, ...]:
+        """The low-bit kernels this weight's format registered."""
+        return self.format.kernel_candidates()
+
+    # ---- dequantization ---------------------------------------------------------------------------------
+    def dequant_params(self, dtype: torch.dtype) -> tuple:
+        """The format's dequantization parameters in ``dtype``, computed once per dtype and cached."""
+        return self.cached(("dequant", dtype), lambda: self.format.dequant_params(self.stored, dtype))
+
+    def output_scale(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The per-output-row scale in ``dtype`` that ``dequantize_into(..., scaled=False)`` leaves out, or
+        ``None`` when the format has none."""
+        return self.format.output_scale(self.dequant_params(dtype))
+
+    def dequantize_into(self, out: torch.Tensor, row_start: int = 0, scratch: torch.Tensor | None = None,
+                        *, scaled: bool = True) -> torch.Tensor:
+        """Write output rows ``row_start : row_start + len(out)`` of the ``[N, K]`` weight into ``out``: the
+        format's compiled path when it has one for this output (:meth:`WeightSpec.compiled_dequantize_into`),
+        else its one dequantization (:meth:`WeightSpec.dequantize_into`)."""
+        stored = self.stored
+        done = self.format.compiled_dequantize_into(out, stored, row_start, self.group_size, scaled)
+        if done is not None:
+            return done
+        return self.format.dequantize_into(out, stored, row_start, self.dequant_params(out.dtype),
+                                           self.group_size, scratch, scaled=scaled)
+
+    def dequantize_rows(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+        """Output rows ``rows`` (all by default) of the float ``[N, K]`` weight in ``dtype``, freshly allocated."""
+        n, k = self.shape2d
+        rows = rows or slice(None)
+        n_rows = len(range(*rows.indices(n)))
+        out = torch.empty(n_rows, k, dtype=dtype, device=self.device)
+        return self.dequantize_into(out, rows.start or 0)
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, K]``."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def bf16_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """``[rows, K]`` activations as contiguous bf16, what the packed kernels take."""
+    return x2d.to(torch.bfloat16).contiguous()
