@@ -22,11 +22,14 @@ whose ``config.json`` has a GPTQ ``quantization_config`` (``quant_method "gptq"`
 loads their layers as monoquant ``Int4`` ``QuantLinear`` layers on the CPU, with bit-exact dequantized weights
 (:mod:`monoquant.hub_formats`), instead of transformers' GPU-first GPTQ/AWQ backends. Such a model is then a
 monoquant model (``save_pretrained`` writes monoquant's format; ``mq.save(model, f, format="gptq")`` writes
-GPTQ). :func:`use_transformers_for_hub_checkpoints` hands the two methods back to transformers.
+GPTQ). It does so only where transformers' own loaders cannot run (their backend ``gptqmodel`` is not installed,
+so nothing a user set up is replaced); :func:`use_monoquant_for_hub_checkpoints` chooses monoquant anyway,
+:func:`use_transformers_for_hub_checkpoints` hands the two methods back to transformers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from .quantize import quantize_
 from .serialization import FORMAT_VERSION, QUANT_METHOD, header_of, install_layers, load, stored_once
 
 __all__ = ["HubCheckpointQuantizer", "MonoQuantConfig", "MonoQuantHfQuantizer", "attach", "detach",
+           "transformers_backend_installed", "use_monoquant_for_hub_checkpoints",
            "use_transformers_for_hub_checkpoints"]
 
 
@@ -227,15 +231,31 @@ class HubCheckpointQuantizer(HfQuantizer):
 
 
 HUB_METHODS = ("gptq", "awq")
-"""The ``quant_method`` values whose checkpoints monoquant reads in ``from_pretrained`` once this module is imported."""
+"""The ``quant_method`` values whose checkpoints monoquant can read in ``from_pretrained``."""
+TRANSFORMERS_BACKEND = "gptqmodel"
+"""The package transformers' own GPTQ and AWQ quantizers need (5.x); without it they refuse to load."""
 _TRANSFORMERS_OWN = {method: AUTO_QUANTIZER_MAPPING[method] for method in HUB_METHODS}
-AUTO_QUANTIZER_MAPPING.update({method: HubCheckpointQuantizer for method in HUB_METHODS})
+
+
+def transformers_backend_installed() -> bool:
+    """Whether transformers' own GPTQ/AWQ loaders can run here (their backend package is installed)."""
+    return importlib.util.find_spec(TRANSFORMERS_BACKEND) is not None
+
+
+def use_monoquant_for_hub_checkpoints() -> None:
+    """Read GPTQ and AWQ checkpoints with monoquant in ``from_pretrained`` (what importing this module does by
+    itself only where transformers' own loaders cannot run)."""
+    AUTO_QUANTIZER_MAPPING.update({method: HubCheckpointQuantizer for method in HUB_METHODS})
 
 
 def use_transformers_for_hub_checkpoints() -> None:
-    """Give GPTQ and AWQ checkpoints back to transformers' own quantizers (its GPU backends), undoing what
-    importing this module did; checkpoints already loaded stay as they are."""
+    """Give GPTQ and AWQ checkpoints back to transformers' own quantizers (its GPU backends); checkpoints already
+    loaded stay as they are."""
     AUTO_QUANTIZER_MAPPING.update(_TRANSFORMERS_OWN)
+
+
+if not transformers_backend_installed():  # nothing a user set up is replaced: transformers would refuse them
+    use_monoquant_for_hub_checkpoints()
 
 
 def attach(model: nn.Module) -> None:

@@ -4,10 +4,11 @@ opaque node per layer instead of tracing the dispatch (timing, caches, CPU-featu
 
 The op takes the input, the layer's stored buffers and bias (so that a graph depends on them) and a handle
 naming the live layer; its implementation runs :func:`monoquant.kernels.linear` on that layer, exactly as eager
-``forward`` does, so a compiled model computes the same numbers, keeps the tuner's measured choice per row bucket and records the
-kernel it ran (:func:`monoquant.kernels.kernels_run`, what the report shows). Its fake implementation only gives
-the output shape (``[..., out_features]`` in the input's dtype). The compiled (C++) kernels are custom ops of their own
-(:mod:`monoquant.fused`), for the code that torch.compile does trace (convolutions, embeddings).
+``forward`` does, so a compiled model computes the same numbers, keeps the tuner's measured choice per row bucket
+and records the kernel it ran (:func:`monoquant.kernels.kernels_run`, what the report shows). Its fake
+implementation only gives the output shape (``[..., out_features]`` in the input's dtype). The compiled (C++)
+kernels are custom ops of their own (:mod:`monoquant.fused`), for the code that torch.compile does trace
+(convolutions, embeddings).
 
 The handle is the layer's identity in this process: a graph or an exported program runs the quantized layers of
 the process that traced it, not copies loaded elsewhere (export again after :func:`monoquant.load`).

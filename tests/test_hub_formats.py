@@ -13,6 +13,9 @@ Both mean ``W[n, k] = scales[g(k), n] * (q[k, n] - zero[g(k), n])``.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -488,7 +491,22 @@ def test_from_pretrained_refuses_what_monoquant_cannot_read(tmp_path):
     try:
         assert AUTO_QUANTIZER_MAPPING["gptq"] is not mqhf.HubCheckpointQuantizer
     finally:
-        AUTO_QUANTIZER_MAPPING.update({m: mqhf.HubCheckpointQuantizer for m in mqhf.HUB_METHODS})
+        mqhf.use_monoquant_for_hub_checkpoints()
+    assert all(AUTO_QUANTIZER_MAPPING[m] is mqhf.HubCheckpointQuantizer for m in mqhf.HUB_METHODS)
+
+
+def test_importing_monoquant_hf_keeps_transformers_own_hub_loaders_when_their_backend_is_installed(tmp_path):
+    """A user who installed gptqmodel keeps transformers' GPTQ/AWQ loaders: only an import that would otherwise
+    leave those checkpoints unloadable makes monoquant their reader."""
+    fake = tmp_path / "gptqmodel"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    code = ("import monoquant.hf as h; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
+            "print(h.transformers_backend_installed(), [M[m] is h.HubCheckpointQuantizer for m in h.HUB_METHODS])")
+    for path, expected in ((str(tmp_path), "True [False, False]"), ("", "False [True, True]")):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
 
 
 # ---- monoquant inspect -------------------------------------------------------------------------------------
