@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import lightning.pytorch as pl
 import torch
@@ -137,7 +138,8 @@ class Snapshot(pl.Callback):
 def trainer(callbacks, **kwargs) -> pl.Trainer:
     defaults = dict(max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False,
                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0)
+                    num_sanity_val_steps=0,
+                    default_root_dir=tempfile.mkdtemp(prefix="mq-trainer-"))  # the report file lands here, not in cwd
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
 
