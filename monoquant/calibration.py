@@ -470,10 +470,15 @@ def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
     """One-pass calibration with at most ``budget`` bytes of Hessians at a time: a pass over ``data`` per group
     of GPTQ layers (:func:`_plan_hessian_passes`), each group's results computed and its Hessians handed back
     before the next pass, and every result applied only after the last pass. Every layer runs in float until
-    then, so each Hessian is collected on the inputs the one pass gives it and the results are the same."""
+    then, so each Hessian is collected on the inputs the one pass gives it and the results are the same.
+
+    Each computed GPTQ weight goes straight into its layer's stored buffers (unused while the layer is pending),
+    so the quantized weights are held once, not also as results waiting to be applied and as copies for an undo.
+    If a pass fails, the layers stay pending (computing with their float weights) with their statistics
+    dropped; buffers already written hold computed weights until a later freeze overwrites them."""
     stages = _plan_hessian_passes(model, layers, first, forward_fn, budget)
     modules = [q for _, q in layers]
-    results: list[_Result] = []
+    results: list[tuple[FrozenLayer, Any]] = []  # (row, activation qparams or None)
     started: list[_Stage] = []
     try:
         bar = tqdm(stages, desc="calibrating (Hessians in passes)", unit="pass", leave=False,
@@ -486,16 +491,23 @@ def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
                         data_mod.run_batch(model, batch, forward_fn)
             for _, q in stage.layers:
                 sync_observers(q)  # no-op unless torch.distributed is initialised
-            results += _compute_frozen(stage.layers)
+            for item in stage.layers:  # one layer's result at a time, straight into its stored buffers
+                (row, stored, act_qparams), = _compute_frozen([item])
+                if stored is not None:
+                    row.module.set_stored(stored)  # still pending: it computes with its float weight until the end
+                results.append((row, act_qparams))
+                del stored
             _release_hessians(stage)
     except BaseException:
         for stage in started:
             _reset_observers(stage)
         raise
+    for row, act_qparams in results:  # plain assignments: the layers stop computing with their float weights
+        row.module.gptq = None
+        if act_qparams is not None:
+            row.module.input_quantizer.freeze(act_qparams)
     position = {id(q): i for i, q in enumerate(modules)}
-    results.sort(key=lambda r: position[id(r[0].module)])
-    _apply_frozen(results)
-    return [row for row, _, _ in results]
+    return sorted((row for row, _ in results), key=lambda row: position[id(row.module)])
 
 
 def _reset_observers(stage: _Stage) -> None:
