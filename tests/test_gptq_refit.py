@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import monoquant as mq
@@ -29,6 +29,7 @@ def _codes(spec, stored, k, group):
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 12), groups=st.integers(1, 4), group=st.sampled_from([16, 32]), seed=st.integers(0, 99))
+@example(rows=5, groups=4, group=16, seed=61)  # scales 6e-7 relative from lstsq's, the same error to 1e-12
 def test_refit_solves_each_rows_least_squares_exactly_and_never_raises_the_error(rows, groups, group, seed):
     k = groups * group
     x = _inputs(4 * k, k, seed).double()
@@ -46,8 +47,12 @@ def test_refit_solves_each_rows_least_squares_exactly_and_never_raises_the_error
         for gi in range(groups):
             basis[gi * group:(gi + 1) * group, gi] = centred[r, gi * group:(gi + 1) * group]
         best = torch.linalg.lstsq(x @ basis, x @ w[r]).solution
-        if (best > 0).all() and _row_errors(w[r:r + 1], (basis @ best)[None], h) < before[r]:
-            torch.testing.assert_close(new[r], best, rtol=1e-6, atol=1e-9)
+        best_error = _row_errors(w[r:r + 1], (basis @ best)[None], h)
+        if (best > 0).all() and best_error < before[r]:
+            # the minimum itself to 1e-9 (the scales agree to ~1e-6 relative: the least squares is solved once
+            # per row from H, whose float rounding moves the minimiser along a flat valley, not its error)
+            assert after[r] <= best_error * (1 + 1e-9) + 1e-12
+            torch.testing.assert_close(new[r], best, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(("spec", "group", "min_gain_db"), [
