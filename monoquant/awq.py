@@ -45,13 +45,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as data_mod
-from . import functional as F
 from .compare import _output_tensors
 from .errors import CalibrationError
 from .formats import WeightSpec
-from .formats.integer import IntegerFormat
 from .gptq import GPTQOptions, HessianObserver, gptq_quantize
-from .observers import MinMaxObserver, distributed_ready
+from .observers import distributed_ready
 from .qtypes import PerTensor
 
 SCALE_GRID = 20
@@ -245,19 +243,8 @@ def _collect(model: nn.Module, groups: list[_Group], data: Iterable[Any], forwar
 
 
 def _rtn(spec: WeightSpec, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """``w`` rounded to nearest in ``spec`` with min/max ranges, dequantized to float32. Integer formats are
-    rounded in float32 without storing codes (the search calls this 40 times per layer; storing and unpacking
-    INT4 codes took most of its time); other formats go through their own quantize and dequantize."""
-    if isinstance(spec, IntegerFormat):
-        granularity = spec.weight_granularity(group_size)
-        view = F.group_view(w.float(), granularity)
-        lo, hi = view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)
-        scale, zero = F.qparams_from_minmax(lo, hi, spec.weight_qtype())
-        scale, zero = scale.float(), zero.float()
-        qtype = spec.weight_qtype()
-        q = torch.round(view / scale).add_(zero).clamp_(qtype.qmin, qtype.qmax)
-        return q.sub_(zero).mul_(scale).reshape(w.shape)
-    return spec.dequantize(spec.quantize(w, group_size, MinMaxObserver()), w.shape[1], group_size, torch.float32)
+    """``w`` rounded to nearest in ``spec`` with min/max ranges, dequantized to float32."""
+    return spec.round_trip_minmax(w, group_size)
 
 
 def _output_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The ``monoquant`` command (also ``python -m monoquant``).
 
 ``monoquant [--plugin MODULE] quantize IN OUT --bits 4|8 | --format F [--group-size 128] [--skip PATTERN ...]
-[--conv1d PATTERN ...] [--layer GLOB=CLASS ...] [--symmetric|--affine]``
+[--model FOLDER_OR_CONFIG_JSON] [--conv1d PATTERN ...] [--layer GLOB=CLASS ...] [--symmetric|--affine]``
     Quantizes a checkpoint without the model's code: every floating-point tensor named ``*.weight`` (or
-    ``weight``) becomes the registered layer class a ``--layer GLOB=CLASS`` pattern names for it, else -- the
-    documented fallback, since a checkpoint cannot say which layer a tensor belongs to -- the class registered
+    ``weight``) becomes the registered layer class a ``--layer GLOB=CLASS`` pattern names for it, else the one
+    registered for its module's type in the model given with ``--model``, else -- the documented fallback, since
+    a checkpoint alone cannot say which layer a tensor belongs to -- the class registered
     as the fallback for its rank (``rank_fallback``: ``QuantLinear`` for 2 dimensions, ``QuantConv1d/2d/3d`` for
     3, 4 or 5), unless it matches a skip pattern, has fewer than 1,024 elements, or (INT4) has no group size
     that divides its rows. ``--format`` takes any registered format (:data:`~monoquant.formats.FORMATS`);
@@ -21,8 +22,17 @@
     without ``.weight``) keep the usual embedding and normalisation tables in float; add ``--skip`` for
     others (``*wte``, ``*wpe``, ``shared``...). If one slips through, ``mq.load`` names it.
 
-    Layers stored transposed (``[in, out]``), as transformers' ``Conv1D`` in GPT-2, are named with ``--conv1d``
-    (globs on the layer name): their weight is transposed before quantizing and they load as
+    ``--model FOLDER_OR_CONFIG_JSON`` (a transformers model folder or its ``config.json``) lets the model decide
+    instead of the rank: it is built on the meta device (nothing allocated or downloaded) and each weight becomes
+    the class registered for its float module's type (GPT-2's ``Conv1D``: ``QuantHFConv1D``; norms and modules
+    with no registered class stay float); a ``*.weight`` the model does not have is an error. ``--layer``
+    patterns still win::
+
+        monoquant quantize gpt2.safetensors gpt2-int4.safetensors --bits 4 --model gpt2-folder \\
+            --skip '*wte' --skip '*wpe'
+
+    Without ``--model``, layers stored transposed (``[in, out]``), as transformers' ``Conv1D`` in GPT-2, are
+    named with ``--conv1d`` (globs on the layer name): their weight is transposed before quantizing and they load as
     :class:`~monoquant.nn.QuantHFConv1D`. A GPT-2 checkpoint::
 
         monoquant quantize gpt2.safetensors gpt2-int4.safetensors --bits 4 --skip '*wte' --skip '*wpe' \\
@@ -78,7 +88,8 @@ from . import hub_formats, schemes
 from . import safetensors_io as stio
 from .errors import ConfigError, MonoQuantError, SerializationError
 from .formats import FORMATS, IntegerFormat, WeightSpec
-from .nn import LAYERS, QuantHFConv1D, QuantModule, layer_class
+from .nn import LAYERS, QuantHFConv1D, QuantModule, layer_class, quant_class_for
+from .pipeline import meta_model
 from .rules import DEFAULT_MIN_PARAMS
 from .serialization import file_metadata, module_entry, parse_metadata
 
@@ -98,6 +109,30 @@ def rank_fallbacks() -> dict[int, type[QuantModule]]:
         if cls.rank_fallback:
             for rank in cls.float_weight_ranks:
                 table.setdefault(rank, cls)
+    return table
+
+
+ModelLayers = dict[str, tuple[str, type[QuantModule] | None]]
+"""Layer name -> (its float module's type name, the quantized class registered for that type or ``None``)."""
+
+
+def model_layers(config: Path) -> ModelLayers:
+    """Every module of the transformers model of ``config`` (a folder with ``config.json``, or that file), built
+    on the meta device (nothing allocated), with the layer class :func:`~monoquant.nn.quant_class_for` gives it.
+    Names are listed with and without the model's ``base_model_prefix`` (``transformer.h.0`` and ``h.0``), so
+    checkpoints of the bare model and of its head model both match."""
+    model = meta_model(config)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    table: ModelLayers = {}
+    for name, module in model.named_modules():
+        cls = quant_class_for(module)
+        entry = (type(module).__name__, cls if cls is not None and cls.float_weight_ranks else None)
+        table[name] = entry
+    for name, entry in list(table.items()):
+        if prefix and name.startswith(prefix + "."):
+            table.setdefault(name[len(prefix) + 1:], entry)
+        elif prefix and name and not name.startswith(prefix + "."):
+            table.setdefault(f"{prefix}.{name}", entry)
     return table
 
 
@@ -213,15 +248,31 @@ LayerPatterns = Sequence[tuple[str, type[QuantModule]]]
 """``(glob, layer class)`` from ``--layer GLOB=CLASS`` (and ``--conv1d GLOB``), first match wins."""
 
 
+def _is_weight(name: str) -> bool:
+    return name == "weight" or name.endswith(".weight")
+
+
+def _layer_name(weight: str) -> str:
+    return weight[: -len("weight")].rstrip(".")
+
+
 def _plan(name: str, dtype: torch.dtype, shape: tuple[int, ...], spec: WeightSpec, skip: Sequence[str],
-          has_bias: bool, layers: LayerPatterns = ()) -> _Plan:
+          has_bias: bool, layers: LayerPatterns = (), model: ModelLayers | None = None) -> _Plan:
     plan = _Plan(name, shape)
-    if not (name == "weight" or name.endswith(".weight")):
+    if not _is_weight(name):
         plan.reason = "not a weight"
         return plan
-    layer = name[: -len("weight")].rstrip(".")
+    layer = _layer_name(name)
     named = next((cls for pattern, cls in layers if _matching([pattern], layer, name)), None)
-    cls = named if named is not None and len(shape) in named.float_weight_ranks else rank_fallbacks().get(len(shape))
+    if named is not None and len(shape) in named.float_weight_ranks:
+        cls = named
+    elif model is not None:  # the model says which float module holds this weight (cmd_quantize checked it has it)
+        module_type, cls = model[layer]
+        if cls is None or len(shape) not in cls.float_weight_ranks:
+            plan.reason = f"{module_type}: no quantized layer class for it"
+            return plan
+    else:
+        cls = rank_fallbacks().get(len(shape))
     if not dtype.is_floating_point or cls is None:
         plan.reason = f"{len(shape)}-D {str(dtype).removeprefix('torch.')}"
         return plan
@@ -362,8 +413,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     table, tensors = ckpt.table, ckpt.tensors
     names = {n for n, _, _ in table}
     layers = _layer_patterns(args)
+    model = _checked_model_layers(args.model, table) if args.model else None
     plans = [_plan(n, d, s, spec, skip, has_bias=n.endswith("weight") and f"{n[:-6]}bias" in names,
-                   layers=layers) for n, d, s in table]
+                   layers=layers, model=model) for n, d, s in table]
     _check_conv1d_patterns(args.conv1d, table, plans)
     _check_layer_patterns(layers, table)
     out_table = _check_collisions(plans, table)
@@ -435,6 +487,17 @@ def cmd_quantize_pretrained(args: argparse.Namespace) -> int:
     print(f"{len(report.quantized)} layers quantized ({report.size_ratio:.3f}x the float size) -> "
           f"{Path(args.output) / 'model.safetensors'}")
     return 0
+
+
+def _checked_model_layers(config: str, table: Table) -> ModelLayers:
+    """:func:`model_layers` of ``--model``, after checking that the model has a module for every ``*.weight``."""
+    model = model_layers(Path(config))
+    missing = [n for n, _, _ in table if _is_weight(n) and _layer_name(n) not in model]
+    if missing:
+        raise ConfigError(f"{len(missing)} weight(s) of the checkpoint are not in the model of --model {config}: "
+                          f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; pass the config of the "
+                          "model this checkpoint was saved from, or leave --model out to pick layers by rank")
+    return model
 
 
 def _check_conv1d_patterns(patterns: Sequence[str], table: Table, plans: Sequence[_Plan]) -> None:
@@ -582,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize layers matching GLOB as the registered layer class CLASS (e.g. "
                         "'*.up=QuantConvTranspose2d'); without one, a weight's rank picks the class (2-D: QuantLinear, "
                         "3-5-D: QuantConv1d/2d/3d); repeatable")
+    q.add_argument("--model", metavar="FOLDER_OR_CONFIG_JSON",
+                   help="a transformers model folder or its config.json: each weight becomes the layer class "
+                        "registered for its module's type (GPT-2's Conv1D: QuantHFConv1D) instead of one picked by "
+                        "rank; the model is built on the meta device, nothing is downloaded or allocated")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", action="store_true", help="symmetric scales, no zero-points "
                                                               "(default for --bits 8)")

@@ -59,7 +59,7 @@ class QuantConfig:
             raise ConfigError(
                 f"weights must be a spec such as mq.Int8() or mq.Int4(group_size=128), got {self.weights!r}"
             )
-        if self.activations is not None and not isinstance(self.activations, Int8):
+        if self.activations is not None and not getattr(self.activations, "supports_activations", False):
             raise ConfigError(f"activations must be mq.Int8(...) or None, got {self.activations!r}")
         # options that only mean something on the other side would otherwise be silently ignored
         if getattr(self.weights, "dynamic", False):

@@ -347,18 +347,24 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
 
 
-def dequantize_into(out: torch.Tensor, kind: str, qweight: torch.Tensor, scale: torch.Tensor,
-                    zero_point: torch.Tensor | None, group_size: int | None, row_start: int,
-                    scaled: bool = True) -> torch.Tensor:
-    """Write output rows ``row_start : row_start + len(out)`` of an ``"int4"`` or ``"int8"`` weight (stored
-    layout) into the float32 or bf16 ``out`` (``[rows, K]``, contiguous) in one pass; bit-identical to
-    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (``scaled=False`` leaves INT8's per-row scale out).
-    Custom ops ``monoquant::dequantize_int4`` / ``dequantize_int8`` (which write ``out`` in place)."""
-    if kind == "int4":
-        _call(_dequantize_int4_op, "dequantize_int4", out, qweight, scale, zero_point, group_size,
-              row_start)
-    else:
-        _call(_dequantize_int8_op, "dequantize_int8", out, qweight, scale, zero_point, row_start, scaled)
+def dequantize_int4_into(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                         zero_point: torch.Tensor | None, group_size: int | None, row_start: int,
+                         scaled: bool = True) -> torch.Tensor:
+    """Write output rows ``row_start : row_start + len(out)`` of an INT4 weight (stored layout) into the float32
+    or bf16 ``out`` (``[rows, K]``, contiguous) in one pass; bit-identical to
+    :meth:`monoquant.formats.IntegerFormat.dequantize_into` (INT4's per-group scale is always applied, so
+    ``scaled`` is accepted for the shared signature and ignored). Custom op ``monoquant::dequantize_int4``
+    (which writes ``out`` in place)."""
+    _call(_dequantize_int4_op, "dequantize_int4", out, qweight, scale, zero_point, group_size, row_start)
+    return out
+
+
+def dequantize_int8_into(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                         zero_point: torch.Tensor | None, group_size: int | None, row_start: int,
+                         scaled: bool = True) -> torch.Tensor:
+    """As :func:`dequantize_int4_into` for an INT8 weight (``group_size`` unused); ``scaled=False`` leaves the
+    per-row scale out. Custom op ``monoquant::dequantize_int8``."""
+    _call(_dequantize_int8_op, "dequantize_int8", out, qweight, scale, zero_point, row_start, scaled)
     return out
 
 

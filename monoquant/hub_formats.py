@@ -331,7 +331,7 @@ def pack_gptq(layer: Int4Layer, version: int = 1) -> dict[str, torch.Tensor]:
 
 def _int4_layer(name: str, q: QuantModule) -> Int4Layer:
     """The INT4 content of quantized layer ``q`` (``SerializationError`` if GPTQ files cannot hold it)."""
-    if type(q) is not QuantLinear or q.spec.kind != "int4" or getattr(q, "input_quantizer", None) is not None:
+    if type(q) is not QuantLinear or q.spec.layout != Int4.layout or getattr(q, "input_quantizer", None) is not None:
         raise SerializationError(f"layer {name!r} is {type(q).__name__} {q.scheme()}; format='gptq' holds "
                                  "weight-only INT4 nn.Linear layers only: save with mq.save(model, path) instead, "
                                  "or skip that layer when quantizing")

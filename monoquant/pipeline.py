@@ -111,20 +111,31 @@ class _Checkpoint:
         return out
 
 
+def meta_model(config: Path) -> nn.Module:
+    """The transformers model of ``config`` (a folder with ``config.json``, or that JSON file) with every parameter
+    on the meta device: its ``architectures`` class when transformers has it, else ``AutoModel``'s."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingExtraError("building a model from its config.json needs transformers, which is not "
+                                "installed: pip install monoquant[transformers]") from None
+    cfg = transformers.AutoConfig.from_pretrained(config)
+    architectures = getattr(cfg, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    with torch.device("meta"):  # nothing is allocated: not even one layer's weight at a time
+        return cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+
+
 def _skeleton(src: Path) -> nn.Module:
     """The model of ``src/config.json`` with its parameters on the meta device, in eval mode, without a cache."""
     try:
-        import transformers
+        import transformers  # noqa: F401  (checked here for this message)
     except ImportError:
         raise MissingExtraError("quantize_pretrained builds the model from its config.json with transformers, "
                                 "which is not installed: pip install monoquant[transformers]") from None
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} has no config.json: pass a Hugging Face model folder (save_pretrained output)")
-    config = transformers.AutoConfig.from_pretrained(src)
-    architectures = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
-    with torch.device("meta"):  # nothing is allocated: not even one layer's weight at a time
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    model = meta_model(src)
     _, left = materialize_buffers(model, torch.device("cpu"))  # rotary tables etc., as from_pretrained makes them
     if left:
         raise ConfigError(f"{type(model).__name__} has non-persistent buffers {left} that only its own code can "

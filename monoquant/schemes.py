@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
 from .formats import SCALE_DTYPE, IntegerFormat, Stored, StoredWeight, WeightSpec
 from .observers import Observer
 from .qtypes import PerChannel, PerGroup, PerTensor, QType
@@ -19,9 +18,7 @@ __all__ = ["SCALE_DTYPE", "Stored", "StoredWeight", "dequantize_weight", "encode
 
 
 def _integer(spec: WeightSpec) -> IntegerFormat:
-    if not isinstance(spec, IntegerFormat):
-        raise ConfigError(f"{spec.kind} weights are not stored as integer codes with qparams")
-    return spec
+    return spec.as_integer()
 
 
 def weight_granularity(spec: WeightSpec, group_size: int | None) -> PerTensor | PerChannel | PerGroup:

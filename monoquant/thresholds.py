@@ -117,12 +117,17 @@ def check(report: QuantReport, thresholds: Thresholds, kinds: Mapping[str, str],
     if thresholds.min_calibration_samples is not None and n is not None and n < thresholds.min_calibration_samples:
         problems.append(f"calibration data hold only {n} samples (< {thresholds.min_calibration_samples}); "
                         "measurements and activation ranges are unreliable: pass more batches")
-    if thresholds.int4_first_and_last and len(order) >= 3 and all(kinds.get(n) == "int4" for n in (order[0],
-                                                                                                     order[-1])):
+    if thresholds.int4_first_and_last and len(order) >= 3 and all(_costly_at_ends(kinds.get(n)) for n in (order[0],
+                                                                                                           order[-1])):
         problems.append(f"the first ({order[0]!r}) and last ({order[-1]!r}) layers are both INT4, which usually "
                         "costs most accuracy; keep one at INT8/float with "
                         f"SkipRules(exclude=[{order[-1]!r}])")
     _act(report, problems, on_failure, stacklevel + 1)
+
+
+def _costly_at_ends(kind: str | None) -> bool:
+    """Whether the registered format ``kind`` counts for ``Thresholds(int4_first_and_last=True)``."""
+    return bool(getattr(FORMATS.get(kind or ""), "costly_at_model_ends", False))
 
 
 def check_end_to_end(report: QuantReport, thresholds: Thresholds | Mapping[str, Any] | None = None,

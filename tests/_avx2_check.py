@@ -26,7 +26,7 @@ for spec in (mq.Int4(group_size=128), mq.Int4(group_size=32, symmetric=True), mq
             assert torch.all((y.double() - F.linear(x.double(), w)).abs() <= 1e-4 * magnitude + 1e-12), (spec, k, rows)
         for dtype in (torch.float32, torch.bfloat16):
             out = torch.empty(60, k, dtype=dtype)
-            fused.dequantize_into(out, spec.kind, q.qweight, q.scale, q.zero_point, group, 5, True)
+            spec.fused_dequantize(out, q.qweight, q.scale, q.zero_point, group, 5, True)
             ref = torch.empty(60, k, dtype=dtype)
             spec.dequantize_into(ref, q.stored, 5, spec.dequant_params(q.stored, dtype), group)
             assert torch.equal(out, ref), (spec, k, dtype)

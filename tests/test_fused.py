@@ -105,7 +105,7 @@ def test_compiled_dequantize_is_bit_identical(spec, groups, n, data, dtype, scal
     row_start = data.draw(st.integers(0, n - 1))
     rows = data.draw(st.integers(1, n - row_start))
     out = torch.full((rows, k), float("nan"), dtype=dtype)
-    fused.dequantize_into(out, spec.kind, q.qweight, q.scale, q.zero_point, q.group_size, row_start, scaled)
+    spec.fused_dequantize(out, q.qweight, q.scale, q.zero_point, q.group_size, row_start, scaled)
     ref = torch.empty(rows, k, dtype=dtype)
     q.spec.dequantize_into(ref, q.stored, row_start, q.spec.dequant_params(q.stored, dtype), q.group_size,
                            scaled=scaled)

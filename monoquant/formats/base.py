@@ -37,6 +37,7 @@ __all__ = ["AWQ_METHODS", "FORMATS", "GPTQ_METHODS", "METHODS", "METHOD_FIELD", 
 
 if TYPE_CHECKING:
     from ..observers import Observer
+    from .integer import IntegerFormat
     from .kernel import KernelCandidate
 
 class StoredWeight(NamedTuple):
@@ -87,6 +88,11 @@ class WeightSpec:
     """Buffers that do not run over the output rows (kept whole by :meth:`take_rows`)."""
     thresholds: ClassVar[Mapping[str, float]] = {}
     """Default accuracy floors in dB: ``weight_sqnr_db``, ``output_sqnr_db`` and ``end_to_end_sqnr_db``."""
+    supports_activations: ClassVar[bool] = False
+    """Whether this format can also quantize a layer's inputs (``QuantConfig(activations=...)``)."""
+    costly_at_model_ends: ClassVar[bool] = False
+    """Whether ``Thresholds(int4_first_and_last=True)`` warns when the first and the last layers both use this
+    format (a rule of thumb for the lowest-precision integer grid)."""
 
     def __post_init__(self) -> None:
         if not type(self).kind:
@@ -140,6 +146,18 @@ class WeightSpec:
                  observer: Observer | None = None) -> Stored:
         """Round-to-nearest quantization of a float ``[N, K]`` weight into its stored buffers."""
         raise NotImplementedError
+
+    def as_integer(self) -> IntegerFormat:
+        """This format as an integer format with qparams (``ConfigError`` when it stores something else)."""
+        raise ConfigError(f"{self.kind} weights are not stored as integer codes with qparams")
+
+    def round_trip_minmax(self, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        """``w`` (``[N, K]``) rounded to nearest in this format with min/max ranges, dequantized to float32 (what
+        AWQ's scale search compares; integer formats do it without storing codes)."""
+        from ..observers import MinMaxObserver
+
+        return self.dequantize(self.quantize(w, group_size, MinMaxObserver()), w.shape[1], group_size,
+                               torch.float32)
 
     def dequant_params(self, stored: Stored, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         """Per-row parameters :meth:`dequantize_into` needs, in ``dtype`` (layers cache them per dtype)."""

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -112,7 +112,8 @@ class Int4(GroupWise, IntegerFormat):
     thresholds: ClassVar[Mapping[str, float]] = {"weight_sqnr_db": 12.0, "output_sqnr_db": 10.0,
                                                  "end_to_end_sqnr_db": 8.0}
     symmetric_offset: ClassVar[int] = 8
-    fused_layout: ClassVar[str | None] = "int4"
+    costly_at_model_ends: ClassVar[bool] = True
+    fused_dequantize: ClassVar[Callable[..., torch.Tensor] | None] = staticmethod(fused.dequantize_int4_into)
 
     group_size: int = 128
     symmetric: bool = False

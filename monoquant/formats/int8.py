@@ -3,7 +3,7 @@ with a uint8 zero-point). Also the activation spec (per-tensor, affine by defaul
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -142,7 +142,8 @@ class Int8(IntegerFormat):
     bits: ClassVar[int] = 8
     thresholds: ClassVar[Mapping[str, float]] = {"weight_sqnr_db": 28.0, "output_sqnr_db": 25.0,
                                                  "end_to_end_sqnr_db": 20.0}
-    fused_layout: ClassVar[str | None] = "int8"
+    supports_activations: ClassVar[bool] = True
+    fused_dequantize: ClassVar[Callable[..., torch.Tensor] | None] = staticmethod(fused.dequantize_int8_into)
 
     symmetric: bool | None = None
     granularity: Literal["channel", "tensor"] = "channel"

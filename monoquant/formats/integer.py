@@ -17,6 +17,7 @@ Int4 sym      same, codes offset by +8                    ``[N, K/g]``         n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -66,9 +67,9 @@ class IntegerFormat(WeightSpec):
 
     symmetric_offset: ClassVar[int] = 0
     """Added to signed codes before storing them unsigned (INT4 stores symmetric codes as ``q + 8``)."""
-    fused_layout: ClassVar[str | None] = None
-    """Name of this format's stored layout in the compiled one-pass dequantize (:func:`monoquant.fused.
-    dequantize_into`), ``None`` when it has none."""
+    fused_dequantize: ClassVar[Callable[..., torch.Tensor] | None] = None
+    """This format's compiled one-pass dequantize (e.g. :func:`monoquant.fused.dequantize_int4_into`, called as
+    ``(out, qweight, scale, zero_point, group_size, row_start, scaled)``), ``None`` when it has none."""
 
     def weight_qtype(self) -> QType:
         raise NotImplementedError
@@ -79,6 +80,21 @@ class IntegerFormat(WeightSpec):
     @property
     def supports_gptq(self) -> bool:
         return True
+
+    def as_integer(self) -> IntegerFormat:
+        return self
+
+    def round_trip_minmax(self, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+        # rounded in float32 without storing codes (AWQ's search calls this 40 times per layer; storing and
+        # unpacking INT4 codes took most of its time)
+        granularity = self.weight_granularity(group_size)
+        view = F.group_view(w.float(), granularity)
+        lo, hi = view.amin(-1, keepdim=True), view.amax(-1, keepdim=True)
+        qtype = self.weight_qtype()
+        scale, zero = F.qparams_from_minmax(lo, hi, qtype)
+        scale, zero = scale.float(), zero.float()
+        q = torch.round(view / scale).add_(zero).clamp_(qtype.qmin, qtype.qmax)
+        return q.sub_(zero).mul_(scale).reshape(w.shape)
 
     # ---- float -> stored -------------------------------------------------------------------------------------
     def qparams(self, weight2d: torch.Tensor, group_size: int | None,
@@ -137,12 +153,13 @@ class IntegerFormat(WeightSpec):
     def compiled_dequantize_into(self, out: torch.Tensor, stored: Stored, row_start: int,
                                  group_size: int | None, scaled: bool = True) -> torch.Tensor | None:
         """The compiled one-pass dequantize (bit-identical, 5-10x faster for INT4) for a contiguous float32 or
-        bf16 ``out`` on CPU, when the format has a :attr:`fused_layout` and the extension is built here."""
-        if (self.fused_layout is None or out.device.type != "cpu" or out.dtype not in (torch.float32, torch.bfloat16)
-                or not out.is_contiguous() or stored.qweight.device.type != "cpu" or not fused.available()):
+        bf16 ``out`` on CPU, when the format has a :attr:`fused_dequantize` and the extension is built here."""
+        if (self.fused_dequantize is None or out.device.type != "cpu"
+                or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous()
+                or stored.qweight.device.type != "cpu" or not fused.available()):
             return None
-        return fused.dequantize_into(out, self.fused_layout, stored.qweight, stored.scale, stored.zero_point,
-                                     group_size, row_start, scaled)
+        return self.fused_dequantize(out, stored.qweight, stored.scale, stored.zero_point, group_size, row_start,
+                                     scaled)
 
     def group_rows_view(self, out: torch.Tensor, group_size: int | None) -> torch.Tensor:
         """``out`` (``[rows, K]``) viewed so that the per-row parameters broadcast against it."""

@@ -30,7 +30,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, spec: Int8, layer_name: str = "") -> None:
         super().__init__()
-        if not isinstance(spec, Int8):
+        if not getattr(spec, "supports_activations", False):
             raise ConfigError(f"activations must be quantized with mq.Int8(...), got {spec!r}")
         self.spec = spec
         self.qtype = spec.activation_qtype()
