@@ -236,7 +236,7 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t.detach())
     finite = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-    if finite and memo is not None:
+    if finite and memo is not None and not t.is_inference():  # inference tensors have no version counter
         memo[id(t)] = (weakref.ref(t), _fingerprint(t))
     return finite
 

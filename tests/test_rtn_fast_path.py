@@ -113,6 +113,25 @@ def test_quantize_scans_each_weight_once(monkeypatch):
     assert scanned.count(True) == 2  # the float weights, once each (the other scan: pack_int4's range check)
 
 
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=32)])
+def test_a_model_built_under_inference_mode_quantizes_like_any_other(spec):
+    """Inference tensors have no version counter: their finiteness is checked every time, never remembered."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    reference.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    mq.quantize_(model, spec, progress=False)
+    mq.quantize_(reference, spec, progress=False)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        bad = torch.nn.Linear(64, 64)
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(mq.NonFiniteWeightError, match="NaN or Inf"):
+        mq.quantize_(torch.nn.Sequential(bad), spec, progress=False)
+
+
 def test_a_weight_made_non_finite_after_a_check_is_still_refused():
     layer = torch.nn.Linear(32, 16)
     assert F.all_finite(layer.weight)
