@@ -429,12 +429,7 @@ def calibrate_and_freeze(
             pending = [q for _, q in pending_layers(model)]
             started.append(stage)
             _reset_observers(stage)
-            with _calibration_mode(model, pending, [q for _, q in stage.layers], stage.stop_after):
-                for batch in data_mod.iter_batches(data, max_batches, progress=False):
-                    with contextlib.suppress(_StageDone):
-                        data_mod.run_batch(model, batch, forward_fn)
-            for _, q in stage.layers:
-                sync_observers(q)  # no-op unless torch.distributed is initialised
+            _observe_stage(model, pending, stage, data, max_batches, forward_fn)
             results = _compute_frozen(stage.layers)
             _release_hessians(stage)
             undo.append(_apply_frozen(results))
@@ -454,6 +449,18 @@ def _first_batch(data: Iterable[Any], max_batches: int | None) -> Any:
     if first is no_batch:
         raise CalibrationError("calibration data yielded no batch; pass a non-empty DataLoader or list of batches")
     return first
+
+
+def _observe_stage(model: nn.Module, pending: list[QuantModule], stage: _Stage, data: Iterable[Any],
+                   max_batches: int | None, forward_fn: Callable | None) -> None:
+    """One pass over ``data`` in which ``stage``'s layers feed their observers (the pass ends early after the
+    stage's last layer when it can), then their statistics are all-reduced across ranks."""
+    with _calibration_mode(model, pending, [q for _, q in stage.layers], stage.stop_after):
+        for batch in data_mod.iter_batches(data, max_batches, progress=False):
+            with contextlib.suppress(_StageDone):
+                data_mod.run_batch(model, batch, forward_fn)
+    for _, q in stage.layers:
+        sync_observers(q)  # no-op unless torch.distributed is initialised
 
 
 def _release_hessians(stage: _Stage) -> None:
@@ -485,12 +492,7 @@ def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
                    disable=data_mod.tqdm_disable(progress))
         for stage in bar:
             started.append(stage)
-            with _calibration_mode(model, modules, [q for _, q in stage.layers], stage.stop_after):
-                for batch in data_mod.iter_batches(data, max_batches, progress=False):
-                    with contextlib.suppress(_StageDone):
-                        data_mod.run_batch(model, batch, forward_fn)
-            for _, q in stage.layers:
-                sync_observers(q)  # no-op unless torch.distributed is initialised
+            _observe_stage(model, modules, stage, data, max_batches, forward_fn)
             for item in stage.layers:  # one layer's result at a time, straight into its stored buffers
                 (row, stored, act_qparams), = _compute_frozen([item])
                 if stored is not None:
