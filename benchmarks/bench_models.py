@@ -160,27 +160,34 @@ def compiled_row(name: str, q: nn.Module, x: torch.Tensor, reps: int) -> bool:
     return ok
 
 
-def bench_encoder(reps: int, compile_too: bool) -> int:
-    torch.manual_seed(0)
-    model = Stack(6, 384, 6, 1536).eval()
-    x = torch.randn(32, 64, 384)
-    print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
+def bench_variants(model: nn.Module, x: torch.Tensor, variants, reps: int, compile_kind: str | None) -> int:
+    """Each ``(name, weights, activations, target)`` quantized copy of ``model`` against float32, with the bf16
+    cast timed in the same rounds; the weight-only variant of format ``compile_kind`` also compiled. Returns the
+    number of missed targets."""
     failures = 0
-    has_dot = mq.kernels.cpu_has_int_dot()
     cast = bf16_cast(model, x)
-    for name, weights, act, target in (
-        ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
-        ("INT8 weight-only", mq.Int8(), None, None),
-        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
-    ):
+    for name, weights, act, target in variants:
         q = quantize(model, weights, act)
         fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps)
         bf16_row(fp32, bf16)  # timed in the same rounds as the quantized model below
         failures += not report(name, fp32, ms, target, bf16)
         print(kernels_used(q))
-        if compile_too and act is None and weights.kind == "int4":
+        if act is None and weights.kind == compile_kind:
             failures += not compiled_row(name, q, x, reps)
     return failures
+
+
+def bench_encoder(reps: int, compile_too: bool) -> int:
+    torch.manual_seed(0)
+    model = Stack(6, 384, 6, 1536).eval()
+    x = torch.randn(32, 64, 384)
+    print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
+    has_dot = mq.kernels.cpu_has_int_dot()
+    return bench_variants(model, x, (
+        ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
+        ("INT8 weight-only", mq.Int8(), None, None),
+        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
+    ), reps, "int4" if compile_too else None)
 
 
 class DigitsCNN(nn.Module):
@@ -205,21 +212,11 @@ def bench_cnn(reps: int, compile_too: bool) -> int:
     model = DigitsCNN().eval()
     x = torch.randn(256, 1, 8, 8)
     print("digits CNN: 3 Conv2d + 2 Linear, 8x8 images, batch 256")
-    failures = 0
-    cast = bf16_cast(model, x)
-    for name, weights, act in (
-        ("INT4 weight-only", mq.Int4(), None),
-        ("INT8 weight-only", mq.Int8(), None),
-        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True)),
-    ):
-        q = quantize(model, weights, act)
-        fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps)
-        bf16_row(fp32, bf16)  # timed in the same rounds as the quantized model below
-        failures += not report(name, fp32, ms, None, bf16)
-        print(kernels_used(q))
-        if compile_too and act is None and weights.kind == "int8":
-            failures += not compiled_row(name, q, x, reps)
-    return failures
+    return bench_variants(model, x, (
+        ("INT4 weight-only", mq.Int4(), None, None),
+        ("INT8 weight-only", mq.Int8(), None, None),
+        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), None),
+    ), reps, "int8" if compile_too else None)
 
 
 def bench_decoder(reps: int, tokens: int = 8) -> int:
