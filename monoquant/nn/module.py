@@ -170,11 +170,6 @@ class QuantModule(nn.Module):
         self.quant_weight.last_kernel = name
 
     @property
-    def kernels_run(self) -> dict[int, str]:
-        """Row bucket -> the kernel ``forward`` last ran for that many rows (recorded in ``quant_weight``)."""
-        return self.quant_weight.ran
-
-    @property
     def _kernel_cache(self) -> dict:
         """What is derived from the buffers (``quant_weight.cache``: layouts, parameters, tuned choices)."""
         return self.quant_weight.cache
