@@ -1,6 +1,7 @@
 """Storage apart from method: a format holds what its bytes mean, a MethodConfig how they were made; a file header
 stores the two apart (``spec`` and ``method``), and the public spelling builds both."""
 
+import dataclasses
 import json
 
 import pytest
@@ -72,3 +73,39 @@ def test_a_gptq_file_keeps_storage_and_provenance_apart_and_loads_the_same_spec(
     loaded = mq.load(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), tmp_path / "m.safetensors")
     assert loaded[0].spec == spec and loaded[0].spec.method_config.name == "gptq"
     assert torch.equal(loaded[0].qweight, model[0].qweight)
+
+
+def test_the_format_dataclasses_hold_storage_fields_and_one_method_config():
+    assert [f.name for f in dataclasses.fields(mq.Int4)] == ["group_size", "symmetric", "method_config"]
+    assert [f.name for f in dataclasses.fields(mq.Int8)] == ["symmetric", "granularity", "dynamic", "method_config"]
+    assert mq.Int4.method_option_names == ("observer", "method", "act_order", "damping", "static_groups",
+                                           "refit_scales", "sequential")
+    observer = mq.MinMaxObserver()
+    spec = mq.Int8(observer=observer, method="gptq", damping=0.05)
+    assert spec.method_config == MethodConfig("gptq", damping=0.05) and spec.method_config.observer is observer
+    assert (spec.method, spec.damping, spec.act_order, spec.observer) == ("gptq", 0.05, None, observer)
+    assert spec == mq.Int8(method="gptq", damping=0.05)  # the observer is a prototype: not compared
+    assert repr(spec) == "Int8(symmetric=None, granularity='channel', dynamic=False, observer=MinMaxObserver(), " \
+                         "method='gptq', damping=0.05)"
+    with pytest.raises(ValueError, match="method_config"):  # with_method is the way to set a whole MethodConfig
+        dataclasses.replace(spec, method_config=MethodConfig())
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=st.sampled_from(METHODS), opts=options, group=st.sampled_from([32, 64, 128]), sym=st.booleans(),
+       change=st.sampled_from([{"method": "gptq"}, {"act_order": False}, {"damping": 0.2}, {"sequential": True},
+                               {"group_size": 64}, {"symmetric": True}]))
+def test_the_public_spelling_replace_repr_and_hash_agree_with_the_method_config(name, opts, group, sym, change):
+    try:
+        spec = mq.Int4(group_size=group, symmetric=sym, method=name, **opts)
+    except ConfigError:
+        assume(False)
+    assert spec == mq.Int4(group_size=group, symmetric=sym).with_method(MethodConfig(name, **opts))
+    assert eval(repr(spec), {"Int4": mq.Int4}) == spec and {spec: 1}[type(spec).from_dict(spec.to_dict())] == 1
+    try:  # a copy with one option changed keeps every other one, as the constructor would build it
+        want = mq.Int4(**{k: v for k, v in {**spec.to_dict(), **change}.items() if k != "kind"})
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            dataclasses.replace(spec, **change)
+        return
+    assert dataclasses.replace(spec, **change) == want and repr(dataclasses.replace(spec, **change)) == repr(want)

@@ -7,6 +7,7 @@ from .base import (
            StoredWeight,
            WeightSpec,
            format_class,
+           method_of,
            register_format,
            spec_from_dict,
            spec_to_dict,
@@ -19,4 +20,4 @@ from .nf4 import NF4, NF4_VALUES, NF4Weight
 
 __all__ = ["FORMATS", "NF4", "NF4_VALUES", "SCALE_DTYPE", "BFloat16", "Float16", "HalfFormat", "Int4", "Int8",
            "IntegerFormat", "KERNEL_GROUP_SIZES", "NF4Weight", "Stored", "StoredWeight", "WeightSpec", "format_class",
-           "register_format", "spec_from_dict", "spec_to_dict"]
+           "method_of", "register_format", "spec_from_dict", "spec_to_dict"]

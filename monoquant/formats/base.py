@@ -14,13 +14,14 @@ A format is a frozen dataclass (hashable, comparable, safe to share between laye
         ...
 
 The registered formats are listed in :data:`FORMATS`; ``formats/int8.py``, ``int4.py``, ``nf4.py`` and ``half.py``
-are the built-in ones. An ``observer`` given to a spec is a *prototype*: each layer gets its own deep copy (or a
-fresh instance when a factory callable is given).
+are the built-in ones. A format's fields are what its bytes mean; a format that several methods can make also
+carries how they are made, as one :class:`~monoquant.formats.method.MethodConfig` (its field ``method_config``,
+see :func:`~monoquant.formats.method.method_options`). An ``observer`` given to a spec belongs to that method
+config and is a *prototype*: each layer gets its own deep copy (or a fresh instance when a factory is given).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,11 +30,21 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 
 from ..errors import ConfigError, SerializationError
-from .method import AWQ_METHODS, GPTQ_METHODS, METHOD_FIELD, METHODS, MethodConfig, check_method
+from .method import (
+    AWQ_METHODS,
+    GPTQ_METHODS,
+    METHODS,
+    ROUND_TO_NEAREST,
+    MethodConfig,
+    check_method,
+    method_options,
+    take_method_options,
+)
 
-__all__ = ["AWQ_METHODS", "FORMATS", "GPTQ_METHODS", "METHODS", "METHOD_FIELD", "MIN_FALLBACK_GROUP", "SCALE_DTYPE",
-           "GroupWise", "MethodConfig", "Stored", "StoredWeight", "WeightSpec", "check_method", "format_class",
-           "register_format", "resolve_group_size", "spec_from_dict", "spec_to_dict"]
+__all__ = ["AWQ_METHODS", "FORMATS", "GPTQ_METHODS", "METHODS", "MIN_FALLBACK_GROUP", "ROUND_TO_NEAREST",
+           "SCALE_DTYPE", "GroupWise", "MethodConfig", "Stored", "StoredWeight", "WeightSpec", "check_method",
+           "format_class", "method_of", "method_options", "register_format", "resolve_group_size",
+           "spec_from_dict", "spec_to_dict", "take_method_options"]
 
 if TYPE_CHECKING:
     from ..observers import Observer
@@ -93,6 +104,9 @@ class WeightSpec:
     costly_at_model_ends: ClassVar[bool] = False
     """Whether ``Thresholds(int4_first_and_last=True)`` warns when the first and the last layers both use this
     format (a rule of thumb for the lowest-precision integer grid)."""
+    method_option_names: ClassVar[tuple[str, ...]] = ()
+    """The method options its constructor takes (``"observer"``, ``"method"``, ``"act_order"``...; set by
+    :func:`~monoquant.formats.method.method_options`); empty for formats made one way only."""
 
     def __post_init__(self) -> None:
         if not type(self).kind:
@@ -130,17 +144,9 @@ class WeightSpec:
 
     # ---- conversions -----------------------------------------------------------------------------------------
     def make_observer(self) -> Observer:
-        """A fresh weight observer: a copy of the ``observer`` prototype, or the format's default."""
-        from ..observers import MinMaxObserver, MSEObserver
-
-        proto = getattr(self, "observer", None)
-        if proto is None:
-            return MSEObserver() if getattr(self, "method", "rtn") in ("mse", *GPTQ_METHODS) else MinMaxObserver()
-        if isinstance(proto, torch.nn.Module):
-            return copy.deepcopy(proto)
-        if callable(proto):
-            return proto()
-        raise ConfigError(f"observer must be an Observer instance or a factory, got {type(proto).__name__}")
+        """A fresh weight observer: a copy of the method's ``observer`` prototype, or the method's default
+        (:meth:`MethodConfig.make_observer`)."""
+        return method_of(self).make_observer()
 
     def quantize(self, weight2d: torch.Tensor, group_size: int | None = None,
                  observer: Observer | None = None) -> Stored:
@@ -225,23 +231,19 @@ class WeightSpec:
     # ---- storage apart from method ---------------------------------------------------------------------------
     @classmethod
     def method_fields(cls) -> tuple[str, ...]:
-        """The fields that say how a weight is made (``method`` and its options, marked ``METHOD_FIELD``), not what
-        its bytes mean; empty for formats made one way only."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("method"))
+        """The method options a file records (``method`` and the GPTQ options this format takes: its
+        :attr:`method_option_names` but the observer); empty for formats made one way only."""
+        return tuple(o for o in cls.method_option_names if o != "observer")
 
     @property
     def method_config(self) -> MethodConfig | None:
-        """How weights of this spec are made, as its own object (``None`` for formats without a method)."""
-        names = self.method_fields()
-        if not names:
-            return None
-        options = {n: getattr(self, n) for n in names if n != "method"}
-        return MethodConfig(getattr(self, "method", "rtn"), **options)
+        """How weights of this spec are made (``None`` for formats made one way only; :func:`method_of` reads
+        round to nearest for them). A format with method options holds it as a field."""
+        return None
 
     def storage(self) -> WeightSpec:
-        """This format with what its bytes mean only (every method field at its default)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.metadata.get("method")}
-        return dataclasses.replace(self, **defaults) if defaults else self
+        """This format with what its bytes mean only (made by the default method, round to nearest)."""
+        return self.with_method(ROUND_TO_NEAREST) if self.method_option_names else self
 
     def with_method(self, method: MethodConfig) -> WeightSpec:
         """This format made by ``method`` (the public spelling ``Int4(method="gptq", ...)`` builds the same)."""
@@ -250,14 +252,22 @@ class WeightSpec:
         unknown = sorted(set(options) - names)
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no method option(s) {unknown} (it takes {sorted(names)})")
-        return dataclasses.replace(self, **options)
+        return dataclasses.replace(self, **{o: getattr(method, "name" if o == "method" else o)
+                                            for o in self.method_option_names})
 
     # ---- files -----------------------------------------------------------------------------------------------
+    @classmethod
+    def _field_defaults(cls) -> dict[str, Any]:
+        """The public spelling's fields with their defaults: the storage fields, then the method options."""
+        storage = {f.name: f.default for f in dataclasses.fields(cls) if f.compare and f.name != "method_config"}
+        return {**storage, **{o: getattr(ROUND_TO_NEAREST, "name" if o == "method" else o)
+                              for o in cls.method_fields()}}
+
     def to_dict(self) -> dict[str, Any]:
-        """Every field of the spec: the storage fields and the method ones (observers are not written).
-        File headers keep them apart: :meth:`storage_dict` and ``method_config.to_dict()``."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
-        return {"kind": self.kind, **fields}
+        """The spec in its public spelling: the storage fields and the method options (observers are not
+        written), so that ``type(spec)(**fields)`` rebuilds it. File headers keep the two apart:
+        :meth:`storage_dict` and ``method_config.to_dict()``."""
+        return {"kind": self.kind, **{name: getattr(self, name) for name in self._field_defaults()}}
 
     def storage_dict(self) -> dict[str, Any]:
         """What the stored bytes mean, as a file header's ``spec`` entry stores it: the kind and storage fields."""
@@ -266,15 +276,16 @@ class WeightSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "file header") -> WeightSpec:
-        """Inverse of :meth:`to_dict`, validating every field (``SerializationError`` names the bad one)."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.compare}
+        """Inverse of :meth:`to_dict` (also reads the method options 0.1 and 0.2 files kept in ``spec``),
+        validating every field (``SerializationError`` names the bad one)."""
+        fields = cls._field_defaults()
         values = {k: v for k, v in d.items() if k != "kind"}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise SerializationError(f"{where}: invalid {cls.kind} spec: unknown field(s) {unknown}; was the file "
                                      "written by a newer monoquant?")
         for name, value in values.items():
-            default = fields[name].default
+            default = fields[name]
             if default is not dataclasses.MISSING and default is not None and not _same_type(value, default):
                 raise SerializationError(f"{where}: invalid {cls.kind} spec: field {name!r} must be a "
                                          f"{type(default).__name__}, got {value!r}")
@@ -349,6 +360,13 @@ def _same_type(value: Any, default: Any) -> bool:
     if isinstance(default, (int, float)):
         return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
     return isinstance(value, type(default))
+
+
+def method_of(spec: WeightSpec) -> MethodConfig:
+    """How ``spec``'s weights are made: its ``method_config``, or round to nearest for a format made one way only
+    (NF4, the half formats)."""
+    method = spec.method_config
+    return ROUND_TO_NEAREST if method is None else method
 
 
 def format_class(kind: object, where: str = "file header") -> type[WeightSpec]:

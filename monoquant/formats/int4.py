@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -13,10 +13,10 @@ from .. import fused, hardware
 from ..errors import ConfigError
 from ..packing import INT4_CODES, pack_int4, unpack_int4, unpack_int4_into
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
-from .base import GPTQ_METHODS, SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, check_method, register_format
+from .base import SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, register_format
 from .integer import IntegerFormat, fused_candidate
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
-from .method import METHOD_FIELD
+from .method import ROUND_TO_NEAREST, MethodConfig, method_options, take_method_options
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes the packed INT4 kernels accept, largest first."""
@@ -90,6 +90,7 @@ FUSED_INT4 = fused_candidate(_fused_int4)
 
 
 @register_format
+@method_options
 @dataclass(frozen=True)
 class Int4(GroupWise, IntegerFormat):
     """4-bit weights, group-wise along the input dimension, packed two per byte, affine by default.
@@ -99,8 +100,9 @@ class Int4(GroupWise, IntegerFormat):
     ``group_size``; else the largest of ``group_size/2, /4, ...`` (down to 32) that divides the row; else the
     largest divisor of the row between ``group_size`` and 32; else the layer is skipped and reported.
 
-    ``method``, ``act_order``, ``damping``, ``sequential``: as for :class:`Int8` (``"rtn"``, ``"mse"``,
-    ``"gptq"``, ``"awq"`` or ``"awq+gptq"``).
+    How the weights are made (``observer``, ``method``, ``act_order``, ``damping``, ``refit_scales``,
+    ``sequential``): as for :class:`Int8` (``"rtn"``, ``"mse"``, ``"gptq"``, ``"awq"`` or ``"awq+gptq"``); they
+    build :attr:`method_config` and read it back.
     ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
     starts, instead of from its error-compensated weights when its first column comes up; the stored layout
     is the same either way.
@@ -117,22 +119,21 @@ class Int4(GroupWise, IntegerFormat):
 
     group_size: int = 128
     symmetric: bool = False
-    observer: Any = field(default=None, compare=False)
-    method: str = field(default="rtn", metadata=METHOD_FIELD)
-    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
-    damping: float = field(default=0.01, metadata=METHOD_FIELD)
-    static_groups: bool | None = field(default=None, metadata=METHOD_FIELD)
-    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
-    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
+    # how the weights are made: init-only, folded into method_config (see formats/method.py)
+    observer: InitVar[Any] = None
+    method: InitVar[str] = "rtn"
+    act_order: InitVar[bool | None] = None
+    damping: InitVar[float] = 0.01
+    static_groups: InitVar[bool | None] = None
+    refit_scales: InitVar[bool | None] = None
+    sequential: InitVar[bool | None] = None
+    method_config: MethodConfig = field(default=ROUND_TO_NEAREST, init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, *method_options: Any) -> None:
         PerGroup(self.group_size)  # validates
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True or False, got {self.symmetric!r}")
-        check_method(self.method, self.observer, self.act_order, self.damping, self.sequential,
-                     self.refit_scales)
-        if self.static_groups is not None and self.method not in GPTQ_METHODS:
-            raise ConfigError("static_groups only applies to method='gptq' or 'awq+gptq'")
+        take_method_options(self, method_options)
 
     def weight_qtype(self) -> QType:
         return QType(4, symmetric=self.symmetric)

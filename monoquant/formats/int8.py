@@ -4,7 +4,7 @@ with a uint8 zero-point). Also the activation spec (per-tensor, affine by defaul
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -12,10 +12,10 @@ import torch
 from .. import fused, hardware
 from ..errors import ConfigError
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
-from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, check_method, register_format
+from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, register_format
 from .integer import IntegerFormat, fused_candidate
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
-from .method import METHOD_FIELD
+from .method import ROUND_TO_NEAREST, MethodConfig, method_options, take_method_options
 
 ObserverLike = Any  # an Observer instance (used as a prototype) or a zero-argument factory returning one
 
@@ -117,6 +117,7 @@ W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_input
 
 
 @register_format
+@method_options
 @dataclass(frozen=True)
 class Int8(IntegerFormat):
     """8-bit integers. As a weight spec: per-output-channel (default) or per-tensor, symmetric by default.
@@ -135,6 +136,10 @@ class Int8(IntegerFormat):
     :func:`~monoquant.calibrate_and_freeze`. ``"awq"`` (activation-aware scaling with its clipping search) and
     ``"awq+gptq"`` (AWQ scales, then GPTQ rounding with the GPTQ options) need ``calibration_data`` in
     :func:`~monoquant.quantize_`; see :mod:`monoquant.awq`.
+
+    The format's fields are what the bytes mean (``symmetric``, ``granularity``; ``dynamic`` for activations);
+    ``observer``, ``method`` and the GPTQ options build its :attr:`method_config` (a
+    :class:`~monoquant.formats.method.MethodConfig`) and read it back: ``Int8(method="mse").method == "mse"``.
     """
 
     kind: ClassVar[str] = "int8"
@@ -147,21 +152,22 @@ class Int8(IntegerFormat):
 
     symmetric: bool | None = None
     granularity: Literal["channel", "tensor"] = "channel"
-    observer: ObserverLike = field(default=None, compare=False)
-    method: str = field(default="rtn", metadata=METHOD_FIELD)
+    # how the weights are made: init-only, folded into method_config (see formats/method.py)
+    observer: InitVar[ObserverLike] = None
+    method: InitVar[str] = "rtn"
     dynamic: bool = False
-    act_order: bool | None = field(default=None, metadata=METHOD_FIELD)
-    damping: float = field(default=0.01, metadata=METHOD_FIELD)
-    refit_scales: bool | None = field(default=None, metadata=METHOD_FIELD)
-    sequential: bool | None = field(default=None, metadata=METHOD_FIELD)
+    act_order: InitVar[bool | None] = None
+    damping: InitVar[float] = 0.01
+    refit_scales: InitVar[bool | None] = None
+    sequential: InitVar[bool | None] = None
+    method_config: MethodConfig = field(default=ROUND_TO_NEAREST, init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, *method_options: Any) -> None:
         if self.granularity not in ("channel", "tensor"):
             raise ConfigError(f"Int8 granularity must be 'channel' or 'tensor', got {self.granularity!r}")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
-        check_method(self.method, self.observer, self.act_order, self.damping, self.sequential,
-                     self.refit_scales)
+        take_method_options(self, method_options)
 
     def weight_qtype(self) -> QType:
         return QType(8, symmetric=True if self.symmetric is None else self.symmetric)

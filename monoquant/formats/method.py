@@ -1,23 +1,34 @@
-"""How a weight is made, apart from how it is stored: the method (RTN, MSE, GPTQ, AWQ) and its options.
+"""How a weight is made, apart from how it is stored: the method (RTN, MSE, GPTQ, AWQ), its options and the
+observer that chooses its ranges.
 
 A format (:mod:`monoquant.formats.base`) holds what the stored bytes mean; a :class:`MethodConfig` holds how they
-were made. The public spelling ``mq.Int4(group_size=128, method="gptq", act_order=True)`` keeps working: a format
-with method fields (marked with :data:`METHOD_FIELD`) builds both, ``spec.storage()`` is the format alone and
-``spec.method_config`` the method. A file header stores the storage fields in a layer's ``spec`` entry and,
-separately, ``method`` (:meth:`MethodConfig.to_dict`): the provenance of the bytes, which loading keeps.
+were made. A format that several methods can make (``Int8``, ``Int4``: see :func:`method_options`) carries one
+:class:`MethodConfig` as its single field ``method_config``; its public spelling
+``mq.Int4(group_size=128, method="gptq", act_order=True)`` builds both, and ``spec.method``, ``spec.act_order``...
+read the method config back. ``spec.storage()`` is the format alone. A file header stores the storage fields in
+a layer's ``spec`` entry and, separately, ``method`` (:meth:`MethodConfig.to_dict`): the provenance of the bytes,
+which loading keeps.
+
+The observer belongs to the method: it chooses the ranges the codes are rounded in, so it is part of how the bytes
+were made, not of what they mean. Like today it is a prototype (each layer gets its own copy), it is not compared
+and it is not written to files.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..errors import ConfigError, SerializationError
 
-METHOD_FIELD = {"method": True}
-"""Dataclass field metadata of a format's method fields (``field(default=..., metadata=METHOD_FIELD)``)."""
+if TYPE_CHECKING:
+    from ..observers import Observer
 
 METHODS = ("rtn", "mse", "gptq", "awq", "awq+gptq")
 """Weight methods of the integer formats: round to nearest, MSE clipping search, GPTQ, activation-aware scaling
@@ -50,7 +61,10 @@ def check_method(method: str, observer: object = None, act_order: bool | None = 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """A method and its options (see :class:`~monoquant.Int8` for what each one does); validated on creation."""
+    """A method and its options (see :class:`~monoquant.Int8` for what each one does); validated on creation.
+
+    ``observer`` (an :class:`~monoquant.observers.Observer` used as a prototype, or a factory; ``None``: the
+    method's default) chooses the ranges; it is neither compared nor written to files."""
 
     name: str = "rtn"
     act_order: bool | None = None
@@ -58,15 +72,40 @@ class MethodConfig:
     static_groups: bool | None = None
     refit_scales: bool | None = None
     sequential: bool | None = None
+    observer: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        check_method(self.name, None, self.act_order, self.damping, self.sequential, self.refit_scales)
+        check_method(self.name, self.observer, self.act_order, self.damping, self.sequential, self.refit_scales)
         if self.static_groups is not None and self.name not in GPTQ_METHODS:
             raise ConfigError("static_groups only applies to method='gptq' or 'awq+gptq'")
 
+    @property
+    def is_gptq(self) -> bool:
+        """Whether GPTQ rounds the codes (``"gptq"``, ``"awq+gptq"``): the layer waits for calibration data."""
+        return self.name in GPTQ_METHODS
+
+    @property
+    def is_awq(self) -> bool:
+        """Whether per-input-channel scales are searched on calibration activations (``"awq"``, ``"awq+gptq"``)."""
+        return self.name in AWQ_METHODS
+
     def options(self) -> dict[str, Any]:
-        """The options (everything but the name)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        """The options a file records (everything but the name and the observer)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare and f.name != "name"}
+
+    def make_observer(self) -> Observer:
+        """A fresh weight observer: a copy of the ``observer`` prototype, or the method's default (the
+        :class:`~monoquant.MSEObserver` for MSE and GPTQ, else the :class:`~monoquant.MinMaxObserver`)."""
+        from ..observers import MinMaxObserver, MSEObserver
+
+        proto = self.observer
+        if proto is None:
+            return MSEObserver() if self.name in ("mse", *GPTQ_METHODS) else MinMaxObserver()
+        if isinstance(proto, torch.nn.Module):
+            return copy.deepcopy(proto)
+        if callable(proto):
+            return proto()
+        raise ConfigError(f"observer must be an Observer instance or a factory, got {type(proto).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """The provenance a file header stores: ``{"method": name}`` plus the options that are set."""
@@ -79,7 +118,7 @@ class MethodConfig:
         if not isinstance(d, Mapping) or not isinstance(d.get("method"), str):
             raise SerializationError(f"{where}: a method entry must be an object with a string 'method', got {d!r}")
         options = {k: v for k, v in d.items() if k != "method"}
-        known = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "name"}
+        known = MethodConfig().options()
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise SerializationError(f"{where}: unknown method option(s) {unknown}; was the file written by a newer "
@@ -93,3 +132,59 @@ class MethodConfig:
             return cls(d["method"], **options)
         except ConfigError as e:
             raise SerializationError(f"{where}: invalid method {dict(d)}: {e}") from e
+
+
+ROUND_TO_NEAREST = MethodConfig()
+"""Round to nearest with the min/max range: the default method, and how formats made one way only are made."""
+
+
+# ---- the public spelling: a format's method options -------------------------------------------------------------
+def _config_field(option: str) -> str:
+    return "name" if option == "method" else option
+
+
+def _option_property(option: str) -> property:
+    name = _config_field(option)
+    return property(lambda self: getattr(self.method_config, name),
+                    doc=f"``method_config.{name}``: how the weights are made (see :class:`MethodConfig`).")
+
+
+def _method_repr(self: Any) -> str:
+    storage = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+               if f.repr and f.name != "method_config"]
+    method, default = self.method_config, ROUND_TO_NEAREST
+    given = [f"{o}={getattr(method, _config_field(o))!r}" for o in type(self).method_option_names
+             if getattr(method, _config_field(o)) != getattr(default, _config_field(o))]
+    return f"{type(self).__name__}({', '.join(storage + given)})"
+
+
+def method_options(cls: type) -> type:
+    """Class decorator (under ``@register_format``, over ``@dataclass(frozen=True)``) of a format that several
+    methods can make. Its method options are declared as init-only fields with the method's defaults
+    (``method: InitVar[str] = "rtn"``), beside one field the constructor does not take,
+    ``method_config: MethodConfig = field(default=ROUND_TO_NEAREST, init=False)``, which its
+    ``__post_init__(self, *options)`` builds with :func:`take_method_options`. The decorator makes each option
+    readable (``spec.method`` is ``spec.method_config.name``, ``spec.act_order`` is ``spec.method_config.act_order``
+    ...), so ``dataclasses.replace(spec, act_order=True)`` keeps the other options, and writes the ``repr`` in the
+    public spelling (``Int4(group_size=128, symmetric=False, method='gptq')``). ``spec.with_method(m)`` makes the
+    format by a :class:`MethodConfig`."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "method_config" not in fields:
+        raise ConfigError(f"{cls.__name__} needs a field method_config: MethodConfig to take method options")
+    options = tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in fields)
+    known = {"method", *(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: {unknown} are not method options (known: {sorted(known)})")
+    cls.method_option_names = options
+    for option in options:
+        setattr(cls, option, _option_property(option))
+    cls.__repr__ = _method_repr
+    return cls
+
+
+def take_method_options(spec: Any, given: tuple[Any, ...]) -> None:
+    """Build a format's ``method_config`` from the method options passed to its constructor (``given``, in the
+    order of its ``method_option_names``), validated: ``ConfigError`` names a bad option."""
+    options = {_config_field(o): v for o, v in zip(type(spec).method_option_names, given)}
+    object.__setattr__(spec, "method_config", MethodConfig(**options))
