@@ -47,7 +47,7 @@ from torch import nn
 from . import data as data_mod
 from .compare import _output_tensors
 from .errors import CalibrationError
-from .formats import WeightSpec
+from .formats import WeightSpec, method_of
 from .gptq import GPTQOptions, HessianObserver, gptq_quantize
 from .observers import distributed_ready
 from .qtypes import PerTensor
@@ -80,7 +80,7 @@ class ScaledLayer:
     @property
     def clips(self) -> bool:
         """Whether AWQ's clipping search applies (``method="awq"``, and a weight with per-row or group ranges)."""
-        return (self.smooth_alpha is None and getattr(self.spec, "method", "") == "awq"
+        return (self.smooth_alpha is None and method_of(self.spec).name == "awq"
                 and not isinstance(self.spec.weight_granularity(self.group_size), PerTensor))
 
 
@@ -296,7 +296,7 @@ def awq_scale(layers: list[ScaledLayer], hessian: torch.Tensor, abs_mean: torch.
                   for w, item in zip(weights, layers))
         scored.append((err, len(scored), s))
     scored.sort(key=lambda t: (t[0], t[1]))
-    if getattr(layers[0].spec, "method", "") != "awq+gptq":
+    if method_of(layers[0].spec).name != "awq+gptq":
         return scored[0][2]
     shortlist = [s for _, _, s in scored[:gptq_shortlist]] + [torch.ones_like(abs_mean)]
     errors = [sum(_gptq_error(item, w, s, h) for w, item in zip(weights, layers)) for s in shortlist]

@@ -36,7 +36,7 @@ from . import data as data_mod
 from . import functional as F
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError
-from .formats.base import GPTQ_METHODS
+from .formats import method_of
 from .gptq import GPTQOptions, GPTQState, working_bytes
 from .memory import release_freed_memory
 from .nn.activation import ActivationQuantizer
@@ -59,15 +59,15 @@ class FrozenLayer:
 def prepare(q: QuantModule, float_weight: torch.Tensor, config: QuantConfig, name: str) -> str:
     """Attach the calibration state ``config`` asks for to a freshly swapped ``q``; returns the weight method."""
     spec = q.spec
-    method = getattr(spec, "method", "")
+    method = method_of(spec)
     if config.activations is not None and q.quantizes_inputs:
         q.input_quantizer = ActivationQuantizer(config.activations, name)
-    if method in GPTQ_METHODS:
+    if method.is_gptq:
         if not q.supports_gptq:
             raise ConfigError(f"layer {name}: {type(q).__name__} cannot be calibrated by GPTQ; quantize it with "
                               "another method (a rule such as SkipRules(exclude=[...]) or a per-layer config)")
         q.gptq = GPTQState(float_weight, name, GPTQOptions.of(spec), conv=q.gptq_geometry())
-    return method
+    return method.name
 
 
 def _pending(module: nn.Module) -> bool:
@@ -225,7 +225,7 @@ def _compute_frozen(layers: list[tuple[str, QuantModule]]) -> list[_Result]:
                                "through these layers under `with mq.calibrate(model):` (nothing was changed)")
     results = []
     for name, q in layers:
-        row = FrozenLayer(name, q, getattr(q.spec, "method", ""))
+        row = FrozenLayer(name, q, method_of(q.spec).name)
         stored = act_qparams = None
         if q.gptq is not None:
             stored, row.output_sqnr_db = q.gptq.quantize(q.spec, q.group_size)

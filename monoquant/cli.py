@@ -87,7 +87,7 @@ from . import functional as F
 from . import hub_formats, schemes
 from . import safetensors_io as stio
 from .errors import ConfigError, MonoQuantError, SerializationError
-from .formats import FORMATS, IntegerFormat, WeightSpec
+from .formats import FORMATS, IntegerFormat, MethodConfig, WeightSpec
 from .nn import LAYERS, QuantHFConv1D, QuantModule, layer_class, quant_class_for
 from .pipeline import meta_model
 from .rules import DEFAULT_MIN_PARAMS
@@ -454,12 +454,9 @@ def _pretrained_spec(args: argparse.Namespace) -> WeightSpec:
     spec = _spec(args)
     if args.method == "rtn" and not args.sequential:
         return spec
-    if args.method == "rtn" or not hasattr(spec, "method"):
+    if args.method == "rtn" or spec.method_config is None:
         raise ConfigError(f"--method {args.method} and --sequential apply to int8 and int4 (--sequential to gptq)")
-    options: dict = {"method": args.method}
-    if args.sequential:
-        options["sequential"] = True
-    return dataclasses.replace(spec, **options)
+    return spec.with_method(MethodConfig(args.method, sequential=True if args.sequential else None))
 
 
 def _token_batches(path: str | None, batch_size: int) -> list[torch.Tensor] | None:

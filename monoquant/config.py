@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ConfigError
-from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec
-from .formats.base import AWQ_METHODS, GPTQ_METHODS
+from .formats import FORMATS, BFloat16, Float16, Int4, Int8, WeightSpec, method_of
 from .formats.int4 import KERNEL_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -65,8 +64,8 @@ class QuantConfig:
         if getattr(self.weights, "dynamic", False):
             raise ConfigError("dynamic=True is for activations: pass activations=mq.Int8(dynamic=True) "
                               "(weights are always quantized ahead of time)")
-        if self.activations is not None and self.activations.method != "rtn":
-            m = self.activations.method
+        if self.activations is not None and method_of(self.activations).name != "rtn":
+            m = method_of(self.activations).name
             raise ConfigError(f"method={m!r} is for weights: pass weights=mq.Int8(method={m!r}) or "
                               f"mq.Int4(method={m!r})")
         self._check_smoothquant()
@@ -74,7 +73,8 @@ class QuantConfig:
             if not isinstance(self.embeddings, WeightSpec):
                 raise ConfigError(f"embeddings must be a weight format such as mq.Int8() or None, got "
                                   f"{self.embeddings!r}")
-            if getattr(self.embeddings, "method", "rtn") in GPTQ_METHODS + AWQ_METHODS or \
+            embedding_method = method_of(self.embeddings)
+            if embedding_method.is_gptq or embedding_method.is_awq or \
                     getattr(self.embeddings, "dynamic", False):
                 raise ConfigError("embeddings are looked up, not multiplied: GPTQ, AWQ and dynamic=True do not apply; "
                                   "pass e.g. embeddings=mq.Int8() or mq.Int4(group_size=64)")
@@ -92,7 +92,7 @@ class QuantConfig:
         if self.activations is None:
             raise ConfigError("smoothquant moves activation outliers into the weights for INT8 activations: pass "
                               "activations=mq.Int8() with it, or drop smoothquant")
-        if getattr(self.weights, "method", "rtn") in AWQ_METHODS:
+        if method_of(self.weights).is_awq:
             raise ConfigError("smoothquant and method='awq' both scale each layer's input channels; pick one "
                               "(smoothquant for INT8 activations, awq for low-bit weights)")
 
@@ -107,8 +107,8 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         """True when quantizing with this config needs calibration data: static activations, GPTQ or AWQ weights."""
         acts = self.activations
-        method = getattr(self.weights, "method", "rtn")
-        return ((acts is not None and not acts.dynamic) or method in GPTQ_METHODS + AWQ_METHODS
+        method = method_of(self.weights)
+        return ((acts is not None and not acts.dynamic) or method.is_gptq or method.is_awq
                 or self.smoothquant is not None)
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from . import functional as F
 from .errors import CalibrationError, ConfigError
-from .formats import Stored, WeightSpec
+from .formats import Stored, WeightSpec, method_of
 from .im2col import ConvGeometry
 from .observers import Observer
 from .qtypes import QType
@@ -351,13 +351,16 @@ class GPTQOptions:
 
     @classmethod
     def of(cls, spec: WeightSpec) -> GPTQOptions:
-        """The options a ``method="gptq"`` spec asks for: each of its ``act_order``, ``static_groups``,
-        ``refit_scales`` and ``sequential`` when set, else that of :data:`DEFAULT_OPTIONS`; its ``damping``."""
+        """The options a ``method="gptq"`` spec's method config asks for: each of its ``act_order``,
+        ``static_groups``, ``refit_scales`` and ``sequential`` when set, else that of :data:`DEFAULT_OPTIONS`; its
+        ``damping``."""
+        method = method_of(spec)
+
         def option(name: str) -> bool:
-            value = getattr(spec, name, None)
+            value = getattr(method, name)
             return getattr(DEFAULT_OPTIONS, name) if value is None else value
 
-        return cls(act_order=option("act_order"), damping=spec.damping, static_groups=option("static_groups"),
+        return cls(act_order=option("act_order"), damping=method.damping, static_groups=option("static_groups"),
                    refit_scales=option("refit_scales"), sequential=option("sequential"))
 
 

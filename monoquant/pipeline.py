@@ -40,6 +40,7 @@ from .calibration import needs_calibration
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, iter_batches, run_batch, tqdm_disable
 from .errors import ConfigError, MissingExtraError, SerializationError
+from .formats import method_of
 from .model_keys import materialize_buffers
 from .quantize import candidate_class, quantize_
 from .report import QuantReport
@@ -281,7 +282,7 @@ def _outputs_hidden(out: Any) -> torch.Tensor:
 def _carries_float(cfg: QuantConfig) -> bool:
     """Whether ``quantize_`` on the whole model would calibrate on float activations (one pass) rather than
     stage by stage on the outputs of quantized layers (``method="gptq", sequential=True``)."""
-    return not getattr(cfg.weights, "sequential", False)
+    return not method_of(cfg.weights).sequential
 
 
 def _restrict(cfg: QuantConfig, keep: set[str], candidates: list[str]) -> QuantConfig:

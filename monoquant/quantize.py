@@ -24,7 +24,7 @@ from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
-from .formats.base import AWQ_METHODS, GPTQ_METHODS
+from .formats import method_of
 from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import (
@@ -91,8 +91,9 @@ def _structural_skip(module: nn.Module, qcls: type[QuantModule], spec: WeightSpe
     """Reasons a layer must stay float whatever the rules say."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return MHA_OUT_PROJ_REASON
-    if getattr(spec, "method", "rtn") in GPTQ_METHODS and not qcls.supports_gptq:
-        return (f"{qcls.__name__} cannot be calibrated by GPTQ (method={spec.method!r}); give it another method "
+    method = method_of(spec)
+    if method.is_gptq and not qcls.supports_gptq:
+        return (f"{qcls.__name__} cannot be calibrated by GPTQ (method={method.name!r}); give it another method "
                 "with a per-layer config to quantize it")
     weight = qcls.float_weight(module)
     if weight.numel() == 0:
@@ -281,12 +282,12 @@ def _scale_channels(model: nn.Module, plan: list[_Planned], cfg: QuantConfig, da
     layers = []
     for item in plan:
         spec = item.config.weights
-        uses_awq = getattr(spec, "method", "") in AWQ_METHODS
+        uses_awq = method_of(spec).is_awq
         smooth = alpha is not None and item.config.activations is not None and item.qcls.quantizes_inputs
         if not (uses_awq or smooth):
             continue
         if data is None:
-            raise ConfigError(f"{'SmoothQuant' if smooth else f'method={spec.method!r}'} searches per-channel "
+            raise ConfigError(f"{'SmoothQuant' if smooth else f'method={method_of(spec).name!r}'} searches per-channel "
                               "scales on calibration activations: pass calibration_data=... (a few batches of real "
                               "inputs) to quantize_; nothing was changed")
         if id(item.module) in untied:

@@ -3,6 +3,7 @@
 from .base import (
            FORMATS,
            SCALE_DTYPE,
+           MethodConfig,
            Stored,
            StoredWeight,
            WeightSpec,
@@ -19,5 +20,5 @@ from .integer import IntegerFormat
 from .nf4 import NF4, NF4_VALUES, NF4Weight
 
 __all__ = ["FORMATS", "NF4", "NF4_VALUES", "SCALE_DTYPE", "BFloat16", "Float16", "HalfFormat", "Int4", "Int8",
-           "IntegerFormat", "KERNEL_GROUP_SIZES", "NF4Weight", "Stored", "StoredWeight", "WeightSpec", "format_class",
-           "method_of", "register_format", "spec_from_dict", "spec_to_dict"]
+           "IntegerFormat", "KERNEL_GROUP_SIZES", "MethodConfig", "NF4Weight", "Stored", "StoredWeight", "WeightSpec",
+           "format_class", "method_of", "register_format", "spec_from_dict", "spec_to_dict"]

@@ -252,16 +252,14 @@ class WeightSpec:
         unknown = sorted(set(options) - names)
         if unknown:
             raise ConfigError(f"{type(self).__name__} has no method option(s) {unknown} (it takes {sorted(names)})")
-        return dataclasses.replace(self, **{o: getattr(method, "name" if o == "method" else o)
-                                            for o in self.method_option_names})
+        return dataclasses.replace(self, **{o: method.option(o) for o in self.method_option_names})
 
     # ---- files -----------------------------------------------------------------------------------------------
     @classmethod
     def _field_defaults(cls) -> dict[str, Any]:
         """The public spelling's fields with their defaults: the storage fields, then the method options."""
         storage = {f.name: f.default for f in dataclasses.fields(cls) if f.compare and f.name != "method_config"}
-        return {**storage, **{o: getattr(ROUND_TO_NEAREST, "name" if o == "method" else o)
-                              for o in cls.method_fields()}}
+        return {**storage, **{o: ROUND_TO_NEAREST.option(o) for o in cls.method_fields()}}
 
     def to_dict(self) -> dict[str, Any]:
         """The spec in its public spelling: the storage fields and the method options (observers are not

@@ -89,6 +89,10 @@ class MethodConfig:
         """Whether per-input-channel scales are searched on calibration activations (``"awq"``, ``"awq+gptq"``)."""
         return self.name in AWQ_METHODS
 
+    def option(self, name: str) -> Any:
+        """The value of a format's method option ``name``: ``"method"`` is :attr:`name`, the others are fields."""
+        return getattr(self, "name" if name == "method" else name)
+
     def options(self) -> dict[str, Any]:
         """The options a file records (everything but the name and the observer)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare and f.name != "name"}
@@ -139,22 +143,17 @@ ROUND_TO_NEAREST = MethodConfig()
 
 
 # ---- the public spelling: a format's method options -------------------------------------------------------------
-def _config_field(option: str) -> str:
-    return "name" if option == "method" else option
-
-
 def _option_property(option: str) -> property:
-    name = _config_field(option)
-    return property(lambda self: getattr(self.method_config, name),
-                    doc=f"``method_config.{name}``: how the weights are made (see :class:`MethodConfig`).")
+    return property(lambda self: self.method_config.option(option),
+                    doc=f"``method_config.option({option!r})``: how the weights are made (see :class:`MethodConfig`).")
 
 
 def _method_repr(self: Any) -> str:
     storage = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                if f.repr and f.name != "method_config"]
     method, default = self.method_config, ROUND_TO_NEAREST
-    given = [f"{o}={getattr(method, _config_field(o))!r}" for o in type(self).method_option_names
-             if getattr(method, _config_field(o)) != getattr(default, _config_field(o))]
+    given = [f"{o}={method.option(o)!r}" for o in type(self).method_option_names
+             if method.option(o) != default.option(o)]
     return f"{type(self).__name__}({', '.join(storage + given)})"
 
 
@@ -186,5 +185,5 @@ def method_options(cls: type) -> type:
 def take_method_options(spec: Any, given: tuple[Any, ...]) -> None:
     """Build a format's ``method_config`` from the method options passed to its constructor (``given``, in the
     order of its ``method_option_names``), validated: ``ConfigError`` names a bad option."""
-    options = {_config_field(o): v for o, v in zip(type(spec).method_option_names, given)}
+    options = {("name" if o == "method" else o): v for o, v in zip(type(spec).method_option_names, given)}
     object.__setattr__(spec, "method_config", MethodConfig(**options))

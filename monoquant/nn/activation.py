@@ -38,7 +38,8 @@ class ActivationQuantizer(nn.Module):
         self.calibrating = False
         # default: the outlier-robust histogram (benchmarks/bench_calibration.py --only outliers measured it within
         # 0.2 dB of the best mode on every row, and 33 dB above min/max with one stray value of 400)
-        observer = HistogramObserver() if spec.observer is None else spec.make_observer()
+        method = spec.method_config
+        observer = HistogramObserver() if method.observer is None else method.make_observer()
         self.observer = None if spec.dynamic else observer.configure(self.qtype, PerTensor())
         if self.observer is not None:
             self.observer.name = layer_name

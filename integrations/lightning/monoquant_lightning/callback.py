@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 import monoquant as mq
 from monoquant import CalibrationError, ConfigError, evaluating, run_batch
+from monoquant.formats import method_of
 
 from .artifact import write_artifact
 from .batches import Replay, check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
@@ -421,8 +422,7 @@ class PostTrainingQuantization(Callback):
             if not trainer.is_global_zero:  # every rank quantizes, calibrates and compares; rank zero warns
                 warnings.simplefilter("ignore")
             # AWQ / SmoothQuant choose channel scales inside quantize_, which then also calibrates and freezes
-            method = getattr(self.config.weights, "method", "")
-            scales = self.config.smoothquant is not None or method in ("awq", "awq+gptq")
+            scales = self.config.smoothquant is not None or method_of(self.config.weights).is_awq
             batches = Replay(lambda: take_batches(trainer, loaders, limits, self.calibration_batches))
             data = dict(calibration_data=batches, max_batches=None,
                         forward_fn=lambda module, batch: self._forward(trainer, module, batch)) if scales else {}

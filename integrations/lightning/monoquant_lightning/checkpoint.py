@@ -20,7 +20,6 @@ layer by layer against the stored schemes.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,9 @@ def config_to_dict(config: mq.QuantConfig) -> dict[str, Any]:
 def _rebuild(module: nn.Module, weights: mq.WeightSpec, activations: mq.WeightSpec | None,
              compute_dtype: torch.dtype | None, names: list[str]) -> dict[str, str]:
     """Quantize exactly the layers ``names`` of ``module`` (placeholder weights); returns ``{name: scheme}``."""
-    if getattr(weights, "method", "rtn") != "rtn":
-        # the stored buffers replace whatever quantize_ computes, so the cheapest method builds the structure
-        weights = dataclasses.replace(weights, method="rtn")
+    # the stored buffers replace whatever quantize_ computes, so the cheapest method (round to nearest, what the
+    # format alone is made by) builds the structure
+    weights = weights.storage()
     only = mq.SkipRules(include=[exact_pattern(n) for n in names])
     cfg = mq.QuantConfig(weights=weights, activations=activations, skip=only, compute_dtype=compute_dtype)
     # the placeholder weights' measurements mean nothing: no AccuracyWarning about them (they were checked when
