@@ -266,3 +266,15 @@ def test_weights_best_without_a_saved_best_checkpoint_warns_and_quantizes_the_la
     mq.quantize_(snap.float_model, INT4)
     want = buffers(snap.float_model)
     assert all(torch.equal(buffers(model)[k], want[k]) for k in want)
+
+
+def test_a_gptq_spec_with_options_rebuilds_its_layers_by_round_to_nearest():
+    # the rebuild only needs the layer structure (the checkpoint's buffers replace the values): before the method
+    # config, it copied the spec with method='rtn' and kept act_order=True, which rtn refuses
+    from monoquant_lightning.checkpoint import _rebuild
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    spec = mq.Int4(group_size=32, method="gptq", act_order=True, sequential=True)
+    assert _rebuild(model, spec, None, None, ["0"]) == {"0": "int4-affine-g32"}
+    assert isinstance(model[0], mq.QuantLinear) and model[0].spec == spec.storage()
+    assert isinstance(model[2], nn.Linear)
