@@ -75,7 +75,7 @@ class ScaledLayer:
     spec: WeightSpec
     group_size: int | None
     smooth_alpha: float | None = None
-    """SmoothQuant's migration strength; ``None``: AWQ (the spec's method says which variant)."""
+    """SmoothQuant's migration strength; ``None``: AWQ (the format's method says which variant)."""
 
     @property
     def clips(self) -> bool:
@@ -263,7 +263,7 @@ def _candidates(abs_mean: torch.Tensor, grid: int) -> Iterator[torch.Tensor]:
 
 
 def _gptq_error(item: ScaledLayer, w: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> float:
-    """Output error of GPTQ (with the spec's options) on the scaled weight ``w s``, for inputs ``x / s``."""
+    """Output error of GPTQ (with the method's options) on the scaled weight ``w s``, for inputs ``x / s``."""
     opts = GPTQOptions.of(item.spec)
     stored = gptq_quantize(item.spec, w * s, h / (s[:, None] * s[None, :]), item.group_size,
                            act_order=opts.act_order, damping=opts.damping, static_groups=opts.static_groups,

@@ -1,6 +1,6 @@
 """User-facing configuration: :class:`QuantConfig` bundles a weight format (:class:`Int8`, :class:`Int4`,
-:class:`NF4`, :class:`Float16`, :class:`BFloat16`: see :mod:`monoquant.formats`), an optional activation spec
-and skip rules.
+:class:`NF4`, :class:`Float16`, :class:`BFloat16`: see :mod:`monoquant.formats`), an optional activation
+format and skip rules.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class QuantConfig:
     Args:
         weights: the weight format (``Int8()``, ``Int4(group_size=...)``, ``NF4()``, ``Float16()``, ``BFloat16()``,
             or any registered :class:`~monoquant.formats.WeightSpec`).
-        activations: optional activation spec (``Int8(...)``) for static or dynamic activation quantization.
+        activations: optional activation format (``Int8(...)``) for static or dynamic activation quantization.
         skip: :class:`~monoquant.SkipRules`; ``None`` means ``SkipRules.defaults()``.
         embeddings: the weight format of embedding tables (layer classes whose ``config_field`` is
             ``"embeddings"``, such as :class:`~monoquant.QuantEmbedding`); ``None`` (default) keeps them float. A
@@ -56,7 +56,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightSpec):
             raise ConfigError(
-                f"weights must be a spec such as mq.Int8() or mq.Int4(group_size=128), got {self.weights!r}"
+                f"weights must be a format such as mq.Int8() or mq.Int4(group_size=128), got {self.weights!r}"
             )
         if self.activations is not None and not getattr(self.activations, "supports_activations", False):
             raise ConfigError(f"activations must be mq.Int8(...) or None, got {self.activations!r}")
@@ -118,12 +118,12 @@ def spec_named(name: str) -> WeightSpec:
     cls = FORMATS.get(name.strip().lower())
     if cls is None:
         raise ConfigError(f"no weight format is called {name!r}; the registered ones are {sorted(FORMATS)} "
-                          "(or pass a spec such as mq.Int4(group_size=64))")
+                          "(or pass a format such as mq.Int4(group_size=64))")
     return cls()
 
 
 def as_config(config: QuantConfig | WeightSpec | str) -> QuantConfig:
-    """Accept a full :class:`QuantConfig`, a bare weight spec (meaning weight-only quantization) or a format's
+    """Accept a full :class:`QuantConfig`, a bare weight format (meaning weight-only quantization) or a format's
     name such as ``"int4"`` (that format with its defaults, weight-only)."""
     if isinstance(config, QuantConfig):
         return config
@@ -132,6 +132,6 @@ def as_config(config: QuantConfig | WeightSpec | str) -> QuantConfig:
     if isinstance(config, WeightSpec):
         return QuantConfig(weights=config)
     raise ConfigError(
-        f"expected mq.QuantConfig(...), a weight spec such as mq.Int4() or a format name such as 'int4', got "
+        f"expected mq.QuantConfig(...), a weight format such as mq.Int4() or a format name such as 'int4', got "
         f"{type(config).__name__}"
     )

@@ -17,7 +17,7 @@ Storage and kernels are unchanged: only the integer codes and scales differ from
 * INT4 group qparams: with ``static_groups`` they are computed up front from the original weight (before any
   permutation); otherwise each group's are chosen when the first of its columns comes up, from the current
   (already error-compensated) values of all its columns.
-* Ranges come from the spec's weight observer. For ``method="gptq"`` the default is the
+* Ranges come from the method's weight observer. For ``method="gptq"`` the default is the
   :class:`~monoquant.MSEObserver` clipping search, run on each group's current (compensated) values when
   groups are chosen on the fly; pass ``observer=mq.MinMaxObserver()`` for plain min/max ranges.
 * INT8 per-channel / per-tensor: qparams come from the original weight, codes from the GPTQ pass.
@@ -25,7 +25,7 @@ Storage and kernels are unchanged: only the integer codes and scales differ from
   nearest and spreads no error. With ``H = I`` no error is spread at all and, with min/max ranges, the result
   equals RTN exactly.
 
-What ``method="gptq"`` uses when a spec leaves these unset is :data:`DEFAULT_OPTIONS` (measured in
+What ``method="gptq"`` uses when a format's method config leaves these unset is :data:`DEFAULT_OPTIONS` (measured in
 ``benchmarks/bench_accuracy.py``).
 
 Speed and precision: the weight is processed transposed (a column is a contiguous row), errors are spread by
@@ -165,13 +165,13 @@ def gptq_quantize(
     static_groups: bool = False,
     refit_scales: bool = False,
 ) -> Stored:
-    """GPTQ-quantize a ``[N, K]`` float weight into the spec's stored buffers.
+    """GPTQ-quantize a ``[N, K]`` float weight into the format's stored buffers.
 
     ``hessian`` is ``[K, K]``, or ``[G, K, K]`` for a grouped convolution: rows are split into ``G`` equal
     blocks and block ``g`` is compensated with ``hessian[g]``. ``act_order``: process columns by decreasing
     ``diag(H)``. ``static_groups`` (INT4): every group's qparams come from the original weight up front, else
     each group's come from its error-compensated weights when its first column is reached. Ranges are chosen by
-    the spec's weight observer. ``refit_scales``: afterwards, :func:`refit_group_scales` (not for one scale per
+    the method's weight observer. ``refit_scales``: afterwards, :func:`refit_group_scales` (not for one scale per
     tensor). The stored layout is the canonical one (same as round-to-nearest) in every case.
     """
     n, k = weight2d.shape
@@ -365,7 +365,8 @@ class GPTQOptions:
 
 
 DEFAULT_OPTIONS = GPTQOptions(act_order=True, static_groups=True, refit_scales=True, sequential=False)
-"""What ``method="gptq"`` does when the spec leaves an option unset (measured: benchmarks/bench_accuracy.py)."""
+"""What ``method="gptq"`` does when the method config leaves an option unset (measured:
+benchmarks/bench_accuracy.py)."""
 
 
 class GPTQState(nn.Module):

@@ -242,7 +242,7 @@ def unpack_awq(where: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: 
 # ---- reading a checkpoint into monoquant's layers ------------------------------------------------------------
 def float_linear(model: nn.Module, prefix: str, where: str) -> nn.Module:
     """The ``nn.Linear`` (or its ``QuantLinear``) at ``prefix`` in ``model`` that a Hub layer is read into;
-    ``SerializationError`` naming ``where`` when the model has no such layer or it is of another kind."""
+    ``SerializationError`` naming ``where`` when the model has no such layer or it is of another class."""
     try:
         current = model.get_submodule(prefix)
     except AttributeError:
@@ -280,10 +280,10 @@ def from_hub(tensors: Mapping[str, torch.Tensor], model: nn.Module, config: Any 
         if parts["qzeros"] is None or parts["scales"] is None:
             raise SerializationError(f"{here} has a qweight without qzeros and scales; the checkpoint is "
                                      "incomplete (monoquant reads GPTQ/AWQ layers with zero-points)")
-        kind = _layout_for(layout, parts["qweight"], parts["g_idx"] is not None, n, k)
-        if kind.method == "gptq":
+        layer_layout = _layout_for(layout, parts["qweight"], parts["g_idx"] is not None, n, k)
+        if layer_layout.method == "gptq":
             layer = unpack_gptq(here, parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], n, k,
-                                kind.version)
+                                layer_layout.version)
         else:
             layer = unpack_awq(here, parts["qweight"], parts["qzeros"], parts["scales"], n, k)
         float_dtype = current.float_dtype if isinstance(current, QuantModule) else current.weight.dtype
@@ -484,13 +484,15 @@ def describe(path: str | os.PathLike) -> HubSummary | None:
             raise SerializationError(f"{path}: layer {prefix!r} has a qweight without scales; the checkpoint is "
                                      "incomplete")
         qweight, (groups, n) = parts["qweight"][1].shape, parts["scales"][1].shape
-        kind = layout if layout.method else HubLayout("gptq" if qweight[1] == n or "g_idx" in parts else "awq")
-        k = 8 * qweight[0] if kind.method == "gptq" else qweight[0]  # GPTQ packs along the inputs, AWQ the outputs
+        layer_layout = layout if layout.method else HubLayout("gptq" if qweight[1] == n or "g_idx" in parts
+                                                              else "awq")
+        # GPTQ packs along the inputs, AWQ along the outputs
+        k = 8 * qweight[0] if layer_layout.method == "gptq" else qweight[0]
         act_order = False
         if "g_idx" in parts:
             header, _ = parts["g_idx"]
             g_idx = stio.read_tensors(header, [f"{prefix}.g_idx"])[f"{prefix}.g_idx"]
             act_order = bool((g_idx[1:] < g_idx[:-1]).any())
-        layers.append(HubLayerInfo(prefix, kind, (n, k), k // max(groups, 1), act_order,
+        layers.append(HubLayerInfo(prefix, layer_layout, (n, k), k // max(groups, 1), act_order,
                                    sum(info.nbytes for _, info in parts.values())))
     return HubSummary(path, files, config, source, layers, sum(info.nbytes for _, info in tensors.values()))

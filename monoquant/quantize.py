@@ -122,7 +122,7 @@ def quantize_(
 
     Args:
         model: any ``nn.Module``; nested containers, modules used twice and tied weights are handled.
-        config: a :class:`QuantConfig`, a bare weight spec such as ``mq.Int4()`` (weight-only), or a format name
+        config: a :class:`QuantConfig`, a bare weight format such as ``mq.Int4()`` (weight-only), or a format name
             such as ``"int4"`` (that format with its defaults, weight-only).
         calibration_data: batches (see :mod:`monoquant.data`). When given, the float model's outputs on the
             first :data:`~monoquant.measure.MEASURE_BATCHES` batches are recorded, and after quantization the

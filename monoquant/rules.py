@@ -78,7 +78,7 @@ class SkipRules:
             model's last ``nn.Linear`` or transformers ``Conv1D`` (in registration order).
 
     Rules are checked in this order and the first that applies gives the reason: include, exclude, types,
-    predicate, head, size, then shapes the spec cannot handle (the format's ``unfit_reason``).
+    predicate, head, size, then shapes the format cannot handle (the format's ``unfit_reason``).
     """
 
     include: Sequence[Pattern] = ()

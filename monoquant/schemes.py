@@ -1,7 +1,9 @@
 """Function-style access to the weight formats of :mod:`monoquant.formats` (``quantize_weight(spec, w)``...).
 
-Each function asks the spec's format; the formats own the behaviour. A stored weight is a ``NamedTuple`` of buffers
-(:class:`~monoquant.formats.StoredWeight` or a format's own ``stored_type``).
+Each function asks the format it is given (``spec``); the formats own the behaviour (the module keeps its 0.1
+name: "scheme" is otherwise only a format's label, :meth:`~monoquant.formats.WeightSpec.describe`). A stored
+weight is a ``NamedTuple`` of buffers (:class:`~monoquant.formats.StoredWeight` or a format's own
+``stored_type``).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def validate_entry(entry: Any, where: str) -> None:
 
 
 def entry_spec(entry: Mapping[str, Any], where: str) -> WeightSpec:
-    """The weight spec a layer's header entry describes: its storage fields (``spec``) made by its provenance
+    """The weight format a layer's header entry describes: its storage fields (``spec``) made by its provenance
     (``method``, written since 0.3; files from 0.1 and 0.2 kept the method options inside ``spec``)."""
     spec = spec_from_dict(entry.get("spec"), f"{where}: header field 'spec'")
     if entry.get("method") is None:
@@ -360,8 +360,8 @@ def _save_gptq(model: nn.Module, path: str | os.PathLike, format: str) -> None:
 # ---- load -------------------------------------------------------------------------------------------------
 def _build(name: str, entry: Mapping[str, Any], current: nn.Module, source: str) -> QuantModule:
     """An empty (meta-device) quantized layer for ``entry`` (already checked by :func:`validate_entry`), shaped like
-    the model's layer ``current``: the layer class comes from the registry, the spec and its layout are validated
-    by the weight format, the rest against the model. ``source`` names the file in messages."""
+    the model's layer ``current``: the layer class comes from the registry, the format and its stored layout are
+    validated by the weight format, the rest against the model. ``source`` names the file in messages."""
     where = f"{source}: layer {name!r}"
     cls = layer_class(entry.get("class"))
     if cls is None:

@@ -16,7 +16,7 @@ A format is a frozen dataclass (hashable, comparable, safe to share between laye
 The registered formats are listed in :data:`FORMATS`; ``formats/int8.py``, ``int4.py``, ``nf4.py`` and ``half.py``
 are the built-in ones. A format's fields are what its bytes mean; a format that several methods can make also
 carries how they are made, as one :class:`~monoquant.formats.method.MethodConfig` (its field ``method_config``,
-see :func:`~monoquant.formats.method.method_options`). An ``observer`` given to a spec belongs to that method
+see :func:`~monoquant.formats.method.method_options`). An ``observer`` given to a format belongs to that method
 config and is a *prototype*: each layer gets its own deep copy (or a fresh instance when a factory is given).
 """
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .kernel import KernelCandidate
 
 class StoredWeight(NamedTuple):
-    """A quantized weight's buffers (the integer and half formats'); ``None`` for a buffer the spec does not use."""
+    """A quantized weight's buffers (the integer and half formats'); ``None`` for a buffer the format does not use."""
 
     qweight: torch.Tensor
     scale: torch.Tensor | None = None
@@ -121,7 +121,8 @@ class WeightSpec:
 
     # ---- naming --------------------------------------------------------------------------------------------
     def describe(self, group_size: int | None = None) -> str:
-        """Short scheme name shown in reports (``"int4-affine-g128"``)."""
+        """The scheme: this format's label with its resolved group size, shown in reports and headers
+        (``"int4-affine-g128"``)."""
         return self.kind
 
     @classmethod
@@ -262,7 +263,7 @@ class WeightSpec:
         return {**storage, **{o: ROUND_TO_NEAREST.option(o) for o in cls.method_fields()}}
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec in its public spelling: the storage fields and the method options (observers are not
+        """The format in its public spelling: the storage fields and the method options (observers are not
         written), so that ``type(spec)(**fields)`` rebuilds it. File headers keep the two apart:
         :meth:`storage_dict` and ``method_config.to_dict()``."""
         return {"kind": self.kind, **{name: getattr(self, name) for name in self._field_defaults()}}
@@ -383,7 +384,7 @@ def spec_to_dict(spec: WeightSpec) -> dict[str, Any]:
 
 
 def spec_from_dict(d: object, where: str = "file header") -> WeightSpec:
-    """Rebuild a spec from its header form, validated by its format (``SerializationError`` otherwise)."""
+    """Rebuild a format from its header form, validated by its format (``SerializationError`` otherwise)."""
     if not isinstance(d, Mapping):
-        raise SerializationError(f"{where}: a weight spec must be a JSON object, got {d!r}")
+        raise SerializationError(f"{where}: a weight format must be a JSON object, got {d!r}")
     return format_class(d.get("kind"), where).from_dict(d, where)

@@ -1,5 +1,5 @@
 """INT8 weights: per-output-channel (default) or per-tensor scales, symmetric (int8 codes) or affine (uint8 codes
-with a uint8 zero-point). Also the activation spec (per-tensor, affine by default, static or dynamic)."""
+with a uint8 zero-point). Also the activation format (per-tensor, affine by default, static or dynamic)."""
 
 from __future__ import annotations
 
@@ -120,9 +120,9 @@ W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_input
 @method_options
 @dataclass(frozen=True)
 class Int8(IntegerFormat):
-    """8-bit integers. As a weight spec: per-output-channel (default) or per-tensor, symmetric by default.
+    """8-bit integers. As a weight format: per-output-channel (default) or per-tensor, symmetric by default.
 
-    As an activation spec: per-tensor, affine by default (``symmetric=False``), qparams from ``observer``
+    As an activation format: per-tensor, affine by default (``symmetric=False``), qparams from ``observer``
     (default :class:`~monoquant.HistogramObserver`, outlier-robust) after calibration; ``dynamic=True`` computes
     per-token scales on the fly instead of calibrating. ``granularity`` and ``method`` only apply to weights.
 

@@ -136,7 +136,7 @@ class IntegerFormat(WeightSpec):
     def dequant_params(self, stored: Stored, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scale, zero_point)`` in ``dtype``, shaped to broadcast against the weight's group view.
 
-        The zero-point is ``None`` when there is none to subtract, decided from the spec (never by reading a
+        The zero-point is ``None`` when there is none to subtract, decided from the format (never by reading a
         value back from the device)."""
         scale, zero_point = stored.scale.float(), stored.zero_point
         if zero_point is not None:

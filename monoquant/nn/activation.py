@@ -26,7 +26,7 @@ from ..qtypes import PerChannel, PerTensor
 
 
 class ActivationQuantizer(nn.Module):
-    """Quantizes a layer's input with ``spec`` (an :class:`~monoquant.Int8` activation spec)."""
+    """Quantizes a layer's input with ``spec`` (an :class:`~monoquant.Int8` activation format)."""
 
     def __init__(self, spec: Int8, layer_name: str = "") -> None:
         super().__init__()

@@ -41,7 +41,7 @@ class QuantModule(nn.Module):
 
     * ``float_module_type`` (or ``float_module_path``, a dotted class path for libraries monoquant does not
       import) and ``GEOMETRY``, the constructor arguments it shares with the float type besides ``bias``;
-    * ``quantizes_inputs``: whether an activation spec applies to its inputs (not for embeddings, whose
+    * ``quantizes_inputs``: whether an activation format applies to its inputs (not for embeddings, whose
       inputs are indices);
     * ``kernel_family``: how its forward is computed (``"linear"``, ``"conv"``, ``"embedding"``), shown by
       :meth:`kernel_summary`;
@@ -95,7 +95,7 @@ class QuantModule(nn.Module):
         dtype: torch.dtype | None,
     ) -> None:
         if not isinstance(spec, WeightSpec):
-            raise ConfigError(f"spec must be a weight spec such as mq.Int8() or mq.Int4(), got {spec!r}")
+            raise ConfigError(f"spec must be a weight format such as mq.Int8() or mq.Int4(), got {spec!r}")
         if group_size is not None and (type(group_size) is not int or group_size <= 0):
             raise ConfigError(f"{type(self).__name__}: group_size must be a positive integer or None, "
                               f"got {group_size!r}")
@@ -383,10 +383,10 @@ class QuantModule(nn.Module):
         observer: Observer | None = None,
         group_size: int | None = None,
     ) -> QuantModule:
-        """Quantize float ``module``'s weight with ``config``: a weight spec or format name (this layer's format), or a
+        """Quantize float ``module``'s weight with ``config``: a weight format or its name (this layer's format), or a
         full config (the format in its ``config_field``); default ``Int8()``.
 
-        ``name`` is used in error messages; ``observer`` overrides the spec's weight observer; ``group_size``
+        ``name`` is used in error messages; ``observer`` overrides the method's weight observer; ``group_size``
         overrides the INT4 group chosen by :meth:`Int4.resolve_group_size`.
         """
         cls._check_float(module, name)

@@ -116,7 +116,7 @@ class PostTrainingQuantization(Callback):
     like any other quantized checkpoint; no ``save_to`` file is written for a model that failed the check.
 
     Args:
-        config: a :class:`monoquant.QuantConfig`, a bare weight spec (``mq.Int4(group_size=32)``), or the
+        config: a :class:`monoquant.QuantConfig`, a bare weight format (``mq.Int4(group_size=32)``), or the
             string/dict forms of :mod:`monoquant_lightning.configs` (for YAML files; LightningCLI also
             takes ``class_path: monoquant.QuantConfig`` / ``monoquant.Int4``).
         weights: which float weights to quantize when training ends: ``"best"`` loads the best checkpoint of

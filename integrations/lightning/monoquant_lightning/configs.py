@@ -1,8 +1,9 @@
 """The forms a quantization config may take when given to the callback, e.g. from a LightningCLI YAML file.
 
-* a :class:`monoquant.QuantConfig`, or a bare weight spec (``mq.Int4(group_size=32)``: weight-only);
-* a spec kind as a string: ``"int8"``, ``"int4"``, ``"float16"``, ``"bfloat16"`` (that spec's defaults);
-* a spec as a dict: ``{"kind": "int4", "group_size": 32, "method": "gptq"}`` (the fields of the spec class);
+* a :class:`monoquant.QuantConfig`, or a bare weight format (``mq.Int4(group_size=32)``: weight-only);
+* a format's kind as a string: ``"int8"``, ``"int4"``, ``"float16"``, ``"bfloat16"`` (that format's defaults);
+* a format as a dict: ``{"kind": "int4", "group_size": 32, "method": "gptq"}`` (its fields and method
+  options);
 * a config as a dict: ``{"weights": <spec>, "activations": <spec>, "skip": {...}, "compute_dtype": "bfloat16"}``
   where each ``<spec>`` is one of the two forms above and ``skip`` holds keyword arguments of
   :meth:`monoquant.SkipRules.defaults` (``exclude``, ``include``, ``skip_head``, ``min_params``).
@@ -29,13 +30,13 @@ CONFIG_KEYS = ("weights", "activations", "skip", "compute_dtype")
 
 
 def coerce_spec(spec: SpecLike, where: str = "weights") -> mq.WeightSpec:
-    """A weight spec from a spec, a kind name or a ``{"kind": ..., field: value}`` dict."""
+    """A weight format from a format, a kind name or a ``{"kind": ..., field: value}`` dict."""
     if isinstance(spec, mq.WeightSpec):
         return spec
     if isinstance(spec, str):
         spec = {"kind": spec}
     if not isinstance(spec, Mapping) or "kind" not in spec:
-        raise ConfigError(f"{where} must be a spec (mq.Int4(group_size=32)), a kind name ('int8', 'int4', "
+        raise ConfigError(f"{where} must be a format (mq.Int4(group_size=32)), a kind name ('int8', 'int4', "
                           f"'float16', 'bfloat16') or a dict {{'kind': 'int4', 'group_size': 32}}, got {spec!r}")
     try:
         return spec_from_dict(spec)
@@ -54,7 +55,7 @@ def coerce_config(config: ConfigLike) -> mq.QuantConfig:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown or "weights" not in config:
         raise ConfigError(f"a config dict takes the keys {list(CONFIG_KEYS)} ('weights' required), got "
-                          f"{sorted(config)}; or give a spec dict with a 'kind' key")
+                          f"{sorted(config)}; or give a format dict with a 'kind' key")
     skip = config.get("skip")
     if isinstance(skip, Mapping):
         skip = mq.SkipRules.defaults(**skip)
