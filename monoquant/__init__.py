@@ -30,7 +30,9 @@ from .formats import (
     Float16,
     Int4,
     Int8,
+    MethodConfig,
     WeightSpec,
+    method_of,
     register_format,
     spec_from_dict,
     spec_to_dict,
@@ -69,7 +71,7 @@ __all__ = [
     "QuantConfig", "quantize_", "dequantize_", "SkipRules", "as_config", "spec_named", "SMOOTHQUANT_ALPHA",
     # weight formats (see monoquant.formats; register_format adds one)
     "WeightSpec", "Int8", "Int4", "NF4", "Float16", "BFloat16", "FORMATS", "register_format", "spec_to_dict",
-    "spec_from_dict",
+    "spec_from_dict", "MethodConfig", "method_of",
     # quantized layers (see monoquant.nn; register_layer adds one)
     "QuantModule", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantHFConv1D",
     "LAYERS",

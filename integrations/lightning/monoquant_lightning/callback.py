@@ -14,8 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import monoquant as mq
-from monoquant import CalibrationError, ConfigError, evaluating, run_batch
-from monoquant.formats import method_of
+from monoquant import CalibrationError, ConfigError, evaluating, method_of, run_batch
 
 from .artifact import write_artifact
 from .batches import Replay, check_batch_fits_forward, missing_validation_data, take_batches, validation_loaders
