@@ -226,7 +226,8 @@ def gptq_quantize(
         if refit_scales and not scalar:
             scale_i = refit_group_scales(w[sl], h, codes_i, scale_i, zero_i, g or k)
         parts.append((codes_i, scale_i, zero_i))
-    codes, scale, zero = (torch.cat(t) for t in zip(*parts))
+    # one Hessian (every Linear): its rows' results as they are, no copy of the int64 codes
+    codes, scale, zero = parts[0] if len(parts) == 1 else (torch.cat(t) for t in zip(*parts))
     if scalar:
         scale, zero = scale[:1].reshape(()), zero[:1].reshape(())
     return spec.encode(codes, scale, zero)
