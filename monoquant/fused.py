@@ -333,6 +333,39 @@ def _(view, lo, hi, ratios, qmin, qmax, symmetric, eps):
     return view.new_empty((ratios.shape[0], view.shape[0]), dtype=torch.float64)
 
 
+@_op("quantize_weight_rows", mutates_args=("out",))
+def _quantize_weight_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+                             qmin: int, qmax: int, out: torch.Tensor) -> None:
+    _kernel("quantize_weight_rows")(x, scale, zero_point, group, qmin, qmax, out)
+
+
+@_quantize_weight_rows_op.register_fake
+def _(x, scale, zero_point, group, qmin, qmax, out):
+    return None
+
+
+@_op("gptq_columns", mutates_args=("wb", "errs", "codes"))
+def _gptq_columns_op(wb: torch.Tensor, hb: torch.Tensor, errs: torch.Tensor, codes: torch.Tensor,
+                     scale: torch.Tensor, zero: torch.Tensor, slots: torch.Tensor, i0: int, i1: int, s1: int,
+                     qmin: int, qmax: int) -> None:
+    _kernel("gptq_columns")(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax)
+
+
+@_gptq_columns_op.register_fake
+def _(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax):
+    return None
+
+
+@_op("signal_noise_sums")
+def _signal_noise_sums_op(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    return _kernel("signal_noise_sums")(ref, approx)
+
+
+@_signal_noise_sums_op.register_fake
+def _(ref, approx):
+    return ref.new_empty((2,), dtype=torch.float64)
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                 group_size: int) -> torch.Tensor:
     """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``
@@ -414,3 +447,31 @@ def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rati
     (``lo``/``hi``: float64 ``[S]``). The same float64 arithmetic as :func:`monoquant.functional.qparams_from_minmax`
     and :func:`~monoquant.functional.fake_quantize` (scale rounded to float32), summed in another order."""
     return _call(_mse_clip_errors_op, "mse_clip_errors", view, lo, hi, ratios, qmin, qmax, symmetric, eps)
+
+
+def quantize_weight_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+                         qmin: int, qmax: int, out: torch.Tensor) -> torch.Tensor:
+    """Codes of a contiguous float32 weight ``[R, C]`` written into ``out`` (contiguous int8, uint8 or int16
+    ``[R, C]``), with contiguous float64 ``scale`` / ``zero_point`` ``[R, C // group]`` (``zero_point`` ``None``
+    for symmetric qtypes): element for element the float64 arithmetic of
+    :func:`monoquant.functional.quantize_rows` (``x / scale``, round half to even, ``+ zero``, clamp to
+    ``[qmin, qmax]``), in one pass over the weight. Returns ``out``."""
+    _call(_quantize_weight_rows_op, "quantize_weight_rows", x, scale, zero_point, group, qmin, qmax, out)
+    return out
+
+
+def gptq_columns(wb: torch.Tensor, hb: torch.Tensor, errs: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, slots: torch.Tensor, i0: int, i1: int, s1: int, qmin: int, qmax: int) -> None:
+    """GPTQ's per-column loop over columns ``i0 <= i < i1`` of one block, in place: see
+    :func:`monoquant.gptq._quantize_columns`, whose PyTorch ops it equals bit for bit (``wb``: the block's
+    transposed float32 weight ``[B, M]``; ``hb``: float32 ``[B, B]``, any strides; ``errs`` float32 and
+    ``codes`` int16 ``[B, M]``, row ``i`` written; column ``i`` uses row ``slots[i]`` of the float64 ``scale`` and
+    ``zero`` ``[S, M]``; the rank-one updates reach columns up to ``s1``)."""
+    _call(_gptq_columns_op, "gptq_columns", wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax)
+
+
+def signal_noise_sums(ref: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """``(sum(ref^2), sum((ref - approx)^2))`` of two contiguous float32 tensors of the same size, in float64 and
+    one pass (the terms of :func:`monoquant.functional.sqnr_from_powers`); the same sums whatever the threads."""
+    sums = _call(_signal_noise_sums_op, "signal_noise_sums", ref, approx)
+    return float(sums[0]), float(sums[1])

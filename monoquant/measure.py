@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import functional as F
+from . import fused
 from .compare import Comparison, Reference, batch_size, measure, record_outputs
 from .config import QuantConfig
 from .data import ForwardFn, tqdm_disable
@@ -47,10 +48,12 @@ class Swapped:
 def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
     """SQNR (dB) of ``q``'s dequantized weight against its float twin's.
 
-    Row chunks of at most :data:`WEIGHT_SQNR_CHUNK` values, each dequantized into one reused float32 buffer, with
-    float32 differences and sums (cascade-summed by PyTorch: relative error ~1e-8) added up in float64: the
-    temporaries stay a few hundred KB whatever the layer's size (a whole dequantized weight, freshly allocated,
-    cost more in page faults than the arithmetic; float64 copies of whole weights cost 4x the layer)."""
+    Row chunks of at most :data:`WEIGHT_SQNR_CHUNK` values, each dequantized into one reused float32 buffer; each
+    chunk's two sums come from one pass of :func:`monoquant.fused.signal_noise_sums` (float64) while the chunk is
+    in cache, or without the extension from float32 differences and sums (cascade-summed by PyTorch: relative
+    error ~1e-8), added up in float64: the temporaries stay a few hundred KB whatever the layer's size (a whole
+    dequantized weight, freshly allocated, cost more in page faults than the arithmetic; float64 copies of whole
+    weights cost 4x the layer)."""
     with torch.no_grad():
         w = type(q).float_weight(float_module).detach()
         w = w.reshape(w.shape[0], -1)
@@ -58,13 +61,17 @@ def weight_sqnr(float_module: nn.Module, q: QuantModule) -> float:
         buf = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.float32, device=w.device)
         scale = None if q.input_scale is None else q.input_scale.reshape(1, -1).float()
         signal = noise = 0.0
+        compiled = w.device.type == "cpu" and fused.available()  # one pass per chunk instead of five
         for r0 in range(0, w.shape[0], rows):
             ref = w[r0:r0 + rows].float()  # a view of the weight when it is float32: never written to
             deq = q.dequantize_into(buf[:ref.shape[0]], r0)
             if scale is not None:  # AWQ / SmoothQuant: the layer stores W s and multiplies its input by 1 / s
                 deq.mul_(scale)
-            signal += float(ref.square().sum())
-            noise += float(deq.sub_(ref).square_().sum())
+            if compiled and ref.is_contiguous():
+                sums = fused.signal_noise_sums(ref, deq)
+            else:
+                sums = float(ref.square().sum()), float(deq.sub_(ref).square_().sum())
+            signal, noise = signal + sums[0], noise + sums[1]
         return F.sqnr_from_powers(signal, noise)
 
 

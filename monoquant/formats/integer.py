@@ -62,6 +62,28 @@ def fused_candidate(run) -> KernelCandidate:
 
 
 
+def _quantize_rows(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qtype: QType,
+                   granularity: PerTensor | PerChannel | PerGroup) -> torch.Tensor:
+    """Codes of a 2-D weight in the narrowest integer dtype that holds them: one pass of
+    :func:`monoquant.fused.quantize_weight_rows` for a contiguous float32 CPU weight when the extension is built,
+    else :func:`monoquant.functional.quantize_rows` (float64 row chunks); the same codes either way."""
+    dtype = _code_dtype(qtype)
+    rows, cols = w.shape
+    if not (w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() and w.numel()
+            and fused.available()):
+        return F.quantize_rows(w, scale, zero, qtype, granularity, dtype)
+    group = granularity.size if isinstance(granularity, PerGroup) else cols
+    slots = (rows, cols // group)
+
+    def per_slot(p: torch.Tensor) -> torch.Tensor:  # [rows, cols // group] float64 (one per row for per tensor)
+        p = p.double()
+        return (p.reshape(1, 1).expand(slots) if isinstance(granularity, PerTensor) else p.reshape(slots)).contiguous()
+
+    out = torch.empty(rows, cols, dtype=dtype, device=w.device)
+    return fused.quantize_weight_rows(w, per_slot(scale), None if qtype.symmetric else per_slot(zero), group,
+                                      qtype.qmin, qtype.qmax, out)
+
+
 class IntegerFormat(WeightSpec):
     """Shared behaviour of integer formats with a scale and an optional zero-point per qparam slot."""
 
@@ -120,8 +142,7 @@ class IntegerFormat(WeightSpec):
         # row chunks in one reused float64 buffer, codes straight into the narrowest integer dtype that holds them
         # (what encode stores for the 8-bit formats, so its conversion is a no-op): the temporaries were 16x the
         # float32 layer, then a few MB but freshly allocated per chunk; the codes are the same
-        codes = F.quantize_rows(w.reshape(w.shape[0], -1), scale, zero, self.weight_qtype(), granularity,
-                                _code_dtype(self.weight_qtype()))
+        codes = _quantize_rows(w.reshape(w.shape[0], -1), scale, zero, self.weight_qtype(), granularity)
         return self.encode(codes, scale, zero)
 
     def encode(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Stored:
