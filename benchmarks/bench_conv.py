@@ -1,6 +1,6 @@
 """Where a quantized convolution's time goes, layer by layer, against the same float32 convolution.
 
-Run: python benchmarks/bench_conv.py [--threads 2] [--reps 15] [--batches 1 16 256]
+Run: python benchmarks/bench_conv.py [--threads 2] [--reps 15] [--batches 1 16 256] [--nets digits resnet]
 
 For every conv layer of two nets -- the digits CNN of ``bench_models.py`` (3 Conv2d, 8x8 images) and a
 ResNet-style stage (3x3 convs, 64 channels at 32x32 and 128 channels at 16x16) -- and every batch size, it times
@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--nets", nargs="+", choices=["digits", "resnet"], default=["digits", "resnet"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {mq.fused.cpu_identity()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -101,7 +102,8 @@ def main() -> int:
           f"{'fq':>8} {'conv':>8} {'over':>8}  kernel")
     torch.manual_seed(0)
     with torch.inference_mode():
-        for name, conv, shape in digits_convs() + resnet_convs():
+        nets = {"digits": digits_convs, "resnet": resnet_convs}
+        for name, conv, shape in [c for net in args.nets for c in nets[net]()]:
             conv.eval()
             for batch in args.batches:
                 if batch > 16 and shape[-1] > 16:

@@ -13,9 +13,9 @@ kernel                 registered by, applies when                              
 ``act_sim_conv``       shared, the baseline with INT8 activations: the input               as the weight-only
                        fake-quantized per sample (one pass with the compiled kernels),      choice
                        then the weight-only choice below
-``im2col_linear``      shared: ``groups == 1``, no gradient: the input patches             the linear kernel's
-                       (:func:`~monoquant.im2col.conv_patches`) through the layer's
-                       linear kernels (:func:`monoquant.kernels.select_kernel`)
+``im2col_linear``      shared: weight-only, ``groups == 1``, no gradient, compute_dtype     the linear kernel's
+                       None/bf16: the input patches (``im2col.conv_patches``) through
+                       the layer's linear kernels (``kernels.select_kernel``)
 ``dequant_conv_bf16``  shared: the same rule as the linear ``dequant_bf16`` (CPU with fast  bf16
                        bf16 GEMMs, compute_dtype None/bf16): kernel dequantized to bf16,
                        ``F.conv*`` in bf16
@@ -29,7 +29,9 @@ the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a 
 than the float conv path. Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that
 need a gradient and ``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``,
 :func:`monoquant.kernels.pin`) runs where it is eligible. While GPTQ waits for ``freeze``, while activations
-calibrate, and in traced code (``torch.compile``), the layer runs its float path directly.
+calibrate, the layer runs its float path directly. In traced code (``torch.compile``, ``torch.export``) the
+whole dispatch is one custom op, ``monoquant::conv`` (:mod:`monoquant.ops`), so compiled and eager models run
+the same kernels.
 
 The dequantized kernel is never kept: it is rebuilt on every call into a reused per-thread buffer (the memory
 saving is the point), and only what does not change per call is cached on the layer's
@@ -52,10 +54,11 @@ from .im2col import ConvGeometry, conv_patches
 __all__ = ["SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names", "kernel_summary", "run_conv_kernel",
            "select_conv_kernel"]
 
-TUNE_MIN_MACS = 1 << 20
-"""Convolutions with fewer multiply-adds per call than this (about 0.1 ms of float32 work) are not timed: the
-baseline runs. Unlike linear layers (``tuner.TUNE_MIN_WEIGHTS``), a conv's work grows with its input, not its
-weight: the digits CNN's 18k-weight conv does 75M multiply-adds at batch 256."""
+TUNE_MIN_MACS = 1 << 14
+"""Convolutions with fewer multiply-adds per call than this (a few microseconds of float32 work, under the timer's
+noise) are not timed: the baseline runs. Unlike linear layers (``tuner.TUNE_MIN_WEIGHTS``), a conv's work grows
+with its input, not its weight: the digits CNN's 18k-weight conv does 1.2M multiply-adds per 8x8 image, and
+timing the few candidates once per batch bucket costs milliseconds."""
 
 SHARED_CONV_KERNELS = kernels.SHARED_CONV_KERNELS
 """The conv kernels every format has (the format's own are listed by ``conv_kernel_candidates()``)."""
@@ -90,11 +93,13 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     if act is not None and not weights_only:
         return [*(c.name for c in _format_candidates(module, True, q)), "act_sim_conv"]
     cands = [c.name for c in _format_candidates(module, False, q)]
-    if _geometry(module).groups == 1 and not needs_grad:
+    # not behind INT8 activations: their NaN contract is per sample (a non-finite sample gives a NaN sample, the
+    # others numbers), and the bf16 GEMM of dequant_bf16 on AMX carried one patch row's NaN into its neighbours
+    # and, as for the linear packed kernels, not where another compute dtype than bf16 is forced
+    if _geometry(module).groups == 1 and q.low_bit_ok and act is None:
         cands.append("im2col_linear")
-    compute = module.compute_dtype
-    if x.device.type == "cpu" and cpu_has_fast_bf16() and compute in (None, torch.bfloat16):  # as dequant_bf16
-        cands.append("dequant_conv_bf16")
+    if x.device.type == "cpu" and cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
+        cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
     cands.append("dequant_conv")
     return cands
 
@@ -110,27 +115,31 @@ def _macs(module, x: torch.Tensor) -> int:
 def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
     """The kernel ``forward`` runs for batched input ``x`` ``[B, C, *spatial]``: pinned where eligible, else
     measured (:mod:`monoquant.tuner`), else the baseline. ``weights_only=True`` ignores input quantization (what
-    ``act_sim_conv`` runs after fake-quantizing)."""
+    ``act_sim_conv`` runs after fake-quantizing). A decision is remembered per situation on the layer's
+    ``quant_weight``, so that later calls cost one dictionary lookup."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    cands = _candidates(module, x, needs_grad, weights_only)
     pinned = tuner.pinned()
+    w: QuantWeight = module.quant_weight
+    memo = None
+    if pinned is None and not needs_grad and tuner.tuning_enabled():
+        memo = ("tuned_conv", weights_only or module.input_quantizer is None, x.device, x.dtype, x.shape[1:],
+                tuner.row_bucket(x.shape[0]))
+        choice = w.cache.get(memo)
+        if choice is not None:
+            return choice
+    cands = _candidates(module, x, needs_grad, weights_only)
     if pinned is not None:
         return pinned if pinned in cands else cands[-1]  # the baseline honours a weight-only pin inside
-    if (len(cands) == 1 or needs_grad or x.shape[0] == 0 or not tuner.tuning_enabled()
-            or _macs(module, x) < TUNE_MIN_MACS):
+    if memo is None or x.shape[0] == 0:
         return cands[-1]
-    w: QuantWeight = module.quant_weight
-    bucket = tuner.row_bucket(x.shape[0])
-    spatial = tuple(x.shape[1:])
-    memo = ("tuned_conv", weights_only or module.input_quantizer is None, x.device, bucket, x.dtype, spatial)
-    choice = w.cache.get(memo)
-    if choice is not None:
-        return choice
+    if len(cands) == 1 or _macs(module, x) < TUNE_MIN_MACS:
+        w.cache[memo] = cands[-1]
+        return cands[-1]
     g = _geometry(module)
     key = "|".join(("conv", w.format.describe(w.group_size), "w" if memo[1] else "act", x.device.type,
                     "x".join(map(str, module.weight_shape)),
                     f"s{g.stride}d{g.dilation}p{g.pads}{g.padding_mode}g{g.groups}",
-                    "in" + "x".join(map(str, spatial)), f"b{bucket}", str(x.dtype).removeprefix("torch."),
+                    "in" + "x".join(map(str, x.shape[1:])), f"b{memo[-1]}", str(x.dtype).removeprefix("torch."),
                     str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_CONV[name], module, x) for name in cands}
     choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
@@ -166,15 +175,19 @@ def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize the kernel in ``dtype`` (into a reused per-thread buffer unless autograd needs it), then the
-    layer's ``F.conv*``."""
+    layer's ``F.conv*``. Casts are skipped where the dtype already matches (each is a dispatch on a path whose
+    fixed cost decides small convolutions)."""
     w: QuantWeight = module.quant_weight
-    n, k = w.shape2d
-    if torch.is_grad_enabled() and x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         weight = w.dequantize_rows(dtype)
     else:
+        n, k = w.shape2d
         weight = w.dequantize_into(kernels.scratch("conv_weight", n * k, dtype, x.device).view(n, k))
-    bias = None if module.bias is None else module.bias.to(dtype)
-    return module.float_conv(x.to(dtype), weight.view(module.weight_shape), bias).to(x.dtype)
+    bias = module.bias
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight.view(module.weight_shape), bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _dequant_conv(module, x: torch.Tensor) -> torch.Tensor:
@@ -193,11 +206,7 @@ def _im2col_linear(module, x: torch.Tensor) -> torch.Tensor:
     patches = conv_patches(x, geometry)[0]  # [batch * positions, K]
     name = kernels.select_kernel(module, patches, weights_only=True)
     y = kernels.run_kernel(module, name, patches)  # [batch * positions, N], bias added
-    padded = [size + geometry.pads[2 * (geometry.dims - 1 - d)] + geometry.pads[2 * (geometry.dims - 1 - d) + 1]
-              for d, size in enumerate(x.shape[2:])]
-    out_shape = [(size - dil * (kk - 1) - 1) // s + 1 for size, kk, s, dil in
-                 zip(padded, geometry.kernel_size, geometry.stride, geometry.dilation)]
-    return y.view(x.shape[0], *out_shape, -1).movedim(-1, 1).contiguous()
+    return y.view(x.shape[0], *geometry.output_size(x.shape[2:]), -1).movedim(-1, 1).contiguous()
 
 
 def _act_sim_conv(module, x: torch.Tensor) -> torch.Tensor:

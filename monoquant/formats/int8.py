@@ -183,9 +183,7 @@ def _w8a8_conv(w: QuantWeight, x: torch.Tensor, geometry: ConvGeometry, act,
     bad = ~torch.isfinite(x_scale.reshape(-1)) if act.dynamic else ~torch.isfinite(x2d).all(dim=-1)
     if bool(bad.any()):
         y.view(batch, -1)[bad] = float("nan")
-    out_shape = [(size - dil * (k - 1) - 1) // s + 1 for size, k, s, dil in
-                 zip(xf.shape[2:], geometry.kernel_size, geometry.stride, geometry.dilation)]
-    return y.view(batch, *out_shape, -1).movedim(-1, 1).contiguous()
+    return y.view(batch, *geometry.output_size(x.shape[2:]), -1).movedim(-1, 1).contiguous()
 
 
 W8A8_CONV = KernelCandidate("w8a8_conv_int_mm", _w8a8_conv, _w8a8_conv_eligible, int8_inputs=True,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
-from .. import conv_kernels
+from .. import conv_kernels, ops
 from ..formats import Int8, WeightSpec
 from ..im2col import ConvGeometry
 from .module import QuantModule
@@ -86,14 +86,14 @@ class _QuantConvNd(QuantModule):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
         x = self.prepare_input(input)
-        if torch.compiler.is_compiling():  # traced code: the float path, no timing
-            return self.float_forward(x)
+        if torch.compiler.is_compiling():  # one custom op per layer for torch.compile / torch.export
+            return ops.conv(self, x)
         return conv_kernels.conv(self, x)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The float path for prepared input ``x``: the input fake-quantized (with INT8 activations), the kernel
         dequantized (or the float weight GPTQ waits with), ``F.conv*`` in the compute dtype (else ``x``'s);
-        what traced code and calibration passes run, and what every conv kernel is measured against."""
+        what calibration passes run, and what every conv kernel is measured against."""
         dtype = self.compute_dtype or x.dtype
         weight = self.compute_weight(dtype, "dequant_conv")
         bias = None if self.bias is None else self.bias.to(dtype)
