@@ -13,12 +13,15 @@ quantized row prints its time against that cast too:
   ``monoquant::linear`` custom op in the graph);
 - a decoder-style block stack generating one token at a time: d=2048, 16 heads, FFN 4096, 8 layers, batch 1,
   a key/value cache after a 16-token prompt; the time per generated token, float32 and INT4-g128;
-- a small digits CNN (3 Conv2d + 2 Linear, 8x8 images, batch 256): INT4 and INT8 weight-only, INT8 + dynamic
-  INT8 activations, and the INT8 model compiled against eager.
+- a small digits CNN (3 Conv2d + 2 Linear, 8x8 images) at batch 1, 16 and 256, and a ResNet-style stage
+  (7 Conv2d of 64-128 channels with BatchNorm + 1 Linear, 32x32 images) at batch 1, 16 and 64: INT4 and INT8
+  weight-only, INT8 + dynamic INT8 activations (each row with the kernel every layer ran per batch bucket), and
+  the digits INT8 model compiled against eager at batch 256.
 
 Targets: encoder INT4 <= 0.9x float32 time; encoder with dynamic INT8 activations <= 0.6x where the CPU has
-integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x; a compiled
-quantized model <= 1.0x its eager time. The bf16-cast comparisons are printed without targets.
+integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x; every conv
+net row <= 1.0x float32 (a row that misses it prints its floor: float32 plus dequantizing every layer); a
+compiled quantized model <= 1.0x its eager time. The bf16-cast comparisons are printed without targets.
 """
 
 from __future__ import annotations
@@ -207,16 +210,69 @@ class DigitsCNN(nn.Module):
         return self.head(torch.relu(self.fc(self.features(x).flatten(1))))
 
 
+class ResNetStage(nn.Module):
+    """A ResNet-style net on 32x32 RGB images: a 3x3 stem to 64 channels, a basic block at 64 channels, a strided
+    block to 128 channels at 16x16 (1x1 projection shortcut), global average pool, a linear head; BatchNorm after
+    every conv, as in ResNet (7 Conv2d + 1 Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(3, 64)
+        self.block1 = nn.ModuleList([conv_bn(64, 64), conv_bn(64, 64)])
+        self.block2 = nn.ModuleList([conv_bn(64, 128, stride=2), conv_bn(128, 128)])
+        self.project = conv_bn(64, 128, k=1, stride=2)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.block1[1](torch.relu(self.block1[0](x))))
+        x = torch.relu(self.project(x) + self.block2[1](torch.relu(self.block2[0](x))))
+        return self.head(x.mean((2, 3)))
+
+
+def dequantize_all(q: nn.Module) -> Callable[[], object]:
+    """Dequantize every quantized layer's weight once: what a quantized model must add to the float model's time
+    on the float path (the floor printed under a row that misses its target)."""
+    layers = [m for m in q.modules() if isinstance(m, mq.QuantModule)]
+    return lambda: [m.dequantize_weight(torch.float32) for m in layers]
+
+
+def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches: tuple[int, ...], reps: int,
+                  compile_batch: int | None) -> int:
+    """Float32 vs INT4 / INT8 weight-only / INT8 + dynamic INT8 activations at each batch, target <= 1.0x float32
+    (each conv's kernel is chosen by measurement with the float conv as the baseline, see
+    :mod:`monoquant.conv_kernels`); a row over its target also prints its floor, the float model plus the
+    dequantize of every layer. The INT8 weight-only model at ``compile_batch`` is also compiled."""
+    failures = 0
+    for batch in batches:
+        torch.manual_seed(0)
+        x = torch.randn(batch, *image)
+        print(f"{title}, batch {batch}")
+        for name, weights, act in (("INT4 weight-only", mq.Int4(), None), ("INT8 weight-only", mq.Int8(), None),
+                                   ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True))):
+            failed = bench_variants(model, x, ((name, weights, act, 1.0),), reps,
+                                    "int8" if batch == compile_batch else None)
+            if failed:
+                fp32, deq = paired_ms(functools.partial(model, x), dequantize_all(quantize(model, weights, act)),
+                                      reps=reps)
+                floor = fp32 + deq
+                print(f"    floor: float32 {fp32:.2f} ms + dequantize every layer = {floor:.2f} ms "
+                      f"({floor / fp32:.3f}x): the float path cannot go below it")
+            failures += failed
+    return failures
+
+
 def bench_cnn(reps: int, compile_too: bool) -> int:
     torch.manual_seed(0)
-    model = DigitsCNN().eval()
-    x = torch.randn(256, 1, 8, 8)
-    print("digits CNN: 3 Conv2d + 2 Linear, 8x8 images, batch 256")
-    return bench_variants(model, x, (
-        ("INT4 weight-only", mq.Int4(), None, None),
-        ("INT8 weight-only", mq.Int8(), None, None),
-        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), None),
-    ), reps, "int8" if compile_too else None)
+    failures = bench_convnet("digits CNN: 3 Conv2d + 2 Linear, 8x8 images", DigitsCNN().eval(), (1, 8, 8),
+                             (1, 16, 256), reps, 256 if compile_too else None)
+    torch.manual_seed(0)
+    return failures + bench_convnet("ResNet-style stage: 7 Conv2d (64-128 channels) + 1 Linear, 32x32 images",
+                                    ResNetStage().eval(), (3, 32, 32), (1, 16, 64), reps, None)
 
 
 def bench_decoder(reps: int, tokens: int = 8) -> int:

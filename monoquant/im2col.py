@@ -40,6 +40,12 @@ class ConvGeometry:
     def dims(self) -> int:
         return len(self.kernel_size)
 
+    def output_size(self, spatial: tuple[int, ...] | torch.Size) -> list[int]:
+        """Output positions per spatial dim for an input of spatial size ``spatial`` (unpadded)."""
+        dims = self.dims
+        return [(size + self.pads[2 * (dims - 1 - d)] + self.pads[2 * (dims - 1 - d) + 1] - dil * (k - 1) - 1) // s + 1
+                for d, (size, k, s, dil) in enumerate(zip(spatial, self.kernel_size, self.stride, self.dilation))]
+
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """The input patches GPTQ builds a layer's Hessian from (:func:`conv_patches`); a layer whose input
         reaches its kernel otherwise (a transposed convolution) returns a subclass that overrides this."""

@@ -96,10 +96,11 @@ from .formats.integer import FUSED_MAX_ROWS
 from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight, flat
 from .hardware import cpu_has_fast_bf16, cpu_has_int_dot, cuda_supports_int4pack, int_mm_shape_ok
 
-__all__ = ["ACTIVATION_KERNELS", "DEQUANT_CHUNK_ELEMENTS", "FUSED_MAX_ROWS", "SHARED_KERNELS", "TUNE_MAX_ROWS",
+__all__ = ["ACTIVATION_KERNELS", "DEQUANT_CHUNK_ELEMENTS", "FUSED_MAX_ROWS", "SHARED_CONV_KERNELS", "SHARED_KERNELS",
+           "TUNE_MAX_ROWS",
            "RowLimits", "choose_linear_kernel", "cpu_has_fast_bf16", "cpu_has_int_dot", "cuda_supports_int4pack",
            "dequant_chunk_rows", "fused", "int_mm_shape_ok", "kernel_names", "kernel_summary", "linear", "pin",
-           "run_kernel", "select_kernel", "static_row_limits", "tuning"]
+           "run_kernel", "scratch", "select_kernel", "static_row_limits", "tuning"]
 
 _HAS = hardware.HAS  # the same dict (tests patch entries through either name)
 
@@ -125,6 +126,10 @@ with rows cannot win past it, and timing them would cost more than the measureme
 SHARED_KERNELS = ("gptq_pending", "uncalibrated", "act_sim", "dequant_bf16", "dequant")
 """The kernels of this module, which every format has (the low-bit ones are the formats')."""
 
+SHARED_CONV_KERNELS = ("act_sim_conv", "im2col_linear", "dequant_conv_bf16", "dequant_conv")
+"""The convolution kernels every format has, run by :mod:`monoquant.conv_kernels` (named here so that :func:`pin`
+knows them)."""
+
 ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_fused", "w8a8_sim", "act_sim")
 """Kernels for layers that wait for GPTQ or quantize their inputs (the second table; the ``w8a8_*`` rows are
 Int8's INT8-input candidates)."""
@@ -147,13 +152,13 @@ def static_row_limits() -> RowLimits:
 def kernel_names() -> tuple[str, ...]:
     """Every kernel name known now: the shared ones and those of every registered format (formats that cannot be
     built with their defaults contribute nothing)."""
-    names: dict[str, None] = dict.fromkeys(SHARED_KERNELS)
+    names: dict[str, None] = dict.fromkeys((*SHARED_KERNELS, *SHARED_CONV_KERNELS))
     for cls in FORMATS.values():
         try:
             fmt = cls()
         except (TypeError, ConfigError):  # a format with required arguments lists its kernels once built
             continue
-        for c in fmt.kernel_candidates():
+        for c in (*fmt.kernel_candidates(), *fmt.conv_kernel_candidates()):
             names[c.name] = None
     return tuple(names)
 
@@ -420,6 +425,13 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable buffer ``name`` of at least ``numel`` elements, as a flat view of ``numel``: for a
+    dequantized weight that lives for one call (a fresh large allocation page-faults every time). Its contents
+    are overwritten by the next call that asks for it."""
+    return _SCRATCH.get(name, numel, dtype, device)
 
 
 def dequant_chunk_rows(k: int) -> int:

@@ -219,6 +219,14 @@ class WeightSpec:
         :mod:`monoquant.formats.kernel`); dequantize + matmul, which runs every format, is not listed."""
         return ()
 
+    def conv_kernel_candidates(self) -> tuple[KernelCandidate, ...]:
+        """The convolution kernels that can run this format's stored layout, preferred first: candidates whose
+        ``run(weight, x, geometry, act, bias)`` takes the batched input ``[B, C, *spatial]``, the layer's
+        :class:`~monoquant.im2col.ConvGeometry`, its activation quantizer and bias, and returns the finished
+        ``[B, N, *out]`` output (see :mod:`monoquant.conv_kernels`); the dequantize + ``F.conv*`` paths, which
+        run every format, are not listed."""
+        return ()
+
     def kernels(self) -> tuple[str, ...]:
         """Names of :meth:`kernel_candidates`."""
         return tuple(c.name for c in self.kernel_candidates())

@@ -8,9 +8,11 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 
 from .. import fused, hardware
 from ..errors import ConfigError
+from ..im2col import ConvGeometry, conv_patches
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, register_format
 from .integer import IntegerFormat, fused_candidate
@@ -116,6 +118,79 @@ W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_input
 """The same integer products in float64 (exact) where this torch has no ``torch._int_mm``."""
 
 
+# ---- the integer convolution (registered by Int8.conv_kernel_candidates) -----------------------------------
+def _w8a8_conv_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return (q.device.type == "cpu" and hardware.HAS["int_mm"] and hardware.cpu_has_int_dot()
+            and not q.needs_grad)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` itself when its strides are plain row- or column-major ones on dims longer than 1, else a
+    row-major copy: ``torch._int_mm`` (torch 2.13 CPU) read garbage from a size-1 dim with another stride (a
+    1-wide kernel sliced by its dilation, the transposed weight of a conv with one input value per patch)."""
+    rows, cols = t.shape
+    if rows > 1 and cols > 1 and t.stride() in ((cols, 1), (1, rows)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _w8a8_conv(w: QuantWeight, x: torch.Tensor, geometry: ConvGeometry, act,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """A convolution from INT8 input codes and INT8 weight codes: the input is padded (in float, so a padded zero
+    gets the zero-point's code exactly: per-sample qparams always cover 0), quantized per sample (dynamic) or per
+    tensor (static) in one pass, unfolded into int8 patches (:func:`~monoquant.im2col.conv_patches`, a quarter of
+    float32's bytes), multiplied with ``torch._int_mm`` per group (exact int32 sums), corrected for the input
+    zero-point and rescaled once in float32. The integers are those of the fake-quantized float path
+    (quantize, dequantize, ``F.conv*``), which rounds its float sums in another order.
+
+    A sample holding an inf or NaN gives an all-NaN output sample (no code stands for it)."""
+    batch = x.shape[0]
+    xf = x.float()
+    if any(geometry.pads):
+        mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+        xf = F.pad(xf, list(geometry.pads), mode=mode)
+    x2d = xf.reshape(batch, -1)
+    codes, x_scale, x_zero = act.int8_codes(x2d if act.dynamic else x2d.reshape(-1, xf.shape[-1]))
+    unpadded = ConvGeometry(geometry.kernel_size, geometry.stride, geometry.dilation, (0,) * len(geometry.pads),
+                            "zeros", geometry.groups)
+    patches = conv_patches(codes.view(xf.shape), unpadded)  # [G, batch * positions, K / G] int8
+    groups, rows = patches.shape[:2]
+    positions = rows // max(1, batch)
+    wq = w.stored.qweight
+    per_group = wq.shape[0] // groups
+    zero = None if act.qtype.symmetric else x_zero.reshape(-1).to(torch.int32) - 128
+    if zero is not None and act.dynamic:
+        zero = zero.repeat_interleave(positions)
+    accs = []
+    for g in range(groups):
+        acc = torch._int_mm(_plain(patches[g]), _plain(wq[g * per_group:(g + 1) * per_group].t()))
+        if zero is not None:  # every patch value, padded ones included, carries the zero-point: subtract it once
+            rowsum = w.cached("w8a8_conv_rowsum", lambda: wq.sum(1, dtype=torch.int32))
+            acc.addr_(zero.expand(rows), rowsum[g * per_group:(g + 1) * per_group], alpha=-1)
+        accs.append(acc)
+    acc = accs[0] if groups == 1 else torch.cat(accs, dim=1)
+    row_scale = x_scale.reshape(-1, 1).float()
+    if act.dynamic:
+        row_scale = row_scale.repeat_interleave(positions, dim=0)
+    w_scale = w.stored.scale.float()
+    if fused.available():
+        y = fused.rescale_rows(acc, row_scale.contiguous(), w_scale.contiguous(),
+                               None if bias is None else bias.float().contiguous())
+    else:
+        y = acc.to(torch.float32).mul_(row_scale).mul_(w_scale)
+        if bias is not None:
+            y.add_(bias.float())
+    bad = ~torch.isfinite(x_scale.reshape(-1)) if act.dynamic else ~torch.isfinite(x2d).all(dim=-1)
+    if bool(bad.any()):
+        y.view(batch, -1)[bad] = float("nan")
+    return y.view(batch, *geometry.output_size(x.shape[2:]), -1).movedim(-1, 1).contiguous()
+
+
+W8A8_CONV = KernelCandidate("w8a8_conv_int_mm", _w8a8_conv, _w8a8_conv_eligible, int8_inputs=True,
+                            layouts=("w8a8_conv_rowsum",))
+"""INT8 activations x INT8 weights as int8 patches and ``torch._int_mm`` (CPU with VNNI/AMX)."""
+
+
 @register_format
 @method_options
 @dataclass(frozen=True)
@@ -200,6 +275,9 @@ class Int8(IntegerFormat):
         if self.weight_qtype().symmetric:
             return (INT8PACK_CPU, FUSED_INT8, W8A8_INT_MM, W8A8_FUSED, W8A8_SIM)
         return (FUSED_INT8,)
+
+    def conv_kernel_candidates(self) -> tuple[KernelCandidate, ...]:
+        return (W8A8_CONV,) if self.weight_qtype().symmetric else ()
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

@@ -1,8 +1,9 @@
 """``QuantConv1d/2d/3d``: drop-in replacements for ``nn.Conv1d/2d/3d`` with quantized kernels.
 
 Weights are viewed as ``[out_channels, in_channels/groups * prod(kernel_size)]`` for quantization, so
-INT4 groups run along the flattened (input channel x kernel) dimension. PyTorch has no low-bit conv
-kernel, so ``forward`` dequantizes the (small) kernel and calls ``F.conv*`` in the compute dtype.
+INT4 groups run along the flattened (input channel x kernel) dimension. ``forward`` runs the conv kernel chosen
+by measurement against the float path (dequantize the small kernel, ``F.conv*``): see
+:mod:`monoquant.conv_kernels`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
+from .. import conv_kernels, ops
 from ..formats import Int8, WeightSpec
 from ..im2col import ConvGeometry
 from .module import QuantModule
@@ -68,7 +70,7 @@ class _QuantConvNd(QuantModule):
         return pads
 
     def kernel_summary(self) -> str:
-        return "dequant_conv"  # PyTorch has no low-bit convolution kernel
+        return conv_kernels.kernel_summary(self)
 
     rank_fallback = True
 
@@ -84,17 +86,26 @@ class _QuantConvNd(QuantModule):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
         x = self.prepare_input(input)
+        if torch.compiler.is_compiling():  # one custom op per layer for torch.compile / torch.export
+            return ops.conv(self, x)
+        return conv_kernels.conv(self, x)
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float path for prepared input ``x``: the input fake-quantized (with INT8 activations), the kernel
+        dequantized (or the float weight GPTQ waits with), ``F.conv*`` in the compute dtype (else ``x``'s);
+        what calibration passes run, and what every conv kernel is measured against."""
         dtype = self.compute_dtype or x.dtype
         weight = self.compute_weight(dtype, "dequant_conv")
         bias = None if self.bias is None else self.bias.to(dtype)
         x = self.quantize_input(x, sample_dims=self._dims + 1)  # static ones raise until frozen
-        x_in = x.to(dtype)
+        return self.float_conv(x.to(dtype), weight, bias).to(x.dtype)
+
+    def float_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.conv*`` of ``x`` with ``weight`` (``[out, in/groups, *kernel]``) and this layer's geometry."""
         if self.padding_mode != "zeros":
-            x_in = F.pad(x_in, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding: Any = 0
-        else:
-            padding = self.padding
-        return self._conv(x_in, weight, bias, self.stride, padding, self.dilation, self.groups).to(x.dtype)
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

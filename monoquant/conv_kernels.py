@@ -1,0 +1,260 @@
+"""Picks the fastest correct convolution for a quantized conv layer, measured against the float conv, and runs it.
+
+The float path -- dequantize the (small) kernel, then ``F.conv*`` in the compute dtype -- is the baseline and the
+static choice: it runs wherever nothing was measured faster. The candidates:
+
+=====================  ==================================================================  ==================
+kernel                 registered by, applies when                                         computes in
+=====================  ==================================================================  ==================
+``w8a8_conv_int_mm``   Int8 symmetric weights, INT8 activations ready (frozen or dynamic),  int32, then one
+                       CPU with integer dot products (VNNI / AMX) and ``torch._int_mm``,    float32 rescale
+                       input needs no gradient: int8 patches x int8 weight
+                       (:mod:`monoquant.formats.int8`)
+``act_sim_conv``       shared, the baseline with INT8 activations: the input               as the weight-only
+                       fake-quantized per sample (one pass with the compiled kernels),      choice
+                       then the weight-only choice below
+``im2col_linear``      shared: weight-only, ``groups == 1``, no gradient, compute_dtype     the linear kernel's
+                       None/bf16: the input patches (``im2col.conv_patches``) through
+                       the layer's linear kernels (``kernels.select_kernel``)
+``dequant_conv_bf16``  shared: the same rule as the linear ``dequant_bf16`` (CPU with fast  bf16
+                       bf16 GEMMs, compute_dtype None/bf16): kernel dequantized to bf16,
+                       ``F.conv*`` in bf16
+``dequant_conv``       shared, the baseline: kernel dequantized, ``F.conv*``                compute_dtype,
+                                                                                           else input dtype
+=====================  ==================================================================  ==================
+
+The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
+input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input and keeps
+the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is never slower
+than the float conv path. Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that
+need a gradient and ``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``,
+:func:`monoquant.kernels.pin`) runs where it is eligible. While GPTQ waits for ``freeze``, while activations
+calibrate, the layer runs its float path directly. In traced code (``torch.compile``, ``torch.export``) the
+whole dispatch is one custom op, ``monoquant::conv`` (:mod:`monoquant.ops`), so compiled and eager models run
+the same kernels.
+
+The dequantized kernel is never kept: it is rebuilt on every call into a reused per-thread buffer (the memory
+saving is the point), and only what does not change per call is cached on the layer's
+:class:`~monoquant.formats.kernel.QuantWeight` (the geometry, the measured choices). What ran per batch bucket is
+recorded in ``quant_weight.ran`` and shown by :func:`kernel_summary` (the report's kernel column).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from . import kernels, tuner
+from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
+from .hardware import cpu_has_fast_bf16
+from .im2col import ConvGeometry, conv_patches
+
+__all__ = ["SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names", "kernel_summary", "run_conv_kernel",
+           "select_conv_kernel"]
+
+TUNE_MIN_MACS = 1 << 14
+"""Convolutions with fewer multiply-adds per call than this (a few microseconds of float32 work, under the timer's
+noise) are not timed: the baseline runs. Unlike linear layers (``tuner.TUNE_MIN_WEIGHTS``), a conv's work grows
+with its input, not its weight: the digits CNN's 18k-weight conv does 1.2M multiply-adds per 8x8 image, and
+timing the few candidates once per batch bucket costs milliseconds."""
+
+SHARED_CONV_KERNELS = kernels.SHARED_CONV_KERNELS
+"""The conv kernels every format has (the format's own are listed by ``conv_kernel_candidates()``)."""
+
+
+def conv_kernel_names(module) -> tuple[str, ...]:
+    """Every conv kernel ``module``'s format can run: its own candidates, then the shared ones."""
+    own = tuple(c.name for c in module.quant_weight.format.conv_kernel_candidates())
+    return (*own, *SHARED_CONV_KERNELS)
+
+
+# ---- choosing ---------------------------------------------------------------------------------------------
+def _geometry(module) -> ConvGeometry:
+    return module.quant_weight.cached("conv_geometry", module.gptq_geometry)
+
+
+def _query(module, x: torch.Tensor, needs_grad: bool) -> KernelQuery:
+    w: QuantWeight = module.quant_weight
+    n, k = w.shape2d
+    return KernelQuery(n, k, w.group_size, x.device, x.shape[0], module.compute_dtype, needs_grad)
+
+
+def _format_candidates(module, int8_inputs: bool, q: KernelQuery) -> list[KernelCandidate]:
+    w: QuantWeight = module.quant_weight
+    return [c for c in w.format.conv_kernel_candidates() if c.int8_inputs == int8_inputs and c.eligible(w, q)]
+
+
+def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -> list[str]:
+    """Eligible conv kernels for batched input ``x``, preferred first, the baseline last."""
+    q = _query(module, x, needs_grad)
+    act = module.input_quantizer
+    if act is not None and not weights_only:
+        return [*(c.name for c in _format_candidates(module, True, q)), "act_sim_conv"]
+    cands = [c.name for c in _format_candidates(module, False, q)]
+    # not behind INT8 activations: their NaN contract is per sample (a non-finite sample gives a NaN sample, the
+    # others numbers), and the bf16 GEMM of dequant_bf16 on AMX carried one patch row's NaN into its neighbours
+    # and, as for the linear packed kernels, not where another compute dtype than bf16 is forced
+    if _geometry(module).groups == 1 and q.low_bit_ok and act is None:
+        cands.append("im2col_linear")
+    if x.device.type == "cpu" and cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
+        cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
+    cands.append("dequant_conv")
+    return cands
+
+
+def _macs(module, x: torch.Tensor) -> int:
+    """Multiply-adds of one call (output positions estimated from the input size and the strides)."""
+    n, k = module.quant_weight.shape2d
+    geometry = _geometry(module)
+    positions = x[0, 0].numel() // max(1, int(torch.Size(geometry.stride).numel()))
+    return n * k * positions * x.shape[0]
+
+
+def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
+    """The kernel ``forward`` runs for batched input ``x`` ``[B, C, *spatial]``: pinned where eligible, else
+    measured (:mod:`monoquant.tuner`), else the baseline. ``weights_only=True`` ignores input quantization (what
+    ``act_sim_conv`` runs after fake-quantizing). A decision is remembered per situation on the layer's
+    ``quant_weight``, so that later calls cost one dictionary lookup."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    pinned = tuner.pinned()
+    w: QuantWeight = module.quant_weight
+    memo = None
+    if pinned is None and not needs_grad and tuner.tuning_enabled():
+        memo = ("tuned_conv", weights_only or module.input_quantizer is None, x.device, x.dtype, x.shape[1:],
+                tuner.row_bucket(x.shape[0]))
+        choice = w.cache.get(memo)
+        if choice is not None:
+            return choice
+    cands = _candidates(module, x, needs_grad, weights_only)
+    if pinned is not None:
+        return pinned if pinned in cands else cands[-1]  # the baseline honours a weight-only pin inside
+    if memo is None or x.shape[0] == 0:
+        return cands[-1]
+    if len(cands) == 1 or _macs(module, x) < TUNE_MIN_MACS:
+        w.cache[memo] = cands[-1]
+        return cands[-1]
+    g = _geometry(module)
+    key = "|".join(("conv", w.format.describe(w.group_size), "w" if memo[1] else "act", x.device.type,
+                    "x".join(map(str, module.weight_shape)),
+                    f"s{g.stride}d{g.dilation}p{g.pads}{g.padding_mode}g{g.groups}",
+                    "in" + "x".join(map(str, x.shape[1:])), f"b{memo[-1]}", str(x.dtype).removeprefix("torch."),
+                    str(module.compute_dtype).removeprefix("torch.")))
+    calls = {name: functools.partial(_CONV[name], module, x) for name in cands}
+    choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
+    return choice
+
+
+# ---- running ----------------------------------------------------------------------------------------------
+def conv(module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel."""
+    act = module.input_quantizer
+    if module.gptq is not None or (act is not None and not act.ready):
+        return module.float_forward(x)  # calibration passes: the float weight or float inputs, recorded there
+    geometry = _geometry(module)
+    unbatched = x.dim() == geometry.dims + 1
+    xb = x.unsqueeze(0) if unbatched else x
+    name = select_conv_kernel(module, xb)
+    w: QuantWeight = module.quant_weight
+    w.last_kernel = name
+    w.ran[tuner.row_bucket(xb.shape[0])] = name
+    y = run_conv_kernel(module, name, xb)
+    return y.squeeze(0) if unbatched else y
+
+
+def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Run conv kernel ``name`` on batched ``x``; the output has ``x``'s dtype."""
+    shared = _SHARED.get(name)
+    if shared is not None:
+        return shared(module, x)
+    w: QuantWeight = module.quant_weight
+    c = next(c for c in w.format.conv_kernel_candidates() if c.name == name)
+    return c.run(w, x, _geometry(module), module.input_quantizer, module.bias).to(x.dtype)
+
+
+def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize the kernel in ``dtype`` (into a reused per-thread buffer unless autograd needs it), then the
+    layer's ``F.conv*``. Casts are skipped where the dtype already matches (each is a dispatch on a path whose
+    fixed cost decides small convolutions)."""
+    w: QuantWeight = module.quant_weight
+    if x.requires_grad and torch.is_grad_enabled():
+        weight = w.dequantize_rows(dtype)
+    else:
+        n, k = w.shape2d
+        weight = w.dequantize_into(kernels.scratch("conv_weight", n * k, dtype, x.device).view(n, k))
+    bias = module.bias
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight.view(module.weight_shape), bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _dequant_conv(module, x: torch.Tensor) -> torch.Tensor:
+    dtype = module.compute_dtype or x.dtype
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return _dequant_conv_in(module, x, dtype)
+
+
+def _dequant_conv_bf16(module, x: torch.Tensor) -> torch.Tensor:
+    return _dequant_conv_in(module, x, torch.bfloat16)
+
+
+def _im2col_linear(module, x: torch.Tensor) -> torch.Tensor:
+    geometry = _geometry(module)
+    patches = conv_patches(x, geometry)[0]  # [batch * positions, K]
+    name = kernels.select_kernel(module, patches, weights_only=True)
+    y = kernels.run_kernel(module, name, patches)  # [batch * positions, N], bias added
+    return y.view(x.shape[0], *geometry.output_size(x.shape[2:]), -1).movedim(-1, 1).contiguous()
+
+
+def _act_sim_conv(module, x: torch.Tensor) -> torch.Tensor:
+    xq = module.input_quantizer.fake_quantize(x, per="sample")
+    return run_conv_kernel(module, select_conv_kernel(module, xq, weights_only=True), xq)
+
+
+_SHARED: dict[str, Callable[..., torch.Tensor]] = {
+    "act_sim_conv": _act_sim_conv,
+    "im2col_linear": _im2col_linear,
+    "dequant_conv_bf16": _dequant_conv_bf16,
+    "dequant_conv": _dequant_conv,
+}
+
+
+def _named(name: str) -> Callable[..., torch.Tensor]:
+    def call(module, x: torch.Tensor) -> torch.Tensor:
+        return run_conv_kernel(module, name, x)
+
+    call.__name__ = call.__qualname__ = f"_{name}"
+    return call
+
+
+class _ByName(dict):
+    """``_CONV[name](module, x)``: any conv kernel by name, as a function called ``_<name>`` (what the tuner
+    times)."""
+
+    def __missing__(self, name: str) -> Callable[..., torch.Tensor]:
+        call = self[name] = _named(name)
+        return call
+
+
+_CONV = _ByName()
+
+
+# ---- what ran ---------------------------------------------------------------------------------------------
+def kernel_summary(module) -> str:
+    """The report's kernel column for a conv layer: once ``forward`` has run, the kernel that ran per batch
+    bucket, neighbouring buckets that ran the same kernel merged (``"b1-16 dequant_conv, b256
+    w8a8_conv_int_mm"``: up to 16 samples, and 129-256); before any forward the baseline, marked as a guess."""
+    runs = module.quant_weight.ran
+    if not runs:
+        act = module.input_quantizer
+        return ("act_sim_conv" if act is not None else "dequant_conv") + " (static guess, not run yet)"
+    spans: list[list] = []  # [first bucket, last bucket, kernel]
+    for bucket in sorted(runs):
+        if spans and spans[-1][2] == runs[bucket]:
+            spans[-1][1] = bucket
+        else:
+            spans.append([bucket, bucket, runs[bucket]])
+    return ", ".join(f"b{lo}{'' if lo == hi else f'-{hi}'} {name}" for lo, hi, name in spans)

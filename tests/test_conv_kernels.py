@@ -1,0 +1,207 @@
+"""Conv kernels chosen by measurement against the float conv: each candidate's numerics, the choice, pins, NaNs."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import monoquant as mq
+from monoquant import conv_kernels, fused, kernels, tuner
+from monoquant.nn.activation import ActivationQuantizer
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
+    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
+    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    tuner.clear()
+    yield
+    tuner.clear()
+
+
+def quantized(conv: nn.Module, weights=None, activations=None) -> mq.QuantModule:
+    model = copy.deepcopy(nn.Sequential(conv)).eval()
+    mq.quantize_(model, mq.QuantConfig(weights or mq.Int8(), activations=activations, skip=mq.SkipRules.none()))
+    return model[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+@st.composite
+def conv_cases(draw):
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    cin = groups * draw(st.integers(1, 6))
+    cout = groups * draw(st.integers(1, 5))
+    kernel = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    padding = draw(st.sampled_from([0, 1, "same"])) if stride == 1 else draw(st.sampled_from([0, 1]))
+    if mode != "zeros" and padding == 0:
+        padding = 1
+    size = draw(st.integers(dilation * (kernel - 1) + 2, 9))
+    batch = draw(st.integers(1, 3))
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    conv = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+               bias=draw(st.booleans()), padding_mode=mode)
+    return conv, (batch, cin, *([size] * dims)), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), weights=st.sampled_from(["int8", "int4"]))
+def test_weight_only_candidates_match_the_float_path(case, weights):
+    conv, shape, seed = case
+    torch.manual_seed(seed)
+    k = conv.weight[0].numel()
+    spec = mq.Int8() if weights == "int8" else mq.Int4(group_size=k)
+    q = quantized(conv, spec)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = q.float_forward(x)
+        want = conv_kernels.conv_kernel_names(q)
+        ran = {}
+        for name in conv_kernels._candidates(q, x, needs_grad=False, weights_only=False):
+            ran[name] = conv_kernels.run_conv_kernel(q, name, x)
+    assert "dequant_conv" in ran and set(ran) <= set(want)
+    assert ("im2col_linear" in ran) == (conv.groups == 1)
+    assert torch.equal(ran.pop("dequant_conv"), ref)  # the baseline is the float path, bit for bit
+    for name, y in ran.items():
+        assert y.shape == ref.shape and y.dtype == ref.dtype, name
+        assert rel_err(y, ref) <= 1e-2, name  # bf16 paths
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=conv_cases(), dynamic=st.booleans(), symmetric=st.booleans())
+def test_integer_conv_equals_the_fake_quantized_float_conv(case, dynamic, symmetric):
+    if not (mq.kernels.cpu_has_int_dot() and hasattr(torch, "_int_mm")):
+        pytest.skip("no integer dot products on this CPU: the integer conv is not eligible")
+    conv, shape, seed = case
+    torch.manual_seed(seed)
+    act = mq.Int8(dynamic=dynamic, symmetric=symmetric)
+    q = quantized(conv, mq.Int8(), act)
+    if not dynamic:
+        with mq.calibrate(nn.Sequential(q)):
+            q(torch.randn(shape) * 2)
+        mq.freeze(nn.Sequential(q))
+    x = torch.randn(shape)
+    with torch.no_grad(), mq.kernels.pin("dequant_conv"):
+        ref = q.float_forward(x)  # fake-quantized input, dequantized kernel, float32 conv
+        sim = conv_kernels.run_conv_kernel(q, "act_sim_conv", x)
+        y = conv_kernels.run_conv_kernel(q, "w8a8_conv_int_mm", x)
+    assert torch.equal(sim, ref)
+    # the same integers: only the float32 rounding of the float conv's sums differs
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_integer_conv_makes_a_sample_with_an_inf_all_nan():
+    if not (mq.kernels.cpu_has_int_dot() and hasattr(torch, "_int_mm")):
+        pytest.skip("no integer dot products on this CPU")
+    q = quantized(nn.Conv2d(4, 8, 3, padding=1), mq.Int8(), mq.Int8(dynamic=True))
+    x = torch.randn(2, 4, 6, 6)
+    x[1, 2, 3, 3] = float("inf")
+    with torch.no_grad():
+        y = conv_kernels.run_conv_kernel(q, "w8a8_conv_int_mm", x)
+        ref = q.float_forward(x[:1])
+    assert y[1].isnan().all() and torch.isfinite(y[0]).all()
+    torch.testing.assert_close(y[:1], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_fake_quantize_one_pass_is_bit_identical_to_the_float_ops(monkeypatch):
+    if not fused.available():
+        pytest.skip("compiled kernels not built here")
+    for symmetric in (False, True):
+        act = ActivationQuantizer(mq.Int8(dynamic=True, symmetric=symmetric))
+        x = torch.randn(3, 5, 7, 7) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1, 1)
+        x[2, 0, 0, 0] = float("nan")
+        fast = act.fake_quantize(x, per="sample")
+        monkeypatch.setattr(fused, "available", lambda: False)
+        slow = act.fake_quantize(x, per="sample")
+        monkeypatch.undo()
+        assert torch.equal(fast.isnan(), slow.isnan()) and torch.equal(fast.nan_to_num(), slow.nan_to_num())
+
+
+def timing_by_name(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
+    def timer(call):
+        name = call.func.__name__.lstrip("_")  # functools.partial(_CONV[name], module, x)
+        timed.append(name)
+        return times.get(name, 10.0)
+
+    monkeypatch.setattr(tuner, "time_call", timer)
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"dequant_conv": 1.0, "dequant_conv_bf16": 0.5, "im2col_linear": 0.7}, "dequant_conv_bf16"),
+    ({"dequant_conv": 1.0, "dequant_conv_bf16": 0.97, "im2col_linear": 1.5}, "dequant_conv"),  # within the margin
+])
+def test_forward_times_the_candidates_against_the_float_conv_once_per_batch_bucket(monkeypatch, times, want):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, times, timed)
+    q = quantized(nn.Conv2d(32, 64, 3, padding=1), mq.Int4())
+    assert q.kernel_summary() == "dequant_conv (static guess, not run yet)"
+    with torch.no_grad():
+        q(torch.randn(16, 32, 8, 8))
+        n_timed = len(timed)
+        q(torch.randn(13, 32, 8, 8))  # the same bucket: nothing timed again
+        assert len(timed) == n_timed
+        q(torch.randn(1, 32, 8, 8))
+    cands = conv_kernels._candidates(q, torch.randn(16, 32, 8, 8), False, False)
+    assert cands[-1] == "dequant_conv" and {t for t in timed if t in conv_kernels._SHARED} == set(cands)
+    assert q.last_kernel == want and q.kernel_summary() == f"b1-16 {want}"
+    assert f"kernel={want}" in repr(q)
+
+
+def test_with_int8_activations_the_baseline_is_the_fake_quantized_float_conv(monkeypatch):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"act_sim_conv": 1.0, "w8a8_conv_int_mm": 0.5, "dequant_conv": 1.0}, timed)
+    q = quantized(nn.Conv2d(32, 64, 3, padding=1), mq.Int8(), mq.Int8(dynamic=True))
+    with torch.no_grad():
+        q(torch.randn(16, 32, 8, 8))
+    has_int = mq.kernels.cpu_has_int_dot() and hasattr(torch, "_int_mm")
+    assert q.last_kernel == ("w8a8_conv_int_mm" if has_int else "act_sim_conv")
+    assert "act_sim_conv" in timed
+
+
+def test_small_convs_tuning_off_and_gradients_run_the_float_path(monkeypatch):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"dequant_conv": 1.0, "dequant_conv_bf16": 0.1, "im2col_linear": 0.1}, timed)
+    small = quantized(nn.Conv2d(4, 8, 3), mq.Int8())
+    with torch.no_grad():
+        small(torch.randn(1, 4, 6, 6))  # 8 x 36 x 36 multiply-adds (as estimated) < TUNE_MIN_MACS
+    assert conv_kernels.TUNE_MIN_MACS > 8 * 36 * 36
+    big = quantized(nn.Conv2d(32, 64, 3, padding=1), mq.Int8())
+    with torch.no_grad(), mq.kernels.tuning(False):
+        big(torch.randn(16, 32, 8, 8))
+    x = torch.randn(16, 32, 8, 8, requires_grad=True)
+    big(x).sum().backward()
+    assert timed == [] and small.last_kernel == big.last_kernel == "dequant_conv"
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_a_pinned_conv_kernel_runs_where_eligible():
+    q = quantized(nn.Conv2d(8, 16, 3, padding=1, groups=2), mq.Int8())
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        with mq.kernels.pin("dequant_conv_bf16"):
+            q(x)
+            bf16 = q.last_kernel
+        with mq.kernels.pin("im2col_linear"):  # not eligible with groups: the baseline
+            q(x)
+    assert bf16 == ("dequant_conv_bf16" if mq.kernels.cpu_has_fast_bf16() else "dequant_conv")
+    assert q.last_kernel == "dequant_conv"
+
+
+def test_unbatched_input_and_the_names_pin_knows():
+    q = quantized(nn.Conv1d(4, 8, 3), mq.Int8(), mq.Int8(dynamic=True))
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), q(x.unsqueeze(0)).squeeze(0))
+    assert set(conv_kernels._SHARED) == set(kernels.SHARED_CONV_KERNELS)
+    assert set(conv_kernels.conv_kernel_names(q)) <= set(kernels.kernel_names())
+    assert "w8a8_conv_int_mm" in kernels.kernel_names()
