@@ -184,16 +184,21 @@ def test_quantize_rows_equals_the_float32_ops(m, k, symmetric, per_row, ties, se
 @needs_ext
 @settings(max_examples=80, deadline=None)
 @given(m=st.integers(1, 12), k=st.integers(1, 70), symmetric=st.booleans(), seed=st.integers(0, 2**16),
-       rows=st.sampled_from(["normal", "positive", "negative", "zero", "constant", "tiny", "huge", "ties"]))
-def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symmetric, seed, rows):
+       rows=st.sampled_from(["normal", "positive", "negative", "zero", "constant", "tiny", "huge", "ties"]),
+       bf16=st.booleans())
+def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symmetric, seed, rows, bf16):
     """Per-row min/max, the float64 qparams (eps floor, zero-point rounding) and the codes, bit for bit against
-    what ``ActivationQuantizer.qparams`` + ``quantize`` compute, on rows that hit each branch."""
+    what ``ActivationQuantizer.qparams`` + ``quantize`` compute, on rows that hit each branch; a bf16 input read
+    as it is gives what its float32 copy gives."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     x = {"normal": x, "positive": x.abs(), "negative": -x.abs(), "zero": x * 0, "constant": x * 0 + 0.37,
          "tiny": x * 1e-42, "huge": x * 1e30, "ties": torch.round(x * 10) + 0.5}[rows].float()
+    if bf16:
+        x = x.bfloat16().float()  # the reference sees exactly the values the bf16 kernel reads
     act = ActivationQuantizer(mq.Int8(symmetric=symmetric, dynamic=True))
-    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, F_.SCALE_EPS)
+    codes, scale, zero = fused.dynamic_quantize_rows(x.bfloat16() if bf16 else x, act.qtype.qmin, act.qtype.qmax,
+                                                     symmetric, F_.SCALE_EPS)
     ref_codes, ref_scale, ref_zero = act.quantize(x)
     shift = 0 if symmetric else 128
     assert torch.equal(scale, ref_scale.reshape(-1)) and torch.equal(zero, ref_zero.reshape(-1).to(torch.int32))
@@ -203,18 +208,44 @@ def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symme
 @needs_ext
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 9), n=st.integers(1, 40), x_rows=st.booleans(), w_cols=st.booleans(),
-       with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_rescale_rows_equals_the_float32_ops(m, n, x_rows, w_cols, with_bias, seed):
+       with_bias=st.booleans(), with_zero=st.booleans(), bf16_out=st.booleans(), seed=st.integers(0, 2**16))
+def test_rescale_rows_equals_the_float32_ops(m, n, x_rows, w_cols, with_bias, with_zero, bf16_out, seed):
+    """The zero-point term (int32, as the in-place rank-1 update it replaces), the scales, the bias and the bf16
+    rounding of the output, bit for bit against the PyTorch ops."""
     g = torch.Generator().manual_seed(seed)
-    acc = torch.randint(-2**31, 2**31 - 1, (m, n), generator=g, dtype=torch.int32)
+    acc = torch.randint(-2**30, 2**30, (m, n), generator=g, dtype=torch.int32)
     xs = torch.rand(m if x_rows else 1, 1, generator=g) * 1e-3
     ws = torch.rand(n if w_cols else 1, generator=g) * 1e-2
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = fused.rescale_rows(acc, xs.reshape(-1).contiguous(), ws, bias)
-    ref = acc.to(torch.float32).mul_(xs).mul_(ws)
+    zero = torch.randint(-128, 128, (m,), generator=g, dtype=torch.int32) if with_zero else None
+    rowsum = torch.randint(-2**22, 2**22, (n,), generator=g, dtype=torch.int32) if with_zero else None
+    y = fused.rescale_rows(acc, xs.reshape(-1).contiguous(), ws, bias, zero, rowsum, bf16_out)
+    ref = acc.clone()
+    if with_zero:
+        ref.addr_(zero, rowsum, alpha=-1)
+    ref = ref.to(torch.float32).mul_(xs).mul_(ws)
     if bias is not None:
         ref.add_(bias)
-    assert torch.equal(y, ref)
+    assert torch.equal(y, ref.bfloat16() if bf16_out else ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w8a8_on_bf16_inputs_equals_its_float32_inputs_rounded(symmetric):
+    """A bf16 input is quantized as read and the output written as bf16 in the rescale pass: the same numbers as
+    the float32 copy of the input through the same kernel, rounded to bf16 at the end."""
+    lin = torch.nn.Sequential(torch.nn.Linear(96, 40))
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(symmetric=symmetric, dynamic=True),
+                                     skip=mq.SkipRules.none()))
+    x = torch.randn(7, 96).bfloat16()
+    ran = set()
+    for name in ("w8a8_fused", "w8a8_int_mm"):  # w8a8_int_mm where this CPU has integer dot products
+        with kernels.pin(name), torch.no_grad():
+            y, ref = lin(x), lin(x.float())
+        if lin[0].last_kernel == name:
+            ran.add(name)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16()), name
+    assert "w8a8_fused" in ran
 
 
 def test_without_a_compiler_the_pytorch_kernels_run(monkeypatch):

@@ -73,13 +73,18 @@ def _w8a8(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None, bac
             acc = torch._int_mm(a, wq.t())
         else:  # the compiled vpmaddwd GEMM, on the weight repacked once into its panels
             acc = fused.w8a8_gemm(a, w.cached("w8a8_packed", lambda: fused.w8a8_pack(wq)), wq.shape[0])
-        if zero is not None:  # one in-place rank-1 update (an outer product then a subtraction was 2 passes)
+        if zero is not None:
             rowsum = w.cached("w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
-            acc.addr_(zero.reshape(-1).to(torch.int32).expand(acc.shape[0]), rowsum, alpha=-1)
+            zero = zero.reshape(-1).to(torch.int32).expand(acc.shape[0])
+            if not (acc.device.type == "cpu" and fused.available()):  # else inside the rescale pass below
+                acc.addr_(zero, rowsum, alpha=-1)  # one in-place rank-1 update
     # the integer sums are exact; scale per row of x, then per output channel, then add the bias
-    if acc.dtype == torch.int32 and acc.device.type == "cpu" and fused.available():  # the same, in one pass
+    if acc.dtype == torch.int32 and acc.device.type == "cpu" and fused.available():
+        # the zero-point term, the scales, the bias and a bf16 input's output dtype in one pass over the sums
         b = None if bias is None else bias.float().contiguous()
-        y = fused.rescale_rows(acc, x_scale.float().contiguous(), stored.scale.float().contiguous(), b)
+        y = fused.rescale_rows(acc, x_scale.float().contiguous(), stored.scale.float().contiguous(), b,
+                               None if zero is None else zero.contiguous(), None if zero is None else rowsum,
+                               x2d.dtype == torch.bfloat16)
     else:
         y = acc.to(torch.float32).mul_(x_scale.float()).mul_(stored.scale.float())  # in place: no temporary
         if bias is not None:
