@@ -403,7 +403,8 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  x_zero: torch.Tensor | None = None, w_rowsum: torch.Tensor | None = None,
                  bf16_out: bool = False) -> torch.Tensor:
-    """float32 ``((acc - x_zero * w_rowsum) * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale``
+    """float32 ``((acc - x_zero * w_rowsum) * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (or float32
+    ones holding integers below 2**24 exactly, as oneDNN's int8 matmul returns them; ``x_scale``
     per row or one, ``w_scale`` per column or one; the zero-point term, int32 ``x_zero`` ``[M]`` times int32
     ``w_rowsum`` ``[N]``, only when both are given), in one pass; bit-identical to the PyTorch ops in that order
     (the zero-point term exact in int32, as ``acc.addr_(x_zero, w_rowsum, alpha=-1)``). ``bf16_out``: the result

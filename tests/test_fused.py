@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import monoquant as mq
 from monoquant import functional as F_
-from monoquant import fused, kernels, schemes
+from monoquant import fused, hardware, kernels, schemes
 from monoquant.nn.activation import ActivationQuantizer
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=f"no compiled kernel here: {fused.load_error()}")
@@ -239,7 +239,7 @@ def test_w8a8_on_bf16_inputs_equals_its_float32_inputs_rounded(symmetric):
                                      skip=mq.SkipRules.none()))
     x = torch.randn(7, 96).bfloat16()
     ran = set()
-    for name in ("w8a8_fused", "w8a8_int_mm"):  # w8a8_int_mm where this CPU has integer dot products
+    for name in ("w8a8_fused", "w8a8_int_mm", "w8a8_onednn"):  # the last two where the CPU has VNNI/AMX
         with kernels.pin(name), torch.no_grad():
             y, ref = lin(x), lin(x.float())
         if lin[0].last_kernel == name:
@@ -304,3 +304,50 @@ def test_the_avx2_build_matches_the_reference_on_an_avx512_machine():
     script = Path(__file__).with_name("_avx2_check.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "avx2 ok" in done.stdout, done.stdout + done.stderr
+
+
+needs_onednn = pytest.mark.skipif(not (fused.available() and hardware.HAS["onednn_qlinear"]
+                                       and hardware.cpu_has_int_dot()),
+                                  reason="needs oneDNN's int8 matmul op and a CPU with VNNI/AMX")
+
+
+@needs_onednn
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 300), n=st.integers(1, 40), rows=st.integers(1, 40), symmetric=st.booleans(),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8a8_onednn_equals_the_compiled_integer_gemm(k, n, rows, symmetric, bf16, seed):
+    """oneDNN's int8 matmul (float32 sums, exact below 2**24) gives the same numbers as the exact int32 GEMM."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Sequential(torch.nn.Linear(k, n))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.randn(n, k, generator=g))
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(symmetric=symmetric, dynamic=True),
+                                     skip=mq.SkipRules.none()))
+    x = torch.randn(rows, k, generator=g) * 3
+    x = x.bfloat16() if bf16 else x
+    with torch.no_grad():
+        with kernels.pin("w8a8_fused"):
+            ref = lin(x)
+        with kernels.pin("w8a8_onednn"):
+            y = lin(x)
+    assert lin[0].last_kernel == "w8a8_onednn" and torch.equal(y, ref)
+
+
+@needs_onednn
+def test_w8a8_onednn_declines_weights_whose_sums_could_pass_float32s_exact_integers():
+    """``128 * max_n sum_k |w[n, k]| >= 2**24`` (K = 1040 codes of -128): the sums might round, so it is not
+    eligible; with 40 of the codes zeroed it is."""
+    lin = torch.nn.Sequential(torch.nn.Linear(1040, 16))
+    with torch.no_grad():
+        lin[0].weight.fill_(-1.0)
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    assert 128 * 128 * 1040 >= 2**24
+    with kernels.pin("w8a8_onednn"), torch.no_grad():
+        lin(torch.randn(3, 1040))
+    assert lin[0].last_kernel != "w8a8_onednn"
+    with torch.no_grad():
+        lin[0].quant_weight.stored.qweight[:, 1000:] = 0  # 128 * 128 * 1000 < 2**24
+        lin[0].quant_weight.clear_cache()
+    with kernels.pin("w8a8_onednn"), torch.no_grad():
+        lin(torch.randn(3, 1040))
+    assert lin[0].last_kernel == "w8a8_onednn"

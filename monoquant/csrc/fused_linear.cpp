@@ -761,7 +761,8 @@ torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& packed, int
 // (monoquant/nn/activation.py and kernels._w8a8; this file is built with -ffp-contract=off, so a multiply
 // followed by an add is never fused into one rounding):
 //   quantize_rows: codes[m, k] = clamp(round_half_even(x[m, k] / s) + z, qmin, qmax) - shift, as int8
-//   rescale_rows:  y[m, n] = (float(acc[m, n] - xz[m] * rs[n]) * xs) * ws (+ b[n]), scales per row (xs), per
+//   rescale_rows:  y[m, n] = (float(acc[m, n] - xz[m] * rs[n]) * xs) * ws (+ b[n]) for int32 sums acc (or
+//                  float32 ones that hold integers exactly, below 2**24: oneDNN's int8 matmul), scales per row (xs), per
 //                  column (ws) or one value each; the integer zero-point term (input zero-point xz per row times
 //                  the weight's code sums rs) only when given, exact in int32 as the separate in-place update
 //                  it replaces; written as float32, or rounded once to bf16 (what .to(torch.bfloat16) gives)
@@ -911,17 +912,55 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
                                              : dynamic_quantize_rows_of<float>(x, qmin, qmax, symmetric, eps);
 }
 
-template <typename T>
-void rescale_rows_into(T* yp, const int32_t* ap, const float* xs, const float* ws, const float* bp,
+#if defined(__AVX512F__) || defined(__AVX2__)
+// LANES sums as float32: int32 ones minus the zero-point term z * rs when rs is given (exact int32 arithmetic),
+// or float32 ones that hold integers (converted to int32 and back: exact)
+#if defined(__AVX512F__)
+inline __m512i load_sums(const int32_t* a) { return _mm512_loadu_si512(a); }
+inline __m512i load_sums(const float* a) { return _mm512_cvttps_epi32(_mm512_loadu_ps(a)); }
+template <typename A>
+inline vec sums_as_float(const A* a, const int32_t* rs, int32_t z) {
+  __m512i v = load_sums(a);
+  if (rs) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(_mm512_set1_epi32(z), _mm512_loadu_si512(rs)));
+  return _mm512_cvtepi32_ps(v);
+}
+#else
+inline __m256i load_sums(const int32_t* a) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); }
+inline __m256i load_sums(const float* a) { return _mm256_cvttps_epi32(_mm256_loadu_ps(a)); }
+template <typename A>
+inline vec sums_as_float(const A* a, const int32_t* rs, int32_t z) {
+  __m256i v = load_sums(a);
+  if (rs)
+    v = _mm256_sub_epi32(v, _mm256_mullo_epi32(_mm256_set1_epi32(z),
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rs))));
+  return _mm256_cvtepi32_ps(v);
+}
+#endif
+#endif
+
+template <typename T, typename A>
+void rescale_rows_into(T* yp, const A* ap, const float* xs, const float* ws, const float* bp,
                        const int32_t* xz, const int32_t* rs, int64_t M, int64_t N, bool xs_rows, bool ws_cols) {
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float a = xs[xs_rows ? m : 0];
       const int32_t z = xz ? xz[m] : 0;
-      const int32_t* arow = ap + m * N;
+      const A* arow = ap + m * N;
       T* yrow = yp + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const int32_t sum = xz ? arow[n] - z * rs[n] : arow[n];
+      int64_t n = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      // the same roundings in the same order, LANES outputs at a time (bf16 outputs rounded in registers)
+      const vec va = vset(a), vws = vset(ws[0]);
+      for (; n + LANES <= N; n += LANES) {
+        vec v = vmul(sums_as_float(arow + n, xz ? rs + n : nullptr, z), va);
+        v = vmul(v, ws_cols ? vload(ws + n) : vws);
+        if (bp) v = vadd(v, vload(bp + n));
+        store_out(yrow + n, v);
+      }
+#endif
+      for (; n < N; ++n) {
+        const int32_t a_n = static_cast<int32_t>(arow[n]);  // a float32 sum holds an exact integer
+        const int32_t sum = xz ? a_n - z * rs[n] : a_n;
         float v = static_cast<float>(sum) * a;
         v = v * ws[ws_cols ? n : 0];
         yrow[n] = static_cast<T>(bp ? v + bp[n] : v);
@@ -933,8 +972,9 @@ void rescale_rows_into(T* yp, const int32_t* ap, const float* xs, const float* w
 torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
                            const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& x_zero,
                            const c10::optional<torch::Tensor>& w_rowsum, bool bf16_out) {
-  TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
-              "rescale_rows: acc must be contiguous int32 [M, N]");
+  const bool float_acc = acc.scalar_type() == torch::kFloat32;
+  TORCH_CHECK(acc.device().is_cpu() && (acc.scalar_type() == torch::kInt32 || float_acc) && acc.dim() == 2 &&
+              acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N] (or float32 holding integers)");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() &&
               (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: float32 x_scale per row or one");
@@ -958,14 +998,19 @@ torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scal
     rs = w_rowsum->data_ptr<int32_t>();
   }
   auto y = torch::empty({M, N}, acc.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
-  const int32_t* ap = acc.data_ptr<int32_t>();
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = w_scale.data_ptr<float>();
   const bool xs_rows = x_scale.numel() == M, ws_cols = w_scale.numel() == N;
+  auto with_acc = [&](auto* yp) {
+    if (float_acc)
+      rescale_rows_into(yp, acc.data_ptr<float>(), xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+    else
+      rescale_rows_into(yp, acc.data_ptr<int32_t>(), xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+  };
   if (bf16_out)
-    rescale_rows_into(y.data_ptr<c10::BFloat16>(), ap, xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+    with_acc(y.data_ptr<c10::BFloat16>());
   else
-    rescale_rows_into(y.data_ptr<float>(), ap, xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+    with_acc(y.data_ptr<float>());
   return y;
 }
 
