@@ -18,10 +18,22 @@ quantized row prints its time against that cast too:
   weight-only, INT8 + dynamic INT8 activations (each row with the kernel every layer ran per batch bucket), and
   the digits INT8 model compiled against eager at batch 256.
 
+The encoder and the decoder also get two rows that bound what quantizing can reach:
+
+- **ceiling** rows: the model with every ``nn.Linear`` replaced by a module that returns a preallocated output
+  of the right shape (:class:`NoMatmul`), in float32 and in bf16: the time of everything but the linear layers'
+  matmuls (norms, attention, GELU, residuals), the lower bound of any weight-only or W8A8 model whose
+  activations stay in that dtype;
+- **bf16-model** rows: ``model.to(torch.bfloat16)`` quantized (bf16 activations), against the cast itself: the
+  like-for-like comparison, since the cast also runs every non-linear op in bf16 while the float32 model's
+  quantized rows keep float32 activations.
+
 Targets: encoder INT4 <= 0.9x float32 time; encoder with dynamic INT8 activations <= 0.6x where the CPU has
 integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x; every conv
 net row <= 1.0x float32 (a row that misses it prints its floor: float32 plus dequantizing every layer); a
-compiled quantized model <= 1.0x its eager time. The bf16-cast comparisons are printed without targets.
+compiled quantized model <= 1.0x its eager time; on the bf16 model, where the CPU has fast bf16 GEMMs (AMX /
+AVX512-BF16), weight-only INT4 and INT8 <= 1.0x the cast and dynamic INT8 activations <= 0.7x the cast (with
+integer dot products). The bf16-cast comparisons of the float32 model's rows are printed without targets.
 """
 
 from __future__ import annotations
@@ -151,6 +163,62 @@ def bf16_row(fp32_ms: float, bf16_ms: float) -> None:
           f"time ratio {bf16_ms / fp32_ms:.3f}x  (the user's alternative)")
 
 
+class NoMatmul(nn.Module):
+    """Stands in for an ``nn.Linear`` at no matmul cost: returns a preallocated output (one per input shape, random
+    values so that the ops after it see ordinary numbers) in the layer's dtype."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.register_buffer("probe", torch.empty(0, dtype=linear.weight.dtype))  # follows model.to(dtype)
+        self.outputs: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        out = self.outputs.get((shape, self.probe.dtype))
+        if out is None:
+            out = self.outputs[shape, self.probe.dtype] = torch.randn(shape, dtype=self.probe.dtype)
+        return out
+
+
+def without_matmuls_(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with every ``nn.Linear`` replaced by a :class:`NoMatmul`: the ceiling rows' model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, NoMatmul(child))
+    return model
+
+
+def ceiling_row(dtype: str, fp32_ms: float, ms: float) -> None:
+    print(f"  {'ceiling ' + dtype + ' (no Linear matmul cost)':<36} fp32 {fp32_ms:9.2f} ms  {dtype:<5} {ms:9.2f} ms  "
+          f"time ratio {ms / fp32_ms:.3f}x  (bound of any {dtype}-activation quantized model)")
+
+
+def bench_bf16_model(model: nn.Module, x: torch.Tensor, variants, reps: int) -> int:
+    """The ceilings (float32, bf16), then each ``(name, weights, activations, target vs the cast)`` quantization of
+    ``model.to(torch.bfloat16)`` (bf16 activations) against that cast, timed in the same rounds. Returns the
+    number of missed targets."""
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    ceiling32 = without_matmuls_(copy.deepcopy(model))
+    ceiling16 = without_matmuls_(copy.deepcopy(cast))
+    fp32, bf16, c32, c16 = paired_ms(functools.partial(model, x), functools.partial(cast, xb),
+                                     functools.partial(ceiling32, x), functools.partial(ceiling16, xb), reps=reps)
+    bf16_row(fp32, bf16)
+    ceiling_row("fp32", fp32, c32)
+    ceiling_row("bf16", fp32, c16)
+    print(f"  bf16 model quantized (bf16 activations), against the cast; ceiling bf16 = {c16 / bf16:.3f}x the cast")
+    failures = 0
+    fast_bf16 = mq.kernels.cpu_has_fast_bf16()
+    for name, weights, act, target in variants:
+        q = quantize(cast, weights, act)
+        bf16, ms = paired_ms(functools.partial(cast, xb), functools.partial(q, xb), reps=reps)
+        failures += not report(f"bf16 model {name}", bf16, ms, target if fast_bf16 else None, base="bf16")
+        print(kernels_used(q))
+    return failures
+
+
 def compiled_row(name: str, q: nn.Module, x: torch.Tensor, reps: int) -> bool:
     """``torch.compile(q, fullgraph=True)`` against ``q`` eager (compile time printed); target <= 1.0x."""
     start = time.perf_counter()
@@ -186,11 +254,16 @@ def bench_encoder(reps: int, compile_too: bool) -> int:
     x = torch.randn(32, 64, 384)
     print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
     has_dot = mq.kernels.cpu_has_int_dot()
-    return bench_variants(model, x, (
+    failures = bench_variants(model, x, (
         ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
         ("INT8 weight-only", mq.Int8(), None, None),
         ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
     ), reps, "int4" if compile_too else None)
+    return failures + bench_bf16_model(model, x, (
+        ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 1.0),
+        ("INT8 weight-only", mq.Int8(), None, 1.0),
+        ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.7 if has_dot else None),
+    ), reps)
 
 
 class DigitsCNN(nn.Module):
@@ -276,9 +349,12 @@ def bench_cnn(reps: int, compile_too: bool) -> int:
 
 
 def bench_decoder(reps: int, tokens: int = 8) -> int:
-    torch.manual_seed(0)
     d, layers = 2048, 8
-    model = Stack(layers, d, 16, 2 * d).eval()
+
+    def build() -> nn.Module:  # the same float32 weights every time (rebuilt rather than copied: 1 GB each)
+        torch.manual_seed(0)
+        return Stack(layers, d, 16, 2 * d).eval()
+
     prompt = torch.randn(1, 16, d)
     print(f"decoder: {layers} layers, d={d}, FFN {2 * d}, batch 1, one token at a time after a 16-token prompt")
 
@@ -293,17 +369,30 @@ def bench_decoder(reps: int, tokens: int = 8) -> int:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times[2:])
 
-    fp32 = statistics.median(token_ms(model) for _ in range(reps))
-    model.to(torch.bfloat16)  # in place (memory); the float32 weights are rebuilt from the same seed below
-    bf16 = statistics.median(token_ms(model, torch.bfloat16) for _ in range(reps))
+    def median_token_ms(m: nn.Module, dtype: torch.dtype = torch.float32) -> float:
+        return statistics.median(token_ms(m, dtype) for _ in range(reps))
+
+    model = build()
+    fp32 = median_token_ms(model)
+    model.to(torch.bfloat16)  # in place (memory)
+    bf16 = median_token_ms(model, torch.bfloat16)
     bf16_row(fp32, bf16)
-    torch.manual_seed(0)
-    model = Stack(layers, d, 16, 2 * d).eval()  # the float32 weights again
-    mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=128), skip=mq.SkipRules.none()))  # in place: memory
-    q_ms = statistics.median(token_ms(model) for _ in range(reps))
-    ok = report("INT4-g128 token latency", fp32, q_ms, 0.3, bf16)
+    ceiling = without_matmuls_(build())
+    ceiling_row("fp32", fp32, median_token_ms(ceiling))
+    ceiling_row("bf16", fp32, median_token_ms(ceiling.to(torch.bfloat16), torch.bfloat16))
+    failures = 0
+    mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=128), skip=mq.SkipRules.none()))  # the bf16 model
+    q16 = median_token_ms(model, torch.bfloat16)
+    failures += not report("bf16 model INT4-g128 token latency", bf16, q16,
+                           1.0 if mq.kernels.cpu_has_fast_bf16() else None, base="bf16")
     print(kernels_used(model))
-    return not ok
+    del model
+    model = build()
+    mq.quantize_(model, mq.QuantConfig(mq.Int4(group_size=128), skip=mq.SkipRules.none()))  # in place: memory
+    q_ms = median_token_ms(model)
+    failures += not report("INT4-g128 token latency", fp32, q_ms, 0.3, bf16)
+    print(kernels_used(model))
+    return failures
 
 
 def main() -> int:

@@ -312,14 +312,14 @@ def _(x, qmin, qmax, symmetric, eps):
 
 
 @_op("rescale_rows")
-def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("rescale_rows")(acc, x_scale, w_scale, bias)
+def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                     x_zero: torch.Tensor | None, w_rowsum: torch.Tensor | None, bf16_out: bool) -> torch.Tensor:
+    return _kernel("rescale_rows")(acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out)
 
 
 @_rescale_rows_op.register_fake
-def _(acc, x_scale, w_scale, bias):
-    return acc.new_empty(acc.shape, dtype=torch.float32)
+def _(acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out):
+    return acc.new_empty(acc.shape, dtype=torch.bfloat16 if bf16_out else torch.float32)
 
 
 @_op("mse_clip_errors")
@@ -426,18 +426,23 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scale, zero_point)`` of contiguous float32 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
+    """``(codes, scale, zero_point)`` of contiguous float32 or bf16 ``x`` ``[M, K]`` (``K > 0``) with per-row min/max
     qparams: int8 codes shifted by -128 when affine, float32 scale ``[M]``, int32 zero-point ``[M]``; one pass
     per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
     return tuple(_call(_dynamic_quantize_rows_op, "dynamic_quantize_rows",  # type: ignore[return-value]
                        x, qmin, qmax, symmetric, eps))
 
 
-def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """float32 ``(acc * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (``x_scale`` per row or one,
-    ``w_scale`` per column or one), in one pass; bit-identical to the PyTorch ops in that order."""
-    return _call(_rescale_rows_op, "rescale_rows", acc, x_scale, w_scale, bias)
+def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 x_zero: torch.Tensor | None = None, w_rowsum: torch.Tensor | None = None,
+                 bf16_out: bool = False) -> torch.Tensor:
+    """float32 ``((acc - x_zero * w_rowsum) * x_scale) * w_scale + bias`` for int32 sums ``[M, N]`` (or float32
+    ones holding integers below 2**24 exactly, as oneDNN's int8 matmul returns them; ``x_scale``
+    per row or one, ``w_scale`` per column or one; the zero-point term, int32 ``x_zero`` ``[M]`` times int32
+    ``w_rowsum`` ``[N]``, only when both are given), in one pass; bit-identical to the PyTorch ops in that order
+    (the zero-point term exact in int32, as ``acc.addr_(x_zero, w_rowsum, alpha=-1)``). ``bf16_out``: the result
+    rounded once to bf16, as ``.to(torch.bfloat16)`` of the float32 one."""
+    return _call(_rescale_rows_op, "rescale_rows", acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out)
 
 
 def mse_clip_errors(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,

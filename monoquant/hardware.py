@@ -14,6 +14,7 @@ HAS = {
     "int4pack_cuda": hasattr(torch.ops.aten, "_weight_int4pack_mm"),
     "int8pack": hasattr(torch.ops.aten, "_weight_int8pack_mm"),
     "int_mm": hasattr(torch, "_int_mm"),
+    "onednn_qlinear": hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"),
 }
 """Which optional ops this torch build has (read at call time, so tests may change an entry)."""
 

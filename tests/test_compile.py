@@ -127,7 +127,8 @@ def _fused_op_cases():
         "quantize_rows": (x, torch.tensor(0.05), None, -128, 127, 0),
         "dynamic_quantize_rows": (x, 0, 255, False, 1e-8),
         "rescale_rows": (torch.randint(-1000, 1000, (3, 16), dtype=torch.int32, generator=g), torch.rand(3) + 0.1,
-                         torch.rand(16) + 0.1, torch.randn(16)),
+                         torch.rand(16) + 0.1, torch.randn(16), torch.tensor([3, -1, 0], dtype=torch.int32),
+                         torch.randint(-1000, 1000, (16,), dtype=torch.int32, generator=g), True),
         "mse_clip_errors": (view, view.amin(1), view.amax(1), torch.tensor([1.0, 0.9], dtype=torch.float64), -8, 7,
                             True, 1e-8),
     }

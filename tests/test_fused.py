@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import monoquant as mq
 from monoquant import functional as F_
-from monoquant import fused, kernels, schemes
+from monoquant import fused, hardware, kernels, schemes
 from monoquant.nn.activation import ActivationQuantizer
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=f"no compiled kernel here: {fused.load_error()}")
@@ -184,16 +184,21 @@ def test_quantize_rows_equals_the_float32_ops(m, k, symmetric, per_row, ties, se
 @needs_ext
 @settings(max_examples=80, deadline=None)
 @given(m=st.integers(1, 12), k=st.integers(1, 70), symmetric=st.booleans(), seed=st.integers(0, 2**16),
-       rows=st.sampled_from(["normal", "positive", "negative", "zero", "constant", "tiny", "huge", "ties"]))
-def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symmetric, seed, rows):
+       rows=st.sampled_from(["normal", "positive", "negative", "zero", "constant", "tiny", "huge", "ties"]),
+       bf16=st.booleans())
+def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symmetric, seed, rows, bf16):
     """Per-row min/max, the float64 qparams (eps floor, zero-point rounding) and the codes, bit for bit against
-    what ``ActivationQuantizer.qparams`` + ``quantize`` compute, on rows that hit each branch."""
+    what ``ActivationQuantizer.qparams`` + ``quantize`` compute, on rows that hit each branch; a bf16 input read
+    as it is gives what its float32 copy gives."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     x = {"normal": x, "positive": x.abs(), "negative": -x.abs(), "zero": x * 0, "constant": x * 0 + 0.37,
          "tiny": x * 1e-42, "huge": x * 1e30, "ties": torch.round(x * 10) + 0.5}[rows].float()
+    if bf16:
+        x = x.bfloat16().float()  # the reference sees exactly the values the bf16 kernel reads
     act = ActivationQuantizer(mq.Int8(symmetric=symmetric, dynamic=True))
-    codes, scale, zero = fused.dynamic_quantize_rows(x, act.qtype.qmin, act.qtype.qmax, symmetric, F_.SCALE_EPS)
+    codes, scale, zero = fused.dynamic_quantize_rows(x.bfloat16() if bf16 else x, act.qtype.qmin, act.qtype.qmax,
+                                                     symmetric, F_.SCALE_EPS)
     ref_codes, ref_scale, ref_zero = act.quantize(x)
     shift = 0 if symmetric else 128
     assert torch.equal(scale, ref_scale.reshape(-1)) and torch.equal(zero, ref_zero.reshape(-1).to(torch.int32))
@@ -203,18 +208,44 @@ def test_dynamic_quantize_rows_equals_the_observer_qparams_and_codes(m, k, symme
 @needs_ext
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 9), n=st.integers(1, 40), x_rows=st.booleans(), w_cols=st.booleans(),
-       with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_rescale_rows_equals_the_float32_ops(m, n, x_rows, w_cols, with_bias, seed):
+       with_bias=st.booleans(), with_zero=st.booleans(), bf16_out=st.booleans(), seed=st.integers(0, 2**16))
+def test_rescale_rows_equals_the_float32_ops(m, n, x_rows, w_cols, with_bias, with_zero, bf16_out, seed):
+    """The zero-point term (int32, as the in-place rank-1 update it replaces), the scales, the bias and the bf16
+    rounding of the output, bit for bit against the PyTorch ops."""
     g = torch.Generator().manual_seed(seed)
-    acc = torch.randint(-2**31, 2**31 - 1, (m, n), generator=g, dtype=torch.int32)
+    acc = torch.randint(-2**30, 2**30, (m, n), generator=g, dtype=torch.int32)
     xs = torch.rand(m if x_rows else 1, 1, generator=g) * 1e-3
     ws = torch.rand(n if w_cols else 1, generator=g) * 1e-2
     bias = torch.randn(n, generator=g) if with_bias else None
-    y = fused.rescale_rows(acc, xs.reshape(-1).contiguous(), ws, bias)
-    ref = acc.to(torch.float32).mul_(xs).mul_(ws)
+    zero = torch.randint(-128, 128, (m,), generator=g, dtype=torch.int32) if with_zero else None
+    rowsum = torch.randint(-2**22, 2**22, (n,), generator=g, dtype=torch.int32) if with_zero else None
+    y = fused.rescale_rows(acc, xs.reshape(-1).contiguous(), ws, bias, zero, rowsum, bf16_out)
+    ref = acc.clone()
+    if with_zero:
+        ref.addr_(zero, rowsum, alpha=-1)
+    ref = ref.to(torch.float32).mul_(xs).mul_(ws)
     if bias is not None:
         ref.add_(bias)
-    assert torch.equal(y, ref)
+    assert torch.equal(y, ref.bfloat16() if bf16_out else ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w8a8_on_bf16_inputs_equals_its_float32_inputs_rounded(symmetric):
+    """A bf16 input is quantized as read and the output written as bf16 in the rescale pass: the same numbers as
+    the float32 copy of the input through the same kernel, rounded to bf16 at the end."""
+    lin = torch.nn.Sequential(torch.nn.Linear(96, 40))
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(symmetric=symmetric, dynamic=True),
+                                     skip=mq.SkipRules.none()))
+    x = torch.randn(7, 96).bfloat16()
+    ran = set()
+    for name in ("w8a8_fused", "w8a8_int_mm", "w8a8_onednn"):  # the last two where the CPU has VNNI/AMX
+        with kernels.pin(name), torch.no_grad():
+            y, ref = lin(x), lin(x.float())
+        if lin[0].last_kernel == name:
+            ran.add(name)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16()), name
+    assert "w8a8_fused" in ran
 
 
 def test_without_a_compiler_the_pytorch_kernels_run(monkeypatch):
@@ -273,3 +304,50 @@ def test_the_avx2_build_matches_the_reference_on_an_avx512_machine():
     script = Path(__file__).with_name("_avx2_check.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "avx2 ok" in done.stdout, done.stdout + done.stderr
+
+
+needs_onednn = pytest.mark.skipif(not (fused.available() and hardware.HAS["onednn_qlinear"]
+                                       and hardware.cpu_has_int_dot()),
+                                  reason="needs oneDNN's int8 matmul op and a CPU with VNNI/AMX")
+
+
+@needs_onednn
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 300), n=st.integers(1, 40), rows=st.integers(1, 40), symmetric=st.booleans(),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8a8_onednn_equals_the_compiled_integer_gemm(k, n, rows, symmetric, bf16, seed):
+    """oneDNN's int8 matmul (float32 sums, exact below 2**24) gives the same numbers as the exact int32 GEMM."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Sequential(torch.nn.Linear(k, n))
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.randn(n, k, generator=g))
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(symmetric=symmetric, dynamic=True),
+                                     skip=mq.SkipRules.none()))
+    x = torch.randn(rows, k, generator=g) * 3
+    x = x.bfloat16() if bf16 else x
+    with torch.no_grad():
+        with kernels.pin("w8a8_fused"):
+            ref = lin(x)
+        with kernels.pin("w8a8_onednn"):
+            y = lin(x)
+    assert lin[0].last_kernel == "w8a8_onednn" and torch.equal(y, ref)
+
+
+@needs_onednn
+def test_w8a8_onednn_declines_weights_whose_sums_could_pass_float32s_exact_integers():
+    """``128 * max_n sum_k |w[n, k]| >= 2**24`` (K = 1040 codes of -128): the sums might round, so it is not
+    eligible; with 40 of the codes zeroed it is."""
+    lin = torch.nn.Sequential(torch.nn.Linear(1040, 16))
+    with torch.no_grad():
+        lin[0].weight.fill_(-1.0)
+    mq.quantize_(lin, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    assert 128 * 128 * 1040 >= 2**24
+    with kernels.pin("w8a8_onednn"), torch.no_grad():
+        lin(torch.randn(3, 1040))
+    assert lin[0].last_kernel != "w8a8_onednn"
+    with torch.no_grad():
+        lin[0].quant_weight.stored.qweight[:, 1000:] = 0  # 128 * 128 * 1000 < 2**24
+        lin[0].quant_weight.clear_cache()
+    with kernels.pin("w8a8_onednn"), torch.no_grad():
+        lin(torch.randn(3, 1040))
+    assert lin[0].last_kernel == "w8a8_onednn"

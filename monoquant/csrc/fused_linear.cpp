@@ -25,7 +25,8 @@
 //   dequantize_int8(out, qweight, scale, zero_point_or_None, row_start, scaled)
 //   w8a8_pack(qweight), w8a8_gemm(codes, packed, N): exact INT8 x INT8 -> INT32 GEMM (AVX2 vpmaddwd)
 //   quantize_rows(x, scale, zero_or_None, qmin, qmax, shift), dynamic_quantize_rows(x, qmin, qmax, symmetric,
-//   eps), rescale_rows(acc, x_scale, w_scale, bias_or_None): the float32 passes around an integer GEMM
+//   eps) (x float32 or bf16), rescale_rows(acc, x_scale, w_scale, bias_or_None, x_zero_or_None,
+//   w_rowsum_or_None, bf16_out): the passes around an integer GEMM
 //   mse_clip_errors(view, lo, hi, ratios, qmin, qmax, symmetric, eps): the MSE clipping search's errors
 //   quantize_weight_rows(x, scale, zero_or_None, group, qmin, qmax, out): round-to-nearest weight codes
 //   gptq_columns(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax): GPTQ's per-column loop
@@ -66,11 +67,15 @@ inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec widen_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
 inline vec widen_i8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
 inline __m128i load_lanes(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
-// 2 * LANES INT4 codes from LANES packed bytes: even columns in lo, odd columns in hi
+// 2 * LANES INT4 codes from LANES packed bytes: even columns in lo, odd columns in hi. The codes become floats
+// by a table lookup (vpermps reads only the low 4 bits of each index, so the low nibble needs no mask): one
+// shuffle per 16 codes where a mask or shift plus a conversion took two (a 1-row INT4 GEMV is bound by these
+// instructions, not by memory, when the packed weight sits in cache)
 inline void int4_codes(const uint8_t* p, vec& lo, vec& hi) {
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  lo = _mm512_permutexvar_ps(b, values);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
 }
 const char* SIMD = "avx512";
 #elif defined(__AVX2__)
@@ -759,18 +764,33 @@ torch::Tensor w8a8_gemm(const torch::Tensor& a, const torch::Tensor& packed, int
 // (monoquant/nn/activation.py and kernels._w8a8; this file is built with -ffp-contract=off, so a multiply
 // followed by an add is never fused into one rounding):
 //   quantize_rows: codes[m, k] = clamp(round_half_even(x[m, k] / s) + z, qmin, qmax) - shift, as int8
-//   rescale_rows:  y[m, n] = (float(acc[m, n]) * xs) * ws (+ b[n]), scales per row (xs), per column (ws)
-//                  or one value each
+//   rescale_rows:  y[m, n] = (float(acc[m, n] - xz[m] * rs[n]) * xs) * ws (+ b[n]) for int32 sums acc (or
+//                  float32 ones that hold integers exactly, below 2**24: oneDNN's int8 matmul), scales per row (xs), per
+//                  column (ws) or one value each; the integer zero-point term (input zero-point xz per row times
+//                  the weight's code sums rs) only when given, exact in int32 as the separate in-place update
+//                  it replaces; written as float32, or rounded once to bf16 (what .to(torch.bfloat16) gives)
+// The input of the quantize passes may be bf16: each value is widened to float32 exactly, as x.float() would.
+
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the upper half of a float32: widen and shift
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
 
 // codes of one row: clamp(round_half_even(x / s) + z, lo, hi) - sh as int8 (a NaN gives lo - sh)
-inline void quantize_row(const float* xr, int8_t* o, int64_t K, float s, float z, bool add_zero, float lo, float hi,
+template <typename T>
+inline void quantize_row(const T* xr, int8_t* o, int64_t K, float s, float z, bool add_zero, float lo, float hi,
                          float sh) {
   int64_t k = 0;
 #if defined(__AVX2__)
   const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi),
                vsh = _mm256_set1_ps(sh);
   for (; k + 8 <= K; k += 8) {
-    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs),
+    __m256 v = _mm256_round_ps(_mm256_div_ps(load8(xr + k), vs),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (add_zero) v = _mm256_add_ps(v, vz);
     v = _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(v, vlo), vhi), vsh);  // NaN -> lo (no undefined cast)
@@ -780,7 +800,7 @@ inline void quantize_row(const float* xr, int8_t* o, int64_t K, float s, float z
   }
 #endif
   for (; k < K; ++k) {
-    float v = std::nearbyint(xr[k] / s);
+    float v = std::nearbyint(as_float(xr[k]) / s);
     if (add_zero) v += z;
     v = std::min(std::max(v, lo), hi) - sh;
     o[k] = static_cast<int8_t>(v == v ? v : lo - sh);
@@ -821,33 +841,32 @@ torch::Tensor quantize_rows(const torch::Tensor& x, const torch::Tensor& scale,
 // Dynamic per-row qparams and codes in one pass over each row, bit-identical to ActivationQuantizer.qparams
 // (F.minmax in float32, then F.qparams_from_minmax in float64, the scale rounded to float32) followed by
 // quantize_rows. A row with a NaN gets a NaN scale (and zero-point 0), as torch's NaN-propagating min/max give.
-std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
-                                                 double eps) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "dynamic_quantize_rows: x must be contiguous float32 [M, K]");
+template <typename T>
+std::vector<torch::Tensor> dynamic_quantize_rows_of(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
+                                                    double eps) {
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K > 0, "dynamic_quantize_rows: rows must not be empty");
   const int64_t shift = symmetric ? 0 : 128;
   TORCH_CHECK(qmin - shift >= -128 && qmax - shift <= 127, "dynamic_quantize_rows: shifted codes must fit int8");
   auto codes = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({M}, x.options());
+  auto scale = torch::empty({M}, x.options().dtype(torch::kFloat32));
   auto zero = torch::empty({M}, x.options().dtype(torch::kInt32));
-  const float* xp = x.data_ptr<float>();
+  const T* xp = x.data_ptr<T>();
   int8_t* cp = codes.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   int32_t* zp = zero.data_ptr<int32_t>();
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), sh = static_cast<float>(shift);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = xp + m * K;
-      float mn = xr[0], mx = xr[0];
+      const T* xr = xp + m * K;
+      float mn = as_float(xr[0]), mx = mn;
       bool nan = false;
       int64_t k = 0;
 #if defined(__AVX2__)
       if (K >= 8) {
-        __m256 vmn = _mm256_loadu_ps(xr), vmx = vmn, vnan = _mm256_cmp_ps(vmn, vmn, _CMP_UNORD_Q);
+        __m256 vmn = load8(xr), vmx = vmn, vnan = _mm256_cmp_ps(vmn, vmn, _CMP_UNORD_Q);
         for (k = 8; k + 8 <= K; k += 8) {
-          const __m256 v = _mm256_loadu_ps(xr + k);
+          const __m256 v = load8(xr + k);
           vmn = _mm256_min_ps(vmn, v);
           vmx = _mm256_max_ps(vmx, v);
           vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
@@ -861,9 +880,10 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
       }
 #endif
       for (; k < K; ++k) {
-        nan |= xr[k] != xr[k];
-        mn = std::min(mn, xr[k]);
-        mx = std::max(mx, xr[k]);
+        const float v = as_float(xr[k]);
+        nan |= v != v;
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
       }
       double s, z = 0.0;
       if (nan) {
@@ -887,10 +907,77 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
   return {codes, scale, zero};
 }
 
+std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
+                                                 double eps) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+              x.dim() == 2 && x.is_contiguous(), "dynamic_quantize_rows: x must be contiguous float32 or bf16 [M, K]");
+  return x.scalar_type() == torch::kBFloat16 ? dynamic_quantize_rows_of<c10::BFloat16>(x, qmin, qmax, symmetric, eps)
+                                             : dynamic_quantize_rows_of<float>(x, qmin, qmax, symmetric, eps);
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// LANES sums as float32: int32 ones minus the zero-point term z * rs when rs is given (exact int32 arithmetic),
+// or float32 ones that hold integers (converted to int32 and back: exact)
+#if defined(__AVX512F__)
+inline __m512i load_sums(const int32_t* a) { return _mm512_loadu_si512(a); }
+inline __m512i load_sums(const float* a) { return _mm512_cvttps_epi32(_mm512_loadu_ps(a)); }
+template <typename A>
+inline vec sums_as_float(const A* a, const int32_t* rs, int32_t z) {
+  __m512i v = load_sums(a);
+  if (rs) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(_mm512_set1_epi32(z), _mm512_loadu_si512(rs)));
+  return _mm512_cvtepi32_ps(v);
+}
+#else
+inline __m256i load_sums(const int32_t* a) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); }
+inline __m256i load_sums(const float* a) { return _mm256_cvttps_epi32(_mm256_loadu_ps(a)); }
+template <typename A>
+inline vec sums_as_float(const A* a, const int32_t* rs, int32_t z) {
+  __m256i v = load_sums(a);
+  if (rs)
+    v = _mm256_sub_epi32(v, _mm256_mullo_epi32(_mm256_set1_epi32(z),
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rs))));
+  return _mm256_cvtepi32_ps(v);
+}
+#endif
+#endif
+
+template <typename T, typename A>
+void rescale_rows_into(T* yp, const A* ap, const float* xs, const float* ws, const float* bp,
+                       const int32_t* xz, const int32_t* rs, int64_t M, int64_t N, bool xs_rows, bool ws_cols) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float a = xs[xs_rows ? m : 0];
+      const int32_t z = xz ? xz[m] : 0;
+      const A* arow = ap + m * N;
+      T* yrow = yp + m * N;
+      int64_t n = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+      // the same roundings in the same order, LANES outputs at a time (bf16 outputs rounded in registers)
+      const vec va = vset(a), vws = vset(ws[0]);
+      for (; n + LANES <= N; n += LANES) {
+        vec v = vmul(sums_as_float(arow + n, xz ? rs + n : nullptr, z), va);
+        v = vmul(v, ws_cols ? vload(ws + n) : vws);
+        if (bp) v = vadd(v, vload(bp + n));
+        store_out(yrow + n, v);
+      }
+#endif
+      for (; n < N; ++n) {
+        const int32_t a_n = static_cast<int32_t>(arow[n]);  // a float32 sum holds an exact integer
+        const int32_t sum = xz ? a_n - z * rs[n] : a_n;
+        float v = static_cast<float>(sum) * a;
+        v = v * ws[ws_cols ? n : 0];
+        yrow[n] = static_cast<T>(bp ? v + bp[n] : v);
+      }
+    }
+  });
+}
+
 torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scale, const torch::Tensor& w_scale,
-                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(acc.device().is_cpu() && acc.scalar_type() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
-              "rescale_rows: acc must be contiguous int32 [M, N]");
+                           const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& x_zero,
+                           const c10::optional<torch::Tensor>& w_rowsum, bool bf16_out) {
+  const bool float_acc = acc.scalar_type() == torch::kFloat32;
+  TORCH_CHECK(acc.device().is_cpu() && (acc.scalar_type() == torch::kInt32 || float_acc) && acc.dim() == 2 &&
+              acc.is_contiguous(), "rescale_rows: acc must be contiguous int32 [M, N] (or float32 holding integers)");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(x_scale.scalar_type() == torch::kFloat32 && x_scale.is_contiguous() &&
               (x_scale.numel() == 1 || x_scale.numel() == M), "rescale_rows: float32 x_scale per row or one");
@@ -902,22 +989,31 @@ torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scal
                 "rescale_rows: float32 bias [N]");
     bp = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, acc.options().dtype(torch::kFloat32));
-  const int32_t* ap = acc.data_ptr<int32_t>();
+  TORCH_CHECK(x_zero.has_value() == w_rowsum.has_value(), "rescale_rows: x_zero and w_rowsum go together");
+  const int32_t* xz = nullptr;
+  const int32_t* rs = nullptr;
+  if (x_zero.has_value()) {
+    TORCH_CHECK(x_zero->scalar_type() == torch::kInt32 && x_zero->is_contiguous() && x_zero->numel() == M,
+                "rescale_rows: int32 x_zero [M]");
+    TORCH_CHECK(w_rowsum->scalar_type() == torch::kInt32 && w_rowsum->is_contiguous() && w_rowsum->numel() == N,
+                "rescale_rows: int32 w_rowsum [N]");
+    xz = x_zero->data_ptr<int32_t>();
+    rs = w_rowsum->data_ptr<int32_t>();
+  }
+  auto y = torch::empty({M, N}, acc.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = w_scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const bool xs_rows = x_scale.numel() == M, ws_cols = w_scale.numel() == N;
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float a = xs[xs_rows ? m : 0];
-      for (int64_t n = 0; n < N; ++n) {
-        float v = static_cast<float>(ap[m * N + n]) * a;
-        v = v * ws[ws_cols ? n : 0];
-        yp[m * N + n] = bp ? v + bp[n] : v;
-      }
-    }
-  });
+  auto with_acc = [&](auto* yp) {
+    if (float_acc)
+      rescale_rows_into(yp, acc.data_ptr<float>(), xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+    else
+      rescale_rows_into(yp, acc.data_ptr<int32_t>(), xs, ws, bp, xz, rs, M, N, xs_rows, ws_cols);
+  };
+  if (bf16_out)
+    with_acc(y.data_ptr<c10::BFloat16>());
+  else
+    with_acc(y.data_ptr<float>());
   return y;
 }
 
@@ -1195,7 +1291,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_gemm", &w8a8_gemm, "exact INT8 x INT8 -> INT32 GEMM (vpmaddwd), for CPUs without VNNI/AMX");
   m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 codes (round half even, clamp, shift), one pass");
   m.def("dynamic_quantize_rows", &dynamic_quantize_rows, "per-row min/max qparams and int8 codes, one pass per row");
-  m.def("rescale_rows", &rescale_rows, "int32 sums -> float32 (row scale, column scale, bias), one pass");
+  m.def("rescale_rows", &rescale_rows,
+        "int32 sums -> float32 or bf16 (zero-point term, row scale, column scale, bias), one pass");
   m.def("mse_clip_errors", &mse_clip_errors, "squared error of every clipping candidate of every slot, float64");
   m.def("quantize_weight_rows", &quantize_weight_rows, "float32 weight -> integer codes with float64 qparams");
   m.def("gptq_columns", &gptq_columns, "GPTQ's per-column quantize and error update inside one sub-block");

@@ -149,7 +149,8 @@ class ActivationQuantizer(nn.Module):
         shift = 0 if self.qtype.symmetric else 128
         if x2d.device.type == "cpu" and fused.available():
             if self.dynamic and x2d.shape[-1] > 0:  # the per-row qparams too, in the same pass over each row
-                codes, scale, zero = fused.dynamic_quantize_rows(x2d.float().contiguous(), self.qtype.qmin,
+                xf = x2d.contiguous() if x2d.dtype == torch.bfloat16 else x2d.float().contiguous()  # bf16: read as is
+                codes, scale, zero = fused.dynamic_quantize_rows(xf, self.qtype.qmin,
                                                                  self.qtype.qmax, self.qtype.symmetric, F.SCALE_EPS)
                 return codes, scale.unsqueeze(-1), zero.unsqueeze(-1)
             scale, zero = self.qparams(x2d)
