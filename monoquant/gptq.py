@@ -31,8 +31,11 @@ What ``method="gptq"`` uses when a format's method config leaves these unset is 
 Speed and precision: the weight is processed transposed (a column is a contiguous row), errors are spread by
 rank-one updates only inside a :data:`SUB_BLOCK_SIZE`-column sub-block, by matrix products to the rest of the
 :data:`BLOCK_SIZE`-column block and, once per block, to the columns after it (the paper's lazy batch updates).
-The Hessian's Cholesky factorisation runs in float64; the inverse factor, the updates, the refit's Gram
-matrices and the output SQNR's products in float32 (sums of the latter in float64). Codes and qparams are
+A sub-block's per-column loop (round, error, rank-one updates) is one call of the compiled
+:func:`monoquant.fused.gptq_columns` on CPU when the extension is built, else :func:`_quantize_columns` (the
+same arithmetic as PyTorch ops, bit for bit). The Hessian's Cholesky factorisation runs in float64; the
+inverse factor, the updates, the refit's Gram matrices and the output SQNR's products in float32 (sums of the
+latter in float64). Codes and qparams are
 computed in float64 exactly as round-to-nearest computes them. ``tests/_gptq_reference.py`` keeps 0.2's
 implementation, which the tests compare against (output SQNR within 0.05 dB).
 """
