@@ -93,6 +93,30 @@ def test_inverse_cholesky_equals_the_reference(seed):
     assert torch.equal(got, got.triu())
 
 
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inverse_cholesky_in_processing_order_equals_the_permuted_reference(seed):
+    """The factor of ``h[order][:, order]`` gathered inside (act-order) is the reference's of the permuted matrix."""
+    h = _hessian(192, seed)
+    order = torch.randperm(192, generator=torch.Generator().manual_seed(seed))
+    got, want = gptq._inverse_cholesky(h, 0.01, order), reference_inverse_cholesky(h[order][:, order], 0.01)
+    assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_inverse_cholesky_falls_back_to_float64_when_float32_is_not_positive_definite(monkeypatch):
+    h = _hessian(192, 0)
+    want = reference_inverse_cholesky(h, 0.01)
+    calls = []
+
+    def float32_fails(a, **kwargs):  # what LAPACK reports when rounding breaks positive definiteness
+        calls.append(a.dtype)
+        return torch.full_like(a, float("nan")), torch.tensor(7, dtype=torch.int32)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", float32_fails)
+    got = gptq._inverse_cholesky(h, 0.01)
+    assert calls == [torch.float32]
+    assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max())
+
 OPTION_SETS = [
     dict(act_order=True, static_groups=True, refit_scales=True),  # the defaults of method="gptq"
     dict(act_order=False, static_groups=False, refit_scales=False),
