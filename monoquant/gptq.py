@@ -35,9 +35,9 @@ A sub-block's per-column loop (round, error, rank-one updates) is one call of th
 :func:`monoquant.fused.gptq_columns` on CPU when the extension is built, else :func:`_quantize_columns` (the
 same arithmetic as PyTorch ops, bit for bit). The damped Hessian's Cholesky factorisation runs in float32, again
 in float64 where float32 rounding breaks positive definiteness (output SQNR of a 4096x4096 layer: the same to
-2e-4 dB as float64's); the inverse factor, the updates, the refit's Gram matrices and the output SQNR's products in float32 (sums of the
-latter in float64). Codes and qparams are
-computed in float64 exactly as round-to-nearest computes them. ``tests/_gptq_reference.py`` keeps 0.2's
+2e-4 dB as float64's); the inverse factor, the updates, the refit's Gram matrices and the output SQNR's
+products in float32 (sums of the latter in float64). Codes and qparams are computed in float64 exactly as
+round-to-nearest computes them. ``tests/_gptq_reference.py`` keeps 0.2's
 implementation, which the tests compare against (output SQNR within 0.05 dB).
 """
 
