@@ -9,7 +9,7 @@
    its throughput in GB/s of float weights. Per (method, width): the slope of peak memory per layer (least
    squares over the layer counts) next to the quantized bytes per layer, and the bound of issue 21 item 2:
    quantized bytes + the temporaries of the two largest layers (a layer's temporaries: the peak above float
-   of a one-layer model minus its quantized bytes, measured in the same way).
+   of a one-layer model minus its quantized bytes, measured in the same way, median of 3 processes).
 2. RTN throughput: INT8 and INT4-g128 ``quantize_`` on 8 ``Linear(4096, 4096)`` (``--rtn-layers``,
    ``--rtn-width``) in GB/s of float weights (issue 21's target: >= 1 GB/s), with a clone of the same float
    weights timed in the same process for scale.
@@ -101,8 +101,8 @@ def bench_models(layer_counts: list[int], widths: list[int], threads: int,
     rows, slopes = [], []
     for method in methods:
         for width in widths:
-            one = measure(1, width, method, threads)
-            temporaries = max(one["peak_above"] - one["quantized"], 0)
+            ones = [measure(1, width, method, threads) for _ in range(3)]  # one layer's peak varies run to run
+            temporaries = statistics.median(max(one["peak_above"] - one["quantized"], 0) for one in ones)
             peaks = []
             for n in layer_counts:
                 r = measure(n, width, method, threads)
