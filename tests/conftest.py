@@ -5,3 +5,18 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CHECKOUT = __import__("pathlib").Path(__file__).resolve().parent.parent
+STRAY_REPORT = CHECKOUT / "monoquant_report.md"  # the Lightning callback's report, if a Trainer logs into cwd
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_checkout():
+    """Fail a test that leaves the Lightning callback's report in the checkout (its Trainer logged into the working
+    directory: give it a ``default_root_dir``)."""
+    existed = STRAY_REPORT.exists()
+    yield
+    if not existed and STRAY_REPORT.exists():
+        STRAY_REPORT.unlink()
+        pytest.fail(f"this test wrote {STRAY_REPORT.name} into the checkout; give its Trainer a default_root_dir")

@@ -80,7 +80,7 @@ def fit(config: mq.QuantConfig, precision: str, accelerator: str, out: Path,
     cb = PostTrainingQuantization(config, calibration_batches=4, compare_batches=2, save_to=out, verbose=False)
     trainer = pl.Trainer(accelerator=accelerator, devices=trainer_kwargs.pop("devices", 1), precision=precision,
                          max_epochs=1, limit_train_batches=4, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False,
+                         enable_progress_bar=False, default_root_dir=out.parent,  # the report lands beside `out`
                          enable_model_summary=False, callbacks=[cb], **trainer_kwargs)
     trainer.fit(model, data(1024, 0), data(512, 1))
     return model, cb
