@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import time
 from collections.abc import Callable
 
+import _timing
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,15 +35,7 @@ def fastest_us(*fns: Callable[[], object], reps: int) -> list[float]:
     """Fastest call of each of ``fns`` in microseconds, timed alternately in the same rounds (a load burst hits
     them alike). The fastest, not the median: on a machine shared with other processes a median of calls this
     short measures the scheduler's time slices (16 ms steps were seen), the fastest the work."""
-    for f in (*fns, *fns):
-        f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for f, out in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            out.append((time.perf_counter() - t0) * 1e6)
-    return [min(t) for t in times]
+    return [min(t) * 1e6 for t in _timing.alternating_seconds(*fns, reps=reps)]
 
 
 def digits_convs() -> list[tuple[str, nn.Conv2d, tuple[int, ...]]]:

@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import _simulate
+import _timing
 
 SIMULATE_AVX2 = _simulate.requested()  # before torch is imported
 
@@ -62,15 +63,7 @@ SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 def paired_ms(*fns: Callable[[], object], reps: int) -> list[float]:
     """Medians of ``fns`` timed alternately in the same rounds, so a load burst on a shared machine hits them alike
     (sequential blocks gave float32 times differing 1.8x between two runs here)."""
-    for f in (*fns, *fns):
-        f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for f, out in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    return [statistics.median(t) * 1e3 for t in _timing.alternating_seconds(*fns, reps=reps)]
 
 
 class Attention(nn.Module):

@@ -191,10 +191,7 @@ def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def _dequant_conv(module, x: torch.Tensor) -> torch.Tensor:
-    dtype = module.compute_dtype or x.dtype
-    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    return _dequant_conv_in(module, x, dtype)
+    return _dequant_conv_in(module, x, kernels.float_compute_dtype(module, x))
 
 
 def _dequant_conv_bf16(module, x: torch.Tensor) -> torch.Tensor:
@@ -251,10 +248,4 @@ def kernel_summary(module) -> str:
     if not runs:
         act = module.input_quantizer
         return ("act_sim_conv" if act is not None else "dequant_conv") + " (static guess, not run yet)"
-    spans: list[list] = []  # [first bucket, last bucket, kernel]
-    for bucket in sorted(runs):
-        if spans and spans[-1][2] == runs[bucket]:
-            spans[-1][1] = bucket
-        else:
-            spans.append([bucket, bucket, runs[bucket]])
-    return ", ".join(f"b{lo}{'' if lo == hi else f'-{hi}'} {name}" for lo, hi, name in spans)
+    return kernels.buckets_summary(runs, "b")

@@ -330,6 +330,18 @@ def _record_run(module, x: torch.Tensor, name: str) -> None:
     module.quant_weight.ran[tuner.row_bucket(x.numel() // max(1, x.shape[-1]))] = name
 
 
+def buckets_summary(runs: dict[int, str], prefix: str) -> str:
+    """``{bucket: kernel}`` as the report shows it: neighbouring buckets that ran the same kernel merged, each span
+    named by its first and last bucket after ``prefix`` (``"r1-8 fused_cpu, r2048 dequant_bf16"``)."""
+    spans: list[list] = []  # [first bucket, last bucket, kernel]
+    for bucket in sorted(runs):
+        if spans and spans[-1][2] == runs[bucket]:
+            spans[-1][1] = bucket
+        else:
+            spans.append([bucket, bucket, runs[bucket]])
+    return ", ".join(f"{prefix}{lo}{'' if lo == hi else f'-{hi}'} {name}" for lo, hi, name in spans)
+
+
 def kernel_summary(module) -> str:
     """What the report shows as a layer's kernel. Once ``forward`` has run: the kernel that ran per row bucket,
     neighbouring buckets that ran the same kernel merged (``"r1-8 fused_cpu, r2048 dequant_bf16"``: up to 8 rows,
@@ -337,13 +349,7 @@ def kernel_summary(module) -> str:
     (``"int4pack_cpu/dequant_bf16 (static guess, not run yet)"``)."""
     runs = kernels_run(module)
     if runs:
-        spans: list[list] = []  # [first bucket, last bucket, kernel]
-        for bucket in sorted(runs):
-            if spans and spans[-1][2] == runs[bucket]:
-                spans[-1][1] = bucket
-            else:
-                spans.append([bucket, bucket, runs[bucket]])
-        return ", ".join(f"r{lo}{'' if lo == hi else f'-{hi}'} {name}" for lo, hi, name in spans)
+        return buckets_summary(runs, "r")
     device = module.quant_weight.device
     small = choose_linear_kernel(module, device, 1, needs_grad=False)
     large = choose_linear_kernel(module, device, 4096, needs_grad=False)
@@ -500,11 +506,15 @@ def _dequant_bf16(module, x: torch.Tensor) -> torch.Tensor:
     return _dequant_chunked(module, x, torch.bfloat16)
 
 
-def _dequant(module, x: torch.Tensor) -> torch.Tensor:
+def float_compute_dtype(module, x: torch.Tensor) -> torch.dtype:
+    """The float dtype a dequantize path computes ``module`` in: its ``compute_dtype``, else the input's when that
+    is a float dtype, else float32 (e.g. integer inputs)."""
     dtype = module.compute_dtype or x.dtype
-    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    return _dequant_chunked(module, x, dtype)
+    return dtype if dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) else torch.float32
+
+
+def _dequant(module, x: torch.Tensor) -> torch.Tensor:
+    return _dequant_chunked(module, x, float_compute_dtype(module, x))
 
 
 def _gptq_pending(module, x: torch.Tensor) -> torch.Tensor:
