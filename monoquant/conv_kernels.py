@@ -42,6 +42,7 @@ recorded in ``quant_weight.ran`` and shown by :func:`kernel_summary` (the report
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -108,7 +109,7 @@ def _macs(module, x: torch.Tensor) -> int:
     """Multiply-adds of one call (output positions estimated from the input size and the strides)."""
     n, k = module.quant_weight.shape2d
     geometry = _geometry(module)
-    positions = x[0, 0].numel() // max(1, int(torch.Size(geometry.stride).numel()))
+    positions = x[0, 0].numel() // max(1, math.prod(geometry.stride))
     return n * k * positions * x.shape[0]
 
 
@@ -149,16 +150,13 @@ def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -
 # ---- running ----------------------------------------------------------------------------------------------
 def conv(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel."""
-    act = module.input_quantizer
-    if module.gptq is not None or (act is not None and not act.ready):
+    if module.computes_in_float:
         return module.float_forward(x)  # calibration passes: the float weight or float inputs, recorded there
     geometry = _geometry(module)
     unbatched = x.dim() == geometry.dims + 1
     xb = x.unsqueeze(0) if unbatched else x
     name = select_conv_kernel(module, xb)
-    w: QuantWeight = module.quant_weight
-    w.last_kernel = name
-    w.ran[tuner.row_bucket(xb.shape[0])] = name
+    module.quant_weight.record_run(name, tuner.row_bucket(xb.shape[0]))
     y = run_conv_kernel(module, name, xb)
     return y.squeeze(0) if unbatched else y
 

@@ -323,13 +323,6 @@ def kernels_run(module) -> dict[int, str]:
     return module.quant_weight.ran
 
 
-def _record_run(module, x: torch.Tensor, name: str) -> None:
-    act = module.input_quantizer
-    if module.gptq is not None or (act is not None and not act.ready):
-        return  # a calibration pass: not what the layer runs once frozen
-    module.quant_weight.ran[tuner.row_bucket(x.numel() // max(1, x.shape[-1]))] = name
-
-
 def buckets_summary(runs: dict[int, str], prefix: str) -> str:
     """``{bucket: kernel}`` as the report shows it: neighbouring buckets that ran the same kernel merged, each span
     named by its first and last bucket after ``prefix`` (``"r1-8 fused_cpu, r2048 dequant_bf16"``)."""
@@ -360,8 +353,8 @@ def kernel_summary(module) -> str:
 def linear(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
     name = select_kernel(module, x)
-    module.quant_weight.last_kernel = name
-    _record_run(module, x, name)
+    rows = x.numel() // max(1, x.shape[-1])
+    module.quant_weight.record_run(name, None if module.computes_in_float else tuner.row_bucket(rows))
     return run_kernel(module, name, x)
 
 

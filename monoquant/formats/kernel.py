@@ -87,6 +87,14 @@ class QuantWeight:
         self.last_kernel: str | None = None
         self.ran: dict[int, str] = {}
 
+    def record_run(self, name: str, bucket: int | None) -> None:
+        """Record that kernel ``name`` ran: as :attr:`last_kernel`, and in :attr:`ran` under ``bucket`` (a row or
+        batch bucket of :func:`monoquant.tuner.row_bucket`; ``None`` for a calibration pass, which is not what the
+        layer runs once frozen)."""
+        self.last_kernel = name
+        if bucket is not None:
+            self.ran[bucket] = name
+
     @property
     def stored(self) -> Stored:
         """The stored buffers (the format's ``stored_type``)."""

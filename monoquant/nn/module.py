@@ -161,6 +161,13 @@ class QuantModule(nn.Module):
         return self.quant_weight.group_size
 
     @property
+    def computes_in_float(self) -> bool:
+        """True while the layer waits for calibration (a GPTQ weight, or an activation quantizer not ready): its
+        ``forward`` runs the float path, which is not what it runs once frozen."""
+        act = self.input_quantizer
+        return self.gptq is not None or (act is not None and not act.ready)
+
+    @property
     def last_kernel(self) -> str | None:
         """The kernel the last ``forward`` ran (recorded in ``quant_weight``)."""
         return self.quant_weight.last_kernel
