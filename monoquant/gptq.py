@@ -406,6 +406,23 @@ def output_sqnr(weight2d: torch.Tensor, dequantized: torch.Tensor, hessian: torc
     return F.sqnr_from_powers(signal, noise)
 
 
+def _gptq_flattened(spec: WeightSpec, w2d: torch.Tensor, hessian: torch.Tensor, group_size: int,
+                    opts: GPTQOptions) -> Stored | None:
+    """GPTQ of all ``N K`` weights of ``w2d`` as one row of ``N K`` (row-major, so its groups are the rows' groups)
+    with a ``[N K, N K]`` ``hessian`` that couples the rows (``G (x) H``); the stored buffers reshaped back to ``N``
+    rows, or ``None`` when the format's buffers for one long row are not those of ``N`` rows laid end to end (INT4
+    rows of odd length are padded). With ``G = I`` the codes are those of :func:`gptq_quantize` on the rows (the
+    Hessian is block diagonal)."""
+    n, k = w2d.shape
+    shapes = [None if t is None else t.shape for t in spec.empty_buffers(n, k, group_size, device="meta")]
+    flat = [None if t is None else t.numel() for t in spec.empty_buffers(1, n * k, group_size, device="meta")]
+    if [None if t is None else t.numel() for t in shapes] != flat:
+        return None
+    stored = gptq_quantize(spec, w2d.reshape(1, n * k), hessian, group_size, act_order=opts.act_order,
+                           damping=opts.damping, static_groups=opts.static_groups, refit_scales=opts.refit_scales)
+    return type(stored)(*(None if t is None else t.reshape(shape) for t, shape in zip(stored, shapes)))
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
     """How :func:`gptq_quantize` runs for one layer (see its arguments)."""
@@ -450,6 +467,10 @@ class GPTQState(nn.Module):
         self.options = options or GPTQOptions()
         self.conv = conv
         self.register_buffer("weight", weight.detach(), persistent=False)
+        self.output_gram: torch.Tensor | None = None
+        """``[N, N]`` ``E[g^T g]`` of the gradients at this layer's output (set by ``method="awq+gptq"`` for small
+        layers, :func:`monoquant.awq.output_grams`): GPTQ then minimises the model output's error (see
+        :meth:`quantize`)."""
         self.hessian = HessianObserver(weight.reshape(weight.shape[0], -1).shape[1], hessian_dtype,
                                        device=weight.device, groups=conv.groups if conv is not None else 1)
         self.hessian.name = layer_name
@@ -465,8 +486,12 @@ class GPTQState(nn.Module):
         h = self.hessian.hessian()
         w2d = self.weight.reshape(self.weight.shape[0], -1)
         opts = self.options
-        stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
-                               static_groups=opts.static_groups, refit_scales=opts.refit_scales)
+        stored = None
+        if self.output_gram is not None and group_size is not None and h.dim() == 2:
+            stored = _gptq_flattened(spec, w2d, torch.kron(self.output_gram.to(h), h), group_size, opts)
+        if stored is None:
+            stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
+                                   static_groups=opts.static_groups, refit_scales=opts.refit_scales)
         deq = spec.dequantize(stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 

@@ -213,6 +213,8 @@ def quantize_(
                 done.setdefault(id(item.module.weight), q)
                 row = report.row(item.name)
                 row.method = calibration.prepare(q, weight, item.config, item.name)
+                if q.gptq is not None:  # method="awq+gptq", small layer: GPTQ against the model output's error
+                    q.gptq.output_gram = scaling.output_gram(item.name)
                 row.scheme, row.kind = q.scheme(), q.spec.kind
                 row.follow_kernel(q)
                 row.bytes_after = q.storage_bytes()

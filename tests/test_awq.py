@@ -126,7 +126,9 @@ def test_awq_beats_round_to_nearest_and_awq_gptq_beats_gptq_with_activation_outl
     gptq = _e2e(model, mq.Int4(group_size=32, method="gptq"), data, test)
     both = _e2e(model, mq.Int4(group_size=32, method="awq+gptq"), data, test)
     assert awq_ >= rtn + 1.0, (rtn, awq_)  # measured: 16.75 -> 17.98 dB
-    assert both >= gptq + 0.25, (gptq, both)  # measured: 19.38 -> 19.71 dB
+    # measured: 19.38 -> 28.64 dB (19.71 dB before q, k, mix, embed and head, at most 4096 weights each, were rounded
+    # against the model output's error)
+    assert both >= gptq + 3.0, (gptq, both)
 
 
 def test_smoothquant_beats_plain_static_w8a8_with_activation_outliers():
@@ -232,3 +234,71 @@ def test_clipping_never_raises_a_groups_output_error(seed):
 
     clipped = awq.clip_weight(w, h, spec, 32)
     assert (group_errors(clipped) <= group_errors(w) * (1 + 1e-5) + 1e-7).all()
+
+
+# ---- small layers: GPTQ against the model output's error --------------------------------------------------------
+class Readout(nn.Module):
+    """``layer`` followed by a fixed linear map ``A`` (no bias, frozen): the output gradient Gram is ``A^T A``."""
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(16, 6)
+        self.readout = nn.Linear(6, 4, bias=False).requires_grad_(False)
+        self.twice = twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        return self.readout(self.layer(x) + h if self.twice else h)
+
+
+def test_output_grams_estimate_the_jacobians_gram_and_leave_no_gradients():
+    model = Readout().eval()
+    layers = _layers(model, mq.Int4(group_size=16, method="awq+gptq"))[:1]
+    grams = awq.output_grams(model, layers, _data(16, 0, rows=256), max_batches=None)
+    a = model.readout.weight.double()
+    expected = a.t() @ a  # E[J^T v v^T J] with E[v v^T] = I
+    got = grams["layer"].double()
+    assert got.shape == (6, 6)
+    assert float((got - expected).norm() / expected.norm()) < 0.1  # 8192 probe rows: a few % off
+    assert all(p.grad is None for p in model.parameters())
+    # a layer called twice per batch has no single output to weigh: no entry, it keeps GPTQ on its own output
+    twice = Readout(twice=True).eval()
+    assert awq.output_grams(twice, _layers(twice, mq.Int4(group_size=16, method="awq+gptq"))[:1], _data(2, 0)) == {}
+
+
+def test_flattened_gptq_with_an_identity_output_gram_is_gptq_on_the_rows():
+    from monoquant.gptq import GPTQOptions, GPTQState
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    for act_order in (False, True):
+        spec = mq.Int4(group_size=32, method="gptq", act_order=act_order)
+        state = GPTQState(w, "layer", GPTQOptions.of(spec))
+        state.observe(x)
+        rows, rows_sqnr = state.quantize(spec, 32)
+        state.output_gram = torch.eye(24)  # G (x) H is block diagonal: no error crosses rows
+        flat, flat_sqnr = state.quantize(spec, 32)
+        assert torch.equal(flat.qweight, rows.qweight) and torch.equal(flat.zero_point, rows.zero_point)
+        torch.testing.assert_close(flat.scale, rows.scale, rtol=1e-5, atol=0)  # least-squares refit, other sums
+        assert abs(flat_sqnr - rows_sqnr) < 1e-4
+
+
+def test_awq_gptq_rounds_small_layers_against_the_model_output(monkeypatch):
+    model = Blocks(outliers=False).eval()
+    data, test = _data(8, 1), _data(4, 2)
+    spec = mq.Int4(group_size=16, method="awq+gptq")
+    with_outputs = _e2e(model, spec, data, test)
+    small = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and m.weight.numel() <= 4096)
+    assert small == ["embed", "head", "k", "mix", "q"]
+    monkeypatch.setattr(awq, "OUTPUT_AWARE_WEIGHTS", 0)
+    own_outputs = _e2e(model, spec, data, test)
+    assert with_outputs >= own_outputs + 2.0, (own_outputs, with_outputs)  # measured: 24.47 -> 28.32 dB
+
+
+def test_awq_gptq_uses_min_max_ranges_unless_told_otherwise():
+    assert type(mq.Int4(method="awq+gptq").method_config.make_observer()) is mq.MinMaxObserver
+    assert type(mq.Int4(method="gptq").method_config.make_observer()) is mq.MSEObserver
+    assert type(mq.Int4(method="awq+gptq", observer=mq.MSEObserver()).method_config.make_observer()) is \
+        mq.MSEObserver
