@@ -107,7 +107,7 @@ class MethodConfig:
         ``"awq+gptq"`` uses min/max ranges: measured with ``benchmarks/bench_accuracy.py`` (AMD EPYC Zen 4), they
         beat the MSEObserver's on both of its models, the transformer stack (INT4-g128 end-to-end SQNR 39.04 vs
         38.63 dB; g32 39.50 vs 39.57 dB) and the Llama-style model (perplexity +0.157% vs +0.243% over float),
-        where for ``"gptq"`` alone the MSEObserver wins on the stack (32.53 vs 31.9 dB)."""
+        where for ``"gptq"`` alone the MSEObserver wins on the stack (32.53 vs 32.09 dB)."""
         from ..observers import MinMaxObserver, MSEObserver
 
         proto = self.observer
