@@ -145,6 +145,7 @@ class Scaling:
     sources: dict[str, nn.Module] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     output_grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_note: str = ""
     _saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def source(self, name: str, module: nn.Module) -> nn.Module:
@@ -172,7 +173,8 @@ class Scaling:
         folded = sum(g.folded for g in self.groups)
         layers = sum(len(g.layers) for g in self.groups)
         return (f"{what}: {layers} layers in {len(self.groups)} groups sharing an input; {folded} groups' scales "
-                f"folded into the op before them, {len(self.groups) - folded} kept as an input_scale")
+                f"folded into the op before them, {len(self.groups) - folded} kept as an input_scale"
+                + (f"; {self.output_note}" if self.output_note else ""))
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -485,7 +487,13 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
     _collect(model, groups, data, forward_fn, max_batches)
     small = [item for group in groups for item in group.layers if item.output_aware]
     if small:  # before any fold (folds leave every layer's output, and so its gradient, the same)
-        scaling.output_grams = output_grams(model, small, data, forward_fn, max_batches)
+        try:
+            scaling.output_grams = output_grams(model, small, data, forward_fn, max_batches)
+            scaling.output_note = (f"{len(scaling.output_grams)} of {len(small)} layers with at most "
+                                   f"{OUTPUT_AWARE_WEIGHTS} weights rounded against the model output's error")
+        except RuntimeError as e:  # no gradients through this model (e.g. weights made under inference_mode)
+            scaling.output_note = (f"no gradients through the model ({str(e).splitlines()[0]}): its {len(small)} "
+                                   "small layers are rounded against their own output's error")
     try:
         for group in groups:
             lead = group.layers[0]

@@ -302,3 +302,31 @@ def test_awq_gptq_uses_min_max_ranges_unless_told_otherwise():
     assert type(mq.Int4(method="gptq").method_config.make_observer()) is mq.MSEObserver
     assert type(mq.Int4(method="awq+gptq", observer=mq.MSEObserver()).method_config.make_observer()) is \
         mq.MSEObserver
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this op has no backward")
+
+
+class _NoGradientBlocks(Blocks):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoBackward.apply(super().forward(x))
+
+
+def test_awq_gptq_on_a_model_without_gradients_rounds_small_layers_on_their_own_outputs():
+    data = _data(2, 1)
+    report = mq.quantize_(_NoGradientBlocks(outliers=False).eval(), mq.Int4(group_size=16, method="awq+gptq"),
+                          calibration_data=data)
+    note = next(n for n in report.notes if n.startswith("AWQ:"))
+    assert "no gradients through the model (this op has no backward): its 5 small layers are rounded against " \
+        "their own output's error" in note
+    report = mq.quantize_(Blocks(outliers=False).eval(), mq.Int4(group_size=16, method="awq+gptq"),
+                          calibration_data=data)
+    assert "5 of 5 layers with at most 4096 weights rounded against the model output's error" in \
+        next(n for n in report.notes if n.startswith("AWQ:"))
