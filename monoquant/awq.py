@@ -277,6 +277,11 @@ def _collect(model: nn.Module, groups: list[_Group], data: Iterable[Any], forwar
                 group.hessian.sync()
 
 
+class NoGradients(RuntimeError):
+    """:func:`output_grams` could not backpropagate through the model (an op without a backward, inference
+    tensors): ``method="awq+gptq"`` then rounds small layers against their own output's error."""
+
+
 def output_grams(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any],
                  forward_fn: data_mod.ForwardFn | None = None, max_batches: int | None = data_mod.DEFAULT_MAX_BATCHES,
                  probes: int = OUTPUT_PROBES, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -287,7 +292,8 @@ def output_grams(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
     about ``tr(G E H E^T)`` in squared norm (``H``: the layer's input Hessian). One float pass with gradients per
     batch; the model's parameters get no ``.grad``. A layer that is not called exactly once per batch, or whose
     output does not reach the model output, gets no entry (it keeps GPTQ against its own output). With
-    ``torch.distributed`` initialised the sums are all-reduced."""
+    ``torch.distributed`` initialised the sums are all-reduced. Raises :class:`NoGradients` when the model cannot
+    backpropagate (errors of the data source pass through unchanged)."""
     by_module = {id(item.module): item.name for item in layers}
     leaves: dict[str, list[torch.Tensor]] = {}
 
@@ -309,16 +315,22 @@ def output_grams(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
         with _float_pass(model, grad=True):
             for batch in data_mod.iter_batches(data, max_batches, desc="output gradients", progress=False):
                 leaves.clear()
-                outputs = [t for _, t in _output_tensors(data_mod.run_batch(model, batch, forward_fn))
-                           if t.requires_grad]
+                try:  # the float pass without gradients ran on this batch: a failure here is about gradients
+                    outputs = [t for _, t in _output_tensors(data_mod.run_batch(model, batch, forward_fn))
+                               if t.requires_grad]
+                except RuntimeError as e:
+                    raise NoGradients(str(e)) from e
                 skipped.update(name for name in sums if len(leaves.get(name, ())) != 1)
                 names = [name for name in sums if name not in skipped]
                 if not outputs or not names:
                     continue
                 for p in range(probes):
                     vs = [torch.randn(t.shape, generator=gen).to(t) for t in outputs]
-                    grads = torch.autograd.grad(outputs, [leaves[n][0] for n in names], vs,
-                                                retain_graph=p + 1 < probes, allow_unused=True)
+                    try:
+                        grads = torch.autograd.grad(outputs, [leaves[n][0] for n in names], vs,
+                                                    retain_graph=p + 1 < probes, allow_unused=True)
+                    except RuntimeError as e:
+                        raise NoGradients(str(e)) from e
                     for name, g in zip(names, grads):
                         if g is None:
                             skipped.add(name)
@@ -492,7 +504,7 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
             scaling.output_grams = output_grams(model, small, data, forward_fn, max_batches)
             scaling.output_note = (f"{len(scaling.output_grams)} of {len(small)} layers with at most "
                                    f"{OUTPUT_AWARE_WEIGHTS} weights rounded against the model output's error")
-        except RuntimeError as e:  # no gradients through this model (e.g. weights made under inference_mode)
+        except NoGradients as e:  # an op without a backward, inference tensors
             scaling.output_note = (f"no gradients through the model ({str(e).splitlines()[0]}): its {len(small)} "
                                    "small layers are rounded against their own output's error")
     try:

@@ -147,14 +147,15 @@ def test_failure_after_scaling_puts_the_folds_back():
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
     class Failing:
-        """Re-iterable batches whose 4th pass raises (AWQ: trace, statistics; then reference; then GPTQ)."""
+        """Re-iterable batches whose 5th pass raises (AWQ: trace, statistics, the small layers' output gradients;
+        then the reference, after the folds; then GPTQ)."""
 
         def __init__(self) -> None:
             self.passes = 0
 
         def __iter__(self):
             self.passes += 1
-            if self.passes == 4:
+            if self.passes == 5:
                 raise RuntimeError("data source broke")
             return iter(_data(2, 0))
 
@@ -315,6 +316,8 @@ class _NoBackward(torch.autograd.Function):
 
 
 class _NoGradientBlocks(Blocks):
+    """:class:`Blocks` whose output goes through an op that cannot backpropagate."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _NoBackward.apply(super().forward(x))
 
@@ -330,3 +333,22 @@ def test_awq_gptq_on_a_model_without_gradients_rounds_small_layers_on_their_own_
                           calibration_data=data)
     assert "5 of 5 layers with at most 4096 weights rounded against the model output's error" in \
         next(n for n in report.notes if n.startswith("AWQ:"))
+
+
+def test_a_data_source_failing_in_the_output_gradient_pass_is_not_taken_for_missing_gradients():
+    class FailingFourth:
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            if self.passes == 4:  # the small layers' output-gradient pass
+                raise RuntimeError("data source broke")
+            return iter(_data(2, 0))
+
+    model = Blocks().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="data source broke"):
+        mq.quantize_(model, mq.Int4(group_size=32, method="awq+gptq"), calibration_data=FailingFourth())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
