@@ -142,25 +142,29 @@ def test_smoothquant_beats_plain_static_w8a8_with_activation_outliers():
     assert smooth >= plain + 3.0, (plain, smooth)
 
 
-def test_failure_after_scaling_puts_the_folds_back():
+class _Failing:
+    """Re-iterable batches whose pass number ``failing`` raises. The passes of ``method="awq+gptq"``: 1 in
+    quantize_ before AWQ, 2 AWQ's first batch, 3 its statistics, 4 the small layers' output gradients, then the
+    folds, 5 the reference, 6 GPTQ."""
+
+    def __init__(self, failing: int) -> None:
+        self.passes, self.failing = 0, failing
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == self.failing:
+            raise RuntimeError("data source broke")
+        return iter(_data(2, 0))
+
+
+@pytest.mark.parametrize("failing", [4, 5], ids=["output-gradient pass", "after the folds"])
+def test_failure_after_scaling_puts_the_folds_back(failing):
+    """A failing data source propagates (the output-gradient pass does not take it for missing gradients), and every
+    fold is undone."""
     model = Blocks().eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-
-    class Failing:
-        """Re-iterable batches whose 5th pass raises (AWQ: trace, statistics, the small layers' output gradients;
-        then the reference, after the folds; then GPTQ)."""
-
-        def __init__(self) -> None:
-            self.passes = 0
-
-        def __iter__(self):
-            self.passes += 1
-            if self.passes == 5:
-                raise RuntimeError("data source broke")
-            return iter(_data(2, 0))
-
     with pytest.raises(RuntimeError, match="data source broke"):
-        mq.quantize_(model, mq.Int4(group_size=32, method="awq+gptq"), calibration_data=Failing())
+        mq.quantize_(model, mq.Int4(group_size=32, method="awq+gptq"), calibration_data=_Failing(failing))
     assert all(type(m) is not mq.QuantLinear for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
@@ -333,22 +337,3 @@ def test_awq_gptq_on_a_model_without_gradients_rounds_small_layers_on_their_own_
                           calibration_data=data)
     assert "5 of 5 layers with at most 4096 weights rounded against the model output's error" in \
         next(n for n in report.notes if n.startswith("AWQ:"))
-
-
-def test_a_data_source_failing_in_the_output_gradient_pass_is_not_taken_for_missing_gradients():
-    class FailingFourth:
-        def __init__(self) -> None:
-            self.passes = 0
-
-        def __iter__(self):
-            self.passes += 1
-            if self.passes == 4:  # the small layers' output-gradient pass
-                raise RuntimeError("data source broke")
-            return iter(_data(2, 0))
-
-    model = Blocks().eval()
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="data source broke"):
-        mq.quantize_(model, mq.Int4(group_size=32, method="awq+gptq"), calibration_data=FailingFourth())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, original[key]), key
