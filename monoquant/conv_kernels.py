@@ -26,8 +26,9 @@ kernel                 registered by, applies when                              
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
 sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone)
-and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is
-never slower than the float conv path (with INT8 activations: the float conv of the fake-quantized input).
+and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN`` -- and once more in a second
+measurement of the two, per layer --, so a measured choice is never slower than the float conv path (with INT8
+activations: the float conv of the fake-quantized input).
 Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that need a gradient and
 ``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``, :func:`monoquant.kernels.pin`) runs
 where it is eligible. While GPTQ waits for ``freeze``, while activations
@@ -148,12 +149,33 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
             return plan
         memo = ("tuned_conv", weights, x.device, x.dtype, x.shape[1:], tuner.row_bucket(x.shape[0]))
     choice = _choose(module, x, needs_grad, weights_only, pinned, memo)
-    plan = (choice, _SHARED.get(choice) or _CONV[choice])
-    if shapes is not None and memo in w.cache:
-        if len(shapes) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
-            shapes.clear()
-        shapes[exact] = plan
+    run = _SHARED.get(choice) or _CONV[choice]
+    if shapes is None or memo not in w.cache:
+        return choice, run
+    if len(shapes) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
+        shapes.clear()
+    plan = shapes[exact] = (choice, _shortcut(module, x, choice, shapes) or run)
     return plan
+
+
+def _shortcut(module, x: torch.Tensor, name: str, shapes: dict) -> Callable[..., torch.Tensor] | None:
+    """For the per-shape memo (``shapes``, used only where no pin and no ``tuning(False)`` apply): ``run(module,
+    x)`` with what every call of the baseline paths would decide again already decided, or ``None`` for the plain
+    runner. ``dequant_conv`` with a kept kernel in the input's dtype is ``float_conv`` with that kernel;
+    ``act_sim_conv`` fake-quantizes, then looks the weight-only choice up in the same memo. Both live in
+    ``quant_weight.cache``, so what drops the kept kernel drops the shortcut."""
+    if name == "dequant_conv" and kernels.float_compute_dtype(module, x) == x.dtype:
+        kept = _kept_kernel(module, x.dtype)
+        bias = module.bias
+        if kept is not None and (bias is None or bias.dtype == x.dtype):
+            return lambda m, xb: m.float_conv(xb, kept, m.bias)
+    if name == "act_sim_conv":
+        def act_sim(m, xb: torch.Tensor) -> torch.Tensor:
+            xq = fake_quantize_samples(m.input_quantizer, xb)
+            inner = shapes.get((True, xq.shape, xq.dtype, xq.device))
+            return (inner or _plan(m, xq, weights_only=True))[1](m, xq)
+        return act_sim
+    return None
 
 
 def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinned: str | None,
@@ -178,7 +200,12 @@ def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinne
                     "in" + "x".join(map(str, x.shape[1:])), f"b{memo[-1]}", str(x.dtype).removeprefix("torch."),
                     str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_CONV[name], module, x) for name in cands}
-    choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1], timer=_time_best_of_three)
+    baseline = cands[-1]
+    choice = tuner.choose(key, calls, baseline=baseline, timer=_time_best_of_three)
+    if choice != baseline:  # confirmed against the float conv once more, per layer, before it replaces it
+        pair = {baseline: calls[baseline], choice: calls[choice]}
+        choice = tuner.fastest(tuner.measure(pair, baseline, _time_best_of_three), baseline)
+    w.cache[memo] = choice
     return choice
 
 
@@ -213,13 +240,13 @@ def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 FLOAT_KERNEL_CACHE_BYTES = 1 << 18
-"""A conv whose dequantized kernel, in the layer's float dtype, takes at most this many bytes (256 KiB: a 3x3 conv
-of up to 64 -> 112 channels in float32) keeps it once the float path first runs, instead of dequantizing it on
-every call. At batch 1 a small conv takes tens of microseconds, and dequantizing its kernel each call (about 15 us
-for 18k weights here, most of it fixed cost) made the quantized layer up to 1.7x the float conv's time; a kernel
-that small is a few hundred KiB at most per layer, while the layers whose weights matter for memory (large
-kernels) stay dequantized per call. The kept bytes are counted in the layer's ``storage_bytes()`` (the memory
-report), whether built yet or not: :func:`float_kernel_bytes`."""
+"""A conv whose dequantized kernel, in the layer's float dtype, takes at most this many bytes (256 KiB; a 3x3
+conv of 64 -> 64 channels takes 144 KiB in float32, 128 -> 128 channels 576 KiB) keeps it once the float path
+first runs, instead of dequantizing it on every call. At batch 1 a small conv takes tens of microseconds, and
+dequantizing its kernel each call (about 15 us for 18k weights here, most of it fixed cost) made the quantized
+layer up to 1.7x the float conv's time; a kernel that small is a few hundred KiB at most per layer, while the
+layers whose weights matter for memory (large kernels) stay dequantized per call. The kept bytes are counted in
+the layer's ``storage_bytes()`` (the memory report), whether built yet or not: :func:`float_kernel_bytes`."""
 
 
 def float_kernel_bytes(module) -> int:
@@ -292,8 +319,7 @@ def fake_quantize_samples(act, x: torch.Tensor) -> torch.Tensor:
     if (act.dynamic and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and fused.available()
             and not (x.requires_grad and torch.is_grad_enabled())):
         qt = act.qtype
-        x2d = x.reshape(x.shape[0], -1).contiguous()
-        return fused.dynamic_fake_quantize_rows(x2d, qt.qmin, qt.qmax, qt.symmetric, SCALE_EPS).view(x.shape)
+        return fused.dynamic_fake_quantize_rows(x.contiguous(), qt.qmin, qt.qmax, qt.symmetric, SCALE_EPS)
     return act.fake_quantize(x, per="sample")
 
 

@@ -444,9 +444,10 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
 
 
 def dynamic_fake_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
-    """Contiguous float32 ``x`` ``[M, K]`` (``K > 0``) quantized with per-row min/max qparams and dequantized again,
-    in one call: bit-identical to :func:`dynamic_quantize_rows` followed by ``(codes - zero_point) * scale`` in
-    float32; a row holding an inf or NaN becomes all NaN."""
+    """Contiguous float32 ``x`` ``[M, ...]`` (at least 2-D, no empty sample) quantized with min/max qparams per
+    sample ``x[m]`` and dequantized again, in one call, shaped like ``x``: bit-identical to
+    :func:`dynamic_quantize_rows` of ``x.view(M, -1)`` followed by ``(codes - zero_point) * scale`` in float32; a
+    sample holding an inf or NaN becomes all NaN."""
     return _call(_dynamic_fake_quantize_rows_op, "dynamic_fake_quantize_rows", x, qmin, qmax, symmetric, eps)
 
 

@@ -915,19 +915,19 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
                                              : dynamic_quantize_rows_of<float>(x, qmin, qmax, symmetric, eps);
 }
 
-// A convolution input fake-quantized per sample (row) with dynamic qparams in one call: the codes and qparams of
+// A convolution input [M, ...] fake-quantized per sample (each x[m], a row of M) with dynamic qparams in one call: the codes and qparams of
 // dynamic_quantize_rows, then (code - zero-point) * scale in float32, bit-identical to ActivationQuantizer's
 // fake_quantize from those codes (int8 codes widened, the shifted zero-point subtracted, times the scale). A row
 // with an inf or NaN gives a NaN row (no code stands for it). What a quantized conv with INT8 activations runs
 // before its float conv: one call instead of a dozen tensor ops, whose fixed cost decided batch-1 convs.
 torch::Tensor dynamic_fake_quantize_rows(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
                                          double eps) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "dynamic_fake_quantize_rows: x must be contiguous float32 [M, K]");
-  const auto q = dynamic_quantize_rows_of<float>(x, qmin, qmax, symmetric, eps);
-  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 2 && x.is_contiguous(),
+              "dynamic_fake_quantize_rows: x must be contiguous float32 [M, ...]");
+  const int64_t M = x.size(0), K = M ? x.numel() / M : 0;
+  const auto q = dynamic_quantize_rows_of<float>(x.view({M, K}), qmin, qmax, symmetric, eps);
   const int32_t shift = symmetric ? 0 : 128;
-  auto out = torch::empty({M, K}, x.options());
+  auto out = torch::empty_like(x);
   const int8_t* cp = q[0].data_ptr<int8_t>();
   const float* sp = q[1].data_ptr<float>();
   const int32_t* zp = q[2].data_ptr<int32_t>();
