@@ -26,9 +26,9 @@ kernel                 registered by, applies when                              
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
 sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone)
-and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN`` -- and once more in a second
-measurement of the two, per layer --, so a measured choice is never slower than the float conv path (with INT8
-activations: the float conv of the fake-quantized input).
+and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is
+never slower than the float conv path as measured (with INT8 activations: the float conv of the fake-quantized
+input); identical layers share the choice.
 Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that need a gradient and
 ``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``, :func:`monoquant.kernels.pin`) runs
 where it is eligible. While GPTQ waits for ``freeze``, while activations
@@ -200,12 +200,7 @@ def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinne
                     "in" + "x".join(map(str, x.shape[1:])), f"b{memo[-1]}", str(x.dtype).removeprefix("torch."),
                     str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_CONV[name], module, x) for name in cands}
-    baseline = cands[-1]
-    choice = tuner.choose(key, calls, baseline=baseline, timer=_time_best_of_three)
-    if choice != baseline:  # confirmed against the float conv once more, per layer, before it replaces it
-        pair = {baseline: calls[baseline], choice: calls[choice]}
-        choice = tuner.fastest(tuner.measure(pair, baseline, _time_best_of_three), baseline)
-    w.cache[memo] = choice
+    choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1], timer=_time_best_of_three)
     return choice
 
 
