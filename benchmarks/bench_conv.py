@@ -8,10 +8,11 @@ in the same rounds (the fastest of ``--reps`` calls, microseconds):
 
 - ``float``: the ``nn.Conv2d`` itself;
 - ``quant``: the quantized layer's ``forward`` (whatever kernel it chose, shown in the last column);
-- the parts of the plain float path a quantized conv can take: ``deq`` (dequantize the whole kernel to float32),
-  ``fq`` (fake-quantize the input per sample, W8A8 only), ``conv`` (``F.conv2d`` with an already dequantized
-  float32 weight); ``over`` is ``quant - deq - fq - conv`` of that plain path (Python overhead: input checks,
-  dispatch), printed for the layers that ran the plain path.
+- the parts of the plain float path a quantized conv can take: ``deq`` (dequantize the whole kernel to float32;
+  ``kept`` where the layer keeps its dequantized kernel, see ``conv_kernels.FLOAT_KERNEL_CACHE_BYTES``), ``fq``
+  (fake-quantize the input per sample as the layer does, W8A8 only), ``conv`` (``F.conv2d`` with an already
+  dequantized float32 weight); ``over`` is ``quant - deq - fq - conv`` of that plain path (``deq`` counted only
+  where not kept: Python overhead, input checks, dispatch), printed for the layers that ran the plain path.
 
 Three formats: INT4 weight-only, INT8 weight-only, INT8 weights + dynamic INT8 activations (per sample).
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import monoquant as mq
+from monoquant.conv_kernels import fake_quantize_samples
 
 
 def fastest_us(*fns: Callable[[], object], reps: int) -> list[float]:
@@ -68,15 +70,17 @@ def row(name: str, batch: int, variant: str, conv: nn.Conv2d, q: nn.Module, x: t
                                          functools.partial(q.dequantize_weight, torch.float32),
                                          functools.partial(F.conv2d, x, w, conv.bias, conv.stride, conv.padding)]
     if act is not None:
-        parts.append(functools.partial(act.fake_quantize, x, per="sample"))
+        parts.append(functools.partial(fake_quantize_samples, act, x))
     times = fastest_us(*parts, reps=reps)
     fl, qt, deq, cv = times[:4]
     fq = times[4] if act is not None else 0.0
     kernel = q.kernel_summary()
     plain = "dequant_conv" in kernel and "bf16" not in kernel
-    over = f"{qt - deq - fq - cv:8.0f}" if plain else f"{'-':>8}"
+    kept = "float_kernel" in q.quant_weight.cache  # no dequantize per call (conv_kernels.FLOAT_KERNEL_CACHE_BYTES)
+    over = f"{qt - (0.0 if kept else deq) - fq - cv:8.0f}" if plain else f"{'-':>8}"
     fq_cell = f"{fq:8.0f}" if act is not None else f"{'-':>8}"
-    print(f"{name:<24} {batch:>5} {variant:<5} {fl:9.0f} {qt:9.0f} {qt / fl:6.2f}x {deq:8.0f} {fq_cell} {cv:8.0f} "
+    deq_cell = f"{'kept':>8}" if kept and plain else f"{deq:8.0f}"
+    print(f"{name:<24} {batch:>5} {variant:<5} {fl:9.0f} {qt:9.0f} {qt / fl:6.2f}x {deq_cell} {fq_cell} {cv:8.0f} "
           f"{over}  {kernel}")
 
 

@@ -16,7 +16,7 @@ quantized row prints its time against that cast too:
 - a small digits CNN (3 Conv2d + 2 Linear, 8x8 images) at batch 1, 16 and 256, and a ResNet-style stage
   (7 Conv2d of 64-128 channels with BatchNorm + 1 Linear, 32x32 images) at batch 1, 16 and 64: INT4 and INT8
   weight-only, INT8 + dynamic INT8 activations (each row with the kernel every layer ran per batch bucket), and
-  the digits INT8 model compiled against eager at batch 256.
+  the digits INT8 model compiled against eager at batch 256 (``--skip-encoder`` runs the conv nets alone).
 
 The encoder and the decoder also get two rows that bound what quantizing can reach:
 
@@ -30,7 +30,8 @@ The encoder and the decoder also get two rows that bound what quantizing can rea
 
 Targets: encoder INT4 <= 0.9x float32 time; encoder with dynamic INT8 activations <= 0.6x where the CPU has
 integer dot products (VNNI/AMX; elsewhere reported without a target); decoder INT4 token <= 0.3x; every conv
-net row <= 1.0x float32 (a row that misses it prints its floor: float32 plus dequantizing every layer); a
+net row <= 1.0x float32 (a row that misses it prints its ceiling: the same float ops without monoquant's
+per-call dispatch, see :func:`baseline_ops`); a
 compiled quantized model <= 1.0x its eager time; on the bf16 model, where the CPU has fast bf16 GEMMs (AMX /
 AVX512-BF16), weight-only INT4 and INT8 <= 1.0x the cast and dynamic INT8 activations <= 0.7x the cast (with
 integer dot products). The bf16-cast comparisons of the float32 model's rows are printed without targets.
@@ -56,6 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import monoquant as mq  # noqa: E402
+from monoquant.conv_kernels import fake_quantize_samples  # noqa: E402
 
 SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 
@@ -300,45 +302,75 @@ class ResNetStage(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def dequantize_all(q: nn.Module) -> Callable[[], object]:
-    """Dequantize every quantized layer's weight once: what a quantized model must add to the float model's time
-    on the float path (the floor printed under a row that misses its target)."""
-    layers = [m for m in q.modules() if isinstance(m, mq.QuantModule)]
-    return lambda: [m.dequantize_weight(torch.float32) for m in layers]
+def baseline_ops(q: nn.Module) -> nn.Module:
+    """The float ops of ``q``'s baseline path without monoquant's per-call dispatch: a float copy holding the
+    dequantized weights (``mq.dequantize_``), whose layers with INT8 activations fake-quantize their input in a
+    pre-hook (per sample for convs, one compiled call; per token for linears), as the baseline does. The ceiling
+    printed under a conv-net row that misses its target: what is left between it and the quantized model is the
+    per-call dispatch (input checks, the kernel lookup) of each layer."""
+    acts = {name: m.input_quantizer for name, m in q.named_modules()
+            if isinstance(m, mq.QuantModule) and m.input_quantizer is not None}
+    ceiling = mq.dequantize_(copy.deepcopy(q))
+    for name, m in ceiling.named_modules():
+        act = acts.get(name)
+        if act is not None and isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda _, args, act=act: (fake_quantize_samples(act, args[0]),))
+        elif act is not None:
+            m.register_forward_pre_hook(lambda _, args, act=act: (act.fake_quantize(args[0]),))
+    return ceiling
 
 
 def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches: tuple[int, ...], reps: int,
                   compile_batch: int | None) -> int:
     """Float32 vs INT4 / INT8 weight-only / INT8 + dynamic INT8 activations at each batch, target <= 1.0x float32
     (each conv's kernel is chosen by measurement with the float conv as the baseline, see
-    :mod:`monoquant.conv_kernels`); a row over its target also prints its floor, the float model plus the
-    dequantize of every layer. The INT8 weight-only model at ``compile_batch`` is also compiled."""
+    :mod:`monoquant.conv_kernels`); a row over its target also prints its ceiling (:func:`baseline_ops`) and the
+    dispatch cost per layer that separates the quantized model from it. The INT8 weight-only model at
+    ``compile_batch`` is also compiled."""
     failures = 0
     for batch in batches:
         torch.manual_seed(0)
         x = torch.randn(batch, *image)
-        print(f"{title}, batch {batch}")
+        rounds = rounds_for(model, x, reps)
+        print(f"{title}, batch {batch} (medians of {rounds} rounds)")
         for name, weights, act in (("INT4 weight-only", mq.Int4(), None), ("INT8 weight-only", mq.Int8(), None),
                                    ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True))):
-            failed = bench_variants(model, x, ((name, weights, act, 1.0),), reps,
+            failed = bench_variants(model, x, ((name, weights, act, 1.0),), rounds,
                                     "int8" if batch == compile_batch else None)
             if failed:
-                fp32, deq = paired_ms(functools.partial(model, x), dequantize_all(quantize(model, weights, act)),
-                                      reps=reps)
-                floor = fp32 + deq
-                print(f"    floor: float32 {fp32:.2f} ms + dequantize every layer = {floor:.2f} ms "
-                      f"({floor / fp32:.3f}x): the float path cannot go below it")
+                q = quantize(model, weights, act)
+                q(x)  # kernels chosen before timing
+                ceiling = baseline_ops(q)
+                fp32, ceil, ms = paired_ms(functools.partial(model, x), functools.partial(ceiling, x),
+                                           functools.partial(q, x), reps=rounds)
+                layers = sum(isinstance(m, mq.QuantModule) for m in q.modules())
+                print(f"    ceiling: the baseline's float ops without dispatch {ceil:.2f} ms ({ceil / fp32:.3f}x "
+                      f"float32 {fp32:.2f} ms); quantized {ms:.2f} ms: {(ms - ceil) / layers * 1e3:.1f} us of "
+                      f"dispatch per layer ({layers} layers)")
             failures += failed
     return failures
 
 
-def bench_cnn(reps: int, compile_too: bool) -> int:
-    torch.manual_seed(0)
-    failures = bench_convnet("digits CNN: 3 Conv2d + 2 Linear, 8x8 images", DigitsCNN().eval(), (1, 8, 8),
-                             (1, 16, 256), reps, 256 if compile_too else None)
-    torch.manual_seed(0)
-    return failures + bench_convnet("ResNet-style stage: 7 Conv2d (64-128 channels) + 1 Linear, 32x32 images",
-                                    ResNetStage().eval(), (3, 32, 32), (1, 16, 64), reps, None)
+def rounds_for(model: nn.Module, x: torch.Tensor, reps: int, seconds: float = 0.4, most: int = 200) -> int:
+    """``reps``, raised for a model that runs in well under a millisecond so that its rounds take about ``seconds``
+    (at most ``most`` rounds): a median of 5 calls of 0.3 ms measured the scheduler of a shared machine (one
+    run's float32 digits CNN at batch 16 took 1.1 ms, the next 5.2 ms), one of ~1000 the model."""
+    model(x)
+    once = min(_timing.alternating_seconds(functools.partial(model, x), reps=3)[0])
+    return max(reps, min(most, int(seconds / max(once, 1e-6))))
+
+
+def bench_cnn(reps: int, compile_too: bool, nets: tuple[str, ...] = ("digits", "resnet")) -> int:
+    failures = 0
+    if "digits" in nets:
+        torch.manual_seed(0)
+        failures += bench_convnet("digits CNN: 3 Conv2d + 2 Linear, 8x8 images", DigitsCNN().eval(), (1, 8, 8),
+                                  (1, 16, 256), reps, 256 if compile_too else None)
+    if "resnet" in nets:
+        torch.manual_seed(0)
+        failures += bench_convnet("ResNet-style stage: 7 Conv2d (64-128 channels) + 1 Linear, 32x32 images",
+                                  ResNetStage().eval(), (3, 32, 32), (1, 16, 64), reps, None)
+    return failures
 
 
 def bench_decoder(reps: int, tokens: int = 8) -> int:
@@ -395,6 +427,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-decoder", action="store_true")
+    parser.add_argument("--skip-encoder", action="store_true", help="no encoder rows (the conv nets and decoder only)")
+    parser.add_argument("--nets", nargs="*", choices=["digits", "resnet"], default=["digits", "resnet"],
+                        help="which conv nets to time (none: no conv rows)")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (compiling takes a while)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -406,8 +441,9 @@ def main() -> int:
         print(SIMULATION)
     failures = 0
     with torch.inference_mode():
-        failures += bench_encoder(args.reps, not args.skip_compile)
-        failures += bench_cnn(args.reps, not args.skip_compile)
+        if not args.skip_encoder:
+            failures += bench_encoder(args.reps, not args.skip_compile)
+        failures += bench_cnn(args.reps, not args.skip_compile, tuple(args.nets))
         if not args.skip_decoder:
             failures += bench_decoder(args.reps)
     print(f"{failures} target(s) missed")

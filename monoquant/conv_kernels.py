@@ -11,7 +11,7 @@ kernel                 registered by, applies when                              
                        input needs no gradient: int8 patches x int8 weight
                        (:mod:`monoquant.formats.int8`)
 ``act_sim_conv``       shared, the baseline with INT8 activations: the input               as the weight-only
-                       fake-quantized per sample (one pass with the compiled kernels),      choice
+                       fake-quantized per sample (one compiled call where it can),          choice
                        then the weight-only choice below
 ``im2col_linear``      shared: weight-only, ``groups == 1``, no gradient, compute_dtype     the linear kernel's
                        None/bf16: the input patches (``im2col.conv_patches``) through
@@ -24,19 +24,27 @@ kernel                 registered by, applies when                              
 =====================  ==================================================================  ==================
 
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
-input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input and keeps
-the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is never slower
-than the float conv path. Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that
-need a gradient and ``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``,
-:func:`monoquant.kernels.pin`) runs where it is eligible. While GPTQ waits for ``freeze``, while activations
+input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
+sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone)
+and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is
+never slower than the float conv path as measured (with INT8 activations: the float conv of the fake-quantized
+input); identical layers share the choice.
+Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that need a gradient and
+``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``, :func:`monoquant.kernels.pin`) runs
+where it is eligible. While GPTQ waits for ``freeze``, while activations
 calibrate, the layer runs its float path directly. In traced code (``torch.compile``, ``torch.export``) the
 whole dispatch is one custom op, ``monoquant::conv`` (:mod:`monoquant.ops`), so compiled and eager models run
 the same kernels.
 
-The dequantized kernel is never kept: it is rebuilt on every call into a reused per-thread buffer (the memory
-saving is the point), and only what does not change per call is cached on the layer's
-:class:`~monoquant.formats.kernel.QuantWeight` (the geometry, the measured choices). What ran per batch bucket is
-recorded in ``quant_weight.ran`` and shown by :func:`kernel_summary` (the report's kernel column).
+A small conv keeps its dequantized kernel (at most :data:`FLOAT_KERNEL_CACHE_BYTES` in the layer's float dtype,
+counted in its ``storage_bytes()``): at batch 1 dequantizing it on every call cost as much as the conv itself.
+Larger kernels are dequantized on every call into a reused per-thread buffer (the memory saving is the point).
+What does not change per call is cached on the layer's :class:`~monoquant.formats.kernel.QuantWeight` (the
+geometry, the kept kernel, the measured choices per batch bucket and per exact input shape), and dropped with
+everything else derived from the stored weight when it changes (``load_state_dict``, ``.to()``). With dynamic
+INT8 activations the baseline fake-quantizes its input in one compiled call (:func:`fake_quantize_samples`).
+What ran per batch bucket is recorded in ``quant_weight.ran`` and shown by :func:`kernel_summary` (the report's
+kernel column).
 """
 
 from __future__ import annotations
@@ -47,13 +55,14 @@ from collections.abc import Callable
 
 import torch
 
-from . import kernels, tuner
+from . import fused, kernels, tuner
 from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
+from .functional import SCALE_EPS
 from .hardware import cpu_has_fast_bf16
 from .im2col import ConvGeometry, conv_patches
 
-__all__ = ["SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names", "kernel_summary", "run_conv_kernel",
-           "select_conv_kernel"]
+__all__ = ["FLOAT_KERNEL_CACHE_BYTES", "SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names",
+           "fake_quantize_samples", "float_kernel_bytes", "kernel_summary", "run_conv_kernel", "select_conv_kernel"]
 
 TUNE_MIN_MACS = 1 << 14
 """Convolutions with fewer multiply-adds per call than this (a few microseconds of float32 work, under the timer's
@@ -116,18 +125,66 @@ def _macs(module, x: torch.Tensor) -> int:
 def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str:
     """The kernel ``forward`` runs for batched input ``x`` ``[B, C, *spatial]``: pinned where eligible, else
     measured (:mod:`monoquant.tuner`), else the baseline. ``weights_only=True`` ignores input quantization (what
-    ``act_sim_conv`` runs after fake-quantizing). A decision is remembered per situation on the layer's
-    ``quant_weight``, so that later calls cost one dictionary lookup."""
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    ``act_sim_conv`` runs after fake-quantizing). A decision is remembered on the layer's ``quant_weight`` per
+    situation (batch bucket) and per exact input shape, so that later calls cost one dictionary lookup."""
+    return _plan(module, x, weights_only)[0]
+
+
+def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Callable[..., torch.Tensor]]:
+    """``(name, run)``: :func:`select_conv_kernel`'s choice and the function that runs it (``run(module, x)``).
+    Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``): the
+    per-call work of a small conv at batch 1 is then one lookup (its whole conv takes under 10 us)."""
+    needs_grad = x.requires_grad and torch.is_grad_enabled()
     pinned = tuner.pinned()
     w: QuantWeight = module.quant_weight
-    memo = None
+    memo = exact = shapes = None
     if pinned is None and not needs_grad and tuner.tuning_enabled():
-        memo = ("tuned_conv", weights_only or module.input_quantizer is None, x.device, x.dtype, x.shape[1:],
-                tuner.row_bucket(x.shape[0]))
-        choice = w.cache.get(memo)
-        if choice is not None:
-            return choice
+        weights = weights_only or module.input_quantizer is None
+        shapes = w.cache.get("conv_by_shape")
+        if shapes is None:
+            shapes = w.cache["conv_by_shape"] = {}
+        exact = (weights, x.shape, x.dtype, x.device)
+        plan = shapes.get(exact)
+        if plan is not None:
+            return plan
+        memo = ("tuned_conv", weights, x.device, x.dtype, x.shape[1:], tuner.row_bucket(x.shape[0]))
+    choice = _choose(module, x, needs_grad, weights_only, pinned, memo)
+    run = _SHARED.get(choice) or _CONV[choice]
+    if shapes is None or memo not in w.cache:
+        return choice, run
+    if len(shapes) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
+        shapes.clear()
+    plan = shapes[exact] = (choice, _shortcut(module, x, choice, shapes) or run)
+    return plan
+
+
+def _shortcut(module, x: torch.Tensor, name: str, shapes: dict) -> Callable[..., torch.Tensor] | None:
+    """For the per-shape memo (``shapes``, used only where no pin and no ``tuning(False)`` apply): ``run(module,
+    x)`` with what every call of the baseline paths would decide again already decided, or ``None`` for the plain
+    runner. ``dequant_conv`` with a kept kernel in the input's dtype is ``float_conv`` with that kernel;
+    ``act_sim_conv`` fake-quantizes, then looks the weight-only choice up in the same memo. Both live in
+    ``quant_weight.cache``, so what drops the kept kernel drops the shortcut."""
+    if name == "dequant_conv" and kernels.float_compute_dtype(module, x) == x.dtype:
+        kept = _kept_kernel(module, x.dtype)
+        bias = module.bias
+        if kept is not None and (bias is None or bias.dtype == x.dtype):
+            return lambda m, xb: m.float_conv(xb, kept, m.bias)
+    if name == "act_sim_conv":
+        def act_sim(m, xb: torch.Tensor) -> torch.Tensor:
+            xq = fake_quantize_samples(m.input_quantizer, xb)
+            inner = shapes.get((True, xq.shape, xq.dtype, xq.device))
+            return (inner or _plan(m, xq, weights_only=True))[1](m, xq)
+        return act_sim
+    return None
+
+
+def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinned: str | None,
+            memo: tuple | None) -> str:
+    """The choice for ``x`` without the per-shape shortcut: remembered per batch bucket under ``memo`` (``None``:
+    pinned, tuning off or a gradient wanted, nothing remembered), else measured."""
+    w: QuantWeight = module.quant_weight
+    if memo is not None and memo in w.cache:
+        return w.cache[memo]
     cands = _candidates(module, x, needs_grad, weights_only)
     if pinned is not None:
         return pinned if pinned in cands else cands[-1]  # the baseline honours a weight-only pin inside
@@ -143,8 +200,15 @@ def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -
                     "in" + "x".join(map(str, x.shape[1:])), f"b{memo[-1]}", str(x.dtype).removeprefix("torch."),
                     str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_CONV[name], module, x) for name in cands}
-    choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
+    choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1], timer=_time_best_of_three)
     return choice
+
+
+def _time_best_of_three(call: Callable[[], object]) -> float:
+    """One timing sample for the tuner: the fastest of three calls (:func:`monoquant.tuner.time_call`). A small
+    conv takes tens of microseconds, and on a machine shared with other processes a single call is often held up
+    several times over: with one call per sample, a slower candidate was seen replacing the float conv."""
+    return min(tuner.time_call(call) for _ in range(3))
 
 
 # ---- running ----------------------------------------------------------------------------------------------
@@ -152,12 +216,11 @@ def conv(module, x: torch.Tensor) -> torch.Tensor:
     """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel."""
     if module.computes_in_float:
         return module.float_forward(x)  # calibration passes: the float weight or float inputs, recorded there
-    geometry = _geometry(module)
-    unbatched = x.dim() == geometry.dims + 1
+    unbatched = x.dim() == _geometry(module).dims + 1
     xb = x.unsqueeze(0) if unbatched else x
-    name = select_conv_kernel(module, xb)
+    name, run = _plan(module, xb)
     module.quant_weight.record_run(name, tuner.row_bucket(xb.shape[0]))
-    y = run_conv_kernel(module, name, xb)
+    y = run(module, xb)
     return y.squeeze(0) if unbatched else y
 
 
@@ -171,20 +234,59 @@ def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
     return c.run(w, x, _geometry(module), module.input_quantizer, module.bias).to(x.dtype)
 
 
-def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize the kernel in ``dtype`` (into a reused per-thread buffer unless autograd needs it), then the
-    layer's ``F.conv*``. Casts are skipped where the dtype already matches (each is a dispatch on a path whose
-    fixed cost decides small convolutions)."""
+FLOAT_KERNEL_CACHE_BYTES = 1 << 18
+"""A conv whose dequantized kernel, in the layer's float dtype, takes at most this many bytes (256 KiB; a 3x3
+conv of 64 -> 64 channels takes 144 KiB in float32, 128 -> 128 channels 576 KiB) keeps it once the float path
+first runs, instead of dequantizing it on every call. At batch 1 a small conv takes tens of microseconds, and
+dequantizing its kernel each call (about 15 us for 18k weights here, most of it fixed cost) made the quantized
+layer up to 1.7x the float conv's time; a kernel that small is a few hundred KiB at most per layer, while the
+layers whose weights matter for memory (large kernels) stay dequantized per call. The kept bytes are counted in
+the layer's ``storage_bytes()`` (the memory report), whether built yet or not: :func:`float_kernel_bytes`."""
+
+
+def float_kernel_bytes(module) -> int:
+    """Bytes of the dequantized float kernel conv layer ``module`` keeps (:data:`FLOAT_KERNEL_CACHE_BYTES`), 0 when
+    its kernel is over that budget."""
+    n, k = module.quant_weight.shape2d
+    nbytes = n * k * (module.compute_dtype or module.float_dtype).itemsize
+    return nbytes if nbytes <= FLOAT_KERNEL_CACHE_BYTES else 0
+
+
+def _kept_kernel(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dequantized kernel ``[out, in/groups, *kernel]`` in ``dtype`` that ``module`` keeps, built at first use;
+    ``None`` where it keeps none (another dtype than its float dtype, or over :data:`FLOAT_KERNEL_CACHE_BYTES`).
+    It lives in ``quant_weight.cache``, so anything that changes the stored weight (``load_state_dict``,
+    ``set_stored``, ``.to()``) drops it."""
     w: QuantWeight = module.quant_weight
-    if x.requires_grad and torch.is_grad_enabled():
-        weight = w.dequantize_rows(dtype)
-    else:
-        n, k = w.shape2d
-        weight = w.dequantize_into(kernels.scratch("conv_weight", n * k, dtype, x.device).view(n, k))
+    kept = w.cache.get("float_kernel")
+    if kept is not None and kept.dtype == dtype:
+        return kept
+    if module.gptq is not None or dtype != (module.compute_dtype or module.float_dtype):
+        return None
+    if not float_kernel_bytes(module):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        kept = w.cache["float_kernel"] = w.dequantize_rows(dtype).view(module.weight_shape)
+    return kept
+
+
+def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's ``F.conv*`` in ``dtype`` with its kernel dequantized: the kept one (:func:`_kept_kernel`), else
+    dequantized now (into a reused per-thread buffer unless autograd needs it). Casts are skipped where the dtype
+    already matches (each is a dispatch on a path whose fixed cost decides small convolutions)."""
+    weight = _kept_kernel(module, dtype)
+    if weight is None:
+        w: QuantWeight = module.quant_weight
+        if x.requires_grad and torch.is_grad_enabled():
+            weight = w.dequantize_rows(dtype)
+        else:
+            n, k = w.shape2d
+            weight = w.dequantize_into(kernels.scratch("conv_weight", n * k, dtype, x.device).view(n, k))
+        weight = weight.view(module.weight_shape)
     bias = module.bias
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight.view(module.weight_shape), bias)
+    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight, bias)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -204,9 +306,21 @@ def _im2col_linear(module, x: torch.Tensor) -> torch.Tensor:
     return y.view(x.shape[0], *geometry.output_size(x.shape[2:]), -1).movedim(-1, 1).contiguous()
 
 
+def fake_quantize_samples(act, x: torch.Tensor) -> torch.Tensor:
+    """Batched conv input ``x`` through activation quantizer ``act`` per sample (quantized, then dequantized): with
+    dynamic qparams on a CPU float32 input that needs no gradient, the one compiled call
+    :func:`monoquant.fused.dynamic_fake_quantize_rows` (bit-identical; a dozen tensor ops cost 30-60 us at batch 1
+    here, more than the small conv itself), else ``act.fake_quantize(x, per="sample")``."""
+    if (act.dynamic and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and fused.available()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        qt = act.qtype
+        return fused.dynamic_fake_quantize_rows(x.contiguous(), qt.qmin, qt.qmax, qt.symmetric, SCALE_EPS)
+    return act.fake_quantize(x, per="sample")
+
+
 def _act_sim_conv(module, x: torch.Tensor) -> torch.Tensor:
-    xq = module.input_quantizer.fake_quantize(x, per="sample")
-    return run_conv_kernel(module, select_conv_kernel(module, xq, weights_only=True), xq)
+    xq = fake_quantize_samples(module.input_quantizer, x)
+    return _plan(module, xq, weights_only=True)[1](module, xq)
 
 
 _SHARED: dict[str, Callable[..., torch.Tensor]] = {

@@ -311,6 +311,16 @@ def _(x, qmin, qmax, symmetric, eps):
             x.new_empty((m,), dtype=torch.int32))
 
 
+@_op("dynamic_fake_quantize_rows")
+def _dynamic_fake_quantize_rows_op(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
+    return _kernel("dynamic_fake_quantize_rows")(x, qmin, qmax, symmetric, eps)
+
+
+@_dynamic_fake_quantize_rows_op.register_fake
+def _(x, qmin, qmax, symmetric, eps):
+    return torch.empty_like(x)
+
+
 @_op("rescale_rows")
 def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      x_zero: torch.Tensor | None, w_rowsum: torch.Tensor | None, bf16_out: bool) -> torch.Tensor:
@@ -431,6 +441,14 @@ def dynamic_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool
     per row, bit-identical to :func:`monoquant.functional.minmax` + ``qparams_from_minmax`` + :func:`quantize_rows`."""
     return tuple(_call(_dynamic_quantize_rows_op, "dynamic_quantize_rows",  # type: ignore[return-value]
                        x, qmin, qmax, symmetric, eps))
+
+
+def dynamic_fake_quantize_rows(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
+    """Contiguous float32 ``x`` ``[M, ...]`` (at least 2-D, no empty sample) quantized with min/max qparams per
+    sample ``x[m]`` and dequantized again, in one call, shaped like ``x``: bit-identical to
+    :func:`dynamic_quantize_rows` of ``x.view(M, -1)`` followed by ``(codes - zero_point) * scale`` in float32; a
+    sample holding an inf or NaN becomes all NaN."""
+    return _call(_dynamic_fake_quantize_rows_op, "dynamic_fake_quantize_rows", x, qmin, qmax, symmetric, eps)
 
 
 def rescale_rows(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

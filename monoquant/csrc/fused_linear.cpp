@@ -25,7 +25,7 @@
 //   dequantize_int8(out, qweight, scale, zero_point_or_None, row_start, scaled)
 //   w8a8_pack(qweight), w8a8_gemm(codes, packed, N): exact INT8 x INT8 -> INT32 GEMM (AVX2 vpmaddwd)
 //   quantize_rows(x, scale, zero_or_None, qmin, qmax, shift), dynamic_quantize_rows(x, qmin, qmax, symmetric,
-//   eps) (x float32 or bf16), rescale_rows(acc, x_scale, w_scale, bias_or_None, x_zero_or_None,
+//   eps) (x float32 or bf16), dynamic_fake_quantize_rows(x, qmin, qmax, symmetric, eps), rescale_rows(acc, x_scale, w_scale, bias_or_None, x_zero_or_None,
 //   w_rowsum_or_None, bf16_out): the passes around an integer GEMM
 //   mse_clip_errors(view, lo, hi, ratios, qmin, qmax, symmetric, eps): the MSE clipping search's errors
 //   quantize_weight_rows(x, scale, zero_or_None, group, qmin, qmax, out): round-to-nearest weight codes
@@ -915,6 +915,35 @@ std::vector<torch::Tensor> dynamic_quantize_rows(const torch::Tensor& x, double 
                                              : dynamic_quantize_rows_of<float>(x, qmin, qmax, symmetric, eps);
 }
 
+// A convolution input [M, ...] fake-quantized per sample (each x[m], a row of M) with dynamic qparams in one call: the codes and qparams of
+// dynamic_quantize_rows, then (code - zero-point) * scale in float32, bit-identical to ActivationQuantizer's
+// fake_quantize from those codes (int8 codes widened, the shifted zero-point subtracted, times the scale). A row
+// with an inf or NaN gives a NaN row (no code stands for it). What a quantized conv with INT8 activations runs
+// before its float conv: one call instead of a dozen tensor ops, whose fixed cost decided batch-1 convs.
+torch::Tensor dynamic_fake_quantize_rows(const torch::Tensor& x, double qmin, double qmax, bool symmetric,
+                                         double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() >= 2 && x.is_contiguous(),
+              "dynamic_fake_quantize_rows: x must be contiguous float32 [M, ...]");
+  const int64_t M = x.size(0), K = M ? x.numel() / M : 0;
+  const auto q = dynamic_quantize_rows_of<float>(x.view({M, K}), qmin, qmax, symmetric, eps);
+  const int32_t shift = symmetric ? 0 : 128;
+  auto out = torch::empty_like(x);
+  const int8_t* cp = q[0].data_ptr<int8_t>();
+  const float* sp = q[1].data_ptr<float>();
+  const int32_t* zp = q[2].data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float s = std::isfinite(sp[m]) ? sp[m] : std::nanf("");
+      const float z = static_cast<float>(zp[m] - shift);
+      const int8_t* c = cp + m * K;
+      float* o = op + m * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = (static_cast<float>(c[k]) - z) * s;
+    }
+  });
+  return out;
+}
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 // LANES sums as float32: int32 ones minus the zero-point term z * rs when rs is given (exact int32 arithmetic),
 // or float32 ones that hold integers (converted to int32 and back: exact)
@@ -1291,6 +1320,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_gemm", &w8a8_gemm, "exact INT8 x INT8 -> INT32 GEMM (vpmaddwd), for CPUs without VNNI/AMX");
   m.def("quantize_rows", &quantize_rows, "float32 rows -> int8 codes (round half even, clamp, shift), one pass");
   m.def("dynamic_quantize_rows", &dynamic_quantize_rows, "per-row min/max qparams and int8 codes, one pass per row");
+  m.def("dynamic_fake_quantize_rows", &dynamic_fake_quantize_rows,
+        "per-row min/max qparams, codes, and the codes dequantized again: a fake-quantized conv input, one call");
   m.def("rescale_rows", &rescale_rows,
         "int32 sums -> float32 or bf16 (zero-point term, row scale, column scale, bias), one pass");
   m.def("mse_clip_errors", &mse_clip_errors, "squared error of every clipping candidate of every slot, float64");

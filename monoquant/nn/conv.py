@@ -74,6 +74,12 @@ class _QuantConvNd(QuantModule):
 
     rank_fallback = True
 
+    def storage_bytes(self) -> int:
+        """The stored buffers (:meth:`QuantModule.storage_bytes`) plus the dequantized kernel a small conv keeps
+        to skip dequantizing it on every call (:func:`monoquant.conv_kernels.float_kernel_bytes`, counted whether
+        or not a forward has built it yet)."""
+        return super().storage_bytes() + conv_kernels.float_kernel_bytes(self)
+
     @classmethod
     def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
         return cls(shape[1], shape[0], tuple(shape[2:]), bias=bias, spec=spec, **kwargs)
