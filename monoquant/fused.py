@@ -295,7 +295,7 @@ def _w8a8_vnni_pack_op(qweight: torch.Tensor) -> torch.Tensor:
 @_w8a8_vnni_pack_op.register_fake
 def _(qweight):
     n, k = qweight.shape
-    return qweight.new_empty(((n + 63) // 64, (k + 3) // 4, 64, 4), dtype=torch.int8)
+    return qweight.new_empty(((n + 63) // 64, (k + 3) // 4, 64, 4), dtype=torch.uint8)
 
 
 @_op("w8a8_vnni_linear")

@@ -46,11 +46,12 @@ ACTS = st.sampled_from([mq.Int8(dynamic=True), mq.Int8(symmetric=True, dynamic=T
 
 @needs_vnni
 @settings(max_examples=40, deadline=None)
-@given(k=st.integers(1, 300), n=st.integers(1, 150), rows=st.integers(1, 200), act=ACTS, bf16=st.booleans(),
+@given(k=st.integers(1, 900), n=st.integers(1, 150), rows=st.integers(1, 200), act=ACTS, bf16=st.booleans(),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_vnni_equals_the_exact_int32_gemm_and_rescale(k, n, rows, act, bf16, bias, seed):
-    """Every shape (K not a multiple of 4, N not of 64, rows not of the 6-row tile or of a task), every activation
-    mode, float32 and bf16 inputs: bit-identical to the compiled int16-pair GEMM + rescale pass."""
+    """Every shape (K not a multiple of 4 or of the 384-column block, N not of 64, rows not of the 6-row tile or of
+    a task), every activation mode, float32 and bf16 inputs: bit-identical to the compiled int16-pair GEMM +
+    rescale pass."""
     model = _w8a8(k, n, act, bias=bias, seed=seed, calibrate=not act.dynamic)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1)) * 3
     x = x.bfloat16() if bf16 else x
@@ -118,12 +119,13 @@ def test_vnni_row_scales_equal_the_quantizers_and_splits_do_not_change_the_outpu
 
 @needs_vnni
 def test_vnni_pack_layout():
-    """Panels of 64 output rows, 4 consecutive columns of a row together, zero padding."""
-    w = torch.randint(-127, 128, (70, 9), dtype=torch.int8)
+    """Panels of 64 output rows, 4 consecutive columns of a row together, the codes + 128 as uint8 (vpdpbusd's
+    unsigned operand), padding 0."""
+    w = torch.randint(-128, 128, (70, 9), dtype=torch.int8)
     packed = fused.w8a8_vnni_pack(w)
-    assert packed.shape == (2, 3, 64, 4)
-    padded = torch.zeros(128, 12, dtype=torch.int8)
-    padded[:70, :9] = w
+    assert packed.shape == (2, 3, 64, 4) and packed.dtype == torch.uint8
+    padded = torch.zeros(128, 12, dtype=torch.uint8)
+    padded[:70, :9] = (w.to(torch.int32) + 128).to(torch.uint8)
     assert torch.equal(packed, padded.view(2, 64, 3, 4).transpose(1, 2))
 
 
