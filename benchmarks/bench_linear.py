@@ -1,6 +1,6 @@
 """Latency and resident-memory ratios of QuantLinear / QuantConv2d against float32 PyTorch.
 
-Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover] [--only-rows]
+Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover] [--only-rows] [--w8a8-profile]
 
 Everything is measured in one process on ``--threads`` threads under ``torch.inference_mode()``; each
 figure is the median of several runs after warm-up (the warm-up is also when the kernel is chosen by
@@ -8,6 +8,11 @@ measurement, see :mod:`monoquant.tuner`). Ratios are ``fp32 time / quantized tim
 ``quantized bytes / fp32 bytes`` (lower is smaller). The first table is issue 13's (4096x4096, rows 1 to
 2048, three configurations, the kernel chosen per row); the second holds issue 2's targets. A FAIL is
 printed as such, never hidden. The header names the CPU (model and the SIMD flags that matter).
+
+``--w8a8-profile`` prints only the W8A8 profile of the encoder's three linear shapes (2048 rows: 384->384,
+384->1536, 1536->384): each step of the integer path timed alone (the dynamic per-token quantize,
+``torch._int_mm``, the rescale/bias epilogue), the whole layer through each eligible INT8-input kernel, and the
+float32 and bf16 GEMMs they replace, all in the same alternating rounds, as ratios to the bf16 GEMM.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import _simulate
+import _timing
 
 SIMULATE_AVX2 = _simulate.requested()  # before torch is imported
 
@@ -226,6 +232,43 @@ def crossover(reps: int) -> None:
             c.max_rows = limit
 
 
+def w8a8_profile(reps: int) -> None:
+    """The W8A8 linear of the encoder, step by step and whole, against the bf16 and float32 GEMMs (bf16 input
+    for the bf16 rows; float32 otherwise), medians of alternating rounds (:mod:`_timing`)."""
+    print("\nW8A8 profile, 2048 rows, dynamic per-token INT8 activations x per-channel INT8 weights "
+          "(ms, median; ratio to the bf16 GEMM)")
+    for k, n in ((384, 384), (384, 1536), (1536, 384)):
+        lin = nn.Linear(k, n)
+        q = w8a8_dynamic(lin)
+        w, act, bias = q.quant_weight, q.input_quantizer, q.bias
+        x = torch.randn(2048, k)
+        xb, wb, bb = x.bfloat16(), lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
+        codes, x_scale, _ = act.int8_codes(x)
+        wq = w.stored.qweight
+        acc = torch._int_mm(codes, wq.t())
+        rowsum = wq.sum(1, dtype=torch.int32)
+        zero = act.int8_codes(x)[2].reshape(-1).to(torch.int32) - 128
+        calls: dict[str, Callable[[], object]] = {
+            "bf16 GEMM (F.linear, bf16 weight)": functools.partial(torch.nn.functional.linear, xb, wb, bb),
+            "fp32 GEMM (F.linear)": functools.partial(torch.nn.functional.linear, x, lin.weight, lin.bias),
+            "  step: dynamic quantize (one pass)": functools.partial(act.int8_codes, x),
+            "  step: torch._int_mm (int32 sums)": functools.partial(torch._int_mm, codes, wq.t()),
+            "  step: rescale + zero-point + bias": functools.partial(
+                mq.fused.rescale_rows, acc, x_scale.reshape(-1).contiguous(), w.stored.scale.float(),
+                lin.bias.detach(), zero, rowsum),
+        }
+        for c in w.format.kernel_candidates():
+            if c.int8_inputs and not c.fallback and c.eligible(w, mq.kernels._query(q, x.device, 2048, False)):
+                calls[f"layer: {c.name}"] = functools.partial(c.run, w, x, act, bias)
+                calls[f"layer: {c.name}, bf16 input"] = functools.partial(c.run, w, xb, act, bias)
+        calls["layer: as tuned (QuantLinear)"] = functools.partial(q, x)
+        times = [statistics.median(t) * 1e3 for t in _timing.alternating_seconds(*calls.values(), reps=reps)]
+        bf16_ms = times[0]
+        print(f"Linear {k}->{n} ({2048 * k * n / 1e9:.2f} G multiply-adds); the tuned layer ran {q.last_kernel}")
+        for name, ms in zip(calls, times):
+            print(f"  {name:<40} {ms:8.3f} ms  {ms / bf16_ms:6.3f}x bf16")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(_simulate.FLAG, action="store_true",
@@ -235,12 +278,17 @@ def main() -> int:
     parser.add_argument("--crossover", action="store_true",
                         help="also time packed kernels against dequantize + GEMM by row count")
     parser.add_argument("--only-rows", action="store_true", help="only issue 13's table by row count")
+    parser.add_argument("--w8a8-profile", action="store_true", help="only the W8A8 profile of the encoder's shapes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(cpu_line())
     if SIMULATION:
         print(SIMULATION)
+    if args.w8a8_profile:
+        with torch.inference_mode():
+            w8a8_profile(args.reps)
+        return 0
     start = time.perf_counter()
     failures = 0
     with torch.inference_mode():

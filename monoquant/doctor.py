@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import fused, kernels
+from . import fused, hardware, kernels
 from ._version import __version__
 
 _CPU_CHECKS = (("AVX2", "_is_avx2_supported"), ("AVX-512", "_is_avx512_supported"),
@@ -39,8 +39,10 @@ def kernel_availability(extension: bool) -> list[tuple[str, bool, str]]:
         ("int8pack_cpu", present["int8pack"], "torch op aten._weight_int8pack_mm"),
         ("fused_cpu", extension, "compiled kernels (csrc/fused_linear.cpp)"),
         ("w8a8_int_mm", present["int_mm"] and int_dot, "torch._int_mm, fast only with VNNI or AMX"),
-        ("w8a8_onednn", present["onednn_qlinear"] and int_dot and extension,
-         "oneDNN's int8 matmul, weight prepacked (AMX-INT8 tiles where present)"),
+        ("w8a8_onednn", present["onednn_qlinear"] and hardware.cpu_has_amx() and extension,
+         "oneDNN's int8 matmul, weight prepacked (AMX-INT8 tiles; without AMX a slow reference loop)"),
+        ("w8a8_vnni", hardware.cpu_has_avx512_vnni() and extension,
+         "compiled AVX512-VNNI layer: quantize, u8 x s8 vpdpbusd GEMM, epilogue in one call"),
         ("w8a8_fused", extension, "compiled int16-pair GEMM (vpmaddwd), for CPUs without VNNI/AMX"),
         ("dequant_bf16", bf16, "native bf16 GEMMs (AMX or AVX512-BF16)"),
         ("dequant", True, "dequantize, then the float GEMM: always"),

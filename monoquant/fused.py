@@ -287,6 +287,32 @@ def _(codes, packed, n):
     return codes.new_empty((codes.shape[0], n), dtype=torch.int32)
 
 
+@_op("w8a8_vnni_pack")
+def _w8a8_vnni_pack_op(qweight: torch.Tensor) -> torch.Tensor:
+    return _kernel("w8a8_vnni_pack")(qweight)
+
+
+@_w8a8_vnni_pack_op.register_fake
+def _(qweight):
+    n, k = qweight.shape
+    return qweight.new_empty(((n + 63) // 64, (k + 3) // 4, 64, 4), dtype=torch.uint8)
+
+
+@_op("w8a8_vnni_linear")
+def _w8a8_vnni_linear_op(x: torch.Tensor, packed: torch.Tensor, n: int, rowsum: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool, eps: float,
+                         static_scale: torch.Tensor | None,
+                         static_zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_kernel("w8a8_vnni_linear")(x, packed, n, rowsum, w_scale, bias, qmin, qmax,  # type: ignore[return-value]
+                                             symmetric, eps, static_scale, static_zero))
+
+
+@_w8a8_vnni_linear_op.register_fake
+def _(x, packed, n, rowsum, w_scale, bias, qmin, qmax, symmetric, eps, static_scale, static_zero):
+    scale = x.new_empty((x.shape[0],), dtype=torch.float32) if static_scale is None else torch.empty_like(static_scale)
+    return x.new_empty((x.shape[0], n)), scale
+
+
 @_op("quantize_rows")
 def _quantize_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                       shift: int) -> torch.Tensor:
@@ -425,6 +451,38 @@ def w8a8_gemm(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor
     """Exact ``codes @ W^T`` in int32 (``[M, N]``) for int8 input codes ``[M, K]`` and a :func:`w8a8_pack`-ed
     weight of ``n`` rows: int16 pairs multiplied with ``vpmaddwd`` (AVX2), for CPUs without VNNI or AMX."""
     return _call(_w8a8_gemm_op, "w8a8_gemm", codes, packed, n)
+
+
+@torch.compiler.assume_constant_result
+def has_vnni() -> bool:
+    """Whether the compiled kernels include :func:`w8a8_vnni_linear` (built where the compiler targets AVX512-VNNI:
+    ``-march=native`` on such a CPU); builds the extension on first call."""
+    module = load()
+    return module is not None and bool(module.w8a8_vnni())
+
+
+def w8a8_vnni_pack(qweight: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 weight codes ``[N, K]`` in the layout :func:`w8a8_vnni_linear` reads: panels of 64 output rows,
+    each row's columns in groups of 4 (``[ceil(N / 64), ceil(K / 4), 64, 4]``, zero padding)."""
+    return _call(_w8a8_vnni_pack_op, "w8a8_vnni_pack", qweight)
+
+
+def w8a8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, n: int, rowsum: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool, eps: float,
+                     static_scale: torch.Tensor | None = None,
+                     static_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer with INT8 activations and INT8 weights in one call (AVX512-VNNI ``vpdpbusd``): ``(y, scale)``.
+
+    ``x``: contiguous float32 or bf16 ``[M, K]``; each row is quantized as
+    :meth:`~monoquant.nn.activation.ActivationQuantizer.int8_codes` does (per-row min/max qparams, or the static
+    ``static_scale`` (float32 ``[1]``) and ``static_zero`` (int32 ``[1]``, ``None`` when ``symmetric``)), multiplied
+    exactly with the :func:`w8a8_vnni_pack`-ed weight (``rowsum``: int32 ``[N]``, its code sums), and rescaled by the
+    row scale, then ``w_scale`` (float32, per output or one), plus ``bias`` (float32 ``[N]`` or ``None``); ``y`` is
+    ``[M, n]`` in ``x``'s dtype, bit-identical to :func:`dynamic_quantize_rows` (:func:`quantize_rows`), an int32
+    GEMM and :func:`rescale_rows`. ``scale``: the row scales ``[M]`` (or the static one). Custom op
+    ``monoquant::w8a8_vnni_linear``; only where :func:`has_vnni`."""
+    return tuple(_call(_w8a8_vnni_linear_op, "w8a8_vnni_linear", x, packed, n,  # type: ignore[return-value]
+                       rowsum, w_scale, bias, qmin, qmax, symmetric, eps, static_scale, static_zero))
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,

@@ -35,6 +35,20 @@ def cpu_has_int_dot() -> bool:
 
 
 @functools.cache
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tiles (which oneDNN's int8 matmul primitive needs to be fast, see
+    ``formats/int8.py``)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@functools.cache
+def cpu_has_avx512_vnni() -> bool:
+    """True when this CPU has AVX512-VNNI (``vpdpbusd`` on 512-bit vectors), which the compiled ``w8a8_vnni``
+    kernel needs (torch's ``_is_vnni_supported`` reads cpuinfo's AVX512-VNNI flag)."""
+    return all(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_supported", "_is_vnni_supported"))
+
+
+@functools.cache
 def cuda_supports_int4pack(device: torch.device) -> bool:
     """The CUDA ``_weight_int4pack_mm`` kernel uses bf16 tensor-core MMA, available from compute capability 8.0."""
     return torch.cuda.get_device_capability(device) >= (8, 0)

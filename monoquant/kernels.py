@@ -39,10 +39,16 @@ kernel             applies when                                                 
                    :func:`~monoquant.hardware.cpu_has_int_dot`; elsewhere it is a slow
                    reference loop) or CUDA (rows > 16, N % 8 == 0, K % 8 == 0), input
                    needs no gradient
-``w8a8_onednn``    same layers on CPU with integer dot products, oneDNN's int8 matmul      exact sums in
-                   op present, compiled kernel built, weights whose sums stay below       float32, then
-                   2**24: the weight prepacked once (AMX-INT8 tiles where present);       the same
-                   bit-identical to ``w8a8_int_mm``                                       rescale
+``w8a8_onednn``    same layers on CPU with AMX (without it oneDNN's int8 matmul ran a     exact sums in
+                   reference loop, 300x slower than ``torch._int_mm``), the op present,   float32, then
+                   compiled kernel built, weights whose sums stay below 2**24: the        the same
+                   weight prepacked once (AMX-INT8 tiles); bit-identical to               rescale
+                   ``w8a8_int_mm``
+``w8a8_vnni``      same layers on CPU with AVX512-VNNI, compiled kernel built with it     int32, then the
+                   (:func:`monoquant.fused.has_vnni`), 0 < K <= 2**17: the whole layer    same rescale, in
+                   in one call (quantize rows, u8 x s8 ``vpdpbusd`` on the weight         registers
+                   repacked once into 64-row panels, zero-point/scales/bias epilogue);
+                   bit-identical to ``w8a8_int_mm``
 ``w8a8_fused``     same layers on CPU, compiled kernel built (:mod:`monoquant.fused`),     int32, then the
                    K <= 2**17: codes widened to int16 pairs, ``vpmaddwd`` (AVX2: twice    same rescale
                    float32's multiply-adds per instruction); the weight is repacked once
@@ -134,8 +140,8 @@ SHARED_CONV_KERNELS = ("act_sim_conv", "im2col_linear", "dequant_conv_bf16", "de
 """The convolution kernels every format has, run by :mod:`monoquant.conv_kernels` (named here so that :func:`pin`
 knows them)."""
 
-ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_onednn", "w8a8_fused", "w8a8_sim",
-                      "act_sim")
+ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_onednn", "w8a8_vnni", "w8a8_fused",
+                      "w8a8_sim", "act_sim")
 """Kernels for layers that wait for GPTQ or quantize their inputs (the second table; the ``w8a8_*`` rows are
 Int8's INT8-input candidates)."""
 

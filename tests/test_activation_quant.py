@@ -5,7 +5,7 @@ from torch import nn
 
 import monoquant as mq
 from monoquant import functional as F
-from monoquant import fused, kernels
+from monoquant import fused, hardware, kernels
 
 
 def _calibrated_linear(cfg, k=64, n=48, batches=3):
@@ -159,13 +159,15 @@ def test_int8pack_is_not_chosen_for_inputs_it_would_crash_on(k):
 
 
 @pytest.mark.parametrize("act", [mq.Int8(), mq.Int8(symmetric=True, dynamic=True), mq.Int8(dynamic=True)])
-@pytest.mark.parametrize("kernel", ["w8a8_int_mm", "w8a8_fused", "w8a8_sim", "act_sim"])
+@pytest.mark.parametrize("kernel", ["w8a8_int_mm", "w8a8_fused", "w8a8_vnni", "w8a8_sim", "act_sim"])
 def test_integer_paths_turn_non_finite_input_rows_into_nan_rows(act, kernel, monkeypatch):
     """A NaN or inf cannot be an INT8 code: those rows' outputs are NaN (as in float), the other rows unchanged;
     the float simulation (``act_sim``) agrees, so the output does not depend on the kernel a machine picks."""
     monkeypatch.setattr(kernels, "cpu_has_int_dot", lambda: True)
     if kernel == "w8a8_fused" and not fused.available():
         pytest.skip("no compiled kernel here")
+    if kernel == "w8a8_vnni" and not (hardware.cpu_has_avx512_vnni() and fused.available() and fused.has_vnni()):
+        pytest.skip("no AVX512-VNNI CPU or no compiled VNNI kernel here")
     if kernel == "w8a8_sim":
         monkeypatch.setitem(kernels._HAS, "int_mm", False)
         monkeypatch.setitem(fused._STATE, "module", None)

@@ -239,7 +239,7 @@ def test_w8a8_on_bf16_inputs_equals_its_float32_inputs_rounded(symmetric):
                                      skip=mq.SkipRules.none()))
     x = torch.randn(7, 96).bfloat16()
     ran = set()
-    for name in ("w8a8_fused", "w8a8_int_mm", "w8a8_onednn"):  # the last two where the CPU has VNNI/AMX
+    for name in ("w8a8_fused", "w8a8_int_mm", "w8a8_onednn", "w8a8_vnni"):  # the last three: VNNI, AMX, AVX512-VNNI
         with kernels.pin(name), torch.no_grad():
             y, ref = lin(x), lin(x.float())
         if lin[0].last_kernel == name:
@@ -307,8 +307,8 @@ def test_the_avx2_build_matches_the_reference_on_an_avx512_machine():
 
 
 needs_onednn = pytest.mark.skipif(not (fused.available() and hardware.HAS["onednn_qlinear"]
-                                       and hardware.cpu_has_int_dot()),
-                                  reason="needs oneDNN's int8 matmul op and a CPU with VNNI/AMX")
+                                       and hardware.cpu_has_amx()),
+                                  reason="needs oneDNN's int8 matmul op and a CPU with AMX")
 
 
 @needs_onednn

@@ -62,8 +62,10 @@ def _onednn_exact(w: QuantWeight) -> bool:
 
 
 def _w8a8_onednn_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    # AMX only: without it this op ran a reference loop here (AMD EPYC Zen 4, AVX512-VNNI, 2 threads: 6.3 s for
+    # 2048x384 @ 384x384, torch._int_mm 0.012-0.024 s), which made timing it alone cost seconds per layer
     return (q.device.type == "cpu" and not q.needs_grad and hardware.HAS["onednn_qlinear"]
-            and hardware.cpu_has_int_dot() and fused.available() and _onednn_exact(w))
+            and hardware.cpu_has_amx() and fused.available() and _onednn_exact(w))
 
 
 def _w8a8_sim_eligible(w: QuantWeight, q: KernelQuery) -> bool:
@@ -142,6 +144,30 @@ def _w8a8_sim(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None)
     return _w8a8(w, x2d, act, bias, "sim")
 
 
+def _w8a8_vnni_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return (q.device.type == "cpu" and not q.needs_grad and 0 < q.k <= fused.W8A8_MAX_K
+            and hardware.cpu_has_avx512_vnni() and fused.has_vnni())
+
+
+def _w8a8_vnni(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None) -> torch.Tensor:
+    """The whole layer in one compiled call (:func:`monoquant.fused.w8a8_vnni_linear`): the input rows quantized
+    as ``act.int8_codes`` would, u8 x s8 ``vpdpbusd`` sums on the weight packed once, the zero-point term, the
+    scales and the bias applied from registers; the same float32 (bf16) values as the other ``int8_inputs``
+    kernels."""
+    stored = w.stored
+    wq = stored.qweight
+    n = wq.shape[0]
+    packed = w.cached("w8a8_vnni_packed", lambda: fused.w8a8_vnni_pack(wq))
+    rowsum = w.cached("w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
+    xf = (x2d if x2d.dtype == torch.bfloat16 else x2d.float()).contiguous()
+    qt = act.qtype
+    y, scale = fused.w8a8_vnni_linear(xf, packed, n, rowsum, stored.scale.float().contiguous(),
+                                      None if bias is None else bias.float().contiguous(), qt.qmin, qt.qmax,
+                                      qt.symmetric, act.eps, *act.static_qparams())
+    act.nan_nonfinite_rows_(y, x2d, scale)
+    return y
+
+
 INT8PACK_CPU = KernelCandidate("int8pack_cpu", _int8pack_cpu, _int8pack_cpu_eligible, max_rows=12, tune_max_rows=256,
                                layouts=("int8pack_scales",))
 """torch's packed INT8 weight-only kernel on CPU (bf16), symmetric weights. ``max_rows`` measured with
@@ -157,8 +183,13 @@ W8A8_FUSED = KernelCandidate("w8a8_fused", _w8a8_fused, _w8a8_fused_eligible, in
 W8A8_ONEDNN = KernelCandidate("w8a8_onednn", _w8a8_onednn, _w8a8_onednn_eligible, int8_inputs=True,
                               layouts=("w8a8_onednn",))
 """The same products with oneDNN's int8 matmul primitive (``onednn::qlinear_pointwise``, weight prepacked once),
-which runs AMX-INT8 tiles where the CPU has them; ``torch._int_mm`` goes through oneDNN's GEMM API instead (no
-AMX: measured 2.9 vs 1.4 ms at 2048x384 @ 384x1536 on one thread of an AMX Xeon, the bf16 GEMM 1.4 ms)."""
+which runs AMX-INT8 tiles (eligible only where the CPU has them: without AMX it measured a reference loop);
+``torch._int_mm`` goes through oneDNN's GEMM API instead (no AMX: measured 2.9 vs 1.4 ms at 2048x384 @ 384x1536
+on one thread of an AMX Xeon, the bf16 GEMM 1.4 ms)."""
+W8A8_VNNI = KernelCandidate("w8a8_vnni", _w8a8_vnni, _w8a8_vnni_eligible, int8_inputs=True,
+                            layouts=("w8a8_vnni_packed",))
+"""The whole INT8-activation layer as one compiled AVX512-VNNI kernel (quantize, ``vpdpbusd`` GEMM, epilogue),
+bit-identical to the others; for CPUs with AVX512-VNNI (without AMX, oneDNN's int8 matmul does not beat it)."""
 W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_inputs=True, fallback=True)
 """The same integer products in float64 (exact) where this torch has no ``torch._int_mm``."""
 
@@ -318,7 +349,7 @@ class Int8(IntegerFormat):
 
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         if self.weight_qtype().symmetric:
-            return (INT8PACK_CPU, FUSED_INT8, W8A8_INT_MM, W8A8_ONEDNN, W8A8_FUSED, W8A8_SIM)
+            return (INT8PACK_CPU, FUSED_INT8, W8A8_INT_MM, W8A8_ONEDNN, W8A8_VNNI, W8A8_FUSED, W8A8_SIM)
         return (FUSED_INT8,)
 
     def conv_kernel_candidates(self) -> tuple[KernelCandidate, ...]:

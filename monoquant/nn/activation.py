@@ -117,6 +117,20 @@ class ActivationQuantizer(nn.Module):
             return scale.float().unsqueeze(-1), zero.to(torch.int32).unsqueeze(-1)
         return self.scale, self.zero_point
 
+    @property
+    def eps(self) -> float:
+        """The smallest scale (:data:`monoquant.functional.SCALE_EPS`), what dynamic qparams are clamped to."""
+        return F.SCALE_EPS
+
+    def static_qparams(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(scale, zero_point)`` as a compiled kernel takes them: ``(None, None)`` when dynamic (per-row qparams
+        are computed inside the kernel), else float32 ``[1]`` and int32 ``[1]`` (``None`` for symmetric)."""
+        if self.dynamic:
+            return None, None
+        self.check_ready()
+        zero = None if self.qtype.symmetric else self.zero_point.to(torch.int32).reshape(1).contiguous()
+        return self.scale.float().reshape(1).contiguous(), zero
+
     def quantize(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer codes (float32 holding integers in the qtype's range) of a flattened ``[rows, K]`` input, with
         their scale and zero-point: ``clamp(round(x / scale) + zero, qmin, qmax)`` in float32 (one rounding of
