@@ -16,7 +16,9 @@
 // on: measured 1.17 -> 0.76 ms for a cold 4096x4096 INT4 GEMV on AVX2). Which SIMD path runs is decided by
 // the compiler flags: monoquant/fused.py builds this file on the machine that uses it with -march=native, so
 // __AVX512F__ / __AVX2__ describe this CPU; without either, a portable scalar loop is compiled. INT4 layers
-// whose group is not a multiple of the vector block (2 * lanes columns) take the scalar loop as well.
+// whose group is not a multiple of the vector block (2 * lanes columns) take the scalar loop as well. An
+// AVX2-only build runs the matmul through its own section (namespace avx2, after the generic loops): the same
+// arithmetic with fewer instructions per weight.
 //
 // Python entry points (float32 contiguous x [M, K]; output float32 [M, N], bias added by the caller):
 //   int4_linear(x, qweight, scale, zero_point_or_None, group_size)
