@@ -37,7 +37,7 @@ from . import functional as F
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError
 from .formats import method_of
-from .gptq import GPTQOptions, GPTQState, GPTQWorkspace, working_bytes
+from .gptq import GPTQOptions, GPTQState, working_bytes
 from .memory import release_freed_memory
 from .nn.activation import ActivationQuantizer
 from .nn.module import QuantModule
@@ -214,9 +214,8 @@ def freeze(model: nn.Module) -> list[FrozenLayer]:
 _Result = tuple[FrozenLayer, Any, Any]  # (row, GPTQ stored weight or None, activation qparams or None)
 
 
-def _compute_frozen(layers: list[tuple[str, QuantModule]], workspace: GPTQWorkspace | None = None) -> list[_Result]:
-    """What freezing ``layers`` gives, changing nothing; raises naming every layer that saw no data. The GPTQ layers
-    share one :class:`~monoquant.gptq.GPTQWorkspace` (``workspace``, else a new one for this call)."""
+def _compute_frozen(layers: list[tuple[str, QuantModule]]) -> list[_Result]:
+    """What freezing ``layers`` gives, changing nothing; raises naming every layer that saw no data."""
     unseen = [name for name, q in layers
               if (q.gptq is not None and not q.gptq.hessian.has_seen_data)
               or (q.input_quantizer is not None and q.input_quantizer.needs_calibration
@@ -225,12 +224,11 @@ def _compute_frozen(layers: list[tuple[str, QuantModule]], workspace: GPTQWorksp
         raise CalibrationError(f"cannot freeze: no calibration data reached {unseen}; run batches that go "
                                "through these layers under `with mq.calibrate(model):` (nothing was changed)")
     results = []
-    workspace = GPTQWorkspace() if workspace is None else workspace
     for name, q in layers:
         row = FrozenLayer(name, q, method_of(q.spec).name)
         stored = act_qparams = None
         if q.gptq is not None:
-            stored, row.output_sqnr_db = q.gptq.quantize(q.spec, q.group_size, workspace)
+            stored, row.output_sqnr_db = q.gptq.quantize(q.spec, q.group_size)
             with torch.no_grad():
                 deq = q.spec.dequantize(stored, q.weight2d_shape[1], q.group_size, torch.float32)
                 row.weight_sqnr_db = F.sqnr(q.gptq.weight.reshape(deq.shape), deq)
@@ -434,7 +432,6 @@ def calibrate_and_freeze(
     frozen: list[FrozenLayer] = []
     undo: list[Callable[[], None]] = []
     started: list[_Stage] = []
-    workspace = GPTQWorkspace()  # one for all stages: the same buffers for layer after layer
     try:
         bar = tqdm(stages, desc="calibrating (sequential)", unit="stage", leave=False,
                    disable=data_mod.tqdm_disable(progress))
@@ -443,7 +440,7 @@ def calibrate_and_freeze(
             started.append(stage)
             _reset_observers(stage)
             _observe_stage(model, pending, stage, data, max_batches, forward_fn)
-            results = _compute_frozen(stage.layers, workspace)
+            results = _compute_frozen(stage.layers)
             _release_hessians(stage)
             undo.append(_apply_frozen(results))
             frozen += [row for row, _, _ in results]
@@ -500,7 +497,6 @@ def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
     modules = [q for _, q in layers]
     results: list[tuple[FrozenLayer, Any]] = []  # (row, activation qparams or None)
     started: list[_Stage] = []
-    workspace = GPTQWorkspace()  # one for all passes: the same buffers for layer after layer
     try:
         bar = tqdm(stages, desc="calibrating (Hessians in passes)", unit="pass", leave=False,
                    disable=data_mod.tqdm_disable(progress))
@@ -508,7 +504,7 @@ def _calibrate_in_passes(model: nn.Module, layers: list[tuple[str, QuantModule]]
             started.append(stage)
             _observe_stage(model, modules, stage, data, max_batches, forward_fn)
             for item in stage.layers:  # one layer's result at a time, straight into its stored buffers
-                (row, stored, act_qparams), = _compute_frozen([item], workspace)
+                (row, stored, act_qparams), = _compute_frozen([item])
                 if stored is not None:
                     row.module.set_stored(stored)  # still pending: it computes with its float weight until the end
                 results.append((row, act_qparams))

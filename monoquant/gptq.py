@@ -134,42 +134,6 @@ class HessianObserver(Observer):
         return f"in_features={self.in_features}, groups={self.groups}"
 
 
-class GPTQWorkspace:
-    """The large temporaries of :func:`gptq_quantize`, kept from one layer to the next.
-
-    Quantizing layer after layer, each layer allocates and frees the same large blocks (the gathered and factorised
-    ``K x K`` Hessian, its inverse factor, the transposed ``K x M`` weight, its int16 codes, the block buffers and
-    the lazy update's product). glibc's ``malloc`` serves the first of them from ``mmap`` and, once one is freed,
-    raises its mmap threshold to that size, so later ones come from the heap, between the quantized buffers of the
-    layers already done, where freed pages stay in the process: 64 GPTQ ``Linear(1024, 1024)`` layers peaked
-    anywhere from 177 to 192 MB above the float model from run to run. A workspace allocates each of these buffers
-    once, at the size of the largest layer seen so far, and every layer reuses it (an ``out=`` of the op that
-    fills it), so the allocator has nothing to fragment; the values computed are bit for bit those of fresh
-    buffers. It holds about ``12 K^2 + 10 K M`` bytes of the largest layer until it is dropped (by the caller:
-    :func:`monoquant.calibration.freeze` keeps one for the layers it freezes).
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """Buffer ``name`` as an uninitialised contiguous tensor of ``shape`` and ``dtype`` (grown when too small)."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
-            self._buffers.pop(name, None)
-            buf = self._buffers[name] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return buf[:nbytes].view(dtype).view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return sum(b.numel() for b in self._buffers.values())
-
-
 def working_bytes(rows: int, cols: int) -> int:
     """About how many bytes of temporaries freezing one GPTQ layer of ``[rows, cols]`` allocates besides its Hessian
     (the float64 Hessian copies and Cholesky factor, the float32 inverse factor, the transposed weight, codes,
@@ -178,60 +142,48 @@ def working_bytes(rows: int, cols: int) -> int:
     return 24 * cols * cols + 24 * rows * cols
 
 
-def _inverse_cholesky(h: torch.Tensor, damping: float, order: torch.Tensor | None = None,
-                      workspace: GPTQWorkspace | None = None) -> torch.Tensor:
+def _inverse_cholesky(h: torch.Tensor, damping: float, order: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H' + damping * mean(diag H') * I)^-1`` (``U^T U``), float32, where ``H'`` is
     ``h`` with rows and columns in processing ``order`` (``h[order][:, order]``; ``None``: as stored).
 
     With ``J`` the reversal permutation, ``J H' J = L L^T`` (one Cholesky factorisation) gives ``H'^-1 = U^T U``
     for the upper triangular ``U = J L^-1 J``: one factorisation and one triangular inverse, instead of forming the
-    inverse (``cholesky_inverse``) and factorising it again. ``J H' J`` is gathered from ``h`` by two
-    ``index_select`` passes. The factorisation runs in float32 when that succeeds (the precision GPTQ uses ``U`` in;
-    the damped Hessian is well conditioned) and again in float64 when float32 rounding breaks positive
-    definiteness; the triangular inverse (:func:`_lower_inverse`) runs in float32. The ``K x K`` matrices live in
-    ``workspace`` (:class:`GPTQWorkspace`; a fresh one when ``None``), so the returned ``U`` is one of its buffers.
+    inverse (``cholesky_inverse``) and factorising it again. ``J H' J`` is gathered from ``h`` in one indexing pass.
+    The factorisation runs in float32 when that succeeds (the precision GPTQ uses ``U`` in; the damped Hessian is
+    well conditioned) and again in float64 when float32 rounding breaks positive definiteness; the triangular
+    inverse (:func:`_lower_inverse`) runs in float32.
     """
-    ws = GPTQWorkspace() if workspace is None else workspace
     k = h.shape[0]
     order = torch.arange(k, device=h.device) if order is None else order
     reversed_order = order.flip(0)
-    rows = torch.index_select(h, 0, reversed_order, out=ws.take("square_a", (k, k), h.dtype, h.device))
-    h = torch.index_select(rows, 1, reversed_order, out=ws.take("square_b", (k, k), h.dtype, h.device))  # J H' J
+    h = h[reversed_order[:, None], reversed_order]  # J H' J, a fresh copy
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damping * float(torch.diag(h).double().mean()))
-    lower = ws.take("square_a", (k, k), torch.float32, h.device)
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h if h.dtype == torch.float32 else h.float(), out=(lower, info))
+    lower, info = torch.linalg.cholesky_ex(h.float())
     if int(info) != 0:
-        lower.copy_(torch.linalg.cholesky(h.double()))
-    inverse = _lower_inverse(lower, ws.take("square_b", (k, k), torch.float32, h.device))
-    # U = J L^-1 J: both dimensions reversed, one index_select each (torch.flip has no out=)
-    rev = torch.arange(k - 1, -1, -1, device=h.device)
-    flipped = torch.index_select(inverse, 0, rev, out=ws.take("square_a", (k, k), torch.float32, h.device))
-    return torch.index_select(flipped, 1, rev, out=ws.take("inverse", (k, k), torch.float32, h.device))
+        lower = torch.linalg.cholesky(h.double()).float()
+    return _lower_inverse(lower).flip(0, 1)
 
 
 INVERSE_LEAF = 256
 """Largest triangle :func:`_lower_inverse` inverts with one triangular solve against the identity."""
 
 
-def _lower_inverse(lower: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``L^-1`` of a lower triangular ``L`` (into ``out`` when given), blocked as LAPACK's ``trtri``: with
-    ``L = [[A, 0], [C, D]]``, ``L^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, the corner from one matrix product and one
-    triangular solve. Half the arithmetic of solving against the identity (``n^3 / 4`` multiply-adds instead of
-    ``n^3 / 2``: the solve does not know that most of the identity's columns start with zeros), mostly in matrix
-    products."""
+def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` of a lower triangular ``L``, blocked as LAPACK's ``trtri``: with ``L = [[A, 0], [C, D]]``,
+    ``L^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, the corner from one matrix product and one triangular solve.
+    Half the arithmetic of solving against the identity (``n^3 / 4`` multiply-adds instead of ``n^3 / 2``: the
+    solve does not know that most of the identity's columns start with zeros), mostly in matrix products."""
     n = lower.shape[0]
-    out = torch.empty_like(lower) if out is None else out
     if n <= INVERSE_LEAF:
         eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        out.copy_(torch.linalg.solve_triangular(lower, eye, upper=False))
-        return out
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
     half = n // 2
-    out[:half, half:] = 0
-    a_inv = _lower_inverse(lower[:half, :half], out[:half, :half])
-    _lower_inverse(lower[half:, half:], out[half:, half:])
+    out = torch.zeros_like(lower)
+    a_inv = _lower_inverse(lower[:half, :half])
+    out[:half, :half] = a_inv
+    out[half:, half:] = _lower_inverse(lower[half:, half:])
     out[half:, :half] = torch.linalg.solve_triangular(lower[half:, half:], lower[half:, :half] @ a_inv,
                                                       upper=False).neg_()
     return out
@@ -247,7 +199,6 @@ def gptq_quantize(
     damping: float = 0.01,
     static_groups: bool = False,
     refit_scales: bool = False,
-    workspace: GPTQWorkspace | None = None,
 ) -> Stored:
     """GPTQ-quantize a ``[N, K]`` float weight into the format's stored buffers.
 
@@ -256,9 +207,7 @@ def gptq_quantize(
     ``diag(H)``. ``static_groups`` (INT4): every group's qparams come from the original weight up front, else
     each group's come from its error-compensated weights when its first column is reached. Ranges are chosen by
     the method's weight observer. ``refit_scales``: afterwards, :func:`refit_group_scales` (not for one scale per
-    tensor). The stored layout is the canonical one (same as round-to-nearest) in every case. ``workspace``: the
-    :class:`GPTQWorkspace` whose buffers to use (pass the same one for layer after layer; a fresh one when
-    ``None``, the same results).
+    tensor). The stored layout is the canonical one (same as round-to-nearest) in every case.
     """
     n, k = weight2d.shape
     hs = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
@@ -280,13 +229,11 @@ def gptq_quantize(
         if scalar:
             static = (static[0].expand(n), static[1].expand(n))
     parts = []
-    workspace = GPTQWorkspace() if workspace is None else workspace
     for i, h in enumerate(hs):
         sl = slice(i * rows, (i + 1) * rows)
         fixed = None if static is None else (static[0][sl], static[1][sl])
         h = h.to(w.device)
-        codes_i, scale_i, zero_i = _gptq_rows(spec, w[sl], h, g, fixed, act_order=act_order, damping=damping,
-                                                workspace=workspace)
+        codes_i, scale_i, zero_i = _gptq_rows(spec, w[sl], h, g, fixed, act_order=act_order, damping=damping)
         if refit_scales and not scalar:
             scale_i = refit_group_scales(w[sl], h, codes_i, scale_i, zero_i, g or k)
         parts.append((codes_i, scale_i, zero_i))
@@ -306,13 +253,11 @@ def _gptq_rows(
     *,
     act_order: bool,
     damping: float,
-    workspace: GPTQWorkspace,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of rows ``w`` (``[M, K]``) sharing one Hessian: integer codes ``[M, K]``, scale and zero-point.
 
     ``static``: qparams of every row (INT8) or group (INT4) fixed up front; ``None`` (INT4 only): a group's
     qparams are chosen when its first column comes up, from the current (compensated) values of its columns.
-    Every ``K x K`` and ``K x M`` temporary is a buffer of ``workspace``.
     """
     qtype: QType = spec.weight_qtype()
     m, k = w.shape
@@ -321,10 +266,9 @@ def _gptq_rows(
     position = torch.argsort(perm)  # processing position of each stored column
     order = perm.tolist()
     # transposed, in processing order: column j of the weight is the contiguous row wt[j]
-    ws, dev = workspace, w.device
-    wt = torch.index_select(w.t(), 0, perm, out=ws.take("weight_t", (k, m), torch.float32, dev))
-    hinv = _inverse_cholesky(hessian, damping, perm, ws).to(dev)
-    codes_t = ws.take("codes_t", (k, m), torch.int16, dev)
+    wt = w.t()[perm].contiguous()
+    hinv = _inverse_cholesky(hessian, damping, perm).to(w.device)
+    codes_t = torch.empty(k, m, dtype=torch.int16, device=w.device)
     if static is not None:
         scale_all, zero_all = static
         scale_t, zero_t = scale_all.double().t().contiguous(), zero_all.double().t().contiguous()
@@ -342,9 +286,8 @@ def _gptq_rows(
     chosen: set[int] = set()
     for b0 in range(0, k, BLOCK_SIZE):
         b1 = min(b0 + BLOCK_SIZE, k)
-        wb = ws.take("block", (b1 - b0, m), torch.float32, dev).copy_(wt[b0:b1])
-        hb = hinv[b0:b1, b0:b1]
-        errs = ws.take("errors", (b1 - b0, m), torch.float32, dev).zero_()
+        wb, hb = wt[b0:b1].clone(), hinv[b0:b1, b0:b1]
+        errs = torch.zeros_like(wb)
         slots = slot_of[b0:b1].contiguous()
         for s0 in range(0, b1 - b0, SUB_BLOCK_SIZE):
             s1 = min(s0 + SUB_BLOCK_SIZE, b1 - b0)
@@ -370,10 +313,8 @@ def _gptq_rows(
                 else:
                     _quantize_columns(*args)
                 i = end
-            # the products go to a workspace buffer (same arithmetic as `wb[s1:] -= a @ b`, no fresh tensor)
-            wb[s1:] -= torch.matmul(hb[s0:s1, s1:].t(), errs[s0:s1],
-                                    out=ws.take("product", (b1 - b0 - s1, m), torch.float32, dev))
-        wt[b1:] -= torch.matmul(hinv[b0:b1, b1:].t(), errs, out=ws.take("product", (k - b1, m), torch.float32, dev))
+            wb[s1:] -= hb[s0:s1, s1:].t() @ errs[s0:s1]
+        wt[b1:] -= hinv[b0:b1, b1:].t() @ errs
     return codes_t[position].t().to(torch.int64), scale_all, zero_all
 
 
@@ -516,10 +457,8 @@ class GPTQState(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         self.hessian(x if self.conv is None else self.conv.patches(x.detach()))
 
-    def quantize(self, spec: WeightSpec, group_size: int | None,
-                 workspace: GPTQWorkspace | None = None) -> tuple[Stored, float]:
-        """Run GPTQ (in ``workspace``'s buffers, see :class:`GPTQWorkspace`); returns the stored weight and the
-        layer's output SQNR (dB) on the calibration inputs."""
+    def quantize(self, spec: WeightSpec, group_size: int | None) -> tuple[Stored, float]:
+        """Run GPTQ; returns the stored weight and the layer's output SQNR (dB) on the calibration inputs."""
         if not self.hessian.has_seen_data:
             raise CalibrationError(f"layer {self.layer_name!r} uses method='gptq' but saw no calibration data; run "
                                    "batches that reach it under `with mq.calibrate(model):` before mq.freeze")
@@ -527,8 +466,7 @@ class GPTQState(nn.Module):
         w2d = self.weight.reshape(self.weight.shape[0], -1)
         opts = self.options
         stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
-                               static_groups=opts.static_groups, refit_scales=opts.refit_scales,
-                               workspace=workspace)
+                               static_groups=opts.static_groups, refit_scales=opts.refit_scales)
         deq = spec.dequantize(stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 

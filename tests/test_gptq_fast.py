@@ -143,32 +143,3 @@ def test_gptq_equals_the_reference_on_fixed_seeds(spec, group, options, seed):
     assert sqnr[0] == pytest.approx(sqnr[1], abs=0.05)
     if options["static_groups"] and not options["refit_scales"]:  # qparams from the same clipping search
         assert torch.equal(got.scale, want.scale)
-
-
-@pytest.mark.parametrize(("spec", "group"), [(mq.Int4(group_size=32, method="gptq"), 32), (mq.Int8(method="gptq"), None)])
-def test_a_reused_workspace_gives_the_results_of_fresh_buffers(spec, group):
-    """Layers quantized one after another in one GPTQWorkspace (two of the same shape, a smaller and a larger one
-    between them) store exactly what each stores with fresh buffers, and the same-shape layers reuse its memory."""
-    ws = gptq.GPTQWorkspace()
-    shapes = [(96, 256), (96, 256), (40, 128), (128, 320)]
-    pointers = []
-    for i, (rows, cols) in enumerate(shapes):
-        w, h = _weight(rows, cols, seed=i), _hessian(cols, seed=i)
-        options = dict(act_order=True, static_groups=group is None, refit_scales=True)
-        fresh = gptq.gptq_quantize(spec, w, h, group, **options)
-        reused = gptq.gptq_quantize(spec, w, h, group, workspace=ws, **options)
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(fresh, reused))
-        pointers.append({name: buf.data_ptr() for name, buf in ws._buffers.items()})
-    assert pointers[1] == pointers[0]  # the second layer of the same shape allocated nothing
-    assert pointers[2] == pointers[1]  # a smaller layer fits in the same buffers
-    assert ws.nbytes >= 12 * 320 ** 2 + 8 * 320 * 128  # grown to the largest layer: K x K and K x M buffers
-
-
-def test_workspace_take_views_one_buffer_in_any_dtype_and_grows_when_too_small():
-    ws = gptq.GPTQWorkspace()
-    a = ws.take("x", (4, 8), torch.float64, "cpu")
-    b = ws.take("x", (8, 8), torch.float32, "cpu")  # same 256 bytes, another dtype
-    assert (a.shape, a.dtype, b.shape, b.dtype) == ((4, 8), torch.float64, (8, 8), torch.float32)
-    assert a.data_ptr() == b.data_ptr() and ws.nbytes == 256
-    c = ws.take("x", (9, 8), torch.float32, "cpu")
-    assert c.is_contiguous() and c.shape == (9, 8) and ws.nbytes == 288
