@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import fused, kernels
+from . import fused, hardware, kernels
 from ._version import __version__
 
 _CPU_CHECKS = (("AVX2", "_is_avx2_supported"), ("AVX-512", "_is_avx512_supported"),
@@ -38,6 +38,10 @@ def kernel_availability(extension: bool) -> list[tuple[str, bool, str]]:
         ("int4pack_cpu", present["int4pack_cpu"], "torch op aten._weight_int4pack_mm_for_cpu"),
         ("int8pack_cpu", present["int8pack"], "torch op aten._weight_int8pack_mm"),
         ("fused_cpu", extension, "compiled kernels (csrc/fused_linear.cpp)"),
+        ("fused_bf16", extension and hardware.cpu_has_avx512_bf16(),
+         "compiled kernels with AVX512-BF16 (vdpbf16ps) on the stored codes, few rows"),
+        ("fused_bf16_gemm", extension and hardware.cpu_has_avx512_bf16(),
+         "compiled kernels with AVX512-BF16: weight dequantized once per call into bf16 panels"),
         ("w8a8_int_mm", present["int_mm"] and int_dot, "torch._int_mm, fast only with VNNI or AMX"),
         ("w8a8_onednn", present["onednn_qlinear"] and int_dot and extension,
          "oneDNN's int8 matmul, weight prepacked (AMX-INT8 tiles where present)"),

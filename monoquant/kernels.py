@@ -5,21 +5,27 @@ A low-bit kernel belongs to the weight format that can run it: the format lists 
 :class:`~monoquant.formats.kernel.KernelCandidate` objects in ``kernel_candidates()`` (eligibility, the repacked
 layouts it caches, the call; see :mod:`monoquant.formats.kernel`), and this module only asks. The built-in ones:
 
-=================  =====================================================================  ==============
-kernel             registered by, applies when                                            computes in
-=================  =====================================================================  ==============
-``int4pack_cuda``  Int4: CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
-``int4pack_cpu``   Int4: CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
-                   rows <= its ``max_rows`` (48)
-``int8pack_cpu``   Int8 symmetric: CPU, K % 16 == 0, rows <= its ``max_rows`` (12); the   bf16
-                   op crashes the process for other K (torch 2.13)
-``fused_cpu``      Int4 / Int8: CPU, compiled kernel available (:mod:`monoquant.fused`),   float32
-                   no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
-``dequant_bf16``   shared: CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype     bf16
-                   None/bf16
-``dequant``        shared: everything else: dequantize, then ``F.linear``                 compute_dtype,
-                                                                                          else input dtype
-=================  =====================================================================  ==============
+===================  =====================================================================  ==============
+kernel               registered by, applies when                                            computes in
+===================  =====================================================================  ==============
+``int4pack_cuda``    Int4: CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
+``int4pack_cpu``     Int4: CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
+                     rows <= its ``max_rows`` (48)
+``int8pack_cpu``     Int8 symmetric: CPU, K % 16 == 0, rows <= its ``max_rows`` (12); the   bf16
+                     op crashes the process for other K (torch 2.13)
+``fused_cpu``        Int4 / Int8: CPU, compiled kernel available (:mod:`monoquant.fused`),   float32
+                     no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
+``fused_bf16``       Int4 / Int8: CPU with AVX512-BF16 and a build that has it, compute     bf16 (float32
+                     dtype None/bf16, K % 32 == 0 (Int4: group % 32 == 0), N % 4 == 0;      sums)
+                     the stored codes decoded per 8-row tile (``vdpbf16ps``); by
+                     measurement only (``max_rows`` 0), timed up to 256 rows
+``fused_bf16_gemm``  same, N % 16 == 0: the weight dequantized once per call into bf16      bf16 (float32
+                     panels, an 8 x 48 micro-kernel; by measurement only, any rows          sums)
+``dequant_bf16``     shared: CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype     bf16
+                     None/bf16
+``dequant``          shared: everything else: dequantize, then ``F.linear``                 compute_dtype,
+                                                                                            else input dtype
+===================  =====================================================================  ==============
 
 The static table (tuning off) runs the first eligible row in this order: the format's candidates in the order it
 lists them, then ``dequant_bf16``, then ``dequant``.
