@@ -81,14 +81,19 @@ def test_fused_bf16_on_a_large_layer_and_many_rows(spec, kernel):
 
 
 @needs_bf16_dot
-def test_fused_bf16_takes_float32_inputs_as_bf16():
-    """A float32 model may run it too (the input rounded to bf16, as the packed bf16 kernels do); the output keeps
-    the input's dtype."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_bf16_runs_for_bf16_inputs_or_a_bf16_compute_dtype_only(kernel):
+    """A float32 model keeps float32 arithmetic (even pinned, the kernels are not eligible for its inputs); a layer
+    with ``compute_dtype=torch.bfloat16`` runs them on its float32 input rounded to bf16, output in float32."""
     q = layer(256, 32, mq.Int4(group_size=64))
     x = torch.randn(5, 256)
-    with kernels.pin("fused_bf16"), torch.no_grad():
+    with kernels.pin(kernel), torch.no_grad():
+        q(x)
+    assert q.last_kernel not in KERNELS
+    q.compute_dtype = torch.bfloat16
+    with kernels.pin(kernel), torch.no_grad():
         y = q(x)
-    assert q.last_kernel == "fused_bf16" and y.dtype == torch.float32
+    assert q.last_kernel == kernel and y.dtype == torch.float32
     check_against_reference(q, x.to(torch.bfloat16), y.to(torch.bfloat16))
 
 

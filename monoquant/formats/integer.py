@@ -73,8 +73,10 @@ multiple of it (INT4: the group size too)."""
 
 def fused_bf16_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
     """The compiled AVX512-BF16 kernels (:func:`monoquant.fused.int4_linear_bf16`) compute in bf16 on CPUs with
-    ``avx512_bf16`` where the build has them, for ``K`` a multiple of 32 and ``N`` of 4."""
-    return (q.device.type == "cpu" and q.low_bit_ok and q.k % FUSED_BF16_BLOCK == 0 and q.n % 4 == 0
+    ``avx512_bf16`` where the build has them, for ``K`` a multiple of 32 and ``N`` of 4, and only for bf16 inputs
+    (or a layer asked to compute in bf16): a float32 model keeps its float32 arithmetic wherever it did."""
+    bf16 = q.input_dtype == torch.bfloat16 or q.compute_dtype == torch.bfloat16
+    return (bf16 and q.device.type == "cpu" and q.low_bit_ok and q.k % FUSED_BF16_BLOCK == 0 and q.n % 4 == 0
             and hardware.cpu_has_avx512_bf16() and fused.bf16_dot())
 
 
