@@ -252,48 +252,37 @@ def _(x, qweight, scale, zero_point):
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
 
-@_op("int4_linear_bf16")
-def _int4_linear_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                         zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    return _kernel("int4_linear_bf16")(x, qweight, scale, zero_point, group_size)
-
-
-@_int4_linear_bf16_op.register_fake
-def _(x, qweight, scale, zero_point, group_size):
+def _bf16_product(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """The fake output of the AVX512-BF16 kernels: bf16 ``[M, N]``."""
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
 
 
-@_op("int8_linear_bf16")
-def _int8_linear_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                         zero_point: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int8_linear_bf16")(x, qweight, scale, zero_point)
+def _int4_bf16_op(name: str):
+    """The custom op ``monoquant::name`` of an INT4 AVX512-BF16 kernel (``int4_linear_bf16``, ``int4_gemm_bf16``)."""
+    def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             group_size: int) -> torch.Tensor:
+        return _kernel(name)(x, qweight, scale, zero_point, group_size)
+
+    op = _op(name)(impl)
+    op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
+    return op
 
 
-@_int8_linear_bf16_op.register_fake
-def _(x, qweight, scale, zero_point):
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
+def _int8_bf16_op(name: str):
+    """The custom op of an INT8 AVX512-BF16 kernel (``int8_linear_bf16``, ``int8_gemm_bf16``)."""
+    def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+             zero_point: torch.Tensor | None) -> torch.Tensor:
+        return _kernel(name)(x, qweight, scale, zero_point)
+
+    op = _op(name)(impl)
+    op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
+    return op
 
 
-@_op("int4_gemm_bf16")
-def _int4_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                       zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    return _kernel("int4_gemm_bf16")(x, qweight, scale, zero_point, group_size)
-
-
-@_int4_gemm_bf16_op.register_fake
-def _(x, qweight, scale, zero_point, group_size):
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
-
-
-@_op("int8_gemm_bf16")
-def _int8_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                       zero_point: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int8_gemm_bf16")(x, qweight, scale, zero_point)
-
-
-@_int8_gemm_bf16_op.register_fake
-def _(x, qweight, scale, zero_point):
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
+_int4_linear_bf16_op = _int4_bf16_op("int4_linear_bf16")
+_int8_linear_bf16_op = _int8_bf16_op("int8_linear_bf16")
+_int4_gemm_bf16_op = _int4_bf16_op("int4_gemm_bf16")
+_int8_gemm_bf16_op = _int8_bf16_op("int8_gemm_bf16")
 
 
 @_op("dequantize_int4", mutates_args=("out",))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_fused import layer
 
 import monoquant as mq
 from monoquant import fused, hardware, kernels, schemes
@@ -16,15 +17,6 @@ needs_bf16_dot = pytest.mark.skipif(not (fused.available() and fused.bf16_dot() 
 
 KERNELS = ("fused_bf16", "fused_bf16_gemm")
 BF16_EPS = 2.0**-8  # one rounding of the output to bf16 (relative)
-
-
-def layer(k: int, n: int, spec, seed: int = 0) -> mq.QuantLinear:
-    g = torch.Generator().manual_seed(seed)
-    group = spec.group_size if spec.kind == "int4" else None
-    q = mq.QuantLinear(k, n, spec=spec, group_size=group)
-    q.set_stored(schemes.quantize_weight(spec, torch.randn(n, k, generator=g) * 0.1, group))
-    q.bias.copy_(torch.randn(n, generator=g))
-    return q
 
 
 def check_against_reference(q: mq.QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
