@@ -1,13 +1,15 @@
 """Latency and resident-memory ratios of QuantLinear / QuantConv2d against float32 PyTorch.
 
-Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover] [--only-rows] [--w8a8-profile]
+Run: python benchmarks/bench_linear.py [--threads 2] [--reps 15] [--crossover] [--only-rows] [--only-bf16]
+[--w8a8-profile]
 
 Everything is measured in one process on ``--threads`` threads under ``torch.inference_mode()``; each
 figure is the median of several runs after warm-up (the warm-up is also when the kernel is chosen by
 measurement, see :mod:`monoquant.tuner`). Ratios are ``fp32 time / quantized time`` (higher is faster) and
-``quantized bytes / fp32 bytes`` (lower is smaller). The first table is issue 13's (4096x4096, rows 1 to
-2048, three configurations, the kernel chosen per row); the second holds issue 2's targets. A FAIL is
-printed as such, never hidden. The header names the CPU (model and the SIMD flags that matter).
+``quantized bytes / fp32 bytes`` (lower is smaller). The first table is issue 23's: a bf16 ``nn.Linear`` (the
+bf16 cast) against the same layer quantized, by rows, as ``quantized time / cast time``. The second is issue 13's
+(4096x4096, rows 1 to 2048, three configurations, the kernel chosen per row); the third holds issue 2's targets.
+A FAIL is printed as such, never hidden. The header names the CPU (model and the SIMD flags that matter).
 
 ``--w8a8-profile`` prints only the W8A8 profile of the encoder's three linear shapes (2048 rows: 384->384,
 384->1536, 1536->384): each step of the integer path timed alone (the dynamic per-token quantize,
@@ -151,6 +153,27 @@ def bench_rows(table: Table, reps: int) -> None:
                            f"{fp32 / ceiling_ms:.3f}x", "(ceiling)", "float32 math", "info"))
 
 
+BF16_ROWS = (1, 8, 32, 256, 2048)
+"""Row counts of the bf16 table (issue 23: weight-only at or below the bf16 cast's time at every batch size)."""
+
+
+def bench_bf16_rows(table: Table, reps: int) -> None:
+    """Issue 23's comparison: ``nn.Linear(4096, 4096).to(torch.bfloat16)`` (the user's alternative) against the same
+    bf16 layer quantized to INT4-g128 / INT8 weight-only, on bf16 input, by rows; time ratio quantized / cast,
+    target <= 1.0x where the CPU has fast bf16 GEMMs (AMX / AVX512-BF16), else printed without a target. The
+    kernel column is what the tuner chose and ran."""
+    lin = nn.Linear(4096, 4096).to(torch.bfloat16)
+    qs = {"INT4-g128": quantized(lin, mq.Int4(group_size=128)), "INT8": quantized(lin, mq.Int8())}
+    fast = mq.kernels.cpu_has_fast_bf16()
+    for rows in BF16_ROWS:
+        x = torch.randn(rows, 4096, dtype=torch.bfloat16)
+        for name, q in qs.items():
+            cast, ms = paired_ms(functools.partial(lin, x), functools.partial(q, x), reps=reps)
+            ratio = ms / cast
+            table.add(f"bf16 4096x4096 rows {rows}", f"{name} time / bf16 cast", cast, ms, ratio,
+                      "<= 1.0x" if fast else "(none)", not fast or ratio <= 1.0, q.last_kernel or "")
+
+
 def cpu_line() -> str:
     """The CPU as the figures depend on it: model and SIMD flags, torch, threads, the compiled kernel's path."""
     k = mq.kernels
@@ -279,6 +302,8 @@ def main() -> int:
                         help="also time packed kernels against dequantize + GEMM by row count")
     parser.add_argument("--only-rows", action="store_true", help="only issue 13's table by row count")
     parser.add_argument("--w8a8-profile", action="store_true", help="only the W8A8 profile of the encoder's shapes")
+    parser.add_argument("--only-bf16", action="store_true",
+                        help="only issue 23's table: weight-only against the bf16 cast, by row count")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -292,11 +317,19 @@ def main() -> int:
     start = time.perf_counter()
     failures = 0
     with torch.inference_mode():
-        rows = Table()
-        bench_rows(rows, args.reps)
-        rows.print()
-        failures += rows.failures
         if not args.only_rows:
+            bf16 = Table()
+            print("weight-only against the bf16 cast (fp32 ms column: the cast's time)")
+            bench_bf16_rows(bf16, args.reps)
+            bf16.print()
+            failures += bf16.failures
+        rows = Table()
+        if not args.only_bf16:
+            print()
+            bench_rows(rows, args.reps)
+            rows.print()
+        failures += rows.failures
+        if not (args.only_rows or args.only_bf16):
             print()
             table = Table()
             bench_linear(table, args.reps)

@@ -1,6 +1,7 @@
 """End-to-end time of quantized models against the same float32 models, with the kernel each layer used.
 
-Run: python benchmarks/bench_models.py [--threads 2] [--reps 5] [--skip-decoder] [--skip-compile]
+Run: python benchmarks/bench_models.py [--threads 2] [--reps 5] [--skip-encoder] [--skip-cnn] [--skip-decoder]
+[--skip-compile] [--nets digits resnet]
 
 Three models, each timed in one process, float32 first, medians of ``--reps`` runs after warm-up (the warm-up
 is also when kernels are chosen by measurement, see :mod:`monoquant.tuner`). Every model also gets the row a
@@ -426,6 +427,7 @@ def main() -> int:
                         help="time as an AVX2-only CPU would (see benchmarks/_simulate.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--skip-cnn", action="store_true", help="no conv-net rows")
     parser.add_argument("--skip-decoder", action="store_true")
     parser.add_argument("--skip-encoder", action="store_true", help="no encoder rows (the conv nets and decoder only)")
     parser.add_argument("--nets", nargs="*", choices=["digits", "resnet"], default=["digits", "resnet"],
@@ -443,7 +445,8 @@ def main() -> int:
     with torch.inference_mode():
         if not args.skip_encoder:
             failures += bench_encoder(args.reps, not args.skip_compile)
-        failures += bench_cnn(args.reps, not args.skip_compile, tuple(args.nets))
+        if not args.skip_cnn:
+            failures += bench_cnn(args.reps, not args.skip_compile, tuple(args.nets))
         if not args.skip_decoder:
             failures += bench_decoder(args.reps)
     print(f"{failures} target(s) missed")

@@ -194,6 +194,14 @@ def load_error() -> str | None:
     return _STATE.get("error")  # type: ignore[return-value]
 
 
+@torch.compiler.assume_constant_result
+def bf16_dot() -> bool:
+    """Whether the build has the AVX512-BF16 kernels (:func:`int4_linear_bf16`, :func:`int8_linear_bf16`): it
+    does where it was compiled for a CPU with ``avx512_bf16`` (builds the extension on first call)."""
+    module = load()
+    return module is not None and bool(module.bf16_dot())
+
+
 @functools.cache
 def simd() -> str:
     """The SIMD path the build compiled (``"avx512"``, ``"avx2"``, ``"scalar"``), or ``"none"`` if not built."""
@@ -242,6 +250,39 @@ def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 @_int8_linear_op.register_fake
 def _(x, qweight, scale, zero_point):
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+def _bf16_product(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """The fake output of the AVX512-BF16 kernels: bf16 ``[M, N]``."""
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.bfloat16)
+
+
+def _int4_bf16_op(name: str):
+    """The custom op ``monoquant::name`` of an INT4 AVX512-BF16 kernel (``int4_linear_bf16``, ``int4_gemm_bf16``)."""
+    def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             group_size: int) -> torch.Tensor:
+        return _kernel(name)(x, qweight, scale, zero_point, group_size)
+
+    op = _op(name)(impl)
+    op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
+    return op
+
+
+def _int8_bf16_op(name: str):
+    """The custom op of an INT8 AVX512-BF16 kernel (``int8_linear_bf16``, ``int8_gemm_bf16``)."""
+    def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+             zero_point: torch.Tensor | None) -> torch.Tensor:
+        return _kernel(name)(x, qweight, scale, zero_point)
+
+    op = _op(name)(impl)
+    op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
+    return op
+
+
+_int4_linear_bf16_op = _int4_bf16_op("int4_linear_bf16")
+_int8_linear_bf16_op = _int8_bf16_op("int8_linear_bf16")
+_int4_gemm_bf16_op = _int4_bf16_op("int4_gemm_bf16")
+_int8_gemm_bf16_op = _int8_bf16_op("int8_gemm_bf16")
 
 
 @_op("dequantize_int4", mutates_args=("out",))
@@ -414,6 +455,40 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
     (custom op ``monoquant::int8_linear``)."""
     return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
+
+
+def int4_linear_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     group_size: int) -> torch.Tensor:
+    """``x @ W^T`` in bf16 (``[M, N]``, float32 sums rounded once) for contiguous bf16 ``x`` ``[M, K]`` and an INT4
+    weight in monoquant's stored layout, with AVX512-BF16 dot products on the weight's bf16 values (each group's
+    16 values ``bf16((c - z) * bf16(s))`` looked up per code: the weights :meth:`dequantize_into` writes in bf16);
+    ``K`` and the group size multiples of 32, ``N`` of 4. Only where :func:`bf16_dot` (custom op
+    ``monoquant::int4_linear_bf16``)."""
+    return _call(_int4_linear_bf16_op, "int4_linear_bf16", x, qweight, scale, zero_point, group_size)
+
+
+def int8_linear_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                     zero_point: torch.Tensor | None) -> torch.Tensor:
+    """As :func:`int4_linear_bf16` for an INT8 weight: the codes minus the zero-point (exact in bf16) multiplied
+    with ``x`` in float32 sums, each output scaled once by its row's float32 scale (custom op
+    ``monoquant::int8_linear_bf16``)."""
+    return _call(_int8_linear_bf16_op, "int8_linear_bf16", x, qweight, scale, zero_point)
+
+
+def int4_gemm_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   group_size: int) -> torch.Tensor:
+    """The product of :func:`int4_linear_bf16` for many rows (``N`` a multiple of 16): each block of 48 weight rows
+    is dequantized once per call (bit-identical to :meth:`dequantize_into` in bf16) into a panel of column pairs,
+    which an 8 x 48 AVX512-BF16 micro-kernel multiplies with every input row (custom op
+    ``monoquant::int4_gemm_bf16``)."""
+    return _call(_int4_gemm_bf16_op, "int4_gemm_bf16", x, qweight, scale, zero_point, group_size)
+
+
+def int8_gemm_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   zero_point: torch.Tensor | None) -> torch.Tensor:
+    """:func:`int4_gemm_bf16` for an INT8 weight: the panels hold the exact codes minus the zero-point, each output
+    is scaled once by its row's float32 scale (custom op ``monoquant::int8_gemm_bf16``)."""
+    return _call(_int8_gemm_bf16_op, "int8_gemm_bf16", x, qweight, scale, zero_point)
 
 
 def dequantize_int4_into(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -27,6 +27,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 @functools.cache
+def cpu_has_avx512_bf16() -> bool:
+    """True when this CPU has the AVX512-BF16 dot-product instruction (``vdpbf16ps``), which the compiled
+    ``fused_bf16`` kernels use (AMX CPUs have it too)."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+@functools.cache
 def cpu_has_int_dot() -> bool:
     """True when this CPU has integer dot-product instructions (AVX512-VNNI / AVX-VNNI or AMX), without which
     ``torch._int_mm`` on CPU is a slow reference loop (measured 100x slower than float32 on AVX2)."""

@@ -5,21 +5,28 @@ A low-bit kernel belongs to the weight format that can run it: the format lists 
 :class:`~monoquant.formats.kernel.KernelCandidate` objects in ``kernel_candidates()`` (eligibility, the repacked
 layouts it caches, the call; see :mod:`monoquant.formats.kernel`), and this module only asks. The built-in ones:
 
-=================  =====================================================================  ==============
-kernel             registered by, applies when                                            computes in
-=================  =====================================================================  ==============
-``int4pack_cuda``  Int4: CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
-``int4pack_cpu``   Int4: CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
-                   rows <= its ``max_rows`` (48)
-``int8pack_cpu``   Int8 symmetric: CPU, K % 16 == 0, rows <= its ``max_rows`` (12); the   bf16
-                   op crashes the process for other K (torch 2.13)
-``fused_cpu``      Int4 / Int8: CPU, compiled kernel available (:mod:`monoquant.fused`),   float32
-                   no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
-``dequant_bf16``   shared: CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype     bf16
-                   None/bf16
-``dequant``        shared: everything else: dequantize, then ``F.linear``                 compute_dtype,
-                                                                                          else input dtype
-=================  =====================================================================  ==============
+===================  =====================================================================  ==============
+kernel               registered by, applies when                                            computes in
+===================  =====================================================================  ==============
+``int4pack_cuda``    Int4: CUDA >= sm80, group in 32..256, N % 8 == 0, K % 128 == 0         bf16
+``int4pack_cpu``     Int4: CPU, group in 32..256, N % 16 == 0, K % group == 0,               bf16
+                     rows <= its ``max_rows`` (48)
+``int8pack_cpu``     Int8 symmetric: CPU, K % 16 == 0, rows <= its ``max_rows`` (12); the   bf16
+                     op crashes the process for other K (torch 2.13)
+``fused_cpu``        Int4 / Int8: CPU, compiled kernel available (:mod:`monoquant.fused`),   float32
+                     no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
+``fused_bf16``       Int4 / Int8: CPU with AVX512-BF16 and a build that has it, bf16        bf16 (float32
+                     input or compute_dtype bf16, K % 32 == 0 (Int4: group % 32 == 0),      sums)
+                     N % 4 == 0;
+                     the stored codes decoded per 8-row tile (``vdpbf16ps``); by
+                     measurement only (``max_rows`` 0), timed up to 256 rows
+``fused_bf16_gemm``  same, N % 16 == 0: the weight dequantized once per call into bf16      bf16 (float32
+                     panels, an 8 x 48 micro-kernel; by measurement only, any rows          sums)
+``dequant_bf16``     shared: CPU with fast bf16 GEMMs (AMX / AVX512-BF16), compute_dtype     bf16
+                     None/bf16
+``dequant``          shared: everything else: dequantize, then ``F.linear``                 compute_dtype,
+                                                                                            else input dtype
+===================  =====================================================================  ==============
 
 The static table (tuning off) runs the first eligible row in this order: the format's candidates in the order it
 lists them, then ``dequant_bf16``, then ``dequant``.
@@ -181,10 +188,11 @@ def __getattr__(name: str):
 
 
 # ---- choosing ---------------------------------------------------------------------------------------------
-def _query(module, device: torch.device, rows: int, needs_grad: bool) -> KernelQuery:
+def _query(module, device: torch.device, rows: int, needs_grad: bool,
+           dtype: torch.dtype | None = None) -> KernelQuery:
     w: QuantWeight = module.quant_weight
     n, k = w.shape2d
-    return KernelQuery(n, k, w.group_size, device, rows, module.compute_dtype, needs_grad)
+    return KernelQuery(n, k, w.group_size, device, rows, module.compute_dtype, needs_grad, dtype)
 
 
 def _candidate(module, name: str) -> KernelCandidate | None:
@@ -208,15 +216,16 @@ def _activation_candidates(module, device: torch.device, rows: int, needs_grad: 
 
 
 def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool,
-                       row_limits: RowLimits | Mapping[str, int]) -> list[str]:
+                       row_limits: RowLimits | Mapping[str, int], dtype: torch.dtype | None = None) -> list[str]:
     """Eligible weight-only kernels: the format's candidates in its order, then the shared ``dequant_bf16`` and
     ``dequant`` (the baseline, always last).
 
     ``row_limits`` is :func:`static_row_limits` for the static table, :data:`TUNE_MAX_ROWS` for timing, and an
-    empty mapping for a pin (any row count); a plain mapping (kernel name -> rows) overrides by name."""
+    empty mapping for a pin (any row count); a plain mapping (kernel name -> rows) overrides by name. ``dtype``:
+    the input's dtype where known (candidates for bf16 inputs ask it)."""
     limits = row_limits if isinstance(row_limits, RowLimits) else RowLimits(None, row_limits)
     w = module.quant_weight
-    q = _query(module, device, rows, needs_grad)
+    q = _query(module, device, rows, needs_grad, dtype)
     cands: list[str] = []
     for c in w.candidates():
         limit = limits.of(c)
@@ -229,7 +238,8 @@ def _weight_candidates(module, device: torch.device, rows: int, needs_grad: bool
     return cands
 
 
-def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, weights_only: bool) -> str | None:
+def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, weights_only: bool,
+                   dtype: torch.dtype | None = None) -> str | None:
     """The pinned kernel if it is eligible here at any row count; with INT8 activations and a pinned weight
     kernel, ``act_sim`` (the float path around it, which honours the pin inside); else ``None``."""
     pin_name = tuner.pinned()
@@ -240,21 +250,21 @@ def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, we
         if pin_name in special:
             return pin_name
         return "act_sim" if "act_sim" in special and pin_name not in ACTIVATION_KERNELS else None
-    return pin_name if pin_name in _weight_candidates(module, device, rows, needs_grad, {}) else None
+    return pin_name if pin_name in _weight_candidates(module, device, rows, needs_grad, {}, dtype) else None
 
 
 def choose_linear_kernel(module, device: torch.device, rows: int, needs_grad: bool, *,
-                         weights_only: bool = False) -> str:
+                         weights_only: bool = False, dtype: torch.dtype | None = None) -> str:
     """Name of the kernel the *static* table above picks for ``module`` on ``device`` for ``rows`` input rows
     (a pinned kernel where it is eligible). :func:`select_kernel` is what ``forward`` uses.
 
     ``weights_only=True`` ignores input quantization (the row an ``act_sim`` layer runs after fake-quantizing).
     """
-    pinned = _pinned_kernel(module, device, rows, needs_grad, weights_only)
+    pinned = _pinned_kernel(module, device, rows, needs_grad, weights_only, dtype)
     if pinned is not None:
         return pinned
     special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
-    return (special or _weight_candidates(module, device, rows, needs_grad, static_row_limits()))[0]
+    return (special or _weight_candidates(module, device, rows, needs_grad, static_row_limits(), dtype))[0]
 
 
 def _untimed(module, name: str) -> bool:
@@ -276,14 +286,14 @@ def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str
     n, k = w.shape2d
     if (tuner.pinned() is not None or needs_grad or rows == 0 or not tuner.tuning_enabled()
             or n * k < tuner.TUNE_MIN_WEIGHTS):
-        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only)
+        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only, dtype=x.dtype)
     special = None if weights_only else _activation_candidates(module, x.device, rows, needs_grad)
     bucket = tuner.row_bucket(rows)
     memo = ("tuned", None if special is None else tuple(special), x.device, bucket, x.dtype)
     choice = w.cache.get(memo)
     if choice is not None:
         return choice
-    cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS)
+    cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS, x.dtype)
     if len(cands) == 1 or _untimed(module, cands[0]):
         return cands[0]
     key = "|".join((w.format.describe(w.group_size), "act" if special else "w", x.device.type, f"{n}x{k}",

@@ -88,7 +88,8 @@ def test_forward_measures_once_per_bucket_and_uses_injected_timings(monkeypatch)
     def timer(call):
         name = call.func.__name__.lstrip("_")  # functools.partial(_LINEAR[name], module, x)
         timed.append(name)
-        return {"dequant": 1.0, "dequant_bf16": 0.9, "int4pack_cpu": 2.0, "fused_cpu": 0.1}[name]
+        return {"dequant": 1.0, "dequant_bf16": 0.9, "int4pack_cpu": 2.0, "fused_cpu": 0.1, "fused_bf16": 0.5,
+                "fused_bf16_gemm": 0.6}[name]
 
     monkeypatch.setattr(tuner, "time_call", timer)
     q = big_layer()
@@ -97,8 +98,8 @@ def test_forward_measures_once_per_bucket_and_uses_injected_timings(monkeypatch)
         q(torch.randn(1, 1024))
     expected = kernels._weight_candidates(q, torch.device("cpu"), 1, False, kernels.TUNE_MAX_ROWS)
     assert set(timed) == set(expected) and expected[-1] == "dequant"
-    want = "fused_cpu" if "fused_cpu" in expected else min(expected, key=lambda n: {"dequant": 1.0,
-                                                           "dequant_bf16": 0.9, "int4pack_cpu": 2.0}[n])
+    want = "fused_cpu" if "fused_cpu" in expected else min(expected, key=lambda n: {
+        "dequant": 1.0, "dequant_bf16": 0.9, "int4pack_cpu": 2.0, "fused_bf16": 0.5, "fused_bf16_gemm": 0.6}[n])
     assert q.last_kernel == want and y1.shape == (1, 512)
     assert f"kernel={want}" in repr(q) and kernels.kernel_summary(q) == f"r1 {want}"
     n_timed = len(timed)

@@ -35,6 +35,9 @@
 //   quantize_weight_rows(x, scale, zero_or_None, group, qmin, qmax, out): round-to-nearest weight codes
 //   gptq_columns(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax): GPTQ's per-column loop
 //   signal_noise_sums(ref, approx): the two sums of an SQNR, float64, one pass
+//   int4_linear_bf16(x, qweight, scale, zero_point_or_None, group_size), int8_linear_bf16(x, qweight, scale,
+//   zero_point_or_None): bf16 x [M, K] -> bf16 [M, N] with vdpbf16ps (few rows); int4_gemm_bf16 / int8_gemm_bf16:
+//   the same for many rows (weight dequantized into bf16 panels once per call); bf16_dot(): whether the build has them
 //   simd() -> "avx512", "avx2" or "scalar"
 
 #include <torch/extension.h>
@@ -1799,6 +1802,404 @@ torch::Tensor signal_noise_sums(const torch::Tensor& ref, const torch::Tensor& a
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// AVX512-BF16 weight-only matmul for bf16 inputs of few rows (issue 23): y[m, n] = sum_k x[m, k] * w[n, k]
+// with bf16 x [M, K] and the stored INT4 / INT8 weight read directly (no repacking, no bf16 copy of the
+// weight), float32 sums, bf16 output [M, N] (bias added by the caller). Each vdpbf16ps multiplies 32 bf16
+// inputs by 32 bf16 weights of one output row, a pair of columns per float32 lane (the lanes run along K, so
+// the row-major stored layout is read as it is); the 16 lanes are summed once per output at the end.
+// The weights reach registers as bf16 once per tile of up to 8 input rows and are reused by every row of it:
+//   INT4: the group's 16 possible values bf16((c - z) * bf16(s)), c = 0..15, in a table built once per group
+//         and output row (what IntegerFormat.dequantize_into writes in bf16: the exact integer times the bf16
+//         scale, rounded once); each code is looked up with one vpermw;
+//   INT8: the codes minus the zero-point, integers of at most 8 bits and so exact in bf16; the float32 sum is
+//         multiplied by the row's float32 scale at the end.
+// Tiles: MB input rows x NB output rows of accumulators (8 x 2, or 4 x 4 for the last rows), inputs in blocks
+// of rows that stay in L2 while the thread's weight rows stream past. Requires K % 32 == 0 (INT4: group %
+// 32 == 0) and N % 4 == 0 (the Python side checks; the candidates are not eligible otherwise).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool BF16_DOT = true;
+
+namespace bf16dot {
+
+constexpr int64_t KSTEP = 32;      // bf16 values per vdpbf16ps
+constexpr int64_t NCHUNK = 4;      // output rows per unit of work
+constexpr int64_t XBLOCK_BYTES = 256 * 1024;  // input rows kept hot while the weight rows stream past
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+// the 16 bf16 values bf16((c - z) * s) of one INT4 group (s already rounded to bf16), in the low 16 words
+inline __m512i int4_table(float s, float z) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256bh t = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s)));
+  return _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(t));
+}
+
+// 32 INT4 codes (16 packed bytes, low nibble = even column) -> 32 bf16 weights in column order
+inline __m512i int4_weights(const uint8_t* p, __m512i table) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // word 0 of each lane: the low nibble (even column), word 1: the high nibble: (d | d << 12) & 0x000F000F
+  const __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+  return _mm512_permutexvar_epi16(idx, table);
+}
+
+// 32 INT8 codes minus the zero-point -> 32 bf16 weights (exact) in column order
+template <typename Q>
+inline __m512i int8_weights(const Q* p, __m512 z) {
+  const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+  __m512 f0, f1;
+  if (std::is_same<Q, int8_t>::value) {
+    f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
+    f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
+  } else {
+    f0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b0)), z);
+    f1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b1)), z);
+  }
+  const __m512bh w = _mm512_cvtne2ps_pbh(f1, f0);  // columns 0..15 from f0 in the low half
+  return reinterpret_cast<const __m512i&>(w);
+}
+
+struct Int4Weight {
+  const uint8_t* q; const float* s; const uint8_t* z; int64_t KB, G, g;
+  int64_t group(int64_t) const { return g; }
+  // the group tables of rows n0..n0+NB for group gi
+  template <int NB>
+  void begin_group(int64_t n0, int64_t gi, __m512i* t) const {
+    for (int j = 0; j < NB; ++j) {
+      const int64_t i = (n0 + j) * G + gi;
+      t[j] = int4_table(bf16_round(s[i]), z ? static_cast<float>(z[i]) : 8.0f);
+    }
+  }
+  __m512i load(int64_t n, int64_t k, __m512i table) const { return int4_weights(q + n * KB + k / 2, table); }
+  float out_scale(int64_t) const { return 1.0f; }
+};
+
+template <typename Q>
+struct Int8Weight {
+  const Q* q; const float* s; const uint8_t* z; bool per_row; int64_t K;
+  int64_t group(int64_t k_total) const { return k_total; }  // one "group": the whole row
+  template <int NB>
+  void begin_group(int64_t n0, int64_t, __m512i* t) const {
+    for (int j = 0; j < NB; ++j)  // the zero-point as a float vector, kept in the table slot
+      t[j] = _mm512_castps_si512(_mm512_set1_ps(z ? static_cast<float>(z[per_row ? n0 + j : 0]) : 0.0f));
+  }
+  __m512i load(int64_t n, int64_t k, __m512i zv) const { return int8_weights(q + n * K + k, _mm512_castsi512_ps(zv)); }
+  float out_scale(int64_t n) const { return s[per_row ? n : 0]; }
+};
+
+// y[m0 .. m0+MB, n0 .. n0+NB] of one tile
+template <int MB, int NB, typename W>
+inline void tile(const W& w, const uint16_t* x, int64_t K, int64_t m0, int64_t n0, c10::BFloat16* y, int64_t N) {
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t g = w.group(K);
+  for (int64_t k0 = 0, gi = 0; k0 < K; k0 += g, ++gi) {
+    __m512i t[NB];
+    w.template begin_group<NB>(n0, gi, t);
+    for (int64_t k = k0; k < k0 + g; k += KSTEP) {
+      __m512i wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = w.load(n0 + j, k, t[j]);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xv = _mm512_loadu_si512(x + (m0 + i) * K + k);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], as_bh(xv), as_bh(wv[j]));
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const float sv = w.out_scale(n0 + j);
+    for (int i = 0; i < MB; ++i) y[(m0 + i) * N + n0 + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i][j]) * sv);
+  }
+}
+
+// rows [m0, m0 + rows) (rows < 8) of output rows n0 .. n0 + NCHUNK
+template <typename W>
+void tail_tiles(const W& w, const uint16_t* x, int64_t K, int64_t m0, int64_t rows, int64_t n0,
+                c10::BFloat16* y, int64_t N) {
+  switch (rows) {
+    case 1: tile<1, 4>(w, x, K, m0, n0, y, N); break;
+    case 2: tile<2, 4>(w, x, K, m0, n0, y, N); break;
+    case 3: tile<3, 4>(w, x, K, m0, n0, y, N); break;
+    case 4: tile<4, 4>(w, x, K, m0, n0, y, N); break;
+    case 5: tile<5, 2>(w, x, K, m0, n0, y, N); tile<5, 2>(w, x, K, m0, n0 + 2, y, N); break;
+    case 6: tile<6, 2>(w, x, K, m0, n0, y, N); tile<6, 2>(w, x, K, m0, n0 + 2, y, N); break;
+    case 7: tile<7, 2>(w, x, K, m0, n0, y, N); tile<7, 2>(w, x, K, m0, n0 + 2, y, N); break;
+    default: break;
+  }
+}
+
+template <typename W>
+void run(const W& w, const uint16_t* x, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t xblock = std::max<int64_t>(8, (XBLOCK_BYTES / (2 * K)) / 8 * 8);  // input rows per block
+  at::parallel_for(0, N / NCHUNK, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t mb = 0; mb < M; mb += xblock) {
+      const int64_t me = std::min(M, mb + xblock);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * NCHUNK;
+        int64_t m = mb;
+        for (; m + 8 <= me; m += 8) {
+          tile<8, 2>(w, x, K, m, n0, y, N);
+          tile<8, 2>(w, x, K, m, n0 + 2, y, N);
+        }
+        if (m < me) tail_tiles(w, x, K, m, me - m, n0, y, N);
+      }
+    }
+  });
+}
+
+}  // namespace bf16dot
+
+// The same products for more rows (issue 23: "fuse dequantize into the GEMM's packing"): per block of 48 output
+// rows, the weight is dequantized once per call (the bit-identical dequantize above, INT8 without its scale)
+// straight into a panel of bf16 column pairs [K/2][48] (the layout vdpbf16ps wants when its lanes run along N),
+// and an 8 x 48 micro-kernel multiplies every 8 input rows with it: 24 accumulators, 3 panel loads and 8
+// broadcast input pairs per 24 vdpbf16ps, so the weight costs one dequantize per call, not one per row tile.
+namespace bf16gemm {
+
+constexpr int NV = 3;                 // 16-column vectors per panel
+constexpr int64_t NP = 16 * NV;       // output rows (columns of y) per panel
+
+// y[m0 .. m0+MB, n0 .. n0+16*NVB] = x rows . panel (float32 sums), times the columns' scales, rounded to bf16
+template <int MB, int NVB>
+inline void micro(const int32_t* x, int64_t ldx, const int32_t* panel, int64_t KP, const float* scale,
+                  c10::BFloat16* y, int64_t ldy) {
+  __m512 acc[MB][NVB];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NVB; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512i b[NVB];
+    for (int v = 0; v < NVB; ++v) b[v] = _mm512_loadu_si512(panel + kp * NP + 16 * v);
+    for (int i = 0; i < MB; ++i) {
+      const __m512i a = _mm512_set1_epi32(x[i * ldx + kp]);
+      for (int v = 0; v < NVB; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], bf16dot::as_bh(a), bf16dot::as_bh(b[v]));
+    }
+  }
+  for (int v = 0; v < NVB; ++v) {
+    const __m512 s = scale ? _mm512_loadu_ps(scale + 16 * v) : _mm512_set1_ps(1.0f);
+    for (int i = 0; i < MB; ++i) {
+      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][v], s));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + 16 * v), reinterpret_cast<const __m256i&>(o));
+    }
+  }
+}
+
+template <int NVB>
+void panel_rows(const int32_t* x, int64_t M, int64_t KP, const int32_t* panel, const float* scale, c10::BFloat16* y,
+                int64_t N) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) micro<8, NVB>(x + m * KP, KP, panel, KP, scale, y + m * N, N);
+  for (; m < M; ++m) micro<1, NVB>(x + m * KP, KP, panel, KP, scale, y + m * N, N);
+}
+
+// INT8 weight rows n .. n+16 minus their zero-points as bf16 (exact integers), [16, K]
+template <typename Q>
+void int8_rows(c10::BFloat16* rows, const Q* q, const uint8_t* z, bool per_row, int64_t K, int64_t n) {
+  for (int64_t i = 0; i < 16; ++i) {
+    const __m512 zv = _mm512_set1_ps(z ? static_cast<float>(z[per_row ? n + i : 0]) : 0.0f);
+    for (int64_t k = 0; k < K; k += bf16dot::KSTEP)
+      _mm512_storeu_si512(rows + i * K + k, bf16dot::int8_weights(q + (n + i) * K + k, zv));
+  }
+}
+
+// 16 x 16 dwords in registers transposed: r[c] becomes column c of the rows r[0..15]
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int b = 0; b < 4; ++b) {  // u[4b + c] lane L: column 4L + c of rows 4b .. 4b+3
+    u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+    u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+    u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+    u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// decode(n, rows) writes weight rows n .. n+16 as [16, K] bf16; scales: the per-column output scales or null
+template <typename Decode>
+void run(Decode&& decode, const c10::BFloat16* x, c10::BFloat16* y, int64_t M, int64_t N, int64_t K,
+         const float* scales, bool per_row) {
+  const int64_t KP = K / 2;
+  const auto* x32 = reinterpret_cast<const int32_t*>(x);
+  at::parallel_for(0, (N + NP - 1) / NP, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int32_t> panel(KP * NP);
+    std::vector<c10::BFloat16> rows(16 * K);
+    std::vector<float> colscale(NP, 1.0f);
+    const auto* rows32 = reinterpret_cast<const int32_t*>(rows.data());
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * NP, cols = std::min(NP, N - n0);
+      for (int64_t v = 0; v < cols / 16; ++v) {  // 16 weight rows dequantized, then transposed into the panel
+        decode(n0 + 16 * v, rows.data());
+        for (int64_t kp = 0; kp < KP; kp += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows32 + i * KP + kp);
+          transpose16(r);
+          for (int c = 0; c < 16; ++c) _mm512_storeu_si512(panel.data() + (kp + c) * NP + 16 * v, r[c]);
+        }
+      }
+      const float* sc = nullptr;
+      if (scales) {
+        for (int64_t j = 0; j < cols; ++j) colscale[j] = scales[per_row ? n0 + j : 0];
+        sc = colscale.data();
+      }
+      if (cols == 48) panel_rows<3>(x32, M, KP, panel.data(), sc, y + n0, N);
+      else if (cols == 32) panel_rows<2>(x32, M, KP, panel.data(), sc, y + n0, N);
+      else panel_rows<1>(x32, M, KP, panel.data(), sc, y + n0, N);
+    }
+  });
+}
+
+}  // namespace bf16gemm
+#else
+constexpr bool BF16_DOT = false;
+#endif
+
+void check_bf16_dot(const torch::Tensor& x, int64_t N, int64_t K) {
+  TORCH_CHECK(BF16_DOT, "this build has no AVX512-BF16 kernels (monoquant.fused.bf16_dot() is False)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "bf16 linear: x must be a contiguous bf16 CPU [M, K] tensor");
+  TORCH_CHECK(x.size(1) == K && K % 32 == 0 && N % 4 == 0, "bf16 linear: K must be a multiple of 32 and N of 4");
+}
+
+torch::Tensor int4_linear_bf16(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                               const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
+  const int64_t N = qweight.size(0), K = x.size(1);
+  check_bf16_dot(x, N, K);
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous() && qweight.size(1) == K / 2,
+              "int4_linear_bf16: qweight must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0,
+              "int4_linear_bf16: the group size must be a multiple of 32 that divides K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * G,
+              "int4_linear_bf16: scale must be contiguous float32 [N, K/group_size]");
+  const uint8_t* zp = nullptr;
+  if (zero_point.has_value()) {
+    TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->is_contiguous() &&
+                zero_point->numel() == N * G, "int4_linear_bf16: zero_point must be uint8 [N, K/group_size]");
+    zp = zero_point->data_ptr<uint8_t>();
+  }
+  auto y = torch::empty({x.size(0), N}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const bf16dot::Int4Weight w{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, qweight.size(1), G,
+                              group_size};
+  bf16dot::run(w, reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), y.data_ptr<c10::BFloat16>(),
+               x.size(0), N, K);
+#endif
+  return y;
+}
+
+torch::Tensor int8_linear_bf16(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                               const c10::optional<torch::Tensor>& zero_point) {
+  const int64_t N = qweight.size(0), K = x.size(1);
+  check_bf16_dot(x, N, K);
+  TORCH_CHECK(qweight.is_contiguous() && qweight.dim() == 2 && qweight.size(1) == K,
+              "int8_linear_bf16: qweight must be contiguous [N, K]");
+  const bool per_row = scale.dim() > 0;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == (per_row ? N : 1),
+              "int8_linear_bf16: scale must be float32 [N] or a scalar");
+  auto y = torch::empty({x.size(0), N}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  const float* s = scale.data_ptr<float>();
+  if (zero_point.has_value()) {
+    TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && zero_point->scalar_type() == torch::kUInt8 &&
+                zero_point->numel() == scale.numel(), "int8_linear_bf16: affine codes and zero_point must be uint8");
+    const bf16dot::Int8Weight<uint8_t> w{qweight.data_ptr<uint8_t>(), s, zero_point->data_ptr<uint8_t>(), per_row, K};
+    bf16dot::run(w, xp, yp, x.size(0), N, K);
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8_linear_bf16: symmetric codes must be int8");
+    const bf16dot::Int8Weight<int8_t> w{qweight.data_ptr<int8_t>(), s, nullptr, per_row, K};
+    bf16dot::run(w, xp, yp, x.size(0), N, K);
+  }
+#endif
+  return y;
+}
+
+
+// the panel GEMM's entry points: same buffers, checks and output as int4_linear_bf16 / int8_linear_bf16; N % 16 == 0
+torch::Tensor int4_gemm_bf16(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
+  const int64_t N = qweight.size(0), K = x.size(1);
+  check_bf16_dot(x, N, K);
+  TORCH_CHECK(N % 16 == 0, "int4_gemm_bf16: N must be a multiple of 16");
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous() && qweight.size(1) == K / 2,
+              "int4_gemm_bf16: qweight must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "int4_gemm_bf16: the group size must divide K");
+  const int64_t G = K / group_size;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * G,
+              "int4_gemm_bf16: scale must be contiguous float32 [N, K/group_size]");
+  const uint8_t* zp = nullptr;
+  if (zero_point.has_value()) {
+    TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->is_contiguous() &&
+                zero_point->numel() == N * G, "int4_gemm_bf16: zero_point must be uint8 [N, K/group_size]");
+    zp = zero_point->data_ptr<uint8_t>();
+  }
+  auto y = torch::empty({x.size(0), N}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t KB = qweight.size(1);
+  bf16gemm::run([&](int64_t n, c10::BFloat16* rows) {
+    if (group_size % bf16dot::KSTEP) return dequant_int4_rows(rows, q, s, zp, K, KB, G, group_size, n, 0, 16);
+    for (int64_t i = 0; i < 16; ++i)  // the same bf16 values, through the group's table (see bf16dot)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t j = (n + i) * G + gi;
+        const __m512i table = bf16dot::int4_table(bf16_round(s[j]), zp ? static_cast<float>(zp[j]) : 8.0f);
+        for (int64_t k = gi * group_size; k < (gi + 1) * group_size; k += bf16dot::KSTEP)
+          _mm512_storeu_si512(rows + i * K + k, bf16dot::int4_weights(q + (n + i) * KB + k / 2, table));
+      }
+  },
+                x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.size(0), N, K, nullptr, false);
+#endif
+  return y;
+}
+
+torch::Tensor int8_gemm_bf16(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                             const c10::optional<torch::Tensor>& zero_point) {
+  const int64_t N = qweight.size(0), K = x.size(1);
+  check_bf16_dot(x, N, K);
+  TORCH_CHECK(N % 16 == 0, "int8_gemm_bf16: N must be a multiple of 16");
+  TORCH_CHECK(qweight.is_contiguous() && qweight.dim() == 2 && qweight.size(1) == K,
+              "int8_gemm_bf16: qweight must be contiguous [N, K]");
+  const bool per_row = scale.dim() > 0;
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == (per_row ? N : 1),
+              "int8_gemm_bf16: scale must be float32 [N] or a scalar");
+  auto y = torch::empty({x.size(0), N}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const float* s = scale.data_ptr<float>();
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  if (zero_point.has_value()) {
+    TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && zero_point->scalar_type() == torch::kUInt8 &&
+                zero_point->numel() == scale.numel(), "int8_gemm_bf16: affine codes and zero_point must be uint8");
+    const uint8_t* q = qweight.data_ptr<uint8_t>();
+    const uint8_t* z = zero_point->data_ptr<uint8_t>();
+    bf16gemm::run([&](int64_t n, c10::BFloat16* rows) { bf16gemm::int8_rows(rows, q, z, per_row, K, n); },
+                  xp, yp, x.size(0), N, K, s, per_row);
+  } else {
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8_gemm_bf16: symmetric codes must be int8");
+    const int8_t* q = qweight.data_ptr<int8_t>();
+    bf16gemm::run([&](int64_t n, c10::BFloat16* rows) { bf16gemm::int8_rows(rows, q, nullptr, per_row, K, n); },
+                  xp, yp, x.size(0), N, K, s, per_row);
+  }
+#endif
+  return y;
+}
+
+bool bf16_dot() { return BF16_DOT; }
+
 std::string simd() { return SIMD; }
 
 }  // namespace
@@ -1824,5 +2225,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_weight_rows", &quantize_weight_rows, "float32 weight -> integer codes with float64 qparams");
   m.def("gptq_columns", &gptq_columns, "GPTQ's per-column quantize and error update inside one sub-block");
   m.def("signal_noise_sums", &signal_noise_sums, "sum(ref^2) and sum((ref - approx)^2) in float64, one pass");
+  m.def("int4_linear_bf16", &int4_linear_bf16, "bf16 x times INT4 weights with vdpbf16ps (AVX512-BF16), bf16 output");
+  m.def("int8_linear_bf16", &int8_linear_bf16, "bf16 x times INT8 weights with vdpbf16ps (AVX512-BF16), bf16 output");
+  m.def("int4_gemm_bf16", &int4_gemm_bf16, "bf16 x times INT4 weights: dequantized once into bf16 panels, vdpbf16ps");
+  m.def("int8_gemm_bf16", &int8_gemm_bf16, "bf16 x times INT8 weights: dequantized once into bf16 panels, vdpbf16ps");
+  m.def("bf16_dot", &bf16_dot, "whether this build has the AVX512-BF16 kernels (int4/int8_linear_bf16)");
   m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
 }

@@ -14,7 +14,14 @@ from ..errors import ConfigError
 from ..packing import INT4_CODES, pack_int4, unpack_int4, unpack_int4_into
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, GroupWise, Stored, StoredWeight, WeightSpec, register_format
-from .integer import IntegerFormat, fused_candidate
+from .integer import (
+    FUSED_BF16_BLOCK,
+    IntegerFormat,
+    fused_bf16_candidate,
+    fused_bf16_eligible,
+    fused_bf16_gemm_candidate,
+    fused_candidate,
+)
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
 from .method import ROUND_TO_NEAREST, MethodConfig, method_options, take_method_options
 
@@ -76,6 +83,20 @@ def _fused_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
                              w.group_size)
 
 
+def _fused_bf16_int4_eligible(w: QuantWeight, q: KernelQuery) -> bool:
+    return fused_bf16_eligible(w, q) and w.group_size is not None and w.group_size % FUSED_BF16_BLOCK == 0
+
+
+def _fused_bf16_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    stored = w.stored
+    return fused.int4_linear_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, w.group_size)
+
+
+def _fused_bf16_gemm_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+    stored = w.stored
+    return fused.int4_gemm_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, w.group_size)
+
+
 INT4PACK_CUDA = KernelCandidate("int4pack_cuda", _int4pack_cuda, _int4pack_cuda_eligible, layouts=("int4pack_cuda",))
 """torch's tinygemm INT4 kernel on CUDA >= sm80 (bf16)."""
 INT4PACK_CPU = KernelCandidate("int4pack_cpu", _int4pack_cpu, _int4pack_cpu_eligible, max_rows=48, tune_max_rows=256,
@@ -87,6 +108,10 @@ INT4PACK_CPU = KernelCandidate("int4pack_cpu", _int4pack_cpu, _int4pack_cpu_elig
 not depend on it."""
 FUSED_INT4 = fused_candidate(_fused_int4)
 """The compiled kernel on the stored INT4 layout (float32)."""
+FUSED_BF16_INT4 = fused_bf16_candidate(_fused_bf16_int4, _fused_bf16_int4_eligible)
+"""The compiled AVX512-BF16 kernel on the stored INT4 layout (bf16, group tables looked up per code)."""
+FUSED_BF16_GEMM_INT4 = fused_bf16_gemm_candidate(_fused_bf16_gemm_int4)
+"""The compiled AVX512-BF16 panel GEMM on the stored INT4 layout (bf16, the weight dequantized once per call)."""
 
 
 @register_format
@@ -169,7 +194,7 @@ class Int4(GroupWise, IntegerFormat):
         return Int8()
 
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
-        return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4)
+        return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4, FUSED_BF16_INT4, FUSED_BF16_GEMM_INT4)
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from .. import functional as F
-from .. import fused
+from .. import fused, hardware
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, Stored, WeightSpec
 from .kernel import KernelCandidate, KernelQuery, QuantWeight
@@ -59,6 +59,43 @@ def fused_candidate(run) -> KernelCandidate:
     """The ``fused_cpu`` candidate of an integer format whose stored layout the compiled kernel reads."""
     return KernelCandidate("fused_cpu", run, fused_eligible, max_rows=FUSED_MAX_ROWS,
                            tune_max_rows=FUSED_TUNE_MAX_ROWS)
+
+
+FUSED_BF16_TUNE_MAX_ROWS = 256
+"""Largest row count at which ``fused_bf16`` is timed: it dequantizes the weight once per 8 input rows, so past
+it a dequantize + bf16 GEMM (the weight dequantized once) wins (``bench_linear.py``: at 256 rows of 4096x4096 the
+two were within 15% of each other on AMD EPYC Zen 4)."""
+
+FUSED_BF16_BLOCK = 32
+"""``fused_bf16`` reads the input and the weight 32 columns (one ``vdpbf16ps``) at a time: ``K`` must be a
+multiple of it (INT4: the group size too)."""
+
+
+def fused_bf16_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
+    """The compiled AVX512-BF16 kernels (:func:`monoquant.fused.int4_linear_bf16`) compute in bf16 on CPUs with
+    ``avx512_bf16`` where the build has them, for ``K`` a multiple of 32 and ``N`` of 4, and only for bf16 inputs
+    (or a layer asked to compute in bf16): a float32 model keeps its float32 arithmetic wherever it did."""
+    bf16 = q.input_dtype == torch.bfloat16 or q.compute_dtype == torch.bfloat16
+    return (bf16 and q.device.type == "cpu" and q.low_bit_ok and q.k % FUSED_BF16_BLOCK == 0 and q.n % 4 == 0
+            and hardware.cpu_has_avx512_bf16() and fused.bf16_dot())
+
+
+def fused_bf16_candidate(run, eligible=fused_bf16_eligible) -> KernelCandidate:
+    """The ``fused_bf16`` candidate of an integer format: chosen by measurement only (``max_rows=0`` keeps it out
+    of the static table, which stays the same on every CPU), timed up to :data:`FUSED_BF16_TUNE_MAX_ROWS` rows."""
+    return KernelCandidate("fused_bf16", run, eligible, max_rows=0, tune_max_rows=FUSED_BF16_TUNE_MAX_ROWS)
+
+
+def fused_bf16_gemm_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
+    """The panel GEMM (:func:`monoquant.fused.int4_gemm_bf16`): as :func:`fused_bf16_eligible`, ``N`` a multiple
+    of 16."""
+    return q.n % 16 == 0 and fused_bf16_eligible(weight, q)
+
+
+def fused_bf16_gemm_candidate(run) -> KernelCandidate:
+    """The ``fused_bf16_gemm`` candidate of an integer format: by measurement only, at any row count (its weight
+    cost is one dequantize per call, like the ``dequant`` rows')."""
+    return KernelCandidate("fused_bf16_gemm", run, fused_bf16_gemm_eligible, max_rows=0)
 
 
 

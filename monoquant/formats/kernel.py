@@ -36,6 +36,8 @@ class KernelQuery:
     """The dtype the layer was asked to compute in (``None``: the kernel's natural one)."""
     needs_grad: bool
     """The input requires a gradient (only the differentiable dequantize paths apply)."""
+    input_dtype: torch.dtype | None = None
+    """The input's dtype where the dispatcher knows it (``None``: unknown, e.g. the report's static guess)."""
 
     @property
     def low_bit_ok(self) -> bool:
