@@ -165,5 +165,6 @@ def test_pending_conv_computes_with_its_float_weight_and_reports_gptq():
     mq.calibrate_with(model, [torch.randn(4, 3, 6, 6) for _ in range(4)])
     done = {d.name: d for d in mq.freeze(model)}
     assert sorted(done) == ["0", "2"] and done["0"].output_sqnr_db > 10
-    model(x)
+    with mq.kernels.tuning(False):  # the static choice: a measured bf16 conv may win on a loaded machine
+        model(x)
     assert model[0].gptq is None and model[0].last_kernel == "dequant_conv"
