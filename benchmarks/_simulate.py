@@ -34,5 +34,7 @@ def mask_capabilities(mq) -> str:
     hardware.cpu_has_fast_bf16 = lambda: False
     hardware.cpu_has_avx512_bf16 = lambda: False  # read by the formats' fused_bf16 kernels
     mq.kernels.cpu_has_fast_bf16 = lambda: False  # read by the shared dequantize rows
+    mq.kernels.cpu_has_int_dot = lambda: False  # kernels' own reference (the dispatch and the header line)
+    hardware.cpu_has_avx512_vnni = lambda: False  # read by Int8's w8a8_vnni candidate
     return ("SIMULATED AVX2-only CPU (--simulate-avx2): " + " ".join(f"{k}={v}" for k, v in ENV.items())
             + "; VNNI/AMX/bf16 checks forced off")
