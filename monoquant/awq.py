@@ -375,10 +375,8 @@ def _candidates(abs_mean: torch.Tensor, grid: int) -> Iterator[torch.Tensor]:
 
 def _gptq_error(item: ScaledLayer, w: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> float:
     """Output error of GPTQ (with the method's options) on the scaled weight ``w s``, for inputs ``x / s``."""
-    opts = GPTQOptions.of(item.spec)
     stored = gptq_quantize(item.spec, w * s, h / (s[:, None] * s[None, :]), item.group_size,
-                           act_order=opts.act_order, damping=opts.damping, static_groups=opts.static_groups,
-                           refit_scales=opts.refit_scales)
+                           **GPTQOptions.of(item.spec).rounding())
     deq = item.spec.dequantize(stored, w.shape[1], item.group_size, torch.float32)
     return float(_output_error(w - deq / s, h))
 

@@ -57,7 +57,6 @@ import torch
 
 from . import fused, kernels, tuner
 from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
-from .functional import SCALE_EPS
 from .hardware import cpu_has_fast_bf16
 from .im2col import ConvGeometry, conv_patches
 
@@ -314,7 +313,7 @@ def fake_quantize_samples(act, x: torch.Tensor) -> torch.Tensor:
     if (act.dynamic and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() and fused.available()
             and not (x.requires_grad and torch.is_grad_enabled())):
         qt = act.qtype
-        return fused.dynamic_fake_quantize_rows(x.contiguous(), qt.qmin, qt.qmax, qt.symmetric, SCALE_EPS)
+        return fused.dynamic_fake_quantize_rows(x.contiguous(), qt.qmin, qt.qmax, qt.symmetric, act.eps)
     return act.fake_quantize(x, per="sample")
 
 

@@ -418,8 +418,7 @@ def _gptq_flattened(spec: WeightSpec, w2d: torch.Tensor, hessian: torch.Tensor, 
     flat = [None if t is None else t.numel() for t in spec.empty_buffers(1, n * k, group_size, device="meta")]
     if [None if t is None else t.numel() for t in shapes] != flat:
         return None
-    stored = gptq_quantize(spec, w2d.reshape(1, n * k), hessian, group_size, act_order=opts.act_order,
-                           damping=opts.damping, static_groups=opts.static_groups, refit_scales=opts.refit_scales)
+    stored = gptq_quantize(spec, w2d.reshape(1, n * k), hessian, group_size, **opts.rounding())
     return type(stored)(*(None if t is None else t.reshape(shape) for t, shape in zip(stored, shapes)))
 
 
@@ -434,6 +433,11 @@ class GPTQOptions:
     sequential: bool = False
     """Collect the Hessian with every layer that runs before this one already quantized (see
     :func:`monoquant.calibrate_and_freeze`); a property of the calibration run, not of :func:`gptq_quantize`."""
+
+    def rounding(self) -> dict[str, bool | float]:
+        """The keyword arguments of :func:`gptq_quantize` these options set (all but ``sequential``)."""
+        return {"act_order": self.act_order, "damping": self.damping, "static_groups": self.static_groups,
+                "refit_scales": self.refit_scales}
 
     @classmethod
     def of(cls, spec: WeightSpec) -> GPTQOptions:
@@ -490,8 +494,7 @@ class GPTQState(nn.Module):
         if self.output_gram is not None and group_size is not None and h.dim() == 2:
             stored = _gptq_flattened(spec, w2d, torch.kron(self.output_gram.to(h), h), group_size, opts)
         if stored is None:
-            stored = gptq_quantize(spec, w2d, h, group_size, act_order=opts.act_order, damping=opts.damping,
-                                   static_groups=opts.static_groups, refit_scales=opts.refit_scales)
+            stored = gptq_quantize(spec, w2d, h, group_size, **opts.rounding())
         deq = spec.dequantize(stored, w2d.shape[1], group_size, torch.float64)
         return stored, output_sqnr(w2d, deq, h)
 

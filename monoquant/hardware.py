@@ -19,40 +19,43 @@ HAS = {
 """Which optional ops this torch build has (read at call time, so tests may change an entry)."""
 
 
+def _torch_cpu(check: str) -> bool:
+    """``torch.cpu.<check>()`` (e.g. ``_is_vnni_supported``), False where this torch has no such check."""
+    return bool(getattr(torch.cpu, check, lambda: False)())
+
+
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU runs bf16 GEMMs natively (AMX or AVX512-BF16), so bf16 beats float32."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return any(map(_torch_cpu, ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
 
 
 @functools.cache
 def cpu_has_avx512_bf16() -> bool:
     """True when this CPU has the AVX512-BF16 dot-product instruction (``vdpbf16ps``), which the compiled
     ``fused_bf16`` kernels use (AMX CPUs have it too)."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return _torch_cpu("_is_avx512_bf16_supported")
 
 
 @functools.cache
 def cpu_has_int_dot() -> bool:
     """True when this CPU has integer dot-product instructions (AVX512-VNNI / AVX-VNNI or AMX), without which
     ``torch._int_mm`` on CPU is a slow reference loop (measured 100x slower than float32 on AVX2)."""
-    checks = ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return any(map(_torch_cpu, ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")))
 
 
 @functools.cache
 def cpu_has_amx() -> bool:
     """True when this CPU has AMX tiles (which oneDNN's int8 matmul primitive needs to be fast, see
     ``formats/int8.py``)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return _torch_cpu("_is_amx_tile_supported")
 
 
 @functools.cache
 def cpu_has_avx512_vnni() -> bool:
     """True when this CPU has AVX512-VNNI (``vpdpbusd`` on 512-bit vectors), which the compiled ``w8a8_vnni``
     kernel needs (torch's ``_is_vnni_supported`` reads cpuinfo's AVX512-VNNI flag)."""
-    return all(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_supported", "_is_vnni_supported"))
+    return all(map(_torch_cpu, ("_is_avx512_supported", "_is_vnni_supported")))
 
 
 @functools.cache
