@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from _gptq_reference import refit_group_scales as reference_refit_group_scales
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import monoquant as mq
-from monoquant import schemes
+from monoquant import gptq, schemes
 from monoquant.errors import ConfigError
 from monoquant.gptq import _row_errors, gptq_quantize, output_sqnr, refit_group_scales
 
@@ -90,3 +91,61 @@ def test_refit_and_sequential_are_gptq_options_validated_and_stored_in_headers()
             mq.Int8(method="gptq", **{field: "yes"})
     spec = mq.Int4(method="gptq", refit_scales=False, sequential=True)
     assert type(spec).from_dict(spec.to_dict()) == spec
+
+
+def _rtn_inputs(rows: int, groups: int, group: int, dead: list[int], seed: int):
+    """A float32 weight, its round-to-nearest codes and qparams, and a float32 Hessian whose ``dead`` groups of
+    inputs were always zero."""
+    k = groups * group
+    x = _inputs(2 * k + 8, k, seed)
+    for gi in dead:
+        x[:, gi * group:(gi + 1) * group] = 0
+    w = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1)) * 0.02
+    spec = mq.Int4(group_size=group)
+    codes, scale, zero = _codes(spec, schemes.quantize_weight(spec, w, group), k, group)
+    return w, x.T @ x / x.shape[0], codes, scale.float(), zero
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 300), groups=st.integers(1, 6), group=st.sampled_from([16, 32, 64]),
+       chunk=st.integers(1, 160), dead=st.sets(st.integers(0, 5), max_size=2), seed=st.integers(0, 2**16))
+def test_refit_in_per_group_products_equals_the_float64_refit(rows, groups, group, chunk, dead, seed):
+    # the float32 products per chunk of rows and per group (any chunk, a last chunk cut short, dead groups) give
+    # the scales of the float64 refit of tests/_gptq_reference.py to float32 rounding
+    w, h, codes, scale, zero = _rtn_inputs(rows, groups, group, sorted(d for d in dead if d < groups), seed)
+    got = refit_group_scales(w, h, codes, scale, zero, group, chunk=chunk)
+    want = reference_refit_group_scales(w, h, codes, scale, zero, group)
+    assert got.dtype == scale.dtype and got.shape == scale.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    kept = (want == scale).all(-1)  # rows the refit leaves alone (a dead group, or no lower error) stay exact
+    assert torch.equal(got[kept], scale[kept])
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.integers(1, 3), rows=st.integers(1, 40), k=st.integers(1, 70), block=st.integers(1, 80),
+       seed=st.integers(0, 2**16))
+def test_quadratic_trace_from_the_upper_blocks_equals_the_full_product(groups, rows, k, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(groups, rows, k, generator=g)
+    x = torch.randn(groups, 2 * k, k, generator=g)
+    h = x.transpose(1, 2) @ x
+    h = (h + h.transpose(1, 2)) / 2  # exactly symmetric
+    want = float(((a.double() @ h.double()) * a.double()).sum())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gptq, "TRACE_BLOCK", block)
+        assert gptq._quadratic_trace(a, h) == pytest.approx(want, rel=1e-5)
+
+
+def test_gptq_refit_equals_the_float64_refit_of_its_own_codes():
+    # end to end on a fixed seed: the refit changes no code, and its scales are the float64 refit's of those codes
+    spec = mq.Int4(group_size=32)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(5))
+    x = _inputs(1024, 256, 6)
+    x[:, 64:96] = 0  # a dead group
+    h = x.T @ x / x.shape[0]
+    plain = gptq_quantize(spec, w, h, 32, act_order=True, static_groups=True)
+    refit = gptq_quantize(spec, w, h, 32, act_order=True, static_groups=True, refit_scales=True)
+    assert torch.equal(plain.qweight, refit.qweight) and torch.equal(plain.zero_point, refit.zero_point)
+    codes, scale, zero = _codes(spec, plain, 256, 32)
+    want = reference_refit_group_scales(w, h, codes, scale, zero, 32).to(refit.scale.dtype)
+    torch.testing.assert_close(refit.scale.reshape(want.shape), want, rtol=1e-4, atol=0)
