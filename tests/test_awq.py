@@ -129,7 +129,7 @@ def test_awq_beats_round_to_nearest_and_awq_gptq_beats_gptq_with_activation_outl
     both = _e2e(model, mq.Int4(group_size=32, method="awq+gptq"), data, test)
     assert awq_ >= rtn + 1.0, (rtn, awq_)  # measured: 16.75 -> 17.98 dB
     # the same GPTQ (output-aware for q, k, mix, embed and head, at most 4096 weights each) with and without AWQ's
-    # scales; measured: 27.03 -> 28.64 dB
+    # scales; measured: 27.03 -> 28.39 dB
     assert both >= gptq + 1.0, (gptq, both)
 
 
@@ -300,7 +300,7 @@ def test_output_aware_gptq_rounds_small_layers_against_the_model_output(method):
     assert GPTQOptions.of(mq.Int4(method=method)).output_aware  # the default (measured: bench_accuracy.py)
     with_outputs = _e2e(model, mq.Int4(group_size=16, method=method), data, test)
     own_outputs = _e2e(model, mq.Int4(group_size=16, method=method, output_aware=False), data, test)
-    # measured: gptq 25.20 -> 28.15, awq+gptq 23.97 -> 28.49 dB
+    # measured: gptq 25.20 -> 28.15, awq+gptq 24.04 -> 28.65 dB
     assert with_outputs >= own_outputs + 2.0, (own_outputs, with_outputs)
 
 
