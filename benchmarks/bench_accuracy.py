@@ -14,7 +14,8 @@ Then the GPTQ variant table (transformer stack, INT4-g128 and g32): act-order on
 qparams, dampening 0.001..0.1, how group ranges are chosen (min/max as in 0.1.0, or the MSEObserver), least-squares
 scale refit after GPTQ, and sequential calibration (each layer's Hessian taken with the layers before it already
 quantized), each vs the GPTQ settings of 0.1.0. The current default is act-order, static groups (computed up front
-from the original weight), MSEObserver ranges, damping 0.01, refit scales, one calibration pass: the best
+from the original weight), MSEObserver ranges, damping 0.01, refit scales, one calibration pass, small layers rounded
+against the model output's error (``output_aware``, :mod:`monoquant.output_aware`): the best
 combination measured over both group sizes. A bound line gives the end-to-end SQNR with only the 16-input
 ``embed`` layer quantized: no setting can take the full model above it.
 
@@ -25,7 +26,9 @@ the 0.1.0 GPTQ settings at INT4-g128 on the transformer stack.
 default run) compares GPTQ options on the Llama-style model, each paired against sequential GPTQ with the defaults.
 
 Run: ``python benchmarks/bench_accuracy.py [--big] [--steps N] [--threads T] [--cache FILE] [--llama-cache FILE]
-[--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. Training the transformer stack (300
+[--awq-groups 128,32] [--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. The awq section
+compares each AWQ row with the same rounding and ranges without AWQ's scales ("vs same GPTQ"), the llama section
+every row with ``gptq min/max`` (for ``awq+gptq``: the same GPTQ without AWQ's scales). Training the transformer stack (300
 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s: ``--cache`` and
 ``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would give) and later
 runs skip the training.
@@ -52,9 +55,10 @@ from quantize_existing_model import build_model
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TODAY_GPTQ = dict(act_order=False, damping=0.01, static_groups=False, observer=mq.MinMaxObserver(), refit_scales=False,
-                  sequential=False)
+                  sequential=False, output_aware=False)
 """The settings ``method="gptq"`` used in 0.1.0: no act-order, 1% dampening, min/max group ranges chosen on the
-fly from the error-compensated weights, every Hessian from one pass over the float model."""
+fly from the error-compensated weights, every Hessian from one pass over the float model, every layer rounded
+against its own output's error."""
 
 FEATURES, SEQ = 16, 32
 
@@ -218,6 +222,7 @@ GPTQ_VARIANTS: list[tuple[str, dict]] = [
     ("act-order + MSEObserver, damping 0.001", {**TODAY_GPTQ, "act_order": True, **MSE, "damping": 0.001}),
     ("  refit scales", {**TODAY_GPTQ, "refit_scales": True}),
     ("  sequential calibration", {**TODAY_GPTQ, "sequential": True}),
+    ("  output-aware rounding of small layers", {**TODAY_GPTQ, "output_aware": True}),
     ("act-order + static groups + MSEObserver", {**TODAY_GPTQ, "act_order": True, "static_groups": True, **MSE}),
     ("current default: mq.Int4(method='gptq')", {}),
     ("current default + sequential calibration", {"sequential": True}),

@@ -67,7 +67,8 @@ model of ``benchmarks/bench_accuracy.py`` (GPTQ's error on the calibration input
 group there), while the shortlist alone gives +0.116 vs +0.157% perplexity over float (paired difference
 -0.041 +- 0.019 points) and 39.08 vs 39.04 dB on its transformer stack (INT4-g128, AMD EPYC Zen 4). Scoring the
 candidates by the error at the model output (:mod:`monoquant.output_aware`'s Grams) instead was worse on both
-(+0.140% and 38.86 dB), as were AutoAWQ's duo candidates (38.87 dB) and a shortlist of 5 on the stack (38.95 dB)."""
+(+0.140% and 38.86 dB), as was a shortlist of 5 on the stack (38.95 dB); with ``s = 1`` in the shortlist, AutoAWQ's
+duo candidates gave 38.87 dB there and a 40-point grid 39.07 dB."""
 SEARCH_ROWS = 512
 """The scale search scores each candidate on at most this many output rows of each layer (every ``ceil(N / 512)``-th):
 rows are quantized independently (RTN and GPTQ alike), so the error of a row subset is exact for those rows and
