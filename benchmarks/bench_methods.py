@@ -9,8 +9,8 @@ issue 25 evidence), 2 threads, the median of ``--repeats`` runs.
 
 Run: ``python benchmarks/bench_methods.py [--widths 4096] [--threads 2] [--repeats 1] [--methods rtn,awq]
 [--small] [--output-aware]``; ``--output-aware`` adds GPTQ with its ``output_aware`` option off and on for a 16 -> 256
-layer (a 4096x4096 layer is far too large for it: the option costs it nothing). Timings on a shared machine are noisy: compare within one run. Name the CPU next to any figure
-(printed at the top).
+layer (a 4096x4096 layer is far too large for it: the option costs it nothing). Timings on a shared machine are
+noisy: compare within one run. Name the CPU next to any figure (printed at the top).
 """
 
 from __future__ import annotations
