@@ -29,9 +29,9 @@ Run: ``python benchmarks/bench_accuracy.py [--big] [--steps N] [--threads T] [--
 [--awq-groups 128,32] [--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. The awq section
 compares each AWQ row with the same rounding and ranges without AWQ's scales ("vs same GPTQ"), the llama section
 every row with ``gptq min/max`` (for ``awq+gptq``: the same GPTQ without AWQ's scales). Training the transformer
-stack (300 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s: ``--cache`` and
-``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would give) and later
-runs skip the training.
+stack (300 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s:
+``--cache`` and ``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would
+give) and later runs skip the training.
 """
 
 from __future__ import annotations
