@@ -366,3 +366,14 @@ def test_a_model_made_under_inference_mode_quantizes_like_the_same_model_made_no
     if method != "gptq":  # folds happened: into the norm (a new parameter, not an inference tensor) and up
         assert not loaded.norm.weight.is_inference()
         assert any("folded" in n and "0 groups' scales folded" not in n for n in reports[1].notes)
+
+
+def test_output_aware_gptq_without_data_in_quantize_says_its_small_layers_keep_their_own_output():
+    model = Blocks(outliers=False).eval()
+    report = mq.quantize_(model, mq.Int4(group_size=16, method="gptq"), progress=False)
+    assert ("output-aware GPTQ: 5 layers with at most 4096 weights will be rounded against their own output's error; "
+            "pass calibration_data=... to quantize_ to round them against the model output's") in report.notes
+    assert all(m.gptq.output_gram is None for m in model.modules() if isinstance(m, mq.QuantLinear))
+    off = mq.quantize_(Blocks(outliers=False).eval(), mq.Int4(group_size=16, method="gptq", output_aware=False),
+                       progress=False)
+    assert not any(n.startswith("output-aware GPTQ") for n in off.notes)
