@@ -14,7 +14,8 @@ Then the GPTQ variant table (transformer stack, INT4-g128 and g32): act-order on
 qparams, dampening 0.001..0.1, how group ranges are chosen (min/max as in 0.1.0, or the MSEObserver), least-squares
 scale refit after GPTQ, and sequential calibration (each layer's Hessian taken with the layers before it already
 quantized), each vs the GPTQ settings of 0.1.0. The current default is act-order, static groups (computed up front
-from the original weight), MSEObserver ranges, damping 0.01, refit scales, one calibration pass: the best
+from the original weight), MSEObserver ranges, damping 0.01, refit scales, one calibration pass, small layers rounded
+against the model output's error (``output_aware``, :mod:`monoquant.output_aware`): the best
 combination measured over both group sizes. A bound line gives the end-to-end SQNR with only the 16-input
 ``embed`` layer quantized: no setting can take the full model above it.
 
@@ -25,10 +26,12 @@ the 0.1.0 GPTQ settings at INT4-g128 on the transformer stack.
 default run) compares GPTQ options on the Llama-style model, each paired against sequential GPTQ with the defaults.
 
 Run: ``python benchmarks/bench_accuracy.py [--big] [--steps N] [--threads T] [--cache FILE] [--llama-cache FILE]
-[--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. Training the transformer stack (300
-steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s: ``--cache`` and
-``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would give) and later
-runs skip the training.
+[--awq-groups 128,32] [--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. The awq section
+compares each AWQ row with the same rounding and ranges without AWQ's scales ("vs same GPTQ"), the llama section
+every row with ``gptq min/max`` (for ``awq+gptq``: the same GPTQ without AWQ's scales). Training the transformer
+stack (300 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s:
+``--cache`` and ``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would
+give) and later runs skip the training.
 """
 
 from __future__ import annotations
@@ -52,9 +55,10 @@ from quantize_existing_model import build_model
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TODAY_GPTQ = dict(act_order=False, damping=0.01, static_groups=False, observer=mq.MinMaxObserver(), refit_scales=False,
-                  sequential=False)
+                  sequential=False, output_aware=False)
 """The settings ``method="gptq"`` used in 0.1.0: no act-order, 1% dampening, min/max group ranges chosen on the
-fly from the error-compensated weights, every Hessian from one pass over the float model."""
+fly from the error-compensated weights, every Hessian from one pass over the float model, every layer rounded
+against its own output's error."""
 
 FEATURES, SEQ = 16, 32
 
@@ -151,11 +155,13 @@ def capture_inputs(model: nn.Module, data: list[torch.Tensor]) -> dict[str, list
 
 
 def timed_quantize(model: nn.Module, cfg: mq.QuantConfig, calib: list[torch.Tensor]) -> tuple[float, mq.QuantReport]:
-    """Seconds to quantize (swap, then calibrate + freeze when the method needs data), and the report. AWQ and
-    SmoothQuant choose their scales inside ``quantize_``, which then also calibrates and measures."""
+    """Seconds to quantize (swap, then calibrate + freeze when the method needs data), and the report. AWQ,
+    SmoothQuant and output-aware GPTQ work on the float model inside ``quantize_``, which then also calibrates and
+    measures."""
     t0 = time.perf_counter()
     scaled = getattr(cfg.weights, "method", "") in ("awq", "awq+gptq") or cfg.smoothquant is not None
-    report = mq.quantize_(model, cfg, progress=False, calibration_data=calib if scaled else None)
+    output_aware = mq.formats.method_of(cfg.weights).is_gptq and mq.gptq.GPTQOptions.of(cfg.weights).output_aware
+    report = mq.quantize_(model, cfg, progress=False, calibration_data=calib if scaled or output_aware else None)
     if mq.needs_calibration(model):
         report.record_frozen(mq.calibrate_and_freeze(model, calib, progress=False))
     return time.perf_counter() - t0, report
@@ -216,6 +222,7 @@ GPTQ_VARIANTS: list[tuple[str, dict]] = [
     ("act-order + MSEObserver, damping 0.001", {**TODAY_GPTQ, "act_order": True, **MSE, "damping": 0.001}),
     ("  refit scales", {**TODAY_GPTQ, "refit_scales": True}),
     ("  sequential calibration", {**TODAY_GPTQ, "sequential": True}),
+    ("  output-aware rounding of small layers", {**TODAY_GPTQ, "output_aware": True}),
     ("act-order + static groups + MSEObserver", {**TODAY_GPTQ, "act_order": True, "static_groups": True, **MSE}),
     ("current default: mq.Int4(method='gptq')", {}),
     ("current default + sequential calibration", {"sequential": True}),
@@ -271,51 +278,56 @@ def big_linear_stack(rows: int = 64, batches: int = 8) -> None:
         del q
 
 
-AWQ_ROWS: list[tuple[str, dict]] = [
-    ("rtn", {"method": "rtn"}),
-    ("gptq", {"method": "gptq"}),
-    ("awq", {"method": "awq"}),
-    ("awq+gptq", {"method": "awq+gptq"}),
-    ("  MSE ranges", {"method": "awq+gptq", "observer": mq.MSEObserver()}),
-    ("  own-output GPTQ", {"method": "awq+gptq"}),
+MINMAX = mq.MinMaxObserver()
+OWN_OUTPUT = {"output_aware": False}
+AWQ_ROWS: list[tuple[str, dict, str | None]] = [
+    ("rtn", {"method": "rtn"}, None),
+    ("gptq", {"method": "gptq"}, None),
+    ("gptq min/max", {"method": "gptq", "observer": MINMAX}, None),
+    ("gptq own-output", {"method": "gptq", **OWN_OUTPUT}, None),
+    ("gptq min/max own-output", {"method": "gptq", "observer": MINMAX, **OWN_OUTPUT}, None),
+    ("awq", {"method": "awq"}, "rtn"),
+    ("awq+gptq", {"method": "awq+gptq"}, "gptq min/max"),
+    ("awq+gptq MSE ranges", {"method": "awq+gptq", "observer": mq.MSEObserver()}, "gptq"),
+    ("awq+gptq own-output", {"method": "awq+gptq", **OWN_OUTPUT}, "gptq min/max own-output"),
 ]
-"""Rows of the awq section. ``MSE ranges``: the MSEObserver instead of the min/max ranges ``"awq+gptq"`` uses by
-default; ``own-output GPTQ``: with ``monoquant.awq.OUTPUT_AWARE_WEIGHTS = 0``, so every layer's GPTQ minimises its
-own output error (what ``"awq+gptq"`` did before small layers were rounded against the model output's error)."""
+"""Rows of the awq section: name, options, and the row with the same rounding and ranges but no AWQ scales (what
+AWQ's scales alone add). ``gptq`` uses the MSEObserver's ranges by default, ``awq+gptq`` min/max ranges;
+``own-output``: ``output_aware=False`` (every layer's GPTQ minimises its own output error, also the small layers
+that are otherwise rounded against the model output's error, :mod:`monoquant.output_aware`)."""
 
 
 def awq_table(model: nn.Module, data, groups: tuple[int, ...] = (128, 32)) -> list[str]:
-    """RTN / GPTQ / AWQ / AWQ+GPTQ on the transformer stack; target: AWQ+GPTQ >= 1 dB over GPTQ at INT4-g128."""
-    from monoquant import awq
-
-    print("\nactivation-aware scaling, transformer stack: end-to-end SQNR dB")
-    print(f"{'scheme':10} {'method':18} {'layer SQNR dB (median)':>23} {'end-to-end SQNR dB':>19} {'vs GPTQ':>8} "
-          f"{'quantize s':>11}")
+    """RTN / GPTQ / AWQ / AWQ+GPTQ on the transformer stack, each AWQ row also against the same rounding without
+    AWQ's scales; targets at INT4-g128: AWQ+GPTQ >= 1 dB over GPTQ's defaults, and (AWQ's own share) over GPTQ with
+    the same options."""
+    print("\nactivation-aware scaling, transformer stack: end-to-end SQNR dB ('same GPTQ': the row with the same "
+          "rounding and ranges, no AWQ scales)")
+    print(f"{'scheme':10} {'method':24} {'layer SQNR dB (median)':>23} {'end-to-end SQNR dB':>19} {'vs gptq':>8} "
+          f"{'vs same GPTQ':>13} {'quantize s':>11}")
     verdicts = []
     only_embed = mq.SkipRules.defaults(exclude=[n for n, m in model.named_modules()
                                                 if isinstance(m, nn.Linear) and n != "embed"])
     for group in groups:
         results = {}
-        for name, options in AWQ_ROWS:
-            limit = awq.OUTPUT_AWARE_WEIGHTS
-            if name.strip() == "own-output GPTQ":
-                awq.OUTPUT_AWARE_WEIGHTS = 0
-            try:
-                layer, e2e, seconds, _, _ = evaluate(model, data, mq.Int4(group_size=group, **options))
-            finally:
-                awq.OUTPUT_AWARE_WEIGHTS = limit
+        for name, options, same in AWQ_ROWS:
+            layer, e2e, seconds, _, _ = evaluate(model, data, mq.Int4(group_size=group, **options))
             results[name] = e2e
             gain = f"{e2e - results['gptq']:+8.2f}" if "gptq" in results else " " * 8
-            print(f"{'INT4-g' + str(group):10} {name:18} {layer:23.2f} {e2e:19.2f} {gain} {seconds:11.2f}", flush=True)
+            own = f"{e2e - results[same]:+13.2f}" if same else " " * 13
+            print(f"{'INT4-g' + str(group):10} {name:24} {layer:23.2f} {e2e:19.2f} {gain} {own} {seconds:11.2f}",
+                  flush=True)
         if group == 128:
-            verdicts.append(verdict("transformer stack, AWQ+GPTQ vs GPTQ at INT4-g128",
+            verdicts.append(verdict("transformer stack, AWQ+GPTQ vs GPTQ (defaults of each) at INT4-g128",
                                     results["awq+gptq"] - results["gptq"], 1.0))
-            # the 16-input embed layer quantized alone (all else float): it bounded own-output GPTQ
-            alone = {m: evaluate(model, data, mq.Int4(group_size=group, method=m), only_embed)[1]
-                     for m in ("gptq", "awq+gptq")}
+            verdicts.append(verdict("transformer stack, AWQ's scales alone: AWQ+GPTQ vs GPTQ with the same options "
+                                    "(min/max ranges, output-aware) at INT4-g128",
+                                    results["awq+gptq"] - results["gptq min/max"], 1.0))
+            # the 16-input embed layer quantized alone (all else float): it bounds own-output GPTQ
+            alone = {o: evaluate(model, data, mq.Int4(group_size=group, method="gptq", output_aware=o), only_embed)[1]
+                     for o in (False, True)}
             verdicts.append(f"(diagnostic) INT4-g{group}: embed alone quantized (all else float) gives "
-                            f"{alone['gptq']:.2f} dB with GPTQ, {alone['awq+gptq']:.2f} dB with AWQ+GPTQ (rounded "
-                            "against the model output's error)")
+                            f"{alone[False]:.2f} dB with own-output GPTQ, {alone[True]:.2f} dB with output-aware GPTQ")
     return verdicts
 
 
@@ -325,10 +337,10 @@ perplexity table. With 64 held-out sequences and 4 batches (the first version) t
 perplexity change was +-0.24% for RTN, larger than the changes compared (RTN +0.15 +- 0.24%, GPTQ +0.28 +- 0.12%);
 with 1024 it is +-0.03..0.06% and RTN (+0.81%) is clearly behind GPTQ (+0.27%)."""
 LLAMA_METHODS: dict[str, mq.Int4] = {
+    "gptq min/max": mq.Int4(group_size=128, method="gptq", observer=mq.MinMaxObserver()),
     "rtn": mq.Int4(group_size=128),
     "gptq": mq.Int4(group_size=128, method="gptq"),
     "gptq seq": mq.Int4(group_size=128, method="gptq", sequential=True),
-    "gptq min/max": mq.Int4(group_size=128, method="gptq", observer=mq.MinMaxObserver()),
     "gptq seq min/max": mq.Int4(group_size=128, method="gptq", sequential=True, observer=mq.MinMaxObserver()),
     "awq": mq.Int4(group_size=128, method="awq"),
     "awq+gptq": mq.Int4(group_size=128, method="awq+gptq"),
@@ -337,7 +349,9 @@ LLAMA_METHODS: dict[str, mq.Int4] = {
 }
 """Rows of the llama section. ``min/max``: group ranges from the weight's min/max instead of the MSEObserver that
 ``method="gptq"`` uses by default (chosen with the other defaults on the transformer stack, ``--only variants``);
-``"awq+gptq"`` uses min/max ranges by default, ``MSE ranges`` is its former default."""
+``"awq+gptq"`` uses min/max ranges by default, ``MSE ranges`` is its former default. Every row is also compared
+(paired) with ``gptq min/max``: for ``awq+gptq`` that is the same GPTQ without AWQ's scales. (Output-aware rounding
+does not apply here: the model's smallest layer has 8192 weights.)"""
 
 
 @torch.no_grad()
@@ -415,12 +429,16 @@ def llama_perplexity(steps: int = 200, cache: Path | None = None) -> list[str]:
     within +0.2% of float, its standard error included (a change whose error reaches past +0.2% does not pass)."""
     lang, held_out, model, base = _llama(steps, cache)
     calibration = llama_calibration(lang)
-    rise = llama_rows(model, held_out, base, {name: (spec, calibration) for name, spec in LLAMA_METHODS.items()})
+    rise = llama_rows(model, held_out, base, {name: (spec, calibration) for name, spec in LLAMA_METHODS.items()},
+                      reference="gptq min/max")
     change, error = rise["awq+gptq"]
     ok = change + error <= 0.2
     best = min(rise, key=lambda name: rise[name][0])
+    own = rise["awq+gptq"][0] - rise["gptq min/max"][0]
     return [f"target Llama perplexity increase, AWQ+GPTQ (defaults) at INT4-g128: {change:+.3f} +- {error:.3f}% "
             f"(<= +0.20% with its standard error) {'PASS' if ok else 'FAIL'}",
+            f"(diagnostic) Llama, AWQ's scales alone: AWQ+GPTQ minus GPTQ with the same options (min/max ranges) "
+            f"{own:+.3f} percentage points; GPTQ defaults {rise['gptq'][0]:+.3f}%",
             f"(diagnostic) best Llama row: {best} {rise[best][0]:+.3f} +- {rise[best][1]:.3f}%"]
 
 
@@ -515,6 +533,7 @@ def main() -> None:
     parser.add_argument("--llama-cache", type=Path, default=None,
                         help="the same for the Llama-style model of the llama section (its trained weights)")
     parser.add_argument("--variant-groups", default="128,32", help="INT4 group sizes of the GPTQ variant table")
+    parser.add_argument("--awq-groups", default="128,32", help="INT4 group sizes of the awq table")
     parser.add_argument("--only", default="mlp,cnn,transformer,variants,awq,llama,smoothquant",
                         help="comma-separated sections: mlp, cnn, transformer, variants, awq, llama (needs "
                              "transformers), llama-variants (GPTQ options on the llama model; not in the default "
@@ -544,7 +563,7 @@ def main() -> None:
             groups = tuple(int(g) for g in args.variant_groups.split(","))
             verdicts += variant_table(transformer, (calib, held_out), groups)
         if "awq" in sections:
-            verdicts += awq_table(transformer, (calib, held_out))
+            verdicts += awq_table(transformer, (calib, held_out), tuple(int(g) for g in args.awq_groups.split(",")))
     if "llama" in sections:
         verdicts += llama_perplexity(cache=args.llama_cache)
     if "llama-variants" in sections:

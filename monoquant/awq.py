@@ -9,19 +9,13 @@ then quantize ``W s`` instead of ``W``:
   :data:`SCALE_GRID` values in ``[0, 1)`` to minimise the output error ``sum ||x W^T - x (Q(W s) / s)^T||^2`` of
   all the layers that read the same input (q/k/v, gate/up), exactly over every calibration row through the input
   Hessian ``H = mean x^T x``, ``Q`` round-to-nearest (for ``"awq+gptq"`` the :data:`GPTQ_SHORTLIST` best candidates
-  and ``s = 1`` are then scored with GPTQ itself). ``method="awq"`` then searches a clipping range per weight group
+  are then scored with GPTQ itself). ``method="awq"`` then searches a clipping range per weight group
   (shrinking its min/max by ``1 - 0.5 i / CLIP_GRID``) that minimises that group's share of the output error, and
   rounds to nearest; ``"awq+gptq"`` rounds the scaled weight with GPTQ (its observer chooses the ranges): the
   same clipping applied before GPTQ lowered the end-to-end SQNR of ``benchmarks/bench_accuracy.py``'s transformer
   stack from 33.43 to 31.06 dB (INT4-g128), and scoring all :data:`SCALE_GRID` candidates with GPTQ instead of the
-  :data:`GPTQ_SHORTLIST` best gave the same 33.43 dB. Small layers (at most :data:`OUTPUT_AWARE_WEIGHTS`
-  weights, e.g. a model's 16-input embedding projection) are rounded by GPTQ against the *model output's* error
-  instead of their own: with ``g`` the gradient of a random projection of the model output with respect to the
-  layer's output, the error ``E`` of the weight costs about ``tr(G E H E^T)`` at the output (``G = E[g^T g]``, the
-  Kronecker-factored approximation of K-FAC), so GPTQ runs once over all ``N K`` weights (flattened) with the
-  Hessian ``G (x) H``. A layer feeding a LayerNorm, for instance, can then put its error where the norm removes it.
-  On ``benchmarks/bench_accuracy.py``'s transformer stack this takes the ``embed`` layer alone (everything else
-  float) from 33.85 to 41.36 dB end to end, while its own output SQNR drops from 25.1 to 22.7 dB.
+  :data:`GPTQ_SHORTLIST` best gave the same 33.43 dB. Its GPTQ is ``method="gptq"``'s, options included (e.g.
+  ``output_aware``, :mod:`monoquant.output_aware`): ``"awq+gptq"`` is AWQ's scales followed by the same GPTQ.
 * **SmoothQuant** (``QuantConfig(smoothquant=alpha)``): ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``, which
   evens out activation channels whose range is far larger than the others' (outliers), so that one per-tensor
   INT8 activation scale fits all channels.
@@ -38,14 +32,11 @@ The search runs on the float model's activations (one pass over the calibration 
 initialised the statistics are all-reduced so every rank chooses the same scales and folds), one group at a time;
 only ``nn.Linear`` layers whose weight no other layer shares are scaled (other layers keep the method's rounding:
 RTN for ``"awq"``, GPTQ for ``"awq+gptq"``). Memory: one ``[K, K]`` float32 Hessian per group of
-layers with ``K`` inputs (AWQ only), held until the scales are chosen; for ``"awq+gptq"`` with small layers, one
-float pass with gradients per calibration batch (:func:`output_grams`), an ``[N, N]`` Gram per small layer, and at
-freeze its ``[N K, N K]`` Hessian (at most 64 MB; about 400 MB of GPTQ temporaries).
+layers with ``K`` inputs (AWQ only), held until the scales are chosen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Iterable, Iterator
@@ -62,6 +53,7 @@ from .errors import CalibrationError
 from .formats import WeightSpec, method_of
 from .gptq import GPTQOptions, HessianObserver, gptq_quantize
 from .observers import distributed_ready
+from .output_aware import float_pass
 from .qtypes import PerTensor
 
 SCALE_GRID = 20
@@ -69,21 +61,20 @@ SCALE_GRID = 20
 CLIP_GRID = 20
 """AWQ's clipping search: group ranges shrunk by ``1, 0.975, ..., 0.525`` (down to half, as in the paper)."""
 GPTQ_SHORTLIST = 3
-"""``method="awq+gptq"``: how many of the best scale candidates (by round-to-nearest error) GPTQ then scores."""
+"""``method="awq+gptq"``: how many of the best scale candidates (by round-to-nearest error) GPTQ then scores. Only
+those: adding ``s = 1`` (no scaling) to them, as before, made ``"awq+gptq"`` exactly ``"gptq"`` on the Llama-style
+model of ``benchmarks/bench_accuracy.py`` (GPTQ's error on the calibration inputs is lowest without scales in every
+group there), while the shortlist alone gives +0.116 vs +0.157% perplexity over float (paired difference
+-0.041 +- 0.019 points) and 39.08 vs 39.04 dB on its transformer stack (INT4-g128, AMD EPYC Zen 4). Scoring the
+candidates by the error at the model output (:mod:`monoquant.output_aware`'s Grams) instead was worse on both
+(+0.140% and 38.86 dB), as was a shortlist of 5 on the stack (38.95 dB); with ``s = 1`` in the shortlist, AutoAWQ's
+duo candidates gave 38.87 dB there and a 40-point grid 39.07 dB."""
 SEARCH_ROWS = 512
 """The scale search scores each candidate on at most this many output rows of each layer (every ``ceil(N / 512)``-th):
 rows are quantized independently (RTN and GPTQ alike), so the error of a row subset is exact for those rows and
 estimates the whole layer's; a 4096-row layer is searched 8x faster. Layers quantized per tensor use all rows."""
 FOLD_TOLERANCE = 1e-4
 """Largest relative change of the model output (on one calibration batch) for which a fold counts as exact."""
-OUTPUT_AWARE_WEIGHTS = 4096
-"""``method="awq+gptq"``: layers with at most this many weights (and a grouped format) are rounded by GPTQ against
-the error at the *model output* (see :func:`output_grams`): its Hessian has ``(N K)^2`` entries, 64 MB in float32
-at 4096 weights (a 16-input projection into 256 channels), and GPTQ's factorisation holds a few copies: measured
-393 MB of peak memory and 2.6 s on one core of an AMD EPYC (Zen 4, shared) for a ``256 x 16`` layer."""
-OUTPUT_PROBES = 2
-"""Random projections of the model output per calibration batch that :func:`output_grams` backpropagates."""
-
 
 @dataclass
 class ScaledLayer:
@@ -95,13 +86,6 @@ class ScaledLayer:
     group_size: int | None
     smooth_alpha: float | None = None
     """SmoothQuant's migration strength; ``None``: AWQ (the format's method says which variant)."""
-
-    @property
-    def output_aware(self) -> bool:
-        """Whether GPTQ rounds this layer against the model output's error (``method="awq+gptq"``, a grouped
-        format, at most :data:`OUTPUT_AWARE_WEIGHTS` weights; see :func:`output_grams`)."""
-        return (self.smooth_alpha is None and method_of(self.spec).name == "awq+gptq"
-                and self.group_size is not None and self.module.weight.numel() <= OUTPUT_AWARE_WEIGHTS)
 
     @property
     def clips(self) -> bool:
@@ -138,6 +122,49 @@ class _Group:
 
 
 @dataclass
+class _Change:
+    """A parameter a fold changed: ``module``'s ``name`` was ``tensor`` holding ``old``. An inference tensor
+    (made under ``torch.inference_mode()``) cannot change in place: the fold gave the module a new parameter."""
+
+    module: nn.Module
+    name: str
+    tensor: torch.Tensor
+    old: torch.Tensor
+
+
+def _scale_parameter(module: nn.Module, name: str, factor: torch.Tensor, saved: list[_Change],
+                     divide: bool = False) -> None:
+    """Multiply (``divide``: divide) ``module``'s parameter ``name`` by ``factor`` (broadcast), in place, or for an
+    inference tensor (never requiring gradients) by replacing it with a new one; recorded in ``saved`` for
+    :func:`_restore`."""
+    tensor = getattr(module, name)
+    saved.append(_Change(module, name, tensor, tensor.detach().clone()))
+    factor = factor.to(tensor.dtype)
+    with torch.no_grad():
+        if tensor.is_inference():
+            new = tensor.detach().clone()
+            new = new / factor if divide else new * factor
+            is_parameter = name in module._parameters
+            setattr(module, name, nn.Parameter(new, requires_grad=False) if is_parameter else new)
+        elif divide:
+            tensor.div_(factor)
+        else:
+            tensor.mul_(factor)
+
+
+def _restore(saved: list[_Change]) -> None:
+    """Undo the changes in ``saved`` (latest first): the same tensors with their old values; an inference tensor
+    that was replaced is put back itself."""
+    with torch.no_grad():
+        for change in reversed(saved):
+            if getattr(change.module, change.name) is change.tensor:
+                change.tensor.copy_(change.old)
+            else:
+                setattr(change.module, change.name, change.tensor)
+    saved.clear()
+
+
+@dataclass
 class Scaling:
     """What :func:`scale_layers` did: the float weights to quantize, the input scales of layers whose scales
     nothing absorbed, and :meth:`undo` (put every folded weight back)."""
@@ -145,9 +172,7 @@ class Scaling:
     groups: list[_Group] = field(default_factory=list)
     sources: dict[str, nn.Module] = field(default_factory=dict)
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
-    output_grams: dict[str, torch.Tensor] = field(default_factory=dict)
-    output_note: str = ""
-    _saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _saved: list[_Change] = field(default_factory=list)
 
     def source(self, name: str, module: nn.Module) -> nn.Module:
         """The float module whose weight layer ``name`` is quantized from (``module`` when it was not scaled)."""
@@ -157,25 +182,16 @@ class Scaling:
         """``1 / s`` for a scaled layer whose scales no preceding op absorbed, else ``None``."""
         return self.input_scales.get(name)
 
-    def output_gram(self, name: str) -> torch.Tensor | None:
-        """``G = E[g^T g]`` (``[N, N]``) of layer ``name``'s output gradients, for GPTQ against the model output's
-        error (:func:`output_grams`), else ``None``."""
-        return self.output_grams.get(name)
-
     def undo(self) -> None:
         """Restore every weight and bias a fold changed (the same tensors, their old values)."""
-        with torch.no_grad():
-            for tensor, old in reversed(self._saved):
-                tensor.copy_(old)
-        self._saved.clear()
+        _restore(self._saved)
 
     def summary(self, what: str) -> str:
         """A report note: how many groups were scaled and where their scales went."""
         folded = sum(g.folded for g in self.groups)
         layers = sum(len(g.layers) for g in self.groups)
         return (f"{what}: {layers} layers in {len(self.groups)} groups sharing an input; {folded} groups' scales "
-                f"folded into the op before them, {len(self.groups) - folded} kept as an input_scale"
-                + (f"; {self.output_note}" if self.output_note else ""))
+                f"folded into the op before them, {len(self.groups) - folded} kept as an input_scale")
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -183,23 +199,6 @@ def is_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     norm = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
     return norm and isinstance(weight, torch.Tensor) and weight.dim() == 1
-
-
-@contextlib.contextmanager
-def _float_pass(model: nn.Module, grad: bool = False) -> Iterator[None]:
-    """Eval mode, no_grad (unless ``grad``), and PyTorch's fused transformer fast path off (it skips the Linear
-    modules' calls)."""
-    flags = [(m, m.training) for m in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        model.eval()
-        with torch.set_grad_enabled(grad):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, flag in flags:
-            m.training = flag
 
 
 def _trace(model: nn.Module, layers: list[ScaledLayer], batch: Any, forward_fn: data_mod.ForwardFn | None
@@ -227,7 +226,7 @@ def _trace(model: nn.Module, layers: list[ScaledLayer], batch: Any, forward_fn: 
                if is_norm(m) or isinstance(m, nn.Linear)]
     handles += [item.module.register_forward_pre_hook(on_input) for item in layers]
     try:
-        with _float_pass(model):
+        with float_pass(model):
             outputs = [t.detach().clone() for _, t in _output_tensors(data_mod.run_batch(model, batch, forward_fn))]
     finally:
         for h in handles:
@@ -258,7 +257,7 @@ def _collect(model: nn.Module, groups: list[_Group], data: Iterable[Any], forwar
                                             device=group.layers[0].module.weight.device)
     handles = [g.layers[0].module.register_forward_pre_hook(observer(g)) for g in groups]
     try:
-        with _float_pass(model):
+        with float_pass(model):
             for batch in data_mod.iter_batches(data, max_batches, desc="scaling channels", progress=False):
                 data_mod.run_batch(model, batch, forward_fn)
     finally:
@@ -275,82 +274,6 @@ def _collect(model: nn.Module, groups: list[_Group], data: Iterable[Any], forwar
             group.rows = int(rows)
             if group.hessian is not None:
                 group.hessian.sync()
-
-
-class NoGradients(RuntimeError):
-    """:func:`output_grams` could not backpropagate through the model (an op without a backward, inference
-    tensors): ``method="awq+gptq"`` then rounds small layers against their own output's error."""
-
-
-def output_grams(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any],
-                 forward_fn: data_mod.ForwardFn | None = None, max_batches: int | None = data_mod.DEFAULT_MAX_BATCHES,
-                 probes: int = OUTPUT_PROBES, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``G = E[g^T g]`` (``[N, N]`` float32, the mean over the layer's output rows) of each layer in ``layers``, where
-    ``g`` is the gradient of ``<v, y>`` with respect to the layer's output, ``y`` every floating-point output of the
-    model and ``v`` standard normal (``probes`` draws per calibration batch, seeded), so ``E[g^T g] = E[J^T J]`` for
-    the Jacobian ``J`` from the layer's output to the model's. A weight error ``E`` then moves the model output by
-    about ``tr(G E H E^T)`` in squared norm (``H``: the layer's input Hessian). One float pass with gradients per
-    batch; the model's parameters get no ``.grad``. A layer that is not called exactly once per batch, or whose
-    output does not reach the model output, gets no entry (it keeps GPTQ against its own output). With
-    ``torch.distributed`` initialised the sums are all-reduced. Raises :class:`NoGradients` when the model cannot
-    backpropagate (errors of the data source pass through unchanged)."""
-    by_module = {id(item.module): item.name for item in layers}
-    leaves: dict[str, list[torch.Tensor]] = {}
-
-    def leaf(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-            return None
-        if not out.requires_grad:  # no graph above this layer (frozen weights): start one here
-            out = out.detach().requires_grad_()
-        leaves.setdefault(by_module[id(module)], []).append(out)
-        return out
-
-    sums = {item.name: torch.zeros(item.module.out_features, item.module.out_features,
-                                   device=item.module.weight.device) for item in layers}
-    rows = {item.name: 0 for item in layers}
-    skipped: set[str] = set()
-    gen = torch.Generator().manual_seed(seed)
-    handles = [item.module.register_forward_hook(leaf) for item in layers]
-    try:
-        with _float_pass(model, grad=True):
-            for batch in data_mod.iter_batches(data, max_batches, desc="output gradients", progress=False):
-                leaves.clear()
-                try:  # the float pass without gradients ran on this batch: a failure here is about gradients
-                    outputs = [t for _, t in _output_tensors(data_mod.run_batch(model, batch, forward_fn))
-                               if t.requires_grad]
-                except RuntimeError as e:
-                    raise NoGradients(str(e)) from e
-                skipped.update(name for name in sums if len(leaves.get(name, ())) != 1)
-                names = [name for name in sums if name not in skipped]
-                if not outputs or not names:
-                    continue
-                for p in range(probes):
-                    vs = [torch.randn(t.shape, generator=gen).to(t) for t in outputs]
-                    try:
-                        grads = torch.autograd.grad(outputs, [leaves[n][0] for n in names], vs,
-                                                    retain_graph=p + 1 < probes, allow_unused=True)
-                    except RuntimeError as e:
-                        raise NoGradients(str(e)) from e
-                    for name, g in zip(names, grads):
-                        if g is None:
-                            skipped.add(name)
-                            continue
-                        g2 = g.detach().reshape(-1, g.shape[-1]).float()
-                        sums[name].addmm_(g2.t(), g2)
-                        rows[name] += g2.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-    if distributed_ready():
-        for name in sorted(sums):
-            dist.all_reduce(sums[name])
-            count = torch.tensor([rows[name], int(name in skipped)], device=sums[name].device)
-            dist.all_reduce(count)
-            rows[name] = int(count[0])
-            if int(count[1]):
-                skipped.add(name)
-    return {name: sums[name] / rows[name] for name in sums
-            if name not in skipped and rows[name] and float(sums[name].diagonal().sum()) > 0}
 
 
 def _rtn(spec: WeightSpec, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -393,10 +316,10 @@ def awq_scale(layers: list[ScaledLayer], hessian: torch.Tensor, abs_mean: torch.
     """AWQ's per-input-channel scale for layers sharing one input (``[K]``, float32; see the module docstring).
 
     Every candidate is scored by the output error of round-to-nearest on ``W s`` (on :data:`SEARCH_ROWS` rows of
-    each layer); for ``method="awq+gptq"`` the ``gptq_shortlist`` best of them and ``s = 1`` are then scored by
-    the output error GPTQ itself leaves on those rows, so the result is never worse than plain GPTQ on the
-    calibration inputs (for those rows). ``s = 1`` is a candidate, so on those inputs the result is never worse
-    than no scaling."""
+    each layer); for ``method="awq+gptq"`` the ``gptq_shortlist`` best of them are then scored by the output error
+    GPTQ itself leaves on those rows. ``s = 1`` is a candidate, so on the calibration inputs the result is never
+    worse than no scaling with round-to-nearest; it is not added to GPTQ's shortlist when round-to-nearest does
+    not rank it there (see :data:`GPTQ_SHORTLIST`)."""
     h = hessian.float()
     weights = [_search_rows(item, item.module.weight.detach().float()) for item in layers]
     scored = []
@@ -407,7 +330,7 @@ def awq_scale(layers: list[ScaledLayer], hessian: torch.Tensor, abs_mean: torch.
     scored.sort(key=lambda t: (t[0], t[1]))
     if method_of(layers[0].spec).name != "awq+gptq":
         return scored[0][2]
-    shortlist = [s for _, _, s in scored[:gptq_shortlist]] + [torch.ones_like(abs_mean)]
+    shortlist = [s for _, _, s in scored[:gptq_shortlist]]
     errors = [sum(_gptq_error(item, w, s, h) for w, item in zip(weights, layers)) for s in shortlist]
     return shortlist[min(range(len(shortlist)), key=errors.__getitem__)]
 
@@ -452,20 +375,18 @@ def _relative_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> f
     return math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
 
 
-def _fold(group: _Group, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the layers' weight columns by it, in place."""
+def _fold(group: _Group, saved: list[_Change]) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the layers' weight columns by it (in place,
+    or by new parameters for inference tensors)."""
     s = group.scale
     _, producer = group.producer
-    with torch.no_grad():
-        for tensor in (producer.weight, getattr(producer, "bias", None)):
-            if isinstance(tensor, torch.Tensor):
-                saved.append((tensor, tensor.detach().clone()))
-                per_row = s if tensor.dim() == 1 else s[:, None]  # a Linear producer: its output rows
-                tensor.div_(per_row.to(tensor.dtype))
-        for item in group.layers:
-            w = item.module.weight
-            saved.append((w, w.detach().clone()))
-            w.mul_(s.to(w.dtype))
+    for name in ("weight", "bias"):
+        tensor = getattr(producer, name, None)
+        if isinstance(tensor, torch.Tensor):
+            per_row = s if tensor.dim() == 1 else s[:, None]  # a Linear producer: its output rows
+            _scale_parameter(producer, name, per_row, saved, divide=True)
+    for item in group.layers:
+        _scale_parameter(item.module, "weight", s, saved)
 
 
 def _foldable(group: _Group) -> bool:
@@ -496,15 +417,6 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
                                "inputs: pass a non-empty DataLoader or list of batches")
     groups, reference = _trace(model, layers, first, forward_fn)
     _collect(model, groups, data, forward_fn, max_batches)
-    small = [item for group in groups for item in group.layers if item.output_aware]
-    if small:  # before any fold (folds leave every layer's output, and so its gradient, the same)
-        try:
-            scaling.output_grams = output_grams(model, small, data, forward_fn, max_batches)
-            scaling.output_note = (f"{len(scaling.output_grams)} of {len(small)} layers with at most "
-                                   f"{OUTPUT_AWARE_WEIGHTS} weights rounded against the model output's error")
-        except NoGradients as e:  # an op without a backward, inference tensors
-            scaling.output_note = (f"no gradients through the model ({str(e).splitlines()[0]}): its {len(small)} "
-                                   "small layers are rounded against their own output's error")
     try:
         for group in groups:
             lead = group.layers[0]
@@ -517,7 +429,7 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
                 continue
             mark = len(scaling._saved)
             _fold(group, scaling._saved)
-            with _float_pass(model):
+            with float_pass(model):
                 after = [t for _, t in _output_tensors(data_mod.run_batch(model, first, forward_fn))]
             exact = torch.tensor(float(_relative_change(reference, after) <= FOLD_TOLERANCE))
             if distributed_ready():  # one decision for all ranks (each checked its own first batch)
@@ -525,10 +437,9 @@ def scale_layers(model: nn.Module, layers: list[ScaledLayer], data: Iterable[Any
             if exact.item() == 1.0:
                 group.folded = True
             else:  # the produced tensor feeds something else too (a residual): undo this fold
-                with torch.no_grad():
-                    for tensor, old in reversed(scaling._saved[mark:]):
-                        tensor.copy_(old)
+                undone = scaling._saved[mark:]
                 del scaling._saved[mark:]
+                _restore(undone)
         for group in groups:
             _record(scaling, group)
     except BaseException:

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import awq, calibration, measure
+from . import awq, calibration, measure, output_aware
 from . import functional as F
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, reiterable, tqdm_disable
 from .errors import AlreadyQuantizedError, ConfigError, ModelError
 from .formats import method_of
+from .gptq import GPTQOptions
 from .memory import release_freed_memory
 from .nn import QuantModule, quant_class_for
 from .report import (
@@ -187,6 +188,8 @@ def quantize_(
     if already and len(already) == len(report.layers):
         refuse_quantized(model, "quantize_")
 
+    # output-aware GPTQ: small layers' output-gradient Grams, on the float model (folds leave them the same)
+    grams = _output_grams(model, plan, data, forward_fn, max_batches, report)
     # AWQ / SmoothQuant: channel scales chosen on the float model and folded where exact (undone on failure)
     scaling = _scale_channels(model, plan, cfg, data, forward_fn, max_batches, report)
     try:
@@ -213,8 +216,8 @@ def quantize_(
                 done.setdefault(id(item.module.weight), q)
                 row = report.row(item.name)
                 row.method = calibration.prepare(q, weight, item.config, item.name)
-                if q.gptq is not None:  # method="awq+gptq", small layer: GPTQ against the model output's error
-                    q.gptq.output_gram = scaling.output_gram(item.name)
+                if q.gptq is not None:  # output-aware GPTQ, small layer: against the model output's error
+                    q.gptq.output_gram = grams.get(item.name)
                 row.scheme, row.kind = q.scheme(), q.spec.kind
                 row.follow_kernel(q)
                 row.bytes_after = q.storage_bytes()
@@ -274,6 +277,33 @@ def _report_pending(report: QuantReport, model: nn.Module) -> None:
         warnings.warn(f"{len(report.pending)} layer(s) wait for calibration and compute in float until then ({names}: "
                       f"{why}); pass calibration_data=... to quantize_, or run mq.calibrate_and_freeze(model, data) "
                       "afterwards", CalibrationPendingWarning, stacklevel=3)
+
+
+def _output_grams(model: nn.Module, plan: list[_Planned], data: Iterable[Any] | None, forward_fn: ForwardFn | None,
+                  max_batches: int | None, report: QuantReport) -> dict[str, torch.Tensor]:
+    """The output-gradient Grams of the planned GPTQ layers whose options ask for output-aware rounding and that
+    are small enough (:mod:`monoquant.output_aware`); none without calibration data (the report says so)."""
+    untied = awq.scalable(model)
+    layers = {}
+    for item in plan:
+        spec = item.config.weights
+        if not (isinstance(item.module, nn.Linear) and method_of(spec).is_gptq and GPTQOptions.of(spec).output_aware
+                and id(item.module) in untied):
+            continue
+        group = item.qcls._resolve_group_size(spec, item.module.in_features, item.decision.group_size)
+        if output_aware.small_enough(item.module, group):
+            layers[item.name] = item.module
+    if data is None:
+        if layers:
+            report.notes.append(f"output-aware GPTQ: {len(layers)} layers with at most "
+                                f"{output_aware.OUTPUT_AWARE_WEIGHTS} weights will be rounded against their own "
+                                "output's error; pass calibration_data=... to quantize_ to round them against the "
+                                "model output's")
+        return {}
+    grams, note = output_aware.collect(model, layers, data, forward_fn, max_batches)
+    if note:
+        report.notes.append(note)
+    return grams
 
 
 def _scale_channels(model: nn.Module, plan: list[_Planned], cfg: QuantConfig, data: Iterable[Any] | None,

@@ -35,7 +35,10 @@ def _model():
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
 
-_CFG = dict(weights=mq.Int4(group_size=16, method="gptq"), activations=mq.Int8(observer=mq.HistogramObserver()))
+_CFG = dict(weights=mq.Int4(group_size=16, method="gptq", output_aware=False),
+            activations=mq.Int8(observer=mq.HistogramObserver()))
+"""Output-aware rounding needs the float model's gradients, which only ``quantize_(calibration_data=...)`` takes:
+off, so the manual flow and the one call give the same model; ``output_aware`` below checks the one call with it."""
 
 
 def _feed(observers, batches):
@@ -63,8 +66,15 @@ def _worker(rank, world, port, out_dir):
         one_call = _model()  # quantize_ with this rank's shard syncs before freezing, like the manual flow
         mq.quantize_(one_call, mq.QuantConfig(**_CFG, skip=mq.SkipRules.none()), calibration_data=_data(rank),
                      on_failure="ignore")
+        output_aware = _model()  # its small layers' output-gradient Grams are all-reduced: identical on all ranks
+        report = mq.quantize_(output_aware, mq.QuantConfig(mq.Int4(group_size=16, method="gptq"),
+                                                           skip=mq.SkipRules.none()),
+                              calibration_data=_data(rank), on_failure="ignore")
+        assert "output-aware GPTQ: 2 of 2 layers with at most 4096 weights rounded against the model output's " \
+            "error" in report.notes
         torch.save({"observers": {k: o.state_dict() for k, o in observers.items()},
-                    "model": model.state_dict(), "one_call": one_call.state_dict()},
+                    "model": model.state_dict(), "one_call": one_call.state_dict(),
+                    "output_aware": output_aware.state_dict()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,6 +95,8 @@ def test_two_process_sync_equals_single_process(tmp_path):
         assert torch.equal(value, ranks[1]["model"][key]), key
         assert torch.equal(value, ranks[0]["one_call"][key]), key  # quantize_(calibration_data=shard) too
         assert torch.equal(value, ranks[1]["one_call"][key]), key
+    for key, value in ranks[0]["output_aware"].items():
+        assert torch.equal(value, ranks[1]["output_aware"][key]), key
     single = _observers()
     _feed(single, _data(0) + _data(1))
     for name, obs in single.items():

@@ -173,11 +173,11 @@ def test_static_groups_with_act_order_save_and_load(tmp_path):
 
 def test_gptq_defaults_are_act_order_static_groups_mse_ranges_refit_one_pass_and_explicit_fields_win():
     assert GPTQOptions(act_order=True, damping=0.01, static_groups=True, refit_scales=True,
-                       sequential=False) == DEFAULT_OPTIONS
+                       sequential=False, output_aware=True) == DEFAULT_OPTIONS
     assert GPTQOptions.of(mq.Int4(method="gptq")) == DEFAULT_OPTIONS
     assert GPTQOptions.of(mq.Int4(method="gptq", act_order=False, static_groups=True, damping=0.05,
-                                  refit_scales=False, sequential=True)) == GPTQOptions(
-        act_order=False, damping=0.05, static_groups=True, refit_scales=False, sequential=True)
+                                  refit_scales=False, sequential=True, output_aware=False)) == GPTQOptions(
+        act_order=False, damping=0.05, static_groups=True, refit_scales=False, sequential=True, output_aware=False)
     assert not GPTQOptions.of(mq.Int8(method="gptq", act_order=False)).act_order
     assert isinstance(mq.Int4(method="gptq").make_observer(), mq.MSEObserver)
     assert type(mq.Int4(method="gptq", observer=mq.MinMaxObserver()).make_observer()) is mq.MinMaxObserver

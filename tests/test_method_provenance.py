@@ -79,7 +79,7 @@ def test_the_format_dataclasses_hold_storage_fields_and_one_method_config():
     assert [f.name for f in dataclasses.fields(mq.Int4)] == ["group_size", "symmetric", "method_config"]
     assert [f.name for f in dataclasses.fields(mq.Int8)] == ["symmetric", "granularity", "dynamic", "method_config"]
     assert mq.Int4.method_option_names == ("observer", "method", "act_order", "damping", "static_groups",
-                                           "refit_scales", "sequential")
+                                           "refit_scales", "sequential", "output_aware")
     observer = mq.MinMaxObserver()
     spec = mq.Int8(observer=observer, method="gptq", damping=0.05)
     assert spec.method_config == MethodConfig("gptq", damping=0.05) and spec.method_config.observer is observer

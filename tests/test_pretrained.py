@@ -20,8 +20,10 @@ transformers = pytest.importorskip("transformers")
 BATCHES = [torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
 
+# output_aware=False: output-aware rounding weighs a small layer's error at the output of what quantize_ is given
+# (one block in the pipeline, the whole model in _whole), so with it on the two paths differ by design
 def _gptq():  # MinMax ranges keep the test fast; the block path does not depend on the range search
-    return mq.Int4(group_size=16, method="gptq", sequential=True, observer=mq.MinMaxObserver())
+    return mq.Int4(group_size=16, method="gptq", sequential=True, observer=mq.MinMaxObserver(), output_aware=False)
 
 
 def _config():
@@ -69,7 +71,8 @@ def test_quantized_embedding_runs_before_the_blocks_as_in_quantize(src, tmp_path
     _assert_equal_files(_whole(src, cfg, BATCHES), tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=16, method="gptq", observer=mq.MinMaxObserver())],
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=16, method="gptq", observer=mq.MinMaxObserver(),
+                                                    output_aware=False)],
                          ids=["rtn-with-data", "gptq-one-pass"])
 def test_float_activations_are_carried_unless_sequential(src, tmp_path, spec):
     mq.quantize_pretrained(src, tmp_path, spec, BATCHES, progress=False)

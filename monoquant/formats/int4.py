@@ -131,6 +131,10 @@ class Int4(GroupWise, IntegerFormat):
     ``static_groups`` (GPTQ; ``None``: on): every group's qparams come from the original weight before GPTQ
     starts, instead of from its error-compensated weights when its first column comes up; the stored layout
     is the same either way.
+    ``output_aware`` (GPTQ; ``None``: :data:`monoquant.gptq.DEFAULT_OPTIONS`): layers with at most
+    :data:`monoquant.output_aware.OUTPUT_AWARE_WEIGHTS` weights are rounded against the error at the model output
+    instead of their own (one extra float pass with gradients per calibration batch; see
+    :mod:`monoquant.output_aware`).
     """
 
     kind: ClassVar[str] = "int4"
@@ -152,6 +156,7 @@ class Int4(GroupWise, IntegerFormat):
     static_groups: InitVar[bool | None] = None
     refit_scales: InitVar[bool | None] = None
     sequential: InitVar[bool | None] = None
+    output_aware: InitVar[bool | None] = None
     method_config: MethodConfig = field(default=ROUND_TO_NEAREST, init=False)
 
     def __post_init__(self, *method_options: Any) -> None:

@@ -43,7 +43,8 @@ AWQ_METHODS = ("awq", "awq+gptq")
 
 
 def check_method(method: str, observer: object = None, act_order: bool | None = False, damping: float = 0.01,
-                 sequential: bool | None = None, refit_scales: bool | None = None) -> None:
+                 sequential: bool | None = None, refit_scales: bool | None = None,
+                 output_aware: bool | None = None) -> None:
     """Validate the quantization method options shared by the integer formats."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
@@ -54,7 +55,7 @@ def check_method(method: str, observer: object = None, act_order: bool | None = 
                           "method='awq' or observer=..., not both (method='awq+gptq' takes an observer)")
     if act_order and method not in GPTQ_METHODS:
         raise ConfigError(f"act_order=True only applies to method='gptq' or 'awq+gptq', not {method!r}")
-    for name, value in (("sequential", sequential), ("refit_scales", refit_scales)):
+    for name, value in (("sequential", sequential), ("refit_scales", refit_scales), ("output_aware", output_aware)):
         if value is not None and (method not in GPTQ_METHODS or not isinstance(value, bool)):
             raise ConfigError(f"{name} only applies to method='gptq' or 'awq+gptq' and must be True or False, "
                               f"got {value!r}")
@@ -75,10 +76,12 @@ class MethodConfig:
     static_groups: bool | None = None
     refit_scales: bool | None = None
     sequential: bool | None = None
+    output_aware: bool | None = None
     observer: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        check_method(self.name, self.observer, self.act_order, self.damping, self.sequential, self.refit_scales)
+        check_method(self.name, self.observer, self.act_order, self.damping, self.sequential, self.refit_scales,
+                     self.output_aware)
         if self.static_groups is not None and self.name not in GPTQ_METHODS:
             raise ConfigError("static_groups only applies to method='gptq' or 'awq+gptq'")
 
