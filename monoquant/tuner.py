@@ -20,6 +20,10 @@ Controls (all documented in the README):
   also keep the choices in a small JSON file, under a key made of the CPU model and flags, the torch
   version and the monoquant version, so a later process on the same machine skips the timing. Off unless
   set. Delete the file, or call :func:`clear`, after changing hardware settings.
+
+``MONOQUANT_KERNEL`` and ``MONOQUANT_TUNE`` are read once, when this module is imported (reading ``os.environ`` on
+every layer call cost 2-4 us, as much as a small layer's matmul); after changing them in a running process, call
+:func:`reload_environment` (``mq.kernels.reload_environment()``). The ``with`` forms need no reload.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ TUNE_MIN_WEIGHTS = 1 << 16
 DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 
 _STATE = threading.local()
+_ENV: dict[str, object] = {}
+"""``MONOQUANT_KERNEL`` (``"kernel"``: name or ``None``) and ``MONOQUANT_TUNE`` (``"tune"``: bool) as
+:func:`reload_environment` last read them."""
 _LOCK = threading.RLock()
 _CHOICES: dict[str, str] = {}
 _FILE_LOADED: set[str] = set()
@@ -60,12 +67,22 @@ def row_bucket(rows: int) -> int:
 
 
 # ---- controls -----------------------------------------------------------------------------------------
+def reload_environment() -> None:
+    """Read ``MONOQUANT_KERNEL`` and ``MONOQUANT_TUNE`` again (they are read once, at import: call this after
+    changing them in a running process)."""
+    _ENV["kernel"] = os.environ.get("MONOQUANT_KERNEL") or None
+    _ENV["tune"] = os.environ.get("MONOQUANT_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+reload_environment()
+
+
 def pinned() -> str | None:
     """The kernel pinned by :func:`pin` (innermost) or ``MONOQUANT_KERNEL``; ``None`` when nothing is pinned."""
     stack = getattr(_STATE, "pins", None)
     if stack:
         return stack[-1]
-    return os.environ.get("MONOQUANT_KERNEL") or None
+    return _ENV["kernel"]  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -83,7 +100,7 @@ def tuning_enabled() -> bool:
     stack = getattr(_STATE, "tuning", None)
     if stack:
         return stack[-1]
-    return os.environ.get("MONOQUANT_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return bool(_ENV["tune"])
 
 
 @contextlib.contextmanager

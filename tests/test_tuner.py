@@ -15,6 +15,7 @@ def fresh_choices(monkeypatch):
     monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
     monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
     monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    tuner.reload_environment()
     monkeypatch.setattr(tuner, "_FILE_LOADED", set())
     tuner.clear()
     yield
@@ -119,6 +120,7 @@ def test_pinning_by_context_and_environment(monkeypatch):
             q(x)
             assert q.last_kernel == "int8pack_cpu"
         monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
+        tuner.reload_environment()
         q(x)
         assert q.last_kernel == "dequant"
         with kernels.pin("int4pack_cpu"):  # not eligible for an INT8 layer: the usual choice, measured or not
@@ -151,6 +153,7 @@ def test_tuning_off_is_deterministic_and_times_nothing(monkeypatch):
             q(x)
         assert first == q.last_kernel == kernels.choose_linear_kernel(q, x.device, 4, False)
         monkeypatch.setenv("MONOQUANT_TUNE", "0")
+        tuner.reload_environment()
         q(x)
         assert q.last_kernel == first
     assert tuner.choices() == {}
@@ -192,7 +195,9 @@ def test_cache_file_is_off_unless_asked(monkeypatch):
 
 
 def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
-    """Without VNNI/AMX, _int_mm is a slow loop: never a candidate; the fake-quantized float path runs."""
+    """Without VNNI/AMX, _int_mm is a slow loop: never a candidate; the fake-quantized float path runs (the static
+    table's eligibility: measured, a layer this small runs float_acts, see test_small_w8a8_layer_...)."""
+    monkeypatch.setattr(tuner, "_ENV", {"kernel": None, "tune": False})
     model = nn.Sequential(nn.Linear(64, 48))
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     q = model[0]
