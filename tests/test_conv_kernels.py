@@ -324,3 +324,32 @@ def test_the_per_shape_shortcut_still_honours_pins_tuning_and_new_weights(monkey
         assert "conv_by_shape" not in q.quant_weight.cache
         q(x)  # the situation's measured choice (the tuner's, shared by identical layers) still holds
     assert q.last_kernel == "im2col_linear" and len(timed) == n_timed
+
+
+def test_a_w8a8_conv_measured_slower_than_float_runs_float_activations_and_says_so(monkeypatch):
+    """The float conv is the baseline of an INT8-activation conv: where nothing beats it, the dequantized INT8
+    kernel runs on the float input (not the fake-quantized one), named float_acts_conv in the kernel column."""
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"float_acts_conv": 1.0, "dequant_conv": 1.0}, timed)  # the rest 10x slower
+    q = quantized(nn.Conv2d(16, 32, 3, padding=1), mq.Int8(), mq.Int8(dynamic=True))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        y = q(x)
+        assert {"float_acts_conv", "act_sim_conv"} <= set(timed)
+        assert q.kernel_summary() == "b2 float_acts_conv"
+        reference = nn.functional.conv2d(x, q.dequantize_weight(torch.float32), q.bias, padding=1)
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+        quantized_input = q.float_forward(x)  # what W8A8 computes: the fake-quantized input's conv
+        assert not torch.allclose(y, quantized_input, rtol=1e-5, atol=1e-5)
+        assert torch.equal(q(x), y)  # the per-shape shortcut runs the same
+        with mq.kernels.tuning(False):  # the static choice keeps the W8A8 arithmetic
+            assert torch.equal(q(x), quantized_input) and q.last_kernel == "act_sim_conv"
+        with mq.kernels.pin("float_acts_conv"):
+            assert torch.equal(q(x), y) and q.last_kernel == "float_acts_conv"
+
+
+def test_a_tiny_w8a8_conv_runs_the_float_conv_untimed():
+    q = quantized(nn.Conv2d(1, 2, 3), mq.Int8(), mq.Int8(dynamic=True))  # 18 weights x 36 positions < TUNE_MIN_MACS
+    with torch.no_grad():
+        q(torch.randn(1, 1, 8, 8))
+    assert q.last_kernel == "float_acts_conv"

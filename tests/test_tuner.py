@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import monoquant as mq
@@ -236,3 +237,102 @@ def test_tuning_keeps_only_the_winners_repacked_weights(fastest, monkeypatch):
     assert q.last_kernel == fastest
     assert ("int4pack_cpu" in q._kernel_cache) == (fastest == "int4pack_cpu")
     assert "w8a8_packed" not in q._kernel_cache
+
+
+def test_the_environment_is_read_once_and_again_on_request(monkeypatch):
+    """MONOQUANT_KERNEL / MONOQUANT_TUNE are read at import (not on every layer call) and by reload_environment."""
+    assert tuner.pinned() is None and tuner.tuning_enabled()
+    monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
+    monkeypatch.setenv("MONOQUANT_TUNE", "off")
+    assert tuner.pinned() is None and tuner.tuning_enabled()  # not read yet
+    kernels.reload_environment()
+    assert tuner.pinned() == "dequant" and not tuner.tuning_enabled()
+    with kernels.pin("fused_cpu"), kernels.tuning(True):  # the with forms win, no reload needed
+        assert tuner.pinned() == "fused_cpu" and tuner.tuning_enabled()
+    monkeypatch.delenv("MONOQUANT_KERNEL")
+    monkeypatch.setenv("MONOQUANT_TUNE", "1")
+    kernels.reload_environment()
+    assert tuner.pinned() is None and tuner.tuning_enabled()
+
+
+def by_name_timer(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
+    def timer(call):
+        name = call.func.__name__.lstrip("_")  # functools.partial(_LINEAR[name], module, x)
+        timed.append(name)
+        return times.get(name, 10.0)
+
+    monkeypatch.setattr(tuner, "time_call", timer)
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=32)], ids=lambda s: s.kind)
+def test_a_small_linear_keeps_its_float_weight_and_is_timed_against_f_linear_on_it(monkeypatch, spec):
+    timed: list[str] = []
+    by_name_timer(monkeypatch, {"dequant": 1.0}, timed)  # every other candidate slower
+    float_layer = nn.Linear(128, 16)
+    q = mq.QuantLinear.from_float(float_layer, spec)
+    stored = sum(b.numel() * b.element_size() for b in q.buffers())
+    assert kernels.kept_float_bytes(q) == 128 * 16 * 4 and q.storage_bytes() == stored + 128 * 16 * 4
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = q(x)
+        assert q.last_kernel == "dequant" and "dequant" in timed and len(set(timed)) > 1  # measured, not static
+        kept = q.quant_weight.cache["float_weight"]
+        assert torch.equal(kept, q.dequantize_weight(torch.float32))
+        assert torch.equal(y, F.linear(x, kept, q.bias))
+        n_timed = len(timed)
+        assert torch.equal(q(x), y) and len(timed) == n_timed  # the per-shape plan: nothing timed again
+    big = mq.QuantLinear.from_float(nn.Linear(256, 256), spec)  # at the tuning threshold: keeps nothing
+    assert kernels.kept_float_bytes(big) == 0
+    with torch.no_grad():
+        big(torch.randn(2, 256))
+    assert "float_weight" not in big.quant_weight.cache
+
+
+def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatch):
+    timed: list[str] = []
+    by_name_timer(monkeypatch, {"dequant": 1.0}, timed)
+    q = mq.QuantLinear.from_float(nn.Linear(128, 16), mq.Int8())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        q(x)
+        assert q.last_kernel == "dequant" and (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+        static = kernels.choose_linear_kernel(q, x.device, 2, False)
+        assert static != "dequant"  # the static table sends a layer this small to a packed kernel
+        with kernels.pin(static):
+            q(x)
+            assert q.last_kernel == static
+        with kernels.tuning(False):
+            q(x)
+            assert q.last_kernel == static
+        q.load_state_dict(q.state_dict())  # the weight may have changed: the plan and the kept weight go
+        assert "linear_by_shape" not in q.quant_weight.cache and "float_weight" not in q.quant_weight.cache
+        q(x)
+    assert q.last_kernel == "dequant"
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"float_acts": 1.0, "act_sim": 1.3}, "float_acts"),  # every INT8 execution slower: the float layer
+    ({"float_acts": 1.0, "act_sim": 1.3, "w8a8_vnni": 0.5, "w8a8_int_mm": 0.5, "w8a8_fused": 0.5}, None),
+])
+def test_a_w8a8_linear_runs_float_activations_only_where_its_int8_kernels_are_slower(monkeypatch, times, want):
+    timed: list[str] = []
+    by_name_timer(monkeypatch, times, timed)
+    model = nn.Sequential(nn.Linear(1024, 256))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    q = model[0]
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        y = q(x)
+        special = kernels._activation_candidates(q, x.device, 4, False)
+        assert "float_acts" in timed and special[-1] == "act_sim"
+        if want is None:  # an integer kernel measured faster runs (where this CPU has one)
+            want = special[0] if special[0] != "act_sim" else "float_acts"
+        assert q.last_kernel == want and kernels.kernel_summary(q) == f"r4 {want}"
+        if want == "float_acts":  # the weight-only output on the float input, not the fake-quantized one
+            assert torch.equal(y, kernels.run_kernel(q, kernels.select_kernel(q, x, weights_only=True), x))
+        with kernels.tuning(False):  # the static table keeps the W8A8 arithmetic
+            q(x)
+            assert q.last_kernel == special[0]
+        with kernels.pin("float_acts"):
+            q(x)
+            assert q.last_kernel == "float_acts"
