@@ -149,10 +149,10 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
     Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``): the
     per-call work of a small conv at batch 1 is then one lookup (its whole conv takes under 10 us)."""
     needs_grad = x.requires_grad and torch.is_grad_enabled()
-    pinned = tuner.pinned()
     w: QuantWeight = module.quant_weight
     memo = exact = shapes = None
-    if pinned is None and not needs_grad and tuner.tuning_enabled():
+    pinned = None
+    if not needs_grad and tuner.measured():
         weights = weights_only or module.input_quantizer is None
         shapes = w.cache.get("conv_by_shape")
         if shapes is None:
@@ -162,6 +162,8 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
         if plan is not None:
             return plan
         memo = ("tuned_conv", weights, x.device, x.dtype, x.shape[1:], tuner.row_bucket(x.shape[0]))
+    else:
+        pinned = tuner.pinned()
     choice = _choose(module, x, needs_grad, weights_only, pinned, memo)
     run = _SHARED.get(choice) or _CONV[choice]
     if shapes is None or memo not in w.cache:

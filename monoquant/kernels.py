@@ -435,8 +435,7 @@ def linear(module, x: torch.Tensor) -> torch.Tensor:
     its kernel."""
     w: QuantWeight = module.quant_weight
     plans = exact = None
-    if (tuner.pinned() is None and tuner.tuning_enabled() and not (x.requires_grad and torch.is_grad_enabled())
-            and not module.computes_in_float):
+    if tuner.measured() and not (x.requires_grad and torch.is_grad_enabled()) and not module.computes_in_float:
         plans = w.cache.get("linear_by_shape")
         if plans is None:
             plans = w.cache["linear_by_shape"] = {}

@@ -103,6 +103,17 @@ def tuning_enabled() -> bool:
     return bool(_ENV["tune"])
 
 
+def measured() -> bool:
+    """Whether measured choices apply now: nothing pinned and tuning on (:func:`pinned` and :func:`tuning_enabled`
+    in one call, for the per-call fast paths of the dispatch)."""
+    state = _STATE.__dict__
+    pins = state.get("pins")
+    if (pins[-1] if pins else _ENV["kernel"]) is not None:
+        return False
+    tune = state.get("tuning")
+    return tune[-1] if tune else bool(_ENV["tune"])
+
+
 @contextlib.contextmanager
 def tuning(enabled: bool) -> Iterator[None]:
     """Turn measurement on or off inside the ``with`` block (off: the deterministic static table)."""

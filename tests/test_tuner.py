@@ -241,18 +241,24 @@ def test_tuning_keeps_only_the_winners_repacked_weights(fastest, monkeypatch):
 
 def test_the_environment_is_read_once_and_again_on_request(monkeypatch):
     """MONOQUANT_KERNEL / MONOQUANT_TUNE are read at import (not on every layer call) and by reload_environment."""
-    assert tuner.pinned() is None and tuner.tuning_enabled()
+    assert tuner.pinned() is None and tuner.tuning_enabled() and tuner.measured()
+    with kernels.pin("dequant"):
+        assert not tuner.measured()
+        with kernels.pin(None):
+            assert tuner.measured()
+    with kernels.tuning(False):
+        assert not tuner.measured()
     monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
     monkeypatch.setenv("MONOQUANT_TUNE", "off")
     assert tuner.pinned() is None and tuner.tuning_enabled()  # not read yet
     kernels.reload_environment()
-    assert tuner.pinned() == "dequant" and not tuner.tuning_enabled()
+    assert tuner.pinned() == "dequant" and not tuner.tuning_enabled() and not tuner.measured()
     with kernels.pin("fused_cpu"), kernels.tuning(True):  # the with forms win, no reload needed
         assert tuner.pinned() == "fused_cpu" and tuner.tuning_enabled()
     monkeypatch.delenv("MONOQUANT_KERNEL")
     monkeypatch.setenv("MONOQUANT_TUNE", "1")
     kernels.reload_environment()
-    assert tuner.pinned() is None and tuner.tuning_enabled()
+    assert tuner.pinned() is None and tuner.tuning_enabled() and tuner.measured()
 
 
 def by_name_timer(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
