@@ -63,8 +63,11 @@ kernel             applies when                                                 
 ``w8a8_sim``       same layers when this torch has no ``torch._int_mm`` (a ``fallback``    float64, then
                    candidate): the same integer products in float64 (exact)                the same rescale
 ``act_sim``        shared: every other layer with INT8 activations (INT4, affine INT8,    as the weight
-                   half, and W8A8 where no INT8-input candidate is eligible or wins):     kernel
+                   half, and W8A8 where no INT8-input candidate is eligible):             kernel
                    quantize-dequantize the input, then the weight-only rows above
+``float_acts``     shared, measured only (never the static table): the weight-only rows   as the weight
+                   above on the input as it came, not quantized; the baseline the rows    kernel
+                   above are timed against, run where none of them is faster
 =================  =====================================================================  ==============
 
 While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the weight-only rows with the
@@ -81,12 +84,12 @@ reused across calls (fresh large allocations page-fault every time), so its scra
 (``DEQUANT_CHUNK_ELEMENTS``) however large the layer.
 
 **Measured choice.** The table above is the *static* choice: what runs with tuning off
-(``MONOQUANT_TUNE=0``, :func:`tuning`), for layers under ``tuner.TUNE_MIN_WEIGHTS`` weights and for inputs
-that need a gradient. Otherwise :func:`select_kernel` times every eligible candidate once per (scheme,
-device, shape, row bucket) on the real input -- without the static row limits, up to each candidate's
-``tune_max_rows`` -- and keeps the fastest, the plain ``dequant`` (or, with INT8 activations, ``act_sim``)
-baseline winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the
-cache file.
+(``MONOQUANT_TUNE=0``, :func:`tuning`), for layers under ``tuner.TUNE_MIN_WEIGHTS`` weights that keep no float
+weight (:data:`FLOAT_WEIGHT_CACHE_BYTES`) and for inputs that need a gradient. Otherwise :func:`select_kernel`
+times every eligible candidate once per (scheme, device, shape, row bucket) on the real input -- without the
+static row limits, up to each candidate's ``tune_max_rows`` -- and keeps the fastest, the plain ``dequant``
+(with a small layer's kept float weight: ``F.linear`` itself; with INT8 activations, ``float_acts``) baseline
+winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Everything a kernel needs and records lives in the layer's :class:`~monoquant.formats.kernel.QuantWeight`
 (``layer.quant_weight``): the stored buffers, kernel-specific layouts derived from them at first use (never in

@@ -6,16 +6,18 @@ count rounded up to a power of two (capped at 4096). At the first call in a new 
 candidate runs once to warm up (packed layouts are built, the compiled kernel is loaded) and is then timed
 on the real input, in rounds through all candidates (the best of ``TIMED_RUNS`` calls each, stopping early
 past ``TIME_BUDGET_S``); the fastest wins if it beats the baseline -- the plain dequantize + float path,
-always a candidate -- by more than ``MARGIN``, otherwise the baseline runs, so a tuned choice is never
-slower than float as measured. Candidates that raise are dropped.
+always a candidate (with INT8 activations: the float layer on its float input, ``float_acts``) -- by more than
+``MARGIN``, otherwise the baseline runs, so a tuned choice is never slower than float as measured. Candidates
+that raise are dropped.
 
 Controls (all documented in the README):
 
 - ``MONOQUANT_KERNEL=<name>`` or ``with mq.kernels.pin("<name>"):`` -- use that kernel wherever it is
   eligible (elsewhere the usual choice); ``pin("dequant")`` runs everything through the float path.
 - ``MONOQUANT_TUNE=0`` or ``with mq.kernels.tuning(False):`` -- no timing: the static capability table of
-  :mod:`monoquant.kernels` decides, which is deterministic. Layers smaller than ``TUNE_MIN_WEIGHTS`` and
-  inputs that need a gradient always use the static table (timing them costs more than it can save).
+  :mod:`monoquant.kernels` decides, which is deterministic. Inputs that need a gradient, and layers smaller
+  than ``TUNE_MIN_WEIGHTS`` that keep no float weight (:func:`monoquant.kernels.kept_float_bytes`), always use
+  the static table.
 - ``MONOQUANT_KERNEL_CACHE=<path>`` (or ``default`` for ``~/.cache/monoquant/kernel_choices.json``) --
   also keep the choices in a small JSON file, under a key made of the CPU model and flags, the torch
   version and the monoquant version, so a later process on the same machine skips the timing. Off unless
@@ -49,7 +51,9 @@ one round)."""
 MARGIN = 0.05
 """A candidate replaces the baseline only when it is faster by more than this fraction."""
 TUNE_MIN_WEIGHTS = 1 << 16
-"""Layers with fewer weights than this (256 x 256) are not timed: the static table decides."""
+"""Layers with fewer weights than this (256 x 256) keep their dequantized float weight where it fits
+``kernels.FLOAT_WEIGHT_CACHE_BYTES`` and are timed against ``F.linear`` on it; those that keep none are not
+timed: the static table decides."""
 DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 
 _STATE = threading.local()
