@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _fake_timing import timing_by_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -132,15 +133,6 @@ def test_fake_quantize_one_pass_is_bit_identical_to_the_float_ops(monkeypatch):
         slow = act.fake_quantize(x, per="sample")
         monkeypatch.undo()
         assert torch.equal(fast.isnan(), slow.isnan()) and torch.equal(fast.nan_to_num(), slow.nan_to_num())
-
-
-def timing_by_name(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
-    def timer(call):
-        name = call.func.__name__.lstrip("_")  # functools.partial(_CONV[name], module, x)
-        timed.append(name)
-        return times.get(name, 10.0)
-
-    monkeypatch.setattr(tuner, "time_call", timer)
 
 
 @pytest.mark.parametrize("times, want", [

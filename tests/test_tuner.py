@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _fake_timing import timing_by_name
 from torch import nn
 
 import monoquant as mq
@@ -261,19 +262,10 @@ def test_the_environment_is_read_once_and_again_on_request(monkeypatch):
     assert tuner.pinned() is None and tuner.tuning_enabled() and tuner.measured()
 
 
-def by_name_timer(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
-    def timer(call):
-        name = call.func.__name__.lstrip("_")  # functools.partial(_LINEAR[name], module, x)
-        timed.append(name)
-        return times.get(name, 10.0)
-
-    monkeypatch.setattr(tuner, "time_call", timer)
-
-
 @pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=32)], ids=lambda s: s.kind)
 def test_a_small_linear_keeps_its_float_weight_and_is_timed_against_f_linear_on_it(monkeypatch, spec):
     timed: list[str] = []
-    by_name_timer(monkeypatch, {"dequant": 1.0}, timed)  # every other candidate slower
+    timing_by_name(monkeypatch, {"dequant": 1.0}, timed)  # every other candidate slower
     float_layer = nn.Linear(128, 16)
     q = mq.QuantLinear.from_float(float_layer, spec)
     stored = sum(b.numel() * b.element_size() for b in q.buffers())
@@ -296,7 +288,7 @@ def test_a_small_linear_keeps_its_float_weight_and_is_timed_against_f_linear_on_
 
 def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatch):
     timed: list[str] = []
-    by_name_timer(monkeypatch, {"dequant": 1.0}, timed)
+    timing_by_name(monkeypatch, {"dequant": 1.0}, timed)
     q = mq.QuantLinear.from_float(nn.Linear(128, 16), mq.Int8())
     x = torch.randn(2, 128)
     with torch.no_grad():
@@ -322,7 +314,7 @@ def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatc
 ])
 def test_a_w8a8_linear_runs_float_activations_only_where_its_int8_kernels_are_slower(monkeypatch, times, want):
     timed: list[str] = []
-    by_name_timer(monkeypatch, times, timed)
+    timing_by_name(monkeypatch, times, timed)
     model = nn.Sequential(nn.Linear(1024, 256))
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     q = model[0]
