@@ -9,7 +9,7 @@ in the same rounds (the fastest of ``--reps`` calls, microseconds):
 - ``float``: the ``nn.Conv2d`` itself;
 - ``quant``: the quantized layer's ``forward`` (whatever kernel it chose, shown in the last column);
 - the parts of the plain float path a quantized conv can take: ``deq`` (dequantize the whole kernel to float32;
-  ``kept`` where the layer keeps its dequantized kernel, see ``conv_kernels.FLOAT_KERNEL_CACHE_BYTES``), ``fq``
+  ``kept`` where the layer keeps its dequantized kernel, see ``kernels.FLOAT_WEIGHT_CACHE_BYTES``), ``fq``
   (fake-quantize the input per sample as the layer does, W8A8 only), ``conv`` (``F.conv2d`` with an already
   dequantized float32 weight); ``over`` is ``quant - deq - fq - conv`` of that plain path (``deq`` counted only
   where not kept: Python overhead, input checks, dispatch), printed for the layers that ran the plain path.
@@ -76,7 +76,7 @@ def row(name: str, batch: int, variant: str, conv: nn.Conv2d, q: nn.Module, x: t
     fq = times[4] if act is not None else 0.0
     kernel = q.kernel_summary()
     plain = "dequant_conv" in kernel and "bf16" not in kernel
-    kept = "float_kernel" in q.quant_weight.cache  # no dequantize per call (conv_kernels.FLOAT_KERNEL_CACHE_BYTES)
+    kept = "float_weight" in q.quant_weight.cache  # no dequantize per call (kernels.FLOAT_WEIGHT_CACHE_BYTES)
     over = f"{qt - (0.0 if kept else deq) - fq - cv:8.0f}" if plain else f"{'-':>8}"
     fq_cell = f"{fq:8.0f}" if act is not None else f"{'-':>8}"
     deq_cell = f"{'kept':>8}" if kept and plain else f"{deq:8.0f}"

@@ -306,11 +306,13 @@ class ResNetStage(nn.Module):
 def baseline_ops(q: nn.Module) -> nn.Module:
     """The float ops of ``q``'s baseline path without monoquant's per-call dispatch: a float copy holding the
     dequantized weights (``mq.dequantize_``), whose layers with INT8 activations fake-quantize their input in a
-    pre-hook (per sample for convs, one compiled call; per token for linears), as the baseline does. The ceiling
+    pre-hook (per sample for convs, one compiled call; per token for linears), as the baseline does, unless the
+    layer ran on its float input (``float_acts``/``float_acts_conv``, measured faster). The ceiling
     printed under a conv-net row that misses its target: what is left between it and the quantized model is the
     per-call dispatch (input checks, the kernel lookup) of each layer."""
-    acts = {name: m.input_quantizer for name, m in q.named_modules()
-            if isinstance(m, mq.QuantModule) and m.input_quantizer is not None}
+    acts = {name: m.input_quantizer for name, m in q.named_modules()  # not where the float input ran (float_acts*)
+            if isinstance(m, mq.QuantModule) and m.input_quantizer is not None
+            and not (m.last_kernel or "").startswith("float_acts")}
     ceiling = mq.dequantize_(copy.deepcopy(q))
     for name, m in ceiling.named_modules():
         act = acts.get(name)

@@ -10,9 +10,12 @@ kernel                 registered by, applies when                              
                        CPU with integer dot products (VNNI / AMX) and ``torch._int_mm``,    float32 rescale
                        input needs no gradient: int8 patches x int8 weight
                        (:mod:`monoquant.formats.int8`)
-``act_sim_conv``       shared, the baseline with INT8 activations: the input               as the weight-only
+``act_sim_conv``       shared, with INT8 activations (the static choice): the input        as the weight-only
                        fake-quantized per sample (one compiled call where it can),          choice
                        then the weight-only choice below
+``float_acts_conv``    shared, the measured baseline with INT8 activations: the            as the weight-only
+                       weight-only choice below on the input as it came (activations not    choice
+                       quantized): the float conv with the layer's INT8 weights
 ``im2col_linear``      shared: weight-only, ``groups == 1``, no gradient, compute_dtype     the linear kernel's
                        None/bf16: the input patches (``im2col.conv_patches``) through
                        the layer's linear kernels (``kernels.select_kernel``)
@@ -27,22 +30,34 @@ The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situat
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
 sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone)
 and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is
-never slower than the float conv path as measured (with INT8 activations: the float conv of the fake-quantized
-input); identical layers share the choice.
-Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call, inputs that need a gradient and
-``MONOQUANT_TUNE=0`` run the baseline; a pinned kernel (``MONOQUANT_KERNEL``, :func:`monoquant.kernels.pin`) runs
+never slower than the float conv as measured; identical layers share the choice.
+
+**INT8 activations never slower than float.** With INT8 activations the measured baseline is the float conv
+itself -- ``float_acts_conv``: the dequantized INT8 kernel on the float input -- not the fake-quantized input's
+conv. Where neither the integer conv nor ``act_sim_conv`` beats it (small convolutions at small batches, where
+quantizing the input costs more than the conv), the layer runs ``float_acts_conv``: its outputs are those of
+the INT8-weight model on float activations (more accurate than W8A8, not bit-equal to it), and the kernel column
+of the report and ``quant_weight.ran`` name it, so it never happens silently. To get the W8A8 arithmetic
+everywhere, turn measurement off (``MONOQUANT_TUNE=0`` or ``with mq.kernels.tuning(False):``: ``act_sim_conv``
+or the format's integer conv, as before) or pin ``act_sim_conv``.
+
+Convolutions with fewer than :data:`TUNE_MIN_MACS` multiply-adds per call run the measured baseline without
+timing (``dequant_conv``, with INT8 activations ``float_acts_conv``); inputs that need a gradient and
+``MONOQUANT_TUNE=0`` run the static choice (``dequant_conv``, with INT8 activations ``act_sim_conv``); a pinned
+kernel (``MONOQUANT_KERNEL``, :func:`monoquant.kernels.pin`) runs
 where it is eligible. While GPTQ waits for ``freeze``, while activations
 calibrate, the layer runs its float path directly. In traced code (``torch.compile``, ``torch.export``) the
 whole dispatch is one custom op, ``monoquant::conv`` (:mod:`monoquant.ops`), so compiled and eager models run
 the same kernels.
 
-A small conv keeps its dequantized kernel (at most :data:`FLOAT_KERNEL_CACHE_BYTES` in the layer's float dtype,
-counted in its ``storage_bytes()``): at batch 1 dequantizing it on every call cost as much as the conv itself.
-Larger kernels are dequantized on every call into a reused per-thread buffer (the memory saving is the point).
-What does not change per call is cached on the layer's :class:`~monoquant.formats.kernel.QuantWeight` (the
-geometry, the kept kernel, the measured choices per batch bucket and per exact input shape), and dropped with
-everything else derived from the stored weight when it changes (``load_state_dict``, ``.to()``). With dynamic
-INT8 activations the baseline fake-quantizes its input in one compiled call (:func:`fake_quantize_samples`).
+A small conv keeps its dequantized kernel (at most :data:`monoquant.kernels.FLOAT_WEIGHT_CACHE_BYTES` in the
+layer's float dtype, counted in its ``storage_bytes()``): at batch 1 dequantizing it on every call cost as much as
+the conv itself. Larger kernels are dequantized on every call into a reused per-thread buffer (the memory saving
+is the point). What does not change per call is cached on the layer's
+:class:`~monoquant.formats.kernel.QuantWeight` (the geometry, the kept kernel, the measured choices per batch
+bucket and per exact input shape), and dropped with everything else derived from the stored weight when it
+changes (``load_state_dict``, ``.to()``). With dynamic INT8 activations the baseline fake-quantizes its input in
+one compiled call (:func:`fake_quantize_samples`).
 What ran per batch bucket is recorded in ``quant_weight.ran`` and shown by :func:`kernel_summary` (the report's
 kernel column).
 """
@@ -60,8 +75,8 @@ from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
 from .hardware import cpu_has_fast_bf16
 from .im2col import ConvGeometry, conv_patches
 
-__all__ = ["FLOAT_KERNEL_CACHE_BYTES", "SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names",
-           "fake_quantize_samples", "float_kernel_bytes", "kernel_summary", "run_conv_kernel", "select_conv_kernel"]
+__all__ = ["SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names", "fake_quantize_samples",
+           "kernel_summary", "run_conv_kernel", "select_conv_kernel"]
 
 TUNE_MIN_MACS = 1 << 14
 """Convolutions with fewer multiply-adds per call than this (a few microseconds of float32 work, under the timer's
@@ -99,7 +114,7 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     """Eligible conv kernels for batched input ``x``, preferred first, the baseline last."""
     q = _query(module, x, needs_grad)
     act = module.input_quantizer
-    if act is not None and not weights_only:
+    if act is not None and not weights_only:  # the static baseline last; _choose adds the measured one
         return [*(c.name for c in _format_candidates(module, True, q)), "act_sim_conv"]
     cands = [c.name for c in _format_candidates(module, False, q)]
     # not behind INT8 activations: their NaN contract is per sample (a non-finite sample gives a NaN sample, the
@@ -134,10 +149,10 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
     Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``): the
     per-call work of a small conv at batch 1 is then one lookup (its whole conv takes under 10 us)."""
     needs_grad = x.requires_grad and torch.is_grad_enabled()
-    pinned = tuner.pinned()
     w: QuantWeight = module.quant_weight
     memo = exact = shapes = None
-    if pinned is None and not needs_grad and tuner.tuning_enabled():
+    pinned = None
+    if not needs_grad and tuner.measured():
         weights = weights_only or module.input_quantizer is None
         shapes = w.cache.get("conv_by_shape")
         if shapes is None:
@@ -147,6 +162,8 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
         if plan is not None:
             return plan
         memo = ("tuned_conv", weights, x.device, x.dtype, x.shape[1:], tuner.row_bucket(x.shape[0]))
+    else:
+        pinned = tuner.pinned()
     choice = _choose(module, x, needs_grad, weights_only, pinned, memo)
     run = _SHARED.get(choice) or _CONV[choice]
     if shapes is None or memo not in w.cache:
@@ -164,10 +181,15 @@ def _shortcut(module, x: torch.Tensor, name: str, shapes: dict) -> Callable[...,
     ``act_sim_conv`` fake-quantizes, then looks the weight-only choice up in the same memo. Both live in
     ``quant_weight.cache``, so what drops the kept kernel drops the shortcut."""
     if name == "dequant_conv" and kernels.float_compute_dtype(module, x) == x.dtype:
-        kept = _kept_kernel(module, x.dtype)
+        kept = kernels.kept_float_weight(module, x.dtype)
         bias = module.bias
         if kept is not None and (bias is None or bias.dtype == x.dtype):
-            return lambda m, xb: m.float_conv(xb, kept, m.bias)
+            return lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])  # no nn.Module __getattr__ per call
+    if name == "float_acts_conv":
+        def float_acts(m, xb: torch.Tensor) -> torch.Tensor:
+            inner = shapes.get((True, xb.shape, xb.dtype, xb.device))
+            return (inner or _plan(m, xb, weights_only=True))[1](m, xb)
+        return float_acts
     if name == "act_sim_conv":
         def act_sim(m, xb: torch.Tensor) -> torch.Tensor:
             xq = fake_quantize_samples(m.input_quantizer, xb)
@@ -186,9 +208,13 @@ def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinne
         return w.cache[memo]
     cands = _candidates(module, x, needs_grad, weights_only)
     if pinned is not None:
+        if pinned == "float_acts_conv" and cands[-1] == "act_sim_conv":
+            return pinned
         return pinned if pinned in cands else cands[-1]  # the baseline honours a weight-only pin inside
     if memo is None or x.shape[0] == 0:
         return cands[-1]
+    if cands[-1] == "act_sim_conv":
+        cands.append("float_acts_conv")  # measured: the float conv itself is the baseline
     if len(cands) == 1 or _macs(module, x) < TUNE_MIN_MACS:
         w.cache[memo] = cands[-1]
         return cands[-1]
@@ -233,47 +259,12 @@ def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
     return c.run(w, x, _geometry(module), module.input_quantizer, module.bias).to(x.dtype)
 
 
-FLOAT_KERNEL_CACHE_BYTES = 1 << 18
-"""A conv whose dequantized kernel, in the layer's float dtype, takes at most this many bytes (256 KiB; a 3x3
-conv of 64 -> 64 channels takes 144 KiB in float32, 128 -> 128 channels 576 KiB) keeps it once the float path
-first runs, instead of dequantizing it on every call. At batch 1 a small conv takes tens of microseconds, and
-dequantizing its kernel each call (about 15 us for 18k weights here, most of it fixed cost) made the quantized
-layer up to 1.7x the float conv's time; a kernel that small is a few hundred KiB at most per layer, while the
-layers whose weights matter for memory (large kernels) stay dequantized per call. The kept bytes are counted in
-the layer's ``storage_bytes()`` (the memory report), whether built yet or not: :func:`float_kernel_bytes`."""
-
-
-def float_kernel_bytes(module) -> int:
-    """Bytes of the dequantized float kernel conv layer ``module`` keeps (:data:`FLOAT_KERNEL_CACHE_BYTES`), 0 when
-    its kernel is over that budget."""
-    n, k = module.quant_weight.shape2d
-    nbytes = n * k * (module.compute_dtype or module.float_dtype).itemsize
-    return nbytes if nbytes <= FLOAT_KERNEL_CACHE_BYTES else 0
-
-
-def _kept_kernel(module, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dequantized kernel ``[out, in/groups, *kernel]`` in ``dtype`` that ``module`` keeps, built at first use;
-    ``None`` where it keeps none (another dtype than its float dtype, or over :data:`FLOAT_KERNEL_CACHE_BYTES`).
-    It lives in ``quant_weight.cache``, so anything that changes the stored weight (``load_state_dict``,
-    ``set_stored``, ``.to()``) drops it."""
-    w: QuantWeight = module.quant_weight
-    kept = w.cache.get("float_kernel")
-    if kept is not None and kept.dtype == dtype:
-        return kept
-    if module.gptq is not None or dtype != (module.compute_dtype or module.float_dtype):
-        return None
-    if not float_kernel_bytes(module):
-        return None
-    with torch.inference_mode(False), torch.no_grad():
-        kept = w.cache["float_kernel"] = w.dequantize_rows(dtype).view(module.weight_shape)
-    return kept
-
-
 def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's ``F.conv*`` in ``dtype`` with its kernel dequantized: the kept one (:func:`_kept_kernel`), else
-    dequantized now (into a reused per-thread buffer unless autograd needs it). Casts are skipped where the dtype
+    """The layer's ``F.conv*`` in ``dtype`` with its kernel dequantized: the kept one
+    (:func:`monoquant.kernels.kept_float_weight`), else dequantized now (into a reused per-thread buffer unless
+    autograd needs it). Casts are skipped where the dtype
     already matches (each is a dispatch on a path whose fixed cost decides small convolutions)."""
-    weight = _kept_kernel(module, dtype)
+    weight = kernels.kept_float_weight(module, dtype)
     if weight is None:
         w: QuantWeight = module.quant_weight
         if x.requires_grad and torch.is_grad_enabled():
@@ -322,8 +313,14 @@ def _act_sim_conv(module, x: torch.Tensor) -> torch.Tensor:
     return _plan(module, xq, weights_only=True)[1](module, xq)
 
 
+def _float_acts_conv(module, x: torch.Tensor) -> torch.Tensor:
+    """A conv with INT8 activations run on its float input: the weight-only choice, no input quantization."""
+    return _plan(module, x, weights_only=True)[1](module, x)
+
+
 _SHARED: dict[str, Callable[..., torch.Tensor]] = {
     "act_sim_conv": _act_sim_conv,
+    "float_acts_conv": _float_acts_conv,
     "im2col_linear": _im2col_linear,
     "dequant_conv_bf16": _dequant_conv_bf16,
     "dequant_conv": _dequant_conv,

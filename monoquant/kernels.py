@@ -63,8 +63,11 @@ kernel             applies when                                                 
 ``w8a8_sim``       same layers when this torch has no ``torch._int_mm`` (a ``fallback``    float64, then
                    candidate): the same integer products in float64 (exact)                the same rescale
 ``act_sim``        shared: every other layer with INT8 activations (INT4, affine INT8,    as the weight
-                   half, and W8A8 where no INT8-input candidate is eligible or wins):     kernel
+                   half, and W8A8 where no INT8-input candidate is eligible):             kernel
                    quantize-dequantize the input, then the weight-only rows above
+``float_acts``     shared, measured only (never the static table): the weight-only rows   as the weight
+                   above on the input as it came, not quantized; the baseline the rows    kernel
+                   above are timed against, run where none of them is faster
 =================  =====================================================================  ==============
 
 While ``mq.calibrate`` runs, layers whose activations are not frozen yet use the weight-only rows with the
@@ -81,12 +84,12 @@ reused across calls (fresh large allocations page-fault every time), so its scra
 (``DEQUANT_CHUNK_ELEMENTS``) however large the layer.
 
 **Measured choice.** The table above is the *static* choice: what runs with tuning off
-(``MONOQUANT_TUNE=0``, :func:`tuning`), for layers under ``tuner.TUNE_MIN_WEIGHTS`` weights and for inputs
-that need a gradient. Otherwise :func:`select_kernel` times every eligible candidate once per (scheme,
-device, shape, row bucket) on the real input -- without the static row limits, up to each candidate's
-``tune_max_rows`` -- and keeps the fastest, the plain ``dequant`` (or, with INT8 activations, ``act_sim``)
-baseline winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the
-cache file.
+(``MONOQUANT_TUNE=0``, :func:`tuning`), for layers under ``tuner.TUNE_MIN_WEIGHTS`` weights that keep no float
+weight (:data:`FLOAT_WEIGHT_CACHE_BYTES`) and for inputs that need a gradient. Otherwise :func:`select_kernel`
+times every eligible candidate once per (scheme, device, shape, row bucket) on the real input -- without the
+static row limits, up to each candidate's ``tune_max_rows`` -- and keeps the fastest, the plain ``dequant``
+(with a small layer's kept float weight: ``F.linear`` itself; with INT8 activations, ``float_acts``) baseline
+winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Everything a kernel needs and records lives in the layer's :class:`~monoquant.formats.kernel.QuantWeight`
 (``layer.quant_weight``): the stored buffers, kernel-specific layouts derived from them at first use (never in
@@ -113,11 +116,12 @@ from .formats.integer import FUSED_MAX_ROWS
 from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight, flat
 from .hardware import cpu_has_fast_bf16, cpu_has_int_dot, cuda_supports_int4pack, int_mm_shape_ok
 
-__all__ = ["ACTIVATION_KERNELS", "DEQUANT_CHUNK_ELEMENTS", "FUSED_MAX_ROWS", "SHARED_CONV_KERNELS", "SHARED_KERNELS",
-           "TUNE_MAX_ROWS",
+__all__ = ["ACTIVATION_KERNELS", "DEQUANT_CHUNK_ELEMENTS", "FLOAT_WEIGHT_CACHE_BYTES", "FUSED_MAX_ROWS",
+           "SHARED_CONV_KERNELS", "SHARED_KERNELS", "TUNE_MAX_ROWS",
            "RowLimits", "choose_linear_kernel", "cpu_has_fast_bf16", "cpu_has_int_dot", "cuda_supports_int4pack",
-           "dequant_chunk_rows", "fused", "int_mm_shape_ok", "kernel_names", "kernel_summary", "linear", "pin",
-           "run_kernel", "scratch", "select_kernel", "static_row_limits", "tuning"]
+           "dequant_chunk_rows", "fused", "int_mm_shape_ok", "kept_float_bytes", "kept_float_weight", "kernel_names",
+           "kernel_summary", "linear", "pin", "reload_environment", "run_kernel", "scratch", "select_kernel",
+           "static_row_limits", "tuning"]
 
 _HAS = hardware.HAS  # the same dict (tests patch entries through either name)
 
@@ -140,21 +144,67 @@ TUNE_MAX_ROWS = RowLimits("tune_max_rows")
 """Largest row count at which each candidate is timed (its ``tune_max_rows``): kernels whose time grows linearly
 with rows cannot win past it, and timing them would cost more than the measurement is worth."""
 
-SHARED_KERNELS = ("gptq_pending", "uncalibrated", "act_sim", "dequant_bf16", "dequant")
+SHARED_KERNELS = ("gptq_pending", "uncalibrated", "act_sim", "float_acts", "dequant_bf16", "dequant")
 """The kernels of this module, which every format has (the low-bit ones are the formats')."""
 
-SHARED_CONV_KERNELS = ("act_sim_conv", "im2col_linear", "dequant_conv_bf16", "dequant_conv")
+SHARED_CONV_KERNELS = ("act_sim_conv", "float_acts_conv", "im2col_linear", "dequant_conv_bf16", "dequant_conv")
 """The convolution kernels every format has, run by :mod:`monoquant.conv_kernels` (named here so that :func:`pin`
 knows them)."""
 
 ACTIVATION_KERNELS = ("gptq_pending", "uncalibrated", "w8a8_int_mm", "w8a8_onednn", "w8a8_vnni", "w8a8_fused",
-                      "w8a8_sim", "act_sim")
+                      "w8a8_sim", "act_sim", "float_acts")
 """Kernels for layers that wait for GPTQ or quantize their inputs (the second table; the ``w8a8_*`` rows are
 Int8's INT8-input candidates)."""
+
+FLOAT_WEIGHT_CACHE_BYTES = 1 << 18
+"""A layer under the tuning threshold (fewer than ``tuner.TUNE_MIN_WEIGHTS`` weights, 256 x 256) whose
+dequantized weight, in its float dtype, takes at most this many bytes (256 KiB; a 3x3 conv of 64 -> 64 channels
+takes 144 KiB, 128 -> 128 channels 576 KiB; a 128 -> 10 Linear 5 KiB) keeps it once its float path first runs,
+instead of dequantizing it on every call (:func:`kept_float_weight`). Small layers are where the fixed cost of a
+call decides: at batch 1, dequantizing a conv's 18k-weight kernel each call (about 15 us, most of it fixed cost)
+made the layer up to 1.7x the float conv's time, and the packed kernels of a 128 -> 10 Linear took 12-40 us where
+``F.linear`` takes 5 us (AMD EPYC Zen 4). A weight that small is a few hundred KiB at most per layer, while the
+layers whose weights matter for memory stay dequantized per call. The kept bytes are counted in the layer's
+``storage_bytes()`` (the memory report), whether built yet or not (:func:`kept_float_bytes`). With the kept
+weight, the float path of a small Linear is ``F.linear`` itself, the baseline its measured choice must beat
+(:func:`select_kernel`)."""
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22
 """Weights dequantized at a time (4M: 8 MiB of reused bf16 scratch per thread; 1M and 16M measured slower
 at 2048 rows, 256K slower everywhere)."""
+
+
+def reload_environment() -> None:
+    """Read ``MONOQUANT_KERNEL`` and ``MONOQUANT_TUNE`` again (read once at import, see
+    :func:`monoquant.tuner.reload_environment`)."""
+    tuner.reload_environment()
+
+
+def kept_float_bytes(module) -> int:
+    """Bytes of the dequantized float weight ``module`` keeps: a layer with fewer than ``tuner.TUNE_MIN_WEIGHTS``
+    weights whose float weight takes at most :data:`FLOAT_WEIGHT_CACHE_BYTES`; 0 for every other layer."""
+    n, k = module.quant_weight.shape2d
+    nbytes = n * k * (module.compute_dtype or module.float_dtype).itemsize
+    return nbytes if n * k < tuner.TUNE_MIN_WEIGHTS and nbytes <= FLOAT_WEIGHT_CACHE_BYTES else 0
+
+
+def kept_float_weight(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dequantized weight in the layer's stored layout (``module.weight_shape``: ``[N, K]``, a conv's
+    ``[out, in/groups, *kernel]``) in ``dtype`` that ``module`` keeps, built at first use; ``None`` where it keeps
+    none (another dtype than its float dtype, a GPTQ weight still pending, or over
+    :data:`FLOAT_WEIGHT_CACHE_BYTES`). It lives in ``quant_weight.cache``, so anything that changes the stored
+    weight (``load_state_dict``, ``set_stored``, ``.to()``) drops it."""
+    w: QuantWeight = module.quant_weight
+    kept = w.cache.get("float_weight")
+    if kept is not None and kept.dtype == dtype:
+        return kept
+    if module.gptq is not None or dtype != (module.compute_dtype or module.float_dtype):
+        return None
+    if not kept_float_bytes(module):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        kept = w.cache["float_weight"] = w.dequantize_rows(dtype).view(module.weight_shape)
+    return kept
 
 
 def torch_ops_present() -> dict[str, bool]:
@@ -247,7 +297,7 @@ def _pinned_kernel(module, device: torch.device, rows: int, needs_grad: bool, we
         return None
     special = None if weights_only else _activation_candidates(module, device, rows, needs_grad)
     if special is not None:
-        if pin_name in special:
+        if pin_name in special or (pin_name == "float_acts" and "act_sim" in special):
             return pin_name
         return "act_sim" if "act_sim" in special and pin_name not in ACTIVATION_KERNELS else None
     return pin_name if pin_name in _weight_candidates(module, device, rows, needs_grad, {}, dtype) else None
@@ -279,30 +329,43 @@ def select_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -> str
     """The kernel ``forward`` runs for input ``x``: pinned, else measured (:mod:`monoquant.tuner`), else static.
 
     A measured choice is remembered by the tuner per situation, and in the layer's ``quant_weight`` cache
-    (dropped with the other derived state) so that later calls cost one dictionary lookup."""
+    (dropped with the other derived state) so that later calls cost one dictionary lookup. Measured: layers of
+    at least ``tuner.TUNE_MIN_WEIGHTS`` weights, and smaller ones that keep their float weight
+    (:func:`kept_float_weight`), whose baseline is then ``F.linear`` itself. With INT8 activations the baseline
+    is ``float_acts``, the weight-only choice on the input as it came (not quantized): a layer whose INT8
+    execution measures slower than that runs its dequantized weights on float activations, and says so
+    (``float_acts`` in ``kernels_run`` and the report's kernel column)."""
+    return _select(module, x, weights_only)[0]
+
+
+def _select(module, x: torch.Tensor, weights_only: bool) -> tuple[str, bool]:
+    """:func:`select_kernel`'s choice, and whether it was measured (remembered for this layer and row bucket)."""
     rows = x.numel() // max(1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     w: QuantWeight = module.quant_weight
     n, k = w.shape2d
     if (tuner.pinned() is not None or needs_grad or rows == 0 or not tuner.tuning_enabled()
-            or n * k < tuner.TUNE_MIN_WEIGHTS):
-        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only, dtype=x.dtype)
+            or (n * k < tuner.TUNE_MIN_WEIGHTS and not kept_float_bytes(module))):
+        return choose_linear_kernel(module, x.device, rows, needs_grad, weights_only=weights_only,
+                                    dtype=x.dtype), False
     special = None if weights_only else _activation_candidates(module, x.device, rows, needs_grad)
     bucket = tuner.row_bucket(rows)
     memo = ("tuned", None if special is None else tuple(special), x.device, bucket, x.dtype)
     choice = w.cache.get(memo)
     if choice is not None:
-        return choice
+        return choice, True
+    if special is not None and special[-1] == "act_sim":
+        special = [*special, "float_acts"]  # the baseline: the float layer itself
     cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS, x.dtype)
     if len(cands) == 1 or _untimed(module, cands[0]):
-        return cands[0]
+        return cands[0], False
     key = "|".join((w.format.describe(w.group_size), "act" if special else "w", x.device.type, f"{n}x{k}",
                     f"r{bucket}", str(x.dtype).removeprefix("torch."),
                     str(module.compute_dtype).removeprefix("torch.")))
     calls = {name: functools.partial(_LINEAR[name], module, x) for name in cands}
     choice = w.cache[memo] = tuner.choose(key, calls, baseline=cands[-1])
     _drop_unused_layouts(module)
-    return choice
+    return choice, True
 
 
 def _drop_unused_layouts(module) -> None:
@@ -367,11 +430,62 @@ def kernel_summary(module) -> str:
 
 # ---- running ----------------------------------------------------------------------------------------------
 def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``."""
-    name = select_kernel(module, x)
+    """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``.
+
+    A measured choice is also remembered per exact input shape with the function that runs it, everything it
+    would decide again on each call already decided (``quant_weight.cache["linear_by_shape"]``; not while a pin,
+    ``tuning(False)``, a gradient or calibration applies): a small layer's call then costs one lookup on top of
+    its kernel."""
+    w: QuantWeight = module.quant_weight
+    plans = exact = None
+    if tuner.measured() and not (x.requires_grad and torch.is_grad_enabled()) and not module.computes_in_float:
+        plans = w.cache.get("linear_by_shape")
+        if plans is None:
+            plans = w.cache["linear_by_shape"] = {}
+        exact = (x.shape, x.dtype, x.device)
+        plan = plans.get(exact)
+        if plan is not None:
+            w.record_run(plan[0], plan[1])
+            return plan[2](module, x)
+    name, measured = _select(module, x, False)
     rows = x.numel() // max(1, x.shape[-1])
-    module.quant_weight.record_run(name, None if module.computes_in_float else tuner.row_bucket(rows))
+    bucket = None if module.computes_in_float else tuner.row_bucket(rows)
+    w.record_run(name, bucket)
+    if plans is not None and measured:
+        if len(plans) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
+            plans.clear()
+        plans[exact] = (name, bucket, _runner(module, name, x))
     return run_kernel(module, name, x)
+
+
+def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``run(module, x)`` for kernel ``name`` on inputs like ``x``, with what each call would look up decided now:
+    ``dequant`` with a kept float weight in ``x``'s dtype is ``F.linear`` with it; ``float_acts`` and ``act_sim``
+    run the weight-only choice for this shape (``act_sim`` after fake-quantizing); a format's candidate is called
+    directly."""
+    w: QuantWeight = module.quant_weight
+    if name == "dequant" and float_compute_dtype(module, x) == x.dtype:
+        kept = kept_float_weight(module, x.dtype)
+        bias = module.bias
+        if kept is not None and (bias is None or bias.dtype == x.dtype):
+            kept2d = kept.view(w.shape2d)  # a conv's kernel, for im2col patches
+            return lambda m, xb: F.linear(xb, kept2d, m._buffers["bias"])  # a buffer of every layer: no __getattr__
+    if name == "float_acts":
+        return _runner(module, select_kernel(module, x, weights_only=True), x)
+    if name == "act_sim":
+        inner = _runner(module, select_kernel(module, x, weights_only=True), x)
+        return lambda m, xb: inner(m, m.input_quantizer.fake_quantize(xb))
+    shared = _SHARED.get(name)
+    c = None if shared is not None else _candidate(module, name)
+    if c is None:
+        return shared or (lambda m, xb: run_kernel(m, name, xb))
+    run = c.run
+    if c.int8_inputs:
+        def run_int8(m, xb: torch.Tensor) -> torch.Tensor:
+            y = run(w, xb.reshape(-1, xb.shape[-1]), m.input_quantizer, m.bias)
+            return (y if y.dtype == xb.dtype else y.to(xb.dtype)).reshape(*xb.shape[:-1], y.shape[-1])
+        return run_int8
+    return lambda m, xb: _finish(m, run(w, xb.reshape(-1, xb.shape[-1])), xb)
 
 
 def run_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -422,10 +536,14 @@ _LINEAR = _ByName()
 
 def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Add the bias to a kernel's fresh ``[rows, N]`` output (in place unless autograd needs it) and shape it."""
-    if module.bias is not None:
-        bias = module.bias.to(y.dtype)
+    bias = module.bias
+    if bias is not None:
+        if bias.dtype != y.dtype:
+            bias = bias.to(y.dtype)
         y = torch.add(y, bias) if y.requires_grad else y.add_(bias)
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class _Scratch(threading.local):
@@ -523,7 +641,14 @@ def float_compute_dtype(module, x: torch.Tensor) -> torch.dtype:
 
 
 def _dequant(module, x: torch.Tensor) -> torch.Tensor:
-    return _dequant_chunked(module, x, float_compute_dtype(module, x))
+    dtype = float_compute_dtype(module, x)
+    kept = kept_float_weight(module, dtype)
+    if kept is None:
+        return _dequant_chunked(module, x, dtype)
+    bias = module.bias
+    y = F.linear(x if x.dtype == dtype else x.to(dtype), kept.view(module.quant_weight.shape2d),
+                 None if bias is None else bias if bias.dtype == dtype else bias.to(dtype))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _gptq_pending(module, x: torch.Tensor) -> torch.Tensor:
@@ -543,10 +668,17 @@ def _act_sim(module, x: torch.Tensor) -> torch.Tensor:
     return run_kernel(module, select_kernel(module, xq, weights_only=True), xq)
 
 
+def _float_acts(module, x: torch.Tensor) -> torch.Tensor:
+    """A layer with INT8 activations run on its float input: the weight-only choice, no input quantization (the
+    baseline its INT8 kernels are measured against; runs where none of them is faster)."""
+    return run_kernel(module, select_kernel(module, x, weights_only=True), x)
+
+
 _SHARED: dict[str, Callable] = {
     "gptq_pending": _gptq_pending,
     "uncalibrated": _uncalibrated,
     "act_sim": _act_sim,
+    "float_acts": _float_acts,
     "dequant_bf16": _dequant_bf16,
     "dequant": _dequant,
 }

@@ -6,20 +6,26 @@ count rounded up to a power of two (capped at 4096). At the first call in a new 
 candidate runs once to warm up (packed layouts are built, the compiled kernel is loaded) and is then timed
 on the real input, in rounds through all candidates (the best of ``TIMED_RUNS`` calls each, stopping early
 past ``TIME_BUDGET_S``); the fastest wins if it beats the baseline -- the plain dequantize + float path,
-always a candidate -- by more than ``MARGIN``, otherwise the baseline runs, so a tuned choice is never
-slower than float as measured. Candidates that raise are dropped.
+always a candidate (with INT8 activations: the float layer on its float input, ``float_acts``) -- by more than
+``MARGIN``, otherwise the baseline runs, so a tuned choice is never slower than float as measured. Candidates
+that raise are dropped.
 
 Controls (all documented in the README):
 
 - ``MONOQUANT_KERNEL=<name>`` or ``with mq.kernels.pin("<name>"):`` -- use that kernel wherever it is
   eligible (elsewhere the usual choice); ``pin("dequant")`` runs everything through the float path.
 - ``MONOQUANT_TUNE=0`` or ``with mq.kernels.tuning(False):`` -- no timing: the static capability table of
-  :mod:`monoquant.kernels` decides, which is deterministic. Layers smaller than ``TUNE_MIN_WEIGHTS`` and
-  inputs that need a gradient always use the static table (timing them costs more than it can save).
+  :mod:`monoquant.kernels` decides, which is deterministic. Inputs that need a gradient, and layers smaller
+  than ``TUNE_MIN_WEIGHTS`` that keep no float weight (:func:`monoquant.kernels.kept_float_bytes`), always use
+  the static table.
 - ``MONOQUANT_KERNEL_CACHE=<path>`` (or ``default`` for ``~/.cache/monoquant/kernel_choices.json``) --
   also keep the choices in a small JSON file, under a key made of the CPU model and flags, the torch
   version and the monoquant version, so a later process on the same machine skips the timing. Off unless
   set. Delete the file, or call :func:`clear`, after changing hardware settings.
+
+``MONOQUANT_KERNEL`` and ``MONOQUANT_TUNE`` are read once, when this module is imported (reading ``os.environ`` on
+every layer call cost 2-4 us, as much as a small layer's matmul); after changing them in a running process, call
+:func:`reload_environment` (``mq.kernels.reload_environment()``). The ``with`` forms need no reload.
 """
 
 from __future__ import annotations
@@ -45,10 +51,15 @@ one round)."""
 MARGIN = 0.05
 """A candidate replaces the baseline only when it is faster by more than this fraction."""
 TUNE_MIN_WEIGHTS = 1 << 16
-"""Layers with fewer weights than this (256 x 256) are not timed: the static table decides."""
+"""Layers with fewer weights than this (256 x 256) keep their dequantized float weight where it fits
+``kernels.FLOAT_WEIGHT_CACHE_BYTES`` and are timed against ``F.linear`` on it; those that keep none are not
+timed: the static table decides."""
 DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 
 _STATE = threading.local()
+_ENV: dict[str, object] = {}
+"""``MONOQUANT_KERNEL`` (``"kernel"``: name or ``None``) and ``MONOQUANT_TUNE`` (``"tune"``: bool) as
+:func:`reload_environment` last read them."""
 _LOCK = threading.RLock()
 _CHOICES: dict[str, str] = {}
 _FILE_LOADED: set[str] = set()
@@ -60,12 +71,22 @@ def row_bucket(rows: int) -> int:
 
 
 # ---- controls -----------------------------------------------------------------------------------------
+def reload_environment() -> None:
+    """Read ``MONOQUANT_KERNEL`` and ``MONOQUANT_TUNE`` again (they are read once, at import: call this after
+    changing them in a running process)."""
+    _ENV["kernel"] = os.environ.get("MONOQUANT_KERNEL") or None
+    _ENV["tune"] = os.environ.get("MONOQUANT_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+reload_environment()
+
+
 def pinned() -> str | None:
     """The kernel pinned by :func:`pin` (innermost) or ``MONOQUANT_KERNEL``; ``None`` when nothing is pinned."""
     stack = getattr(_STATE, "pins", None)
     if stack:
         return stack[-1]
-    return os.environ.get("MONOQUANT_KERNEL") or None
+    return _ENV["kernel"]  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -83,7 +104,18 @@ def tuning_enabled() -> bool:
     stack = getattr(_STATE, "tuning", None)
     if stack:
         return stack[-1]
-    return os.environ.get("MONOQUANT_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return bool(_ENV["tune"])
+
+
+def measured() -> bool:
+    """Whether measured choices apply now: nothing pinned and tuning on (:func:`pinned` and :func:`tuning_enabled`
+    in one call, for the per-call fast paths of the dispatch)."""
+    state = _STATE.__dict__
+    pins = state.get("pins")
+    if (pins[-1] if pins else _ENV["kernel"]) is not None:
+        return False
+    tune = state.get("tuning")
+    return tune[-1] if tune else bool(_ENV["tune"])
 
 
 @contextlib.contextmanager

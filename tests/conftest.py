@@ -20,3 +20,14 @@ def _nothing_written_into_the_checkout():
     if not existed and STRAY_REPORT.exists():
         STRAY_REPORT.unlink()
         pytest.fail(f"this test wrote {STRAY_REPORT.name} into the checkout; give its Trainer a default_root_dir")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_environment_read_again(monkeypatch):
+    """``MONOQUANT_KERNEL`` / ``MONOQUANT_TUNE`` are read once (``mq.kernels.reload_environment``): a test that sets
+    them calls it, and after each test they are read again from the restored environment."""
+    yield
+    monkeypatch.undo()
+    from monoquant import tuner
+
+    tuner.reload_environment()

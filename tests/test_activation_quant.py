@@ -8,6 +8,14 @@ from monoquant import functional as F
 from monoquant import fused, hardware, kernels
 
 
+@pytest.fixture(autouse=True)
+def w8a8_arithmetic():
+    """These tests check the INT8-activation arithmetic, which the static table runs; measured, a layer whose INT8
+    execution is slower than its float one runs ``float_acts`` instead (tests in test_tuner / test_conv_kernels)."""
+    with kernels.tuning(False):
+        yield
+
+
 def _calibrated_linear(cfg, k=64, n=48, batches=3):
     model = nn.Sequential(nn.Linear(k, n))
     data = [torch.randn(6, k) * 2 + 0.3 for _ in range(batches)]

@@ -139,8 +139,9 @@ def test_smoothquant_beats_plain_static_w8a8_with_activation_outliers():
         for norm in (model.norm, model.rms, model.post):
             norm.weight[:3] *= 2  # 100x channels
     data, test = _data(8, 0), _data(4, 1)
-    plain = _e2e(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8()), data, test)
-    smooth = _e2e(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(), smoothquant=True), data, test)
+    with mq.kernels.tuning(False):  # the W8A8 arithmetic: measured, layers this small run on float activations
+        plain = _e2e(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8()), data, test)
+        smooth = _e2e(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(), smoothquant=True), data, test)
     assert smooth >= plain + 3.0, (plain, smooth)
 
 

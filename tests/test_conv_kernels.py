@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from _fake_timing import timing_by_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -18,6 +19,7 @@ def fresh_choices(monkeypatch):
     monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
     monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
     monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    tuner.reload_environment()
     tuner.clear()
     yield
     tuner.clear()
@@ -133,15 +135,6 @@ def test_fake_quantize_one_pass_is_bit_identical_to_the_float_ops(monkeypatch):
         assert torch.equal(fast.isnan(), slow.isnan()) and torch.equal(fast.nan_to_num(), slow.nan_to_num())
 
 
-def timing_by_name(monkeypatch, times: dict[str, float], timed: list[str]) -> None:
-    def timer(call):
-        name = call.func.__name__.lstrip("_")  # functools.partial(_CONV[name], module, x)
-        timed.append(name)
-        return times.get(name, 10.0)
-
-    monkeypatch.setattr(tuner, "time_call", timer)
-
-
 @pytest.mark.parametrize("times, want", [
     ({"dequant_conv": 1.0, "dequant_conv_bf16": 0.5, "im2col_linear": 0.7}, "dequant_conv_bf16"),
     ({"dequant_conv": 1.0, "dequant_conv_bf16": 0.97, "im2col_linear": 1.5}, "dequant_conv"),  # within the margin
@@ -219,31 +212,31 @@ def test_a_small_conv_keeps_its_float_kernel_counts_it_and_drops_it_when_the_wei
     other = quantized(nn.Conv2d(32, 64, 3, padding=1), mq.Int4())
     x = torch.randn(2, 32, 8, 8)
     kept_bytes = 64 * 32 * 9 * 4
-    assert conv_kernels.float_kernel_bytes(q) == kept_bytes <= conv_kernels.FLOAT_KERNEL_CACHE_BYTES
+    assert kernels.kept_float_bytes(q) == kept_bytes <= kernels.FLOAT_WEIGHT_CACHE_BYTES
     stored = sum(b.numel() * b.element_size() for b in q.buffers())
     assert q.storage_bytes() == stored + kept_bytes  # the memory report counts it before it is built
     with torch.no_grad(), mq.kernels.pin("dequant_conv"):
         y = q(x)
-        kept = q.quant_weight.cache["float_kernel"]
+        kept = q.quant_weight.cache["float_weight"]
         assert torch.equal(kept, q.dequantize_weight(torch.float32)) and torch.equal(y, q.float_forward(x))
         q(x)
-        assert q.quant_weight.cache["float_kernel"] is kept  # built once
+        assert q.quant_weight.cache["float_weight"] is kept  # built once
         q.load_state_dict(other.state_dict())
-        assert "float_kernel" not in q.quant_weight.cache
+        assert "float_weight" not in q.quant_weight.cache
         y2 = q(x)
     assert torch.equal(y2, other.float_forward(x)) and not torch.equal(y2, y)
-    assert torch.equal(q.quant_weight.cache["float_kernel"], other.dequantize_weight(torch.float32))
+    assert torch.equal(q.quant_weight.cache["float_weight"], other.dequantize_weight(torch.float32))
 
 
 def test_a_conv_over_the_budget_dequantizes_every_call(monkeypatch):
     q = quantized(nn.Conv2d(32, 64, 3, padding=1), mq.Int8())
-    monkeypatch.setattr(conv_kernels, "FLOAT_KERNEL_CACHE_BYTES", 64 * 32 * 9 * 4 - 1)
+    monkeypatch.setattr(kernels, "FLOAT_WEIGHT_CACHE_BYTES", 64 * 32 * 9 * 4 - 1)
     x = torch.randn(1, 32, 8, 8)
-    assert conv_kernels.float_kernel_bytes(q) == 0
+    assert kernels.kept_float_bytes(q) == 0
     assert q.storage_bytes() == sum(b.numel() * b.element_size() for b in q.buffers())
     with torch.no_grad(), mq.kernels.pin("dequant_conv"):
         y = q(x)
-    assert "float_kernel" not in q.quant_weight.cache and torch.equal(y, q.float_forward(x))
+    assert "float_weight" not in q.quant_weight.cache and torch.equal(y, q.float_forward(x))
 
 
 def test_a_conv_with_a_forced_compute_dtype_keeps_its_kernel_in_that_dtype():
@@ -251,10 +244,10 @@ def test_a_conv_with_a_forced_compute_dtype_keeps_its_kernel_in_that_dtype():
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), compute_dtype=torch.bfloat16, skip=mq.SkipRules.none()))
     q = model[0]
     x = torch.randn(2, 8, 6, 6)
-    assert conv_kernels.float_kernel_bytes(q) == 16 * 8 * 9 * 2
+    assert kernels.kept_float_bytes(q) == 16 * 8 * 9 * 2
     with torch.no_grad(), mq.kernels.pin("dequant_conv"):
         y = q(x)
-    assert q.quant_weight.cache["float_kernel"].dtype == torch.bfloat16 and y.dtype == torch.float32
+    assert q.quant_weight.cache["float_weight"].dtype == torch.bfloat16 and y.dtype == torch.float32
     assert torch.equal(y, q.float_forward(x))
 
 
@@ -283,9 +276,10 @@ def test_each_timing_sample_is_the_fastest_of_three_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("times, want", [
-    ({"act_sim_conv": 1.0, "w8a8_conv_int_mm": 1.5}, "act_sim_conv"),  # slower: the float conv stays
-    ({"act_sim_conv": 1.0, "w8a8_conv_int_mm": 0.97}, "act_sim_conv"),  # within the margin
-    ({"act_sim_conv": 1.0, "w8a8_conv_int_mm": 0.5}, "w8a8_conv_int_mm"),
+    ({"float_acts_conv": 1.0, "act_sim_conv": 1.2, "w8a8_conv_int_mm": 1.5}, "float_acts_conv"),  # the float conv
+    ({"float_acts_conv": 1.0, "act_sim_conv": 1.2, "w8a8_conv_int_mm": 0.97}, "float_acts_conv"),  # in the margin
+    ({"float_acts_conv": 1.0, "act_sim_conv": 1.2, "w8a8_conv_int_mm": 0.5}, "w8a8_conv_int_mm"),
+    ({"float_acts_conv": 1.0, "act_sim_conv": 0.5, "w8a8_conv_int_mm": 1.5}, "act_sim_conv"),
 ])
 def test_with_int8_activations_a_candidate_replaces_the_float_conv_only_when_faster(monkeypatch, times, want):
     timed: list[str] = []
@@ -295,9 +289,10 @@ def test_with_int8_activations_a_candidate_replaces_the_float_conv_only_when_fas
         for batch in (1, 16, 256):
             q(torch.randn(batch, 32, 8, 8))
     has_int = mq.kernels.cpu_has_int_dot() and hasattr(torch, "_int_mm")
-    want = want if has_int else "act_sim_conv"
+    want = want if has_int or want != "w8a8_conv_int_mm" else "float_acts_conv"
     assert q.kernel_summary() == f"b1-256 {want}"
-    assert timed.count("act_sim_conv") % 3 == 0 and timed.count("act_sim_conv") >= 3 * 3  # best of 3, per bucket
+    # the float conv is the baseline: timed in every bucket, best of 3 per sample
+    assert timed.count("float_acts_conv") % 3 == 0 and timed.count("float_acts_conv") >= 3 * 3
 
 
 def test_the_per_shape_shortcut_still_honours_pins_tuning_and_new_weights(monkeypatch):
@@ -321,3 +316,32 @@ def test_the_per_shape_shortcut_still_honours_pins_tuning_and_new_weights(monkey
         assert "conv_by_shape" not in q.quant_weight.cache
         q(x)  # the situation's measured choice (the tuner's, shared by identical layers) still holds
     assert q.last_kernel == "im2col_linear" and len(timed) == n_timed
+
+
+def test_a_w8a8_conv_measured_slower_than_float_runs_float_activations_and_says_so(monkeypatch):
+    """The float conv is the baseline of an INT8-activation conv: where nothing beats it, the dequantized INT8
+    kernel runs on the float input (not the fake-quantized one), named float_acts_conv in the kernel column."""
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"float_acts_conv": 1.0, "dequant_conv": 1.0}, timed)  # the rest 10x slower
+    q = quantized(nn.Conv2d(16, 32, 3, padding=1), mq.Int8(), mq.Int8(dynamic=True))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        y = q(x)
+        assert {"float_acts_conv", "act_sim_conv"} <= set(timed)
+        assert q.kernel_summary() == "b2 float_acts_conv"
+        reference = nn.functional.conv2d(x, q.dequantize_weight(torch.float32), q.bias, padding=1)
+        torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+        quantized_input = q.float_forward(x)  # what W8A8 computes: the fake-quantized input's conv
+        assert not torch.allclose(y, quantized_input, rtol=1e-5, atol=1e-5)
+        assert torch.equal(q(x), y)  # the per-shape shortcut runs the same
+        with mq.kernels.tuning(False):  # the static choice keeps the W8A8 arithmetic
+            assert torch.equal(q(x), quantized_input) and q.last_kernel == "act_sim_conv"
+        with mq.kernels.pin("float_acts_conv"):
+            assert torch.equal(q(x), y) and q.last_kernel == "float_acts_conv"
+
+
+def test_a_tiny_w8a8_conv_runs_the_float_conv_untimed():
+    q = quantized(nn.Conv2d(1, 2, 3), mq.Int8(), mq.Int8(dynamic=True))  # 18 weights x 36 positions < TUNE_MIN_MACS
+    with torch.no_grad():
+        q(torch.randn(1, 1, 8, 8))
+    assert q.last_kernel == "float_acts_conv"

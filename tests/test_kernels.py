@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import monoquant as mq
-from monoquant import kernels
+from monoquant import kernels, tuner
 from monoquant.formats.int4 import INT4PACK_CPU
 from monoquant.formats.int8 import INT8PACK_CPU
 
@@ -32,6 +32,14 @@ def fast_bf16(monkeypatch):
 
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def static_table():
+    """These tests check the static table and each kernel's numbers on layers small enough that, measured, they
+    would run ``F.linear`` on their kept float weight (the tuner's tests are in test_tuner.py)."""
+    with kernels.tuning(False):
+        yield
 
 
 @pytest.mark.parametrize("fused_on", [False, True], ids=["no_compiler", "fused"])
@@ -116,6 +124,7 @@ def test_dequant_paths_match_reference(monkeypatch, spec, k, n):
     for candidate in (*mq.Int4().kernel_candidates(), *mq.Int8().kernel_candidates()):
         monkeypatch.setattr(candidate, "max_rows", 0)  # the static table sends no row to a low-bit kernel
     monkeypatch.setenv("MONOQUANT_TUNE", "0")  # the static table: these are the dequantize paths' tests
+    tuner.reload_environment()
     q = q_linear(k, n, spec)
     for rows in (3, 300):
         x = torch.randn(rows, k)
@@ -200,6 +209,7 @@ def test_int4_unpack_tables_cover_every_byte_pair(dtype):
 
 def test_kernel_summary_shows_what_ran_per_row_bucket_and_marks_the_static_guess(monkeypatch):
     monkeypatch.setenv("MONOQUANT_TUNE", "0")
+    tuner.reload_environment()
     q = q_linear(256, 64, mq.Int4(group_size=64))
     cpu = torch.device("cpu")
     small, large = (kernels.choose_linear_kernel(q, cpu, rows, False) for rows in (1, 4096))

@@ -170,6 +170,8 @@ def test_kernel_column_shows_the_static_guess_until_the_model_runs_then_what_ran
     from monoquant import kernels
 
     monkeypatch.setenv("MONOQUANT_TUNE", "0")
+
+    kernels.reload_environment()
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     report = mq.quantize_(model, mq.QuantConfig(mq.Int8(), skip=mq.SkipRules.none()))
     cpu = torch.device("cpu")

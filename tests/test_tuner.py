@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from _fake_timing import timing_by_name
 from torch import nn
 
 import monoquant as mq
@@ -15,6 +17,7 @@ def fresh_choices(monkeypatch):
     monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
     monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
     monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    tuner.reload_environment()
     monkeypatch.setattr(tuner, "_FILE_LOADED", set())
     tuner.clear()
     yield
@@ -119,6 +122,7 @@ def test_pinning_by_context_and_environment(monkeypatch):
             q(x)
             assert q.last_kernel == "int8pack_cpu"
         monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
+        tuner.reload_environment()
         q(x)
         assert q.last_kernel == "dequant"
         with kernels.pin("int4pack_cpu"):  # not eligible for an INT8 layer: the usual choice, measured or not
@@ -151,6 +155,7 @@ def test_tuning_off_is_deterministic_and_times_nothing(monkeypatch):
             q(x)
         assert first == q.last_kernel == kernels.choose_linear_kernel(q, x.device, 4, False)
         monkeypatch.setenv("MONOQUANT_TUNE", "0")
+        tuner.reload_environment()
         q(x)
         assert q.last_kernel == first
     assert tuner.choices() == {}
@@ -192,7 +197,9 @@ def test_cache_file_is_off_unless_asked(monkeypatch):
 
 
 def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
-    """Without VNNI/AMX, _int_mm is a slow loop: never a candidate; the fake-quantized float path runs."""
+    """Without VNNI/AMX, _int_mm is a slow loop: never a candidate; the fake-quantized float path runs (the static
+    table's eligibility: measured, a layer this small runs float_acts, see test_small_w8a8_layer_...)."""
+    monkeypatch.setattr(tuner, "_ENV", {"kernel": None, "tune": False})
     model = nn.Sequential(nn.Linear(64, 48))
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     q = model[0]
@@ -231,3 +238,99 @@ def test_tuning_keeps_only_the_winners_repacked_weights(fastest, monkeypatch):
     assert q.last_kernel == fastest
     assert ("int4pack_cpu" in q._kernel_cache) == (fastest == "int4pack_cpu")
     assert "w8a8_packed" not in q._kernel_cache
+
+
+def test_the_environment_is_read_once_and_again_on_request(monkeypatch):
+    """MONOQUANT_KERNEL / MONOQUANT_TUNE are read at import (not on every layer call) and by reload_environment."""
+    assert tuner.pinned() is None and tuner.tuning_enabled() and tuner.measured()
+    with kernels.pin("dequant"):
+        assert not tuner.measured()
+        with kernels.pin(None):
+            assert tuner.measured()
+    with kernels.tuning(False):
+        assert not tuner.measured()
+    monkeypatch.setenv("MONOQUANT_KERNEL", "dequant")
+    monkeypatch.setenv("MONOQUANT_TUNE", "off")
+    assert tuner.pinned() is None and tuner.tuning_enabled()  # not read yet
+    kernels.reload_environment()
+    assert tuner.pinned() == "dequant" and not tuner.tuning_enabled() and not tuner.measured()
+    with kernels.pin("fused_cpu"), kernels.tuning(True):  # the with forms win, no reload needed
+        assert tuner.pinned() == "fused_cpu" and tuner.tuning_enabled()
+    monkeypatch.delenv("MONOQUANT_KERNEL")
+    monkeypatch.setenv("MONOQUANT_TUNE", "1")
+    kernels.reload_environment()
+    assert tuner.pinned() is None and tuner.tuning_enabled() and tuner.measured()
+
+
+@pytest.mark.parametrize("spec", [mq.Int8(), mq.Int4(group_size=32)], ids=lambda s: s.kind)
+def test_a_small_linear_keeps_its_float_weight_and_is_timed_against_f_linear_on_it(monkeypatch, spec):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"dequant": 1.0}, timed)  # every other candidate slower
+    float_layer = nn.Linear(128, 16)
+    q = mq.QuantLinear.from_float(float_layer, spec)
+    stored = sum(b.numel() * b.element_size() for b in q.buffers())
+    assert kernels.kept_float_bytes(q) == 128 * 16 * 4 and q.storage_bytes() == stored + 128 * 16 * 4
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = q(x)
+        assert q.last_kernel == "dequant" and "dequant" in timed and len(set(timed)) > 1  # measured, not static
+        kept = q.quant_weight.cache["float_weight"]
+        assert torch.equal(kept, q.dequantize_weight(torch.float32))
+        assert torch.equal(y, F.linear(x, kept, q.bias))
+        n_timed = len(timed)
+        assert torch.equal(q(x), y) and len(timed) == n_timed  # the per-shape plan: nothing timed again
+    big = mq.QuantLinear.from_float(nn.Linear(256, 256), spec)  # at the tuning threshold: keeps nothing
+    assert kernels.kept_float_bytes(big) == 0
+    with torch.no_grad():
+        big(torch.randn(2, 256))
+    assert "float_weight" not in big.quant_weight.cache
+
+
+def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatch):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"dequant": 1.0}, timed)
+    q = mq.QuantLinear.from_float(nn.Linear(128, 16), mq.Int8())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        q(x)
+        assert q.last_kernel == "dequant" and (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+        static = kernels.choose_linear_kernel(q, x.device, 2, False)
+        assert static != "dequant"  # the static table sends a layer this small to a packed kernel
+        with kernels.pin(static):
+            q(x)
+            assert q.last_kernel == static
+        with kernels.tuning(False):
+            q(x)
+            assert q.last_kernel == static
+        q.load_state_dict(q.state_dict())  # the weight may have changed: the plan and the kept weight go
+        assert "linear_by_shape" not in q.quant_weight.cache and "float_weight" not in q.quant_weight.cache
+        q(x)
+    assert q.last_kernel == "dequant"
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"float_acts": 1.0, "act_sim": 1.3}, "float_acts"),  # every INT8 execution slower: the float layer
+    ({"float_acts": 1.0, "act_sim": 1.3, "w8a8_vnni": 0.5, "w8a8_int_mm": 0.5, "w8a8_fused": 0.5}, None),
+])
+def test_a_w8a8_linear_runs_float_activations_only_where_its_int8_kernels_are_slower(monkeypatch, times, want):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, times, timed)
+    model = nn.Sequential(nn.Linear(1024, 256))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    q = model[0]
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        y = q(x)
+        special = kernels._activation_candidates(q, x.device, 4, False)
+        assert "float_acts" in timed and special[-1] == "act_sim"
+        if want is None:  # an integer kernel measured faster runs (where this CPU has one)
+            want = special[0] if special[0] != "act_sim" else "float_acts"
+        assert q.last_kernel == want and kernels.kernel_summary(q) == f"r4 {want}"
+        if want == "float_acts":  # the weight-only output on the float input, not the fake-quantized one
+            assert torch.equal(y, kernels.run_kernel(q, kernels.select_kernel(q, x, weights_only=True), x))
+        with kernels.tuning(False):  # the static table keeps the W8A8 arithmetic
+            q(x)
+            assert q.last_kernel == special[0]
+        with kernels.pin("float_acts"):
+            q(x)
+            assert q.last_kernel == "float_acts"

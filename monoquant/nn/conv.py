@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
-from .. import conv_kernels, ops
+from .. import conv_kernels, kernels, ops
 from ..formats import Int8, WeightSpec
 from ..im2col import ConvGeometry
 from .module import QuantModule
@@ -76,9 +76,9 @@ class _QuantConvNd(QuantModule):
 
     def storage_bytes(self) -> int:
         """The stored buffers (:meth:`QuantModule.storage_bytes`) plus the dequantized kernel a small conv keeps
-        to skip dequantizing it on every call (:func:`monoquant.conv_kernels.float_kernel_bytes`, counted whether
-        or not a forward has built it yet)."""
-        return super().storage_bytes() + conv_kernels.float_kernel_bytes(self)
+        to skip dequantizing it on every call (:func:`monoquant.kernels.kept_float_bytes`, counted whether or not
+        a forward has built it yet)."""
+        return super().storage_bytes() + kernels.kept_float_bytes(self)
 
     @classmethod
     def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:

@@ -63,8 +63,9 @@ class QuantLinear(QuantModule):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """Reorder the input features (``input_permutation``, when set), then apply the input scale."""
-        if self.input_permutation is not None:
-            x = x.index_select(-1, self.input_permutation)
+        perm = self._buffers["input_permutation"]  # not self.input_permutation: nn.Module's __getattr__, per call
+        if perm is not None:
+            x = x.index_select(-1, perm)
         return self.scale_input(x)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
@@ -92,6 +93,12 @@ class QuantLinear(QuantModule):
 
     def kernel_summary(self) -> str:
         return kernels.kernel_summary(self)
+
+    def storage_bytes(self) -> int:
+        """The stored buffers (:meth:`QuantModule.storage_bytes`) plus the dequantized weight a small layer keeps
+        for its float path (:func:`monoquant.kernels.kept_float_bytes`: at most
+        :data:`~monoquant.kernels.FLOAT_WEIGHT_CACHE_BYTES`, counted whether or not a forward has built it yet)."""
+        return super().storage_bytes() + kernels.kept_float_bytes(self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + \

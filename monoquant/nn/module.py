@@ -164,8 +164,9 @@ class QuantModule(nn.Module):
     def computes_in_float(self) -> bool:
         """True while the layer waits for calibration (a GPTQ weight, or an activation quantizer not ready): its
         ``forward`` runs the float path, which is not what it runs once frozen."""
-        act = self.input_quantizer
-        return self.gptq is not None or (act is not None and not act.ready)
+        modules = self._modules  # a submodule once set: read without nn.Module's __getattr__ (on every forward)
+        act = modules.get("input_quantizer")
+        return modules.get("gptq") is not None or (act is not None and not act.ready)
 
     @property
     def last_kernel(self) -> str | None:
