@@ -312,8 +312,28 @@ def _int8_bf16_op(name: str):
 
 _int4_linear_bf16_op = _int4_bf16_op("int4_linear_bf16")
 _int8_linear_bf16_op = _int8_bf16_op("int8_linear_bf16")
-_int4_gemm_bf16_op = _int4_bf16_op("int4_gemm_bf16")
-_int8_gemm_bf16_op = _int8_bf16_op("int8_gemm_bf16")
+
+
+@_op("int4_gemm_bf16")
+def _int4_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                       group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("int4_gemm_bf16")(x, qweight, scale, zero_point, group_size, bias)
+
+
+@_int4_gemm_bf16_op.register_fake
+def _(x, qweight, scale, zero_point, group_size, bias):
+    return _bf16_product(x, qweight)
+
+
+@_op("int8_gemm_bf16")
+def _int8_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    return _kernel("int8_gemm_bf16")(x, qweight, scale, zero_point, bias)
+
+
+@_int8_gemm_bf16_op.register_fake
+def _(x, qweight, scale, zero_point, bias):
+    return _bf16_product(x, qweight)
 
 
 @_op("dequantize_int4", mutates_args=("out",))
@@ -523,19 +543,20 @@ def int8_linear_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 
 
 def int4_gemm_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                   group_size: int) -> torch.Tensor:
-    """The product of :func:`int4_linear_bf16` for many rows (``N`` a multiple of 16): each block of 48 weight rows
-    is dequantized once per call (bit-identical to :meth:`dequantize_into` in bf16) into a panel of column pairs,
-    which an 8 x 48 AVX512-BF16 micro-kernel multiplies with every input row (custom op
-    ``monoquant::int4_gemm_bf16``)."""
-    return _call(_int4_gemm_bf16_op, "int4_gemm_bf16", x, qweight, scale, zero_point, group_size)
+                   group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of :func:`int4_linear_bf16` for many rows (``N`` a multiple of 16), plus ``bias`` (float32 or
+    bf16 ``[N]``, or ``None``) added in float32 before the one rounding to bf16 (as ``F.linear`` in bf16 does):
+    each block of 48 weight rows is dequantized once per call (bit-identical to :meth:`dequantize_into` in bf16),
+    in registers, into a panel of column pairs, which an 8 x 48 AVX512-BF16 micro-kernel multiplies with every
+    input row (custom op ``monoquant::int4_gemm_bf16``)."""
+    return _call(_int4_gemm_bf16_op, "int4_gemm_bf16", x, qweight, scale, zero_point, group_size, bias)
 
 
-def int8_gemm_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                   zero_point: torch.Tensor | None) -> torch.Tensor:
+def int8_gemm_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`int4_gemm_bf16` for an INT8 weight: the panels hold the exact codes minus the zero-point, each output
-    is scaled once by its row's float32 scale (custom op ``monoquant::int8_gemm_bf16``)."""
-    return _call(_int8_gemm_bf16_op, "int8_gemm_bf16", x, qweight, scale, zero_point)
+    is scaled once by its row's float32 scale, then ``bias`` is added (custom op ``monoquant::int8_gemm_bf16``)."""
+    return _call(_int8_gemm_bf16_op, "int8_gemm_bf16", x, qweight, scale, zero_point, bias)
 
 
 def dequantize_int4_into(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -601,7 +622,9 @@ def w8a8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, n: int, rowsum: torc
     exactly with the :func:`w8a8_vnni_pack`-ed weight (``rowsum``: int32 ``[N]``, its code sums), and rescaled by the
     row scale, then ``w_scale`` (float32, per output or one), plus ``bias`` (float32 ``[N]`` or ``None``); ``y`` is
     ``[M, n]`` in ``x``'s dtype, bit-identical to :func:`dynamic_quantize_rows` (:func:`quantize_rows`), an int32
-    GEMM and :func:`rescale_rows`. ``scale``: the row scales ``[M]`` (or the static one). Custom op
+    GEMM and :func:`rescale_rows` (the codes from ``x * (1 / s)``, with the division itself wherever that product
+    lies close enough to a rounding boundary to round otherwise). With dynamic qparams a row holding an inf or NaN
+    comes out all NaN. ``scale``: the row scales ``[M]`` (or the static one). Custom op
     ``monoquant::w8a8_vnni_linear``; only where :func:`has_vnni`."""
     return tuple(_call(_w8a8_vnni_linear_op, "w8a8_vnni_linear", x, packed, n,  # type: ignore[return-value]
                        rowsum, w_scale, bias, qmin, qmax, symmetric, eps, static_scale, static_zero))

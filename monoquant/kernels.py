@@ -503,7 +503,12 @@ def run_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
     if c.int8_inputs:
         y = c.run(module.quant_weight, flat(x), module.input_quantizer, module.bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return _finish(module, c.run(module.quant_weight, flat(x)), x)
+    bias = module.bias
+    if c.fuses_bias and (bias is None or not (bias.requires_grad and torch.is_grad_enabled())):
+        y = c.run(module.quant_weight, flat(x), bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return _finish(module, c.run(module.quant_weight, flat(x), None) if c.fuses_bias else
+                   c.run(module.quant_weight, flat(x)), x)
 
 
 class _ByName(Mapping):

@@ -21,8 +21,9 @@ BF16_EPS = 2.0**-8  # one rounding of the output to bf16 (relative)
 
 def check_against_reference(q: mq.QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
     """``y`` (bf16) is ``x W^T + b`` computed exactly from the bf16 input and the weight the kernel multiplies, up
-    to float32 sums and three bf16 roundings (the product, the bias, their sum: the dispatcher adds the bias in the
-    output's dtype): INT4's weight is the bf16 dequantized weight itself, INT8's the exact ``(q - z) * s``."""
+    to float32 sums and at most three bf16 roundings (``fused_bf16``: the product, the bias, their sum, as the
+    dispatcher adds the bias in the output's dtype; ``fused_bf16_gemm`` adds it in float32 and rounds once): INT4's
+    weight is the bf16 dequantized weight itself, INT8's the exact ``(q - z) * s``."""
     dtype = torch.bfloat16 if q.spec.kind == "int4" else torch.float64
     w = schemes.dequantize_weight(q.spec, q.stored, q.in_features, q.group_size, dtype).double()
     xd = x.reshape(-1, x.shape[-1]).double()
@@ -96,9 +97,10 @@ def test_fused_bf16_runs_for_bf16_inputs_or_a_bf16_compute_dtype_only(kernel):
     ("int8_linear_bf16", lambda: (torch.randn(3, 64).bfloat16(), torch.randint(-127, 128, (16, 64), dtype=torch.int8),
                                   torch.rand(16) + 0.1, None)),
     ("int4_gemm_bf16", lambda: (torch.randn(3, 64).bfloat16(), torch.randint(0, 256, (16, 32), dtype=torch.uint8),
-                                torch.rand(16, 2) + 0.1, None, 32)),
+                                torch.rand(16, 2) + 0.1, None, 32, torch.randn(16))),
     ("int8_gemm_bf16", lambda: (torch.randn(9, 64).bfloat16(), torch.randint(0, 256, (32, 64), dtype=torch.uint8),
-                                torch.rand(32) + 0.1, torch.randint(0, 256, (32,), dtype=torch.uint8))),
+                                torch.rand(32) + 0.1, torch.randint(0, 256, (32,), dtype=torch.uint8),
+                                torch.randn(32).bfloat16())),
 ])
 def test_the_bf16_kernels_are_custom_ops_with_fake_implementations(name, args):
     torch.library.opcheck(getattr(torch.ops.monoquant, name).default, args())
@@ -167,3 +169,42 @@ def test_the_static_table_never_picks_the_bf16_kernels(rows):
         q(torch.randn(rows, 256).bfloat16())
     assert q.last_kernel not in KERNELS
     assert set(KERNELS) <= set(kernels.kernel_names())
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_the_panel_gemm_adds_the_bias_before_its_one_rounding(kind):
+    """Exact sums (small integer inputs, weights and scale 1), bias 0.25 or 0.75: the output is the float64 sum plus
+    bias rounded once to bf16, what F.linear in bf16 gives; rounding the product first, then the sum (the
+    dispatcher's bias add) gives other numbers for these sums (257 + 0.25 -> 258, not 256)."""
+    g = torch.Generator().manual_seed(3)
+    n, k, rows = 48, 64, 20
+    x = torch.randint(-6, 7, (rows, k), generator=g).to(torch.bfloat16)
+    bias = torch.tensor([0.25, 0.75] * (n // 2))
+    if kind == "int4":
+        codes = torch.randint(0, 16, (n, k), generator=g)
+        qweight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+        w = codes - 8  # symmetric INT4: stored as q + 8
+        y = fused.int4_gemm_bf16(x, qweight, torch.ones(n, 1), None, k, bias)
+    else:
+        codes = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        w = codes.long()
+        y = fused.int8_gemm_bf16(x, codes, torch.tensor(1.0), None, bias.bfloat16())
+    exact = x.double() @ w.double().t() + bias.double()
+    assert torch.equal(y, exact.to(torch.bfloat16))
+    twice = ((x.double() @ w.double().t()).to(torch.bfloat16).double() + bias.double()).to(torch.bfloat16)
+    assert not torch.equal(y, twice)
+
+
+@needs_bf16_dot
+def test_the_panel_gemm_takes_the_layers_bias_in_the_kernel():
+    """The dispatcher hands ``fused_bf16_gemm`` the layer's bias (it fuses it) and the output equals the kernel called
+    with that bias; without one, the plain product."""
+    q = layer(128, 32, mq.Int8())
+    x = torch.randn(5, 128).bfloat16()
+    stored = q.quant_weight.stored
+    with kernels.pin("fused_bf16_gemm"), torch.no_grad():
+        y = q(x)
+        assert torch.equal(y, fused.int8_gemm_bf16(x, stored.qweight, stored.scale, stored.zero_point, q.bias))
+        q.bias = None
+        assert torch.equal(q(x), fused.int8_gemm_bf16(x, stored.qweight, stored.scale, stored.zero_point))

@@ -92,6 +92,41 @@ def test_vnni_sums_that_pass_int32_while_accumulating_still_come_out_exact():
 
 
 @needs_vnni
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vnni_codes_near_half_integers_are_the_divisions(symmetric, bf16):
+    """The kernel multiplies by the reciprocal of the scale and divides only near a rounding boundary: inputs at
+    (j + 1/2) s and a few float32 steps either side (where x * (1/s) and x / s can round to different integers) give
+    the codes of the division, bit for bit against the int16-pair GEMM path, for static and dynamic scales."""
+    torch.manual_seed(5)
+    for act in (mq.Int8(symmetric=symmetric), mq.Int8(symmetric=symmetric, dynamic=True)):
+        model = _w8a8(96, 70, act, calibrate=not act.dynamic)
+        s = model[0].input_quantizer.scale.float() if not act.dynamic else torch.tensor(0.037)
+        halves = (torch.arange(-40, 40) + 0.5).float() * s
+        near = torch.stack([torch.nextafter(halves, halves + d * torch.sign(halves)) if d else halves
+                            for d in (-1, 0, 1)]).reshape(-1)
+        for _ in range(2):  # also the steps past the first neighbour
+            near = torch.cat([near, torch.nextafter(near, near * 2)])
+        x = near[torch.randperm(near.numel())][: 96 * 9].reshape(9, 96)
+        x = x.bfloat16() if bf16 else x
+        assert torch.equal(_run(model, x, "w8a8_vnni"), _run(model, x, "w8a8_fused"))
+
+
+@needs_vnni
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_vnni_rows_with_an_inf_or_nan_come_out_nan_and_the_others_untouched(bad):
+    """Dynamic qparams: the kernel itself makes a row holding an inf or NaN all NaN (no Python pass afterwards); the
+    other rows equal the int16-pair GEMM path's."""
+    model = _w8a8(64, 40, mq.Int8(dynamic=True))
+    x = torch.randn(7, 64)
+    x[2, 5] = bad
+    y = _run(model, x, "w8a8_vnni")
+    assert torch.isnan(y[2]).all()
+    rest = [0, 1, 3, 4, 5, 6]
+    assert torch.equal(y[rest], _run(model, x[rest], "w8a8_fused"))
+
+
+@needs_vnni
 @pytest.mark.parametrize("rows", [1, 5, 97, 300])
 def test_vnni_row_scales_equal_the_quantizers_and_splits_do_not_change_the_output(rows):
     """The kernel returns the per-row scales the quantizer computes; one thread or two (tasks split by rows, or by

@@ -104,9 +104,9 @@ def _fused_bf16_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     return fused.int4_linear_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, w.group_size)
 
 
-def _fused_bf16_gemm_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+def _fused_bf16_gemm_int4(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     stored = w.stored
-    return fused.int4_gemm_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, w.group_size)
+    return fused.int4_gemm_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, w.group_size, bias)
 
 
 INT4PACK_CUDA = KernelCandidate("int4pack_cuda", _int4pack_cuda, _int4pack_cuda_eligible, layouts=("int4pack_cuda",))

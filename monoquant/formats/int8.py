@@ -56,9 +56,9 @@ def _fused_bf16_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     return fused.int8_linear_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point)
 
 
-def _fused_bf16_gemm_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+def _fused_bf16_gemm_int8(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     stored = w.stored
-    return fused.int8_gemm_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point)
+    return fused.int8_gemm_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point, bias)
 
 
 def _int_mm_eligible(w: QuantWeight, q: KernelQuery) -> bool:
@@ -175,7 +175,7 @@ def _w8a8_vnni(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None
     """The whole layer in one compiled call (:func:`monoquant.fused.w8a8_vnni_linear`): the input rows quantized
     as ``act.int8_codes`` would, u8 x s8 ``vpdpbusd`` sums on the weight packed once, the zero-point term, the
     scales and the bias applied from registers; the same float32 (bf16) values as the other ``int8_inputs``
-    kernels."""
+    kernels, rows holding an inf or NaN all NaN."""
     stored = w.stored
     wq = stored.qweight
     n = wq.shape[0]
@@ -186,7 +186,8 @@ def _w8a8_vnni(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None
     y, scale = fused.w8a8_vnni_linear(xf, packed, n, rowsum, stored.scale.float().contiguous(),
                                       None if bias is None else bias.float().contiguous(), qt.qmin, qt.qmax,
                                       qt.symmetric, act.eps, *act.static_qparams())
-    act.nan_nonfinite_rows_(y, x2d, scale)
+    if not act.dynamic:  # dynamic: the kernel wrote the rows whose scale is not finite as NaN itself
+        act.nan_nonfinite_rows_(y, x2d, scale)
     return y
 
 

@@ -113,8 +113,9 @@ def fused_bf16_gemm_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
 
 def fused_bf16_gemm_candidate(run) -> KernelCandidate:
     """The ``fused_bf16_gemm`` candidate of an integer format: by measurement only, at any row count (its weight
-    cost is one dequantize per call, like the ``dequant`` rows')."""
-    return KernelCandidate("fused_bf16_gemm", run, fused_bf16_gemm_eligible, max_rows=0)
+    cost is one dequantize per call, like the ``dequant`` rows'); it adds the layer's bias itself
+    (``run(weight, x2d, bias)``), in float32 before the output's one rounding to bf16."""
+    return KernelCandidate("fused_bf16_gemm", run, fused_bf16_gemm_eligible, max_rows=0, fuses_bias=True)
 
 
 

@@ -53,9 +53,11 @@ class KernelCandidate:
     ``[rows, N]`` product without the bias (any float dtype; the dispatcher adds the bias and casts).
     Candidates with ``int8_inputs=True`` run on INT8 input codes instead: ``run(weight, x2d, act, bias)``
     quantizes ``x2d`` with the layer's activation quantizer ``act`` and returns the finished ``[rows, N]``
-    output, bias included. ``fallback`` candidates (an exact but slow reference) are only offered when no other
-    INT8-input candidate is eligible, and are then used without timing. The row limits are plain attributes,
-    so a benchmark may move them (``bench_linear.py --crossover``).
+    output, bias included. Candidates with ``fuses_bias=True`` take the layer's bias too, ``run(weight, x2d,
+    bias)`` (``None`` when the layer has none), and add it before their output's rounding. ``fallback``
+    candidates (an exact but slow reference) are only offered when no other INT8-input candidate is eligible, and
+    are then used without timing. The row limits are plain attributes, so a benchmark may move them
+    (``bench_linear.py --crossover``).
     """
 
     name: str
@@ -68,6 +70,7 @@ class KernelCandidate:
     layouts: tuple[str, ...] = ()
     """Keys of the repacked weights it caches on the :class:`QuantWeight` (freed when it runs nowhere)."""
     int8_inputs: bool = False
+    fuses_bias: bool = False
     fallback: bool = False
 
 
