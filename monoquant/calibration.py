@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import functional as F
+from . import tuner
 from .config import QuantConfig
 from .errors import CalibrationError, ConfigError
 from .formats import method_of
@@ -130,7 +131,12 @@ def _calibration_mode(model: nn.Module, pending: list[QuantModule], observed: li
                       stop_after: QuantModule | None = None) -> Iterator[None]:
     """Eval + no_grad + fast path off; ``pending`` layers pass float inputs on, ``observed`` ones feed their
     observers (through their :attr:`~QuantModule.calibration_tap`, called by ``prepare_input`` with the prepared
-    input); the forward pass ends (:class:`_StageDone`) once ``stop_after`` has seen its input."""
+    input); the forward pass ends (:class:`_StageDone`) once ``stop_after`` has seen its input.
+
+    Layers already quantized run the static kernel table (:func:`monoquant.tuner.tuning` off): statistics that
+    decide stored weights must not depend on which kernel a timing happened to favour (the kernels round
+    differently, and a W8A8 layer may be measured faster on float activations), so the same data give the same
+    file in every process and on every run."""
     flags = [(m, m.training) for m in model.modules()]
     tapped = [*observed, *([] if stop_after is None else [stop_after])]
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -144,7 +150,7 @@ def _calibration_mode(model: nn.Module, pending: list[QuantModule], observed: li
             if q.input_quantizer is not None:
                 q.input_quantizer.calibrating = True
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), tuner.tuning(False):
             yield
     finally:
         for q in tapped:

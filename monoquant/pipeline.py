@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import safetensors_io as stio
+from . import tuner
 from .calibration import needs_calibration
 from .config import QuantConfig, WeightSpec, as_config
 from .data import DEFAULT_MAX_BATCHES, ForwardFn, iter_batches, run_batch, tqdm_disable
@@ -397,7 +398,8 @@ def quantize_pretrained(
                               "calibration_data=... (a few batches of token ids)")
         _extend(report, block_report)
         if data:
-            with torch.no_grad():
+            # the static kernel table, as in calibration: the activations carried on must not depend on timings
+            with torch.no_grad(), tuner.tuning(False):
                 outs = [run(block, j) for j in range(len(hidden))] if floats is None else None
             outputs_tuple = isinstance(outs[0], (tuple, list)) if outs else outputs_tuple
             hidden = floats if floats is not None else [_outputs_hidden(o) for o in outs]
