@@ -482,6 +482,8 @@ def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
     c = None if shared is not None else _candidate(module, name)
     if c is None:
         return shared or (lambda m, xb: run_kernel(m, name, xb))
+    if c.fuses_bias:  # whether the bias goes in depends on autograd at call time: run_kernel decides per call
+        return lambda m, xb: run_kernel(m, name, xb)
     run = c.run
     if c.int8_inputs:
         def run_int8(m, xb: torch.Tensor) -> torch.Tensor:

@@ -334,3 +334,25 @@ def test_a_w8a8_linear_runs_float_activations_only_where_its_int8_kernels_are_sl
         with kernels.pin("float_acts"):
             q(x)
             assert q.last_kernel == "float_acts"
+
+
+@pytest.mark.skipif(not (fused.available() and hardware.cpu_has_avx512_bf16() and fused.bf16_dot()),
+                    reason="needs the compiled AVX512-BF16 kernels")
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=64), mq.Int8()], ids=["int4", "int8"])
+def test_a_measured_kernel_that_adds_the_bias_itself_runs_from_the_per_shape_plan(monkeypatch, spec):
+    """``fused_bf16_gemm`` takes the layer's bias: the remembered plan must pass it, as the first call did."""
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"fused_bf16_gemm": 0.1}, timed)
+    torch.manual_seed(0)
+    q = mq.QuantLinear.from_float(nn.Linear(512, 192).to(torch.bfloat16), spec)
+    x = torch.randn(48, 512, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = q(x)
+        assert q.last_kernel == "fused_bf16_gemm" and "fused_bf16_gemm" in timed
+        assert (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+        second = q(x)  # from the plan
+        with kernels.pin("dequant"):
+            reference = q(x)
+    assert q.last_kernel == "dequant"
+    assert torch.equal(first, second)
+    torch.testing.assert_close(second.float(), reference.float(), rtol=2e-2, atol=2e-2)
