@@ -110,12 +110,7 @@ def tuning_enabled() -> bool:
 def measured() -> bool:
     """Whether measured choices apply now: nothing pinned and tuning on (:func:`pinned` and :func:`tuning_enabled`
     in one call, for the per-call fast paths of the dispatch)."""
-    state = _STATE.__dict__
-    pins = state.get("pins")
-    if (pins[-1] if pins else _ENV["kernel"]) is not None:
-        return False
-    tune = state.get("tuning")
-    return tune[-1] if tune else bool(_ENV["tune"])
+    return pinned() is None and tuning_enabled()
 
 
 @contextlib.contextmanager
