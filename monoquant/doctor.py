@@ -38,8 +38,6 @@ def kernel_availability(extension: bool) -> list[tuple[str, bool, str]]:
         ("int4pack_cpu", present["int4pack_cpu"], "torch op aten._weight_int4pack_mm_for_cpu"),
         ("int8pack_cpu", present["int8pack"], "torch op aten._weight_int8pack_mm"),
         ("fused_cpu", extension, "compiled kernels (csrc/fused_linear.cpp)"),
-        ("fused_panel", extension and fused.avx2_panel(),
-         "compiled AVX2 panels (AVX2-only CPUs): codes widened once per call, 4 x 3 register tiles"),
         ("fused_bf16", extension and hardware.cpu_has_avx512_bf16(),
          "compiled kernels with AVX512-BF16 (vdpbf16ps) on the stored codes, few rows"),
         ("fused_bf16_gemm", extension and hardware.cpu_has_avx512_bf16(),

@@ -202,14 +202,6 @@ def bf16_dot() -> bool:
     return module is not None and bool(module.bf16_dot())
 
 
-@torch.compiler.assume_constant_result
-def avx2_panel() -> bool:
-    """Whether the build has the AVX2 panel kernels (:func:`int4_linear_panel`, :func:`int8_linear_panel`): it
-    does where it was compiled for a CPU with AVX2 and without AVX-512 (builds the extension on first call)."""
-    module = load()
-    return module is not None and bool(module.avx2_panel())
-
-
 @functools.cache
 def simd() -> str:
     """The SIMD path the build compiled (``"avx512"``, ``"avx2"``, ``"scalar"``), or ``"none"`` if not built."""
@@ -258,29 +250,6 @@ def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 @_int8_linear_op.register_fake
 def _(x, qweight, scale, zero_point):
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
-
-
-def _float_product(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """The fake output of the float32 kernels: float32 ``[M, N]``."""
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
-
-
-@_op("int4_linear_panel")
-def _int4_linear_panel_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                          zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    return _kernel("int4_linear_panel")(x, qweight, scale, zero_point, group_size)
-
-
-_int4_linear_panel_op.register_fake(lambda x, qweight, *_: _float_product(x, qweight))
-
-
-@_op("int8_linear_panel")
-def _int8_linear_panel_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                          zero_point: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int8_linear_panel")(x, qweight, scale, zero_point)
-
-
-_int8_linear_panel_op.register_fake(lambda x, qweight, *_: _float_product(x, qweight))
 
 
 def _bf16_product(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
@@ -506,22 +475,6 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
     (custom op ``monoquant::int8_linear``)."""
     return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
-
-
-def int4_linear_panel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                      group_size: int) -> torch.Tensor:
-    """As :func:`int4_linear`, through the AVX2 panels: the codes of 12 output rows x one chunk of columns widened
-    once per call into floats in L1, read by every input row through a 4 x 3 register tile (the tuner's choice
-    against :func:`int4_linear` from 9 rows on). Only where :func:`avx2_panel` (custom op
-    ``monoquant::int4_linear_panel``)."""
-    return _call(_int4_linear_panel_op, "int4_linear_panel", x, qweight, scale, zero_point, group_size)
-
-
-def int8_linear_panel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                      zero_point: torch.Tensor | None) -> torch.Tensor:
-    """As :func:`int8_linear`, through the AVX2 panels (see :func:`int4_linear_panel`); only where
-    :func:`avx2_panel` (custom op ``monoquant::int8_linear_panel``)."""
-    return _call(_int8_linear_panel_op, "int8_linear_panel", x, qweight, scale, zero_point)
 
 
 def int4_linear_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -15,9 +15,6 @@ kernel               registered by, applies when                                
                      op crashes the process for other K (torch 2.13)
 ``fused_cpu``        Int4 / Int8: CPU, compiled kernel available (:mod:`monoquant.fused`),   float32
                      no compute_dtype forced, rows <= ``FUSED_MAX_ROWS`` (8)
-``fused_panel``      same, on AVX2-only builds, rows >= 9 (Int4: group % 16 == 0): the codes    float32
-                     widened once per call into L1 panels, 4 x 3 register tiles; by
-                     measurement only (``max_rows`` 0), timed up to 64 rows
 ``fused_bf16``       Int4 / Int8: CPU with AVX512-BF16 and a build that has it, bf16        bf16 (float32
                      input or compute_dtype bf16, K % 32 == 0 (Int4: group % 32 == 0),      sums)
                      N % 4 == 0;

@@ -47,23 +47,18 @@ for symmetric in (True, False):
     assert torch.equal(codes, ref_codes.sub(0 if symmetric else 128).to(torch.int8)), symmetric
 
 
-assert fused.avx2_panel()
-
-
-@settings(max_examples=160, deadline=None, derandomize=True)
-@given(data=st.data(), n=st.integers(1, 70), rows=st.integers(1, 40), threads=st.sampled_from([1, 2]),
-       x_scale=st.sampled_from([1.0, 1e-3, 1e3]), seed=st.integers(0, 2**16), panel=st.booleans())
-def avx2_matmul_matches_reference(data, n, rows, threads, x_scale, seed, panel):
-    """The AVX2 weight-only matmuls (avx2:: in fused_linear.cpp: the in-register tiles, and with ``panel`` the
-    panels) against dequantize + float64 matmul: INT4 groups that the tiles take (multiples of 16, below and
-    above the panels' 128-column chunks) or the scalar loop takes, odd K with an INT8 tail past the last 16
-    columns, N across the tiles (1-4 output rows; the panels' 3-row tiles, 12-row panels and their remainders)
-    and the 32-row blocks, 1..40 input rows (8 per pass; the panels' 4-row groups and 16-row passes, with every
-    remainder), several column passes, one or two threads; within float32 rounding of the sum of |terms|."""
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(data=st.data(), n=st.integers(1, 70), rows=st.integers(1, 9), threads=st.sampled_from([1, 2]),
+       x_scale=st.sampled_from([1.0, 1e-3, 1e3]), seed=st.integers(0, 2**16))
+def avx2_matmul_matches_reference(data, n, rows, threads, x_scale, seed):
+    """The AVX2 weight-only matmul (avx2:: in fused_linear.cpp) against dequantize + float64 matmul: INT4 groups
+    that the tiles take (multiples of 16) or the scalar loop takes, odd K with an INT8 tail past the last 16
+    columns, N across the tiles (1-4 output rows) and the 32-row blocks, 1..9 input rows (8 per pass, then 1),
+    several column passes, one or two threads; within float32 rounding of the sum of |terms|."""
     if data.draw(st.booleans(), label="int4"):
-        group = data.draw(st.sampled_from([16, 32, 48, 64, 128, 144, 512, 7]), label="group")
+        group = data.draw(st.sampled_from([16, 32, 48, 64, 128, 7]), label="group")
         spec = mq.Int4(group_size=group, symmetric=data.draw(st.booleans(), label="symmetric"))
-        k = group * data.draw(st.integers(1, 10 if group <= 144 else 3), label="groups")
+        k = group * data.draw(st.integers(1, 10), label="groups")
     else:
         spec = mq.Int8(symmetric=data.draw(st.booleans(), label="symmetric"),
                        granularity=data.draw(st.sampled_from(["channel", "tensor"]), label="granularity"))
@@ -76,10 +71,8 @@ def avx2_matmul_matches_reference(data, n, rows, threads, x_scale, seed, panel):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        int4, int8 = ((fused.int4_linear_panel, fused.int8_linear_panel) if panel
-                      else (fused.int4_linear, fused.int8_linear))
-        y = (int4(x, q.qweight, q.scale, q.zero_point, group) if spec.kind == "int4"
-             else int8(x, q.qweight, q.scale, q.zero_point))
+        y = (fused.int4_linear(x, q.qweight, q.scale, q.zero_point, group) if spec.kind == "int4"
+             else fused.int8_linear(x, q.qweight, q.scale, q.zero_point))
     finally:
         torch.set_num_threads(previous)
     assert y.shape == (rows, n) and y.dtype == torch.float32
@@ -88,20 +81,4 @@ def avx2_matmul_matches_reference(data, n, rows, threads, x_scale, seed, panel):
 
 
 avx2_matmul_matches_reference()
-
-# the fused_panel candidates run through a layer where the build has them (eligible from 9 rows on)
-from monoquant import kernels  # noqa: E402
-
-for spec in (mq.Int4(group_size=64), mq.Int8(), mq.Int8(symmetric=False)):
-    group = spec.group_size if spec.kind == "int4" else None
-    q = mq.QuantLinear(256, 40, spec=spec, group_size=group)
-    q.set_stored(schemes.quantize_weight(spec, torch.randn(40, 256, generator=g) * 0.1, group))
-    x = torch.randn(24, 256, generator=g)
-    with torch.no_grad():
-        with kernels.pin("dequant"):
-            ref = q(x)
-        with kernels.pin("fused_panel"):
-            y = q(x)
-    assert q.last_kernel == "fused_panel", q.last_kernel
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5), (spec, (y - ref).abs().max())
 print("avx2 ok")

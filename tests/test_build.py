@@ -85,11 +85,10 @@ def test_doctor_prints_features_kernels_build_state_and_cache(capsys):
     assert lines[6] == f"  this installation's build folder: {fused.build_directory()}"
     table = lines[lines.index("kernels:") + 1:]
     names = [line.split()[0] for line in table]
-    expected = ["int4pack_cpu", "int8pack_cpu", "fused_cpu", "fused_panel", "fused_bf16", "fused_bf16_gemm",
-                "w8a8_int_mm", "w8a8_onednn", "w8a8_vnni", "w8a8_fused", "dequant_bf16", "dequant"]
+    expected = ["int4pack_cpu", "int8pack_cpu", "fused_cpu", "fused_bf16", "fused_bf16_gemm", "w8a8_int_mm",
+                "w8a8_onednn", "w8a8_vnni", "w8a8_fused", "dequant_bf16", "dequant"]
     assert names == (["int4pack_cuda"] if torch.cuda.is_available() else []) + expected
     built = "yes" if fused.available() else "no"
     assert table[names.index("fused_cpu")].split()[1] == built and table[-1].split()[1] == "yes"
-    assert table[names.index("fused_panel")].split()[1] == ("yes" if fused.available() and fused.avx2_panel() else "no")
     bf16_built = "yes" if fused.available() and hardware.cpu_has_avx512_bf16() else "no"
     assert table[names.index("fused_bf16_gemm")].split()[1] == bf16_built

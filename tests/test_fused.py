@@ -306,22 +306,6 @@ def test_the_avx2_build_matches_the_reference_on_an_avx512_machine():
     assert done.returncode == 0 and "avx2 ok" in done.stdout, done.stdout + done.stderr
 
 
-@needs_ext
-@pytest.mark.skipif(fused.simd() == "avx2", reason="this build has the AVX2 panels (checked by _avx2_check.py)")
-def test_the_panel_kernels_are_no_candidate_outside_avx2_only_builds():
-    """An AVX-512 (or scalar) build keeps its own loops: the AVX2 panel entry points say so instead of running,
-    and the ``fused_panel`` candidates are never eligible there, so the tuner never times them."""
-    assert not fused.avx2_panel()
-    q = mq.QuantLinear(64, 16, spec=mq.Int4(group_size=32), group_size=32)
-    q.set_stored(schemes.quantize_weight(q.spec, torch.randn(16, 64), 32))
-    with pytest.raises(RuntimeError, match="AVX2-only CPUs"):
-        fused.int4_linear_panel(torch.randn(4, 64), q.qweight, q.scale, q.zero_point, 32)
-    names = {c.name for c in q.spec.kernel_candidates()} | {c.name for c in mq.Int8().kernel_candidates()}
-    assert "fused_panel" in names
-    query = kernels._query(q, torch.device("cpu"), 8, False)
-    assert not any(c.eligible(q.quant_weight, query) for c in q.spec.kernel_candidates() if c.name == "fused_panel")
-
-
 needs_onednn = pytest.mark.skipif(not (fused.available() and hardware.HAS["onednn_qlinear"]
                                        and hardware.cpu_has_amx()),
                                   reason="needs oneDNN's int8 matmul op and a CPU with AMX")

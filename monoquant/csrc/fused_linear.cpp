@@ -23,8 +23,6 @@
 // Python entry points (float32 contiguous x [M, K]; output float32 [M, N], bias added by the caller):
 //   int4_linear(x, qweight, scale, zero_point_or_None, group_size)
 //   int8_linear(x, qweight, scale, zero_point_or_None)
-//   int4_linear_panel / int8_linear_panel (same arguments): AVX2-only builds, the codes widened once per call into
-//   L1 panels (any rows; offered from 9); avx2_panel(): whether the build has them
 //   dequantize_int4(out, qweight, scale, zero_point_or_None, group_size, row_start)
 //   dequantize_int8(out, qweight, scale, zero_point_or_None, row_start, scaled)
 //   w8a8_pack(qweight), w8a8_gemm(codes, packed, N): exact INT8 x INT8 -> INT32 GEMM (AVX2 vpmaddwd)
@@ -436,14 +434,6 @@ struct Int4Codes {
     a = _mm256_cvtepi32_ps(p);                          // lo + 16 hi
     b = _mm256_cvtepi32_ps(_mm256_srli_epi32(p, 4));    // hi
   }
-  // the exact codes of 16 columns from p = at(n, k) as floats: the 8 even columns into lo, the 8 odd ones into
-  // hi; at(n, k + 16) is p + STEP_UNITS
-  static constexpr int64_t STEP_UNITS = 8;
-  static void widen(const uint8_t* p8, float* lo, float* hi) {
-    const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p8)));
-    _mm256_storeu_ps(lo, _mm256_cvtepi32_ps(_mm256_and_si256(p, _mm256_set1_epi32(0xF))));
-    _mm256_storeu_ps(hi, _mm256_cvtepi32_ps(_mm256_srli_epi32(p, 4)));
-  }
 };
 
 template <typename Q>
@@ -460,13 +450,6 @@ struct Int8Codes {
   void codes(int64_t n, int64_t k, __m256& a, __m256& b) const {
     a = _mm256_cvtepi32_ps(widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at(n, k)))));
     b = _mm256_cvtepi32_ps(widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at(n, k + 8)))));
-  }
-  // the codes of 16 columns from p = at(n, k) as floats: 8 into lo, the next 8 into hi; at(n, k + 16) is
-  // p + STEP_UNITS
-  static constexpr int64_t STEP_UNITS = 16;
-  static void widen(const Q* p, float* lo, float* hi) {
-    _mm256_storeu_ps(lo, _mm256_cvtepi32_ps(widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
-    _mm256_storeu_ps(hi, _mm256_cvtepi32_ps(widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))));
   }
 };
 
@@ -577,186 +560,11 @@ void block_rows(int64_t R, const Codes& c, const float* xi, int64_t kv, int64_t 
   }
 }
 
-// ---- Many input rows: the codes widened once per call into an L1 panel of floats (int*_linear_panel) ----
-// The in-register tiles above widen each code once per pass of up to 8 input rows but then need one input load
-// per multiply-add (8 rows x 1 output row). Here the codes of PANEL_N output rows x one chunk of columns are
-// widened once into a panel of floats (exact codes; INT4: each 16-column block as its 8 even columns, then its 8
-// odd ones, the input permuted to match), and every input row reads it through a TR x TN register tile (4 input
-// rows x 3 output rows: 12 sums, 7 loads per 12 multiply-adds). The sums of one group (INT4) are scaled once
-// into the block's totals, which wait in L1 (tot) between chunks; finish() subtracts the zero-point term.
-// Both sides are interleaved per 8 columns so that one pointer reaches a whole tile: the panel by tiles of up to
-// TN output rows (8 columns of row j of a tile of nt rows at (c8 * nt + j) * 8), the input by chunks of columns
-// and groups of up to TR rows (the same way). Rows of a large K read in place would also compete for L1 sets.
-// Measured on an AMD EPYC (Zen 4) built for Haswell, one thread, 4096x4096: the tile alone runs at about the
-// float32 GEMM's rate (5.4 vs 5.7 G multiply-adds of 8 lanes per second), but the widening pass (two 32-byte
-// stores per 16 codes) adds ~0.43 ns per 8 lanes of one weight column, so 8 rows run at 4.2 G/s (the tiles
-// above, which widen once per call up to 8 rows: ~4.8 G/s) and 16 rows at 4.7 G/s, where the tiles widen twice
-// (two threads: 16 rows 4.29 vs 4.82 ms; 32 rows 8.06 vs 7.11 ms, the tiles ahead again). The tuner chooses.
-// Widening in registers inside the tile instead (no panel, re-widened per group of 4 rows) measured slower:
-// the conversions compete with the multiply-adds.
-constexpr int64_t PANEL_N = 12;     // output rows per panel (and per parallel task): a multiple of TN
-constexpr int64_t PANEL_ROWS = 16;  // input rows per pass over the weight (their sums: 12 x 16 x 32 B = 6 KiB)
-constexpr int TR = 4;               // register tile: input rows (PANEL_ROWS is a multiple)
-constexpr int TN = 3;               // register tile: output rows
-constexpr int64_t PREFETCH_CHUNKS = 4;  // how far ahead the codes are prefetched
-
-// Columns per chunk: whole groups up to 128 columns (a 12 x 128 panel is 6 KiB), or a divisor of a larger group
-// that is a multiple of 16 (then one group's sums are scaled chunk by chunk).
-inline int64_t panel_cols(int64_t group, bool grouped) {
-  if (!grouped) return 128;
-  if (group <= 128) return group * (128 / group);
-  for (int64_t c = 256; c > STEP; c -= STEP)
-    if (group % c == 0) return c;
-  return STEP;
-}
-
-// Where 8 columns (c8: their index within the chunk or panel) of row i of a tile of n rows go.
-inline int64_t woven(int64_t c8, int64_t n, int64_t i) { return (c8 * n + i) * 8; }
-
-// The input's columns [0, kv) in chunks of `cols`: chunk k0 at out + k0 * M, in it the group of up to TR rows
-// from m at + m * len (len: the chunk's width), interleaved per 8 columns; INT4 (pairs): each 16-column block
-// as its 8 even columns, then its 8 odd ones.
-void prepare_chunks(const float* x, int64_t M, int64_t K, int64_t kv, int64_t cols, bool pairs, float* out) {
-  for (int64_t k0 = 0; k0 < kv; k0 += cols) {
-    const int64_t len = std::min(cols, kv - k0);
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t m4 = m / TR * TR, rows = std::min<int64_t>(TR, M - m4);
-      const float* from = x + m * K + k0;
-      float* to = out + k0 * M + m4 * len;
-      for (int64_t b = 0; b < len; b += STEP) {
-        float* lo = to + woven(b / 8, rows, m - m4);
-        float* hi = to + woven(b / 8 + 1, rows, m - m4);
-        for (int i = 0; i < 8; ++i) {
-          lo[i] = pairs ? from[b + 2 * i] : from[b + i];
-          hi[i] = pairs ? from[b + 2 * i + 1] : from[b + 8 + i];
-        }
-      }
-    }
-  }
-}
-
-// Input rows [0, R) (xw, woven) x the NB panel rows of one tile (pw, woven) over a chunk's len columns, in
-// segments of seg columns: each segment's sums (times its group's scale, srow[j * G + gi], when grouped: gi is
-// g0 for the first segment, one more for each next) are added into tot[j * ts + r].
-template <int R, int NB, bool GROUPED>
-inline void panel_tile(const float* pw, const float* xw, int64_t len, int64_t seg, const float* srow, int64_t G,
-                       int64_t g0, __m256* tot, int64_t ts) {
-  for (int64_t s0 = 0, gi = g0; s0 < len; s0 += seg, ++gi) {
-    __m256 acc[NB][R];
-    MQ_AVX2_UNROLL for (int j = 0; j < NB; ++j)
-      MQ_AVX2_UNROLL for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
-    const float* pk = pw + s0 * NB;
-    const float* xk = xw + s0 * R;
-    for (int64_t k = 0; k < seg; k += 8, pk += 8 * NB, xk += 8 * R) {
-      __m256 w[NB];
-      MQ_AVX2_UNROLL for (int j = 0; j < NB; ++j) w[j] = _mm256_loadu_ps(pk + 8 * j);
-      MQ_AVX2_UNROLL for (int r = 0; r < R; ++r) {
-        __m256 xv = _mm256_loadu_ps(xk + 8 * r);
-        asm("" : "+x"(xv));  // one load, kept in a register: GCC otherwise folds it into each of the NB FMAs
-        MQ_AVX2_UNROLL for (int j = 0; j < NB; ++j) acc[j][r] = _mm256_fmadd_ps(w[j], xv, acc[j][r]);
-      }
-    }
-    MQ_AVX2_UNROLL for (int j = 0; j < NB; ++j) {
-      if constexpr (GROUPED) {
-        const __m256 s = _mm256_set1_ps(srow[j * G + gi]);
-        MQ_AVX2_UNROLL for (int r = 0; r < R; ++r) tot[j * ts + r] = _mm256_fmadd_ps(acc[j][r], s, tot[j * ts + r]);
-      } else {
-        MQ_AVX2_UNROLL for (int r = 0; r < R; ++r) tot[j * ts + r] = _mm256_add_ps(tot[j * ts + r], acc[j][r]);
-      }
-    }
-  }
-}
-
-// Input rows [0, R) against every tile of the panel (nb rows; kept out of line so that the tile's 16 vector
-// registers are not shared with the caller's state, which spilled them).
-template <int R, bool GROUPED>
-__attribute__((noinline)) void panel_rows(const float* panel, int64_t cols, int64_t nb, const float* xw,
-                                          int64_t len, int64_t seg, const float* srow, int64_t G, int64_t g0,
-                                          __m256* tot, int64_t ts) {
-  for (int64_t j = 0; j < nb; j += TN) {
-    const float* pw = panel + j * cols;
-    if (nb - j >= TN) panel_tile<R, TN, GROUPED>(pw, xw, len, seg, srow + j * G, G, g0, tot + j * ts, ts);
-    else if (nb - j == 2) panel_tile<R, 2, GROUPED>(pw, xw, len, seg, srow + j * G, G, g0, tot + j * ts, ts);
-    else panel_tile<R, 1, GROUPED>(pw, xw, len, seg, srow + j * G, G, g0, tot + j * ts, ts);
-  }
-}
-
-// Output rows [n0, n1) x input rows [m0, m0 + mb) over columns [0, kv): the sums in tot[(n - n0) * mb + r].
-template <typename Codes>
-void panel_block(const Codes& c, const float* xp, int64_t M, int64_t kv, int64_t cols, int64_t group,
-                 const float* scale, int64_t G, int64_t rows, int64_t n0, int64_t n1, int64_t m0, int64_t mb,
-                 float* panel, __m256* tot) {
-  const int64_t nb = n1 - n0;
-  std::fill(tot, tot + nb * mb, _mm256_setzero_ps());
-  const float* srow = Codes::GROUPED ? scale + n0 * G : nullptr;
-  for (int64_t k0 = 0; k0 < kv; k0 += cols) {
-    const int64_t len = std::min(cols, kv - k0);
-    {  // the codes PREFETCH_CHUNKS chunks ahead (past the last chunk: the next block's rows, which this thread
-       // most likely takes next): nb short row streams that hardware prefetchers start late on
-      int64_t ahead = k0 + PREFETCH_CHUNKS * cols, pn0 = n0;
-      if (ahead >= kv) ahead -= kv, pn0 = n1;
-      for (int64_t n = pn0; n < std::min(pn0 + nb, rows); ++n)
-        for (int64_t k = 0; k < cols && ahead + k < kv; k += Codes::LINE_COLS)
-          _mm_prefetch(reinterpret_cast<const char*>(c.at(n, ahead + k)), _MM_HINT_T0);
-    }
-    for (int64_t j = 0; j < nb; j += TN) {  // widen the codes into the panel, a tile of up to TN rows at a time
-      const int64_t nt = std::min<int64_t>(TN, nb - j);
-      for (int64_t i = 0; i < nt; ++i) {
-        const auto* from = c.at(n0 + j + i, k0);
-        float* to = panel + j * cols + i * 8;
-        for (int64_t k = 0; k < len; k += STEP, from += Codes::STEP_UNITS, to += 16 * nt)
-          Codes::widen(from, to, to + 8 * nt);
-      }
-    }
-    const float* xc = xp + k0 * M + m0 * len;
-    const int64_t seg = Codes::GROUPED ? std::min(group, len) : len;
-    const int64_t g0 = Codes::GROUPED ? k0 / group : 0;
-    for (int64_t r = 0; r < mb; r += TR) {
-      const float* xw = xc + r * len;
-      switch (std::min<int64_t>(TR, mb - r)) {
-        case 4: panel_rows<4, Codes::GROUPED>(panel, cols, nb, xw, len, seg, srow, G, g0, tot + r, mb); break;
-        case 3: panel_rows<3, Codes::GROUPED>(panel, cols, nb, xw, len, seg, srow, G, g0, tot + r, mb); break;
-        case 2: panel_rows<2, Codes::GROUPED>(panel, cols, nb, xw, len, seg, srow, G, g0, tot + r, mb); break;
-        default: panel_rows<1, Codes::GROUPED>(panel, cols, nb, xw, len, seg, srow, G, g0, tot + r, mb); break;
-      }
-    }
-  }
-}
-
-// y [M, N] through the panels; blocks of PANEL_N output rows are the parallel tasks.
-template <typename Codes, typename Finish>
-void panel_matmul(const Codes& c, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t kv,
-                  int64_t group, const float* scale, int64_t G, bool pairs, const Finish& finish) {
-  const int64_t cols = panel_cols(group, Codes::GROUPED);
-  std::vector<float> xp(M * kv);
-  prepare_chunks(x, M, K, kv, cols, pairs, xp.data());
-  const int64_t blocks = (N + PANEL_N - 1) / PANEL_N;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> panel(PANEL_N * cols);
-    std::vector<__m256> tot(PANEL_N * PANEL_ROWS);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * PANEL_N, n1 = std::min(N, n0 + PANEL_N);
-      for (int64_t m0 = 0; m0 < M; m0 += PANEL_ROWS) {
-        const int64_t mb = std::min(PANEL_ROWS, M - m0);
-        panel_block(c, xp.data(), M, kv, cols, group, scale, G, N, n0, n1, m0, mb, panel.data(), tot.data());
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t r = 0; r < mb; ++r) y[(m0 + r) * N + n] = finish(m0 + r, n, hsum(tot[(n - n0) * mb + r]));
-      }
-    }
-  });
-}
-
-// y [M, N] = x [M, K] W^T for columns [0, kv) through the tiles (panel: through the panels), then finish(m, n,
-// sum) for each output (the zero-point term, the scale, the columns past kv). Blocks of BLOCK_N output rows are
-// the parallel tasks. Which of the two is faster at a row count is the tuner's to measure (fused_cpu and
-// fused_panel, offered from 9 rows on): on the Zen 4 above, built for Haswell, the panels at 16 rows only.
+// y [M, N] = x [M, K] W^T for columns [0, kv) through the tiles, then finish(m, n, sum) for each output (the
+// zero-point term, the scale, the columns past kv). Blocks of BLOCK_N output rows are the parallel tasks.
 template <typename Codes, typename Finish>
 void matmul(const Codes& c, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t kv, int64_t group,
-            const float* scale, int64_t G, bool pairs, bool panel, const Finish& finish) {
-  if (panel && kv > 0) {
-    panel_matmul(c, x, y, M, N, K, kv, group, scale, G, pairs, finish);
-    return;
-  }
+            const float* scale, int64_t G, bool pairs, const Finish& finish) {
   std::vector<float> xi(M * kv);
   for (int64_t m0 = 0; m0 < M; m0 += ROWS)
     prepare_input(x, K, kv, m0, std::min(ROWS, M - m0), pairs, xi.data() + m0 * kv);
@@ -786,8 +594,8 @@ void check_common(const torch::Tensor& x, const torch::Tensor& q, const torch::T
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous(), "fused_linear: qweight must be contiguous [N, *]");
 }
 
-torch::Tensor int4_linear_impl(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                               const c10::optional<torch::Tensor>& zero_point, int64_t group_size, bool panel) {
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
   check_common(x, qweight, scale);
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8, "int4_linear: qweight must be uint8");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
@@ -808,7 +616,7 @@ torch::Tensor int4_linear_impl(const torch::Tensor& x, const torch::Tensor& qwei
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (group_size % avx2::STEP == 0) {
     avx2::matmul(avx2::Int4Codes{src.q, src.KB}, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, K, group_size,
-                 src.s, G, true, panel, [&](int64_t m, int64_t n, float dot) { return src.finish(m, n, dot); });
+                 src.s, G, true, [&](int64_t m, int64_t n, float dot) { return src.finish(m, n, dot); });
     return y;
   }
 #endif
@@ -829,9 +637,9 @@ torch::Tensor int4_linear_impl(const torch::Tensor& x, const torch::Tensor& qwei
 // zero-point term and the scale.
 template <typename Q>
 void avx2_int8(const Int8Src<Q>& src, const torch::Tensor& x, torch::Tensor& y, int64_t M, int64_t N, int64_t K,
-               int64_t kv, bool panel) {
+               int64_t kv) {
   const float* xp = x.data_ptr<float>();
-  avx2::matmul(avx2::Int8Codes<Q>{src.q, K}, xp, y.data_ptr<float>(), M, N, K, kv, avx2::STEP, src.s, 1, false, panel,
+  avx2::matmul(avx2::Int8Codes<Q>{src.q, K}, xp, y.data_ptr<float>(), M, N, K, kv, avx2::STEP, src.s, 1, false,
                [&](int64_t m, int64_t n, float dot) {
                  for (int64_t k = kv; k < K; ++k) dot += xp[m * K + k] * src.code(n, k);
                  return src.finish(m, n, dot);
@@ -839,8 +647,8 @@ void avx2_int8(const Int8Src<Q>& src, const torch::Tensor& x, torch::Tensor& y, 
 }
 #endif
 
-torch::Tensor int8_linear_impl(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                               const c10::optional<torch::Tensor>& zero_point, bool panel) {
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& zero_point) {
   check_common(x, qweight, scale);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) == K, "int8_linear: qweight must be [N, K]");
@@ -859,7 +667,7 @@ torch::Tensor int8_linear_impl(const torch::Tensor& x, const torch::Tensor& qwei
     const Int8Src<uint8_t> src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                                zero_point->data_ptr<uint8_t>(), xsum.data_ptr<float>(), K, per_row, N};
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    avx2_int8(src, x, y, M, N, K, kv, panel);
+    avx2_int8(src, x, y, M, N, K, kv);
 #else
     run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
 #endif
@@ -868,45 +676,13 @@ torch::Tensor int8_linear_impl(const torch::Tensor& x, const torch::Tensor& qwei
     const Int8Src<int8_t> src{qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr,
                               xsum.data_ptr<float>(), K, per_row, N};
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    avx2_int8(src, x, y, M, N, K, kv, panel);
+    avx2_int8(src, x, y, M, N, K, kv);
 #else
     run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
 #endif
   }
   return y;
 }
-
-#if defined(__AVX2__) && !defined(__AVX512F__)
-constexpr bool AVX2_PANEL = true;
-#else
-constexpr bool AVX2_PANEL = false;
-#endif
-
-// The two paths of an AVX2-only build as separate entry points, so that the tuner times both: int4_linear /
-// int8_linear through the in-register tiles (every build's own loops elsewhere), *_panel through the panels.
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
-  return int4_linear_impl(x, qweight, scale, zero_point, group_size, false);
-}
-
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& zero_point) {
-  return int8_linear_impl(x, qweight, scale, zero_point, false);
-}
-
-torch::Tensor int4_linear_panel(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                                const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
-  TORCH_CHECK(AVX2_PANEL, "the panel kernels are built for AVX2-only CPUs (monoquant.fused.avx2_panel() is False)");
-  return int4_linear_impl(x, qweight, scale, zero_point, group_size, true);
-}
-
-torch::Tensor int8_linear_panel(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                                const c10::optional<torch::Tensor>& zero_point) {
-  TORCH_CHECK(AVX2_PANEL, "the panel kernels are built for AVX2-only CPUs (monoquant.fused.avx2_panel() is False)");
-  return int8_linear_impl(x, qweight, scale, zero_point, true);
-}
-
-bool avx2_panel() { return AVX2_PANEL; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Dequantize into a float32 or bf16 buffer, one pass, bit-identical to IntegerFormat.dequantize_into:
@@ -2592,9 +2368,6 @@ std::string simd() { return SIMD; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "INT4 (group-wise) dequantize + matmul, float32 accumulation");
   m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul, float32 accumulation");
-  m.def("int4_linear_panel", &int4_linear_panel, "int4_linear through the AVX2 panels (AVX2-only builds)");
-  m.def("int8_linear_panel", &int8_linear_panel, "int8_linear through the AVX2 panels (AVX2-only builds)");
-  m.def("avx2_panel", &avx2_panel, "whether this build has the AVX2 panel kernels (int4/int8_linear_panel)");
   m.def("dequantize_int4", &dequantize_int4, "INT4 codes -> float32/bf16 rows of the weight, one pass");
   m.def("dequantize_int8", &dequantize_int8, "INT8 codes -> float32/bf16 rows of the weight, one pass");
   m.def("w8a8_pack", &w8a8_pack, "INT8 weight codes -> the panel layout w8a8_gemm reads");

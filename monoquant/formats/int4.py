@@ -21,8 +21,6 @@ from .integer import (
     fused_bf16_eligible,
     fused_bf16_gemm_candidate,
     fused_candidate,
-    fused_panel_candidate,
-    fused_panel_eligible,
 )
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
 from .method import ROUND_TO_NEAREST, MethodConfig, method_options, take_method_options
@@ -85,16 +83,6 @@ def _fused_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
                              w.group_size)
 
 
-def _fused_panel_int4_eligible(w: QuantWeight, q: KernelQuery) -> bool:
-    return fused_panel_eligible(w, q) and w.group_size is not None and w.group_size % FUSED_PANEL_STEP == 0
-
-
-def _fused_panel_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
-    stored = w.stored
-    return fused.int4_linear_panel(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale,
-                                   stored.zero_point, w.group_size)
-
-
 def _fused_bf16_int4_eligible(w: QuantWeight, q: KernelQuery) -> bool:
     return fused_bf16_eligible(w, q) and w.group_size is not None and w.group_size % FUSED_BF16_BLOCK == 0
 
@@ -120,10 +108,6 @@ INT4PACK_CPU = KernelCandidate("int4pack_cpu", _int4pack_cpu, _int4pack_cpu_elig
 not depend on it."""
 FUSED_INT4 = fused_candidate(_fused_int4)
 """The compiled kernel on the stored INT4 layout (float32)."""
-FUSED_PANEL_STEP = 16
-"""The AVX2 panels widen 16 INT4 columns at a time: the group size must be a multiple (else the generic loop)."""
-FUSED_PANEL_INT4 = fused_panel_candidate(_fused_panel_int4, _fused_panel_int4_eligible)
-"""The compiled AVX2 panel kernel on the stored INT4 layout (float32; AVX2-only builds, 9 rows or more)."""
 FUSED_BF16_INT4 = fused_bf16_candidate(_fused_bf16_int4, _fused_bf16_int4_eligible)
 """The compiled AVX512-BF16 kernel on the stored INT4 layout (bf16, group tables looked up per code)."""
 FUSED_BF16_GEMM_INT4 = fused_bf16_gemm_candidate(_fused_bf16_gemm_int4)
@@ -215,7 +199,7 @@ class Int4(GroupWise, IntegerFormat):
         return Int8()
 
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
-        return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4, FUSED_PANEL_INT4, FUSED_BF16_INT4, FUSED_BF16_GEMM_INT4)
+        return (INT4PACK_CUDA, INT4PACK_CPU, FUSED_INT4, FUSED_BF16_INT4, FUSED_BF16_GEMM_INT4)
 
     @classmethod
     def infer(cls, buffers: Mapping[str, torch.Tensor], cols: int) -> tuple[WeightSpec, int | None] | None:

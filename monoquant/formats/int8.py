@@ -15,13 +15,7 @@ from ..errors import ConfigError
 from ..im2col import ConvGeometry, conv_patches
 from ..qtypes import PerChannel, PerGroup, PerTensor, QType
 from .base import SCALE_DTYPE, Stored, StoredWeight, WeightSpec, register_format
-from .integer import (
-    IntegerFormat,
-    fused_bf16_candidate,
-    fused_bf16_gemm_candidate,
-    fused_candidate,
-    fused_panel_candidate,
-)
+from .integer import IntegerFormat, fused_bf16_candidate, fused_bf16_gemm_candidate, fused_candidate
 from .kernel import KernelCandidate, KernelQuery, QuantWeight, bf16_rows
 from .method import ROUND_TO_NEAREST, MethodConfig, method_options, take_method_options
 
@@ -43,12 +37,6 @@ def _int8pack_cpu(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
 def _fused_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     stored = w.stored
     return fused.int8_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point)
-
-
-def _fused_panel_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
-    stored = w.stored
-    return fused.int8_linear_panel(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale,
-                                   stored.zero_point)
 
 
 def _fused_bf16_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
@@ -198,8 +186,6 @@ INT8PACK_CPU = KernelCandidate("int8pack_cpu", _int8pack_cpu, _int8pack_cpu_elig
 6.3 vs 5.6 on 2 threads, 9.6 vs 10.1 / 13.0 vs 10.6 on 1 thread."""
 FUSED_INT8 = fused_candidate(_fused_int8)
 """The compiled kernel on the stored INT8 layout (float32), symmetric or affine."""
-FUSED_PANEL_INT8 = fused_panel_candidate(_fused_panel_int8)
-"""The compiled AVX2 panel kernel on the stored INT8 layout (float32; AVX2-only builds, 9 rows or more)."""
 FUSED_BF16_INT8 = fused_bf16_candidate(_fused_bf16_int8)
 """The compiled AVX512-BF16 kernel on the stored INT8 layout (bf16 weights, exact integers; float32 row scale)."""
 FUSED_BF16_GEMM_INT8 = fused_bf16_gemm_candidate(_fused_bf16_gemm_int8)
@@ -378,9 +364,9 @@ class Int8(IntegerFormat):
 
     def kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         if self.weight_qtype().symmetric:
-            return (INT8PACK_CPU, FUSED_INT8, FUSED_PANEL_INT8, FUSED_BF16_INT8, FUSED_BF16_GEMM_INT8, W8A8_INT_MM,
-                    W8A8_ONEDNN, W8A8_VNNI, W8A8_FUSED, W8A8_SIM)
-        return (FUSED_INT8, FUSED_PANEL_INT8, FUSED_BF16_INT8, FUSED_BF16_GEMM_INT8)
+            return (INT8PACK_CPU, FUSED_INT8, FUSED_BF16_INT8, FUSED_BF16_GEMM_INT8, W8A8_INT_MM, W8A8_ONEDNN,
+                    W8A8_VNNI, W8A8_FUSED, W8A8_SIM)
+        return (FUSED_INT8, FUSED_BF16_INT8, FUSED_BF16_GEMM_INT8)
 
     def conv_kernel_candidates(self) -> tuple[KernelCandidate, ...]:
         return (W8A8_CONV,) if self.weight_qtype().symmetric else ()

@@ -61,25 +61,6 @@ def fused_candidate(run) -> KernelCandidate:
                            tune_max_rows=FUSED_TUNE_MAX_ROWS)
 
 
-FUSED_PANEL_MIN_ROWS = 9
-"""Fewest input rows the AVX2 panels are offered at: up to 8 rows the AVX2 tiles of ``fused_cpu`` already widen
-each code once per call (one pass of 8 rows), so a panel has nothing to save there, only its stores to add
-(measured on AMD EPYC Zen 4 built for Haswell, 4096x4096, 8 rows: tiles 1.98 ms, panels 2.37 ms; 16 rows:
-4.82 vs 4.29 ms, where the tiles widen twice). Above it the tuner times both."""
-
-
-def fused_panel_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
-    """The AVX2 panel kernels (:func:`monoquant.fused.int4_linear_panel`): as :func:`fused_eligible`, at least
-    :data:`FUSED_PANEL_MIN_ROWS` input rows, where the build has them (AVX2-only CPUs)."""
-    return q.rows >= FUSED_PANEL_MIN_ROWS and fused_eligible(weight, q) and fused.avx2_panel()
-
-
-def fused_panel_candidate(run, eligible=fused_panel_eligible) -> KernelCandidate:
-    """The ``fused_panel`` candidate of an integer format: chosen by measurement only (``max_rows=0``), timed up to
-    :data:`FUSED_TUNE_MAX_ROWS` rows like ``fused_cpu``."""
-    return KernelCandidate("fused_panel", run, eligible, max_rows=0, tune_max_rows=FUSED_TUNE_MAX_ROWS)
-
-
 FUSED_BF16_TUNE_MAX_ROWS = 256
 """Largest row count at which ``fused_bf16`` is timed: it dequantizes the weight once per 8 input rows, so past
 it a dequantize + bf16 GEMM (the weight dequantized once) wins (``bench_linear.py``: at 256 rows of 4096x4096 the
