@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import tuner
 from .data import ForwardFn, iter_batches, run_batch
 from .errors import ConfigError, InputError, ModelError, MonoQuantError
 
@@ -158,6 +159,11 @@ def compare(
 ) -> Comparison:
     """Run both models on the same batches (in eval mode, no grad) and compare their outputs.
 
+    Quantized layers run on the static kernel table (``mq.kernels.tuning(False)``; a pin still applies), as in
+    every accuracy figure monoquant gives (``quantize_``'s report, :func:`~monoquant.sensitivity`): the format's
+    own arithmetic, the same in every process, so this agrees with the report. With tuning on, a model may run
+    measured kernels that round differently, or (W8A8 layers whose INT8 kernels time slower) float activations.
+
     Args:
         float_model: the reference model (keep a ``copy.deepcopy`` before ``quantize_`` to have one).
         quant_model: the quantized model.
@@ -172,7 +178,7 @@ def compare(
     """
     _check_data(data)
     stats = OutputStats()
-    with evaluating(float_model, quant_model):
+    with evaluating(float_model, quant_model), tuner.tuning(False):
         for batch in iter_batches(data, max_batches, desc="comparing", progress=progress):
             stats.add(run_batch(float_model, batch, forward_fn), run_batch(quant_model, batch, forward_fn),
                       batch_size(batch))
@@ -224,7 +230,12 @@ def measure(
 ) -> tuple[Comparison, dict[str, float]]:
     """End-to-end comparison against ``references`` and, for each of ``layers``, its output SQNR: the
     quantized layer's output vs its float twin run on the very inputs the quantized model fed it; ``layers`` maps
-    each layer's name to ``(float twin, quantized layer in the model)``."""
+    each layer's name to ``(float twin, quantized layer in the model)``.
+
+    The quantized model runs on the static kernel table (``tuning(False)``), as in :func:`compare`: the figures
+    describe the format's own arithmetic, the same in every process, never a measured shortcut such as
+    ``float_acts`` (a W8A8 layer on float activations where its INT8 kernels time slower), which would report a
+    better accuracy than W8A8 gives where the INT8 kernels run."""
     powers = {name: [0.0, 0.0] for name in layers or {}}
     handles = []
 
@@ -241,7 +252,7 @@ def measure(
                                                           prepend=True))
     stats = OutputStats()
     try:
-        with evaluating(model):
+        with evaluating(model), tuner.tuning(False):
             for batch, ref, samples in zip(references.batches, references.outputs, references.samples):
                 stats.add(ref, run_batch(model, batch, forward_fn), samples)
     finally:
