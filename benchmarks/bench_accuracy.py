@@ -24,13 +24,15 @@ transformer stack and by >= 2 dB at INT4-g32 on the CNN; the current ``method="g
 the 0.1.0 GPTQ settings at INT4-g128 on the transformer stack.
 ``--big`` also times GPTQ on a ~100M-parameter Linear stack (6 x 4096x4096). ``--only llama-variants`` (not in the
 default run) compares GPTQ options on the Llama-style model, each paired against sequential GPTQ with the defaults.
+``--only awq-bound`` (not in the default run; :mod:`awq_bound`) attributes the stack's INT4-g128 error to its layers
+and bounds what channel scaling and clipping could add to ``awq+gptq`` there (an oracle searched on the end output).
 
 Run: ``python benchmarks/bench_accuracy.py [--big] [--steps N] [--threads T] [--cache FILE] [--llama-cache FILE]
-[--awq-groups 128,32] [--only mlp,cnn,transformer,variants,awq,llama,llama-variants,smoothquant]``. The awq section
-compares each AWQ row with the same rounding and ranges without AWQ's scales ("vs same GPTQ"), the llama section
-every row with ``gptq min/max`` (for ``awq+gptq``: the same GPTQ without AWQ's scales). Training the transformer
-stack (300 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about 250 s:
-``--cache`` and ``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would
+[--awq-groups 128,32] [--only mlp,cnn,transformer,variants,awq,awq-bound,llama,llama-variants,smoothquant]``. The
+awq section compares each AWQ row with the same rounding and ranges without AWQ's scales ("vs same GPTQ"), the llama
+section every row with ``gptq min/max`` (for ``awq+gptq``: the same GPTQ without AWQ's scales). Training the
+transformer stack (300 steps) took 1287 s on 2 cores shared with other jobs, the Llama-style model (200 steps) about
+250 s: ``--cache`` and ``--llama-cache`` keep the trained models (seeded, so a cached model is the one training would
 give) and later runs skip the training.
 """
 
@@ -537,7 +539,8 @@ def main() -> None:
     parser.add_argument("--only", default="mlp,cnn,transformer,variants,awq,llama,smoothquant",
                         help="comma-separated sections: mlp, cnn, transformer, variants, awq, llama (needs "
                              "transformers), llama-variants (GPTQ options on the llama model; not in the default "
-                             "run), smoothquant")
+                             "run), awq-bound (benchmarks/awq_bound.py: what channel scaling could add; not in the "
+                             "default run), smoothquant")
     args = parser.parse_args()
     sections = set(args.only.split(","))
     if args.threads:
@@ -545,7 +548,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=mq.AccuracyWarning)  # INT4 first+last layers: deliberate here
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     verdicts = []
-    if sections & {"transformer", "variants", "awq"}:
+    if sections & {"transformer", "variants", "awq", "awq-bound"}:
         if args.cache is not None and args.cache.exists():
             transformer, calib, held_out = torch.load(args.cache, weights_only=False)
             print(f"transformer stack loaded from {args.cache}")
@@ -564,6 +567,10 @@ def main() -> None:
             verdicts += variant_table(transformer, (calib, held_out), groups)
         if "awq" in sections:
             verdicts += awq_table(transformer, (calib, held_out), tuple(int(g) for g in args.awq_groups.split(",")))
+        if "awq-bound" in sections:
+            from awq_bound import awq_bound
+
+            verdicts += awq_bound(transformer, calib, held_out, timed_quantize)
     if "llama" in sections:
         verdicts += llama_perplexity(cache=args.llama_cache)
     if "llama-variants" in sections:
