@@ -62,6 +62,8 @@ _ENV: dict[str, object] = {}
 :func:`reload_environment` last read them."""
 _LOCK = threading.RLock()
 _CHOICES: dict[str, str] = {}
+_MEASURED: dict[str, dict[str, float]] = {}
+"""Situation key -> the seconds each candidate measured when it was chosen in this process (see :func:`measurements`)."""
 _FILE_LOADED: set[str] = set()
 
 
@@ -135,12 +137,20 @@ def clear() -> None:
     """Forget every measured choice in this process (the cache file, if any, is left alone)."""
     with _LOCK:
         _CHOICES.clear()
+        _MEASURED.clear()
 
 
 def choices() -> dict[str, str]:
     """A copy of the measured choices of this process: situation key -> kernel name."""
     with _LOCK:
         return dict(_CHOICES)
+
+
+def measurements() -> dict[str, dict[str, float]]:
+    """What each choice made in this process was based on: situation key -> candidate -> seconds (a copy; choices
+    read from the cache file have none)."""
+    with _LOCK:
+        return {key: dict(times) for key, times in _MEASURED.items()}
 
 
 # ---- choosing -----------------------------------------------------------------------------------------
@@ -199,7 +209,8 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], baseline: str,
             return _CHOICES[key]
         if len(candidates) == 1:
             return baseline
-        _CHOICES[key] = choice = fastest(measure(candidates, baseline, timer or time_call), baseline)
+        timings = _MEASURED[key] = measure(candidates, baseline, timer or time_call)
+        _CHOICES[key] = choice = fastest(timings, baseline)
         _save_file()
         return choice
 
