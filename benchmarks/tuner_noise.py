@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import functools
 import json
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import _simulate
 import _timing
@@ -75,11 +75,26 @@ def _layers(case: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
     return out
 
 
+def _first_call_cost(q: nn.Module, x: torch.Tensor) -> float:
+    """Seconds the first call of ``q`` on ``x`` (which times the kernels) took beyond the median of three later
+    calls."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        q(x)
+        first = time.perf_counter() - t0
+        later = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            q(x)
+            later.append(time.perf_counter() - t0)
+    return first - statistics.median(later)
+
+
 def one_process(case: str) -> None:
     """Make the choices of ``case`` once, print them as one JSON line: ``[[label, key, choice, {name: s}], ...]``."""
     torch.set_num_threads(2)
     rows = []
-    start = time.perf_counter()
+    first = 0.0
     if case == "encoder":
         sys.path.insert(0, "benchmarks")
         from bench_models import Stack
@@ -90,44 +105,50 @@ def one_process(case: str) -> None:
         for name, (w, a) in FORMATS.items():
             q = _quantized(model, w, a)
             before = set(tuner.measurements())
-            with torch.no_grad():
-                q(x)
-            for key, times in tuner.measurements().items():
-                if key not in before:
-                    rows.append([name, key, tuner.choices()[key], times])
+            first += _first_call_cost(q, x)
+            rows.extend([name, key, tuner.choices()[key], m.first, m.retimed]
+                        for key, m in tuner.measurements().items() if key not in before)
     else:
         for label, q, x in _layers(case):
             before = set(tuner.measurements())
-            with torch.no_grad():
-                q(x)
-            rows.extend([label, key, tuner.choices()[key], times] for key, times in tuner.measurements().items()
-                        if key not in before)
-    print(json.dumps({"rows": rows, "seconds": time.perf_counter() - start}))
+            first += _first_call_cost(q, x)
+            rows.extend([label, key, tuner.choices()[key], m.first, m.retimed]
+                        for key, m in tuner.measurements().items() if key not in before)
+    print(json.dumps({"rows": rows, "seconds": first}))
 
 
-def picks(case: str, processes: int) -> None:
-    """Run ``one_process`` in ``processes`` fresh processes and tabulate the choices and the measured times."""
+def picks(case: str, processes: int, save: str | None) -> None:
+    """Run ``one_process`` in ``processes`` fresh processes and tabulate the choices and the measured times (the
+    first pass's fastest call, and the second pass's median call where the candidate was timed again)."""
     argv = [sys.executable, __file__, "one", "--case", case, *([_simulate.FLAG] if SIMULATE_AVX2 else [])]
-    by_key: dict[tuple[str, str], list[tuple[str, dict[str, float]]]] = collections.defaultdict(list)
+    by_key: dict[tuple[str, str], list[tuple[str, dict[str, float], dict[str, float]]]] = collections.defaultdict(list)
     seconds = []
     for _ in range(processes):
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         seconds.append(result["seconds"])
-        for label, key, choice, times in result["rows"]:
-            by_key[(label, key)].append((choice, times))
+        for label, key, choice, first, retimed in result["rows"]:
+            by_key[(label, key)].append((choice, first, retimed))
+    if save:
+        Path(save).write_text(json.dumps([[label, key, results] for (label, key), results in by_key.items()]))
     print(f"tuner picks in {processes} fresh processes, case {case}{' (' + SIMULATION + ')' if SIMULATION else ''}")
-    print(f"first-call cost (the whole case's first forwards, timing included): median "
+    print(f"first-call cost (the first forwards' time beyond a later forward, summed over the case): median "
           f"{statistics.median(seconds):.2f} s, min {min(seconds):.2f} s, max {max(seconds):.2f} s")
+
+    def spread(ts: list[float]) -> str:
+        return f"{statistics.median(ts):8.3f} {min(ts):8.3f} {max(ts):8.3f}" if ts else f"{'-':>8} {'':8} {'':8}"
+
     for (label, key), results in by_key.items():
-        counts = collections.Counter(choice for choice, _ in results)
+        counts = collections.Counter(choice for choice, _, _ in results)
         print(f"\n{label}: {key}")
         print("  picks: " + ", ".join(f"{name} x{n}" for name, n in counts.most_common()))
-        names = list(results[0][1])
-        print(f"  {'candidate':<18} {'median ms':>10} {'min ms':>8} {'max ms':>8}  (the tuner's measured times)")
-        for name in names:
-            ts = [times[name] * 1e3 for _, times in results if name in times]
-            print(f"  {name:<18} {statistics.median(ts):10.3f} {min(ts):8.3f} {max(ts):8.3f}")
+        print(f"  {'candidate':<18} {'first pass (fastest call) ms':>26}  {'second pass (median call) ms':>26}  "
+              "timed again")
+        print(f"  {'':<18} {'median':>8} {'min':>8} {'max':>8}  {'median':>8} {'min':>8} {'max':>8}")
+        for name in results[0][1]:
+            first = [f[name] * 1e3 for _, f, _ in results if name in f]
+            again = [r[name] * 1e3 for _, _, r in results if name in r]
+            print(f"  {name:<18} {spread(first)}  {spread(again)}  {len(again)}/{len(results)}")
 
 
 def truth(case: str, reps: int) -> None:
@@ -142,7 +163,7 @@ def truth(case: str, reps: int) -> None:
         else:
             names = kernels._weight_candidates(q, x.device, x.shape[0], False, kernels.TUNE_MAX_ROWS, x.dtype)
 
-        def pinned(name: str):
+        def pinned(name: str, q: nn.Module = q, x: torch.Tensor = x):
             def call():
                 with kernels.pin(name), torch.no_grad():
                     return q(x)
@@ -163,11 +184,12 @@ def main() -> None:
     parser.add_argument("--case", choices=("encoder", "rows32"), required=True)
     parser.add_argument("--processes", type=int, default=10)
     parser.add_argument("--reps", type=int, default=60)
+    parser.add_argument("--save", help="picks: also write the measurements as JSON to this file")
     parser.add_argument(_simulate.FLAG, action="store_true", help="time as an AVX2-only CPU would")
     args = parser.parse_args()
     if args.mode != "one":
         print(f"CPU: {mq.fused.cpu_identity()}; torch {torch.__version__}", flush=True)
-    {"picks": lambda: picks(args.case, args.processes), "truth": lambda: truth(args.case, args.reps),
+    {"picks": lambda: picks(args.case, args.processes, args.save), "truth": lambda: truth(args.case, args.reps),
      "one": lambda: one_process(args.case)}[args.mode]()
 
 

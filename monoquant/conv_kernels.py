@@ -214,7 +214,9 @@ def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinne
     if memo is None or x.shape[0] == 0:
         return cands[-1]
     if cands[-1] == "act_sim_conv":
-        cands.append("float_acts_conv")  # measured: the float conv itself is the baseline
+        # measured: the float conv itself is the baseline. act_sim_conv is not offered: it is float_acts_conv plus
+        # the input's fake quantization, in front of the same weight-only choice, so never faster
+        cands[-1] = "float_acts_conv"
     if len(cands) == 1 or _macs(module, x) < TUNE_MIN_MACS:
         w.cache[memo] = cands[-1]
         return cands[-1]

@@ -31,9 +31,11 @@ every layer call cost 2-4 us, as much as a small layer's matmul); after changing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,13 +45,25 @@ import torch
 
 from . import fused
 
-TIMED_RUNS = 5
-"""Rounds of timed calls (the fastest call of each candidate counts), after one warm-up call each."""
+TIMED_RUNS = 3
+"""First pass: rounds of timed calls (the fastest call of each candidate counts), after one warm-up call each."""
 TIME_BUDGET_S = 0.1
-"""Timing stops after the round that took the rounds past this many seconds per candidate (large inputs:
+"""The first pass stops after the round that took it past this many seconds per candidate (large inputs:
 one round)."""
-MARGIN = 0.05
-"""A candidate replaces the baseline only when it is faster by more than this fraction."""
+RETIME_WITHIN = 0.08
+"""Candidates whose first-pass time is within this fraction of the fastest are timed again (the second pass)."""
+RETIME_RUNS = 10
+"""Second pass: rounds of timed calls of the contenders (the median call of each counts)."""
+RETIME_MIN_RUNS = 3
+"""Second pass: rounds run whatever the budget."""
+RETIME_BUDGET_S = 0.1
+"""The second pass stops after the round (past ``RETIME_MIN_RUNS``) that took it past this many seconds per
+contender."""
+MARGIN = 0.03
+"""A candidate replaces the baseline only when it is faster by more than this fraction, and another candidate
+only when faster by more than this fraction than the first of them in order (the static preference)."""
+CLOSE = 0.015
+"""A second-pass decision that a change of ``MARGIN`` by this much would turn is timed once more (pooled)."""
 TUNE_MIN_WEIGHTS = 1 << 16
 """Layers with fewer weights than this (256 x 256) keep their dequantized float weight where it fits
 ``kernels.FLOAT_WEIGHT_CACHE_BYTES`` and are timed against ``F.linear`` on it; those that keep none are not
@@ -62,8 +76,8 @@ _ENV: dict[str, object] = {}
 :func:`reload_environment` last read them."""
 _LOCK = threading.RLock()
 _CHOICES: dict[str, str] = {}
-_MEASURED: dict[str, dict[str, float]] = {}
-"""Situation key -> the seconds each candidate measured when it was chosen in this process (see :func:`measurements`)."""
+_MEASURED: dict[str, Measurement] = {}
+"""Situation key -> what its choice in this process was based on (:func:`measurements`)."""
 _FILE_LOADED: set[str] = set()
 
 
@@ -146,21 +160,58 @@ def choices() -> dict[str, str]:
         return dict(_CHOICES)
 
 
-def measurements() -> dict[str, dict[str, float]]:
-    """What each choice made in this process was based on: situation key -> candidate -> seconds (a copy; choices
-    read from the cache file have none)."""
+def measurements() -> dict[str, Measurement]:
+    """What each choice made in this process was based on: situation key -> :class:`Measurement` (choices read
+    from the cache file have none)."""
     with _LOCK:
-        return {key: dict(times) for key, times in _MEASURED.items()}
+        return dict(_MEASURED)
 
 
 # ---- choosing -----------------------------------------------------------------------------------------
-def fastest(timings: dict[str, float], baseline: str) -> str:
-    """The candidate with the smallest time if it beats ``baseline`` by more than ``MARGIN``, else ``baseline``
-    (a tie, or a win within timing noise, is not worth a different code path)."""
-    best = min(timings, key=timings.__getitem__)
-    if best != baseline and timings[best] < timings[baseline] * (1 - MARGIN):
-        return best
-    return baseline
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """What one choice was based on (seconds per candidate, in the candidates' order)."""
+
+    first: dict[str, float]
+    """The first pass: the fastest of up to ``TIMED_RUNS`` calls of every candidate that ran."""
+    retimed: dict[str, float]
+    """The second pass: the median call of each contender (within ``RETIME_WITHIN`` of the fastest first-pass
+    time), timed alternately; empty when one candidate was clearly fastest."""
+
+
+def fastest(timings: dict[str, float], baseline: str, margin: float | None = None) -> str:
+    """The choice among ``timings`` (name -> seconds, in the order of preference: the static table's).
+
+    A candidate qualifies only when it beats ``baseline`` by more than ``margin`` (default ``MARGIN``: a win within
+    timing noise is not worth a different code path); among those that qualify, the first in order whose time is
+    within ``margin`` of the fastest of them wins, so near-ties go to the static preference rather than to the
+    noise. None qualifies: ``baseline``. A baseline missing from ``timings`` (clearly slower, not timed again)
+    qualifies everything."""
+    margin = MARGIN if margin is None else margin
+    base = timings.get(baseline, float("inf"))
+    qualified = [name for name, t in timings.items() if name != baseline and t < base * (1 - margin)]
+    if not qualified:
+        return baseline
+    best = min(timings[name] for name in qualified)
+    return next(name for name in qualified if timings[name] <= best * (1 + margin))
+
+
+def close_call(timings: dict[str, float], baseline: str) -> bool:
+    """Whether :func:`fastest` would choose otherwise with ``MARGIN`` moved by ``CLOSE`` either way: some time is
+    within about ``CLOSE`` of a threshold, where the timing noise decides."""
+    choice = fastest(timings, baseline)
+    return any(fastest(timings, baseline, MARGIN + d) != choice for d in (-CLOSE, CLOSE))
+
+
+def contenders(first: dict[str, float]) -> list[str]:
+    """The candidates a first pass leaves in question: those within ``RETIME_WITHIN`` of its fastest time, in
+    order (one name: a clear winner)."""
+    best = min(first.values())
+    return [name for name, t in first.items() if t <= best * (1 + RETIME_WITHIN)]
+
+
+_clock = time.perf_counter
+"""The clock the time budgets are read from (replaced in tests, with the timer)."""
 
 
 def time_call(fn: Callable[[], object]) -> float:
@@ -172,7 +223,7 @@ def time_call(fn: Callable[[], object]) -> float:
 
 def measure(candidates: dict[str, Callable[[], object]], baseline: str,
             timer: Callable[[Callable[[], object]], float]) -> dict[str, float]:
-    """Fastest of up to ``TIMED_RUNS`` timed calls per candidate, after one warm-up call each.
+    """The first pass: the fastest of up to ``TIMED_RUNS`` timed calls per candidate, after one warm-up call each.
 
     Rounds go through all candidates in turn, so that a burst of load from other processes slows them alike;
     they stop early once they took ``TIME_BUDGET_S`` per candidate. A candidate whose warm-up raises is
@@ -187,21 +238,57 @@ def measure(candidates: dict[str, Callable[[], object]], baseline: str,
             continue
         live[name] = call
     best = dict.fromkeys(live, float("inf"))
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(TIMED_RUNS):
         for name, call in live.items():
             best[name] = min(best[name], timer(call))
-        if time.perf_counter() - start > TIME_BUDGET_S * len(live):
+        if _clock() - start > TIME_BUDGET_S * len(live):
             break
     return best
 
 
+def retime(candidates: dict[str, Callable[[], object]], timer: Callable[[Callable[[], object]], float],
+           samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """The second pass: the median of up to ``RETIME_RUNS`` more timed calls per candidate (at least
+    ``RETIME_MIN_RUNS``), one call of each per round, each round starting one candidate later so that none always
+    runs after the same other (whose caches it would inherit); stops early past ``RETIME_BUDGET_S`` per
+    candidate. A median, not a minimum: a kernel with two speeds (a fast call now and then) counts as the speed
+    it usually runs at. ``samples`` (name -> seconds) collects the calls, and already holds those of an earlier
+    pass whose calls count too."""
+    names = list(candidates)
+    samples = {name: [] for name in names} if samples is None else samples
+    start = _clock()
+    for r in range(RETIME_RUNS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(timer(candidates[name]))
+        if r + 1 >= RETIME_MIN_RUNS and _clock() - start > RETIME_BUDGET_S * len(names):
+            break
+    return {name: statistics.median(samples[name]) for name in names}
+
+
+def decide(candidates: dict[str, Callable[[], object]], baseline: str,
+           timer: Callable[[Callable[[], object]], float]) -> tuple[str, Measurement]:
+    """Time ``candidates`` (the first pass), time the near-ties again (the second pass; once more, pooled, where
+    that is a :func:`close_call`) and choose (:func:`fastest` on the second pass's medians, else on the first
+    pass); returns the choice and its basis."""
+    first = measure(candidates, baseline, timer)
+    near = contenders(first)
+    if len(near) == 1:
+        return fastest(first, baseline), Measurement(first, {})
+    calls = {name: candidates[name] for name in near}
+    samples: dict[str, list[float]] = {name: [] for name in near}
+    retimed = retime(calls, timer, samples)
+    if close_call(retimed, baseline):
+        retimed = retime(calls, timer, samples)
+    return fastest(retimed, baseline), Measurement(first, retimed)
+
+
 def choose(key: str, candidates: dict[str, Callable[[], object]], baseline: str,
            timer: Callable[[Callable[[], object]], float] | None = None) -> str:
-    """The remembered choice for ``key``, else time ``candidates`` (name -> call) and remember the fastest.
+    """The remembered choice for ``key``, else time ``candidates`` (name -> call, in the order of preference,
+    ``baseline`` among them) with :func:`decide` and remember the choice.
 
-    ``baseline`` must be among the candidates; ``timer`` (one call -> seconds; default :func:`time_call`)
-    is injectable for tests.
+    ``timer`` (one call -> seconds; default :func:`time_call`) is injectable for tests.
     """
     with _LOCK:
         _load_file()
@@ -209,8 +296,8 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], baseline: str,
             return _CHOICES[key]
         if len(candidates) == 1:
             return baseline
-        timings = _MEASURED[key] = measure(candidates, baseline, timer or time_call)
-        _CHOICES[key] = choice = fastest(timings, baseline)
+        choice, _MEASURED[key] = decide(candidates, baseline, timer or time_call)
+        _CHOICES[key] = choice
         _save_file()
         return choice
 
