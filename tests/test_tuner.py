@@ -395,14 +395,20 @@ def test_fastest_prefers_the_earlier_candidate_within_the_margin(times, want):
     assert tuner.fastest(times, "dequant") == want
 
 
-def test_a_clear_winner_is_not_timed_again():
+def test_the_two_fastest_are_always_timed_again_and_a_candidate_fast_only_now_and_then_loses():
+    """The first pass (fastest call) has w8a8_int_mm 11% ahead, as in one fresh process on the AMD EPYC: a kernel with
+    two speeds. Timed again, its median call is 40% slower than w8a8_vnni's, which runs. w8a8_fused and the baseline
+    (more than RETIME_WITHIN behind) are not timed again."""
     calls: list[str] = []
-    times = {"fused_cpu": 0.5, "int4pack_cpu": 0.8, "dequant": 1.0}
-    got = tuner.choose("k", {n: named(n) for n in times}, "dequant", timer=scripted_timer(times, {}, calls))
-    assert got == "fused_cpu"
-    assert calls == list(times) * tuner.TIMED_RUNS  # the first pass only, in rounds
+    first = {"w8a8_int_mm": 0.9, "w8a8_vnni": 1.0, "w8a8_fused": 2.3, "float_acts": 1.7}
+    later = {"w8a8_int_mm": [0.9, 1.4, 1.4]}
+    got = tuner.choose("k", {n: named(n) for n in first}, "float_acts", timer=scripted_timer(first, later, calls))
+    assert got == "w8a8_vnni"
+    assert calls[: len(first) * tuner.TIMED_RUNS] == list(first) * tuner.TIMED_RUNS  # the first pass, in rounds
+    second = calls[len(first) * tuner.TIMED_RUNS:]
+    assert sorted(set(second)) == ["w8a8_int_mm", "w8a8_vnni"] and len(second) == 2 * tuner.RETIME_RUNS
     m = tuner.measurements()["k"]
-    assert m.first == times and m.retimed == {}
+    assert m.first == first and m.retimed == {"w8a8_int_mm": 1.4, "w8a8_vnni": 1.0}
 
 
 def test_near_ties_are_timed_again_alternately_and_decided_on_the_median():
@@ -421,39 +427,24 @@ def test_near_ties_are_timed_again_alternately_and_decided_on_the_median():
     assert m.first == first and m.retimed == {"fused_cpu": 1.06, "int4pack_cpu": 1.0}
 
 
-def test_a_close_call_is_timed_once_more_and_decided_on_all_its_calls():
-    """2.5% faster than the baseline, within CLOSE of the 3% margin: a second round of the second pass, pooled;
-    the pooled median (0.96) then beats the baseline by more than the margin."""
-    calls: list[str] = []
-    first = {"fused_cpu": 0.975, "dequant": 1.0}
-    n = tuner.RETIME_RUNS
-    later = {"fused_cpu": [0.975] * n + [0.95] * (n + 2)}  # the second round's calls are faster
-    got = tuner.choose("k", {k: named(k) for k in first}, "dequant", timer=scripted_timer(first, later, calls))
-    assert calls.count("fused_cpu") == calls.count("dequant") == tuner.TIMED_RUNS + 2 * n
-    assert tuner.measurements()["k"].retimed["fused_cpu"] == pytest.approx(0.9625)
-    assert got == "fused_cpu"
-    assert tuner.close_call({"fused_cpu": 0.975, "dequant": 1.0}, "dequant")
-    assert not tuner.close_call({"fused_cpu": 0.9, "dequant": 1.0}, "dequant")
-    assert not tuner.close_call({"fused_cpu": 1.0, "dequant": 1.0}, "dequant")
-
-
 def test_the_time_budgets_bound_the_timing_of_slow_candidates(monkeypatch):
     """Calls of 0.3 s each (a large input): the first pass stops after one round, the second after
-    RETIME_MIN_RUNS rounds (twice, for this close call): 1 + 2 * RETIME_MIN_RUNS timed calls per candidate."""
+    RETIME_MIN_RUNS rounds: 1 + RETIME_MIN_RUNS timed calls per candidate, 0.9 + 2.7 s in all."""
     clock = [0.0]
     monkeypatch.setattr(tuner, "_clock", lambda: clock[0])
     calls: list[str] = []
     first = {"fused_cpu": 0.29, "int4pack_cpu": 0.3, "dequant": 0.3}
     got = tuner.choose("k", {n: named(n) for n in first}, "dequant", timer=scripted_timer(first, {}, calls, clock))
-    assert got == "fused_cpu" and tuner.close_call(first, "dequant")  # 3.3% faster: timed twice over
-    assert all(calls.count(name) == 1 + 2 * tuner.RETIME_MIN_RUNS for name in first)
+    assert got == "fused_cpu"  # 3.3% faster than the baseline, and than int4pack_cpu
+    assert all(calls.count(name) == 1 + tuner.RETIME_MIN_RUNS for name in first)
+    assert clock[0] == pytest.approx(0.89 * (1 + tuner.RETIME_MIN_RUNS))
 
 
 @given(times=st.lists(st.floats(0.5, 2.0), min_size=2, max_size=6))
 @settings(max_examples=200, deadline=None)
 def test_any_timings_give_the_rule_s_choice_within_the_call_budget(times):
     """Constant timings: the choice is :func:`tuner.fastest` of them (never slower than the baseline by its own
-    measure), and no candidate is timed more than TIMED_RUNS + 2 * RETIME_RUNS times."""
+    measure), and no candidate is timed more than TIMED_RUNS + RETIME_RUNS times."""
     names = [f"k{i}" for i in range(len(times))]
     table = dict(zip(names, times))
     calls: list[str] = []
@@ -461,6 +452,7 @@ def test_any_timings_give_the_rule_s_choice_within_the_call_budget(times):
     got = tuner.choose("k", {n: named(n) for n in names}, names[-1], timer=scripted_timer(table, {}, calls))
     assert got == tuner.fastest(table, names[-1])
     assert got == names[-1] or table[got] < table[names[-1]] * (1 - tuner.MARGIN)
-    assert max(calls.count(n) for n in names) <= tuner.TIMED_RUNS + 2 * tuner.RETIME_RUNS
-    near = tuner.contenders(table)
-    assert set(tuner.measurements()["k"].retimed) == (set(near) if len(near) > 1 else set())
+    assert max(calls.count(n) for n in names) <= tuner.TIMED_RUNS + tuner.RETIME_RUNS
+    ranked = sorted(names, key=table.__getitem__)
+    near = {*ranked[:2], *(n for n in names if table[n] <= table[ranked[0]] * (1 + tuner.RETIME_WITHIN))}
+    assert set(tuner.measurements()["k"].retimed) == near
