@@ -89,7 +89,9 @@ weight (:data:`FLOAT_WEIGHT_CACHE_BYTES`) and for inputs that need a gradient. O
 times every eligible candidate once per (scheme, device, shape, row bucket) on the real input -- without the
 static row limits, up to each candidate's ``tune_max_rows`` -- and keeps the fastest, the plain ``dequant``
 (with a small layer's kept float weight: ``F.linear`` itself; with INT8 activations, ``float_acts``) baseline
-winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
+winning ties and the earlier candidate in this order winning near-ties (``act_sim`` is not timed: it is
+``float_acts`` plus the input's fake quantization); see :mod:`monoquant.tuner` for the two timing passes, pinning
+(``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Everything a kernel needs and records lives in the layer's :class:`~monoquant.formats.kernel.QuantWeight`
 (``layer.quant_weight``): the stored buffers, kernel-specific layouts derived from them at first use (never in

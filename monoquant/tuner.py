@@ -1,14 +1,31 @@
-"""Kernel choice by measurement: time the eligible kernels once per situation, remember the fastest.
+"""Kernel choice by measurement: time the eligible kernels once per situation, remember the choice.
 
 A *situation* is (kernel family, device, layer shape, row bucket, input dtype, compute dtype): the family is
 the layer's scheme (``int4-g128-asym`` ...) plus how its input is quantized; the row bucket is the input row
 count rounded up to a power of two (capped at 4096). At the first call in a new situation every eligible
-candidate runs once to warm up (packed layouts are built, the compiled kernel is loaded) and is then timed
-on the real input, in rounds through all candidates (the best of ``TIMED_RUNS`` calls each, stopping early
-past ``TIME_BUDGET_S``); the fastest wins if it beats the baseline -- the plain dequantize + float path,
-always a candidate (with INT8 activations: the float layer on its float input, ``float_acts``) -- by more than
-``MARGIN``, otherwise the baseline runs, so a tuned choice is never slower than float as measured. Candidates
-that raise are dropped.
+candidate runs once to warm up (packed layouts are built, the compiled kernel is loaded) and is then timed on the
+real input in two passes (:func:`decide`):
+
+1. the first pass: rounds through all candidates, the fastest of ``TIMED_RUNS`` calls each (stopping early past
+   ``TIME_BUDGET_S`` per candidate);
+2. the second pass: the two fastest, and any other within ``RETIME_WITHIN`` of the fastest, timed again in
+   alternating rounds (``RETIME_RUNS`` calls each, at least ``RETIME_MIN_RUNS``, stopping early past
+   ``RETIME_BUDGET_S`` per contender), and the *median* call counts: a kernel with two speeds does not win by an
+   occasional fast call, and the decision rests on ten calls rather than one.
+
+On the second pass's medians :func:`fastest` decides: a candidate must beat the baseline -- the plain
+dequantize + float path, always a candidate (with INT8 activations: the float layer on its float input,
+``float_acts``) -- by more than ``MARGIN``, so a tuned choice is never slower than float as measured; among
+those that do, the first in the candidates' order (the static table's preference) within ``MARGIN`` of the
+fastest wins, so two kernels of the same speed do not take turns by timing noise. Candidates that are the
+baseline plus extra work are never offered (``act_sim``, ``act_sim_conv``: the input's fake quantization in
+front of the baseline's own kernel). Candidates that raise are dropped. What each choice was based on is kept
+(:func:`measurements`).
+
+Measured (``benchmarks/tuner_noise.py``, AMD EPYC Zen 4, 2 threads, ten fresh processes, the bf16 encoder's
+nine layer situations): choices still differ between processes where two kernels run within a few percent of
+each other in a long alternating measurement (the per-process spread of such a ratio is about +-2%, more calls
+do not narrow it); the first calls cost about 1.5x the single pass's timing.
 
 Controls (all documented in the README):
 
