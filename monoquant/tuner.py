@@ -25,7 +25,8 @@ front of the baseline's own kernel). Candidates that raise are dropped. What eac
 Measured (``benchmarks/tuner_noise.py``, AMD EPYC Zen 4, 2 threads, ten fresh processes, the bf16 encoder's
 nine layer situations): choices still differ between processes where two kernels run within a few percent of
 each other in a long alternating measurement (the per-process spread of such a ratio is about +-2%, more calls
-do not narrow it); the first calls cost about 1.5x the single pass's timing.
+do not narrow it); the first calls cost about 1.5x the old single pass's timing. For the same choices in every
+process, keep them in a file (``MONOQUANT_KERNEL_CACHE``, below).
 
 Controls (all documented in the README):
 
