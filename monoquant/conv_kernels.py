@@ -28,13 +28,15 @@ kernel                 registered by, applies when                              
 
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
-sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone)
-and keeps the fastest only when it beats the baseline by more than ``tuner.MARGIN``, so a measured choice is
-never slower than the float conv as measured; identical layers share the choice.
+sample the fastest of three calls, so that a load burst on a shared machine does not hold up the baseline alone;
+near-ties timed again, the median sample deciding) and keeps the fastest only when it beats the baseline by more
+than ``tuner.MARGIN``, so a measured choice is never slower than the float conv as measured; identical layers
+share the choice.
 
 **INT8 activations never slower than float.** With INT8 activations the measured baseline is the float conv
 itself -- ``float_acts_conv``: the dequantized INT8 kernel on the float input -- not the fake-quantized input's
-conv. Where neither the integer conv nor ``act_sim_conv`` beats it (small convolutions at small batches, where
+conv (``act_sim_conv``, which is that conv plus the input's quantization, so it is never timed: once, under load,
+a timing picked it). Where the integer conv does not beat it (small convolutions at small batches, where
 quantizing the input costs more than the conv), the layer runs ``float_acts_conv``: its outputs are those of
 the INT8-weight model on float activations (more accurate than W8A8, not bit-equal to it), and the kernel column
 of the report and ``quant_weight.ran`` name it, so it never happens silently. To get the W8A8 arithmetic
@@ -214,7 +216,9 @@ def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinne
     if memo is None or x.shape[0] == 0:
         return cands[-1]
     if cands[-1] == "act_sim_conv":
-        cands.append("float_acts_conv")  # measured: the float conv itself is the baseline
+        # measured: the float conv itself is the baseline. act_sim_conv is not offered: it is float_acts_conv plus
+        # the input's fake quantization, in front of the same weight-only choice, so never faster
+        cands[-1] = "float_acts_conv"
     if len(cands) == 1 or _macs(module, x) < TUNE_MIN_MACS:
         w.cache[memo] = cands[-1]
         return cands[-1]

@@ -89,7 +89,9 @@ weight (:data:`FLOAT_WEIGHT_CACHE_BYTES`) and for inputs that need a gradient. O
 times every eligible candidate once per (scheme, device, shape, row bucket) on the real input -- without the
 static row limits, up to each candidate's ``tune_max_rows`` -- and keeps the fastest, the plain ``dequant``
 (with a small layer's kept float weight: ``F.linear`` itself; with INT8 activations, ``float_acts``) baseline
-winning ties; see :mod:`monoquant.tuner` for pinning (``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
+winning ties and the earlier candidate in this order winning near-ties (``act_sim`` is not timed: it is
+``float_acts`` plus the input's fake quantization); see :mod:`monoquant.tuner` for the two timing passes, pinning
+(``MONOQUANT_KERNEL``, :func:`pin`) and the cache file.
 
 Everything a kernel needs and records lives in the layer's :class:`~monoquant.formats.kernel.QuantWeight`
 (``layer.quant_weight``): the stored buffers, kernel-specific layouts derived from them at first use (never in
@@ -355,8 +357,13 @@ def _select(module, x: torch.Tensor, weights_only: bool) -> tuple[str, bool]:
     if choice is not None:
         return choice, True
     if special is not None and special[-1] == "act_sim":
-        special = [*special, "float_acts"]  # the baseline: the float layer itself
+        # the baseline: the float layer itself. act_sim is not offered: it is float_acts plus the input's fake
+        # quantization, in front of the same weight-only choice (same shape, same dtype), so never faster
+        special = [*special[:-1], "float_acts"]
     cands = special or _weight_candidates(module, x.device, rows, needs_grad, TUNE_MAX_ROWS, x.dtype)
+    if cands == ["float_acts"]:  # no INT8 kernel but act_sim, which never wins: decided without timing
+        w.cache[memo] = "float_acts"
+        return "float_acts", True
     if len(cands) == 1 or _untimed(module, cands[0]):
         return cands[0], False
     key = "|".join((w.format.describe(w.group_size), "act" if special else "w", x.device.type, f"{n}x{k}",
