@@ -11,8 +11,8 @@
 //   y[m, n] = sum_groups s * (sum_{k in group} x[m, k] * q[n, k]  -  z * sum_{k in group} x[m, k]).
 // The inner loop widens codes to float32 and multiplies-adds them with the input for up to MAX_ROWS (8) input
 // rows at once, so each weight byte is read once per 8 rows; an INT4 group's products are summed unscaled and
-// scaled once per group. Output rows are split across threads with at::parallel_for (calls under
-// MIN_TASK_MACS multiply-adds per thread stay on the calling thread), and each tile prefetches
+// scaled once per group. Output rows are split across threads with at::parallel_for (tasks of at least
+// MIN_TASK_MACS multiply-adds: tinier calls stay on the calling thread), and each tile prefetches
 // the next tile's weight rows (a row-major weight is many short streams that hardware prefetchers start late
 // on: measured 1.17 -> 0.76 ms for a cold 4096x4096 INT4 GEMV on AVX2). Which SIMD path runs is decided by
 // the compiler flags: monoquant/fused.py builds this file on the machine that uses it with -march=native, so
@@ -128,14 +128,14 @@ inline vec int8_codes(const int8_t* p) { return widen_i8(load_lanes(p)); }
 inline vec uint8_codes(const uint8_t* p) { return widen_u8(load_lanes(p)); }
 #endif
 
-constexpr int64_t GRAIN = 64;        // output rows per parallel task (at::parallel_for splits into >= this)
+constexpr int64_t GRAIN = 64;        // output rows per parallel task, at least (a multiple of BLOCK_ROWS)
 constexpr int64_t CHUNK_FLOATS = 4096;  // input values (columns x rows) per pass over a block of output rows
 constexpr int64_t BLOCK_ROWS = 32;   // output rows whose accumulators stay in L1 while the chunks go by
 // Multiply-adds a parallel task must have before the float32 matmuls split their work across threads: waking the
-// pool and joining it costs microseconds (more on a busy machine), as much as ~2^18 multiply-adds take on one
-// core, so below that the whole call runs on the calling thread. A 1-row GEMV of a 1024 -> 128 layer (131k) ran
-// in 1-2 us less that way than on 2 threads (AMD EPYC Zen 4); large layers still split over every thread.
-constexpr int64_t MIN_TASK_MACS = int64_t{1} << 18;
+// pool and joining it costs about a microsecond, what ~2^15 multiply-adds take on one core, so a call with less
+// work than that per thread runs on the calling thread. Measured on AMD EPYC Zen 4 (2 threads), 1024 -> 128 layer:
+// 2^18 (1 row on one thread) was 1.5-2.3 us slower at 1 row than 2^15 (two tasks), and no faster at 2-16 rows.
+constexpr int64_t MIN_TASK_MACS = int64_t{1} << 15;
 
 // at::parallel_for's grain for `units` of work of `macs_per_unit` multiply-adds each: at least `base` units, and
 // at least MIN_TASK_MACS per task (the grain decides only how work is split, never the result).
@@ -406,7 +406,9 @@ std::vector<float> span_sums(const float* x, int64_t M, int64_t K, int64_t span)
 
 // y = x W^T (+ bias) with the SIMD loop over columns [0, kv) (kv a multiple of the span and of 2 * LANES, or 0
 // to use the scalar loop; `pairs`: the INT4 column order), split over output rows across threads where the work
-// is large enough (task_grain).
+// is large enough (task_grain). The tasks are whole blocks of BLOCK_ROWS output rows, so every output is summed
+// by the same tile (the tile's width decides the summation order) whatever the number of threads: the result
+// does not depend on it (a split at any row changed the last bits of some outputs).
 template <typename Src>
 void run(const Src& src, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t kv,
          bool pairs) {
@@ -415,7 +417,9 @@ void run(const Src& src, const float* x, const float* bias, float* y, int64_t M,
 #else
   (void)pairs;
 #endif
-  at::parallel_for(0, N, task_grain(GRAIN, M * K), [&](int64_t n0, int64_t n1) {
+  const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  at::parallel_for(0, blocks, task_grain(GRAIN / BLOCK_ROWS, BLOCK_ROWS * M * K), [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * BLOCK_ROWS, n1 = std::min(N, c1 * BLOCK_ROWS);
 #if defined(__AVX512F__) || defined(__AVX2__)
     if (kv > 0) {
       std::vector<vec> state;
