@@ -63,10 +63,11 @@ from monoquant.conv_kernels import fake_quantize_samples  # noqa: E402
 SIMULATION = _simulate.mask_capabilities(mq) if SIMULATE_AVX2 else None
 
 
-def paired_ms(*fns: Callable[[], object], reps: int) -> list[float]:
+def paired_ms(*fns: Callable[[], object], reps: int, shuffled: bool = False) -> list[float]:
     """Medians of ``fns`` timed alternately in the same rounds, so a load burst on a shared machine hits them alike
-    (sequential blocks gave float32 times differing 1.8x between two runs here)."""
-    return [statistics.median(t) * 1e3 for t in _timing.alternating_seconds(*fns, reps=reps)]
+    (sequential blocks gave float32 times differing 1.8x between two runs here); ``shuffled``: in a new order each
+    round (:func:`_timing.alternating_seconds`)."""
+    return [statistics.median(t) * 1e3 for t in _timing.alternating_seconds(*fns, reps=reps, shuffled=shuffled)]
 
 
 class Attention(nn.Module):
@@ -227,15 +228,17 @@ def compiled_row(name: str, q: nn.Module, x: torch.Tensor, reps: int) -> bool:
     return ok
 
 
-def bench_variants(model: nn.Module, x: torch.Tensor, variants, reps: int, compile_kind: str | None) -> int:
+def bench_variants(model: nn.Module, x: torch.Tensor, variants, reps: int, compile_kind: str | None,
+                   shuffled: bool = False) -> int:
     """Each ``(name, weights, activations, target)`` quantized copy of ``model`` against float32, with the bf16
-    cast timed in the same rounds; the weight-only variant of format ``compile_kind`` also compiled. Returns the
-    number of missed targets."""
+    cast timed in the same rounds (``shuffled``: in a new order each round, see :func:`paired_ms`); the weight-only
+    variant of format ``compile_kind`` also compiled. Returns the number of missed targets."""
     failures = 0
     cast = bf16_cast(model, x)
     for name, weights, act, target in variants:
         q = quantize(model, weights, act)
-        fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps)
+        fp32, bf16, ms = paired_ms(functools.partial(model, x), cast, functools.partial(q, x), reps=reps,
+                                   shuffled=shuffled)
         bf16_row(fp32, bf16)  # timed in the same rounds as the quantized model below
         failures += not report(name, fp32, ms, target, bf16)
         print(kernels_used(q))
@@ -338,14 +341,16 @@ def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches:
         print(f"{title}, batch {batch} (medians of {rounds} rounds)")
         for name, weights, act in (("INT4 weight-only", mq.Int4(), None), ("INT8 weight-only", mq.Int8(), None),
                                    ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True))):
+            # shuffled rounds: in a fixed order the quantized model always ran right after the bf16 cast, whose
+            # oneDNN bf16 convs left it 25 us (15%) slower at batch 1 than after the float model (AMD EPYC Zen 4)
             failed = bench_variants(model, x, ((name, weights, act, 1.0),), rounds,
-                                    "int8" if batch == compile_batch else None)
+                                    "int8" if batch == compile_batch else None, shuffled=True)
             if failed:
                 q = quantize(model, weights, act)
                 q(x)  # kernels chosen before timing
                 ceiling = baseline_ops(q)
                 fp32, ceil, ms = paired_ms(functools.partial(model, x), functools.partial(ceiling, x),
-                                           functools.partial(q, x), reps=rounds)
+                                           functools.partial(q, x), reps=rounds, shuffled=True)
                 layers = sum(isinstance(m, mq.QuantModule) for m in q.modules())
                 print(f"    ceiling: the baseline's float ops without dispatch {ceil:.2f} ms ({ceil / fp32:.3f}x "
                       f"float32 {fp32:.2f} ms); quantized {ms:.2f} ms: {(ms - ceil) / layers * 1e3:.1f} us of "

@@ -146,10 +146,11 @@ def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -
     return _plan(module, x, weights_only)[0]
 
 
-def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Callable[..., torch.Tensor]]:
-    """``(name, run)``: :func:`select_conv_kernel`'s choice and the function that runs it (``run(module, x)``).
-    Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``): the
-    per-call work of a small conv at batch 1 is then one lookup (its whole conv takes under 10 us)."""
+def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple:
+    """``(name, run, ...)``: :func:`select_conv_kernel`'s choice and the function that runs it (``run(module,
+    x)``). Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``,
+    with the batch bucket as a third entry): the per-call work of a small conv at batch 1 is then one lookup (its
+    whole conv takes under 10 us)."""
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     w: QuantWeight = module.quant_weight
     memo = exact = shapes = None
@@ -172,7 +173,8 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple[str, Cal
         return choice, run
     if len(shapes) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
         shapes.clear()
-    plan = shapes[exact] = (choice, _shortcut(module, x, choice, shapes) or run)
+    # (name, run, batch bucket): conv() records the bucket from here without computing it again
+    plan = shapes[exact] = (choice, _shortcut(module, x, choice, shapes) or run, tuner.row_bucket(x.shape[0]))
     return plan
 
 
@@ -242,14 +244,25 @@ def _time_best_of_three(call: Callable[[], object]) -> float:
 
 # ---- running ----------------------------------------------------------------------------------------------
 def conv(module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel."""
+    """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel.
+
+    A batched input whose exact shape has a measured plan (:func:`_plan`'s per-shape memo) goes straight to it:
+    one lookup, then the conv (the plan's keys are batched shapes, so an unbatched input never matches one)."""
     if module.computes_in_float:
         return module.float_forward(x)  # calibration passes: the float weight or float inputs, recorded there
+    w: QuantWeight = module.quant_weight
+    shapes = w.cache.get("conv_by_shape")
+    if shapes is not None and not (x.requires_grad and torch.is_grad_enabled()) and tuner.measured():
+        # the key _plan stores under; input_quantizer read without nn.Module's __getattr__ (as computes_in_float)
+        plan = shapes.get((module._modules.get("input_quantizer") is None, x.shape, x.dtype, x.device))
+        if plan is not None:
+            w.record_run(plan[0], plan[2])
+            return plan[1](module, x)
     unbatched = x.dim() == _geometry(module).dims + 1
     xb = x.unsqueeze(0) if unbatched else x
-    name, run = _plan(module, xb)
-    module.quant_weight.record_run(name, tuner.row_bucket(xb.shape[0]))
-    y = run(module, xb)
+    plan = _plan(module, xb)
+    w.record_run(plan[0], tuner.row_bucket(xb.shape[0]))
+    y = plan[1](module, xb)
     return y.squeeze(0) if unbatched else y
 
 

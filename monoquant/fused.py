@@ -232,23 +232,23 @@ def _call(op, name: str, *args):
 
 @_op("int4_linear")
 def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                    group_size: int) -> torch.Tensor:
-    return _kernel("int4_linear")(x, qweight, scale, zero_point, group_size)
+                    group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _kernel("int4_linear")(x, qweight, scale, zero_point, group_size, bias)
 
 
 @_int4_linear_op.register_fake
-def _(x, qweight, scale, zero_point, group_size):
+def _(x, qweight, scale, zero_point, group_size, bias=None):
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
 
 @_op("int8_linear")
 def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                    zero_point: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int8_linear")(x, qweight, scale, zero_point)
+                    zero_point: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _kernel("int8_linear")(x, qweight, scale, zero_point, bias)
 
 
 @_int8_linear_op.register_fake
-def _(x, qweight, scale, zero_point):
+def _(x, qweight, scale, zero_point, bias=None):
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
 
@@ -464,17 +464,18 @@ def _(ref, approx):
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                group_size: int) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``
-    (custom op ``monoquant::int4_linear``)."""
-    return _call(_int4_linear_op, "int4_linear", x, qweight, scale, zero_point, group_size)
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for float32 ``x`` ``[M, K]`` and an INT4 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int4_linear``). ``bias`` (float32 ``[N]``) is added to each output before it is stored,
+    the same single rounding as ``y.add_(bias)``."""
+    return _call(_int4_linear_op, "int4_linear", x, qweight, scale, zero_point, group_size, bias)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                zero_point: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W^T`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
-    (custom op ``monoquant::int8_linear``)."""
-    return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point)
+                zero_point: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for float32 ``x`` ``[M, K]`` and an INT8 weight in monoquant's stored layout; ``[M, N]``
+    (custom op ``monoquant::int8_linear``); ``bias`` as in :func:`int4_linear`."""
+    return _call(_int8_linear_op, "int8_linear", x, qweight, scale, zero_point, bias)
 
 
 def int4_linear_bf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

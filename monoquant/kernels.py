@@ -486,9 +486,18 @@ def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
     c = None if shared is not None else _candidate(module, name)
     if c is None:
         return shared or (lambda m, xb: run_kernel(m, name, xb))
-    if c.fuses_bias:  # whether the bias goes in depends on autograd at call time: run_kernel decides per call
-        return lambda m, xb: run_kernel(m, name, xb)
     run = c.run
+    if c.fuses_bias:  # a bias that needs a gradient is added outside (run_kernel), decided per call
+        def run_with_bias(m, xb: torch.Tensor) -> torch.Tensor:
+            bias = m._buffers["bias"]  # a buffer of every layer: no nn.Module __getattr__ per call
+            if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+                return run_kernel(m, name, xb)
+            if xb.dim() == 2:
+                y = run(w, xb, bias)
+                return y if y.dtype == xb.dtype else y.to(xb.dtype)
+            y = run(w, xb.reshape(-1, xb.shape[-1]), bias)
+            return (y if y.dtype == xb.dtype else y.to(xb.dtype)).reshape(*xb.shape[:-1], y.shape[-1])
+        return run_with_bias
     if c.int8_inputs:
         def run_int8(m, xb: torch.Tensor) -> torch.Tensor:
             y = run(w, xb.reshape(-1, xb.shape[-1]), m.input_quantizer, m.bias)

@@ -116,7 +116,7 @@ reload_environment()
 
 def pinned() -> str | None:
     """The kernel pinned by :func:`pin` (innermost) or ``MONOQUANT_KERNEL``; ``None`` when nothing is pinned."""
-    stack = getattr(_STATE, "pins", None)
+    stack = _STATE.__dict__.get("pins")  # this thread's; getattr with a default raised inside: 0.43 -> 0.07 us
     if stack:
         return stack[-1]
     return _ENV["kernel"]  # type: ignore[return-value]
@@ -134,7 +134,7 @@ def pin(name: str | None) -> Iterator[None]:
 
 def tuning_enabled() -> bool:
     """Whether kernels are chosen by measurement (default) or by the static table (``MONOQUANT_TUNE=0``)."""
-    stack = getattr(_STATE, "tuning", None)
+    stack = _STATE.__dict__.get("tuning")  # this thread's; getattr with a default raised inside: 0.43 -> 0.07 us
     if stack:
         return stack[-1]
     return bool(_ENV["tune"])

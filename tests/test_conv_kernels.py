@@ -349,3 +349,19 @@ def test_a_tiny_w8a8_conv_runs_the_float_conv_untimed():
     with torch.no_grad():
         q(torch.randn(1, 1, 8, 8))
     assert q.last_kernel == "float_acts_conv"
+
+
+def test_the_per_shape_fast_path_records_the_bucket_and_leaves_unbatched_inputs_to_the_full_path(monkeypatch):
+    """A batched input with a remembered plan goes straight to it (recording its batch bucket); an unbatched input
+    of the same layer (its shape is never a plan's key) still runs, as one sample of the batch."""
+    timing_by_name(monkeypatch, {"dequant_conv": 1.0}, [])
+    q = quantized(nn.Conv2d(8, 16, 3, padding=1), mq.Int8())
+    x = torch.randn(3, 8, 6, 6)
+    with torch.no_grad():
+        first = q(x)
+        assert (True, x.shape, x.dtype, x.device) in q.quant_weight.cache["conv_by_shape"]
+        second = q(x)
+        one = q(x[1])
+    assert torch.equal(first, second) and one.shape == (16, 6, 6)
+    torch.testing.assert_close(one, first[1], rtol=1e-5, atol=1e-5)
+    assert mq.kernels.kernels_run(q) == {4: "dequant_conv", 1: "dequant_conv"}

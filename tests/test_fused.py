@@ -351,3 +351,86 @@ def test_w8a8_onednn_declines_weights_whose_sums_could_pass_float32s_exact_integ
     with kernels.pin("w8a8_onednn"), torch.no_grad():
         lin(torch.randn(3, 1040))
     assert lin[0].last_kernel == "w8a8_onednn"
+
+
+def _fused_call(q: mq.QuantLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The compiled float32 kernel of ``q``'s format called directly on ``x`` ``[rows, K]``."""
+    s = q.stored
+    if q.spec.kind == "int4":
+        return fused.int4_linear(x, s.qweight, s.scale, s.zero_point, q.group_size, bias)
+    return fused.int8_linear(x, s.qweight, s.scale, s.zero_point, bias)
+
+
+@needs_ext
+@settings(max_examples=60, deadline=None)
+@given(spec=specs, groups=st.integers(1, 6), n=st.integers(1, 150), rows=st.integers(1, 64),
+       seed=st.integers(0, 2**16))
+def test_the_kernel_adds_the_bias_as_one_rounding_and_splits_over_threads_without_changing_a_bit(spec, groups, n,
+                                                                                                  rows, seed):
+    """Rows 1..64, odd K and N, any group: the bias added inside the kernel equals ``y.add_(bias)`` on its output bit
+    for bit, the result is within float32 rounding of the float64 reference, and one thread gives the same bits as
+    several (the split is over output rows, each output summed in the same order)."""
+    k = groups * (spec.group_size if spec.kind == "int4" else 67)
+    q = layer(k, n, spec, seed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1))
+    y = _fused_call(q, x, q.bias)
+    assert torch.equal(y, _fused_call(q, x, None).add_(q.bias))
+    w = schemes.dequantize_weight(q.spec, q.stored, q.in_features, q.group_size, torch.float64)
+    magnitude = x.double().abs() @ w.abs().t() + q.bias.double().abs()
+    assert torch.all((y.double() - reference(q, x)).abs() <= 1e-4 * magnitude + 1e-12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fused_call(q, x, q.bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+
+
+@needs_ext
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=128), mq.Int4(group_size=32, symmetric=True), mq.Int8(),
+                                  mq.Int8(symmetric=False)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("rows", [1, 2, 16, 64])
+def test_a_layer_large_enough_to_split_gives_the_same_bits_on_one_and_two_threads(spec, rows):
+    """1024 -> 256 (the digits CNN's fc size, wider): at these rows the work is split into tasks on two threads and
+    runs on one thread without the split; both equal, and the bias and a bad bias are handled."""
+    q = layer(1024, 256, spec)
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _fused_call(q, x, q.bias)
+        torch.set_num_threads(1)
+        one = _fused_call(q, x, q.bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert rel_err(two, reference(q, x)) <= 1e-5
+    with pytest.raises(RuntimeError, match="bias must be contiguous float32"):
+        _fused_call(q, x, q.bias[:-1])
+
+
+@needs_ext
+@pytest.mark.parametrize("spec", [mq.Int4(group_size=64), mq.Int8(symmetric=False)], ids=["int4", "int8"])
+def test_the_per_shape_plan_of_fused_cpu_passes_the_bias_and_keeps_the_input_shape(monkeypatch, spec):
+    """Measured ``fused_cpu`` (bias added in the kernel) run from the remembered plan: equal to the first call and
+    to the kernel's output with the bias added outside, for 2-D and 3-D inputs; a bias that needs a gradient is
+    added outside the kernel, so the output gets one."""
+    from _fake_timing import timing_by_name
+
+    timing_by_name(monkeypatch, {"fused_cpu": 0.1}, [])
+    q = layer(256, 48, spec)
+    for x in (torch.randn(3, 256), torch.randn(2, 5, 256)):
+        with torch.no_grad():
+            first = q(x)
+            assert q.last_kernel == "fused_cpu"
+            assert (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+            second = q(x)  # from the plan
+        assert q.last_kernel == "fused_cpu" and second.shape == (*x.shape[:-1], 48)
+        assert torch.equal(first, second)
+        assert torch.equal(second.reshape(-1, 48), _fused_call(q, x.reshape(-1, 256), None).add_(q.bias))
+    q.bias.requires_grad_(True)
+    x = torch.randn(3, 256)
+    y = q(x)
+    assert y.requires_grad
+    assert torch.equal(y.detach(), _fused_call(q, x, None).add_(q.bias.detach()))

@@ -11,7 +11,8 @@
 //   y[m, n] = sum_groups s * (sum_{k in group} x[m, k] * q[n, k]  -  z * sum_{k in group} x[m, k]).
 // The inner loop widens codes to float32 and multiplies-adds them with the input for up to MAX_ROWS (8) input
 // rows at once, so each weight byte is read once per 8 rows; an INT4 group's products are summed unscaled and
-// scaled once per group. Output rows are split across threads with at::parallel_for, and each tile prefetches
+// scaled once per group. Output rows are split across threads with at::parallel_for (tasks of at least
+// MIN_TASK_MACS multiply-adds: tinier calls stay on the calling thread), and each tile prefetches
 // the next tile's weight rows (a row-major weight is many short streams that hardware prefetchers start late
 // on: measured 1.17 -> 0.76 ms for a cold 4096x4096 INT4 GEMV on AVX2). Which SIMD path runs is decided by
 // the compiler flags: monoquant/fused.py builds this file on the machine that uses it with -march=native, so
@@ -20,9 +21,10 @@
 // AVX2-only build runs the matmul through its own section (namespace avx2, after the generic loops): the same
 // arithmetic with fewer instructions per weight.
 //
-// Python entry points (float32 contiguous x [M, K]; output float32 [M, N], bias added by the caller):
-//   int4_linear(x, qweight, scale, zero_point_or_None, group_size)
-//   int8_linear(x, qweight, scale, zero_point_or_None)
+// Python entry points (float32 contiguous x [M, K]; output float32 [M, N]; the optional float32 bias [N] is added
+// to each output before it is stored, as y.add_(bias) would: one rounding):
+//   int4_linear(x, qweight, scale, zero_point_or_None, group_size, bias=None)
+//   int8_linear(x, qweight, scale, zero_point_or_None, bias=None)
 //   dequantize_int4(out, qweight, scale, zero_point_or_None, group_size, row_start)
 //   dequantize_int8(out, qweight, scale, zero_point_or_None, row_start, scaled)
 //   w8a8_pack(qweight), w8a8_gemm(codes, packed, N): exact INT8 x INT8 -> INT32 GEMM (AVX2 vpmaddwd)
@@ -126,9 +128,20 @@ inline vec int8_codes(const int8_t* p) { return widen_i8(load_lanes(p)); }
 inline vec uint8_codes(const uint8_t* p) { return widen_u8(load_lanes(p)); }
 #endif
 
-constexpr int64_t GRAIN = 64;        // output rows per parallel task (at::parallel_for splits into >= this)
+constexpr int64_t GRAIN = 64;        // output rows per parallel task, at least (a multiple of BLOCK_ROWS)
 constexpr int64_t CHUNK_FLOATS = 4096;  // input values (columns x rows) per pass over a block of output rows
 constexpr int64_t BLOCK_ROWS = 32;   // output rows whose accumulators stay in L1 while the chunks go by
+// Multiply-adds a parallel task must have before the float32 matmuls split their work across threads: waking the
+// pool and joining it costs about a microsecond, what ~2^15 multiply-adds take on one core, so a call with less
+// work than that per thread runs on the calling thread. Measured on AMD EPYC Zen 4 (2 threads), 1024 -> 128 layer:
+// 2^18 (1 row on one thread) was 1.5-2.3 us slower at 1 row than 2^15 (two tasks), and no faster at 2-16 rows.
+constexpr int64_t MIN_TASK_MACS = int64_t{1} << 15;
+
+// at::parallel_for's grain for `units` of work of `macs_per_unit` multiply-adds each: at least `base` units, and
+// at least MIN_TASK_MACS per task (the grain decides only how work is split, never the result).
+inline int64_t task_grain(int64_t base, int64_t macs_per_unit) {
+  return std::max<int64_t>(base, (MIN_TASK_MACS + macs_per_unit - 1) / std::max<int64_t>(1, macs_per_unit));
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // The two weight formats, as "sources" the generic loops below read from.
@@ -209,8 +222,8 @@ struct Int8Src {
 
 // y[m, n] for output rows [n0, n1), every input row, one multiply-add at a time (odd shapes, no SIMD build).
 template <typename Src>
-void scalar_block(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
-                  int64_t n1) {
+void scalar_block(const Src& src, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                  int64_t n0, int64_t n1) {
   const int64_t span = src.span();
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
@@ -220,7 +233,8 @@ void scalar_block(const Src& src, const float* x, float* y, int64_t M, int64_t N
         for (int64_t k = k0; k < k0 + span; ++k) dot += x[m * K + k] * src.code(n, k);
         total += src.scale(n, k0 / span) * dot;
       }
-      y[m * N + n] = src.finish(m, n, total);
+      const float v = src.finish(m, n, total);
+      y[m * N + n] = bias ? v + bias[n] : v;
     }
 }
 
@@ -313,8 +327,8 @@ void simd_tile(const Src& src, const float* xc, int64_t n, int64_t k0, int64_t k
 // stays in L1 while the block's weights stream past it. `xi` is the R rows' interleaved copy (see
 // interleave_rows). Columns from kv to K (INT8 only) are added one by one.
 template <int R, typename Src>
-void simd_block(const Src& src, const float* x, const float* xi, float* y, int64_t N, int64_t K, int64_t kv,
-                int64_t m0, int64_t n0, int64_t n1, std::vector<vec>& state) {
+void simd_block(const Src& src, const float* x, const float* xi, const float* bias, float* y, int64_t N, int64_t K,
+                int64_t kv, int64_t m0, int64_t n0, int64_t n1, std::vector<vec>& state) {
   constexpr int NR = R == 1 ? 4 : (R == 2 || LANES == 16 ? 2 : 1);  // output rows per tile: fit the registers
   const int64_t span = src.span();
   // the chunk of R input rows fills at most half of a 32 KiB L1, in whole vector steps
@@ -333,7 +347,8 @@ void simd_block(const Src& src, const float* x, const float* xi, float* y, int64
       const vec* st = state.data() + ((n - n0) * R + r) * 2;
       float dot = vsum(vadd(st[0], st[1]));
       for (int64_t k = kv; k < K; ++k) dot += x[(m0 + r) * K + k] * src.code(n, k);
-      y[(m0 + r) * N + n] = src.finish(m0 + r, n, dot);
+      const float v = src.finish(m0 + r, n, dot);
+      y[(m0 + r) * N + n] = bias ? v + bias[n] : v;
     }
 }
 
@@ -341,35 +356,70 @@ void simd_block(const Src& src, const float* x, const float* xi, float* y, int64
 // 2 * LANES columns: block b of row r of the group starting at m0 is at m0 * kv + (b * R + r) * 2 * LANES.
 // Read in place, rows of a large K are a multiple of 4 KiB apart and compete for the same L1 sets (measured
 // 3x slower at 8 rows); interleaved, one pointer plus constant offsets reaches all R rows. Done once per call.
-std::vector<float> interleave_rows(const float* x, int64_t M, int64_t K, int64_t kv) {
+// With `pairs` (INT4) each block is stored as its LANES even columns then its LANES odd ones, the order in which
+// int4_codes widens LANES packed bytes (this copy did it in the same pass: a separate PyTorch permute cost
+// 5.7 us of a 16 us 1-row INT4 call of a 1024 -> 128 layer, 20 us at 16 rows).
+std::vector<float> interleave_rows(const float* x, int64_t M, int64_t K, int64_t kv, bool pairs) {
   std::vector<float> xi(M * kv);
   for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
     const int64_t R = std::min<int64_t>(MAX_ROWS, M - m0);
     for (int64_t b = 0; b < kv / (2 * LANES); ++b)
       for (int64_t r = 0; r < R; ++r) {
         const float* from = x + (m0 + r) * K + b * 2 * LANES;
-        std::copy(from, from + 2 * LANES, xi.data() + m0 * kv + (b * R + r) * 2 * LANES);
+        float* to = xi.data() + m0 * kv + (b * R + r) * 2 * LANES;
+        if (pairs) {
+          for (int i = 0; i < LANES; ++i) {
+            to[i] = from[2 * i];
+            to[LANES + i] = from[2 * i + 1];
+          }
+        } else {
+          std::copy(from, from + 2 * LANES, to);
+        }
       }
   }
   return xi;
 }
-
-// Each block of 2 * LANES columns stored as its LANES even columns then its LANES odd ones, the order in
-// which int4_codes widens LANES packed bytes.
-torch::Tensor permute_pairs(const torch::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  return x.view({M, K / (2 * LANES), LANES, 2}).transpose(2, 3).contiguous().view({M, K});
-}
 #endif
 
-// y = x W^T with the SIMD loop over columns [0, kv) (kv a multiple of the span and of 2 * LANES, or 0 to use
-// the scalar loop), split over output rows across threads.
-template <typename Src>
-void run(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t K, int64_t kv) {
+// Sums of each input row over consecutive spans of `span` columns (K a multiple of span): out[m * K / span + g],
+// what the zero-point term multiplies (computed here rather than by a PyTorch sum: one op less per call).
+std::vector<float> span_sums(const float* x, int64_t M, int64_t K, int64_t span) {
+  const int64_t G = K / span;
+  std::vector<float> out(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* p = x + m * K + gi * span;
+      float t = 0.0f;
+      int64_t k = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const std::vector<float> xi = kv > 0 ? interleave_rows(x, M, K, kv) : std::vector<float>();
+      if (span >= LANES) {
+        vec acc = vzero();
+        for (; k + LANES <= span; k += LANES) acc = vadd(acc, vload(p + k));
+        t = vsum(acc);
+      }
 #endif
-  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+      for (; k < span; ++k) t += p[k];
+      out[m * G + gi] = t;
+    }
+  return out;
+}
+
+// y = x W^T (+ bias) with the SIMD loop over columns [0, kv) (kv a multiple of the span and of 2 * LANES, or 0
+// to use the scalar loop; `pairs`: the INT4 column order), split over output rows across threads where the work
+// is large enough (task_grain). The tasks are whole blocks of BLOCK_ROWS output rows, so every output is summed
+// by the same tile (the tile's width decides the summation order) whatever the number of threads: the result
+// does not depend on it (a split at any row changed the last bits of some outputs).
+template <typename Src>
+void run(const Src& src, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t kv,
+         bool pairs) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const std::vector<float> xi = kv > 0 ? interleave_rows(x, M, K, kv, pairs) : std::vector<float>();
+#else
+  (void)pairs;
+#endif
+  const int64_t blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  at::parallel_for(0, blocks, task_grain(GRAIN / BLOCK_ROWS, BLOCK_ROWS * M * K), [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * BLOCK_ROWS, n1 = std::min(N, c1 * BLOCK_ROWS);
 #if defined(__AVX512F__) || defined(__AVX2__)
     if (kv > 0) {
       std::vector<vec> state;
@@ -377,7 +427,7 @@ void run(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t
         const int64_t b1 = std::min(n1, b0 + BLOCK_ROWS);
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
           switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
-#define MQ_CASE(R) case R: if constexpr (MAX_ROWS >= R) simd_block<R>(src, x, xi.data() + m0 * kv, y, N, K, kv, m0, b0, b1, state); break;
+#define MQ_CASE(R) case R: if constexpr (MAX_ROWS >= R) simd_block<R>(src, x, xi.data() + m0 * kv, bias, y, N, K, kv, m0, b0, b1, state); break;
             MQ_CASE(1) MQ_CASE(2) MQ_CASE(3) MQ_CASE(4) MQ_CASE(5) MQ_CASE(6) MQ_CASE(7) MQ_CASE(8)
 #undef MQ_CASE
           }
@@ -386,7 +436,7 @@ void run(const Src& src, const float* x, float* y, int64_t M, int64_t N, int64_t
       return;
     }
 #endif
-    scalar_block(src, x, y, M, N, K, n0, n1);
+    scalar_block(src, x, bias, y, M, N, K, n0, n1);
   });
 }
 
@@ -569,7 +619,7 @@ void matmul(const Codes& c, const float* x, float* y, int64_t M, int64_t N, int6
   for (int64_t m0 = 0; m0 < M; m0 += ROWS)
     prepare_input(x, K, kv, m0, std::min(ROWS, M - m0), pairs, xi.data() + m0 * kv);
   const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, task_grain(1, BLOCK_N * M * K), [&](int64_t b0, int64_t b1) {
     std::vector<__m256> tot(BLOCK_N * ROWS);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
@@ -594,8 +644,17 @@ void check_common(const torch::Tensor& x, const torch::Tensor& q, const torch::T
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous(), "fused_linear: qweight must be contiguous [N, *]");
 }
 
+// The bias to add before the output is stored (nullptr: none): float32 contiguous [N].
+const float* bias_of(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() &&
+              bias->numel() == N, "fused_linear: bias must be contiguous float32 [N]");
+  return bias->data_ptr<float>();
+}
+
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& zero_point, int64_t group_size) {
+                          const c10::optional<torch::Tensor>& zero_point, int64_t group_size,
+                          const c10::optional<torch::Tensor>& bias) {
   check_common(x, qweight, scale);
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8, "int4_linear: qweight must be uint8");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
@@ -609,26 +668,27 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
                 zero_point->numel() == N * G, "int4_linear: zero_point must be uint8 [N, K/group_size]");
     zp = zero_point->data_ptr<uint8_t>();
   }
+  const float* b = bias_of(bias, N);
   auto y = torch::empty({M, N}, x.options());
-  auto xsum = x.view({M, G, group_size}).sum(-1).contiguous();
-  const Int4Src src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, xsum.data_ptr<float>(),
+  const float* xp = x.data_ptr<float>();
+  const std::vector<float> xsum = span_sums(xp, M, K, group_size);
+  const Int4Src src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, xsum.data(),
                     qweight.size(1), G, group_size, N};
 #if defined(__AVX2__) && !defined(__AVX512F__)
   if (group_size % avx2::STEP == 0) {
-    avx2::matmul(avx2::Int4Codes{src.q, src.KB}, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, K, group_size,
-                 src.s, G, true, [&](int64_t m, int64_t n, float dot) { return src.finish(m, n, dot); });
+    avx2::matmul(avx2::Int4Codes{src.q, src.KB}, xp, y.data_ptr<float>(), M, N, K, K, group_size, src.s, G, true,
+                 [&](int64_t m, int64_t n, float dot) {
+                   const float v = src.finish(m, n, dot);
+                   return b ? v + b[n] : v;
+                 });
     return y;
   }
 #endif
-  torch::Tensor xin = x;
   int64_t kv = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if (group_size % (2 * LANES) == 0) {
-    xin = permute_pairs(x);
-    kv = K;
-  }
+  if (group_size % (2 * LANES) == 0) kv = K;
 #endif
-  run(src, xin.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+  run(src, xp, b, y.data_ptr<float>(), M, N, K, kv, true);
   return y;
 }
 
@@ -636,26 +696,30 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
 // INT8 through the AVX2 tiles: columns [0, kv) vectorised, the rest (K % 16) added one by one before the
 // zero-point term and the scale.
 template <typename Q>
-void avx2_int8(const Int8Src<Q>& src, const torch::Tensor& x, torch::Tensor& y, int64_t M, int64_t N, int64_t K,
+void avx2_int8(const Int8Src<Q>& src, const float* xp, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                int64_t kv) {
-  const float* xp = x.data_ptr<float>();
-  avx2::matmul(avx2::Int8Codes<Q>{src.q, K}, xp, y.data_ptr<float>(), M, N, K, kv, avx2::STEP, src.s, 1, false,
+  avx2::matmul(avx2::Int8Codes<Q>{src.q, K}, xp, y, M, N, K, kv, avx2::STEP, src.s, 1, false,
                [&](int64_t m, int64_t n, float dot) {
                  for (int64_t k = kv; k < K; ++k) dot += xp[m * K + k] * src.code(n, k);
-                 return src.finish(m, n, dot);
+                 const float v = src.finish(m, n, dot);
+                 return bias ? v + bias[n] : v;
                });
 }
 #endif
 
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& zero_point) {
+                          const c10::optional<torch::Tensor>& zero_point, const c10::optional<torch::Tensor>& bias) {
   check_common(x, qweight, scale);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) == K, "int8_linear: qweight must be [N, K]");
   const bool per_row = scale.dim() > 0;
   TORCH_CHECK(scale.numel() == (per_row ? N : 1), "int8_linear: scale must be [N] or a scalar");
+  const float* b = bias_of(bias, N);
   auto y = torch::empty({M, N}, x.options());
-  auto xsum = x.sum(-1).contiguous();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // the row sums only the zero-point term needs (symmetric codes have none)
+  const std::vector<float> xsum = zero_point.has_value() ? span_sums(xp, M, K, K) : std::vector<float>();
   int64_t kv = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
   kv = K - K % (2 * LANES);
@@ -665,20 +729,20 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
     TORCH_CHECK(zero_point->scalar_type() == torch::kUInt8 && zero_point->numel() == scale.numel(),
                 "int8_linear: zero_point must be uint8 shaped like scale");
     const Int8Src<uint8_t> src{qweight.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                               zero_point->data_ptr<uint8_t>(), xsum.data_ptr<float>(), K, per_row, N};
+                               zero_point->data_ptr<uint8_t>(), xsum.data(), K, per_row, N};
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    avx2_int8(src, x, y, M, N, K, kv);
+    avx2_int8(src, xp, b, yp, M, N, K, kv);
 #else
-    run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+    run(src, xp, b, yp, M, N, K, kv, false);
 #endif
   } else {
     TORCH_CHECK(qweight.scalar_type() == torch::kInt8, "int8_linear: symmetric qweight must be int8");
-    const Int8Src<int8_t> src{qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr,
-                              xsum.data_ptr<float>(), K, per_row, N};
+    const Int8Src<int8_t> src{qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr, nullptr, K, per_row,
+                              N};
 #if defined(__AVX2__) && !defined(__AVX512F__)
-    avx2_int8(src, x, y, M, N, K, kv);
+    avx2_int8(src, xp, b, yp, M, N, K, kv);
 #else
-    run(src, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, kv);
+    run(src, xp, b, yp, M, N, K, kv, false);
 #endif
   }
   return y;
@@ -2366,8 +2430,11 @@ std::string simd() { return SIMD; }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_linear", &int4_linear, "INT4 (group-wise) dequantize + matmul, float32 accumulation");
-  m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul, float32 accumulation");
+  m.def("int4_linear", &int4_linear, "INT4 (group-wise) dequantize + matmul (+ bias), float32 accumulation",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero_point"), py::arg("group_size"),
+        py::arg("bias") = py::none());
+  m.def("int8_linear", &int8_linear, "INT8 (per-row or per-tensor) dequantize + matmul (+ bias), float32 accumulation",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("zero_point"), py::arg("bias") = py::none());
   m.def("dequantize_int4", &dequantize_int4, "INT4 codes -> float32/bf16 rows of the weight, one pass");
   m.def("dequantize_int8", &dequantize_int8, "INT8 codes -> float32/bf16 rows of the weight, one pass");
   m.def("w8a8_pack", &w8a8_pack, "INT8 weight codes -> the panel layout w8a8_gemm reads");

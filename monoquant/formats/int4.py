@@ -77,10 +77,10 @@ def _int4pack_cuda(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm(bf16_rows(x2d), packed, w.group_size, sz)
 
 
-def _fused_int4(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+def _fused_int4(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     stored = w.stored
     return fused.int4_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point,
-                             w.group_size)
+                             w.group_size, None if bias is None else bias.to(torch.float32).contiguous())
 
 
 def _fused_bf16_int4_eligible(w: QuantWeight, q: KernelQuery) -> bool:

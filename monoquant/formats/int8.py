@@ -34,9 +34,10 @@ def _int8pack_cpu(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int8pack_mm(bf16_rows(x2d), stored.qweight, scales)
 
 
-def _fused_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
+def _fused_int8(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     stored = w.stored
-    return fused.int8_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point)
+    return fused.int8_linear(x2d.to(torch.float32).contiguous(), stored.qweight, stored.scale, stored.zero_point,
+                             None if bias is None else bias.to(torch.float32).contiguous())
 
 
 def _fused_bf16_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
