@@ -1563,8 +1563,13 @@ std::vector<torch::Tensor> w8a8_vnni_linear_of(const torch::Tensor& x, const tor
   const int64_t per_group = (P + groups - 1) / groups;
   constexpr int64_t most_rows = VNNI_ROWS_PER_TASK + VNNI_MR;  // a chunk's rows: ceil(tiles / chunks) tiles at most
   at::parallel_for(0, chunks * groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> codes(most_rows * KQ * 4, 0);  // rows padded to whole groups of 4 with zeros
-    std::vector<int32_t> partial(KQ > VNNI_KQ_BLOCK ? most_rows * VNNI_PANEL : 0);  // earlier blocks' sums
+    // kept per thread between calls: fresh buffers (157 KiB of codes at K = 1536) were mapped, page-faulted and
+    // zeroed on every call
+    static thread_local std::vector<int8_t> codes;
+    static thread_local std::vector<int32_t> partial;  // earlier blocks' sums
+    if (static_cast<int64_t>(codes.size()) < most_rows * KQ * 4) codes.resize(most_rows * KQ * 4);
+    if (KQ > VNNI_KQ_BLOCK && static_cast<int64_t>(partial.size()) < most_rows * VNNI_PANEL)
+      partial.resize(most_rows * VNNI_PANEL);
     float xs[most_rows];
     int32_t cs[most_rows], zt[most_rows];
     for (int64_t t = t0; t < t1; ++t) {
@@ -1585,8 +1590,10 @@ std::vector<torch::Tensor> w8a8_vnni_linear_of(const torch::Tensor& x, const tor
           bound = std::max(std::fabs(mn), std::fabs(mx)) * (1.0f / s);  // >= |x * (1 / s)|: rounding is monotone
           if (!(bound >= 0.0f) || std::isinf(bound)) bound = -1.0f;
         }
-        const int32_t sum = vnni_quantize_row(xr, codes.data() + r * KQ * 4, K, s, static_cast<float>(z), !symmetric,
-                                              lo, hi, sh, bound);
+        int8_t* row_codes = codes.data() + r * KQ * 4;
+        std::fill(row_codes + K, row_codes + KQ * 4, static_cast<int8_t>(0));  // the row padded to whole groups of 4
+        const int32_t sum = vnni_quantize_row(xr, row_codes, K, s, static_cast<float>(z), !symmetric, lo, hi, sh,
+                                              bound);
         // a row holding an inf or NaN (its dynamic scale is not finite) comes out all NaN: no code stands for it
         xs[r] = dynamic && !std::isfinite(s) ? std::nanf("") : s;
         cs[r] = static_cast<int32_t>(static_cast<uint32_t>(sum) * 128u);  // wraps like the int32 sums it corrects
