@@ -1311,8 +1311,9 @@ torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scal
 //            works from the registers: y = (float(acc - 128 cs - zt rs) * xs) * ws (+ b), as float32 or rounded once to bf16
 //            (the roundings of rescale_rows, in its order)
 //   rows:    quantized 16 values per instruction (vnni_quantize_row: the reciprocal of the scale, the division
-//            only near a rounding boundary, tested against the row's bound when its range was taken); with dynamic qparams a row whose scale is not finite (it holds an inf or
-//            a NaN) gets a NaN row scale in the epilogue, so its output row is all NaN
+//            only near a rounding boundary, tested against the row's bound when its range was taken); with dynamic
+//            qparams a row whose scale is not finite (it holds an inf or a NaN) gets a NaN row scale in the
+//            epilogue, so its output row is all NaN
 // Tasks are (chunk of input rows) x (group of panels), each thread the same number of chunks of (to a tile) the same
 // rows: each quantizes its rows into a buffer of u8 codes (L2),
 // then runs them through its panels. Panels are split only when there are too few rows to keep every thread
@@ -1437,9 +1438,10 @@ void vnni_tile(const int8_t* a, int64_t lda, const uint8_t* panel, int64_t kq0, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // The VNNI layer's input rows, 16 values per instruction (AVX-512), with the same codes and qparams as
 // dynamic_quantize_row / quantize_row: x / s is computed as x * (1 / s), and where that product lies within
-// |p| 2^-21 (tested: 2^-20) of a half-integer (where it and the correctly rounded quotient could round to different integers:
-// both are within |q| 2^-23 of the exact quotient q) those lanes take the division itself, so the codes are the
-// division's bit for bit. Returns the sum of the (shifted) codes, what the epilogue's 128 cs term needs.
+// |p| 2^-21 (tested: 2^-20) of a half-integer (where it and the correctly rounded quotient could round to
+// different integers: both are within |q| 2^-23 of the exact quotient q) those lanes take the division itself,
+// so the codes are the division's bit for bit. Returns the sum of the (shifted) codes, what the epilogue's
+// 128 cs term needs.
 inline __m512 vnni_load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 vnni_load16(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -1513,7 +1515,8 @@ inline void vnni_row_range(const c10::BFloat16* xr, int64_t K, float& mn, float&
   __m512 vmn = _mm512_set1_ps(static_cast<float>(xr[0])), vmx = vmn;
   __mmask16 bad = 0;
   for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 m = K - k >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (K - k)) - 1);
+    const __mmask32 m =
+        K - k >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (K - k)) - 1);
     const __m512i raw = _mm512_mask_loadu_epi16(fill, m, xr + k);
     const __m512 a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
     const __m512 b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
@@ -1526,7 +1529,6 @@ inline void vnni_row_range(const c10::BFloat16* xr, int64_t K, float& mn, float&
   nan = bad != 0;
 }
 #endif
-
 
 // y [M, N] (float32, or bf16 when x is bf16) from x [M, K]; x_scale [M] (dynamic) or the static one [1] is returned
 // too. Static qparams: s_static (float32 [1]) and z_static (int32 [1], absent for symmetric activations).
