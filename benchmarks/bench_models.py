@@ -247,13 +247,14 @@ def bench_variants(model: nn.Module, x: torch.Tensor, variants, reps: int, compi
     return failures
 
 
-def bench_encoder(reps: int, compile_too: bool) -> int:
+def bench_encoder(reps: int, compile_too: bool, bf16_only: bool = False) -> int:
+    """The encoder's float32-model rows (unless ``bf16_only``), then its bf16-model rows against the cast."""
     torch.manual_seed(0)
     model = Stack(6, 384, 6, 1536).eval()
     x = torch.randn(32, 64, 384)
     print("encoder: 6 layers, d=384, FFN 1536, 32 x 64 tokens (rows per linear: 2048)")
     has_dot = mq.kernels.cpu_has_int_dot()
-    failures = bench_variants(model, x, (
+    failures = 0 if bf16_only else bench_variants(model, x, (
         ("INT4-g128 weight-only", mq.Int4(group_size=128), None, 0.9),
         ("INT8 weight-only", mq.Int8(), None, None),
         ("INT8 weights + dynamic INT8 acts", mq.Int8(), mq.Int8(dynamic=True), 0.6 if has_dot else None),
@@ -440,6 +441,8 @@ def main() -> int:
     parser.add_argument("--nets", nargs="*", choices=["digits", "resnet"], default=["digits", "resnet"],
                         help="which conv nets to time (none: no conv rows)")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile rows (compiling takes a while)")
+    parser.add_argument("--only-bf16-model", action="store_true",
+                        help="of the encoder, only the bf16-model rows against the cast (fits a short quiet run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     k = mq.kernels
@@ -451,7 +454,7 @@ def main() -> int:
     failures = 0
     with torch.inference_mode():
         if not args.skip_encoder:
-            failures += bench_encoder(args.reps, not args.skip_compile)
+            failures += bench_encoder(args.reps, not args.skip_compile, args.only_bf16_model)
         if not args.skip_cnn:
             failures += bench_cnn(args.reps, not args.skip_compile, tuple(args.nets))
         if not args.skip_decoder:

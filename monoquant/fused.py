@@ -574,9 +574,9 @@ def w8a8_vnni_linear(x: torch.Tensor, packed: torch.Tensor, n: int, rowsum: torc
     :meth:`~monoquant.nn.activation.ActivationQuantizer.int8_codes` does (per-row min/max qparams, or the static
     ``static_scale`` (float32 ``[1]``) and ``static_zero`` (int32 ``[1]``, ``None`` when ``symmetric``)), multiplied
     exactly with the :func:`w8a8_vnni_pack`-ed weight (``rowsum``: int32 ``[N]``, its code sums), and rescaled by the
-    row scale, then ``w_scale`` (float32, per output or one), plus ``bias`` (float32 ``[N]`` or ``None``); ``y`` is
-    ``[M, n]`` in ``x``'s dtype, bit-identical to :func:`dynamic_quantize_rows` (:func:`quantize_rows`), an int32
-    GEMM and :func:`rescale_rows` (the codes from ``x * (1 / s)``, with the division itself wherever that product
+    row scale, then ``w_scale`` (float32, per output or one), plus ``bias`` (float32 or bf16 ``[N]``, or ``None``);
+    ``y`` is ``[M, n]`` in ``x``'s dtype, bit-identical to :func:`dynamic_quantize_rows` (:func:`quantize_rows`), an
+    int32 GEMM and :func:`rescale_rows` (the codes from ``x * (1 / s)``, with the division itself wherever that product
     lies close enough to a rounding boundary to round otherwise). With dynamic qparams a row holding an inf or NaN
     comes out all NaN. ``scale``: the row scales ``[M]`` (or the static one). Custom op
     ``monoquant::w8a8_vnni_linear``; only where :func:`has_vnni`."""

@@ -108,7 +108,11 @@ def test_vnni_codes_near_half_integers_are_the_divisions(symmetric, bf16):
         for _ in range(2):  # also the steps past the first neighbour
             near = torch.cat([near, torch.nextafter(near, near * 2)])
         x = near[torch.randperm(near.numel())][: 96 * 9].reshape(9, 96)
+        if act.dynamic:  # each row's range anchored so that its own scale is (within float rounding) s
+            x[:, 0], x[:, 1] = (-127 if symmetric else -128) * s, 127 * s
         x = x.bfloat16() if bf16 else x
+        if act.dynamic:
+            assert torch.allclose(model[0].input_quantizer.qparams(x)[0], s, rtol=1e-2 if bf16 else 1e-6)
         assert torch.equal(_run(model, x, "w8a8_vnni"), _run(model, x, "w8a8_fused"))
 
 
@@ -127,10 +131,11 @@ def test_vnni_rows_with_an_inf_or_nan_come_out_nan_and_the_others_untouched(bad)
 
 
 @needs_vnni
-@pytest.mark.parametrize("rows", [1, 5, 97, 300])
+@pytest.mark.parametrize("rows", [1, 5, 97, 300, 2048, 2053])
 def test_vnni_row_scales_equal_the_quantizers_and_splits_do_not_change_the_output(rows):
-    """The kernel returns the per-row scales the quantizer computes; one thread or two (tasks split by rows, or by
-    panels for few rows) give the same output."""
+    """The kernel returns the per-row scales the quantizer computes; one thread, two or three (tasks split by rows
+    into the same number of chunks per thread, or by panels for few rows) give the same output, the int16-pair
+    GEMM path's."""
     model = _w8a8(130, 150, mq.Int8(dynamic=True))
     q = model[0]
     x = torch.randn(rows, 130)
@@ -143,13 +148,35 @@ def test_vnni_row_scales_equal_the_quantizers_and_splits_do_not_change_the_outpu
             F.SCALE_EPS)
     y, scale = fused.w8a8_vnni_linear(*args)
     assert torch.equal(scale, act.qparams(x)[0].reshape(-1))
+    assert torch.equal(y, _run(model, x, "w8a8_fused"))
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1, _ = fused.w8a8_vnni_linear(*args)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(y, y1)
+    for t in (1, 3):
+        try:
+            torch.set_num_threads(t)
+            y1, _ = fused.w8a8_vnni_linear(*args)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(y, y1)
+
+
+@needs_vnni
+@settings(max_examples=15, deadline=None)
+@given(k=st.integers(1, 300), n=st.integers(1, 130), rows=st.integers(1, 300), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_vnni_on_a_bf16_model_takes_its_bf16_bias_as_is(k, n, rows, symmetric, seed):
+    """A bf16 model (bf16 bias, bf16 input): the kernel widens the bias itself, and the output equals the int16-pair
+    GEMM path's and the kernel's own with the bias widened beforehand."""
+    model = _w8a8(k, n, mq.Int8(symmetric=symmetric, dynamic=True), seed=seed).to(torch.bfloat16)
+    q = model[0]
+    assert q.bias.dtype == torch.bfloat16
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(seed + 1)) * 3).bfloat16()
+    y = _run(model, x, "w8a8_vnni")
+    assert torch.equal(y, _run(model, x, "w8a8_fused"))
+    stored, act = q.quant_weight.stored, q.input_quantizer
+    args = (fused.w8a8_vnni_pack(stored.qweight), n, stored.qweight.sum(1, dtype=torch.int32), stored.scale.float())
+    rest = (act.qtype.qmin, act.qtype.qmax, symmetric, F.SCALE_EPS)
+    assert torch.equal(fused.w8a8_vnni_linear(x, *args, q.bias, *rest)[0],
+                       fused.w8a8_vnni_linear(x, *args, q.bias.float(), *rest)[0])
 
 
 @needs_vnni

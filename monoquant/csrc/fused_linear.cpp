@@ -1375,9 +1375,11 @@ torch::Tensor rescale_rows(const torch::Tensor& acc, const torch::Tensor& x_scal
 //            works from the registers: y = (float(acc - 128 cs - zt rs) * xs) * ws (+ b), as float32 or rounded once to bf16
 //            (the roundings of rescale_rows, in its order)
 //   rows:    quantized 16 values per instruction (vnni_quantize_row: the reciprocal of the scale, the division
-//            only near a rounding boundary); with dynamic qparams a row whose scale is not finite (it holds an inf or
-//            a NaN) gets a NaN row scale in the epilogue, so its output row is all NaN
-// Tasks are (chunk of input rows) x (group of panels): each quantizes its rows into a buffer of u8 codes (L2),
+//            only near a rounding boundary, tested against the row's bound when its range was taken); with dynamic
+//            qparams a row whose scale is not finite (it holds an inf or a NaN) gets a NaN row scale in the
+//            epilogue, so its output row is all NaN
+// Tasks are (chunk of input rows) x (group of panels), each thread the same number of chunks of (to a tile) the same
+// rows: each quantizes its rows into a buffer of u8 codes (L2),
 // then runs them through its panels. Panels are split only when there are too few rows to keep every thread
 // busy (those tasks quantize the same rows again: a few rows, cheap next to their GEMM).
 constexpr int64_t VNNI_PANEL = 64;
@@ -1500,37 +1502,47 @@ void vnni_tile(const int8_t* a, int64_t lda, const uint8_t* panel, int64_t kq0, 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // The VNNI layer's input rows, 16 values per instruction (AVX-512), with the same codes and qparams as
 // dynamic_quantize_row / quantize_row: x / s is computed as x * (1 / s), and where that product lies within
-// |p| 2^-21 of a half-integer (where it and the correctly rounded quotient could round to different integers:
-// both are within |q| 2^-23 of the exact quotient q) those lanes take the division itself, so the codes are the
-// division's bit for bit. Returns the sum of the (shifted) codes, what the epilogue's 128 cs term needs.
+// |p| 2^-21 (tested: 2^-20) of a half-integer (where it and the correctly rounded quotient could round to
+// different integers: both are within |q| 2^-23 of the exact quotient q) those lanes take the division itself,
+// so the codes are the division's bit for bit. Returns the sum of the (shifted) codes, what the epilogue's
+// 128 cs term needs.
 inline __m512 vnni_load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 vnni_load16(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+// bound: a value >= |x / s| for every x of the row (dynamic qparams: max(|min|, |max|) / s, from the row's range),
+// which turns the per-lane test into one compare against a constant; a negative bound (static qparams, no range
+// taken) keeps the per-lane test. Either flags at least the lanes the per-lane |p| 2^-21 bound flags: the constant
+// uses 2^-20 of the bound, which also covers the rounding of 0.5 - tolerance (lanes below 1/16 cannot be near a
+// half-integer).
 template <typename T>
 inline int32_t vnni_quantize_row(const T* xr, int8_t* o, int64_t K, float s, float z, bool add_zero, float lo, float hi,
-                                 float sh) {
+                                 float sh, float bound) {
   const float r = 1.0f / s;
   const bool by_reciprocal = std::isfinite(r) && r != 0.0f;
+  const bool row_tol = bound >= 0.0f;
   const __m512 vs = _mm512_set1_ps(s), vr = _mm512_set1_ps(r), vz = _mm512_set1_ps(z), vlo = _mm512_set1_ps(lo),
                vhi = _mm512_set1_ps(hi), vsh = _mm512_set1_ps(sh), half = _mm512_set1_ps(0.5f),
-               tol = _mm512_set1_ps(1.0f / (1 << 21));
+               tol = _mm512_set1_ps(1.0f / (1 << 20)),
+               edge = _mm512_set1_ps(row_tol ? 0.5f - bound * (1.0f / (1 << 20)) : 0.0f);
   __m512i sum = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
     const __m512 x = vnni_load16(xr + k, m);
-    __m512 q;
+    __m512 v;
     if (by_reciprocal) {
-      q = _mm512_mul_ps(x, vr);
-      const __m512 f = _mm512_sub_ps(_mm512_sub_ps(q, _mm512_roundscale_ps(q, _MM_FROUND_TO_NEG_INF)), half);
-      const __mmask16 near = _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(f), _mm512_mul_ps(_mm512_abs_ps(q), tol),
-                                                     _CMP_LE_OQ);
-      if (near) q = _mm512_mask_div_ps(q, near, x, vs);
+      const __m512 q = _mm512_mul_ps(x, vr);
+      v = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // |q - round(q)| is exact; within the tolerance of 0.5, q and the quotient may round apart
+      const __m512 d = _mm512_abs_ps(_mm512_sub_ps(q, v));
+      const __m512 e = row_tol ? edge : _mm512_sub_ps(half, _mm512_mul_ps(_mm512_abs_ps(q), tol));
+      const __mmask16 near = _mm512_mask_cmp_ps_mask(m, d, e, _CMP_GE_OQ);
+      if (near)
+        v = _mm512_mask_roundscale_ps(v, near, _mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      q = _mm512_div_ps(x, vs);
+      v = _mm512_roundscale_ps(_mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
-    __m512 v = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (add_zero) v = _mm512_add_ps(v, vz);
     v = _mm512_sub_ps(_mm512_min_ps(_mm512_max_ps(v, vlo), vhi), vsh);  // NaN -> lo - sh, as quantize_row
     const __m512i i32 = _mm512_maskz_cvtps_epi32(m, v);
@@ -1553,6 +1565,28 @@ inline void vnni_row_range(const T* xr, int64_t K, float& mn, float& mx, bool& n
     vmn = _mm512_min_ps(vmn, v);
     vmx = _mm512_max_ps(vmx, v);
     bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  mn = _mm512_reduce_min_ps(vmn);
+  mx = _mm512_reduce_max_ps(vmx);
+  nan = bad != 0;
+}
+// the same for bf16 rows, 32 values per load: widening by interleaving with zeros puts them out of order, which
+// min, max and the NaN test do not see (one unordered compare of the two halves finds a NaN in either)
+template <>
+inline void vnni_row_range(const c10::BFloat16* xr, int64_t K, float& mn, float& mx, bool& nan) {
+  const __m512i fill = _mm512_set1_epi16(static_cast<int16_t>(xr[0].x));  // lanes past K: the first value
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 vmn = _mm512_set1_ps(static_cast<float>(xr[0])), vmx = vmn;
+  __mmask16 bad = 0;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 m =
+        K - k >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (K - k)) - 1);
+    const __m512i raw = _mm512_mask_loadu_epi16(fill, m, xr + k);
+    const __m512 a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+    const __m512 b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+    vmn = _mm512_min_ps(vmn, _mm512_min_ps(a, b));
+    vmx = _mm512_max_ps(vmx, _mm512_max_ps(a, b));
+    bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
   }
   mn = _mm512_reduce_min_ps(vmn);
   mx = _mm512_reduce_max_ps(vmx);
@@ -1584,32 +1618,48 @@ std::vector<torch::Tensor> w8a8_vnni_linear_of(const torch::Tensor& x, const tor
   const bool ws_cols = w_scale.numel() == N;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const int64_t chunks = (M + VNNI_ROWS_PER_TASK - 1) / VNNI_ROWS_PER_TASK;
   const int64_t threads = at::get_num_threads();
+  int64_t chunks = (M + VNNI_ROWS_PER_TASK - 1) / VNNI_ROWS_PER_TASK;
+  // as many chunks per thread, their bounds on multiples of VNNI_MR: parallel_for gives each thread a run of
+  // whole chunks, and 22 chunks of 96 rows for 2048 rows on 2 threads gave one thread 1056 rows, the other 992
+  if (chunks > threads) chunks = (chunks + threads - 1) / threads * threads;
+  const int64_t tiles = (M + VNNI_MR - 1) / VNNI_MR;
+  auto chunk_start = [&](int64_t c) { return c >= chunks ? M : std::min(M, (c * tiles / chunks) * VNNI_MR); };
   const int64_t groups = chunks >= threads ? 1 : std::min(P, (threads + chunks - 1) / chunks);
   const int64_t per_group = (P + groups - 1) / groups;
+  constexpr int64_t most_rows = VNNI_ROWS_PER_TASK + VNNI_MR;  // a chunk's rows: ceil(tiles / chunks) tiles at most
   at::parallel_for(0, chunks * groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> codes(VNNI_ROWS_PER_TASK * KQ * 4, 0);  // rows padded to whole groups of 4 with zeros
-    std::vector<int32_t> partial(KQ > VNNI_KQ_BLOCK ? VNNI_ROWS_PER_TASK * VNNI_PANEL : 0);  // earlier blocks' sums
-    float xs[VNNI_ROWS_PER_TASK];
-    int32_t cs[VNNI_ROWS_PER_TASK], zt[VNNI_ROWS_PER_TASK];
+    // kept per thread between calls: fresh buffers (157 KiB of codes at K = 1536) were mapped, page-faulted and
+    // zeroed on every call
+    static thread_local std::vector<int8_t> codes;
+    static thread_local std::vector<int32_t> partial;  // earlier blocks' sums
+    if (static_cast<int64_t>(codes.size()) < most_rows * KQ * 4) codes.resize(most_rows * KQ * 4);
+    if (KQ > VNNI_KQ_BLOCK && static_cast<int64_t>(partial.size()) < most_rows * VNNI_PANEL)
+      partial.resize(most_rows * VNNI_PANEL);
+    float xs[most_rows];
+    int32_t cs[most_rows], zt[most_rows];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t / groups, group = t % groups;
-      const int64_t m0 = chunk * VNNI_ROWS_PER_TASK, rows = std::min(VNNI_ROWS_PER_TASK, M - m0);
+      const int64_t m0 = chunk_start(chunk), rows = chunk_start(chunk + 1) - m0;
+      TORCH_CHECK(rows <= most_rows, "w8a8_vnni_linear: internal chunk bound");
       for (int64_t r = 0; r < rows; ++r) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
         const T* xr = xp + (m0 + r) * K;
         int32_t z = z_fixed;
-        float s = s_fixed;
+        float s = s_fixed, bound = -1.0f;  // static: no range taken, the quantize tests each lane
         if (dynamic) {
           float mn, mx;
           bool nan;
           vnni_row_range(xr, K, mn, mx, nan);
           row_qparams(mn, mx, nan, qmin, qmax, symmetric, eps, s, z);
           if (group == 0) sp[m0 + r] = s;
+          bound = std::max(std::fabs(mn), std::fabs(mx)) * (1.0f / s);  // >= |x * (1 / s)|: rounding is monotone
+          if (!(bound >= 0.0f) || std::isinf(bound)) bound = -1.0f;
         }
-        const int32_t sum = vnni_quantize_row(xr, codes.data() + r * KQ * 4, K, s, static_cast<float>(z), !symmetric,
-                                              lo, hi, sh);
+        int8_t* row_codes = codes.data() + r * KQ * 4;
+        std::fill(row_codes + K, row_codes + KQ * 4, static_cast<int8_t>(0));  // the row padded to whole groups of 4
+        const int32_t sum = vnni_quantize_row(xr, row_codes, K, s, static_cast<float>(z), !symmetric, lo, hi, sh,
+                                              bound);
         // a row holding an inf or NaN (its dynamic scale is not finite) comes out all NaN: no code stands for it
         xs[r] = dynamic && !std::isfinite(s) ? std::nanf("") : s;
         cs[r] = static_cast<int32_t>(static_cast<uint32_t>(sum) * 128u);  // wraps like the int32 sums it corrects
@@ -1664,9 +1714,12 @@ std::vector<torch::Tensor> w8a8_vnni_linear(const torch::Tensor& x, const torch:
               "w8a8_vnni_linear: int32 rowsum [N]");
   TORCH_CHECK(w_scale.scalar_type() == torch::kFloat32 && w_scale.is_contiguous() &&
               (w_scale.numel() == 1 || w_scale.numel() == N), "w8a8_vnni_linear: float32 w_scale per output or one");
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "w8a8_vnni_linear: float32 bias [N]");
+  c10::optional<torch::Tensor> b32;  // a bf16 bias (a bf16 model's) widened here, exactly: one call less in Python
+  if (bias.has_value()) {
+    TORCH_CHECK((bias->scalar_type() == torch::kFloat32 || bias->scalar_type() == torch::kBFloat16) &&
+                bias->device().is_cpu() && bias->numel() == N, "w8a8_vnni_linear: float32 or bf16 bias [N]");
+    b32 = bias->to(torch::kFloat32).contiguous();
+  }
   TORCH_CHECK(qmin - (symmetric ? 0 : 128) >= -128 && qmax - (symmetric ? 0 : 128) <= 127,
               "w8a8_vnni_linear: shifted codes must fit int8");
   if (s_static.has_value()) {
@@ -1676,9 +1729,9 @@ std::vector<torch::Tensor> w8a8_vnni_linear(const torch::Tensor& x, const torch:
                               z_static->numel() == 1), "w8a8_vnni_linear: a static affine zero-point is one int32");
   }
   return x.scalar_type() == torch::kBFloat16
-             ? w8a8_vnni_linear_of<c10::BFloat16>(x, packed, N, rowsum, w_scale, bias, qmin, qmax, symmetric, eps,
+             ? w8a8_vnni_linear_of<c10::BFloat16>(x, packed, N, rowsum, w_scale, b32, qmin, qmax, symmetric, eps,
                                                   s_static, z_static)
-             : w8a8_vnni_linear_of<float>(x, packed, N, rowsum, w_scale, bias, qmin, qmax, symmetric, eps, s_static,
+             : w8a8_vnni_linear_of<float>(x, packed, N, rowsum, w_scale, b32, qmin, qmax, symmetric, eps, s_static,
                                           z_static);
 }
 

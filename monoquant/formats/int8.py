@@ -172,9 +172,10 @@ def _w8a8_vnni(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None
     rowsum = w.cached("w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
     xf = (x2d if x2d.dtype == torch.bfloat16 else x2d.float()).contiguous()
     qt = act.qtype
-    y, scale = fused.w8a8_vnni_linear(xf, packed, n, rowsum, stored.scale.float().contiguous(),
-                                      None if bias is None else bias.float().contiguous(), qt.qmin, qt.qmax,
-                                      qt.symmetric, act.eps, *act.static_qparams())
+    if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+        bias = bias.float()  # the kernel widens float32 / bf16 itself
+    y, scale = fused.w8a8_vnni_linear(xf, packed, n, rowsum, stored.scale.float().contiguous(), bias, qt.qmin,
+                                      qt.qmax, qt.symmetric, act.eps, *act.static_qparams())
     if not act.dynamic:  # dynamic: the kernel wrote the rows whose scale is not finite as NaN itself
         act.nan_nonfinite_rows_(y, x2d, scale)
     return y
