@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import monoquant as mq
+from monoquant import fused, hardware
 
 STATIC = mq.QuantConfig(mq.Int8(), activations=mq.Int8(), skip=mq.SkipRules.none())
 
@@ -113,7 +114,9 @@ def test_quantize_with_calibration_data_equals_the_manual_flow():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     # no forward since freeze: the static table's guess, marked
-    assert [r.kernel for r in report.quantized] == ["w8a8_int_mm (static guess, not run yet)"] * 2
+    vnni = hardware.cpu_has_avx512_vnni() and fused.available() and fused.has_vnni()  # the format's first choice
+    guess = "w8a8_vnni" if vnni else "w8a8_int_mm"
+    assert [r.kernel for r in report.quantized] == [f"{guess} (static guess, not run yet)"] * 2
     assert [r.method for r in report.quantized] == ["rtn", "rtn"]
     x = torch.randn(3, 16)
     assert torch.equal(a(x), b(x))

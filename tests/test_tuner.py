@@ -207,11 +207,11 @@ def test_w8a8_int_mm_needs_integer_dot_products_on_cpu(monkeypatch):
     q = model[0]
     x = torch.randn(5, 64)
     monkeypatch.setattr(hardware, "cpu_has_int_dot", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_avx512_vnni", lambda: False)  # else the whole-layer w8a8_vnni comes first
     with torch.no_grad():
         y_int = q(x)
     assert q.last_kernel == "w8a8_int_mm"
     monkeypatch.setattr(hardware, "cpu_has_int_dot", lambda: False)
-    monkeypatch.setattr(hardware, "cpu_has_avx512_vnni", lambda: False)
     if fused.available():  # the compiled int16-pair GEMM instead: the same integers, so the same output
         with torch.no_grad():
             y_fused = q(x)
