@@ -492,18 +492,11 @@ def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
             bias = m._buffers["bias"]  # a buffer of every layer: no nn.Module __getattr__ per call
             if bias is not None and bias.requires_grad and torch.is_grad_enabled():
                 return run_kernel(m, name, xb)
-            if xb.dim() == 2:
-                y = run(w, xb, bias)
-                return y if y.dtype == xb.dtype else y.to(xb.dtype)
-            y = run(w, xb.reshape(-1, xb.shape[-1]), bias)
-            return (y if y.dtype == xb.dtype else y.to(xb.dtype)).reshape(*xb.shape[:-1], y.shape[-1])
+            return _shaped_like(run(w, flat(xb), bias), xb)
         return run_with_bias
     if c.int8_inputs:
-        def run_int8(m, xb: torch.Tensor) -> torch.Tensor:
-            y = run(w, xb.reshape(-1, xb.shape[-1]), m.input_quantizer, m.bias)
-            return (y if y.dtype == xb.dtype else y.to(xb.dtype)).reshape(*xb.shape[:-1], y.shape[-1])
-        return run_int8
-    return lambda m, xb: _finish(m, run(w, xb.reshape(-1, xb.shape[-1])), xb)
+        return lambda m, xb: _shaped_like(run(w, flat(xb), m.input_quantizer, m.bias), xb)
+    return lambda m, xb: _finish(m, run(w, flat(xb)), xb)
 
 
 def run_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -516,12 +509,10 @@ def run_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"kernel {name!r} is not a candidate of {module.quant_weight.format.describe()}; "
                           f"its kernels: {', '.join((*module.quant_weight.format.kernels(), 'dequant'))}")
     if c.int8_inputs:
-        y = c.run(module.quant_weight, flat(x), module.input_quantizer, module.bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        return _shaped_like(c.run(module.quant_weight, flat(x), module.input_quantizer, module.bias), x)
     bias = module.bias
     if c.fuses_bias and (bias is None or not (bias.requires_grad and torch.is_grad_enabled())):
-        y = c.run(module.quant_weight, flat(x), bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+        return _shaped_like(c.run(module.quant_weight, flat(x), bias), x)
     return _finish(module, c.run(module.quant_weight, flat(x), None) if c.fuses_bias else
                    c.run(module.quant_weight, flat(x)), x)
 
@@ -564,6 +555,12 @@ def _finish(module, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if bias.dtype != y.dtype:
             bias = bias.to(y.dtype)
         y = torch.add(y, bias) if y.requires_grad else y.add_(bias)
+    return _shaped_like(y, x)
+
+
+def _shaped_like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kernel's ``[rows, N]`` output in input ``x``'s dtype and leading dims (casts and reshapes that would do
+    nothing are skipped: each is a dispatch on a small layer's call)."""
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

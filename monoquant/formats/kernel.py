@@ -157,8 +157,8 @@ class QuantWeight:
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, K]``."""
-    return x.reshape(-1, x.shape[-1])
+    """``x`` as ``[rows, K]`` (a 2-D ``x`` itself: a reshape is a dispatch on every small layer's call)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def bf16_rows(x2d: torch.Tensor) -> torch.Tensor:
