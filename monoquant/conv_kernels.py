@@ -72,7 +72,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import fused, kernels, tuner
+from . import call_plans, fused, kernels, tuner
 from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
 from .hardware import cpu_has_fast_bf16
 from .im2col import ConvGeometry, conv_patches
@@ -147,10 +147,10 @@ def select_conv_kernel(module, x: torch.Tensor, *, weights_only: bool = False) -
 
 
 def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple:
-    """``(name, run, ...)``: :func:`select_conv_kernel`'s choice and the function that runs it (``run(module,
-    x)``). Once measured, the pair is remembered per exact input shape (``quant_weight.cache["conv_by_shape"]``,
-    with the batch bucket as a third entry): the per-call work of a small conv at batch 1 is then one lookup (its
-    whole conv takes under 10 us)."""
+    """``(name, run, measured)``: :func:`select_conv_kernel`'s choice, the function that runs it (``run(module,
+    x)``), and whether it was measured. A measured plan is remembered per exact input shape
+    (``quant_weight.cache["conv_by_shape"]``), with what each call would decide again decided
+    (:func:`_shortcut`), so that the weight-only choice inside ``float_acts_conv`` costs one lookup too."""
     needs_grad = x.requires_grad and torch.is_grad_enabled()
     w: QuantWeight = module.quant_weight
     memo = exact = shapes = None
@@ -170,36 +170,33 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple:
     choice = _choose(module, x, needs_grad, weights_only, pinned, memo)
     run = _SHARED.get(choice) or _CONV[choice]
     if shapes is None or memo not in w.cache:
-        return choice, run
+        return choice, run, False
     if len(shapes) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
         shapes.clear()
-    # (name, run, batch bucket): conv() records the bucket from here without computing it again
-    plan = shapes[exact] = (choice, _shortcut(module, x, choice, shapes) or run, tuner.row_bucket(x.shape[0]))
+    plan = shapes[exact] = (choice, _shortcut(module, x, choice) or run, True)
     return plan
 
 
-def _shortcut(module, x: torch.Tensor, name: str, shapes: dict) -> Callable[..., torch.Tensor] | None:
-    """For the per-shape memo (``shapes``, used only where no pin and no ``tuning(False)`` apply): ``run(module,
-    x)`` with what every call of the baseline paths would decide again already decided, or ``None`` for the plain
-    runner. ``dequant_conv`` with a kept kernel in the input's dtype is ``float_conv`` with that kernel;
-    ``act_sim_conv`` fake-quantizes, then looks the weight-only choice up in the same memo. Both live in
-    ``quant_weight.cache``, so what drops the kept kernel drops the shortcut."""
+def _shortcut(module, x: torch.Tensor, name: str) -> Callable[..., torch.Tensor] | None:
+    """For the per-shape memo (used only where no pin and no ``tuning(False)`` apply): ``run(module, x)`` with
+    what every call of the baseline paths would decide again already decided, or ``None`` for the plain runner.
+    ``dequant_conv`` with a kept kernel in the input's dtype is the ``F.conv*`` call with that kernel and the
+    layer's geometry; ``float_acts_conv`` is the weight-only choice for this shape; ``act_sim_conv``
+    fake-quantizes, then runs that choice. They live in ``quant_weight.cache``, so what drops the kept kernel
+    drops the shortcut."""
     if name == "dequant_conv" and kernels.float_compute_dtype(module, x) == x.dtype:
         kept = kernels.kept_float_weight(module, x.dtype)
         bias = module.bias
         if kept is not None and (bias is None or bias.dtype == x.dtype):
-            return lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])  # no nn.Module __getattr__ per call
+            if module.padding_mode != "zeros":
+                return lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])
+            conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
+            return lambda m, xb: conv_fn(xb, kept, m._buffers["bias"], *args)  # no nn.Module __getattr__ per call
     if name == "float_acts_conv":
-        def float_acts(m, xb: torch.Tensor) -> torch.Tensor:
-            inner = shapes.get((True, xb.shape, xb.dtype, xb.device))
-            return (inner or _plan(m, xb, weights_only=True))[1](m, xb)
-        return float_acts
+        return _plan(module, x, weights_only=True)[1]
     if name == "act_sim_conv":
-        def act_sim(m, xb: torch.Tensor) -> torch.Tensor:
-            xq = fake_quantize_samples(m.input_quantizer, xb)
-            inner = shapes.get((True, xq.shape, xq.dtype, xq.device))
-            return (inner or _plan(m, xq, weights_only=True))[1](m, xq)
-        return act_sim
+        inner = _plan(module, x, weights_only=True)[1]
+        return lambda m, xb: inner(m, fake_quantize_samples(m.input_quantizer, xb))
     return None
 
 
@@ -243,25 +240,24 @@ def _time_best_of_three(call: Callable[[], object]) -> float:
 
 
 # ---- running ----------------------------------------------------------------------------------------------
-def conv(module, x: torch.Tensor) -> torch.Tensor:
+def conv(module, x: torch.Tensor, *, raw_ok: bool = False) -> torch.Tensor:
     """``module``'s output for its prepared input ``x`` (batched or not), through the chosen conv kernel.
 
-    A batched input whose exact shape has a measured plan (:func:`_plan`'s per-shape memo) goes straight to it:
-    one lookup, then the conv (the plan's keys are batched shapes, so an unbatched input never matches one)."""
+    A measured choice for a batched input is also remembered per exact input with the function that runs it
+    (:mod:`monoquant.call_plans`): the next call like it is one lookup, then the conv. ``raw_ok``: ``x`` is the
+    layer's raw input, so its ``forward`` may run the plan before preparing the next input like it."""
+    run = call_plans.lookup(module, x)
+    if run is not None:
+        return run(module, x)
     if module.computes_in_float:
         return module.float_forward(x)  # calibration passes: the float weight or float inputs, recorded there
-    w: QuantWeight = module.quant_weight
-    shapes = w.cache.get("conv_by_shape")
-    if shapes is not None and not (x.requires_grad and torch.is_grad_enabled()) and tuner.measured():
-        # the key _plan stores under; input_quantizer read without nn.Module's __getattr__ (as computes_in_float)
-        plan = shapes.get((module._modules.get("input_quantizer") is None, x.shape, x.dtype, x.device))
-        if plan is not None:
-            w.record_run(plan[0], plan[2])
-            return plan[1](module, x)
     unbatched = x.dim() == _geometry(module).dims + 1
     xb = x.unsqueeze(0) if unbatched else x
     plan = _plan(module, xb)
-    w.record_run(plan[0], tuner.row_bucket(xb.shape[0]))
+    bucket = tuner.row_bucket(xb.shape[0])
+    module.quant_weight.record_run(plan[0], bucket)
+    if plan[2] and not unbatched and module.calibration_tap is None:
+        call_plans.remember(module, x, plan[0], bucket, plan[1], raw_ok=raw_ok)
     y = plan[1](module, xb)
     return y.squeeze(0) if unbatched else y
 
@@ -278,10 +274,15 @@ def run_conv_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The layer's ``F.conv*`` in ``dtype`` with its kernel dequantized: the kept one
-    (:func:`monoquant.kernels.kept_float_weight`), else dequantized now (into a reused per-thread buffer unless
-    autograd needs it). Casts are skipped where the dtype
-    already matches (each is a dispatch on a path whose fixed cost decides small convolutions)."""
+    (:func:`monoquant.kernels.kept_float_weight`, cast to ``dtype`` when it is kept in another), else dequantized
+    now (into a reused per-thread buffer unless autograd needs it). Casts are skipped where the dtype already
+    matches (each is a dispatch on a path whose fixed cost decides small convolutions)."""
     weight = kernels.kept_float_weight(module, dtype)
+    if weight is None:
+        # the kept kernel cast to dtype: a quarter of the cost of dequantizing it again (an 18k-weight conv's
+        # kernel, 6 vs 24 us on AMD EPYC Zen 4, against a 165 us bf16 conv at batch 16)
+        kept = kernels.kept_float_weight(module, module.compute_dtype or module.float_dtype)
+        weight = None if kept is None else kept.to(dtype)
     if weight is None:
         w: QuantWeight = module.quant_weight
         if x.requires_grad and torch.is_grad_enabled():

@@ -209,8 +209,9 @@ def simd() -> str:
     return module.simd() if module is not None else "none"
 
 
-def _kernel(name: str):
-    """The compiled function ``name`` (the extension is built on first call)."""
+def compiled(name: str):
+    """The compiled function ``name`` (the extension is built on first call): what the custom ops call, and what
+    eager code binds once where it calls a kernel many times (:mod:`monoquant.call_plans`); never traced."""
     return getattr(load(), name)
 
 
@@ -233,7 +234,7 @@ def _call(op, name: str, *args):
 @_op("int4_linear")
 def _int4_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _kernel("int4_linear")(x, qweight, scale, zero_point, group_size, bias)
+    return compiled("int4_linear")(x, qweight, scale, zero_point, group_size, bias)
 
 
 @_int4_linear_op.register_fake
@@ -244,7 +245,7 @@ def _(x, qweight, scale, zero_point, group_size, bias=None):
 @_op("int8_linear")
 def _int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     zero_point: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _kernel("int8_linear")(x, qweight, scale, zero_point, bias)
+    return compiled("int8_linear")(x, qweight, scale, zero_point, bias)
 
 
 @_int8_linear_op.register_fake
@@ -261,7 +262,7 @@ def _int4_bf16_op(name: str):
     """The custom op ``monoquant::name`` of an INT4 AVX512-BF16 kernel (``int4_linear_bf16``, ``int4_gemm_bf16``)."""
     def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              group_size: int) -> torch.Tensor:
-        return _kernel(name)(x, qweight, scale, zero_point, group_size)
+        return compiled(name)(x, qweight, scale, zero_point, group_size)
 
     op = _op(name)(impl)
     op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
@@ -272,7 +273,7 @@ def _int8_bf16_op(name: str):
     """The custom op of an INT8 AVX512-BF16 kernel (``int8_linear_bf16``, ``int8_gemm_bf16``)."""
     def impl(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
              zero_point: torch.Tensor | None) -> torch.Tensor:
-        return _kernel(name)(x, qweight, scale, zero_point)
+        return compiled(name)(x, qweight, scale, zero_point)
 
     op = _op(name)(impl)
     op.register_fake(lambda x, qweight, *_: _bf16_product(x, qweight))
@@ -286,7 +287,7 @@ _int8_linear_bf16_op = _int8_bf16_op("int8_linear_bf16")
 @_op("int4_gemm_bf16")
 def _int4_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                        group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int4_gemm_bf16")(x, qweight, scale, zero_point, group_size, bias)
+    return compiled("int4_gemm_bf16")(x, qweight, scale, zero_point, group_size, bias)
 
 
 @_int4_gemm_bf16_op.register_fake
@@ -297,7 +298,7 @@ def _(x, qweight, scale, zero_point, group_size, bias):
 @_op("int8_gemm_bf16")
 def _int8_gemm_bf16_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                        bias: torch.Tensor | None) -> torch.Tensor:
-    return _kernel("int8_gemm_bf16")(x, qweight, scale, zero_point, bias)
+    return compiled("int8_gemm_bf16")(x, qweight, scale, zero_point, bias)
 
 
 @_int8_gemm_bf16_op.register_fake
@@ -308,7 +309,7 @@ def _(x, qweight, scale, zero_point, bias):
 @_op("dequantize_int4", mutates_args=("out",))
 def _dequantize_int4_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                         zero_point: torch.Tensor | None, group_size: int, row_start: int) -> None:
-    _kernel("dequantize_int4")(out, qweight, scale, zero_point, group_size, row_start)
+    compiled("dequantize_int4")(out, qweight, scale, zero_point, group_size, row_start)
 
 
 @_dequantize_int4_op.register_fake
@@ -319,7 +320,7 @@ def _(out, qweight, scale, zero_point, group_size, row_start):
 @_op("dequantize_int8", mutates_args=("out",))
 def _dequantize_int8_op(out: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                         zero_point: torch.Tensor | None, row_start: int, scaled: bool) -> None:
-    _kernel("dequantize_int8")(out, qweight, scale, zero_point, row_start, scaled)
+    compiled("dequantize_int8")(out, qweight, scale, zero_point, row_start, scaled)
 
 
 @_dequantize_int8_op.register_fake
@@ -329,7 +330,7 @@ def _(out, qweight, scale, zero_point, row_start, scaled):
 
 @_op("w8a8_pack")
 def _w8a8_pack_op(qweight: torch.Tensor) -> torch.Tensor:
-    return _kernel("w8a8_pack")(qweight)
+    return compiled("w8a8_pack")(qweight)
 
 
 @_w8a8_pack_op.register_fake
@@ -340,7 +341,7 @@ def _(qweight):
 
 @_op("w8a8_gemm")
 def _w8a8_gemm_op(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    return _kernel("w8a8_gemm")(codes, packed, n)
+    return compiled("w8a8_gemm")(codes, packed, n)
 
 
 @_w8a8_gemm_op.register_fake
@@ -350,7 +351,7 @@ def _(codes, packed, n):
 
 @_op("w8a8_vnni_pack")
 def _w8a8_vnni_pack_op(qweight: torch.Tensor) -> torch.Tensor:
-    return _kernel("w8a8_vnni_pack")(qweight)
+    return compiled("w8a8_vnni_pack")(qweight)
 
 
 @_w8a8_vnni_pack_op.register_fake
@@ -364,7 +365,7 @@ def _w8a8_vnni_linear_op(x: torch.Tensor, packed: torch.Tensor, n: int, rowsum: 
                          bias: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool, eps: float,
                          static_scale: torch.Tensor | None,
                          static_zero: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_kernel("w8a8_vnni_linear")(x, packed, n, rowsum, w_scale, bias, qmin, qmax,  # type: ignore[return-value]
+    return tuple(compiled("w8a8_vnni_linear")(x, packed, n, rowsum, w_scale, bias, qmin, qmax,  # type: ignore[return-value]
                                              symmetric, eps, static_scale, static_zero))
 
 
@@ -377,7 +378,7 @@ def _(x, packed, n, rowsum, w_scale, bias, qmin, qmax, symmetric, eps, static_sc
 @_op("quantize_rows")
 def _quantize_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int,
                       shift: int) -> torch.Tensor:
-    return _kernel("quantize_rows")(x, scale, zero_point, qmin, qmax, shift)
+    return compiled("quantize_rows")(x, scale, zero_point, qmin, qmax, shift)
 
 
 @_quantize_rows_op.register_fake
@@ -388,7 +389,7 @@ def _(x, scale, zero_point, qmin, qmax, shift):
 @_op("dynamic_quantize_rows")
 def _dynamic_quantize_rows_op(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_kernel("dynamic_quantize_rows")(x, qmin, qmax, symmetric, eps))  # type: ignore[return-value]
+    return tuple(compiled("dynamic_quantize_rows")(x, qmin, qmax, symmetric, eps))  # type: ignore[return-value]
 
 
 @_dynamic_quantize_rows_op.register_fake
@@ -400,7 +401,7 @@ def _(x, qmin, qmax, symmetric, eps):
 
 @_op("dynamic_fake_quantize_rows")
 def _dynamic_fake_quantize_rows_op(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
-    return _kernel("dynamic_fake_quantize_rows")(x, qmin, qmax, symmetric, eps)
+    return compiled("dynamic_fake_quantize_rows")(x, qmin, qmax, symmetric, eps)
 
 
 @_dynamic_fake_quantize_rows_op.register_fake
@@ -411,7 +412,7 @@ def _(x, qmin, qmax, symmetric, eps):
 @_op("rescale_rows")
 def _rescale_rows_op(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                      x_zero: torch.Tensor | None, w_rowsum: torch.Tensor | None, bf16_out: bool) -> torch.Tensor:
-    return _kernel("rescale_rows")(acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out)
+    return compiled("rescale_rows")(acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out)
 
 
 @_rescale_rows_op.register_fake
@@ -422,7 +423,7 @@ def _(acc, x_scale, w_scale, bias, x_zero, w_rowsum, bf16_out):
 @_op("mse_clip_errors")
 def _mse_clip_errors_op(view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratios: torch.Tensor, qmin: int,
                         qmax: int, symmetric: bool, eps: float) -> torch.Tensor:
-    return _kernel("mse_clip_errors")(view, lo, hi, ratios, qmin, qmax, symmetric, eps)
+    return compiled("mse_clip_errors")(view, lo, hi, ratios, qmin, qmax, symmetric, eps)
 
 
 @_mse_clip_errors_op.register_fake
@@ -433,7 +434,7 @@ def _(view, lo, hi, ratios, qmin, qmax, symmetric, eps):
 @_op("quantize_weight_rows", mutates_args=("out",))
 def _quantize_weight_rows_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
                              qmin: int, qmax: int, out: torch.Tensor) -> None:
-    _kernel("quantize_weight_rows")(x, scale, zero_point, group, qmin, qmax, out)
+    compiled("quantize_weight_rows")(x, scale, zero_point, group, qmin, qmax, out)
 
 
 @_quantize_weight_rows_op.register_fake
@@ -445,7 +446,7 @@ def _(x, scale, zero_point, group, qmin, qmax, out):
 def _gptq_columns_op(wb: torch.Tensor, hb: torch.Tensor, errs: torch.Tensor, codes: torch.Tensor,
                      scale: torch.Tensor, zero: torch.Tensor, slots: torch.Tensor, i0: int, i1: int, s1: int,
                      qmin: int, qmax: int) -> None:
-    _kernel("gptq_columns")(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax)
+    compiled("gptq_columns")(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax)
 
 
 @_gptq_columns_op.register_fake
@@ -455,7 +456,7 @@ def _(wb, hb, errs, codes, scale, zero, slots, i0, i1, s1, qmin, qmax):
 
 @_op("signal_noise_sums")
 def _signal_noise_sums_op(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    return _kernel("signal_noise_sums")(ref, approx)
+    return compiled("signal_noise_sums")(ref, approx)
 
 
 @_signal_noise_sums_op.register_fake

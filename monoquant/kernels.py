@@ -111,7 +111,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from . import fused, hardware, tuner
+from . import call_plans, fused, hardware, tuner
 from .errors import ConfigError
 from .formats import FORMATS
 from .formats.integer import FUSED_MAX_ROWS
@@ -436,32 +436,24 @@ def kernel_summary(module) -> str:
 
 
 # ---- running ----------------------------------------------------------------------------------------------
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module``'s output for input ``x``, through the chosen kernel; output dtype equals ``x.dtype``.
+def linear(module, x: torch.Tensor, *, raw_ok: bool = False) -> torch.Tensor:
+    """``module``'s output for its prepared input ``x``, through the chosen kernel; output dtype equals ``x.dtype``.
 
-    A measured choice is also remembered per exact input shape with the function that runs it, everything it
-    would decide again on each call already decided (``quant_weight.cache["linear_by_shape"]``; not while a pin,
-    ``tuning(False)``, a gradient or calibration applies): a small layer's call then costs one lookup on top of
-    its kernel."""
-    w: QuantWeight = module.quant_weight
-    plans = exact = None
-    if tuner.measured() and not (x.requires_grad and torch.is_grad_enabled()) and not module.computes_in_float:
-        plans = w.cache.get("linear_by_shape")
-        if plans is None:
-            plans = w.cache["linear_by_shape"] = {}
-        exact = (x.shape, x.dtype, x.device)
-        plan = plans.get(exact)
-        if plan is not None:
-            w.record_run(plan[0], plan[1])
-            return plan[2](module, x)
+    A measured choice is also remembered per exact input with the function that runs it, everything it would
+    decide again on each call already decided (:mod:`monoquant.call_plans`; not while a pin, ``tuning(False)``, a
+    gradient or calibration applies): a small layer's call then costs one lookup on top of its kernel.
+    ``raw_ok``: ``x`` is the layer's raw input (its preparation changed nothing), so its ``forward`` may run the
+    plan before preparing the next input like it."""
+    run = call_plans.lookup(module, x)
+    if run is not None:
+        return run(module, x)
     name, measured = _select(module, x, False)
     rows = x.numel() // max(1, x.shape[-1])
     bucket = None if module.computes_in_float else tuner.row_bucket(rows)
-    w.record_run(name, bucket)
-    if plans is not None and measured:
-        if len(plans) >= 64:  # inputs of ever new sizes: the bucket memo stays, this shortcut restarts
-            plans.clear()
-        plans[exact] = (name, bucket, _runner(module, name, x))
+    module.quant_weight.record_run(name, bucket)
+    if (measured and bucket is not None and tuner.measured() and module.calibration_tap is None
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        call_plans.remember(module, x, name, bucket, _runner(module, name, x), raw_ok=raw_ok)
     return run_kernel(module, name, x)
 
 
@@ -488,6 +480,11 @@ def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
         return shared or (lambda m, xb: run_kernel(m, name, xb))
     run = c.run
     if c.fuses_bias:  # a bias that needs a gradient is added outside (run_kernel), decided per call
+        bias = module.bias
+        if c.bind is not None and x.dtype == torch.float32 and (bias is None or (bias.dtype == torch.float32
+                                                                                  and bias.is_contiguous())):
+            return _bound_runner(c.bind(w), name, x)
+
         def run_with_bias(m, xb: torch.Tensor) -> torch.Tensor:
             bias = m._buffers["bias"]  # a buffer of every layer: no nn.Module __getattr__ per call
             if bias is not None and bias.requires_grad and torch.is_grad_enabled():
@@ -497,6 +494,23 @@ def _runner(module, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
     if c.int8_inputs:
         return lambda m, xb: _shaped_like(run(w, flat(xb), m.input_quantizer, m.bias), xb)
     return lambda m, xb: _finish(m, run(w, flat(xb)), xb)
+
+
+def _bound_runner(call: Callable, name: str, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``run(module, xb)`` for float32 inputs shaped like ``x`` through a candidate's bound call
+    (:attr:`~monoquant.formats.kernel.KernelCandidate.bind`): the input reshaped to ``[rows, K]`` and the output
+    back, both decided now (a plan is for one exact shape)."""
+    rows_k = (x.numel() // x.shape[-1], x.shape[-1]) if x.dim() != 2 else None
+
+    def run_bound(m, xb: torch.Tensor) -> torch.Tensor:
+        bias = m._buffers["bias"]  # a buffer of every layer: no nn.Module __getattr__ per call
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            return run_kernel(m, name, xb)
+        if rows_k is None:
+            return call(xb if xb.is_contiguous() else xb.contiguous(), bias)
+        y = call(xb.reshape(rows_k).contiguous(), bias)
+        return y.view(*xb.shape[:-1], y.shape[-1])
+    return run_bound
 
 
 def run_kernel(module, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 _STATE = threading.local()
 _ENV: dict[str, object] = {}
 """``MONOQUANT_KERNEL`` (``"kernel"``: name or ``None``) and ``MONOQUANT_TUNE`` (``"tune"``: bool) as
-:func:`reload_environment` last read them."""
+:func:`reload_environment` last read them, and ``"everywhere"``: measured choices apply in every thread (neither
+variable overrides them and no :func:`pin` or :func:`tuning` block is open in any thread), which makes
+:func:`measured` one read on every layer call."""
+_OPEN_BLOCKS = [0]
+""":func:`pin` and :func:`tuning` blocks open now, in all threads."""
 _LOCK = threading.RLock()
 _CHOICES: dict[str, str] = {}
 _MEASURED: dict[str, Measurement] = {}
@@ -109,6 +113,12 @@ def reload_environment() -> None:
     changing them in a running process)."""
     _ENV["kernel"] = os.environ.get("MONOQUANT_KERNEL") or None
     _ENV["tune"] = os.environ.get("MONOQUANT_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    _refresh_everywhere()
+
+
+def _refresh_everywhere() -> None:
+    with _LOCK:
+        _ENV["everywhere"] = _ENV["kernel"] is None and bool(_ENV["tune"]) and not _OPEN_BLOCKS[0]
 
 
 reload_environment()
@@ -143,6 +153,8 @@ def tuning_enabled() -> bool:
 def measured() -> bool:
     """Whether measured choices apply now: nothing pinned and tuning on (:func:`pinned` and :func:`tuning_enabled`
     in one call, for the per-call fast paths of the dispatch)."""
+    if _ENV["everywhere"]:
+        return True
     return pinned() is None and tuning_enabled()
 
 
@@ -158,10 +170,16 @@ def _pushed(stack_name: str, value: object) -> Iterator[None]:
     """``value`` on top of this thread's stack ``stack_name`` for the ``with`` block."""
     stack = _STATE.__dict__.setdefault(stack_name, [])
     stack.append(value)
+    with _LOCK:
+        _OPEN_BLOCKS[0] += 1
+        _ENV["everywhere"] = False
     try:
         yield
     finally:
         stack.pop()
+        with _LOCK:
+            _OPEN_BLOCKS[0] -= 1
+        _refresh_everywhere()
 
 
 def clear() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import monoquant as mq
-from monoquant import conv_kernels, fused, kernels, tuner
+from monoquant import call_plans, conv_kernels, fused, kernels, tuner
 from monoquant.nn.activation import ActivationQuantizer
 
 
@@ -317,7 +317,7 @@ def test_the_per_shape_shortcut_still_honours_pins_tuning_and_new_weights(monkey
             q(x)
             assert q.last_kernel == "dequant_conv"
         q.load_state_dict(q.state_dict())  # the weight may have changed: the layer's shortcuts go
-        assert "conv_by_shape" not in q.quant_weight.cache
+        assert "conv_by_shape" not in q.quant_weight.cache and call_plans.KEY not in q.quant_weight.cache
         q(x)  # the situation's measured choice (the tuner's, shared by identical layers) still holds
     assert q.last_kernel == "im2col_linear" and len(timed) == n_timed
 
@@ -359,7 +359,7 @@ def test_the_per_shape_fast_path_records_the_bucket_and_leaves_unbatched_inputs_
     x = torch.randn(3, 8, 6, 6)
     with torch.no_grad():
         first = q(x)
-        assert (True, x.shape, x.dtype, x.device) in q.quant_weight.cache["conv_by_shape"]
+        assert (x.shape, x.dtype) in q.quant_weight.cache[call_plans.KEY]
         second = q(x)
         one = q(x[1])
     assert torch.equal(first, second) and one.shape == (16, 6, 6)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import monoquant as mq
+from monoquant import call_plans, fused, hardware, kernels, schemes
 from monoquant import functional as F_
-from monoquant import fused, hardware, kernels, schemes
 from monoquant.nn.activation import ActivationQuantizer
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason=f"no compiled kernel here: {fused.load_error()}")
@@ -424,7 +424,7 @@ def test_the_per_shape_plan_of_fused_cpu_passes_the_bias_and_keeps_the_input_sha
         with torch.no_grad():
             first = q(x)
             assert q.last_kernel == "fused_cpu"
-            assert (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+            assert (x.shape, x.dtype) in q.quant_weight.cache[call_plans.KEY]
             second = q(x)  # from the plan
         assert q.last_kernel == "fused_cpu" and second.shape == (*x.shape[:-1], 48)
         assert torch.equal(first, second)

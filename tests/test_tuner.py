@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import monoquant as mq
-from monoquant import fused, hardware, kernels, tuner
+from monoquant import call_plans, fused, hardware, kernels, tuner
 
 
 @pytest.fixture(autouse=True)
@@ -295,7 +295,7 @@ def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatc
     x = torch.randn(2, 128)
     with torch.no_grad():
         q(x)
-        assert q.last_kernel == "dequant" and (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+        assert q.last_kernel == "dequant" and (x.shape, x.dtype) in q.quant_weight.cache[call_plans.KEY]
         static = kernels.choose_linear_kernel(q, x.device, 2, False)
         assert static != "dequant"  # the static table sends a layer this small to a packed kernel
         with kernels.pin(static):
@@ -305,7 +305,7 @@ def test_the_per_shape_plan_still_honours_pins_tuning_and_new_weights(monkeypatc
             q(x)
             assert q.last_kernel == static
         q.load_state_dict(q.state_dict())  # the weight may have changed: the plan and the kept weight go
-        assert "linear_by_shape" not in q.quant_weight.cache and "float_weight" not in q.quant_weight.cache
+        assert call_plans.KEY not in q.quant_weight.cache and "float_weight" not in q.quant_weight.cache
         q(x)
     assert q.last_kernel == "dequant"
 
@@ -353,7 +353,7 @@ def test_a_measured_kernel_that_adds_the_bias_itself_runs_from_the_per_shape_pla
     with torch.no_grad():
         first = q(x)
         assert q.last_kernel == "fused_bf16_gemm" and "fused_bf16_gemm" in timed
-        assert (x.shape, x.dtype, x.device) in q.quant_weight.cache["linear_by_shape"]
+        assert (x.shape, x.dtype) in q.quant_weight.cache[call_plans.KEY]
         second = q(x)  # from the plan
         with kernels.pin("dequant"):
             reference = q(x)

@@ -83,6 +83,11 @@ def _fused_int4(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) ->
                              w.group_size, None if bias is None else bias.to(torch.float32).contiguous())
 
 
+def _bind_fused_int4(w: QuantWeight):
+    call, buffers, group_size = fused.compiled("int4_linear"), w.buffers, w.group_size
+    return lambda x2d, bias: call(x2d, buffers["qweight"], buffers["scale"], buffers["zero_point"], group_size, bias)
+
+
 def _fused_bf16_int4_eligible(w: QuantWeight, q: KernelQuery) -> bool:
     return fused_bf16_eligible(w, q) and w.group_size is not None and w.group_size % FUSED_BF16_BLOCK == 0
 
@@ -106,7 +111,7 @@ INT4PACK_CPU = KernelCandidate("int4pack_cpu", _int4pack_cpu, _int4pack_cpu_elig
 (4096x4096, AVX512 + AMX), packed vs dequantize ms at 48 / 64 rows: 9.2 vs 11.6 / 12.3 vs 12.1 on 2 threads,
 18.8 vs 17.6 / 25.2 vs 17.0 on 1 thread. Both sides scale with the layer's size, so the crossing row count does
 not depend on it."""
-FUSED_INT4 = fused_candidate(_fused_int4)
+FUSED_INT4 = fused_candidate(_fused_int4, _bind_fused_int4)
 """The compiled kernel on the stored INT4 layout (float32)."""
 FUSED_BF16_INT4 = fused_bf16_candidate(_fused_bf16_int4, _fused_bf16_int4_eligible)
 """The compiled AVX512-BF16 kernel on the stored INT4 layout (bf16, group tables looked up per code)."""

@@ -40,6 +40,11 @@ def _fused_int8(w: QuantWeight, x2d: torch.Tensor, bias: torch.Tensor | None) ->
                              None if bias is None else bias.to(torch.float32).contiguous())
 
 
+def _bind_fused_int8(w: QuantWeight):
+    call, buffers = fused.compiled("int8_linear"), w.buffers
+    return lambda x2d, bias: call(x2d, buffers["qweight"], buffers["scale"], buffers["zero_point"], bias)
+
+
 def _fused_bf16_int8(w: QuantWeight, x2d: torch.Tensor) -> torch.Tensor:
     stored = w.stored
     return fused.int8_linear_bf16(bf16_rows(x2d), stored.qweight, stored.scale, stored.zero_point)
@@ -186,7 +191,7 @@ INT8PACK_CPU = KernelCandidate("int8pack_cpu", _int8pack_cpu, _int8pack_cpu_elig
 """torch's packed INT8 weight-only kernel on CPU (bf16), symmetric weights. ``max_rows`` measured with
 ``bench_linear.py --crossover`` (4096x4096, AVX512 + AMX), packed vs dequantize ms at 24 / 32 rows: 4.8 vs 5.7 /
 6.3 vs 5.6 on 2 threads, 9.6 vs 10.1 / 13.0 vs 10.6 on 1 thread."""
-FUSED_INT8 = fused_candidate(_fused_int8)
+FUSED_INT8 = fused_candidate(_fused_int8, _bind_fused_int8)
 """The compiled kernel on the stored INT8 layout (float32), symmetric or affine."""
 FUSED_BF16_INT8 = fused_bf16_candidate(_fused_bf16_int8)
 """The compiled AVX512-BF16 kernel on the stored INT8 layout (bf16 weights, exact integers; float32 row scale)."""

@@ -55,11 +55,12 @@ def fused_eligible(weight: QuantWeight, q: KernelQuery) -> bool:
     return q.device.type == "cpu" and not q.needs_grad and q.compute_dtype is None and fused.available()
 
 
-def fused_candidate(run) -> KernelCandidate:
+def fused_candidate(run, bind) -> KernelCandidate:
     """The ``fused_cpu`` candidate of an integer format whose stored layout the compiled kernel reads
-    (``run(weight, x2d, bias)``: the bias is added inside the kernel, a separate add cost a 1-row call ~2 us)."""
+    (``run(weight, x2d, bias)``: the bias is added inside the kernel, a separate add cost a 1-row call ~2 us;
+    ``bind(weight)``: the compiled call with the lookups done once, see :attr:`KernelCandidate.bind`)."""
     return KernelCandidate("fused_cpu", run, fused_eligible, max_rows=FUSED_MAX_ROWS,
-                           tune_max_rows=FUSED_TUNE_MAX_ROWS, fuses_bias=True)
+                           tune_max_rows=FUSED_TUNE_MAX_ROWS, fuses_bias=True, bind=bind)
 
 
 FUSED_BF16_TUNE_MAX_ROWS = 256

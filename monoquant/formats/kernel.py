@@ -10,7 +10,7 @@ matmul), the tuner times whatever is eligible, and nothing outside the format kn
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,23 +72,33 @@ class KernelCandidate:
     int8_inputs: bool = False
     fuses_bias: bool = False
     fallback: bool = False
+    bind: Callable[[QuantWeight], Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] | None = None
+    """For a ``fuses_bias`` candidate, optionally: ``bind(weight)`` returns ``call(x2d, bias)``, the same product
+    as ``run(weight, x2d, bias)`` for a contiguous float32 ``x2d`` and a contiguous float32 ``bias`` (or
+    ``None``), with what ``run`` looks up on every call (the compiled function, the buffers' names) looked up
+    once. What a remembered call plan (:mod:`monoquant.call_plans`) runs: a 1-row call of a small layer is a few
+    microseconds, and ``run``'s conversions and lookups cost as much again."""
 
 
 class QuantWeight:
     """A quantized layer's weight as its kernels see it: format, resolved group size, ``[N, K]`` shape, the
-    stored buffers (read from the layer that registers them, so ``state_dict``, ``.to()`` and loading keep
-    working) and everything derived from them -- dequantization parameters per dtype, repacked kernel layouts,
-    tuned choices (``cache``) -- plus what the kernels recorded: ``last_kernel`` and ``ran`` (row bucket ->
-    the kernel ``forward`` last ran there). The layer owns exactly one; nothing else writes kernel state onto the layer.
+    stored buffers (read on each use from the layer's buffer dict, ``buffers``, so ``state_dict``, ``.to()`` and
+    loading keep working) and everything derived from them -- dequantization parameters per dtype, repacked kernel
+    layouts, tuned choices (``cache``), call plans (``plan``) -- plus what the kernels recorded: ``last_kernel`` and
+    ``ran`` (row bucket -> the kernel ``forward`` last ran there). The layer owns exactly one; nothing else writes
+    kernel state onto the layer.
     """
 
     def __init__(self, fmt: WeightSpec, group_size: int | None, shape2d: tuple[int, int],
-                 buffers: Callable[[], Stored]) -> None:
+                 buffers: Mapping[str, torch.Tensor | None]) -> None:
         self.format = fmt
         self.group_size = group_size
         self.shape2d = shape2d
-        self._buffers = buffers
+        self.buffers = buffers
+        """The layer's buffers by name (its ``_buffers`` dict, read live: what a bound kernel reads per call)."""
         self.cache: dict[Any, Any] = {}
+        self.plan: Any = None
+        """The call plan last made or run (:mod:`monoquant.call_plans`), checked before the others in ``cache``."""
         self.last_kernel: str | None = None
         self.ran: dict[int, str] = {}
 
@@ -103,7 +113,9 @@ class QuantWeight:
     @property
     def stored(self) -> Stored:
         """The stored buffers (the format's ``stored_type``)."""
-        return self._buffers()
+        buffers = self.buffers
+        stored_type = self.format.stored_type
+        return stored_type._make([buffers[name] for name in stored_type._fields])
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +132,18 @@ class QuantWeight:
     def clear_cache(self) -> None:
         """Forget everything derived from the buffers (they changed or moved)."""
         self.cache.clear()
+        self.plan = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or pickle (``copy.deepcopy(model)``, ``torch.save(model)``) keeps the measured choices and what
+        ran, not what is derived from the buffers: repacked layouts and kept float weights are rebuilt at first
+        use, and the per-input call plans (functions that hold this weight's tensors) are left out. Copied with
+        them, a copy's plans ran the original's weights after the original was loaded with new ones, and a
+        pickle failed on them."""
+        state = self.__dict__.copy()
+        state["cache"] = {key: value for key, value in self.cache.items() if isinstance(value, str)}
+        state["plan"] = None
+        return state
 
     def candidates(self) -> tuple[KernelCandidate, ...]:
         """The low-bit kernels this weight's format registered."""

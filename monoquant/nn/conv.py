@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
-from .. import conv_kernels, kernels, ops
+from .. import call_plans, conv_kernels, kernels, ops
 from ..formats import Int8, WeightSpec
 from ..im2col import ConvGeometry
 from .module import QuantModule
@@ -91,10 +91,13 @@ class _QuantConvNd(QuantModule):
         return ConvGeometry.of(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
+        run = call_plans.lookup(self, input, raw=True)  # an input like one before: one lookup, then the conv
+        if run is not None:
+            return run(self, input)
         x = self.prepare_input(input)
         if torch.compiler.is_compiling():  # one custom op per layer for torch.compile / torch.export
             return ops.conv(self, x)
-        return conv_kernels.conv(self, x)
+        return conv_kernels.conv(self, x, raw_ok=x is input)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The float path for prepared input ``x``: the input fake-quantized (with INT8 activations), the kernel
