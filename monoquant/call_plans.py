@@ -46,11 +46,20 @@ class CallPlan(NamedTuple):
     name: str
     bucket: int
     run: Callable[[Any, torch.Tensor], torch.Tensor]
-    device: torch.device
+    device: torch.device | None
+    """``None`` for the CPU (``x.is_cpu`` is a cheaper check than building ``x.device``)."""
     raw_ok: bool
+    inference: bool
+    """Made under ``torch.inference_mode``: it may hold inference tensors, which autograd cannot save, so it never
+    runs where autograd records."""
+    act: Any
+    """The layer's activation quantizer when the plan was made (``None``: none): another one, or none, means
+    the layer changed."""
+    act_ready: bool
+    """``act`` is ``None`` or dynamic, so it cannot wait for calibration (a static one is asked on each call)."""
 
 
-def lookup(module, x: Any, *, raw: bool = False) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
+def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
     """The remembered ``run(module, x)`` for input ``x``, or ``None`` when the full path must decide: no plan for
     its shape and dtype (or, with ``raw=True``, a plan for the prepared input only), another device, traced code,
     a gradient wanted, a pin or ``tuning(False)`` active, calibration running, or the layer computing in float.
@@ -69,8 +78,11 @@ def lookup(module, x: Any, *, raw: bool = False) -> Callable[[Any, torch.Tensor]
         if plan is None:
             return None
         w.plan = plan
-    if ((raw and not plan.raw_ok) or (x.requires_grad and torch.is_grad_enabled()) or x.device != plan.device
-            or not tuner.measured() or module.calibration_tap is not None or module.computes_in_float):
+    modules = module._modules  # the layer's computes_in_float, without the property and the quantizer's
+    if ((raw and not plan.raw_ok) or ((x.requires_grad or plan.inference) and torch.is_grad_enabled())
+            or (not x.is_cpu if plan.device is None else x.device != plan.device)
+            or not tuner.measured() or module.calibration_tap is not None or modules.get("gptq") is not None
+            or modules.get("input_quantizer") is not plan.act or not (plan.act_ready or plan.act.ready)):
         return None
     name = w.last_kernel = plan.name
     w.ran[plan.bucket] = name
@@ -85,4 +97,7 @@ def remember(module, x: torch.Tensor, name: str, bucket: int, run: Callable[[Any
     plans = w.cache.setdefault(KEY, {})
     if len(plans) >= MAX_PLANS:
         plans.clear()
-    w.plan = plans[(x.shape, x.dtype)] = CallPlan(x.shape, x.dtype, name, bucket, run, x.device, raw_ok)
+    device = None if x.is_cpu else x.device
+    act = module._modules.get("input_quantizer")
+    w.plan = plans[(x.shape, x.dtype)] = CallPlan(x.shape, x.dtype, name, bucket, run, device, raw_ok,
+                                                  torch.is_inference_mode_enabled(), act, act is None or act.dynamic)

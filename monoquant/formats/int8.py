@@ -170,20 +170,29 @@ def _w8a8_vnni(w: QuantWeight, x2d: torch.Tensor, act, bias: torch.Tensor | None
     as ``act.int8_codes`` would, u8 x s8 ``vpdpbusd`` sums on the weight packed once, the zero-point term, the
     scales and the bias applied from registers; the same float32 (bf16) values as the other ``int8_inputs``
     kernels, rows holding an inf or NaN all NaN."""
-    stored = w.stored
-    wq = stored.qweight
+    xf = (x2d if x2d.dtype == torch.bfloat16 else x2d.float()).contiguous()
+    if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
+        bias = bias.float()  # the kernel widens float32 / bf16 itself
+    return _bind_w8a8_vnni(w)(xf, act, bias)
+
+
+def _bind_w8a8_vnni(w: QuantWeight):
+    """:func:`_w8a8_vnni` for contiguous float32 or bf16 rows and a float32 / bf16 bias, the packed weight, its
+    code sums and the float32 scales looked up once (``KernelCandidate.bind``)."""
+    call, wq = fused.compiled("w8a8_vnni_linear"), w.buffers["qweight"]
     n = wq.shape[0]
     packed = w.cached("w8a8_vnni_packed", lambda: fused.w8a8_vnni_pack(wq))
     rowsum = w.cached("w8a8_rowsum_i32", lambda: wq.sum(1, dtype=torch.int32))
-    xf = (x2d if x2d.dtype == torch.bfloat16 else x2d.float()).contiguous()
-    qt = act.qtype
-    if bias is not None and bias.dtype not in (torch.float32, torch.bfloat16):
-        bias = bias.float()  # the kernel widens float32 / bf16 itself
-    y, scale = fused.w8a8_vnni_linear(xf, packed, n, rowsum, stored.scale.float().contiguous(), bias, qt.qmin,
-                                      qt.qmax, qt.symmetric, act.eps, *act.static_qparams())
-    if not act.dynamic:  # dynamic: the kernel wrote the rows whose scale is not finite as NaN itself
-        act.nan_nonfinite_rows_(y, x2d, scale)
-    return y
+    w_scale = w.buffers["scale"].float().contiguous()
+
+    def run(xf: torch.Tensor, act, bias: torch.Tensor | None) -> torch.Tensor:
+        qt = act.qtype
+        y, scale = call(xf, packed, n, rowsum, w_scale, bias, qt.qmin, qt.qmax, qt.symmetric, act.eps,
+                        *act.static_qparams())
+        if not act.dynamic:  # dynamic: the kernel wrote the rows whose scale is not finite as NaN itself
+            act.nan_nonfinite_rows_(y, xf, scale)
+        return y
+    return run
 
 
 INT8PACK_CPU = KernelCandidate("int8pack_cpu", _int8pack_cpu, _int8pack_cpu_eligible, max_rows=12, tune_max_rows=256,
@@ -209,7 +218,7 @@ which runs AMX-INT8 tiles (eligible only where the CPU has them: without AMX it 
 ``torch._int_mm`` goes through oneDNN's GEMM API instead (no AMX: measured 2.9 vs 1.4 ms at 2048x384 @ 384x1536
 on one thread of an AMX Xeon, the bf16 GEMM 1.4 ms)."""
 W8A8_VNNI = KernelCandidate("w8a8_vnni", _w8a8_vnni, _w8a8_vnni_eligible, int8_inputs=True,
-                            layouts=("w8a8_vnni_packed",))
+                            layouts=("w8a8_vnni_packed",), bind=_bind_w8a8_vnni)
 """The whole INT8-activation layer as one compiled AVX512-VNNI kernel (quantize, ``vpdpbusd`` GEMM, epilogue),
 bit-identical to the others; for CPUs with AVX512-VNNI (without AMX, oneDNN's int8 matmul does not beat it)."""
 W8A8_SIM = KernelCandidate("w8a8_sim", _w8a8_sim, _w8a8_sim_eligible, int8_inputs=True, fallback=True)

@@ -91,7 +91,7 @@ class _QuantConvNd(QuantModule):
         return ConvGeometry.of(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
-        run = call_plans.lookup(self, input, raw=True)  # an input like one before: one lookup, then the conv
+        run = call_plans.lookup(self, input, True)  # an input like one before: one lookup, then the conv
         if run is not None:
             return run(self, input)
         x = self.prepare_input(input)

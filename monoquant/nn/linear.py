@@ -69,7 +69,7 @@ class QuantLinear(QuantModule):
         return self.scale_input(x)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the float type's name: keyword callers work
-        run = call_plans.lookup(self, input, raw=True)  # an input like one before: one lookup, then the kernel
+        run = call_plans.lookup(self, input, True)  # an input like one before: one lookup, then the kernel
         if run is not None:
             return run(self, input)
         x = self.prepare_input(input)
