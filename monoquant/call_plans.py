@@ -53,8 +53,8 @@ class CallPlan(NamedTuple):
     """Made under ``torch.inference_mode``: it may hold inference tensors, which autograd cannot save, so it never
     runs where autograd records."""
     act: Any
-    """The layer's activation quantizer when the plan was made (``None``: none): another one, or none, means
-    the layer changed."""
+    """The layer's activation quantizer when the plan was made (``None``: none; setting another one, or a GPTQ
+    state, drops the layer's plans: :func:`forget`)."""
     act_ready: bool
     """``act`` is ``None`` or dynamic, so it cannot wait for calibration (a static one is asked on each call)."""
 
@@ -62,7 +62,8 @@ class CallPlan(NamedTuple):
 def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
     """The remembered ``run(module, x)`` for input ``x``, or ``None`` when the full path must decide: no plan for
     its shape and dtype (or, with ``raw=True``, a plan for the prepared input only), another device, traced code,
-    a gradient wanted, a pin or ``tuning(False)`` active, calibration running, or the layer computing in float.
+    a gradient wanted, a pin or ``tuning(False)`` active, calibration running, or a static activation quantizer
+    not frozen (a GPTQ state or another quantizer attached drops the plans: the layer's ``__setattr__``).
     Records the kernel it returns in ``quant_weight`` (``last_kernel`` and ``ran``).
 
     The plan the layer ran last is compared first (``quant_weight.plan``: a model called with one input shape
@@ -78,15 +79,21 @@ def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], t
         if plan is None:
             return None
         w.plan = plan
-    modules = module._modules  # the layer's computes_in_float, without the property and the quantizer's
     if ((raw and not plan.raw_ok) or ((x.requires_grad or plan.inference) and torch.is_grad_enabled())
             or (not x.is_cpu if plan.device is None else x.device != plan.device)
-            or not tuner.measured() or module.calibration_tap is not None or modules.get("gptq") is not None
-            or modules.get("input_quantizer") is not plan.act or not (plan.act_ready or plan.act.ready)):
+            or not tuner.measured() or module.calibration_tap is not None
+            or not (plan.act_ready or plan.act.ready)):  # the layer's computes_in_float, as far as it can change
         return None
     name = w.last_kernel = plan.name
     w.ran[plan.bucket] = name
     return plan.run
+
+
+def forget(module) -> None:
+    """Drop ``module``'s plans (what its calibration state decided has changed)."""
+    w = module.quant_weight
+    w.plan = None
+    w.cache.pop(KEY, None)
 
 
 def remember(module, x: torch.Tensor, name: str, bucket: int, run: Callable[[Any, torch.Tensor], torch.Tensor],

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import call_plans
 from .. import functional as F
 from ..config import QuantConfig, as_config
 from ..errors import ConfigError, InputError, NonFiniteWeightError
@@ -31,6 +32,11 @@ from .registry import replaces
 
 _OPTIONAL_BUFFERS = ("scale", "zero_point")
 """Buffers every layer has as attributes (``None`` where its format does not use them)."""
+
+
+_FORGETS_CALL_PLANS = frozenset({"gptq", "input_quantizer"})
+"""Setting these on a layer (calibration attaching a GPTQ state or an activation quantizer, freeze detaching it)
+drops its call plans (:mod:`monoquant.call_plans`)."""
 
 
 class QuantModule(nn.Module):
@@ -425,6 +431,11 @@ class QuantModule(nn.Module):
         return module
 
     # ---- housekeeping -------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _FORGETS_CALL_PLANS and "quant_weight" in self.__dict__:
+            call_plans.forget(self)  # a plan is made for one calibration state: its checks assume that one
+
     def _apply(self, fn, recurse: bool = True):
         """``.to()``/``.cuda()``/``.half()``: move the stored weight but never change its dtype.
 
