@@ -151,7 +151,8 @@ def _plan(module, x: torch.Tensor, weights_only: bool = False) -> tuple:
     x)``), and whether it was measured. A measured plan is remembered per exact input shape
     (``quant_weight.cache["conv_by_shape"]``), with what each call would decide again decided
     (:func:`_shortcut`), so that the weight-only choice inside ``float_acts_conv`` costs one lookup too."""
-    needs_grad = x.requires_grad and torch.is_grad_enabled()
+    bias = module.bias  # a trainable bias needs the differentiable path too (and a kept weight autograd can save)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     w: QuantWeight = module.quant_weight
     memo = exact = shapes = None
     pinned = None

@@ -215,3 +215,43 @@ def test_a_bf16_conv_of_a_layer_that_keeps_its_float_kernel_casts_it_rather_than
         y = mq.conv_kernels._dequant_conv_bf16(q, x)
         reference = nn.functional.conv2d(x.bfloat16(), kept.bfloat16(), q.bias.bfloat16(), padding=1).float()
     assert torch.equal(y, reference)
+
+
+@pytest.mark.parametrize("layer", ["conv", "head"])
+def test_a_layer_first_run_under_inference_mode_still_gives_gradients_afterwards(layer):
+    """Its kept float weight and plan were made of inference tensors (faster there), which autograd cannot save:
+    a later call that records autograd gets a normal tensor, and the input's (and a trainable bias's) gradients."""
+    model = quantized_small(mq.Int8())
+    q = getattr(model, layer)
+    x = torch.randn(2, 1, 8, 8) if layer == "conv" else torch.randn(2, 128)
+    with torch.inference_mode():
+        first = q(x)
+        second = q(x)  # from the plan
+    assert q.quant_weight.cache["float_weight"].is_inference() and q.quant_weight.plan.inference
+    xr = x.clone().requires_grad_()
+    y = q(xr)
+    y.sum().backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    q.bias.requires_grad_(True)
+    z = q(x)  # no input gradient, but a bias that wants one: not from the inference-mode plan
+    z.sum().backward()
+    assert torch.equal(q.bias.grad, torch.full_like(q.bias, z.numel() // q.bias.numel()))
+    torch.testing.assert_close(y.detach(), first, rtol=3e-2, atol=1e-2)  # the static table (bf16 where fast)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        assert torch.equal(q(x), first)
+
+
+def test_attaching_a_gptq_state_or_an_activation_quantizer_drops_the_layers_plans():
+    model = quantized_small(mq.Int8())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        model.head(x)
+    assert model.head.quant_weight.plan is not None and plans(model.head)
+    model.head.input_quantizer = None  # setting it at all: the plans were made for the state before
+    assert model.head.quant_weight.plan is None and not plans(model.head)
+    with torch.no_grad():
+        model.head(x)
+    assert plans(model.head)
+    model.head.gptq = None
+    assert not plans(model.head)

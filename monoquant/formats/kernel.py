@@ -72,11 +72,12 @@ class KernelCandidate:
     int8_inputs: bool = False
     fuses_bias: bool = False
     fallback: bool = False
-    bind: Callable[[QuantWeight], Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] | None = None
+    bind: Callable[[QuantWeight], Callable[..., torch.Tensor]] | None = None
     """Optionally, for a ``fuses_bias`` or ``int8_inputs`` candidate: ``bind(weight)`` returns ``call(x2d, bias)``
     (``call(x2d, act, bias)``), the same output as ``run(weight, x2d, bias)`` (``run(weight, x2d, act, bias)``)
     for a contiguous float32 ``x2d`` and a contiguous float32 ``bias`` (or ``None``), with what ``run`` looks up
-    on every call (the compiled function, the buffers, layouts derived from them) looked up once. What a remembered call plan (:mod:`monoquant.call_plans`) runs: a 1-row call of a small layer is a few
+    on every call (the compiled function, the buffers, layouts derived from them) looked up once. What a
+    remembered call plan (:mod:`monoquant.call_plans`) runs: a 1-row call of a small layer is a few
     microseconds, and ``run``'s conversions and lookups cost as much again."""
 
 
