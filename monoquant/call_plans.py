@@ -62,8 +62,9 @@ class CallPlan(NamedTuple):
 def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], torch.Tensor] | None:
     """The remembered ``run(module, x)`` for input ``x``, or ``None`` when the full path must decide: no plan for
     its shape and dtype (or, with ``raw=True``, a plan for the prepared input only), another device, traced code,
-    a gradient wanted, a pin or ``tuning(False)`` active, calibration running, or a static activation quantizer
-    not frozen (a GPTQ state or another quantizer attached drops the plans: the layer's ``__setattr__``).
+    a gradient wanted, a pin or ``tuning(False)`` active, or a static activation quantizer not frozen (setting a
+    calibration tap, a GPTQ state or another quantizer on the layer drops its plans: its ``__setattr__``; none
+    are made while a tap is set).
     Records the kernel it returns in ``quant_weight`` (``last_kernel`` and ``ran``).
 
     The plan the layer ran last is compared first (``quant_weight.plan``: a model called with one input shape
@@ -81,7 +82,7 @@ def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], t
         w.plan = plan
     if ((raw and not plan.raw_ok) or ((x.requires_grad or plan.inference) and torch.is_grad_enabled())
             or (not x.is_cpu if plan.device is None else x.device != plan.device)
-            or not tuner.measured() or module.calibration_tap is not None
+            or not (tuner.measured_everywhere or tuner.measured())
             or not (plan.act_ready or plan.act.ready)):  # the layer's computes_in_float, as far as it can change
         return None
     name = w.last_kernel = plan.name

@@ -90,9 +90,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "monoquant" / "kernel_choices.json"
 _STATE = threading.local()
 _ENV: dict[str, object] = {}
 """``MONOQUANT_KERNEL`` (``"kernel"``: name or ``None``) and ``MONOQUANT_TUNE`` (``"tune"``: bool) as
-:func:`reload_environment` last read them, and ``"everywhere"``: measured choices apply in every thread (neither
-variable overrides them and no :func:`pin` or :func:`tuning` block is open in any thread), which makes
-:func:`measured` one read on every layer call."""
+:func:`reload_environment` last read them."""
+measured_everywhere = True
+"""Measured choices apply in every thread: neither variable overrides them and no :func:`pin` or :func:`tuning`
+block is open in any thread (kept current by them; read, not written, elsewhere). While it holds, :func:`measured`
+is one read, and a layer's call plan (:mod:`monoquant.call_plans`) need not ask it."""
 _OPEN_BLOCKS = [0]
 """:func:`pin` and :func:`tuning` blocks open now, in all threads."""
 _LOCK = threading.RLock()
@@ -117,8 +119,9 @@ def reload_environment() -> None:
 
 
 def _refresh_everywhere() -> None:
+    global measured_everywhere
     with _LOCK:
-        _ENV["everywhere"] = _ENV["kernel"] is None and bool(_ENV["tune"]) and not _OPEN_BLOCKS[0]
+        measured_everywhere = _ENV["kernel"] is None and bool(_ENV["tune"]) and not _OPEN_BLOCKS[0]
 
 
 reload_environment()
@@ -153,7 +156,7 @@ def tuning_enabled() -> bool:
 def measured() -> bool:
     """Whether measured choices apply now: nothing pinned and tuning on (:func:`pinned` and :func:`tuning_enabled`
     in one call, for the per-call fast paths of the dispatch)."""
-    if _ENV["everywhere"]:
+    if measured_everywhere:
         return True
     return pinned() is None and tuning_enabled()
 
@@ -170,9 +173,10 @@ def _pushed(stack_name: str, value: object) -> Iterator[None]:
     """``value`` on top of this thread's stack ``stack_name`` for the ``with`` block."""
     stack = _STATE.__dict__.setdefault(stack_name, [])
     stack.append(value)
+    global measured_everywhere
     with _LOCK:
         _OPEN_BLOCKS[0] += 1
-        _ENV["everywhere"] = False
+        measured_everywhere = False
     try:
         yield
     finally:

@@ -147,19 +147,25 @@ def test_the_bound_compiled_call_equals_the_kernel_for_any_input_layout(rows, le
 
 
 def test_no_plan_runs_while_calibration_observes_the_inputs():
+    """Setting a tap drops the layer's plans and none are made while it is set: every call reaches the tap."""
     model = quantized_small(mq.Int8())
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         model(x)
+    assert plans(model.head)
     seen = []
     model.head.calibration_tap = lambda layer, inp: seen.append(inp.shape)
     try:
-        assert call_plans.lookup(model.head, torch.randn(2, 128)) is None
+        assert call_plans.lookup(model.head, torch.randn(2, 128)) is None and not plans(model.head)
         with torch.no_grad():
             model(x)
+            model(x)
+        assert not plans(model.head)
     finally:
         del model.head.calibration_tap
-    assert seen == [(2, 128)]
+    assert seen == [(2, 128), (2, 128)]
+    with torch.no_grad():
+        model(x)
     assert call_plans.lookup(model.head, torch.randn(2, 128)) is not None
 
 

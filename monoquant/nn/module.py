@@ -34,9 +34,9 @@ _OPTIONAL_BUFFERS = ("scale", "zero_point")
 """Buffers every layer has as attributes (``None`` where its format does not use them)."""
 
 
-_FORGETS_CALL_PLANS = frozenset({"gptq", "input_quantizer"})
-"""Setting these on a layer (calibration attaching a GPTQ state or an activation quantizer, freeze detaching it)
-drops its call plans (:mod:`monoquant.call_plans`)."""
+_FORGETS_CALL_PLANS = frozenset({"gptq", "input_quantizer", "calibration_tap"})
+"""Setting these on a layer (calibration attaching a GPTQ state, an activation quantizer or its tap, freeze
+detaching them) drops its call plans (:mod:`monoquant.call_plans`): a plan is for the state it was made in."""
 
 
 class QuantModule(nn.Module):
