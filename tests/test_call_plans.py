@@ -10,6 +10,7 @@ import torch
 from _fake_timing import timing_by_name
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_conv_kernels import conv_cases
 from torch import nn
 
 import monoquant as mq
@@ -261,3 +262,25 @@ def test_attaching_a_gptq_state_or_an_activation_quantizer_drops_the_layers_plan
     assert plans(model.head)
     model.head.gptq = None
     assert not plans(model.head)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=conv_cases(), weights=st.sampled_from(["int8", "int4"]), inference=st.booleans())
+def test_a_conv_from_its_plan_gives_the_full_paths_bits(case, weights, inference):
+    """Any conv geometry: the second call (from the plan, made by the first) equals the first and the same kernel
+    pinned (the full path) bit for bit, under no_grad or inference_mode."""
+    conv, shape, seed = case
+    torch.manual_seed(seed)
+    model = nn.Sequential(conv).eval()
+    spec = mq.Int8() if weights == "int8" else mq.Int4(group_size=conv.weight[0].numel())
+    mq.quantize_(model, mq.QuantConfig(spec, skip=mq.SkipRules.none()))
+    q = model[0]
+    x = torch.randn(shape)
+    with torch.inference_mode() if inference else torch.no_grad():
+        first = q(x)
+        second = q(x)
+        kernel = q.last_kernel
+        with mq.kernels.pin(kernel):
+            pinned = q(x)
+    assert (x.shape, x.dtype) in plans(q) and q.last_kernel == kernel
+    assert torch.equal(second, first) and torch.equal(pinned, first)
