@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -27,3 +28,23 @@ def alternating_seconds(*fns: Callable[[], object], reps: int, shuffled: bool = 
             fns[i]()
             times[i].append(time.perf_counter() - t0)
     return times
+
+
+def alternating_blocks(*fns: Callable[[], object], calls: int, blocks: int) -> list[float]:
+    """Seconds per call of each of ``fns`` called ``calls`` times in a row (its code and data warm, as a model
+    served in a loop), the median of each block's median over ``blocks`` blocks, the functions' blocks alternating
+    (in reversed order every other block) so that a load burst hits them alike. :func:`alternating_seconds`
+    measures each call right after the others' instead (several models served in turn)."""
+    for f in fns:
+        f()
+    medians: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for b in range(blocks):
+        for i in (order if b % 2 == 0 else order[::-1]):
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fns[i]()
+                times.append(time.perf_counter() - t0)
+            medians[i].append(statistics.median(times))
+    return [statistics.median(m) for m in medians]

@@ -346,6 +346,8 @@ def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches:
             # oneDNN bf16 convs left it 25 us (15%) slower at batch 1 than after the float model (AMD EPYC Zen 4)
             failed = bench_variants(model, x, ((name, weights, act, 1.0),), rounds,
                                     "int8" if batch == compile_batch else None, shuffled=True)
+            if rounds > 100:  # a call well under a millisecond: also each model warm, as when served in a loop
+                warm_row(model, quantize(model, weights, act), x)
             if failed:
                 q = quantize(model, weights, act)
                 q(x)  # kernels chosen before timing
@@ -358,6 +360,16 @@ def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches:
                       f"dispatch per layer ({layers} layers)")
             failures += failed
     return failures
+
+
+def warm_row(model: nn.Module, q: nn.Module, x: torch.Tensor, calls: int = 300, blocks: int = 8) -> None:
+    """Quantized against float32 with each called ``calls`` times in a row (blocks alternating,
+    :func:`_timing.alternating_blocks`): informational, next to the target row, which times every call right after
+    the other models' (the bf16 cast's oneDNN kernels, the float model's) and so with colder caches."""
+    fp32, quant = _timing.alternating_blocks(functools.partial(model, x), functools.partial(q, x), calls=calls,
+                                             blocks=blocks)
+    print(f"    warm ({calls} calls in a row each, blocks alternating; not the target's measure): fp32 "
+          f"{fp32 * 1e3:.2f} ms  quant {quant * 1e3:.2f} ms  time ratio {quant / fp32:.3f}x")
 
 
 def rounds_for(model: nn.Module, x: torch.Tensor, reps: int, seconds: float = 0.4, most: int = 200) -> int:
