@@ -31,3 +31,19 @@ def _kernel_environment_read_again(monkeypatch):
     from monoquant import tuner
 
     tuner.reload_environment()
+
+
+@pytest.fixture
+def fresh_kernel_choices(monkeypatch):
+    """No kernel pinned, tuning on, no choices file, and no measured choice from another test (before and after):
+    for the modules that test the dispatch (``pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")``)."""
+    from monoquant import tuner
+
+    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
+    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
+    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
+    tuner.reload_environment()
+    monkeypatch.setattr(tuner, "_FILE_LOADED", set())
+    tuner.clear()
+    yield
+    tuner.clear()

@@ -19,15 +19,7 @@ from monoquant import call_plans, fused, tuner
 needs_ext = pytest.mark.skipif(not fused.available(), reason="needs the compiled CPU kernels")
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
-    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
-    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
-    tuner.reload_environment()
-    tuner.clear()
-    yield
-    tuner.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
 class Small(nn.Module):

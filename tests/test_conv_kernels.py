@@ -13,16 +13,7 @@ import monoquant as mq
 from monoquant import call_plans, conv_kernels, fused, kernels, tuner
 from monoquant.nn.activation import ActivationQuantizer
 
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
-    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
-    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
-    tuner.reload_environment()
-    tuner.clear()
-    yield
-    tuner.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
 def quantized(conv: nn.Module, weights=None, activations=None) -> mq.QuantModule:

@@ -13,17 +13,7 @@ from torch import nn
 import monoquant as mq
 from monoquant import call_plans, fused, hardware, kernels, tuner
 
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv("MONOQUANT_KERNEL", raising=False)
-    monkeypatch.delenv("MONOQUANT_TUNE", raising=False)
-    monkeypatch.delenv("MONOQUANT_KERNEL_CACHE", raising=False)
-    tuner.reload_environment()
-    monkeypatch.setattr(tuner, "_FILE_LOADED", set())
-    tuner.clear()
-    yield
-    tuner.clear()
+pytestmark = pytest.mark.usefixtures("fresh_kernel_choices")
 
 
 def fake_timer(times: dict[str, float], calls: list[str]):
