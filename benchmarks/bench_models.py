@@ -346,7 +346,7 @@ def bench_convnet(title: str, model: nn.Module, image: tuple[int, ...], batches:
             # oneDNN bf16 convs left it 25 us (15%) slower at batch 1 than after the float model (AMD EPYC Zen 4)
             failed = bench_variants(model, x, ((name, weights, act, 1.0),), rounds,
                                     "int8" if batch == compile_batch else None, shuffled=True)
-            if rounds > 100:  # a call well under a millisecond: also each model warm, as when served in a loop
+            if rounds >= 200:  # calls under 2 ms (rounds_for's cap): also each model warm, as when served in a loop
                 warm_row(model, quantize(model, weights, act), x)
             if failed:
                 q = quantize(model, weights, act)
