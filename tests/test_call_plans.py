@@ -14,7 +14,7 @@ from test_conv_kernels import conv_cases
 from torch import nn
 
 import monoquant as mq
-from monoquant import call_plans, fused, tuner
+from monoquant import call_plans, fused, hardware, tuner
 
 needs_ext = pytest.mark.skipif(not fused.available(), reason="needs the compiled CPU kernels")
 
@@ -275,4 +275,34 @@ def test_a_conv_from_its_plan_gives_the_full_paths_bits(case, weights, inference
         with mq.kernels.pin(kernel):
             pinned = q(x)
     assert (x.shape, x.dtype) in plans(q) and q.last_kernel == kernel
+    assert torch.equal(second, first) and torch.equal(pinned, first)
+
+
+@pytest.mark.skipif(not (fused.available() and hardware.cpu_has_avx512_vnni() and fused.has_vnni()),
+                    reason="needs the compiled AVX512-VNNI kernel")
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 24), lead=st.sampled_from([(), (3,)]), k=st.sampled_from([64, 200, 512]),
+       n=st.integers(1, 70), bias=st.booleans(), transposed=st.booleans())
+def test_a_w8a8_plan_runs_the_bound_vnni_kernel_with_the_full_paths_bits(rows, lead, k, n, bias, transposed):
+    """``w8a8_vnni`` bound once (packed weight, sums, scales): from the plan, any input layout of the plan's shape
+    gives the pinned full path's output bit for bit, and so does a new bias value (read on each call)."""
+    torch.manual_seed(rows * 1000 + k + n)
+    model = nn.Sequential(nn.Linear(k, n, bias=bias))
+    mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
+    q = model[0]
+    shape = (*lead, rows, k)
+    x = torch.randn(*shape[:-2], k, rows).transpose(-1, -2) if transposed else torch.randn(shape)
+    tuner.clear()
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        timing_by_name(patch, {"w8a8_vnni": 0.1, "float_acts": 1.0}, [])
+        first = q(x)
+        assert q.last_kernel == "w8a8_vnni" and (x.shape, x.dtype) in plans(q)
+        second = q(x)
+        with mq.kernels.pin("w8a8_vnni"):
+            pinned = q(x)
+        if bias:
+            q.bias.add_(1.0)
+            moved = q(x)
+            with mq.kernels.pin("w8a8_vnni"):
+                assert torch.equal(moved, q(x))
     assert torch.equal(second, first) and torch.equal(pinned, first)
