@@ -97,10 +97,17 @@ def forget(module) -> None:
     w.cache.pop(KEY, None)
 
 
+def allowed(module, x: torch.Tensor) -> bool:
+    """Whether a plan may be made for input ``x`` now: measured choices apply here (no pin, no ``tuning(False)``),
+    no gradient is wanted and no calibration tap is set (what :func:`lookup` relies on having held)."""
+    return (tuner.measured() and module.calibration_tap is None
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 def remember(module, x: torch.Tensor, name: str, bucket: int, run: Callable[[Any, torch.Tensor], torch.Tensor],
              *, raw_ok: bool) -> None:
     """Keep ``run`` as the plan for inputs like ``x`` (same shape, dtype, device). Call it only after a measured
-    choice ran for ``x`` with no pin, no ``tuning(False)``, no gradient and no calibration."""
+    choice ran for ``x``, where :func:`allowed`."""
     w = module.quant_weight
     plans = w.cache.setdefault(KEY, {})
     if len(plans) >= MAX_PLANS:

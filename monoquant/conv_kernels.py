@@ -257,7 +257,7 @@ def conv(module, x: torch.Tensor, *, raw_ok: bool = False) -> torch.Tensor:
     plan = _plan(module, xb)
     bucket = tuner.row_bucket(xb.shape[0])
     module.quant_weight.record_run(plan[0], bucket)
-    if plan[2] and not unbatched and module.calibration_tap is None:
+    if plan[2] and not unbatched and call_plans.allowed(module, x):
         call_plans.remember(module, x, plan[0], bucket, plan[1], raw_ok=raw_ok)
     y = plan[1](module, xb)
     return y.squeeze(0) if unbatched else y

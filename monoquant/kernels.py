@@ -468,8 +468,7 @@ def linear(module, x: torch.Tensor, *, raw_ok: bool = False) -> torch.Tensor:
     rows = x.numel() // max(1, x.shape[-1])
     bucket = None if module.computes_in_float else tuner.row_bucket(rows)
     module.quant_weight.record_run(name, bucket)
-    if (measured and bucket is not None and tuner.measured() and module.calibration_tap is None
-            and not (x.requires_grad and torch.is_grad_enabled())):
+    if measured and bucket is not None and call_plans.allowed(module, x):
         call_plans.remember(module, x, name, bucket, _runner(module, name, x), raw_ok=raw_ok)
     return run_kernel(module, name, x)
 
