@@ -114,6 +114,22 @@ def test_a_layer_with_an_input_scale_applies_it_on_every_call_from_its_plan():
     assert torch.equal(second, first)
 
 
+def first_from_plan_and_pinned(q, kernel: str, baseline: str, shape: tuple[int, ...], transposed: bool):
+    """``(x, first, second, pinned)``: ``q`` on an input of ``shape`` (its last two dims laid out transposed when
+    asked), with ``kernel`` timed faster than ``baseline`` (a fresh measurement); the second call runs the plan the
+    first made, the third ``kernel`` pinned (the full path)."""
+    x = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if transposed else torch.randn(shape)
+    tuner.clear()
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        timing_by_name(patch, {kernel: 0.1, baseline: 1.0}, [])
+        first = q(x)
+        assert q.last_kernel == kernel and (x.shape, x.dtype) in plans(q)
+        second = q(x)  # from the plan
+        with mq.kernels.pin(kernel):
+            pinned = q(x)
+    return x, first, second, pinned
+
+
 @needs_ext
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 8), lead=st.sampled_from([(), (2,), (1, 3)]), k=st.sampled_from([64, 96, 256]),
@@ -125,16 +141,7 @@ def test_the_bound_compiled_call_equals_the_kernel_for_any_input_layout(rows, le
     fmt = {"int8": mq.Int8(), "int8-asym": mq.Int8(symmetric=False), "int4": mq.Int4(group_size=32)}[spec]
     torch.manual_seed(rows * 1000 + k + n)
     q = mq.QuantLinear.from_float(nn.Linear(k, n, bias=bias), fmt)
-    shape = (*lead, rows, k)
-    x = torch.randn(*shape[:-2], k, rows).transpose(-1, -2) if transposed else torch.randn(shape)
-    tuner.clear()
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        timing_by_name(patch, {"fused_cpu": 0.1, "dequant": 1.0}, [])
-        first = q(x)
-        assert q.last_kernel == "fused_cpu" and (x.shape, x.dtype) in plans(q)
-        second = q(x)  # from the plan
-        with mq.kernels.pin("fused_cpu"):
-            pinned = q(x)  # the full path: run_kernel
+    _, first, second, pinned = first_from_plan_and_pinned(q, "fused_cpu", "dequant", (*lead, rows, k), transposed)
     assert first.shape == (*lead, rows, n)
     assert torch.equal(second, first) and torch.equal(second, pinned)
 
@@ -290,19 +297,11 @@ def test_a_w8a8_plan_runs_the_bound_vnni_kernel_with_the_full_paths_bits(rows, l
     model = nn.Sequential(nn.Linear(k, n, bias=bias))
     mq.quantize_(model, mq.QuantConfig(mq.Int8(), activations=mq.Int8(dynamic=True), skip=mq.SkipRules.none()))
     q = model[0]
-    shape = (*lead, rows, k)
-    x = torch.randn(*shape[:-2], k, rows).transpose(-1, -2) if transposed else torch.randn(shape)
-    tuner.clear()
-    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
-        timing_by_name(patch, {"w8a8_vnni": 0.1, "float_acts": 1.0}, [])
-        first = q(x)
-        assert q.last_kernel == "w8a8_vnni" and (x.shape, x.dtype) in plans(q)
-        second = q(x)
-        with mq.kernels.pin("w8a8_vnni"):
-            pinned = q(x)
-        if bias:
+    x, first, second, pinned = first_from_plan_and_pinned(q, "w8a8_vnni", "float_acts", (*lead, rows, k), transposed)
+    if bias:
+        with torch.no_grad():
             q.bias.add_(1.0)
-            moved = q(x)
+            moved = q(x)  # from the plan, which reads the bias on each call
             with mq.kernels.pin("w8a8_vnni"):
                 assert torch.equal(moved, q(x))
     assert torch.equal(second, first) and torch.equal(pinned, first)
