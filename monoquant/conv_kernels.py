@@ -22,9 +22,26 @@ kernel                 registered by, applies when                              
 ``dequant_conv_bf16``  shared: the same rule as the linear ``dequant_bf16`` (CPU with fast  bf16
                        bf16 GEMMs, compute_dtype None/bf16): kernel dequantized to bf16,
                        ``F.conv*`` in bf16
+``dequant_conv_        shared: CPU, 2-d/3-d, a contiguous input, a layer that keeps its     compute_dtype,
+channels_last``        float kernel in the input's dtype: ``F.conv*`` with a channels-last  else input dtype
+                       copy of the kept kernel, which takes oneDNN's channels-last
+                       convolution where ``F.conv2d`` of one sample takes PyTorch's slower
+                       native one; the output made contiguous again
+``dequant_conv_im2col``  shared: CPU, 2-d, a contiguous input, ``groups == 1``, no         compute_dtype,
+                       dilation, zero padding the same on both sides: PyTorch's own im2col  else input dtype
+                       + GEMM convolution (``thnn_conv2d``), which ``F.conv2d`` takes for
+                       one sample only, with the dequantized kernel
 ``dequant_conv``       shared, the baseline: kernel dequantized, ``F.conv*``                compute_dtype,
                                                                                            else input dtype
 =====================  ==================================================================  ==================
+
+The two float-algorithm candidates exist because ``F.conv2d`` picks its CPU algorithm from fixed rules, not by
+measurement: one sample of a small 3x3 conv takes the native im2col path, more samples oneDNN. On AMD EPYC Zen 4
+(2 threads) the digits CNN's 32 -> 64 conv on one 8x8 image took 40-100 us through ``F.conv2d`` and 30-42 us
+channels-last; at 2-16 samples its 1 -> 32 conv took 52-77 us through oneDNN and 17-37 us through the im2col path.
+Both give the float conv's result up to float rounding order (not its bits) in the same (contiguous) memory
+format; an input that is not contiguous (channels-last, a slice) runs ``dequant_conv`` whatever was chosen, so that
+the output's strides are always the float conv's.
 
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
@@ -124,10 +141,32 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     # and, as for the linear packed kernels, not where another compute dtype than bf16 is forced
     if _geometry(module).groups == 1 and q.low_bit_ok and act is None:
         cands.append("im2col_linear")
-    if x.device.type == "cpu" and cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
-        cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
+    if x.device.type == "cpu":
+        if cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
+            cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
+        if _channels_last_ok(module, x):
+            cands.append("dequant_conv_channels_last")
+        if _im2col_ok(module, x):
+            cands.append("dequant_conv_im2col")
     cands.append("dequant_conv")
     return cands
+
+
+def _channels_last_ok(module, x: torch.Tensor) -> bool:
+    """``dequant_conv_channels_last`` applies: a 2-d/3-d conv that keeps its float kernel in the dtype it computes
+    ``x`` in (the channels-last copy is made from the kept kernel, never from the stored weight per call)."""
+    dtype = module.compute_dtype or module.float_dtype
+    return (x.is_contiguous() and _geometry(module).dims in _CHANNELS_LAST and kernels.kept_float_bytes(module) > 0
+            and module.gptq is None and kernels.float_compute_dtype(module, x) == dtype)
+
+
+def _im2col_ok(module, x: torch.Tensor) -> bool:
+    """``dequant_conv_im2col`` applies: a contiguous input and what ``thnn_conv2d`` computes -- 2-d, no groups, no
+    dilation, zero padding the same on both sides of each dim."""
+    g = _geometry(module)
+    return (x.is_contiguous() and _THNN_CONV2D is not None and g.dims == 2 and g.groups == 1
+            and g.dilation == (1, 1) and g.padding_mode == "zeros" and g.pads[0] == g.pads[1]
+            and g.pads[2] == g.pads[3])
 
 
 def _macs(module, x: torch.Tensor) -> int:
@@ -193,6 +232,28 @@ def _shortcut(module, x: torch.Tensor, name: str) -> Callable[..., torch.Tensor]
                 return lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])
             conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
             return lambda m, xb: conv_fn(xb, kept, m._buffers["bias"], *args)  # no nn.Module __getattr__ per call
+    if name in ("dequant_conv_channels_last", "dequant_conv_im2col"):
+        dtype = kernels.float_compute_dtype(module, x)
+        bias = module.bias
+        if dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+            # an input that is not contiguous runs the baseline (see the module's docstring)
+            base = _shortcut(module, x, "dequant_conv") or _dequant_conv
+            if name == "dequant_conv_im2col":
+                kept = kernels.kept_float_weight(module, dtype)
+                if kept is not None:
+                    thnn, g = _THNN_CONV2D, _geometry(module)
+                    size, stride, padding = g.kernel_size, g.stride, (g.pads[2], g.pads[0])
+                    return lambda m, xb: (thnn(xb, kept, size, m._buffers["bias"], stride, padding)
+                                          if xb.is_contiguous() else base(m, xb))
+            else:
+                kept = _kept_channels_last(module, dtype)
+                if kept is not None:
+                    if module.padding_mode != "zeros":
+                        run = lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])  # noqa: E731
+                    else:
+                        conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
+                        run = lambda m, xb: conv_fn(xb, kept, m._buffers["bias"], *args)  # noqa: E731
+                    return lambda m, xb: run(m, xb).contiguous() if xb.is_contiguous() else base(m, xb)
     if name == "float_acts_conv":
         return _plan(module, x, weights_only=True)[1]
     if name == "act_sim_conv":
@@ -278,6 +339,13 @@ def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     (:func:`monoquant.kernels.kept_float_weight`, cast to ``dtype`` when it is kept in another), else dequantized
     now (into a reused per-thread buffer unless autograd needs it). Casts are skipped where the dtype already
     matches (each is a dispatch on a path whose fixed cost decides small convolutions)."""
+    weight, bias = _float_kernel(module, x, dtype)
+    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight, bias)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _float_kernel(module, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel and bias :func:`_dequant_conv_in` convolves with in ``dtype``."""
     weight = kernels.kept_float_weight(module, dtype)
     if weight is None:
         # the kept kernel cast to dtype: a quarter of the cost of dequantizing it again (an 18k-weight conv's
@@ -295,7 +363,46 @@ def _dequant_conv_in(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     bias = module.bias
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight, bias)
+    return weight, bias
+
+
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+_THNN_CONV2D = getattr(torch._C._nn, "thnn_conv2d", None)  # aten::thnn_conv2d, PyTorch's native im2col conv
+
+
+def _kept_channels_last(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """A channels-last copy of the kernel the layer keeps in ``dtype`` (``None`` where it keeps none), in
+    ``quant_weight.cache`` beside it and made in the same autograd mode (an inference tensor under
+    ``torch.inference_mode``)."""
+    kept = kernels.kept_float_weight(module, dtype)
+    if kept is None:
+        return None
+    cache = module.quant_weight.cache
+    copy = cache.get("float_weight_channels_last")
+    if copy is None or copy.dtype != dtype or copy.is_inference() != kept.is_inference():
+        fmt = _CHANNELS_LAST[kept.dim() - 2]
+        copy = cache["float_weight_channels_last"] = kernels.in_this_mode(lambda: kept.contiguous(memory_format=fmt))
+    return copy
+
+
+def _dequant_conv_channels_last(module, x: torch.Tensor) -> torch.Tensor:
+    dtype = kernels.float_compute_dtype(module, x)
+    weight = _kept_channels_last(module, dtype) if x.is_contiguous() else None
+    if weight is None:  # not contiguous, or no kept kernel (e.g. a pin where none is kept): the baseline
+        return _dequant_conv(module, x)
+    bias = module.bias
+    y = module.float_conv(x if x.dtype == dtype else x.to(dtype), weight, bias if bias is None else bias.to(dtype))
+    return (y if y.dtype == x.dtype else y.to(x.dtype)).contiguous()
+
+
+def _dequant_conv_im2col(module, x: torch.Tensor) -> torch.Tensor:
+    if not x.is_contiguous():
+        return _dequant_conv(module, x)
+    dtype = kernels.float_compute_dtype(module, x)
+    weight, bias = _float_kernel(module, x, dtype)
+    g = _geometry(module)
+    y = _THNN_CONV2D(x if x.dtype == dtype else x.to(dtype), weight, g.kernel_size, bias, g.stride,
+                     (g.pads[2], g.pads[0]))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -342,6 +449,8 @@ _SHARED: dict[str, Callable[..., torch.Tensor]] = {
     "float_acts_conv": _float_acts_conv,
     "im2col_linear": _im2col_linear,
     "dequant_conv_bf16": _dequant_conv_bf16,
+    "dequant_conv_channels_last": _dequant_conv_channels_last,
+    "dequant_conv_im2col": _dequant_conv_im2col,
     "dequant_conv": _dequant_conv,
 }
 

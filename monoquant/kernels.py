@@ -149,7 +149,8 @@ with rows cannot win past it, and timing them would cost more than the measureme
 SHARED_KERNELS = ("gptq_pending", "uncalibrated", "act_sim", "float_acts", "dequant_bf16", "dequant")
 """The kernels of this module, which every format has (the low-bit ones are the formats')."""
 
-SHARED_CONV_KERNELS = ("act_sim_conv", "float_acts_conv", "im2col_linear", "dequant_conv_bf16", "dequant_conv")
+SHARED_CONV_KERNELS = ("act_sim_conv", "float_acts_conv", "im2col_linear", "dequant_conv_bf16",
+                       "dequant_conv_channels_last", "dequant_conv_im2col", "dequant_conv")
 """The convolution kernels every format has, run by :mod:`monoquant.conv_kernels` (named here so that :func:`pin`
 knows them)."""
 
@@ -208,17 +209,17 @@ def kept_float_weight(module, dtype: torch.dtype) -> torch.Tensor | None:
             return kept
         if not torch.is_grad_enabled() and kept.is_inference():  # no_grad: an inference tensor is fine there
             return kept
-        kept = w.cache["float_weight"] = _in_this_mode(kept.clone)
+        kept = w.cache["float_weight"] = in_this_mode(kept.clone)
         return kept
     if module.gptq is not None or dtype != (module.compute_dtype or module.float_dtype):
         return None
     if not kept_float_bytes(module):
         return None
-    kept = w.cache["float_weight"] = _in_this_mode(lambda: w.dequantize_rows(dtype).view(module.weight_shape))
+    kept = w.cache["float_weight"] = in_this_mode(lambda: w.dequantize_rows(dtype).view(module.weight_shape))
     return kept
 
 
-def _in_this_mode(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+def in_this_mode(make: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``make()`` without autograd: an inference tensor under ``torch.inference_mode``, else a normal one."""
     if torch.is_inference_mode_enabled():
         return make()

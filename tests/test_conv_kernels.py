@@ -207,7 +207,8 @@ def test_a_small_conv_keeps_its_float_kernel_counts_it_and_drops_it_when_the_wei
     kept_bytes = 64 * 32 * 9 * 4
     assert kernels.kept_float_bytes(q) == kept_bytes <= kernels.FLOAT_WEIGHT_CACHE_BYTES
     stored = sum(b.numel() * b.element_size() for b in q.buffers())
-    assert q.storage_bytes() == stored + kept_bytes  # the memory report counts it before it is built
+    # the memory report counts it and its channels-last copy before either is built
+    assert q.storage_bytes() == stored + 2 * kept_bytes
     with torch.no_grad(), mq.kernels.pin("dequant_conv"):
         y = q(x)
         kept = q.quant_weight.cache["float_weight"]
@@ -356,3 +357,119 @@ def test_the_per_shape_fast_path_records_the_bucket_and_leaves_unbatched_inputs_
     assert torch.equal(first, second) and one.shape == (16, 6, 6)
     torch.testing.assert_close(one, first[1], rtol=1e-5, atol=1e-5)
     assert mq.kernels.kernels_run(q) == {4: "dequant_conv", 1: "dequant_conv"}
+
+
+FLOAT_ALGORITHMS = ("dequant_conv_channels_last", "dequant_conv_im2col")
+
+
+@st.composite
+def float_algorithm_cases(draw):
+    """2-d and 3-d convs that keep their float kernel (any dilation, zero or circular padding), inputs contiguous,
+    channels-last or a strided slice."""
+    dims = draw(st.sampled_from([2, 3]))
+    kernel = draw(st.integers(1, 3))
+    stride, padding = draw(st.integers(1, 2)), draw(st.integers(0, 1))
+    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    mode = draw(st.sampled_from(["zeros", "circular"])) if padding else "zeros"
+    conv = cls(draw(st.integers(1, 8)), draw(st.integers(1, 8)), kernel, stride=stride, padding=padding,
+               bias=draw(st.booleans()), padding_mode=mode, dilation=draw(st.integers(1, 2)) if kernel > 1 else 1)
+    kernel = conv.dilation[0] * (kernel - 1) + 1
+    size = draw(st.integers(kernel + 1, kernel + (4 if dims == 2 else 2)))
+    shape = (draw(st.integers(1, 4)), conv.in_channels, *([size] * dims))
+    return conv, shape, draw(st.sampled_from(["contiguous", "channels_last", "slice"])), draw(st.integers(0, 2**16))
+
+
+def strides_that_matter(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides of dims longer than 1 (a dim of size 1 is never stepped along; its stride is arbitrary)."""
+    return tuple(stride for stride, size in zip(t.stride(), t.shape) if size > 1)
+
+
+def laid_out(shape: tuple[int, ...], layout: str) -> torch.Tensor:
+    if layout == "slice":  # every other sample of a larger batch: neither contiguous nor channels-last
+        return torch.randn(2 * shape[0], *shape[1:])[::2]
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=conv_kernels._CHANNELS_LAST[x.dim() - 2])
+    return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=float_algorithm_cases(), weights=st.sampled_from(["int8", "int4"]))
+def test_the_float_algorithm_candidates_give_the_float_conv_up_to_rounding_in_its_memory_format(case, weights):
+    """``dequant_conv_channels_last`` and ``dequant_conv_im2col`` are the float conv with another algorithm: the
+    same sums in another order (a float32 bound per output value) and the output strides of the float conv,
+    so that a ``.view`` that works on the float layer's output works on theirs. They apply to contiguous inputs;
+    called on another layout (as from a plan made for a contiguous input of the shape), they run the baseline."""
+    conv, shape, layout, seed = case
+    torch.manual_seed(seed)
+    spec = mq.Int8() if weights == "int8" else mq.Int4(group_size=conv.weight[0].numel())
+    q = quantized(conv, spec)
+    x = laid_out(shape, layout)
+    with torch.no_grad():
+        ref = q.float_forward(x)
+        cands = conv_kernels._candidates(q, x.contiguous(), needs_grad=False, weights_only=False)
+        assert "dequant_conv_channels_last" in cands  # every conv here keeps its kernel
+        plain = conv.dilation == (1,) * (x.dim() - 2) and conv.padding_mode == "zeros"
+        assert ("dequant_conv_im2col" in cands) == (x.dim() == 4 and plain)
+        if not x.is_contiguous():
+            assert not set(FLOAT_ALGORITHMS) & set(conv_kernels._candidates(q, x, False, False))
+        w = q.dequantize_weight(torch.float32)
+        bias = 0.0 if q.bias is None else q.bias.abs().view(-1, *[1] * (x.dim() - 2))
+        bound = (q.float_conv(x.abs(), w.abs(), None) + bias) * w[0].numel() * 2**-22 + 1e-30
+        for name in FLOAT_ALGORITHMS:
+            if name in cands:
+                y = conv_kernels.run_conv_kernel(q, name, x)
+                from_plan = conv_kernels._shortcut(q, x.contiguous(), name)  # what a plan would run
+                assert torch.equal(from_plan(q, x), y), name
+                assert y.shape == ref.shape and y.dtype == ref.dtype, name
+                assert strides_that_matter(y) == strides_that_matter(ref), name
+                assert ((y - ref).abs() <= bound).all(), name
+                if not x.is_contiguous():
+                    assert torch.equal(y, ref), name
+
+
+@pytest.mark.parametrize("conv, why", [
+    (nn.Conv1d(8, 16, 3), "1-d: neither"),
+    (nn.Conv2d(8, 16, 3, groups=2), "groups: no im2col"),
+    (nn.Conv2d(8, 16, 3, dilation=2), "dilation: no im2col"),
+    (nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), "reflect padding: no im2col"),
+    (nn.Conv2d(8, 16, 2, padding="same"), "one more pad on one side: no im2col"),
+    (nn.Conv2d(8, 16, 3, padding=1), "both"),
+    (nn.Conv2d(256, 128, 3), "the kernel is not kept (294k weights): no channels-last copy"),
+    (nn.Conv3d(8, 16, 3), "3-d: channels-last only"),
+])
+def test_which_convs_the_float_algorithm_candidates_apply_to(conv, why):
+    q = quantized(conv)
+    x = torch.randn(2, conv.in_channels, *([6] * (conv.weight.dim() - 2)))
+    cands = set(conv_kernels._candidates(q, x, needs_grad=False, weights_only=False))
+    want = {"1-d: neither": set(), "both": set(FLOAT_ALGORITHMS), "3-d: channels-last only": {FLOAT_ALGORITHMS[0]},
+            "the kernel is not kept (294k weights): no channels-last copy": {FLOAT_ALGORITHMS[1]}}
+    assert cands & set(FLOAT_ALGORITHMS) == want.get(why, {FLOAT_ALGORITHMS[0]}), why
+
+
+@pytest.mark.parametrize("name", FLOAT_ALGORITHMS)
+def test_a_measured_float_algorithm_runs_from_the_plan_and_the_channels_last_copy_follows_the_weight(
+        monkeypatch, name):
+    timed: list[str] = []
+    timing_by_name(monkeypatch, {"dequant_conv": 1.0, name: 0.5}, timed)
+    torch.manual_seed(0)
+    q, other = quantized(nn.Conv2d(32, 64, 3, padding=1)), quantized(nn.Conv2d(32, 64, 3, padding=1))
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        first = q(x)
+        assert q.last_kernel == name and q.kernel_summary() == f"b1 {name}" and name in timed
+        assert q.quant_weight.plan is not None
+        second = q(x)  # from the plan
+        with mq.kernels.pin(name):
+            pinned = q(x)
+        torch.testing.assert_close(first, q.float_forward(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(second, first) and torch.equal(pinned, first)
+        copy_kept = q.quant_weight.cache.get("float_weight_channels_last")  # built where the tuner timed it
+        if name == "dequant_conv_channels_last":
+            assert copy_kept.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(copy_kept, q.quant_weight.cache["float_weight"])
+        q.load_state_dict(other.state_dict())  # new weights: the kept kernel, its copy and the plan go
+        assert "float_weight_channels_last" not in q.quant_weight.cache and q.quant_weight.plan is None
+        new = q(x)
+    torch.testing.assert_close(new, other.float_forward(x), rtol=1e-5, atol=1e-5)
+    assert q.last_kernel == name  # the choice stays: it was measured for the geometry, not the values

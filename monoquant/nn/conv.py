@@ -76,9 +76,11 @@ class _QuantConvNd(QuantModule):
 
     def storage_bytes(self) -> int:
         """The stored buffers (:meth:`QuantModule.storage_bytes`) plus the dequantized kernel a small conv keeps
-        to skip dequantizing it on every call (:func:`monoquant.kernels.kept_float_bytes`, counted whether or not
-        a forward has built it yet)."""
-        return super().storage_bytes() + kernels.kept_float_bytes(self)
+        to skip dequantizing it on every call (:func:`monoquant.kernels.kept_float_bytes`), twice for a 2-d/3-d
+        conv, which may keep a channels-last copy of it too (on CPU: ``dequant_conv_channels_last`` in
+        :mod:`monoquant.conv_kernels`); counted whether or not a forward has built them yet."""
+        kept = kernels.kept_float_bytes(self)
+        return super().storage_bytes() + (2 * kept if self._dims > 1 else kept)
 
     @classmethod
     def empty_for_weight(cls, shape: tuple[int, ...], bias: bool, spec: WeightSpec, **kwargs: Any) -> QuantModule:
