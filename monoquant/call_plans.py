@@ -69,7 +69,7 @@ def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], t
 
     The plan the layer ran last is compared first (``quant_weight.plan``: a model called with one input shape
     never hashes a key); every read here is on the per-call path of every layer."""
-    if torch.compiler.is_compiling():  # first: traced code never reads the plans
+    if _is_compiling():  # first: traced code never reads the plans
         return None
     w = module.quant_weight
     plan = w.plan
@@ -80,14 +80,21 @@ def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], t
         if plan is None:
             return None
         w.plan = plan
-    if ((raw and not plan.raw_ok) or ((x.requires_grad or plan.inference) and torch.is_grad_enabled())
+    if ((raw and not plan.raw_ok) or ((x.requires_grad or plan.inference) and _grad_enabled())
             or (not x.is_cpu if plan.device is None else x.device != plan.device)
             or not (tuner.measured_everywhere or tuner.measured())
             or not (plan.act_ready or plan.act.ready)):  # the layer's computes_in_float, as far as it can change
         return None
-    name = w.last_kernel = plan.name
-    w.ran[plan.bucket] = name
+    if w.recorded is not plan:  # what ran is written once per plan, not per call (a layer's memory is cold here)
+        w.record_run(plan.name, plan.bucket)
+        w.recorded = plan
     return plan.run
+
+
+# bound once: on a layer's per-call path each module attribute read is a dictionary lookup, in a model whose other
+# layers evicted it from the caches (Dynamo recognises torch.compiler.is_compiling by identity, bound or not)
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 def forget(module) -> None:

@@ -22,15 +22,15 @@ kernel                 registered by, applies when                              
 ``dequant_conv_bf16``  shared: the same rule as the linear ``dequant_bf16`` (CPU with fast  bf16
                        bf16 GEMMs, compute_dtype None/bf16): kernel dequantized to bf16,
                        ``F.conv*`` in bf16
+``dequant_conv_im2col``  shared: CPU, 2-d, a contiguous input, ``groups == 1``, no         compute_dtype,
+                       dilation, zero padding the same on both sides: PyTorch's own im2col  else input dtype
+                       + GEMM convolution (``thnn_conv2d``), which ``F.conv2d`` takes for
+                       one sample only, with the dequantized kernel
 ``dequant_conv_        shared: CPU, 2-d/3-d, a contiguous input, a layer that keeps its     compute_dtype,
 channels_last``        float kernel in the input's dtype: ``F.conv*`` with a channels-last  else input dtype
                        copy of the kept kernel, which takes oneDNN's channels-last
                        convolution where ``F.conv2d`` of one sample takes PyTorch's slower
                        native one; the output made contiguous again
-``dequant_conv_im2col``  shared: CPU, 2-d, a contiguous input, ``groups == 1``, no         compute_dtype,
-                       dilation, zero padding the same on both sides: PyTorch's own im2col  else input dtype
-                       + GEMM convolution (``thnn_conv2d``), which ``F.conv2d`` takes for
-                       one sample only, with the dequantized kernel
 ``dequant_conv``       shared, the baseline: kernel dequantized, ``F.conv*``                compute_dtype,
                                                                                            else input dtype
 =====================  ==================================================================  ==================
@@ -39,9 +39,12 @@ The two float-algorithm candidates exist because ``F.conv2d`` picks its CPU algo
 measurement: one sample of a small 3x3 conv takes the native im2col path, more samples oneDNN. On AMD EPYC Zen 4
 (2 threads) the digits CNN's 32 -> 64 conv on one 8x8 image took 40-100 us through ``F.conv2d`` and 30-42 us
 channels-last; at 2-16 samples its 1 -> 32 conv took 52-77 us through oneDNN and 17-37 us through the im2col path.
-Both give the float conv's result up to float rounding order (not its bits) in the same (contiguous) memory
-format; an input that is not contiguous (channels-last, a slice) runs ``dequant_conv`` whatever was chosen, so that
-the output's strides are always the float conv's.
+The im2col call skips ``F.conv2d``'s own dispatch too (about 5 us of a 40 us conv at one image); it comes first
+among near-ties, since inside a model, with the caches cold from the other layers, the channels-last conv lost
+most of its lead (the tuner times a layer alone, each call right after the last). Both give the float conv's result
+up to float rounding order (not its bits) in the same (contiguous) memory format; an input that is not
+contiguous (channels-last, a slice) runs ``dequant_conv`` whatever was chosen, so that the output's strides are
+always the float conv's.
 
 The tuner (:mod:`monoquant.tuner`) times the eligible candidates once per situation -- format, shape, geometry,
 input spatial size, batch bucket (the batch rounded up to a power of two), dtypes -- on the real input (each
@@ -144,10 +147,10 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     if x.device.type == "cpu":
         if cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
             cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
-        if _channels_last_ok(module, x):
-            cands.append("dequant_conv_channels_last")
         if _im2col_ok(module, x):
             cands.append("dequant_conv_im2col")
+        if _channels_last_ok(module, x):
+            cands.append("dequant_conv_channels_last")
     cands.append("dequant_conv")
     return cands
 

@@ -305,3 +305,37 @@ def test_a_w8a8_plan_runs_the_bound_vnni_kernel_with_the_full_paths_bits(rows, l
             with mq.kernels.pin("w8a8_vnni"):
                 assert torch.equal(moved, q(x))
     assert torch.equal(second, first) and torch.equal(pinned, first)
+
+
+@needs_ext
+def test_a_plan_records_its_kernel_once_and_again_after_anything_else_was_recorded(monkeypatch):
+    """A plan writes ``last_kernel`` and ``ran`` on its first run only (``quant_weight.recorded``); a pinned call,
+    the full path or any write of ``last_kernel`` in between makes its next run write them again."""
+    model = quantized_small(mq.Int8(), "fused_cpu", monkeypatch)
+    fc, x = model.fc, torch.randn(1, 1024)
+    w = fc.quant_weight
+    with torch.no_grad():
+        fc(x)  # the full path: measured, ran, plan made
+        fc(x)  # from the plan: recorded
+        assert w.recorded is w.plan and fc.last_kernel == "fused_cpu" and w.ran == {1: "fused_cpu"}
+        with mq.kernels.pin("dequant"):
+            fc(x)
+        assert w.recorded is None and fc.last_kernel == "dequant" and w.ran == {1: "dequant"}
+        fc(x)
+        assert w.recorded is w.plan and fc.last_kernel == "fused_cpu" and w.ran == {1: "fused_cpu"}
+        fc.last_kernel = "set by hand"
+        assert w.recorded is None
+        fc(x)
+    assert fc.last_kernel == "fused_cpu" and fc.kernel_summary() == "r1 fused_cpu"
+
+
+def test_a_weight_pickled_before_recorded_existed_loads():
+    model = quantized_small(mq.Int8())
+    with torch.no_grad():
+        model.head(torch.randn(2, 128))
+    state = model.head.quant_weight.__getstate__()
+    state["last_kernel"] = state.pop("_last_kernel")  # the attributes as 0.2 pickled them
+    del state["recorded"]
+    w = copy.copy(model.head.quant_weight)
+    w.__setstate__(state)
+    assert w.last_kernel == model.head.last_kernel and w.recorded is None and w.ran == model.head.quant_weight.ran

@@ -100,8 +100,21 @@ class QuantWeight:
         self.cache: dict[Any, Any] = {}
         self.plan: Any = None
         """The call plan last made or run (:mod:`monoquant.call_plans`), checked before the others in ``cache``."""
-        self.last_kernel: str | None = None
+        self._last_kernel: str | None = None
         self.ran: dict[int, str] = {}
+        self.recorded: Any = None
+        """The call plan whose run :attr:`last_kernel` and :attr:`ran` show now (:mod:`monoquant.call_plans`
+        records a plan's run once, not on every call); any other record clears it."""
+
+    @property
+    def last_kernel(self) -> str | None:
+        """The kernel the layer's last ``forward`` ran."""
+        return self._last_kernel
+
+    @last_kernel.setter
+    def last_kernel(self, name: str | None) -> None:
+        self._last_kernel = name
+        self.recorded = None
 
     def record_run(self, name: str, bucket: int | None) -> None:
         """Record that kernel ``name`` ran: as :attr:`last_kernel`, and in :attr:`ran` under ``bucket`` (a row or
@@ -133,7 +146,7 @@ class QuantWeight:
     def clear_cache(self) -> None:
         """Forget everything derived from the buffers (they changed or moved)."""
         self.cache.clear()
-        self.plan = None
+        self.plan = self.recorded = None
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy or pickle (``copy.deepcopy(model)``, ``torch.save(model)``) keeps the measured choices and what
@@ -143,8 +156,16 @@ class QuantWeight:
         pickle failed on them."""
         state = self.__dict__.copy()
         state["cache"] = {key: value for key, value in self.cache.items() if isinstance(value, str)}
-        state["plan"] = None
+        state["plan"] = state["recorded"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Load a copy or pickle, also one written before ``recorded`` existed (``last_kernel`` was a plain
+        attribute then)."""
+        state = dict(state)
+        state.setdefault("_last_kernel", state.pop("last_kernel", None))
+        state.setdefault("recorded", None)
+        self.__dict__.update(state)
 
     def candidates(self) -> tuple[KernelCandidate, ...]:
         """The low-bit kernels this weight's format registered."""
