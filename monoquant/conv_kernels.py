@@ -22,6 +22,11 @@ kernel                 registered by, applies when                              
 ``dequant_conv_bf16``  shared: the same rule as the linear ``dequant_bf16`` (CPU with fast  bf16
                        bf16 GEMMs, compute_dtype None/bf16): kernel dequantized to bf16,
                        ``F.conv*`` in bf16
+``dequant_conv_direct``  shared: CPU with the compiled kernels, 2-d, stride 1, ``groups ==  float32
+                       1``, no dilation, zero padding the same on both sides, a float32
+                       contiguous input, a layer that keeps its float32 kernel: the
+                       direct convolution :func:`monoquant.fused.direct_conv2d` with the
+                       kept kernel (no im2col pass, no GEMM call)
 ``dequant_conv_im2col``  shared: CPU, 2-d, a contiguous input, ``groups == 1``, no         compute_dtype,
                        dilation, zero padding the same on both sides: PyTorch's own im2col  else input dtype
                        + GEMM convolution (``thnn_conv2d``), which ``F.conv2d`` takes for
@@ -35,10 +40,12 @@ channels_last``        float kernel in the input's dtype: ``F.conv*`` with a cha
                                                                                            else input dtype
 =====================  ==================================================================  ==================
 
-The two float-algorithm candidates exist because ``F.conv2d`` picks its CPU algorithm from fixed rules, not by
+The float-algorithm candidates exist because ``F.conv2d`` picks its CPU algorithm from fixed rules, not by
 measurement: one sample of a small 3x3 conv takes the native im2col path, more samples oneDNN. On AMD EPYC Zen 4
 (2 threads) the digits CNN's 32 -> 64 conv on one 8x8 image took 40-100 us through ``F.conv2d`` and 30-42 us
-channels-last; at 2-16 samples its 1 -> 32 conv took 52-77 us through oneDNN and 17-37 us through the im2col path.
+channels-last; at 2-16 samples its 1 -> 32 conv took 52-77 us through oneDNN, 17-37 us through the im2col path and
+4.6-19 us through the direct conv (7.6 and 3.7 us at one image); its 64 -> 64 conv on a 4x4 image took 24 us
+through ``F.conv2d`` and 16 us through the direct conv (at 16 images and more, oneDNN's or the bf16 conv win).
 The im2col call skips ``F.conv2d``'s own dispatch too (about 5 us of a 40 us conv at one image); it comes first
 among near-ties, since inside a model, with the caches cold from the other layers, the channels-last conv lost
 most of its lead (the tuner times a layer alone, each call right after the last). Both give the float conv's result
@@ -147,6 +154,8 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     if x.device.type == "cpu":
         if cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
             cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
+        if _direct_ok(module, x):
+            cands.append("dequant_conv_direct")
         if _im2col_ok(module, x):
             cands.append("dequant_conv_im2col")
         if _channels_last_ok(module, x):
@@ -155,12 +164,24 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     return cands
 
 
-def _channels_last_ok(module, x: torch.Tensor) -> bool:
-    """``dequant_conv_channels_last`` applies: a 2-d/3-d conv that keeps its float kernel in the dtype it computes
-    ``x`` in (the channels-last copy is made from the kept kernel, never from the stored weight per call)."""
+def _kept_kernel_applies(module, x: torch.Tensor) -> bool:
+    """A contiguous input ``x`` of a layer that keeps its float kernel in the dtype it computes ``x`` in (what the
+    channels-last and direct candidates read: never the stored weight per call)."""
     dtype = module.compute_dtype or module.float_dtype
-    return (x.is_contiguous() and _geometry(module).dims in _CHANNELS_LAST and kernels.kept_float_bytes(module) > 0
-            and module.gptq is None and kernels.float_compute_dtype(module, x) == dtype)
+    return (x.is_contiguous() and kernels.kept_float_bytes(module) > 0 and module.gptq is None
+            and kernels.float_compute_dtype(module, x) == dtype)
+
+
+def _channels_last_ok(module, x: torch.Tensor) -> bool:
+    """``dequant_conv_channels_last`` applies: a 2-d/3-d conv, :func:`_kept_kernel_applies`."""
+    return _geometry(module).dims in _CHANNELS_LAST and _kept_kernel_applies(module, x)
+
+
+def _direct_ok(module, x: torch.Tensor) -> bool:
+    """``dequant_conv_direct`` applies: what :func:`monoquant.fused.direct_conv2d` computes (what ``thnn_conv2d``
+    does, with stride 1) on a float32 input, :func:`_kept_kernel_applies`."""
+    return (x.dtype == torch.float32 and _im2col_ok(module, x) and _geometry(module).stride == (1, 1)
+            and _kept_kernel_applies(module, x) and fused.available())
 
 
 def _im2col_ok(module, x: torch.Tensor) -> bool:
@@ -224,45 +245,46 @@ def _shortcut(module, x: torch.Tensor, name: str) -> Callable[..., torch.Tensor]
     """For the per-shape memo (used only where no pin and no ``tuning(False)`` apply): ``run(module, x)`` with
     what every call of the baseline paths would decide again already decided, or ``None`` for the plain runner.
     ``dequant_conv`` with a kept kernel in the input's dtype is the ``F.conv*`` call with that kernel and the
-    layer's geometry; ``float_acts_conv`` is the weight-only choice for this shape; ``act_sim_conv``
-    fake-quantizes, then runs that choice. They live in ``quant_weight.cache``, so what drops the kept kernel
-    drops the shortcut."""
-    if name == "dequant_conv" and kernels.float_compute_dtype(module, x) == x.dtype:
-        kept = kernels.kept_float_weight(module, x.dtype)
-        bias = module.bias
-        if kept is not None and (bias is None or bias.dtype == x.dtype):
-            if module.padding_mode != "zeros":
-                return lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])
-            conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
-            return lambda m, xb: conv_fn(xb, kept, m._buffers["bias"], *args)  # no nn.Module __getattr__ per call
-    if name in ("dequant_conv_channels_last", "dequant_conv_im2col"):
-        dtype = kernels.float_compute_dtype(module, x)
-        bias = module.bias
-        if dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            # an input that is not contiguous runs the baseline (see the module's docstring)
-            base = _shortcut(module, x, "dequant_conv") or _dequant_conv
-            if name == "dequant_conv_im2col":
-                kept = kernels.kept_float_weight(module, dtype)
-                if kept is not None:
-                    thnn, g = _THNN_CONV2D, _geometry(module)
-                    size, stride, padding = g.kernel_size, g.stride, (g.pads[2], g.pads[0])
-                    return lambda m, xb: (thnn(xb, kept, size, m._buffers["bias"], stride, padding)
-                                          if xb.is_contiguous() else base(m, xb))
-            else:
-                kept = _kept_channels_last(module, dtype)
-                if kept is not None:
-                    if module.padding_mode != "zeros":
-                        run = lambda m, xb: m.float_conv(xb, kept, m._buffers["bias"])  # noqa: E731
-                    else:
-                        conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
-                        run = lambda m, xb: conv_fn(xb, kept, m._buffers["bias"], *args)  # noqa: E731
-                    return lambda m, xb: run(m, xb).contiguous() if xb.is_contiguous() else base(m, xb)
+    layer's geometry, ``dequant_conv_channels_last`` the same with the kernel's channels-last copy and
+    ``dequant_conv_im2col`` the ``thnn_conv2d`` call (both run the first for an input that is not contiguous);
+    ``float_acts_conv`` is the weight-only choice for this shape; ``act_sim_conv`` fake-quantizes, then runs that
+    choice. They live in ``quant_weight.cache``, so what drops the kept kernel drops the shortcut."""
     if name == "float_acts_conv":
         return _plan(module, x, weights_only=True)[1]
     if name == "act_sim_conv":
         inner = _plan(module, x, weights_only=True)[1]
         return lambda m, xb: inner(m, fake_quantize_samples(m.input_quantizer, xb))
+    bias = module.bias
+    kept = kernels.kept_float_weight(module, x.dtype)
+    if (kept is None or kernels.float_compute_dtype(module, x) != x.dtype
+            or (bias is not None and bias.dtype != x.dtype)):
+        return None
+    base = _conv_with(module, kept)
+    if name == "dequant_conv":
+        return base
+    if name == "dequant_conv_channels_last":
+        run = _conv_with(module, _kept_channels_last(module, x.dtype))
+        return lambda m, xb: run(m, xb).contiguous() if xb.is_contiguous() else base(m, xb)
+    if name == "dequant_conv_direct":
+        direct, g = fused.compiled("direct_conv2d"), _geometry(module)
+        pad_h, pad_w = g.pads[2], g.pads[0]
+        return lambda m, xb: (direct(xb, kept, m._buffers["bias"], pad_h, pad_w) if xb.is_contiguous()
+                              else base(m, xb))
+    if name == "dequant_conv_im2col":
+        thnn, g = _THNN_CONV2D, _geometry(module)
+        size, stride, padding = g.kernel_size, g.stride, (g.pads[2], g.pads[0])
+        return lambda m, xb: (thnn(xb, kept, size, m._buffers["bias"], stride, padding) if xb.is_contiguous()
+                              else base(m, xb))
     return None
+
+
+def _conv_with(module, kernel: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``run(module, x)``: the layer's ``F.conv*`` with ``kernel``, its geometry read once (no ``nn.Module``
+    ``__getattr__`` per call), the bias read on each call."""
+    if module.padding_mode != "zeros":
+        return lambda m, xb: m.float_conv(xb, kernel, m._buffers["bias"])
+    conv_fn, args = module._conv, (module.stride, module.padding, module.dilation, module.groups)
+    return lambda m, xb: conv_fn(xb, kernel, m._buffers["bias"], *args)
 
 
 def _choose(module, x: torch.Tensor, needs_grad: bool, weights_only: bool, pinned: str | None,
@@ -398,6 +420,14 @@ def _dequant_conv_channels_last(module, x: torch.Tensor) -> torch.Tensor:
     return (y if y.dtype == x.dtype else y.to(x.dtype)).contiguous()
 
 
+def _dequant_conv_direct(module, x: torch.Tensor) -> torch.Tensor:
+    kept = kernels.kept_float_weight(module, torch.float32)
+    if not x.is_contiguous() or kept is None or x.dtype != torch.float32:  # e.g. a pin where it is not eligible
+        return _dequant_conv(module, x)
+    g = _geometry(module)
+    return fused.direct_conv2d(x, kept, module.bias, g.pads[2], g.pads[0])
+
+
 def _dequant_conv_im2col(module, x: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous():
         return _dequant_conv(module, x)
@@ -452,8 +482,9 @@ _SHARED: dict[str, Callable[..., torch.Tensor]] = {
     "float_acts_conv": _float_acts_conv,
     "im2col_linear": _im2col_linear,
     "dequant_conv_bf16": _dequant_conv_bf16,
-    "dequant_conv_channels_last": _dequant_conv_channels_last,
+    "dequant_conv_direct": _dequant_conv_direct,
     "dequant_conv_im2col": _dequant_conv_im2col,
+    "dequant_conv_channels_last": _dequant_conv_channels_last,
     "dequant_conv": _dequant_conv,
 }
 

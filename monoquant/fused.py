@@ -349,6 +349,18 @@ def _(codes, packed, n):
     return codes.new_empty((codes.shape[0], n), dtype=torch.int32)
 
 
+@_op("direct_conv2d")
+def _direct_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad_h: int,
+                      pad_w: int) -> torch.Tensor:
+    return compiled("direct_conv2d")(x, weight, bias, pad_h, pad_w)
+
+
+@_direct_conv2d_op.register_fake
+def _(x, weight, bias, pad_h, pad_w):
+    oh, ow = x.shape[2] + 2 * pad_h - weight.shape[2] + 1, x.shape[3] + 2 * pad_w - weight.shape[3] + 1
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow))
+
+
 @_op("w8a8_vnni_pack")
 def _w8a8_vnni_pack_op(qweight: torch.Tensor) -> torch.Tensor:
     return compiled("w8a8_vnni_pack")(qweight)
@@ -549,6 +561,16 @@ def w8a8_gemm(codes: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor
     """Exact ``codes @ W^T`` in int32 (``[M, N]``) for int8 input codes ``[M, K]`` and a :func:`w8a8_pack`-ed
     weight of ``n`` rows: int16 pairs multiplied with ``vpmaddwd`` (AVX2), for CPUs without VNNI or AMX."""
     return _call(_w8a8_gemm_op, "w8a8_gemm", codes, packed, n)
+
+
+def direct_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad_h: int,
+                  pad_w: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=(pad_h, pad_w))`` for contiguous float32 ``x`` ``[N, C, H, W]``
+    and ``weight`` ``[CO, C, kh, kw]``, computed directly (no im2col, no GEMM call): vectors of consecutive output
+    positions of the zero-padded input, a tile of output channels x positions in registers. Each output's sum starts
+    from the bias and adds the products in ``(ci, r, s)`` order: the float conv's value up to summation order. For
+    the small convolutions of small batches (``dequant_conv_direct`` in :mod:`monoquant.conv_kernels`)."""
+    return _call(_direct_conv2d_op, "direct_conv2d", x, weight, bias, pad_h, pad_w)
 
 
 @torch.compiler.assume_constant_result

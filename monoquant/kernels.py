@@ -149,8 +149,8 @@ with rows cannot win past it, and timing them would cost more than the measureme
 SHARED_KERNELS = ("gptq_pending", "uncalibrated", "act_sim", "float_acts", "dequant_bf16", "dequant")
 """The kernels of this module, which every format has (the low-bit ones are the formats')."""
 
-SHARED_CONV_KERNELS = ("act_sim_conv", "float_acts_conv", "im2col_linear", "dequant_conv_bf16",
-                       "dequant_conv_channels_last", "dequant_conv_im2col", "dequant_conv")
+SHARED_CONV_KERNELS = ("act_sim_conv", "float_acts_conv", "im2col_linear", "dequant_conv_bf16", "dequant_conv_direct",
+                       "dequant_conv_im2col", "dequant_conv_channels_last", "dequant_conv")
 """The convolution kernels every format has, run by :mod:`monoquant.conv_kernels` (named here so that :func:`pin`
 knows them)."""
 

@@ -81,4 +81,14 @@ def avx2_matmul_matches_reference(data, n, rows, threads, x_scale, seed):
 
 
 avx2_matmul_matches_reference()
+
+# the direct conv's AVX2 tiles (1-3 vectors of 8 positions, 4 or 8 output channels)
+for n, c, co, h, w, k, pad in ((1, 32, 64, 8, 8, 3, 1), (2, 3, 9, 5, 7, 3, 0), (1, 5, 21, 11, 13, 2, 1),
+                               (3, 1, 4, 1, 1, 1, 0), (1, 7, 17, 4, 4, 3, 2)):
+    x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(co, c, k, k, generator=g)
+    b = torch.randn(co, generator=g)
+    y = fused.direct_conv2d(x, weight, b, pad, pad)
+    ref = F.conv2d(x.double(), weight.double(), b.double(), padding=pad)
+    terms = F.conv2d(x.double().abs(), weight.double().abs(), b.double().abs(), padding=pad)
+    assert ((y.double() - ref).abs() <= terms * (c * k * k + 1) * 2**-23).all(), (n, c, co, h, w, k, pad)
 print("avx2 ok")

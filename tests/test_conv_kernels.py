@@ -359,7 +359,8 @@ def test_the_per_shape_fast_path_records_the_bucket_and_leaves_unbatched_inputs_
     assert mq.kernels.kernels_run(q) == {4: "dequant_conv", 1: "dequant_conv"}
 
 
-FLOAT_ALGORITHMS = ("dequant_conv_channels_last", "dequant_conv_im2col")
+FLOAT_ALGORITHMS = ("dequant_conv_channels_last", "dequant_conv_im2col", "dequant_conv_direct")
+CL, IM2COL, DIRECT = FLOAT_ALGORITHMS
 
 
 @st.composite
@@ -396,7 +397,8 @@ def laid_out(shape: tuple[int, ...], layout: str) -> torch.Tensor:
 @settings(max_examples=40, deadline=None)
 @given(case=float_algorithm_cases(), weights=st.sampled_from(["int8", "int4"]))
 def test_the_float_algorithm_candidates_give_the_float_conv_up_to_rounding_in_its_memory_format(case, weights):
-    """``dequant_conv_channels_last`` and ``dequant_conv_im2col`` are the float conv with another algorithm: the
+    """``dequant_conv_channels_last``, ``dequant_conv_im2col`` and ``dequant_conv_direct`` (the compiled direct conv)
+    are the float conv with another algorithm: the
     same sums in another order (a float32 bound per output value) and the output strides of the float conv,
     so that a ``.view`` that works on the float layer's output works on theirs. They apply to contiguous inputs;
     called on another layout (as from a plan made for a contiguous input of the shape), they run the baseline."""
@@ -411,6 +413,8 @@ def test_the_float_algorithm_candidates_give_the_float_conv_up_to_rounding_in_it
         assert "dequant_conv_channels_last" in cands  # every conv here keeps its kernel
         plain = conv.dilation == (1,) * (x.dim() - 2) and conv.padding_mode == "zeros"
         assert ("dequant_conv_im2col" in cands) == (x.dim() == 4 and plain)
+        stride1 = conv.stride == (1,) * (x.dim() - 2)
+        assert ("dequant_conv_direct" in cands) == (x.dim() == 4 and plain and stride1 and fused.available())
         if not x.is_contiguous():
             assert not set(FLOAT_ALGORITHMS) & set(conv_kernels._candidates(q, x, False, False))
         w = q.dequantize_weight(torch.float32)
@@ -435,6 +439,7 @@ def test_the_float_algorithm_candidates_give_the_float_conv_up_to_rounding_in_it
     (nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), "reflect padding: no im2col"),
     (nn.Conv2d(8, 16, 2, padding="same"), "one more pad on one side: no im2col"),
     (nn.Conv2d(8, 16, 3, padding=1), "both"),
+    (nn.Conv2d(8, 16, 3, padding=1, stride=2), "stride 2: no direct conv"),
     (nn.Conv2d(256, 128, 3), "the kernel is not kept (294k weights): no channels-last copy"),
     (nn.Conv3d(8, 16, 3), "3-d: channels-last only"),
 ])
@@ -442,12 +447,15 @@ def test_which_convs_the_float_algorithm_candidates_apply_to(conv, why):
     q = quantized(conv)
     x = torch.randn(2, conv.in_channels, *([6] * (conv.weight.dim() - 2)))
     cands = set(conv_kernels._candidates(q, x, needs_grad=False, weights_only=False))
-    want = {"1-d: neither": set(), "both": set(FLOAT_ALGORITHMS), "3-d: channels-last only": {FLOAT_ALGORITHMS[0]},
-            "the kernel is not kept (294k weights): no channels-last copy": {FLOAT_ALGORITHMS[1]}}
-    assert cands & set(FLOAT_ALGORITHMS) == want.get(why, {FLOAT_ALGORITHMS[0]}), why
+    direct = {DIRECT} if fused.available() else set()
+    want = {"1-d: neither": set(), "both": {CL, IM2COL} | direct, "stride 2: no direct conv": {CL, IM2COL},
+            "3-d: channels-last only": {CL},
+            "the kernel is not kept (294k weights): no channels-last copy": {IM2COL}}
+    assert cands & set(FLOAT_ALGORITHMS) == want.get(why, {CL}), why
 
 
-@pytest.mark.parametrize("name", FLOAT_ALGORITHMS)
+@pytest.mark.parametrize("name", [CL, IM2COL, pytest.param(DIRECT, marks=pytest.mark.skipif(
+    not fused.available(), reason="needs the compiled CPU kernels"))])
 def test_a_measured_float_algorithm_runs_from_the_plan_and_the_channels_last_copy_follows_the_weight(
         monkeypatch, name):
     timed: list[str] = []

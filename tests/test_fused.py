@@ -1,9 +1,11 @@
 """The compiled fused kernel (and the PyTorch fallback when it cannot be built) against the float64 reference."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import monoquant as mq
@@ -434,3 +436,45 @@ def test_the_per_shape_plan_of_fused_cpu_passes_the_bias_and_keeps_the_input_sha
     y = q(x)
     assert y.requires_grad
     assert torch.equal(y.detach(), _fused_call(q, x, None).add_(q.bias.detach()))
+
+
+@needs_ext
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 9), co=st.integers(1, 40), h=st.integers(1, 11), w=st.integers(1, 21),
+       kh=st.integers(1, 3), kw=st.integers(1, 5), ph=st.integers(0, 2), pw=st.integers(0, 2), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_direct_conv2d_is_the_float_conv_within_float32_rounding_and_the_same_bits_on_any_thread_count(
+        n, c, co, h, w, kh, kw, ph, pw, bias, seed):
+    """The compiled direct conv against the float64 conv: any image and kernel size (positions across the vector
+    tiles of 1-4 vectors, their last one partial), output channels across the blocks of 16 and their tiles, zero
+    padding; within float32 rounding of the sum of |terms|. Each output is summed by one task in one order, so one
+    and two threads give the same bits."""
+    assume(h + 2 * ph >= kh and w + 2 * pw >= kw)
+    g = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(n, c, h, w, generator=g), torch.randn(co, c, kh, kw, generator=g)
+    b = torch.randn(co, generator=g) if bias else None
+    y = fused.direct_conv2d(x, weight, b, ph, pw)
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=(ph, pw))
+    terms = F.conv2d(x.double().abs(), weight.double().abs(), None if b is None else b.double().abs(),
+                     padding=(ph, pw))
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= terms * (c * kh * kw + 1) * 2**-23 + 1e-30).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert torch.equal(fused.direct_conv2d(x, weight, b, ph, pw), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_direct_conv2d_rejects_what_it_cannot_compute_with_a_message():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    for bad, message in (((x.transpose(2, 3), w, None, 1, 1), "x must be contiguous float32"),
+                         ((x.double(), w, None, 1, 1), "x must be contiguous float32"),
+                         ((x, w[:, :2].contiguous(), None, 1, 1), "weight must be contiguous float32"),
+                         ((x, w, torch.randn(3), 1, 1), "bias must be contiguous float32 [CO]"),
+                         ((x, torch.randn(4, 3, 9, 9), None, 1, 1), "kernel is larger than the padded input"),
+                         ((x, w, None, -1, 0), "padding must not be negative")):
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            fused.direct_conv2d(*bad)

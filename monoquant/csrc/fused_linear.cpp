@@ -41,6 +41,7 @@
 //   zero_point_or_None): bf16 x [M, K] -> bf16 [M, N] with vdpbf16ps (few rows); int4_gemm_bf16 / int8_gemm_bf16
 //   (the same arguments, then bias_or_None): the same for many rows (weight dequantized into bf16 panels once per
 //   call, bias added before the one rounding); bf16_dot(): whether the build has them
+//   direct_conv2d(x, weight, bias_or_None, pad_h, pad_w): a float32 2-d conv of stride 1 (its section says more)
 //   simd() -> "avx512", "avx2" or "scalar"
 
 #include <torch/extension.h>
@@ -2476,6 +2477,143 @@ torch::Tensor int8_gemm_bf16(const torch::Tensor& x, const torch::Tensor& qweigh
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Direct 2-d convolution, float32, stride 1, no dilation, no groups (``dequant_conv_direct`` in
+// monoquant/conv_kernels.py): for the small convolutions of small batches, where F.conv2d's im2col + GEMM (or
+// oneDNN's) spends more on its passes and dispatch than on the multiply-adds (the digits CNN's 32 -> 64 conv on
+// one 8x8 image: 1.2M multiply-adds in 35-45 us). Each input image is copied once into a zero-padded buffer
+// [C, Hp, Wp] (plus a tail); output (oh, ow) is then position q = oh * Wp + ow of the padded grid and
+//   y[co, q] = bias[co] + sum_{ci, r, s} w[co, ci, r, s] * xp[ci, q + r * Wp + s],
+// so for a run of consecutive q the input values are consecutive in memory: one vector load serves LANES
+// outputs. The last kw - 1 positions of each padded row (ow >= OW) are computed and dropped; reads past a
+// channel's plane only reach dropped positions. A tile of TCO output channels x TQV vectors of positions stays in
+// registers (each input vector is used TCO times, each broadcast weight TQV times); its shape follows the vectors
+// left in the row of positions, so that a small image (the 4x4 one: 2 vectors) still fills the registers. The
+// weight is the layer's kept float kernel as it is ([CO, C, kh, kw]: a tile broadcasts from TCO rows, each read
+// front to back), so no second copy of it is kept. Tasks are (image, block of 16 output channels). Each output's
+// sum starts from the bias and adds the products in (ci, r, s) order, one rounding per multiply-add: the float
+// conv's value up to summation order.
+//   direct_conv2d(x [N, C, H, W], weight [CO, C, kh, kw], bias [CO] or None, pad_h, pad_w) -> [N, CO, OH, OW]
+constexpr int64_t CONV_BLOCK = 16;  // output channels per task
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+template <int TCO, int TQV>
+inline void conv_tile(const float* img, int64_t plane, int64_t Wp, int64_t C, int64_t kh, int64_t kw,
+                      const float* const* w, const float* b, float* tmp, int64_t tstride, int64_t q0) {
+  vec acc[TCO][TQV];
+  for (int c = 0; c < TCO; ++c)
+    for (int v = 0; v < TQV; ++v) acc[c][v] = vset(b[c]);
+  const float* rows[TCO];
+  for (int c = 0; c < TCO; ++c) rows[c] = w[c];
+  for (int64_t ci = 0; ci < C; ++ci) {
+    const float* chan = img + ci * plane + q0;
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t s = 0; s < kw; ++s) {
+        const float* src = chan + r * Wp + s;
+        vec xv[TQV];
+        for (int v = 0; v < TQV; ++v) xv[v] = vload(src + v * LANES);
+        for (int c = 0; c < TCO; ++c) {
+          const vec wv = vset(*rows[c]++);
+          for (int v = 0; v < TQV; ++v) acc[c][v] = vfma(wv, xv[v], acc[c][v]);
+        }
+      }
+  }
+  for (int c = 0; c < TCO; ++c)
+    for (int v = 0; v < TQV; ++v) vstore(tmp + c * tstride + q0 + v * LANES, acc[c][v]);
+}
+
+// the tiles of TQV vectors from q0 for the block's first `co_n` channels (sub-blocks of TCO)
+template <int TCO, int TQV>
+inline void conv_tiles(const float* img, int64_t plane, int64_t Wp, int64_t C, int64_t kh, int64_t kw,
+                       const float* const* w, const float* b, float* tmp, int64_t tstride, int64_t q0, int co_n) {
+  for (int c0 = 0; c0 < co_n; c0 += TCO)
+    conv_tile<TCO, TQV>(img, plane, Wp, C, kh, kw, w + c0, b + c0, tmp + c0 * tstride, tstride, q0);
+}
+#endif
+
+torch::Tensor direct_conv2d(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias, int64_t pad_h, int64_t pad_w) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
+              "direct_conv2d: x must be contiguous float32 [N, C, H, W]");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.dim() == 4 && weight.is_contiguous() &&
+              weight.size(1) == x.size(1), "direct_conv2d: weight must be contiguous float32 [CO, C, kh, kw]");
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "direct_conv2d: padding must not be negative");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t CO = weight.size(0), kh = weight.size(2), kw = weight.size(3), CKK = C * kh * kw;
+  const int64_t blocks = (CO + CONV_BLOCK - 1) / CONV_BLOCK;
+  const int64_t Hp = H + 2 * pad_h, Wp = W + 2 * pad_w, OH = Hp - kh + 1, OW = Wp - kw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "direct_conv2d: the kernel is larger than the padded input");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == CO,
+                "direct_conv2d: bias must be contiguous float32 [CO]");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({N, CO, OH, OW}, x.options());
+  if (N == 0 || CO == 0) return y;
+  const int64_t plane = Hp * Wp, Q = OH * Wp;
+  const int64_t step = LANES > 0 ? LANES : 1;
+  const int64_t Qpad = (Q + step - 1) / step * step;
+  const int64_t image = C * plane + (Qpad - Q) + kw + step;  // the tail: reads of the last vectors stay inside
+  auto padded = torch::zeros({N, image}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* xp = padded.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(xp + n * image + ci * plane + (h + pad_h) * Wp + pad_w, xs + ((n * C + ci) * H + h) * W,
+                    W * sizeof(float));
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N * blocks, task_grain(1, CONV_BLOCK * CKK * Q), [&](int64_t t0, int64_t t1) {
+    std::vector<float> tmp(CONV_BLOCK * Qpad);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / blocks, blk = t % blocks, co0 = blk * CONV_BLOCK;
+      const int co_n = static_cast<int>(std::min<int64_t>(CONV_BLOCK, CO - co0));
+      const float* img = xp + n * image;
+      const float* w[CONV_BLOCK];  // a tile past the last channel repeats it; never stored
+      float b[CONV_BLOCK] = {};
+      for (int c = 0; c < CONV_BLOCK; ++c) w[c] = wp + (co0 + std::min(c, co_n - 1)) * CKK;
+      for (int c = 0; c < co_n; ++c) b[c] = bp ? bp[co0 + c] : 0.f;
+#if defined(__AVX512F__)
+      for (int64_t q0 = 0, left = Qpad / LANES; left > 0;) {  // 16-24 accumulators of 32 registers
+        const int tqv = static_cast<int>(std::min<int64_t>(left, 4));
+        if (tqv == 4) conv_tiles<4, 4>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        else if (tqv == 3) conv_tiles<8, 3>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        else if (tqv == 2) conv_tiles<8, 2>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        else conv_tiles<16, 1>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        q0 += tqv * LANES;
+        left -= tqv;
+      }
+#elif defined(__AVX2__)
+      for (int64_t q0 = 0, left = Qpad / LANES; left > 0;) {  // 8-12 accumulators of 16 registers
+        const int tqv = static_cast<int>(std::min<int64_t>(left, 3));
+        if (tqv == 3) conv_tiles<4, 3>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        else if (tqv == 2) conv_tiles<4, 2>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        else conv_tiles<8, 1>(img, plane, Wp, C, kh, kw, w, b, tmp.data(), Qpad, q0, co_n);
+        q0 += tqv * LANES;
+        left -= tqv;
+      }
+#else
+      for (int c = 0; c < co_n; ++c)
+        for (int64_t q = 0; q < Q; ++q) {
+          float acc = b[c];
+          int64_t widx = 0;
+          for (int64_t ci = 0; ci < C; ++ci)
+            for (int64_t r = 0; r < kh; ++r)
+              for (int64_t s = 0; s < kw; ++s, ++widx)
+                acc += w[c][widx] * img[ci * plane + q + r * Wp + s];
+          tmp[c * Qpad + q] = acc;
+        }
+#endif
+      for (int c = 0; c < co_n; ++c)
+        for (int64_t oh = 0; oh < OH; ++oh)
+          std::memcpy(yp + ((n * CO + co0 + c) * OH + oh) * OW, tmp.data() + c * Qpad + oh * Wp, OW * sizeof(float));
+    }
+  });
+  return y;
+}
+
 bool bf16_dot() { return BF16_DOT; }
 
 std::string simd() { return SIMD; }
@@ -2511,5 +2649,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm_bf16", &int4_gemm_bf16, "bf16 x times INT4 weights (+ bias): dequantized once into bf16 panels, vdpbf16ps");
   m.def("int8_gemm_bf16", &int8_gemm_bf16, "bf16 x times INT8 weights (+ bias): dequantized once into bf16 panels, vdpbf16ps");
   m.def("bf16_dot", &bf16_dot, "whether this build has the AVX512-BF16 kernels (int4/int8_linear_bf16)");
+  m.def("direct_conv2d", &direct_conv2d, "direct float32 2-d convolution (stride 1, no dilation or groups), bias first",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pad_h"), py::arg("pad_w"));
   m.def("simd", &simd, "which SIMD path this build compiled: avx512, avx2 or scalar");
 }
