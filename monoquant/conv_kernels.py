@@ -24,7 +24,8 @@ kernel                 registered by, applies when                              
                        ``F.conv*`` in bf16
 ``dequant_conv_direct``  shared: CPU with the compiled kernels, 2-d, stride 1, ``groups ==  float32
                        1``, no dilation, zero padding the same on both sides, a float32
-                       contiguous input, a layer that keeps its float32 kernel: the
+                       contiguous input of at most :data:`DIRECT_MAX_INPUT` values, a
+                       layer that keeps its float32 kernel: the
                        direct convolution :func:`monoquant.fused.direct_conv2d` with the
                        kept kernel (no im2col pass, no GEMM call)
 ``dequant_conv_im2col``  shared: CPU, 2-d, a contiguous input, ``groups == 1``, no         compute_dtype,
@@ -104,8 +105,8 @@ from .formats.kernel import KernelCandidate, KernelQuery, QuantWeight
 from .hardware import cpu_has_fast_bf16
 from .im2col import ConvGeometry, conv_patches
 
-__all__ = ["SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names", "fake_quantize_samples",
-           "kernel_summary", "run_conv_kernel", "select_conv_kernel"]
+__all__ = ["DIRECT_MAX_INPUT", "SHARED_CONV_KERNELS", "TUNE_MIN_MACS", "conv", "conv_kernel_names",
+           "fake_quantize_samples", "kernel_summary", "run_conv_kernel", "select_conv_kernel"]
 
 TUNE_MIN_MACS = 1 << 14
 """Convolutions with fewer multiply-adds per call than this (a few microseconds of float32 work, under the timer's
@@ -177,11 +178,19 @@ def _channels_last_ok(module, x: torch.Tensor) -> bool:
     return _geometry(module).dims in _CHANNELS_LAST and _kept_kernel_applies(module, x)
 
 
+DIRECT_MAX_INPUT = 1 << 16
+"""``dequant_conv_direct`` is offered for inputs of at most this many values per call (256 KiB of float32): it
+won for small images at small batches (the digits CNN up to 16 images of 1 x 8 x 8, 2 of 64 x 4 x 4) and lost
+from 16 images of 32 x 8 x 8 on, where oneDNN's or the bf16 conv win; timing it on large inputs would only cost
+time at the first call."""
+
+
 def _direct_ok(module, x: torch.Tensor) -> bool:
     """``dequant_conv_direct`` applies: what :func:`monoquant.fused.direct_conv2d` computes (what ``thnn_conv2d``
-    does, with stride 1) on a float32 input, :func:`_kept_kernel_applies`."""
-    return (x.dtype == torch.float32 and _im2col_ok(module, x) and _geometry(module).stride == (1, 1)
-            and _kept_kernel_applies(module, x) and fused.available())
+    does, with stride 1) on a float32 input of at most :data:`DIRECT_MAX_INPUT` values,
+    :func:`_kept_kernel_applies`."""
+    return (x.dtype == torch.float32 and x.numel() <= DIRECT_MAX_INPUT and _im2col_ok(module, x)
+            and _geometry(module).stride == (1, 1) and _kept_kernel_applies(module, x) and fused.available())
 
 
 def _im2col_ok(module, x: torch.Tensor) -> bool:

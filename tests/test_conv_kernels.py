@@ -440,15 +440,19 @@ def test_the_float_algorithm_candidates_give_the_float_conv_up_to_rounding_in_it
     (nn.Conv2d(8, 16, 2, padding="same"), "one more pad on one side: no im2col"),
     (nn.Conv2d(8, 16, 3, padding=1), "both"),
     (nn.Conv2d(8, 16, 3, padding=1, stride=2), "stride 2: no direct conv"),
+    (nn.Conv2d(8, 16, 3, padding=1), "an input over DIRECT_MAX_INPUT values: no direct conv"),
     (nn.Conv2d(256, 128, 3), "the kernel is not kept (294k weights): no channels-last copy"),
     (nn.Conv3d(8, 16, 3), "3-d: channels-last only"),
 ])
 def test_which_convs_the_float_algorithm_candidates_apply_to(conv, why):
     q = quantized(conv)
     x = torch.randn(2, conv.in_channels, *([6] * (conv.weight.dim() - 2)))
+    if why.startswith("an input over"):
+        x = torch.randn(conv_kernels.DIRECT_MAX_INPUT // (8 * 6 * 6) + 1, 8, 6, 6)
     cands = set(conv_kernels._candidates(q, x, needs_grad=False, weights_only=False))
     direct = {DIRECT} if fused.available() else set()
     want = {"1-d: neither": set(), "both": {CL, IM2COL} | direct, "stride 2: no direct conv": {CL, IM2COL},
+            "an input over DIRECT_MAX_INPUT values: no direct conv": {CL, IM2COL},
             "3-d: channels-last only": {CL},
             "the kernel is not kept (294k weights): no channels-last copy": {IM2COL}}
     assert cands & set(FLOAT_ALGORITHMS) == want.get(why, {CL}), why
