@@ -155,7 +155,7 @@ def _candidates(module, x: torch.Tensor, needs_grad: bool, weights_only: bool) -
     if x.device.type == "cpu":
         if cpu_has_fast_bf16() and module.compute_dtype in (None, torch.bfloat16):
             cands.append("dequant_conv_bf16")  # the rule of the linear dequant_bf16
-        if _direct_ok(module, x):
+        if not needs_grad and _direct_ok(module, x):  # the compiled kernel has no backward
             cands.append("dequant_conv_direct")
         if _im2col_ok(module, x):
             cands.append("dequant_conv_im2col")
@@ -433,8 +433,8 @@ def _dequant_conv_direct(module, x: torch.Tensor) -> torch.Tensor:
     kept = kernels.kept_float_weight(module, torch.float32)
     if not x.is_contiguous() or kept is None or x.dtype != torch.float32:  # e.g. a pin where it is not eligible
         return _dequant_conv(module, x)
-    g = _geometry(module)
-    return fused.direct_conv2d(x, kept, module.bias, g.pads[2], g.pads[0])
+    g, bias = _geometry(module), module.bias
+    return fused.direct_conv2d(x, kept, bias if bias is None else bias.float(), g.pads[2], g.pads[0])
 
 
 def _dequant_conv_im2col(module, x: torch.Tensor) -> torch.Tensor:

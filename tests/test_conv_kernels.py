@@ -458,6 +458,19 @@ def test_which_convs_the_float_algorithm_candidates_apply_to(conv, why):
     assert cands & set(FLOAT_ALGORITHMS) == want.get(why, {CL}), why
 
 
+@pytest.mark.skipif(not fused.available(), reason="needs the compiled CPU kernels")
+def test_an_input_that_needs_a_gradient_never_runs_the_direct_conv_even_pinned():
+    """The compiled direct conv has no backward: a pin falls back to the float conv, and the gradient arrives."""
+    q = quantized(nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    assert DIRECT in conv_kernels._candidates(q, x.detach(), needs_grad=False, weights_only=False)
+    assert DIRECT not in conv_kernels._candidates(q, x, needs_grad=True, weights_only=False)
+    with mq.kernels.pin(DIRECT):
+        y = q(x)
+    y.sum().backward()
+    assert q.last_kernel == "dequant_conv" and x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", [CL, IM2COL, pytest.param(DIRECT, marks=pytest.mark.skipif(
     not fused.available(), reason="needs the compiled CPU kernels"))])
 def test_a_measured_float_algorithm_runs_from_the_plan_and_the_channels_last_copy_follows_the_weight(
