@@ -12,9 +12,10 @@ Once a layer has run a *measured* choice on an input (not pinned, tuning on, no 
 function that has everything per shape decided already (a kept float weight bound, the geometry read, a
 format's compiled call bound). :func:`lookup` is what every later call asks first; it returns the plan's
 function only while the same conditions hold (checked on each call, they are cheap reads), and records
-the kernel as the full path would (``last_kernel``, ``ran``). Because the plans live in the weight's cache,
-whatever drops derived state (new weights, ``load_state_dict``, ``.to()``, an input scale) drops them too;
-copies and pickles of a layer leave them out (:meth:`QuantWeight.__getstate__`).
+the kernel as the full path would (``last_kernel``, ``ran``), once per plan (``quant_weight.recorded``).
+Because the plans live in the weight's cache, whatever drops derived state (new weights, ``load_state_dict``,
+``.to()``, an input scale) drops them too; copies and pickles of a layer leave them out
+(:meth:`QuantWeight.__getstate__`).
 
 A layer whose input preparation changes the input (an input scale or permutation) keeps a plan for the prepared
 input only (``raw_ok=False``): its ``forward`` prepares first, then asks.
@@ -65,7 +66,8 @@ def lookup(module, x: Any, raw: bool = False) -> Callable[[Any, torch.Tensor], t
     a gradient wanted, a pin or ``tuning(False)`` active, or a static activation quantizer not frozen (setting a
     calibration tap, a GPTQ state or another quantizer on the layer drops its plans: its ``__setattr__``; none
     are made while a tap is set).
-    Records the kernel it returns in ``quant_weight`` (``last_kernel`` and ``ran``).
+    Records the kernel it returns in ``quant_weight`` (``last_kernel`` and ``ran``) on the plan's first run after
+    any other record.
 
     The plan the layer ran last is compared first (``quant_weight.plan``: a model called with one input shape
     never hashes a key); every read here is on the per-call path of every layer."""

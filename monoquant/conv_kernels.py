@@ -413,7 +413,7 @@ def _kept_channels_last(module, dtype: torch.dtype) -> torch.Tensor | None:
         return None
     cache = module.quant_weight.cache
     copy = cache.get("float_weight_channels_last")
-    if copy is None or copy.dtype != dtype or copy.is_inference() != kept.is_inference():
+    if copy is None or copy.is_inference() != kept.is_inference():  # one dtype is kept; the mode may change
         fmt = _CHANNELS_LAST[kept.dim() - 2]
         copy = cache["float_weight_channels_last"] = kernels.in_this_mode(lambda: kept.contiguous(memory_format=fmt))
     return copy
